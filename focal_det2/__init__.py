@@ -1,0 +1,1 @@
+"""focal_det2: the focal-loss family for Detectron2."""
