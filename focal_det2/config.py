@@ -1,0 +1,82 @@
+"""Config nodes of focal_det2 and the checks that name a bad key."""
+from detectron2.config import CfgNode as CN
+from detectron2.config.defaults import _C as DETECTRON2_DEFAULTS
+
+__all__ = ["add_focal_config", "check_retinanet_keys_unused", "lookup"]
+
+
+def add_focal_config(cfg):
+    """
+    Add the ``MODEL.FOCAL`` node to ``cfg`` in place. Detectron2's global
+    defaults are left untouched.
+
+    Args:
+        cfg (CfgNode): a config from :func:`detectron2.config.get_cfg`.
+    """
+    cfg.MODEL.FOCAL = CN()
+    # Classification loss, a name in FOCAL_LOSS_REGISTRY:
+    # "sigmoid_focal" | "softmax_focal" | "focal_star" | "cross_entropy".
+    cfg.MODEL.FOCAL.LOSS = "sigmoid_focal"
+    # Focusing parameter gamma (>= 0); the gamma schedule's end value.
+    cfg.MODEL.FOCAL.GAMMA = 2.0
+    # Foreground weight alpha_t (background weighs 1 - ALPHA); -1 turns weighting off.
+    cfg.MODEL.FOCAL.ALPHA = 0.25
+    # Optional per-class alpha in [0, 1], length NUM_CLASSES; replaces ALPHA class by class.
+    cfg.MODEL.FOCAL.CLASS_ALPHA = []
+    # Foreground prior pi used to initialise the classifier bias, in (0, 1).
+    cfg.MODEL.FOCAL.PRIOR_PROB = 0.01
+    # beta of FL* (paper appendix A): p_t* = sigmoid(gamma * x_t + beta).
+    cfg.MODEL.FOCAL.STAR_BETA = 1.0
+    # Head, a name in FOCAL_HEAD_REGISTRY.
+    cfg.MODEL.FOCAL.HEAD_NAME = "FocalRetinaNetHead"
+    # Sum the foreground count over processes before the moving average, so that
+    # N processes compute the gradient of one process over the whole batch.
+    cfg.MODEL.FOCAL.SYNC_NORMALIZER = False
+
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE = CN()
+    # How gamma moves from START to GAMMA: "constant" | "linear" | "cosine" | "step".
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.NAME = "constant"
+    # Gamma at iteration 0 (not read by "constant").
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.START = 0.0
+    # Ramp length in iterations for "linear" and "cosine".
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.ITERS = 0
+    # Increasing iterations at which "step" raises gamma by (GAMMA - START) / len(STEPS).
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.STEPS = []
+
+
+# Keys of Detectron2's RetinaNet that FocalRetinaNet does not read, and their replacements.
+_RETINANET_KEYS_REPLACED = {
+    "FOCAL_LOSS_GAMMA": "MODEL.FOCAL.GAMMA",
+    "FOCAL_LOSS_ALPHA": "MODEL.FOCAL.ALPHA",
+    "PRIOR_PROB": "MODEL.FOCAL.PRIOR_PROB",
+}
+
+
+def check_retinanet_keys_unused(cfg):
+    """
+    Raise if a ``MODEL.RETINANET`` key that FocalRetinaNet ignores was changed
+    from Detectron2's default, naming the ``MODEL.FOCAL`` key to use instead.
+    """
+    for key, replacement in _RETINANET_KEYS_REPLACED.items():
+        value = cfg.MODEL.RETINANET[key]
+        default = DETECTRON2_DEFAULTS.MODEL.RETINANET[key]
+        if value != default:
+            raise ValueError(
+                f"MODEL.RETINANET.{key}={value} is not read by FocalRetinaNet; "
+                f"leave it at {default} and set {replacement} instead."
+            )
+
+
+def lookup(registry, name, key):
+    """
+    ``registry.get(name)`` with an error that names the config key and the valid names.
+
+    Args:
+        registry (Registry): a Detectron2/fvcore registry.
+        name (str): the requested name.
+        key (str): the config key that holds ``name``.
+    """
+    names = sorted(n for n, _ in registry)
+    if name not in names:
+        raise ValueError(f"{key}={name!r} is not registered; valid names: {names}")
+    return registry.get(name)

@@ -1,0 +1,181 @@
+"""
+Reference formulas of the focal-loss family on class-index targets.
+
+Every function takes ``logits`` of shape (N, C) and ``labels`` of shape (N,)
+with values ``0..K-1`` (foreground class), ``K`` (background) or ``-1``
+(ignored), and returns the loss summed over the valid anchors. They are
+written with log-sigmoid / log-softmax, never ``log(p)``, so float32 logits
+in [-100, 100] give a finite loss and gradient; ``(1 - p_t)^gamma`` is
+evaluated as ``exp(gamma * log(1 - p_t))`` for the same reason.
+
+These are the definitions the fast paths in :mod:`focal_det2.losses.fused`
+are tested against.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_cross_entropy",
+    "softmax_focal_loss",
+    "focal_star_loss",
+    "sigmoid_alpha_t",
+    "softmax_alpha_t",
+]
+
+
+def _valid_targets(logits: Tensor, labels: Tensor):
+    """
+    Returns:
+        Tensor: (M, K) logits of the M anchors whose label is not -1.
+        Tensor: (M, K) bool, True where column k is the anchor's class
+            (all False for background).
+    """
+    valid = labels >= 0
+    x = logits[valid]
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    return x, labels[valid, None] == classes
+
+
+def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor]):
+    """
+    alpha_t of the sigmoid losses: ``a_k`` where ``target`` is True and
+    ``1 - a_k`` elsewhere, with ``a_k = class_alpha[k]`` if given, else
+    ``alpha``; 1 everywhere when ``alpha == -1`` and no ``class_alpha``.
+
+    Args:
+        target (Tensor): (M, K) bool.
+        alpha (float): foreground weight, or -1.
+        class_alpha (Tensor or None): (K,) per-class weights.
+    """
+    if class_alpha is not None:
+        return torch.where(target, class_alpha, 1 - class_alpha)
+    if alpha < 0:
+        return torch.ones((), dtype=torch.get_default_dtype(), device=target.device)
+    return torch.where(target, alpha, 1 - alpha)
+
+
+def softmax_alpha_t(labels: Tensor, num_classes: int, alpha: float, class_alpha: Optional[Tensor]):
+    """
+    alpha_t of the softmax loss: a foreground anchor of class c weighs
+    ``class_alpha[c]`` (or ``alpha``), a background anchor ``1 - alpha``;
+    ``alpha == -1`` weighs background (and foreground without ``class_alpha``) 1.
+
+    Args:
+        labels (Tensor): (M,) in [0, K].
+        num_classes (int): K.
+    """
+    fg = torch.full((num_classes,), 1.0 if alpha < 0 else alpha, device=labels.device)
+    if class_alpha is not None:
+        fg = class_alpha.to(fg)
+    bg = fg.new_ones(1) if alpha < 0 else fg.new_full((1,), 1 - alpha)
+    return torch.cat([fg, bg])[labels]
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    The paper's focal loss, eq. (5), on K independent sigmoids:
+
+        FL(p_t) = -alpha_t * (1 - p_t)^gamma * log(p_t),  p_t = sigmoid(x_t),
+
+    with ``x_t = x`` for the anchor's class and ``x_t = -x`` for every other
+    column; background anchors are negative in all K columns.
+
+    Args:
+        logits (Tensor): (N, K).
+        labels (Tensor): (N,) int64 in [-1, K].
+        gamma (float): focusing parameter, >= 0.
+        alpha (float): foreground weight in [0, 1], or -1 for none.
+        class_alpha (Tensor or None): (K,) per-class foreground weights.
+
+    Returns:
+        Tensor: scalar, the sum over valid anchors and classes.
+    """
+    x, target = _valid_targets(logits, labels)
+    x_t = torch.where(target, x, -x)
+    modulator = torch.exp(gamma * F.logsigmoid(-x_t))
+    loss = -modulator * F.logsigmoid(x_t)
+    return (sigmoid_alpha_t(target, alpha, class_alpha).to(loss) * loss).sum()
+
+
+def sigmoid_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    alpha-balanced sigmoid cross-entropy, the paper's baseline, eq. (2):
+    ``CE(p_t) = -alpha_t * log(p_t)``, i.e. :func:`sigmoid_focal_loss` at gamma 0.
+    Shapes as in :func:`sigmoid_focal_loss`.
+    """
+    return sigmoid_focal_loss(logits, labels, gamma=0.0, alpha=alpha, class_alpha=class_alpha)
+
+
+def softmax_focal_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    Focal loss on a (K+1)-way softmax with a background column, as in Detectron (v1):
+
+        FL(p_t) = -alpha_t * (1 - p_t)^gamma * log(p_t),  p_t = softmax(x)[label].
+
+    ``log(1 - p_t)`` is the log-sum-exp of the other columns minus that of all.
+
+    Args:
+        logits (Tensor): (N, K+1), column K is background.
+        labels (Tensor): (N,) int64 in [-1, K].
+
+    Returns:
+        Tensor: scalar, the sum over valid anchors.
+    """
+    valid = labels >= 0
+    x, y = logits[valid], labels[valid]
+    lse = torch.logsumexp(x, dim=1)
+    log_pt = x.gather(1, y[:, None]).squeeze(1) - lse
+    log_1m_pt = torch.logsumexp(x.scatter(1, y[:, None], float("-inf")), dim=1) - lse
+    loss = -torch.exp(gamma * log_1m_pt) * log_pt
+    alpha_t = softmax_alpha_t(y, logits.shape[1] - 1, alpha, class_alpha).to(loss)
+    return (alpha_t * loss).sum()
+
+
+def focal_star_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    beta: float = 1.0,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    FL*, the paper's appendix A, eq. (6)-(7):
+
+        p_t* = sigmoid(gamma * x_t + beta),  FL* = -alpha_t * log(p_t*) / gamma,
+
+    with ``x_t = y * x`` and ``y`` in {-1, +1}. Shapes as in :func:`sigmoid_focal_loss`.
+
+    Args:
+        gamma (float): > 0.
+        beta (float): shift of the scaled logit.
+    """
+    x, target = _valid_targets(logits, labels)
+    x_t = torch.where(target, x, -x)
+    loss = -F.logsigmoid(gamma * x_t + beta) / gamma
+    return (sigmoid_alpha_t(target, alpha, class_alpha).to(loss) * loss).sum()

@@ -1,0 +1,60 @@
+from typing import List
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from detectron2.utils.registry import Registry
+
+from ..config import lookup
+from ..losses import DenseClassificationLoss, build_focal_loss
+
+__all__ = ["FOCAL_HEAD_REGISTRY", "build_focal_head", "FocalRetinaNetHead"]
+
+FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
+FOCAL_HEAD_REGISTRY.__doc__ = """
+Registry for dense heads, chosen by ``MODEL.FOCAL.HEAD_NAME``.
+
+The registered object is called with ``(cfg, input_shape: List[ShapeSpec])``
+and returns a module that maps per-level features to ``(logits, deltas)``,
+each a list of (N, A * C, Hi, Wi) and (N, A * 4, Hi, Wi) tensors, where C
+is the loss's ``num_logits``.
+"""
+
+
+def build_focal_head(cfg, input_shape: List[ShapeSpec]):
+    name = cfg.MODEL.FOCAL.HEAD_NAME
+    return lookup(FOCAL_HEAD_REGISTRY, name, "MODEL.FOCAL.HEAD_NAME")(cfg, input_shape)
+
+
+@FOCAL_HEAD_REGISTRY.register()
+class FocalRetinaNetHead(RetinaNetHead):
+    """
+    Detectron2's RetinaNet head whose classifier predicts the number of
+    logits the loss asks for (K for sigmoid losses, K+1 for softmax), with
+    the bias the loss derives from the foreground prior. Parameter names and,
+    for the sigmoid loss, shapes and initial bias equal RetinaNetHead's.
+    """
+
+    @configurable
+    def __init__(self, *, loss: DenseClassificationLoss, prior_prob: float = 0.01, **kwargs):
+        """
+        Args:
+            loss (DenseClassificationLoss): decides the classifier's width and bias.
+            prior_prob (float): foreground prior pi in (0, 1) (MODEL.FOCAL.PRIOR_PROB).
+            kwargs: the other arguments of :class:`RetinaNetHead`, without ``num_classes``.
+        """
+        if not 0.0 < prior_prob < 1.0:
+            raise ValueError(f"MODEL.FOCAL.PRIOR_PROB={prior_prob} must be in (0, 1).")
+        super().__init__(num_classes=loss.num_logits, prior_prob=prior_prob, **kwargs)
+        num_anchors = self.cls_score.out_channels // loss.num_logits
+        with torch.no_grad():
+            self.cls_score.bias.copy_(loss.init_bias(prior_prob).repeat(num_anchors))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        del ret["num_classes"]
+        ret["loss"] = build_focal_loss(cfg)
+        ret["prior_prob"] = cfg.MODEL.FOCAL.PRIOR_PROB
+        return ret

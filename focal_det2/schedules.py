@@ -1,0 +1,148 @@
+"""
+Gamma schedules ("soft gamma"): gamma as a function of the training iteration.
+
+The model reads the iteration from Detectron2's EventStorage, so the stock
+trainer needs no hook and a resumed run continues from the right gamma.
+"""
+import math
+from typing import Sequence
+
+from detectron2.config import configurable
+from detectron2.utils.registry import Registry
+
+from .config import lookup
+
+__all__ = ["GAMMA_SCHEDULE_REGISTRY", "build_gamma_schedule", "GammaSchedule"]
+
+GAMMA_SCHEDULE_REGISTRY = Registry("GAMMA_SCHEDULE")
+GAMMA_SCHEDULE_REGISTRY.__doc__ = """
+Registry for gamma schedules, chosen by ``MODEL.FOCAL.GAMMA_SCHEDULE.NAME``.
+
+The registered object is called with ``(cfg)`` and returns a callable
+``schedule(iteration: int) -> float``.
+"""
+
+_KEY = "MODEL.FOCAL.GAMMA_SCHEDULE"
+
+
+def build_gamma_schedule(cfg):
+    name = cfg.MODEL.FOCAL.GAMMA_SCHEDULE.NAME
+    return lookup(GAMMA_SCHEDULE_REGISTRY, name, f"{_KEY}.NAME")(cfg)
+
+
+class GammaSchedule:
+    """
+    gamma(it) = START + (GAMMA - START) * f(it), with f rising from 0 to 1;
+    subclasses define f as :meth:`progress`.
+    """
+
+    @configurable
+    def __init__(self, *, end: float, start: float = 0.0, iters: int = 0, steps: Sequence[int] = ()):
+        """
+        Args:
+            end (float): gamma at the end of the ramp (MODEL.FOCAL.GAMMA).
+            start (float): gamma at iteration 0 (GAMMA_SCHEDULE.START).
+            iters (int): ramp length (GAMMA_SCHEDULE.ITERS).
+            steps (sequence[int]): iterations at which gamma rises (GAMMA_SCHEDULE.STEPS).
+        """
+        if start < 0:
+            raise ValueError(f"{_KEY}.START={start} must be >= 0.")
+        self.end, self.start, self.iters, self.steps = end, start, iters, tuple(steps)
+        self._check()
+
+    @classmethod
+    def from_config(cls, cfg):
+        node = cfg.MODEL.FOCAL.GAMMA_SCHEDULE
+        return {"end": cfg.MODEL.FOCAL.GAMMA, "start": node.START, "iters": node.ITERS, "steps": node.STEPS}
+
+    def _check(self):
+        """Raise for keys this schedule needs or would silently ignore."""
+        raise NotImplementedError
+
+    def _require_unset(self, **values):
+        for key, (value, default) in values.items():
+            if value != default:
+                raise ValueError(
+                    f"{_KEY}.{key}={value} is not read by {type(self).__name__}; leave it at {default}."
+                )
+
+    def progress(self, iteration: int) -> float:
+        """f(iteration) in [0, 1]."""
+        raise NotImplementedError
+
+    @property
+    def min_gamma(self) -> float:
+        """The smallest gamma the schedule yields (gamma is monotone in the iteration)."""
+        return min(self(0), self.end)
+
+    def __call__(self, iteration: int) -> float:
+        return self.start + (self.end - self.start) * self.progress(iteration)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(start={self.start}, end={self.end}, iters={self.iters}, steps={list(self.steps)})"
+
+
+class ConstantGamma(GammaSchedule):
+    """gamma(it) = GAMMA."""
+
+    def _check(self):
+        self._require_unset(START=(self.start, 0.0), ITERS=(self.iters, 0), STEPS=(list(self.steps), []))
+
+    def __call__(self, iteration):
+        return self.end
+
+
+class _RampGamma(GammaSchedule):
+    def _check(self):
+        if self.iters <= 0:
+            raise ValueError(f"{_KEY}.ITERS={self.iters} must be > 0 for a ramp.")
+        self._require_unset(STEPS=(list(self.steps), []))
+
+
+class LinearGamma(_RampGamma):
+    """f(it) = min(it / ITERS, 1)."""
+
+    def progress(self, iteration):
+        return min(iteration / self.iters, 1.0)
+
+
+class CosineGamma(_RampGamma):
+    """f(it) = (1 - cos(pi * min(it / ITERS, 1))) / 2."""
+
+    def progress(self, iteration):
+        return (1 - math.cos(math.pi * min(iteration / self.iters, 1.0))) / 2
+
+
+class StepGamma(GammaSchedule):
+    """f(it) = (number of STEPS <= it) / len(STEPS)."""
+
+    def _check(self):
+        if not self.steps:
+            raise ValueError(f"{_KEY}.STEPS is empty; 'step' needs at least one iteration.")
+        if any(s <= 0 for s in self.steps) or any(a >= b for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError(f"{_KEY}.STEPS={list(self.steps)} must be positive and strictly increasing.")
+        self._require_unset(ITERS=(self.iters, 0))
+
+    def progress(self, iteration):
+        return sum(s <= iteration for s in self.steps) / len(self.steps)
+
+
+# Registry names are the values of MODEL.FOCAL.GAMMA_SCHEDULE.NAME.
+@GAMMA_SCHEDULE_REGISTRY.register()
+def constant(cfg):
+    return ConstantGamma(cfg)
+
+
+@GAMMA_SCHEDULE_REGISTRY.register()
+def linear(cfg):
+    return LinearGamma(cfg)
+
+
+@GAMMA_SCHEDULE_REGISTRY.register()
+def cosine(cfg):
+    return CosineGamma(cfg)
+
+
+@GAMMA_SCHEDULE_REGISTRY.register()
+def step(cfg):
+    return StepGamma(cfg)
