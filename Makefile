@@ -1,5 +1,5 @@
 PY := .venv/bin/python
-CONFIG ?= configs/digits/sigmoid_focal_R18_digits.yaml
+CONFIG ?= configs/digits/sigmoid_focal_R18_FPN_1x.yaml
 
 .PHONY: env train test clean
 

@@ -1,0 +1,279 @@
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, BoxMode, Instances
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from focal_det2.data import digits as digits_module
+from focal_det2.data import (
+    digits_root,
+    ensure_generated,
+    generate_digits,
+    register_all_digits,
+    register_digits,
+    source_indices,
+)
+
+BACKGROUND = 16  # background level of the generator, on the 0..255 scale
+NOISE_STD = 4
+
+
+@pytest.fixture(autouse=True)
+def dataset_root(tmp_path, monkeypatch):
+    """Every test caches its data sets under its own tmp dir, never in the repo."""
+    root = tmp_path / "datasets"
+    monkeypatch.setenv("FOCAL_DET2_DATASETS", str(root))
+    return root
+
+
+@pytest.fixture
+def registered(request):
+    """Registers a uniquely named tiny split and removes it afterwards."""
+    name = f"digits_test_{request.node.name}"
+    register_digits(name, split="val", num_images=4)
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _generate(out_dir, **kwargs):
+    kwargs = {"split": "train", "num_images": 6, **kwargs}
+    return generate_digits(out_dir, **kwargs)
+
+
+def _read_dataset(json_file):
+    """Returns (json dict, {image_id: (H, W) int gray image}, {image_id: [XYWH boxes]})."""
+    with open(json_file) as f:
+        dataset = json.load(f)
+    image_root = os.path.join(os.path.dirname(json_file), "images")
+    images, boxes = {}, {im["id"]: [] for im in dataset["images"]}
+    for im in dataset["images"]:
+        rgb = np.asarray(Image.open(os.path.join(image_root, im["file_name"])))
+        assert rgb.shape == (im["height"], im["width"], 3)
+        assert (rgb == rgb[..., :1]).all(), "channels must be equal (grayscale-looking)"
+        images[im["id"]] = rgb[..., 0].astype(int)
+    for ann in dataset["annotations"]:
+        boxes[ann["image_id"]].append(ann["bbox"])
+    return dataset, images, boxes
+
+
+def _file_bytes(out_dir):
+    files = sorted(Path(out_dir).rglob("*.*"))
+    return {p.relative_to(out_dir): p.read_bytes() for p in files}
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    first = _file_bytes(Path(_generate(tmp_path / "a")).parent)
+    second = _file_bytes(Path(_generate(tmp_path / "b")).parent)
+    other = _file_bytes(Path(_generate(tmp_path / "c", seed=1)).parent)
+    assert len(first) == 6 + 1
+    assert first == second
+    json_name = Path("annotations.json")
+    assert other[json_name] != first[json_name]
+    assert all(other[k] != first[k] for k in first if k != json_name)
+
+
+def test_boxes_lie_inside_images_with_coco_fields(tmp_path):
+    dataset, _, _ = _read_dataset(_generate(tmp_path, num_images=20, image_size=96))
+    assert [c["id"] for c in dataset["categories"]] == list(range(1, 11))
+    assert [c["name"] for c in dataset["categories"]] == [str(d) for d in range(10)]
+    assert len({a["id"] for a in dataset["annotations"]}) == len(dataset["annotations"])
+    assert min(a["id"] for a in dataset["annotations"]) >= 1
+    for ann in dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0
+        assert x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96
+        assert ann["area"] == w * h
+        assert ann["iscrowd"] == 0
+        assert 1 <= ann["category_id"] <= 10
+
+
+def test_pixels_outside_boxes_are_background(tmp_path):
+    dataset, images, boxes = _read_dataset(_generate(tmp_path, num_images=20))
+    for image_id, gray in images.items():
+        inside = np.zeros(gray.shape, bool)
+        for x, y, w, h in boxes[image_id]:
+            inside[y : y + h, x : x + w] = True
+            # every digit has bright ink, far above anything outside the boxes
+            assert gray[y : y + h, x : x + w].max() > 150
+        assert gray[~inside].max() < 80
+        assert abs(np.median(gray[~inside]) - BACKGROUND) <= 1
+
+
+@pytest.mark.parametrize("side", [4, 12, 23, 40])
+def test_scaled_digit_box_is_the_tight_box_of_its_ink(side):
+    threshold = digits_module._INK_THRESHOLD
+    images = load_digits().images.astype(np.float32) / 16
+    for image in images[::50]:
+        patch, (x0, y0, x1, y1) = digits_module._scaled_digit(image, side)
+        assert patch.shape == (side, side)
+        ink = patch > threshold
+        assert ink[y0:y1, x0:x1].sum() == ink.sum()  # no ink outside the box
+        crop = ink[y0:y1, x0:x1]
+        assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+
+
+def test_image_boxes_hold_ink_on_every_border(tmp_path):
+    """In the noisy images, each border line of a box is brighter than the noise."""
+    _, images, boxes = _read_dataset(_generate(tmp_path, num_images=20))
+    ink_level = BACKGROUND + 3 * NOISE_STD
+    for image_id, gray in images.items():
+        for x, y, w, h in boxes[image_id]:
+            crop = gray[y : y + h, x : x + w]
+            borders = [crop[0], crop[-1], crop[:, 0], crop[:, -1]]
+            assert min(line.max() for line in borders) > ink_level
+
+
+def test_digits_per_image_and_size_ranges(tmp_path):
+    dataset, _, boxes = _read_dataset(
+        _generate(tmp_path, num_images=20, digits_per_image=(2, 4), digit_size=(10, 20))
+    )
+    counts = [len(b) for b in boxes.values()]
+    # a digit that finds no free place is dropped, so a count may fall below 2
+    assert max(counts) <= 4 and np.mean(counts) >= 2
+    assert max(max(a["bbox"][2:]) for a in dataset["annotations"]) <= 20
+
+
+def test_train_and_val_pools_are_disjoint():
+    train, val = source_indices("train"), source_indices("val")
+    assert len(val) == 300 and len(train) == 1797 - 300
+    assert not set(train.tolist()) & set(val.tolist())
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(1797))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_annotations_come_from_their_split_pool(tmp_path, split):
+    with open(_generate(tmp_path, split=split, num_images=30)) as f:
+        annotations = json.load(f)["annotations"]
+    pool = set(source_indices(split).tolist())
+    labels = load_digits().target
+    for ann in annotations:
+        assert ann["source_index"] in pool
+        assert ann["category_id"] == labels[ann["source_index"]] + 1
+
+
+def test_cache_hit_does_not_rewrite(tmp_path):
+    json_file = _generate(tmp_path)
+    image = tmp_path / "images" / "000001.png"
+    stamps = (os.stat(json_file).st_mtime_ns, os.stat(image).st_mtime_ns)
+    time.sleep(0.01)
+    assert _generate(tmp_path) == json_file
+    assert (os.stat(json_file).st_mtime_ns, os.stat(image).st_mtime_ns) == stamps
+
+
+def test_digits_root_reads_environment(monkeypatch, dataset_root):
+    assert digits_root() == dataset_root
+    monkeypatch.delenv("FOCAL_DET2_DATASETS")
+    assert digits_root() == Path(__file__).resolve().parents[1] / "datasets"
+
+
+def test_builtin_splits_are_registered(monkeypatch):
+    # a second registration with the cache root of the first is a no-op
+    root = Path(MetadataCatalog.get("digits_train").json_file).parents[1]
+    monkeypatch.setenv("FOCAL_DET2_DATASETS", str(root))
+    register_all_digits()
+    expected = {"digits_train": 2000, "digits_val": 300, "digits_train_tiny": 16}
+    expected["digits_val_tiny"] = 8
+    for name, num_images in expected.items():
+        assert name in DatasetCatalog.list()
+        meta = MetadataCatalog.get(name)
+        assert meta.evaluator_type == "coco"
+        assert meta.thing_classes == [str(d) for d in range(10)]
+        assert f"_n{num_images}_s128_" in meta.json_file
+    assert "val" in MetadataCatalog.get("digits_val").json_file
+
+
+def test_registration_is_lazy_and_loads_detectron2_dicts(registered, dataset_root):
+    meta = MetadataCatalog.get(registered)
+    assert not dataset_root.exists()
+    dicts = DatasetCatalog.get(registered)
+    assert os.path.isfile(meta.json_file) and os.path.isdir(meta.image_root)
+    assert len(dicts) == 4
+    for record in dicts:
+        assert os.path.isfile(record["file_name"])
+        assert (record["height"], record["width"]) == (128, 128)
+        assert record["annotations"]
+        for ann in record["annotations"]:
+            assert ann["bbox_mode"] == BoxMode.XYWH_ABS
+            assert 0 <= ann["category_id"] <= 9
+    assert meta.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(10)}
+
+
+def test_ensure_generated_writes_the_metadata_json(registered):
+    meta = MetadataCatalog.get(registered)
+    assert ensure_generated(registered) == meta.json_file
+    assert os.path.isfile(meta.json_file)
+
+
+def test_coco_evaluator_scores_ground_truth_as_perfect(registered):
+    ensure_generated(registered)  # COCOEvaluator reads json_file in its constructor
+    evaluator = COCOEvaluator(registered, tasks=("bbox",), distributed=False)
+    evaluator.reset()
+    for record in DatasetCatalog.get(registered):
+        annotations = record["annotations"]
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations]
+        instances = Instances((record["height"], record["width"]))
+        instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        instances.scores = torch.ones(len(boxes))
+        instances.pred_classes = torch.tensor([a["category_id"] for a in annotations])
+        evaluator.process([record], [{"instances": instances}])
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_registering_a_name_again_with_other_data_raises(registered):
+    register_digits(registered, split="val", num_images=4)  # same data: no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_digits(registered, split="val", num_images=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"split": "test"}, "split"),
+        ({"num_images": 0}, "num_images"),
+        ({"image_size": 4}, "image_size"),
+        ({"digit_size": (12, 200)}, "digit_size"),
+        ({"digit_size": (40, 12)}, "digit_size"),
+        ({"digit_size": (2, 12)}, "digit_size"),
+        ({"digits_per_image": (5, 2)}, "digits_per_image"),
+        ({"digits_per_image": 3}, "digits_per_image"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        _generate(tmp_path, **kwargs)
+    with pytest.raises(ValueError, match=argument):
+        register_digits("digits_never_registered", **{"split": "val", "num_images": 4, **kwargs})
+    assert "digits_never_registered" not in DatasetCatalog.list()
+    assert not tmp_path.joinpath("images").exists()
+
+
+def test_source_indices_and_ensure_generated_reject_unknown_names():
+    with pytest.raises(ValueError, match="split"):
+        source_indices("test")
+    with pytest.raises(ValueError, match="name"):
+        ensure_generated("coco_2017_val")
+
+
+def test_full_train_split_generation_time_and_background_share(tmp_path):
+    start = time.perf_counter()
+    json_file = _generate(tmp_path, num_images=2000)
+    seconds = time.perf_counter() - start
+    print(f"generated 2,000 digits images in {seconds:.2f} s")
+    with open(json_file) as f:
+        dataset = json.load(f)
+    foreground = np.zeros((2000, 128, 128), bool)
+    for ann in dataset["annotations"]:
+        x, y, w, h = ann["bbox"]
+        foreground[ann["image_id"] - 1, y : y + h, x : x + w] = True
+    assert foreground.mean() < 0.3  # most of each image is background
+    assert 3 <= len(dataset["annotations"]) / 2000 <= 8

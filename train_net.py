@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""
+Train and evaluate a focal_det2 model with Detectron2's stock machinery.
+
+    python train_net.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+
+import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
+from focal_det2.engine import FocalTrainer, setup_cfg
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = FocalTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return FocalTrainer.test(cfg, model)
+    trainer = FocalTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
