@@ -40,7 +40,7 @@ def _valid_targets(logits: Tensor, labels: Tensor):
     return x, labels[valid, None] == classes
 
 
-def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor]):
+def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype):
     """
     alpha_t of the sigmoid losses: ``a_k`` where ``target`` is True and
     ``1 - a_k`` elsewhere, with ``a_k = class_alpha[k]`` if given, else
@@ -50,15 +50,17 @@ def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor])
         target (Tensor): (M, K) bool.
         alpha (float): foreground weight, or -1.
         class_alpha (Tensor or None): (K,) per-class weights.
+        dtype (torch.dtype): dtype of the result (the loss's).
     """
-    if class_alpha is not None:
-        return torch.where(target, class_alpha, 1 - class_alpha)
-    if alpha < 0:
-        return torch.ones((), dtype=torch.get_default_dtype(), device=target.device)
-    return torch.where(target, alpha, 1 - alpha)
+    if class_alpha is None and alpha < 0:
+        return torch.ones((), dtype=dtype, device=target.device)
+    a = torch.as_tensor(alpha if class_alpha is None else class_alpha, dtype=dtype, device=target.device)
+    return torch.where(target, a, 1 - a)
 
 
-def softmax_alpha_t(labels: Tensor, num_classes: int, alpha: float, class_alpha: Optional[Tensor]):
+def softmax_alpha_t(
+    labels: Tensor, num_classes: int, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype
+):
     """
     alpha_t of the softmax loss: a foreground anchor of class c weighs
     ``class_alpha[c]`` (or ``alpha``), a background anchor ``1 - alpha``;
@@ -67,11 +69,12 @@ def softmax_alpha_t(labels: Tensor, num_classes: int, alpha: float, class_alpha:
     Args:
         labels (Tensor): (M,) in [0, K].
         num_classes (int): K.
+        dtype (torch.dtype): dtype of the result (the loss's).
     """
-    fg = torch.full((num_classes,), 1.0 if alpha < 0 else alpha, device=labels.device)
+    fg = torch.full((num_classes,), 1.0 if alpha < 0 else alpha, dtype=dtype, device=labels.device)
     if class_alpha is not None:
         fg = class_alpha.to(fg)
-    bg = fg.new_ones(1) if alpha < 0 else fg.new_full((1,), 1 - alpha)
+    bg = fg.new_full((1,), 1.0 if alpha < 0 else 1 - alpha)
     return torch.cat([fg, bg])[labels]
 
 
@@ -105,7 +108,7 @@ def sigmoid_focal_loss(
     x_t = torch.where(target, x, -x)
     modulator = torch.exp(gamma * F.logsigmoid(-x_t))
     loss = -modulator * F.logsigmoid(x_t)
-    return (sigmoid_alpha_t(target, alpha, class_alpha).to(loss) * loss).sum()
+    return (sigmoid_alpha_t(target, alpha, class_alpha, loss.dtype) * loss).sum()
 
 
 def sigmoid_cross_entropy(
@@ -151,7 +154,7 @@ def softmax_focal_loss(
     log_pt = x.gather(1, y[:, None]).squeeze(1) - lse
     log_1m_pt = torch.logsumexp(x.scatter(1, y[:, None], float("-inf")), dim=1) - lse
     loss = -torch.exp(gamma * log_1m_pt) * log_pt
-    alpha_t = softmax_alpha_t(y, logits.shape[1] - 1, alpha, class_alpha).to(loss)
+    alpha_t = softmax_alpha_t(y, logits.shape[1] - 1, alpha, class_alpha, loss.dtype)
     return (alpha_t * loss).sum()
 
 
@@ -178,4 +181,4 @@ def focal_star_loss(
     x, target = _valid_targets(logits, labels)
     x_t = torch.where(target, x, -x)
     loss = -F.logsigmoid(gamma * x_t + beta) / gamma
-    return (sigmoid_alpha_t(target, alpha, class_alpha).to(loss) * loss).sum()
+    return (sigmoid_alpha_t(target, alpha, class_alpha, loss.dtype) * loss).sum()

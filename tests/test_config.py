@@ -1,0 +1,179 @@
+"""MODEL.FOCAL config nodes and the build-time checks that name a bad key."""
+import re
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import focal_det2
+from conftest import tiny_cfg
+
+DEFAULTS = {
+    "LOSS": "sigmoid_focal",
+    "GAMMA": 2.0,
+    "ALPHA": 0.25,
+    "CLASS_ALPHA": [],
+    "PRIOR_PROB": 0.01,
+    "STAR_BETA": 1.0,
+    "HEAD_NAME": "FocalRetinaNetHead",
+}
+SCHEDULE_DEFAULTS = {"NAME": "constant", "START": 0.0, "ITERS": 0, "STEPS": []}
+
+
+# ----------------------------------------------------------------------------- add_focal_config
+
+
+@pytest.mark.parametrize("key, default", DEFAULTS.items())
+def test_add_focal_config_adds_key_with_default(key, default):
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    value = cfg.MODEL.FOCAL[key]
+    assert value == default
+    assert type(value) is type(default)
+
+
+@pytest.mark.parametrize("key, default", SCHEDULE_DEFAULTS.items())
+def test_add_focal_config_adds_schedule_key_with_default(key, default):
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    value = cfg.MODEL.FOCAL.GAMMA_SCHEDULE[key]
+    assert value == default
+    assert type(value) is type(default)
+
+
+def test_add_focal_config_leaves_detectron2_defaults_alone():
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    assert "FOCAL" in cfg.MODEL
+    fresh = get_cfg()
+    assert "FOCAL" not in fresh.MODEL
+    assert fresh.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+
+
+def test_importing_focal_det2_leaves_detectron2_defaults_alone():
+    assert "FOCAL" not in get_cfg().MODEL
+
+
+def test_focal_keys_take_command_line_overrides():
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.merge_from_list(
+        ["MODEL.FOCAL.LOSS", "softmax_focal", "MODEL.FOCAL.GAMMA", "1.5", "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS", "[10, 20]"]
+    )
+    assert cfg.MODEL.FOCAL.LOSS == "softmax_focal"
+    assert cfg.MODEL.FOCAL.GAMMA == 1.5
+    assert list(cfg.MODEL.FOCAL.GAMMA_SCHEDULE.STEPS) == [10, 20]
+
+
+# ----------------------------------------------------------------------------- valid builds
+
+
+def test_tiny_config_builds_focal_retinanet():
+    model = build_model(tiny_cfg())
+    assert type(model).__name__ == "FocalRetinaNet"
+    assert model.num_classes == 10
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, 1.0])
+def test_alpha_minus_1_and_bounds_are_accepted(alpha):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.ALPHA = alpha
+    assert build_model(cfg).focal_loss.alpha == alpha
+
+
+def test_retinanet_keys_may_change_for_detectron2_retinanet():
+    # the check is about keys FocalRetinaNet ignores; Detectron2's RetinaNet reads them
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA = 3.0
+    assert type(build_model(cfg)).__name__ == "RetinaNet"
+
+
+# ----------------------------------------------------------------------------- invalid builds
+
+
+def _set(cfg, key, value):
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+BAD = [
+    # (id, {key: value}, text the message must contain)
+    ("gamma<0", {"MODEL.FOCAL.GAMMA": -0.5}, ["MODEL.FOCAL.GAMMA"]),
+    ("alpha>1", {"MODEL.FOCAL.ALPHA": 1.5}, ["MODEL.FOCAL.ALPHA"]),
+    ("alpha<0", {"MODEL.FOCAL.ALPHA": -0.5}, ["MODEL.FOCAL.ALPHA"]),
+    ("alpha=-2", {"MODEL.FOCAL.ALPHA": -2.0}, ["MODEL.FOCAL.ALPHA"]),
+    ("prior=0", {"MODEL.FOCAL.PRIOR_PROB": 0.0}, ["MODEL.FOCAL.PRIOR_PROB"]),
+    ("prior=1", {"MODEL.FOCAL.PRIOR_PROB": 1.0}, ["MODEL.FOCAL.PRIOR_PROB"]),
+    ("prior>1", {"MODEL.FOCAL.PRIOR_PROB": 1.5}, ["MODEL.FOCAL.PRIOR_PROB"]),
+    ("prior<0", {"MODEL.FOCAL.PRIOR_PROB": -0.01}, ["MODEL.FOCAL.PRIOR_PROB"]),
+    (
+        "unknown-loss",
+        {"MODEL.FOCAL.LOSS": "focal"},
+        ["MODEL.FOCAL.LOSS", "sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"],
+    ),
+    ("unknown-head", {"MODEL.FOCAL.HEAD_NAME": "RetinaNetHead"}, ["MODEL.FOCAL.HEAD_NAME", "FocalRetinaNetHead"]),
+    (
+        "unknown-schedule",
+        {"MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "exponential"},
+        ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME", "constant", "linear", "cosine", "step"],
+    ),
+    ("class-alpha-short", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 3}, ["MODEL.FOCAL.CLASS_ALPHA", "10"]),
+    ("class-alpha-long", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 11}, ["MODEL.FOCAL.CLASS_ALPHA", "10"]),
+    ("class-alpha>1", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 9 + [1.5]}, ["MODEL.FOCAL.CLASS_ALPHA"]),
+    ("class-alpha<0", {"MODEL.FOCAL.CLASS_ALPHA": [-0.1] + [0.25] * 9}, ["MODEL.FOCAL.CLASS_ALPHA"]),
+    (
+        "steps-not-increasing",
+        {"MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "step", "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS": [200, 100]},
+        ["MODEL.FOCAL.GAMMA_SCHEDULE.STEPS"],
+    ),
+    (
+        "retinanet-gamma",
+        {"MODEL.RETINANET.FOCAL_LOSS_GAMMA": 3.0},
+        ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "MODEL.FOCAL.GAMMA"],
+    ),
+    (
+        "retinanet-alpha",
+        {"MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.5},
+        ["MODEL.RETINANET.FOCAL_LOSS_ALPHA", "MODEL.FOCAL.ALPHA"],
+    ),
+    (
+        "retinanet-prior",
+        {"MODEL.RETINANET.PRIOR_PROB": 0.02},
+        ["MODEL.RETINANET.PRIOR_PROB", "MODEL.FOCAL.PRIOR_PROB"],
+    ),
+    ("focal-star-gamma-0", {"MODEL.FOCAL.LOSS": "focal_star", "MODEL.FOCAL.GAMMA": 0.0}, ["MODEL.FOCAL.GAMMA"]),
+    (
+        # FL* divides by gamma, and a linear ramp from START 0 reaches gamma 0 at iteration 0
+        "focal-star-ramp-from-0",
+        {
+            "MODEL.FOCAL.LOSS": "focal_star",
+            "MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "linear",
+            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS": 100,
+        },
+        ["MODEL.FOCAL.GAMMA_SCHEDULE.START"],
+    ),
+    (
+        "cross-entropy-with-schedule",
+        {
+            "MODEL.FOCAL.LOSS": "cross_entropy",
+            "MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "linear",
+            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS": 100,
+        },
+        ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME"],
+    ),
+]
+
+
+@pytest.mark.parametrize("values, expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config_raises_naming_the_key(values, expected):
+    cfg = tiny_cfg()
+    for key, value in values.items():
+        _set(cfg, key, value)
+    with pytest.raises(ValueError, match=re.escape(expected[0])) as info:
+        build_model(cfg)
+    for text in expected[1:]:
+        assert text in str(info.value)

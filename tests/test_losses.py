@@ -1,0 +1,599 @@
+"""
+The focal-loss family on class-index targets (0..K-1 foreground, K background,
+-1 ignored), tested through the public API: the registered loss objects built
+by ``focal_det2.build_focal_loss(cfg)`` ("api") and the reference formulas in
+``focal_det2.losses.functional`` ("functional").
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from detectron2.config import get_cfg
+from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
+
+import focal_det2
+from focal_det2.losses import functional
+
+LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
+SIGMOID_LOSSES = ["sigmoid_focal", "focal_star", "cross_entropy"]
+FOCUSING_LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star"]  # losses that read gamma
+IMPLS = ["api", "functional"]
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def build(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
+    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values."""
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.FOCAL.LOSS = name
+    cfg.MODEL.FOCAL.GAMMA = gamma
+    cfg.MODEL.FOCAL.ALPHA = alpha
+    cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
+    cfg.MODEL.FOCAL.STAR_BETA = beta
+    return focal_det2.build_focal_loss(cfg)
+
+
+def num_classes_of(name, logits):
+    return logits.shape[1] - 1 if name == "softmax_focal" else logits.shape[1]
+
+
+def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
+    """The summed loss ``name`` of ``logits`` / ``labels`` through ``impl``."""
+    if impl == "api":
+        loss = build(
+            name, num_classes_of(name, logits), gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta
+        )
+        return loss(logits, labels)
+    ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
+    if name == "sigmoid_focal":
+        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
+    if name == "cross_entropy":
+        return functional.sigmoid_cross_entropy(logits, labels, alpha=alpha, class_alpha=ca)
+    if name == "softmax_focal":
+        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
+    if name == "focal_star":
+        return functional.focal_star_loss(logits, labels, gamma=gamma, beta=beta, alpha=alpha, class_alpha=ca)
+    raise AssertionError(name)
+
+
+def random_batch(name, *, num_anchors=8, num_classes=3, scale=2.0, dtype=F64, seed=0):
+    """Seeded logits (N, K or K+1) and labels covering -1, every class and K."""
+    g = torch.Generator().manual_seed(seed)
+    cols = num_classes + 1 if name == "softmax_focal" else num_classes
+    logits = (torch.randn(num_anchors, cols, generator=g) * scale).to(dtype)
+    labels = torch.randint(-1, num_classes + 1, (num_anchors,), generator=g)
+    labels[: num_classes + 2] = torch.arange(-1, num_classes + 1)  # every kind of label at least once
+    return logits, labels
+
+
+def grad_of(fn, logits):
+    x = logits.detach().clone().requires_grad_(True)
+    value = fn(x)
+    (grad,) = torch.autograd.grad(value, x)
+    return value.detach(), grad
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigmoid_focal_closed_form(impl):
+    # K = 2: anchor 0 is class 0, anchor 1 background, anchor 2 ignored.
+    logits = torch.tensor([[1.0, -2.0], [0.5, -1.0], [3.0, 3.0]], dtype=F64)
+    labels = torch.tensor([0, 2, -1])
+    a, g = 0.25, 2.0
+
+    def pos(x):  # -alpha (1 - p)^g log p
+        p = sigmoid(x)
+        return -a * (1 - p) ** g * math.log(p)
+
+    def neg(x):  # -(1 - alpha) p^g log(1 - p)
+        p = sigmoid(x)
+        return -(1 - a) * p**g * math.log(1 - p)
+
+    expected = pos(1.0) + neg(-2.0) + neg(0.5) + neg(-1.0)
+    out = compute(impl, "sigmoid_focal", logits, labels, gamma=g, alpha=a)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cross_entropy_closed_form(impl):
+    logits = torch.tensor([[1.0, -2.0], [0.5, -1.0], [3.0, 3.0]], dtype=F64)
+    labels = torch.tensor([1, 2, -1])
+    a = 0.25
+    expected = (
+        -(1 - a) * math.log(1 - sigmoid(1.0))  # anchor 0, class 0 is a negative
+        - a * math.log(sigmoid(-2.0))  # anchor 0, class 1 is its class
+        - (1 - a) * math.log(1 - sigmoid(0.5))  # anchor 1 is background
+        - (1 - a) * math.log(1 - sigmoid(-1.0))
+    )
+    out = compute(impl, "cross_entropy", logits, labels, alpha=a)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_focal_closed_form(impl):
+    # K = 2, columns (class 0, class 1, background).
+    logits = torch.tensor([[0.2, 1.0, -0.5], [0.3, -0.4, 2.0], [5.0, 5.0, 5.0]], dtype=F64)
+    labels = torch.tensor([1, 2, -1])
+    a, g = 0.25, 2.0
+    p0 = math.exp(1.0) / (math.exp(0.2) + math.exp(1.0) + math.exp(-0.5))  # anchor 0, class 1
+    p1 = math.exp(2.0) / (math.exp(0.3) + math.exp(-0.4) + math.exp(2.0))  # anchor 1, background
+    expected = -a * (1 - p0) ** g * math.log(p0) - (1 - a) * (1 - p1) ** g * math.log(p1)
+    out = compute(impl, "softmax_focal", logits, labels, gamma=g, alpha=a)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_focal_star_closed_form(impl):
+    # FL* = -alpha_t log(sigmoid(gamma x_t + beta)) / gamma, x_t = x (positive) or -x.
+    logits = torch.tensor([[1.0, -2.0], [0.5, -1.0], [3.0, 3.0]], dtype=F64)
+    labels = torch.tensor([0, 2, -1])
+    a, g, b = 0.25, 2.0, 1.0
+
+    def term(x_t, alpha_t):
+        return -alpha_t * math.log(sigmoid(g * x_t + b)) / g
+
+    expected = term(1.0, a) + term(2.0, 1 - a) + term(-0.5, 1 - a) + term(1.0, 1 - a)
+    out = compute(impl, "focal_star", logits, labels, gamma=g, alpha=a, beta=b)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_focal_star_reads_beta(impl):
+    logits = torch.tensor([[0.4]], dtype=F64)
+    labels = torch.tensor([0])
+    g, b = 2.0, -0.7
+    expected = -0.25 * math.log(sigmoid(g * 0.4 + b)) / g
+    out = compute(impl, "focal_star", logits, labels, gamma=g, beta=b)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
+def test_float64_loss_uses_alpha_at_float64_precision(impl, name):
+    # alpha 0.3 and 0.7 are not exact in float32; a float64 loss must not round them.
+    logits = torch.tensor([[0.3, -0.2, 0.1]], dtype=F64)
+    labels = torch.tensor([0])
+    if name == "sigmoid_focal":
+        expected = -0.3 * math.log(sigmoid(0.3)) - 0.7 * (math.log(1 - sigmoid(-0.2)) + math.log(1 - sigmoid(0.1)))
+    else:  # class 0 of K = 2
+        expected = -0.3 * (0.3 - math.log(math.exp(0.3) + math.exp(-0.2) + math.exp(0.1)))
+    out = compute(impl, name, logits, labels, gamma=0.0, alpha=0.3)
+    assert out.item() == pytest.approx(expected, rel=1e-13)
+
+
+# ----------------------------------------------------------------------------- fvcore agreement
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("gamma, alpha", [(2.0, 0.25), (0.5, 0.25), (0.0, 0.25), (2.0, -1), (1.0, 0.6)])
+def test_sigmoid_focal_matches_fvcore(impl, gamma, alpha):
+    num_classes = 5
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, num_classes, generator=g) * 2  # float32: fvcore computes in float32
+    labels = torch.randint(-1, num_classes + 1, (64,), generator=g)
+    valid = labels >= 0
+    targets = TF.one_hot(labels[valid], num_classes + 1)[:, :num_classes].float()  # background: all 0
+
+    ours, ours_grad = grad_of(
+        lambda x: compute(impl, "sigmoid_focal", x, labels, gamma=gamma, alpha=alpha), logits
+    )
+    ref, ref_grad = grad_of(
+        lambda x: fvcore_sigmoid_focal_loss(x, targets, alpha=alpha, gamma=gamma, reduction="sum"),
+        logits[valid],
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    # fvcore forms 1 - p_t by subtraction in float32, so its tiniest gradient entries
+    # carry cancellation error; the gradient agrees to 1e-6 of its own scale.
+    grad_scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(ours_grad[valid], ref_grad, rtol=1e-6, atol=1e-6 * grad_scale)
+    assert torch.all(ours_grad[~valid] == 0)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("class_alpha", [(), (0.1, 0.5, 0.9)])
+def test_gradcheck_float64(impl, name, gamma, class_alpha):
+    logits, labels = random_batch(name, num_anchors=8, num_classes=3, seed=2)
+    logits.requires_grad_(True)
+
+    def fn(x):
+        return compute(impl, name, x, labels, gamma=gamma, alpha=0.25, class_alpha=class_alpha, beta=0.5)
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- FL vs CE
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigmoid_focal_at_most_cross_entropy(impl):
+    logits, labels = random_batch("sigmoid_focal", num_anchors=16, num_classes=3, scale=3.0, seed=3)
+    fl = compute(impl, "sigmoid_focal", logits, labels, gamma=2.0)
+    ce = compute(impl, "cross_entropy", logits, labels)
+    assert fl <= ce
+    for i in range(len(labels)):
+        row = slice(i, i + 1)
+        fl_i = compute(impl, "sigmoid_focal", logits[row], labels[row], gamma=2.0)
+        ce_i = compute(impl, "cross_entropy", logits[row], labels[row])
+        assert fl_i <= ce_i, i
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_focal_at_most_softmax_cross_entropy(impl):
+    logits, labels = random_batch("softmax_focal", num_anchors=16, num_classes=3, scale=3.0, seed=3)
+    for i in range(len(labels)):
+        row = slice(i, i + 1)
+        fl_i = compute(impl, "softmax_focal", logits[row], labels[row], gamma=2.0)
+        ce_i = compute(impl, "softmax_focal", logits[row], labels[row], gamma=0.0)
+        assert fl_i <= ce_i, i
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigmoid_focal_equals_cross_entropy_at_gamma_0(impl):
+    logits, labels = random_batch("sigmoid_focal", num_anchors=16, seed=4)
+    fl, fl_grad = grad_of(lambda x: compute(impl, "sigmoid_focal", x, labels, gamma=0.0), logits)
+    ce, ce_grad = grad_of(lambda x: compute(impl, "cross_entropy", x, labels), logits)
+    torch.testing.assert_close(fl, ce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fl_grad, ce_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_sigmoid_focal_at_gamma_0_is_alpha_weighted_bce():
+    logits, labels = random_batch("sigmoid_focal", num_anchors=16, seed=4)
+    valid = labels >= 0
+    targets = TF.one_hot(labels[valid], 4)[:, :3].to(F64)
+    weights = 0.25 * targets + 0.75 * (1 - targets)
+    fl, fl_grad = grad_of(lambda x: build("sigmoid_focal", 3, gamma=0.0)(x, labels), logits)
+    bce, bce_grad = grad_of(
+        lambda x: TF.binary_cross_entropy_with_logits(x[valid], targets, weight=weights, reduction="sum"), logits
+    )
+    torch.testing.assert_close(fl, bce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fl_grad, bce_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_focal_at_gamma_0_is_alpha_weighted_softmax_cross_entropy(impl):
+    logits, labels = random_batch("softmax_focal", num_anchors=16, seed=5)
+    valid = labels >= 0
+    weights = torch.where(labels[valid] == 3, 0.75, 0.25).to(F64)
+    fl, fl_grad = grad_of(lambda x: compute(impl, "softmax_focal", x, labels, gamma=0.0), logits)
+    ce, ce_grad = grad_of(
+        lambda x: (weights * TF.cross_entropy(x[valid], labels[valid], reduction="none")).sum(), logits
+    )
+    torch.testing.assert_close(fl, ce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fl_grad, ce_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label", [0, 1])  # K = 1: a positive and a background anchor
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_sigmoid_ce_over_fl_ratio(impl, label, gamma):
+    logits = torch.tensor([[0.7]], dtype=F64)
+    labels = torch.tensor([label])
+    p_t = sigmoid(0.7) if label == 0 else 1 - sigmoid(0.7)
+    fl = compute(impl, "sigmoid_focal", logits, labels, gamma=gamma)
+    ce = compute(impl, "cross_entropy", logits, labels)
+    assert (ce / fl).item() == pytest.approx(1 / (1 - p_t) ** gamma, rel=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label", [0, 1])  # K = 1, columns (class 0, background)
+def test_softmax_ce_over_fl_ratio(impl, label):
+    logits = torch.tensor([[0.7, -0.4]], dtype=F64)
+    labels = torch.tensor([label])
+    x_y = 0.7 if label == 0 else -0.4
+    p_t = math.exp(x_y) / (math.exp(0.7) + math.exp(-0.4))
+    fl = compute(impl, "softmax_focal", logits, labels, gamma=2.0)
+    ce = compute(impl, "softmax_focal", logits, labels, gamma=0.0)
+    assert (ce / fl).item() == pytest.approx(1 / (1 - p_t) ** 2.0, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- alpha and CLASS_ALPHA
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", SIGMOID_LOSSES)
+def test_sigmoid_alpha_0_masks_positives(impl, name):
+    logits, labels = random_batch(name, num_anchors=8, seed=6)
+    out, grad = grad_of(lambda x: compute(impl, name, x, labels, alpha=0.0), logits)
+    valid = labels >= 0
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[valid] = TF.one_hot(labels[valid], 4)[:, :3].bool()
+    assert torch.all(grad[positive] == 0)
+    assert torch.all(grad[~positive & valid[:, None]] != 0)
+    # the value is the unweighted loss of the negatives alone: give every positive a
+    # new logit and the loss must not move
+    moved = torch.where(positive, logits + 5.0, logits)
+    assert compute(impl, name, moved, labels, alpha=0.0).item() == pytest.approx(out.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", SIGMOID_LOSSES)
+def test_sigmoid_alpha_1_masks_negatives(impl, name):
+    logits, labels = random_batch(name, num_anchors=8, seed=6)
+    _, grad = grad_of(lambda x: compute(impl, name, x, labels, alpha=1.0), logits)
+    valid = labels >= 0
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[valid] = TF.one_hot(labels[valid], 4)[:, :3].bool()
+    assert torch.all(grad[~positive] == 0)
+    assert torch.all(grad[positive] != 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("alpha, masked_label", [(0.0, 0), (1.0, 2)])  # K = 2
+def test_softmax_alpha_0_and_1_mask_foreground_and_background(impl, alpha, masked_label):
+    logits = torch.tensor([[0.2, 1.0, -0.5], [0.3, -0.4, 2.0]], dtype=F64)
+    labels = torch.tensor([0, 2])
+    _, grad = grad_of(lambda x: compute(impl, "softmax_focal", x, labels, alpha=alpha), logits)
+    masked = labels == masked_label
+    assert torch.all(grad[masked] == 0)
+    assert torch.all(grad[~masked] != 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigmoid_alpha_minus_1_is_unweighted(impl):
+    logits = torch.tensor([[1.0, -2.0], [0.5, -1.0]], dtype=F64)
+    labels = torch.tensor([0, 2])
+    g = 2.0
+
+    def pos(x):
+        p = sigmoid(x)
+        return -((1 - p) ** g) * math.log(p)
+
+    def neg(x):
+        p = sigmoid(x)
+        return -(p**g) * math.log(1 - p)
+
+    expected = pos(1.0) + neg(-2.0) + neg(0.5) + neg(-1.0)
+    out = compute(impl, "sigmoid_focal", logits, labels, gamma=g, alpha=-1)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_alpha_minus_1_is_twice_alpha_one_half(impl, name):
+    # alpha_t = 1/2 everywhere at ALPHA 0.5, 1 everywhere at ALPHA -1.
+    logits, labels = random_batch(name, num_anchors=8, seed=7)
+    unweighted = compute(impl, name, logits, labels, alpha=-1)
+    half = compute(impl, name, logits, labels, alpha=0.5)
+    torch.testing.assert_close(unweighted, 2 * half, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", SIGMOID_LOSSES)
+def test_sigmoid_class_alpha_weighs_positives_and_negatives_per_class(impl, name):
+    # K = 2, CLASS_ALPHA = (0.125, 0.75): class k's positives weigh ca[k], its negatives 1 - ca[k].
+    ca = (0.125, 0.75)
+    logits = torch.tensor([[1.0, -2.0], [0.5, -1.0]], dtype=F64)
+    labels = torch.tensor([1, 2])  # anchor 0 is class 1, anchor 1 background
+    g, b = 2.0, 1.0
+
+    def unweighted(x_t):  # the loss of one column with signed logit x_t = y x
+        if name == "focal_star":
+            return -math.log(sigmoid(g * x_t + b)) / g
+        p_t = sigmoid(x_t)
+        return -((1 - p_t) ** (g if name == "sigmoid_focal" else 0.0)) * math.log(p_t)
+
+    expected = (
+        (1 - ca[0]) * unweighted(-1.0)  # anchor 0, class 0: negative
+        + ca[1] * unweighted(-2.0)  # anchor 0, class 1: positive
+        + (1 - ca[0]) * unweighted(-0.5)  # anchor 1, background
+        + (1 - ca[1]) * unweighted(1.0)
+    )
+    # ALPHA (0.9) must be ignored once CLASS_ALPHA is given.
+    out = compute(impl, name, logits, labels, gamma=g, alpha=0.9, class_alpha=ca, beta=b)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_class_alpha_weighs_foreground_by_class_and_background_by_alpha(impl):
+    # K = 2, CLASS_ALPHA = (0.125, 0.75), ALPHA = 0.25: class c weighs ca[c], background 1 - ALPHA.
+    ca, a, g = (0.125, 0.75), 0.25, 2.0
+    logits = torch.tensor([[0.2, 1.0, -0.5], [1.5, 0.1, 0.3], [0.3, -0.4, 2.0]], dtype=F64)
+    labels = torch.tensor([1, 0, 2])
+
+    def unweighted(row, label):
+        p = math.exp(row[label]) / sum(math.exp(v) for v in row)
+        return -((1 - p) ** g) * math.log(p)
+
+    rows = logits.tolist()
+    expected = ca[1] * unweighted(rows[0], 1) + ca[0] * unweighted(rows[1], 0) + (1 - a) * unweighted(rows[2], 2)
+    out = compute(impl, "softmax_focal", logits, labels, gamma=g, alpha=a, class_alpha=ca)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- ignored anchors
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_ignored_anchors_contribute_nothing(impl, name):
+    logits, labels = random_batch(name, num_anchors=10, seed=8)
+    kept = labels >= 0
+    full, grad = grad_of(lambda x: compute(impl, name, x, labels), logits)
+    only_valid = compute(impl, name, logits[kept], labels[kept])
+    torch.testing.assert_close(full, only_valid, rtol=1e-12, atol=0)
+    assert torch.all(grad[~kept] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+def test_ignored_anchor_logits_do_not_change_the_loss(impl, name):
+    logits, labels = random_batch(name, num_anchors=10, seed=8)
+    ignored = labels == -1
+    moved = logits.clone()
+    moved[ignored] = 50.0
+    torch.testing.assert_close(
+        compute(impl, name, logits, labels), compute(impl, name, moved, labels), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("num_anchors", [0, 4])
+def test_all_ignored_batch_is_zero_and_connected(impl, name, num_anchors):
+    cols = 4 if name == "softmax_focal" else 3
+    logits = torch.randn(num_anchors, cols, generator=torch.Generator().manual_seed(9)).requires_grad_(True)
+    labels = torch.full((num_anchors,), -1, dtype=torch.long)
+    out = compute(impl, name, logits, labels)
+    assert out.dim() == 0
+    assert out.item() == 0.0
+    assert out.requires_grad
+    out.backward()
+    assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+# ----------------------------------------------------------------------------- numerical stability
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_finite_for_float32_logits_in_plus_minus_100(impl, name, gamma):
+    g = torch.Generator().manual_seed(10)
+    cols = 4 if name == "softmax_focal" else 3
+    extremes = torch.tensor([-100.0, 100.0])
+    corners = extremes[torch.cartesian_prod(*[torch.arange(2)] * cols)]  # every sign pattern of +-100
+    uniform = torch.rand(32, cols, generator=g) * 200 - 100
+    logits = torch.cat([corners, corners, uniform])  # float32
+    labels = torch.arange(len(logits)) % 5 - 1  # -1, 0, 1, 2, 3 (= K, background)
+    out, grad = grad_of(lambda x: compute(impl, name, x, labels, gamma=gamma), logits)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out)
+    assert torch.all(torch.isfinite(grad))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigmoid_focal_exact_at_logit_minus_100(impl):
+    # p = sigmoid(-100) ~ 3.7e-44 is subnormal in float32: log(p) would be -inf-prone,
+    # log-sigmoid gives -100. FL = -alpha (1 - p)^2 log p = 0.25 * 100.
+    logits = torch.tensor([[-100.0]])
+    labels = torch.tensor([0])
+    out = compute(impl, "sigmoid_focal", logits, labels, gamma=2.0)
+    assert out.item() == pytest.approx(25.0, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- API checks
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("bad", [-2, 4])  # K = 3: allowed range [-1, 3]
+def test_labels_outside_range_raise(name, bad):
+    loss = build(name, 3)
+    logits = torch.zeros(3, loss.num_logits)
+    labels = torch.tensor([0, bad, 3])
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        loss(logits, labels)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_number_of_logit_columns_raises(name, delta):
+    loss = build(name, 3)
+    logits = torch.zeros(2, loss.num_logits + delta)
+    with pytest.raises(ValueError, match=str(loss.num_logits)):
+        loss(logits, torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("name", FOCUSING_LOSSES)
+def test_gamma_override_is_honoured(name):
+    logits, labels = random_batch(name, num_anchors=8, seed=11)
+    at_2 = build(name, 3, gamma=2.0)
+    at_half = build(name, 3, gamma=0.5)
+    overridden = at_2(logits, labels, gamma=0.5)
+    torch.testing.assert_close(overridden, at_half(logits, labels), rtol=1e-12, atol=0)
+    assert not torch.allclose(overridden, at_2(logits, labels))
+
+
+def test_cross_entropy_ignores_gamma():
+    logits, labels = random_batch("cross_entropy", num_anchors=8, seed=11)
+    loss = build("cross_entropy", 3)
+    torch.testing.assert_close(loss(logits, labels, gamma=0.5), loss(logits, labels), rtol=1e-12, atol=0)
+
+
+def test_build_focal_loss_reads_the_configured_gamma():
+    logits = torch.tensor([[0.7]], dtype=F64)
+    labels = torch.tensor([0])
+    p = sigmoid(0.7)
+    out = build("sigmoid_focal", 1, gamma=3.0)(logits, labels)
+    assert out.item() == pytest.approx(-0.25 * (1 - p) ** 3 * math.log(p), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- bias init, scores
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "cross_entropy"])
+@pytest.mark.parametrize("prior", [0.01, 0.3])
+def test_sigmoid_bias_init_gives_the_prior(name, prior):
+    loss = build(name, 10)
+    bias = loss.init_bias(prior)
+    assert bias.shape == (10,)
+    torch.testing.assert_close(bias.double().sigmoid(), torch.full((10,), prior, dtype=F64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("prior", [0.01, 0.3])
+def test_softmax_bias_init_gives_background_1_minus_prior_and_shares_prior(prior):
+    loss = build("softmax_focal", 10)
+    bias = loss.init_bias(prior)
+    assert bias.shape == (11,)
+    probs = bias.double().softmax(dim=0)
+    assert probs[10].item() == pytest.approx(1 - prior, rel=1e-6)
+    torch.testing.assert_close(probs[:10], torch.full((10,), prior / 10, dtype=F64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("gamma, beta", [(2.0, 1.0), (0.5, -0.3)])
+def test_focal_star_bias_init_gives_the_prior(gamma, beta):
+    loss = build("focal_star", 10, gamma=gamma, beta=beta)
+    bias = loss.init_bias(0.01)
+    assert bias.shape == (10,)
+    torch.testing.assert_close(
+        (gamma * bias.double() + beta).sigmoid(), torch.full((10,), 0.01, dtype=F64), rtol=1e-6, atol=0
+    )
+
+
+@pytest.mark.parametrize("name, num_logits", [("sigmoid_focal", 3), ("cross_entropy", 3), ("focal_star", 3), ("softmax_focal", 4)])
+def test_num_logits(name, num_logits):
+    assert build(name, 3).num_logits == num_logits
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_scores_have_one_column_per_class(name):
+    loss = build(name, 3)
+    logits = torch.randn(5, loss.num_logits, generator=torch.Generator().manual_seed(12))
+    scores = loss.scores(logits)
+    assert scores.shape == (5, 3)
+    assert torch.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "cross_entropy"])
+def test_sigmoid_scores_are_sigmoids(name):
+    logits = torch.tensor([[0.0, 2.0, -1.0]])
+    expected = torch.tensor([[0.5, sigmoid(2.0), sigmoid(-1.0)]])
+    torch.testing.assert_close(build(name, 3).scores(logits), expected)
+
+
+def test_softmax_scores_drop_the_background_column():
+    logits = torch.tensor([[0.0, 1.0, math.log(2.0)]])  # K = 2; exp: 1, e, 2
+    z = 1 + math.e + 2
+    expected = torch.tensor([[1 / z, math.e / z]])
+    torch.testing.assert_close(build("softmax_focal", 2).scores(logits), expected)
+
+
+def test_focal_star_scores_are_scaled_sigmoids():
+    logits = torch.tensor([[0.0, 0.5]])
+    expected = torch.tensor([[sigmoid(2.0 * 0.0 - 0.3), sigmoid(2.0 * 0.5 - 0.3)]])
+    torch.testing.assert_close(build("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected)

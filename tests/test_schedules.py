@@ -1,0 +1,169 @@
+"""Gamma schedules: gamma(iteration) from START to MODEL.FOCAL.GAMMA."""
+import math
+import random
+import re
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import focal_det2
+from conftest import tiny_cfg
+
+KEY = "MODEL.FOCAL.GAMMA_SCHEDULE"
+
+
+def schedule(name, *, gamma=2.0, start=0.0, iters=0, steps=()):
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.MODEL.FOCAL.GAMMA = gamma
+    node = cfg.MODEL.FOCAL.GAMMA_SCHEDULE
+    node.NAME, node.START, node.ITERS, node.STEPS = name, start, iters, list(steps)
+    return focal_det2.build_gamma_schedule(cfg)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("iteration", [0, 1, 50, 10**6])
+def test_constant_is_gamma(iteration):
+    assert schedule("constant", gamma=1.5)(iteration) == 1.5
+
+
+@pytest.mark.parametrize("iteration, expected", [(0, 0.0), (25, 0.5), (50, 1.0), (100, 2.0), (500, 2.0)])
+def test_linear_from_0_to_2_over_100(iteration, expected):
+    # gamma(t) = START + (GAMMA - START) * min(t / ITERS, 1)
+    assert schedule("linear", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("iteration, expected", [(0, 1.0), (5, 2.0), (10, 3.0), (11, 3.0)])
+def test_linear_from_start(iteration, expected):
+    assert schedule("linear", gamma=3.0, start=1.0, iters=10)(iteration) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("iteration", [0, 10, 25, 50, 75, 100, 101, 1000])
+def test_cosine_from_0_to_2_over_100(iteration):
+    t = min(iteration / 100, 1.0)
+    expected = 0.0 + (2.0 - 0.0) * 0.5 * (1 - math.cos(math.pi * t))
+    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("iteration, expected", [(0, 0.0), (50, 1.0), (100, 2.0), (400, 2.0)])
+def test_cosine_landmarks(iteration, expected):
+    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_starts_slower_than_linear():
+    cos, lin = schedule("cosine", iters=100), schedule("linear", iters=100)
+    assert cos(25) == pytest.approx(2.0 * 0.5 * (1 - math.cos(math.pi / 4)), abs=1e-12)
+    assert cos(25) < lin(25)
+
+
+@pytest.mark.parametrize(
+    "iteration, expected", [(0, 0.5), (9, 0.5), (10, 1.5), (29, 1.5), (30, 2.5), (10**5, 2.5)]
+)
+def test_step_raises_gamma_at_steps(iteration, expected):
+    # two steps share the rise GAMMA - START = 2 equally
+    s = schedule("step", gamma=2.5, start=0.5, steps=[10, 30])
+    assert s(iteration) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("constant", {}),
+    ("linear", {"iters": 100}),
+    ("cosine", {"iters": 100}),
+    ("step", {"steps": [10, 30, 70]}),
+])
+def test_value_depends_only_on_iteration(name, kwargs):
+    iterations = list(range(0, 150, 7))
+    in_order = [schedule(name, **kwargs)(it) for it in iterations]
+    shuffled = iterations[:]
+    random.Random(0).shuffle(shuffled)
+    used = schedule(name, **kwargs)
+    out_of_order = dict((it, used(it)) for it in shuffled)
+    assert [out_of_order[it] for it in iterations] == in_order
+    # a "resumed" schedule built fresh at iteration k matches one that ran from 0
+    for k, value in zip(iterations, in_order):
+        assert schedule(name, **kwargs)(k) == value
+
+
+def _one_image_batch():
+    instances = Instances((64, 64))
+    instances.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
+    instances.gt_classes = torch.tensor([3])
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    return [{"image": image, "instances": instances}]
+
+
+@pytest.fixture(scope="module")
+def linear_model():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.NAME = "linear"
+    cfg.MODEL.FOCAL.GAMMA_SCHEDULE.ITERS = 100
+    return build_model(cfg).train()
+
+
+@pytest.mark.parametrize("start_iter", [0, 30, 250])
+def test_model_logs_the_scheduled_gamma_of_the_storage_iteration(linear_model, start_iter):
+    # a resumed run's EventStorage starts at the checkpoint's iteration: the model must
+    # read it, not count its own calls.
+    with EventStorage(start_iter) as storage:
+        linear_model(_one_image_batch())
+        gamma, _ = storage.latest()["focal_gamma"]
+    assert gamma == pytest.approx(2.0 * min(start_iter / 100, 1.0), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+def _raises_naming(key):
+    return pytest.raises(ValueError, match=re.escape(key))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "step"])
+def test_negative_start_raises(name):
+    kwargs = {"steps": [10]} if name == "step" else {"iters": 10}
+    with _raises_naming(f"{KEY}.START"):
+        schedule(name, start=-0.5, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("iters", [0, -5])
+def test_ramp_needs_positive_iters(name, iters):
+    with _raises_naming(f"{KEY}.ITERS"):
+        schedule(name, iters=iters)
+
+
+def test_step_needs_steps():
+    with _raises_naming(f"{KEY}.STEPS"):
+        schedule("step", steps=[])
+
+
+@pytest.mark.parametrize("steps", [[20, 10], [10, 10], [10, 30, 20]])
+def test_step_needs_increasing_steps(steps):
+    with _raises_naming(f"{KEY}.STEPS"):
+        schedule("step", steps=steps)
+
+
+@pytest.mark.parametrize("name, kwargs, key", [
+    ("constant", {"start": 0.5}, "START"),
+    ("constant", {"iters": 10}, "ITERS"),
+    ("constant", {"steps": [5]}, "STEPS"),
+    ("linear", {"iters": 10, "steps": [5]}, "STEPS"),
+    ("cosine", {"iters": 10, "steps": [5]}, "STEPS"),
+    ("step", {"steps": [5], "iters": 10}, "ITERS"),
+])
+def test_key_the_schedule_would_ignore_raises(name, kwargs, key):
+    with _raises_naming(f"{KEY}.{key}"):
+        schedule(name, **kwargs)
+
+
+def test_unknown_name_lists_the_valid_names():
+    with pytest.raises(ValueError, match=re.escape(f"{KEY}.NAME")) as info:
+        schedule("exponential")
+    for valid in ["constant", "linear", "cosine", "step"]:
+        assert valid in str(info.value)
