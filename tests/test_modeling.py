@@ -1,0 +1,153 @@
+"""FocalRetinaNet against Detectron2's RetinaNet, and every loss through the model."""
+import pytest
+import torch
+from conftest import tiny_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
+NUM_CLASSES = 10
+
+
+def batch(with_empty=False):
+    """Two 96x128 images with boxes of classes 3 and 7; the second one empty if asked."""
+    g = torch.Generator().manual_seed(1)
+    inputs = []
+    for i in range(2):
+        inst = Instances((96, 128))
+        if with_empty and i == 1:
+            inst.gt_boxes, inst.gt_classes = Boxes(torch.zeros(0, 4)), torch.zeros(0, dtype=torch.long)
+        else:
+            inst.gt_boxes = Boxes(torch.tensor([[10.0, 10, 40, 50], [60, 30, 90, 70]]))
+            inst.gt_classes = torch.tensor([3, 7])
+        image = torch.randint(0, 255, (3, 96, 128), generator=g).float()
+        inputs.append({"image": image, "instances": inst, "height": 96, "width": 128})
+    return inputs
+
+
+def build(meta_arch="FocalRetinaNet", **focal):
+    """The tiny model; keyword arguments set MODEL.FOCAL keys (``gamma_schedule__name`` for nested)."""
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = meta_arch
+    for key, value in focal.items():
+        cfg.merge_from_list([f"MODEL.FOCAL.{key.upper().replace('__', '.')}", value])
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def train_losses(model, inputs, start_iter=0):
+    model.train()
+    with EventStorage(start_iter) as storage:
+        losses = model(inputs)
+    return losses, storage
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Detectron2's RetinaNet and FocalRetinaNet (sigmoid loss) with the same weights."""
+    ref = build("RetinaNet")
+    ours = build()
+    incompatible = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    return ref, ours
+
+
+def test_state_dict_keys_and_shapes_equal_retinanet(pair):
+    ref, ours = pair
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == ref_shapes
+
+
+def test_initial_classifier_bias_equals_retinanet():
+    ref, ours = build("RetinaNet"), build()
+    assert torch.equal(ref.head.cls_score.bias, ours.head.cls_score.bias)
+
+
+def test_training_losses_equal_retinanet(pair):
+    ref, ours = pair
+    ref_losses, _ = train_losses(ref, batch(with_empty=True))
+    our_losses, _ = train_losses(ours, batch(with_empty=True))
+    assert ref_losses.keys() == our_losses.keys()
+    for key in ref_losses:
+        torch.testing.assert_close(our_losses[key], ref_losses[key], rtol=1e-6, atol=0)
+
+
+def test_gradients_equal_retinanet(pair):
+    grads = []
+    for model in pair:
+        model.zero_grad()
+        losses, _ = train_losses(model, batch())
+        sum(losses.values()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_detections_equal_retinanet(pair):
+    results = []
+    for model in pair:
+        model.test_score_thresh = 0.005  # untrained scores sit at the 0.01 prior
+        model.eval()
+        with torch.no_grad():
+            results.append([r["instances"] for r in model(batch())])
+    for ref, ours in zip(*results):
+        assert len(ours) > 0
+        assert torch.equal(ours.pred_classes, ref.pred_classes)
+        torch.testing.assert_close(ours.scores, ref.scores)
+        torch.testing.assert_close(ours.pred_boxes.tensor, ref.pred_boxes.tensor)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_classifier_width_and_prior(loss):
+    model = build(loss=loss)
+    num_anchors = model.anchor_generator.num_cell_anchors[0]
+    num_logits = NUM_CLASSES + 1 if loss == "softmax_focal" else NUM_CLASSES
+    assert model.head.cls_score.out_channels == num_anchors * num_logits
+    # The bias alone gives every class the prior 0.01; softmax classes share it.
+    prior = 0.01 / NUM_CLASSES if loss == "softmax_focal" else 0.01
+    with torch.no_grad():
+        scores = model.focal_loss.scores(model.head.cls_score.bias.view(num_anchors, num_logits))
+    torch.testing.assert_close(scores, torch.full_like(scores, prior))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_trains_with_an_empty_image(loss):
+    model = build(loss=loss)
+    losses, storage = train_losses(model, batch(with_empty=True))
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total > 0
+    total.backward()
+    grad = model.head.cls_score.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert "focal_gamma" in storage.latest()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_yields_standard_instances(loss):
+    model = build(loss=loss)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch())
+    for out in outputs:
+        inst = out["instances"]
+        assert inst.image_size == (96, 128)
+        assert inst.has("pred_boxes") and inst.has("scores") and inst.has("pred_classes")
+        assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
+
+
+def test_scheduled_gamma_is_logged_and_used():
+    model = build(gamma_schedule__name="linear", gamma_schedule__iters=100)
+    storage = train_losses(model, batch(), start_iter=25)[1]
+    assert storage.latest()["focal_gamma"][0] == pytest.approx(0.5)
+
+
+def test_loss_uses_scheduled_gamma():
+    # At iteration 0 of a 0 -> 2 ramp the loss is the gamma-0 loss, i.e. CE.
+    ramp = build(gamma_schedule__name="linear", gamma_schedule__iters=100, alpha=0.5)
+    ce = build(loss="cross_entropy", alpha=0.5)
+    ce.load_state_dict(ramp.state_dict())
+    torch.testing.assert_close(
+        train_losses(ramp, batch())[0]["loss_cls"], train_losses(ce, batch())[0]["loss_cls"]
+    )
