@@ -55,7 +55,7 @@ def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
             "SOLVER.WARMUP_ITERS", 1,
             "SOLVER.STEPS", (),
             "DATALOADER.NUM_WORKERS", 0,
-            "MODEL.FPN.OUT_CHANNELS", 32,
+            "MODEL.FPN.OUT_CHANNELS", 64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
             "OUTPUT_DIR", str(output_dir or "output/tests"),
         ]
         + list(opts)
