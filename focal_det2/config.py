@@ -43,6 +43,10 @@ def add_focal_config(cfg):
     # Increasing iterations at which "step" raises gamma by (GAMMA - START) / len(STEPS).
     cfg.MODEL.FOCAL.GAMMA_SCHEDULE.STEPS = []
 
+    # Training boxes with width or height <= 0: "error" stops with the data set, image and
+    # box; "drop" drops them and logs how many (COCO's train2017 json has two).
+    cfg.DATALOADER.DEGENERATE_BOXES = "error"
+
 
 # Keys of Detectron2's RetinaNet that FocalRetinaNet does not read, and their replacements.
 _RETINANET_KEYS_REPLACED = {

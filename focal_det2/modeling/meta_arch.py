@@ -89,6 +89,10 @@ class FocalRetinaNet(RetinaNet):
         ``sync_normalizer`` the count is summed over processes first and the
         result divided by the number of processes, so that DDP's gradient
         average equals one process over the whole batch.
+
+        The average lives in the plain attribute ``loss_normalizer``, outside
+        the state_dict (so RetinaNet checkpoints load strictly);
+        :class:`focal_det2.engine.FocalTrainer` checkpoints it separately.
         """
         if not self.sync_normalizer or comm.get_world_size() == 1:
             return self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
@@ -111,7 +115,7 @@ class FocalRetinaNet(RetinaNet):
         normalizer = self.normalizer(num_pos_anchors)
 
         gamma = self.gamma_schedule(storage.iter)
-        storage.put_scalar("focal_gamma", gamma)
+        storage.put_scalar("focal_gamma", gamma, smoothing_hint=False)  # the value, not a median
         loss_cls = self.focal_loss(
             cat(pred_logits, dim=1).flatten(0, 1), gt_labels.flatten(), gamma=gamma
         )

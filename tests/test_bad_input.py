@@ -1,0 +1,219 @@
+"""
+Bad input stops training with an error that names the file, the image id or
+the key; valid corner cases (images without annotations, crowd boxes, a
+batch with every anchor ignored) train.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import digits_cfg, tiny_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from PIL import Image
+
+from focal_det2 import build_focal_loss
+from focal_det2.engine import FocalTrainer
+
+SIZE = 64
+LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
+
+
+def _box(x, y, w, h, category=1, crowd=0):
+    return dict(bbox=[x, y, w, h], category_id=category, iscrowd=crowd, area=w * h)
+
+
+def _images(count):
+    """``count`` image entries of a COCO json, with annotation lists to fill."""
+    return [dict(id=i, file_name=f"{i:03d}.png", width=SIZE, height=SIZE) for i in range(1, count + 1)]
+
+
+@pytest.fixture
+def coco(tmp_path, request):
+    """
+    Writes a COCO json and its images under tmp_path, registers them with
+    register_coco_instances, and returns (name, json path, image dir).
+    Call it with ``{image_id: [annotations]}`` and the number of images.
+    """
+    names = []
+
+    def make(annotations_by_image, num_images=None, categories=(1, 2)):
+        num_images = num_images or max(annotations_by_image, default=1)
+        image_dir = tmp_path / "images"
+        image_dir.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        images = _images(num_images)
+        for im in images:
+            pixels = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(image_dir / im["file_name"])
+        annotations = [
+            dict(ann, id=len(names) * 1000 + i + 1, image_id=image_id)
+            for i, (image_id, ann) in enumerate(
+                (image_id, ann) for image_id, anns in annotations_by_image.items() for ann in anns
+            )
+        ]
+        dataset = dict(
+            images=images,
+            annotations=annotations,
+            categories=[dict(id=c, name=f"class{c}") for c in categories],
+        )
+        json_file = tmp_path / f"annotations{len(names)}.json"
+        json_file.write_text(json.dumps(dataset))
+        name = f"bad_input_{request.node.name}_{len(names)}"
+        register_coco_instances(name, {}, str(json_file), str(image_dir))
+        names.append(name)
+        return name, json_file, image_dir
+
+    yield make
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def _cfg(name, tmp_path, *opts):
+    return digits_cfg(
+        output_dir=tmp_path / "output",
+        opts=[
+            "DATASETS.TRAIN", (name,),
+            "DATASETS.TEST", (),
+            "INPUT.MIN_SIZE_TRAIN", (SIZE,),
+            "INPUT.MAX_SIZE_TRAIN", SIZE,
+            *opts,
+        ],
+    )
+
+
+GOOD = [_box(4, 4, 20, 20)]
+
+
+def test_category_not_in_the_json_names_json_annotation_and_image(coco, tmp_path):
+    name, json_file, _ = coco({1: GOOD, 2: [_box(8, 8, 16, 16, category=7)]})
+    with pytest.raises(ValueError) as error:
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path))
+    message = str(error.value)
+    assert str(json_file) in message and name in message
+    assert "image id 2 (002.png)" in message
+    assert "category_id 7" in message and "ids [1, 2]" in message
+
+
+def test_class_beyond_num_classes_names_the_key(coco, tmp_path):
+    name, json_file, _ = coco({1: [_box(4, 4, 20, 20, category=3)]}, categories=(1, 2, 3))
+    with pytest.raises(ValueError) as error:
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path, "MODEL.RETINANET.NUM_CLASSES", 2))
+    message = str(error.value)
+    assert str(json_file) in message and "image id 1" in message and "001.png" in message
+    assert "class 2 (category_id 3 in the json)" in message
+    assert "MODEL.RETINANET.NUM_CLASSES=2" in message and "0..1" in message
+
+
+@pytest.mark.parametrize("w, h", [(0, 10), (10, 0), (10, -3), (float("nan"), 10)])
+def test_box_without_positive_size(coco, tmp_path, w, h):
+    name, json_file, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h)]})
+    with pytest.raises(ValueError) as error:
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path))
+    message = str(error.value)
+    assert str(json_file) in message and "image id 3 (" in message and "003.png" in message
+    assert "annotation 1" in message and "must be > 0" in message
+
+
+def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog):
+    name, _, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, 10, 0)]})
+    cfg = _cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "drop", "SOLVER.IMS_PER_BATCH", 2)
+    with caplog.at_level("WARNING"):
+        batch = next(iter(FocalTrainer.build_train_loader(cfg)))
+    assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
+    assert "dropped 1 boxes with width or height <= 0" in caplog.text
+
+
+def test_unknown_degenerate_boxes_option_names_the_key(coco, tmp_path):
+    name, _, _ = coco({1: GOOD})
+    with pytest.raises(ValueError, match=r"DATALOADER.DEGENERATE_BOXES='skip'; allowed: \['error', 'drop'\]"):
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "skip"))
+
+
+def test_missing_image_file(coco, tmp_path):
+    name, json_file, image_dir = coco({1: GOOD, 2: GOOD})
+    (image_dir / "002.png").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path))
+    message = str(error.value)
+    assert str(json_file) in message and "image id 2" in message and str(image_dir / "002.png") in message
+
+
+def test_unreadable_image_file(coco, tmp_path):
+    name, _, image_dir = coco({1: GOOD})
+    (image_dir / "001.png").write_bytes(b"this is not a png")
+    loader = FocalTrainer.build_train_loader(_cfg(name, tmp_path, "SOLVER.IMS_PER_BATCH", 1))
+    with pytest.raises(ValueError, match=re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read")):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize("filter_empty", [True, False])
+def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter_empty):
+    crowd = _box(40, 40, 20, 20, category=2, crowd=1)
+    name, _, _ = coco({1: GOOD, 2: [], 3: [crowd], 4: [_box(2, 30, 12, 30), crowd]}, num_images=4)
+    # Image id -> boxes the model sees: crowd boxes are ignored.
+    expected = {1: 1, 4: 1} if filter_empty else {1: 1, 2: 0, 3: 0, 4: 1}
+    # One batch holds every kept image, so each of them goes through the model.
+    opts = ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", filter_empty, "SOLVER.IMS_PER_BATCH", len(expected)]
+    cfg = _cfg(name, tmp_path, *opts, "SOLVER.MAX_ITER", 1)
+    batch = next(iter(FocalTrainer.build_train_loader(cfg)))
+    assert {d["image_id"]: len(d["instances"]) for d in batch} == expected
+    trainer = FocalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer.storage.history("loss_cls").values()[-1][1] == 0
+    assert all(np.isfinite(v) for v, _ in trainer.storage.history("total_loss").values())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("bad", [-2, 4, 100])
+def test_labels_outside_minus_one_to_k_raise(loss, bad):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    focal_loss = build_focal_loss(cfg)
+    logits = torch.zeros(4, focal_loss.num_logits)
+    with pytest.raises(ValueError, match=re.escape("labels must be in [-1, 3]")):
+        focal_loss(logits, torch.tensor([0, 3, -1, bad]))
+    focal_loss(logits, torch.tensor([0, 3, -1, 2]))  # the bounds themselves are valid
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("num_anchors", [0, 5])
+def test_every_anchor_ignored_gives_zero_loss_on_the_graph(loss, num_anchors):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    focal_loss = build_focal_loss(cfg)
+    logits = torch.randn(num_anchors, focal_loss.num_logits, requires_grad=True)
+    value = focal_loss(logits, torch.full((num_anchors,), -1))
+    assert value.shape == () and value.item() == 0.0
+    assert value.requires_grad
+    value.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_focal", "softmax_focal"])  # K and K+1 logits
+def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    model = build_model(cfg)
+    images = model.preprocess_image([{"image": torch.rand(3, SIZE, SIZE) * 255}])
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    pred_logits, pred_deltas = model._transpose_logits_and_deltas(model.head(features))
+    anchors = model.anchor_generator(features)
+    num_anchors = sum(len(a) for a in anchors)
+    gt_labels = [torch.full((num_anchors,), -1)]
+    gt_boxes = [torch.zeros(num_anchors, 4)]
+    with EventStorage(0):
+        losses = model.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+    total = sum(losses.values())
+    assert total.item() == 0.0 and total.requires_grad
+    total.backward()
+    grad = model.head.cls_score.weight.grad
+    assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
