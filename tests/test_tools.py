@@ -1,0 +1,281 @@
+"""
+The scripts in tools/: each runs on a tiny trained model (or synthetic input)
+and writes what it promises. Tools are imported from their files and called
+through ``main(argv)`` with the arguments a user would type.
+"""
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from PIL import Image
+
+from conftest import REPO, digits_cfg
+from focal_det2 import add_focal_config
+from focal_det2.engine import FocalTrainer
+from focal_det2.losses import functional
+
+
+def load_tool(name):
+    """tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def png_size(path):
+    assert os.path.getsize(path) > 0
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """
+    A sigmoid-FL digits model trained 3 iterations on the tiny split with
+    FocalTrainer. Returns (config file, weights, OUTPUT_DIR); the config file
+    is the run's config as default_setup would have dumped it.
+    """
+    out = tmp_path_factory.mktemp("trained")
+    cfg = digits_cfg("sigmoid_focal_R18_FPN_1x", out)
+    trainer = FocalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    config_file = out / "config.yaml"
+    config_file.write_text(cfg.dump())
+    return str(config_file), str(out / "model_final.pth"), out
+
+
+# --- plot_loss_curves --------------------------------------------------------------
+
+
+def test_plot_loss_curves_writes_png_of_requested_size(tmp_path):
+    output = tmp_path / "curves.png"
+    load_tool("plot_loss_curves").main(["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"])
+    assert png_size(output) == (300, 150)
+
+
+def test_loss_curves_values_are_the_closed_forms():
+    curves = load_tool("plot_loss_curves").loss_curves(np.array([-2.0, 0.0, 3.0]))
+    p = 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0])))
+    np.testing.assert_allclose(curves["CE (γ = 0)"][0], -np.log(p), rtol=1e-10)
+    np.testing.assert_allclose(curves["FL, γ = 2"][0], -(1 - p) ** 2 * np.log(p), rtol=1e-10)
+    # a 2-way softmax focal loss is the sigmoid one
+    np.testing.assert_allclose(curves["softmax FL (2-way), γ = 2"][0], curves["FL, γ = 2"][0], rtol=1e-10)
+    star = 1 / (1 + np.exp(-(4 * np.array([-2.0, 0.0, 3.0]) + 0)))
+    np.testing.assert_allclose(curves["FL*, γ = 4, β = 0"][0], -np.log(star) / 4, rtol=1e-10)
+
+
+# --- plot_training -------------------------------------------------------------------
+
+
+def _synthetic_metrics(path, gamma_ramp):
+    """metrics.json as Detectron2's JSONWriter writes it, with an evaluation record at the end."""
+    with open(path, "w") as f:
+        for it in range(19, 200, 20):
+            gamma = min(it / 100, 1.0) * 2.0 if gamma_ramp else 2.0
+            f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
+                                "focal_gamma": gamma, "lr": 0.01}) + "\n")
+        f.write(json.dumps({"iteration": 200, "bbox/AP": 1.0}) + "\n")
+
+
+def test_plot_training_draws_runs_and_scheduled_gamma(tmp_path, trained):
+    _, _, trained_dir = trained
+    ramp = tmp_path / "ramp"
+    ramp.mkdir()
+    _synthetic_metrics(ramp / "metrics.json", gamma_ramp=True)
+    tool = load_tool("plot_training")
+
+    output = tmp_path / "curves.png"
+    keys = tool.plot([str(trained_dir), str(ramp)], str(output), width=6, height=2, dpi=50)
+    assert keys == ["loss_cls", "loss_box_reg", "focal_gamma"]
+    assert png_size(output) == (300, 100)
+
+    constant = tmp_path / "constant.png"
+    tool.main([str(trained_dir), str(ramp / "metrics.json"), "--labels", "a,b", "--output", str(constant)])
+    assert png_size(constant) == (1200, 400)
+    assert tool.plot([str(trained_dir)], str(constant)) == ["loss_cls", "loss_box_reg"]
+
+
+def test_plot_training_reads_training_records_only(tmp_path):
+    _synthetic_metrics(tmp_path / "metrics.json", gamma_ramp=True)
+    series = load_tool("plot_training").read_series(str(tmp_path / "metrics.json"), ["loss_cls", "focal_gamma"])
+    assert series["loss_cls"].shape == (10, 2)
+    assert series["focal_gamma"][0].tolist() == [19, 0.38]
+
+
+# --- plot_loss_cdf -------------------------------------------------------------------
+
+
+def test_plot_loss_cdf_on_trained_model(tmp_path, trained):
+    config_file, weights, _ = trained
+    output = tmp_path / "cdf.png"
+    counts = load_tool("plot_loss_cdf").main(
+        ["--config-file", config_file, "--output", str(output), "--gammas", "0,2",
+         "--width", "6", "--height", "3", "--dpi", "50", "MODEL.WEIGHTS", weights]
+    )
+    assert png_size(output) == (300, 150)
+    assert 0 < 20 * counts["positive"] < counts["negative"]
+
+
+def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(trained):
+    config_file, weights, _ = trained
+    tool = load_tool("plot_loss_cdf")
+    cfg = tool.setup_cfg(config_file, ["MODEL.WEIGHTS", weights])
+    logits, labels = tool.anchor_logits(cfg, "digits_val_tiny", num_images=2)
+    K = cfg.MODEL.RETINANET.NUM_CLASSES
+    assert logits.shape[1] == K and labels.min() >= 0 and labels.max() <= K
+    assert 0 < (labels < K).sum() < (labels == K).sum()
+    for gamma in (0.0, 1.5):
+        losses = tool.per_anchor_focal_loss(logits, labels, gamma)
+        torch.testing.assert_close(losses.sum(), functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=-1))
+
+
+def test_normalized_cdf_and_share_of_hardest():
+    tool = load_tool("plot_loss_cdf")
+    cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))
+    np.testing.assert_allclose(cdf, [0.0, 0.1, 0.4, 1.0])
+    assert tool.share_of_hardest(cdf, 0.25) == pytest.approx(0.6)
+
+
+def test_plot_loss_cdf_rejects_a_softmax_model(trained):
+    config_file, weights, _ = trained
+    with pytest.raises(ValueError, match="MODEL.FOCAL.LOSS='softmax_focal'"):
+        load_tool("plot_loss_cdf").setup_cfg(config_file, ["MODEL.WEIGHTS", weights,
+                                                           "MODEL.FOCAL.LOSS", "softmax_focal"])
+
+
+# --- demo ----------------------------------------------------------------------------
+
+
+def _demo(tmp_path, trained, name, threshold, *source):
+    config_file, weights, _ = trained
+    return load_tool("demo").main(
+        ["--config-file", config_file, *source, "--output", str(tmp_path / name),
+         "--montage", str(tmp_path / f"{name}_montage.png"), "--columns", "2", "--scale", "2",
+         "--confidence-threshold", str(threshold), "MODEL.WEIGHTS", weights]
+    )
+
+
+def test_demo_draws_dataset_images_and_montage(tmp_path, trained):
+    written = _demo(tmp_path, trained, "all", 0.0, "--dataset", "digits_val_tiny", "--num-images", "3")
+    images, montage = written[:-1], written[-1]
+    assert len(images) == 3
+    assert all(png_size(p) == (256, 256) for p in images)  # 128 px images, scale 2
+    assert png_size(montage) == (2 * 256 + 4, 2 * 256 + 4)
+
+
+def test_demo_confidence_threshold_is_applied(tmp_path, trained):
+    image = os.path.join(str(trained[2]), "input.png")
+    Image.fromarray(np.full((128, 128, 3), 16, np.uint8)).save(image)
+    every = _demo(tmp_path, trained, "every", 0.0, "--input", image)[0]
+    none = _demo(tmp_path, trained, "none", 1.0, "--input", image)[0]
+    plain = np.kron(np.asarray(Image.open(image)), np.ones((2, 2, 1), np.uint8))
+    assert not np.array_equal(np.asarray(Image.open(every)), plain)  # boxes drawn
+    assert np.abs(np.asarray(Image.open(none)).astype(int) - plain).max() <= 1  # nothing drawn
+
+
+# --- ablate --------------------------------------------------------------------------
+
+
+def test_ablate_presets_share_budget_and_seed():
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["digits-small"]
+    runs = ablate.plan(preset, ablate.select_rows(None, preset), "/out")
+    assert len(runs) == 11
+    # the digits configs' schedule, scaled to 300 iterations
+    base_iters, base_steps, base_warmup = ablate.digits_schedule()
+    steps = tuple(round(s * 300 / base_iters) for s in base_steps)
+    budget = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", repr(steps),
+              "SOLVER.WARMUP_ITERS", str(round(base_warmup * 300 / base_iters))]
+    for run in runs:
+        argv = run.argv()
+        start = argv.index("SOLVER.MAX_ITER")
+        assert argv[start: start + 6] == budget and argv[argv.index("SEED") + 1] == "0"
+    soft = next(r for r in runs if r.row.name == "soft_gamma_0to2").argv()
+    assert soft[soft.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "150"
+    full = ablate.PRESETS["digits-full"]
+    assert len(ablate.plan(full, ablate.select_rows(None, full), "/out")) == 22
+
+
+def test_ablate_rows_filter():
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["digits-small"]
+    names = [r.name for r in ablate.select_rows("ce_*,fl_g2_a0.25", preset)]
+    assert names == ["ce_a0.25", "ce_a0.50", "ce_a0.75", "fl_g2_a0.25"]
+    with pytest.raises(ValueError, match="matches no row"):
+        ablate.select_rows("nope", preset)
+
+
+def test_ablate_summary_mean_and_spread_over_seeds():
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=10, seeds=(0, 1))
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), "/out")
+    results = {
+        ("ce_a0.25", s): {"metrics": dict(AP=ap, AP50=ap, AP75=ap, APs=None, APm=ap), "train_seconds": 10.0}
+        for s, ap in ((0, 20.0), (1, 22.0))
+    }
+    (line,) = ablate.summarize(runs, results)
+    assert line["AP"] == 21.0 and line["AP_std"] == pytest.approx(np.sqrt(2.0))
+    assert line["APs"] is None and line["seeds"] == 2 and line["paper_AP"] == 10.8
+
+
+def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["digits-small"]
+    (run,) = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), str(tmp_path))
+    os.makedirs(run.out_dir)
+    argv = run.argv()
+    argv[argv.index("SOLVER.MAX_ITER") + 1] = "9"
+    with open(os.path.join(run.out_dir, "result.json"), "w") as f:
+        json.dump({"argv": argv}, f)
+    with pytest.raises(RuntimeError, match="trained with other settings"):
+        ablate.read_result(run)
+
+
+def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
+    ablate = load_tool("ablate")
+    out = tmp_path / "ablation"
+    ablate.main(["--preset", "tiny", "--output-dir", str(out)])
+
+    runs = {name: out / name / "seed0" for name in ("ce_a0.75", "soft_gamma_0to2")}
+    for run_dir in runs.values():
+        result = json.loads((run_dir / "result.json").read_text())
+        assert set(result["metrics"]) == {"AP", "AP50", "AP75", "APs", "APm"}
+        assert result["train_seconds"] > 0 and result["iterations"] == 2
+    # the overrides reached the runs' configs, as train_net.py would have read them
+    configs = {}
+    for name, run_dir in runs.items():
+        configs[name] = get_cfg()
+        add_focal_config(configs[name])
+        configs[name].merge_from_file(str(run_dir / "config.yaml"))
+    assert configs["ce_a0.75"].MODEL.FOCAL.LOSS == "cross_entropy"
+    assert configs["ce_a0.75"].MODEL.FOCAL.ALPHA == 0.75
+    assert configs["soft_gamma_0to2"].MODEL.FOCAL.GAMMA_SCHEDULE.ITERS == 1
+    assert all(c.SOLVER.MAX_ITER == 2 and c.DATASETS.TEST == ("digits_val_tiny",) for c in configs.values())
+
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [line["row"] for line in table] == ["ce_a0.75", "soft_gamma_0to2"]
+    assert {"AP", "AP50", "AP75", "APs", "APm", "train_s"} <= set(table[0])
+    markdown = (out / "results.md").read_text()
+    assert "| CE, α=.75 |" in markdown and "| AP | AP50 | AP75 | APs | APm | train s |" in markdown
+    assert len((out / "runs.csv").read_text().splitlines()) == 3
+
+    # a second call trains nothing: finished runs are read back
+    stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
+
+    def no_training(run, verbose=False):
+        raise AssertionError(f"retrained {run.row.name}")
+
+    monkeypatch.setattr(ablate, "train_run", no_training)
+    capsys.readouterr()
+    ablate.main(["--preset", "tiny", "--output-dir", str(out)])
+    assert capsys.readouterr().out.count(": done") == 2
+    assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}

@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""
+The paper's Table 1 ablation on the embedded digits data: every row trained
+and evaluated with the same budget, seeds and data, one fresh process per run.
+
+    python tools/ablate.py --preset digits-small
+    python tools/ablate.py --preset digits-full --rows 'ce_*,fl_g2_a0.25'
+    python tools/ablate.py --preset digits-small --list
+
+Each row is a digits config of ``configs/digits`` plus key/value overrides,
+exactly what a user would type after ``train_net.py --config-file``; the
+preset adds the budget (iterations, LR steps, warm-up) and the seed. A run
+trains with :class:`focal_det2.engine.FocalTrainer`, evaluates with
+COCOEvaluator on the preset's test set and writes ``result.json`` into its
+own directory ``<output-dir>/<row>/seed<k>/``. A run whose ``result.json``
+exists is not trained again, so an interrupted ablation resumes where it
+stopped. After each run the tables are rewritten:
+
+- ``runs.csv``: one line per (row, seed);
+- ``results.csv`` and ``results.md``: one line per row, the mean over seeds
+  and, with several seeds, the sample standard deviation.
+"""
+import argparse
+import csv
+import fnmatch
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ("AP", "AP50", "AP75", "APs", "APm")
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    """
+    One line of the table.
+
+    Attributes:
+        name (str): identifier, used for ``--rows`` and as directory name.
+        label (str): what the markdown table shows.
+        config (str): file name in ``configs/digits`` without ``.yaml``.
+        opts (tuple): key, value pairs as on train_net.py's command line.
+        half_budget_keys (tuple[str]): keys set to half the preset's iterations.
+        paper (tuple or None): (AP, AP50, AP75) of the same setting in the
+            paper's Table 1 (COCO minival, ResNet-50-FPN, 600 px), if reported there.
+    """
+
+    name: str
+    label: str
+    config: str
+    opts: Tuple = ()
+    half_budget_keys: Tuple[str, ...] = ()
+    paper: Optional[Tuple[float, float, float]] = None
+
+
+ROWS = (
+    # Table 1(a): alpha-balanced CE (gamma 0).
+    Row("ce_a0.25", "CE, α=.25", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.25), paper=(10.8, 16.0, 11.7)),
+    Row("ce_a0.50", "CE, α=.50", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.5), paper=(30.2, 46.7, 32.8)),
+    Row("ce_a0.75", "CE, α=.75", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.75), paper=(31.1, 49.4, 33.0)),
+    # Table 1(b): sigmoid FL at the paper's best alpha for each gamma.
+    Row("fl_g0.5_a0.50", "FL, γ=0.5, α=.50", "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 0.5, "MODEL.FOCAL.ALPHA", 0.5), paper=(32.9, 51.7, 35.2)),
+    Row("fl_g1_a0.25", "FL, γ=1, α=.25", "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 1.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(33.7, 52.0, 36.2)),
+    Row("fl_g2_a0.25", "FL, γ=2, α=.25", "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(34.0, 52.5, 36.5)),
+    Row("fl_g5_a0.25", "FL, γ=5, α=.25", "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 5.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(32.2, 49.6, 34.8)),
+    # Variants: softmax FL (Detectron v1), FL* (appendix A), soft gamma.
+    Row("softmax_fl_g2", "softmax FL, γ=2, α=.25", "softmax_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25)),
+    Row("fl_star_g2_b1", "FL*, γ=2, β=1, α=.25", "focal_star_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.STAR_BETA", 1.0)),
+    Row("fl_star_g4_b0", "FL*, γ=4, β=0, α=.25", "focal_star_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 4.0, "MODEL.FOCAL.STAR_BETA", 0.0)),
+    Row("soft_gamma_0to2", "FL, γ linear 0→2 over the first half, α=.25", "soft_gamma_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.GAMMA_SCHEDULE.START", 0.0),
+        half_budget_keys=("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS",)),
+)
+
+
+def digits_schedule() -> Tuple[int, Tuple[int, ...], int]:
+    """SOLVER.MAX_ITER, STEPS and WARMUP_ITERS of configs/digits/Base-Digits.yaml."""
+    from detectron2.config import get_cfg
+
+    from focal_det2 import add_focal_config
+
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "digits", "Base-Digits.yaml"))
+    return cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS
+
+
+@dataclass(frozen=True)
+class Preset:
+    """
+    The budget shared by every row.
+
+    Attributes:
+        iters (int): SOLVER.MAX_ITER; the LR steps and the warm-up keep the
+            proportions of the digits configs' schedule (Base-Digits.yaml).
+        seeds (tuple[int]): SEED values; every row runs once per seed.
+        opts (tuple): further key, value pairs for every row.
+        rows (tuple[str] or None): rows run when ``--rows`` is not given (None: all).
+        cost (str): measured cost, shown by ``--list``.
+    """
+
+    iters: int
+    seeds: Tuple[int, ...] = (0,)
+    opts: Tuple = ()
+    rows: Optional[Tuple[str, ...]] = None
+    cost: str = ""
+
+    def budget_opts(self) -> List:
+        n = self.iters
+        base_iters, base_steps, base_warmup = digits_schedule()
+        steps = sorted({round(s * n / base_iters) for s in base_steps})
+        return [
+            "SOLVER.MAX_ITER", n,
+            "SOLVER.STEPS", tuple(s for s in steps if 0 < s < n),
+            "SOLVER.WARMUP_ITERS", max(1, round(base_warmup * n / base_iters)),
+            "SOLVER.CHECKPOINT_PERIOD", n + 1,  # > MAX_ITER: only model_final.pth is written
+        ]
+
+
+PRESETS: Dict[str, Preset] = {
+    # A smoke test: the tiny splits (16 train, 8 val images), 2 iterations, 2 rows.
+    "tiny": Preset(
+        iters=2,
+        opts=(
+            "DATASETS.TRAIN", ("digits_train_tiny",),
+            "DATASETS.TEST", ("digits_val_tiny",),
+            "SOLVER.IMS_PER_BATCH", 2,
+            "DATALOADER.NUM_WORKERS", 0,
+            "MODEL.FPN.OUT_CHANNELS", 64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
+        ),
+        rows=("ce_a0.75", "soft_gamma_0to2"),
+        cost="about 15-30 s per row",
+    ),
+    # digits_train (2,000 images) / digits_val (300), batch 8, 1 seed.
+    "digits-small": Preset(
+        iters=300, cost="about 4 min per row on 2 idle cores (0.44 s/iteration, 15 s evaluation), 45 min in all"
+    ),
+    # The default digits budget (1,000 iterations, batch 8), 2 seeds.
+    "digits-full": Preset(
+        iters=1000, seeds=(0, 1), cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all"
+    ),
+}
+
+
+@dataclass
+class Run:
+    row: Row
+    seed: int
+    out_dir: str
+    opts: List = field(default_factory=list)
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join("configs", "digits", f"{self.row.config}.yaml")
+
+    def argv(self) -> List[str]:
+        """train_net.py's arguments for this run (OUTPUT_DIR last)."""
+        pairs = self.opts + ["OUTPUT_DIR", self.out_dir]
+        return ["--config-file", self.config_file] + [_to_arg(v) for v in pairs]
+
+
+def _to_arg(value) -> str:
+    """A config value as Detectron2's ``merge_from_list`` reads it back (literal_eval)."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _shell_join(args: Sequence[str]) -> str:
+    """Like shlex.join, but quotes Python literals such as ('a',) the way people type them."""
+    return " ".join(
+        f'"{a}"' if "'" in a and not any(c in a for c in '"$`\\') else shlex.quote(a) for a in args
+    )
+
+
+def plan(preset: Preset, rows: Sequence[Row], output_dir: str) -> List[Run]:
+    """The runs of ``rows`` under ``preset``, in table order, seeds inner."""
+    runs = []
+    for row in rows:
+        for seed in preset.seeds:
+            opts = list(row.opts) + list(preset.opts) + preset.budget_opts()
+            for key in row.half_budget_keys:
+                opts += [key, max(1, preset.iters // 2)]
+            opts += ["SEED", seed]
+            out_dir = os.path.join(output_dir, row.name, f"seed{seed}")
+            runs.append(Run(row, seed, out_dir, opts))
+    return runs
+
+
+def select_rows(patterns: Optional[str], preset: Preset) -> List[Row]:
+    """
+    Rows matching comma-separated names or shell patterns (``'ce_*,fl_g2*'``);
+    without patterns, the preset's rows.
+    """
+    if not patterns:
+        names = preset.rows
+        return [r for r in ROWS if names is None or r.name in names]
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    for p in wanted:
+        if not any(fnmatch.fnmatchcase(r.name, p) for r in ROWS):
+            raise ValueError(f"--rows: {p!r} matches no row; rows are {[r.name for r in ROWS]}")
+    return [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+
+
+def read_result(run: Run) -> Optional[dict]:
+    """
+    The stored result of ``run``, or None if it has not finished. Raises if
+    it finished with other settings, so that a table never mixes budgets.
+    """
+    path = os.path.join(run.out_dir, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    expected = run.argv()[:-2]  # OUTPUT_DIR may differ if the directory was moved
+    if result["argv"][:-2] != expected:
+        raise RuntimeError(
+            f"{path} was trained with other settings:\n  {_shell_join(result['argv'][:-2])}\n"
+            f"this preset asks for\n  {_shell_join(expected)}\n"
+            "Use another --output-dir, or delete that run's directory to retrain it."
+        )
+    return result
+
+
+def train_run(run: Run, verbose: bool = False) -> dict:
+    """
+    Trains and evaluates ``run`` in a fresh process and returns its result.
+    A directory left by an interrupted attempt is cleared first.
+    """
+    if os.path.isdir(run.out_dir):
+        shutil.rmtree(run.out_dir)
+    os.makedirs(run.out_dir)
+    cmd = [sys.executable, os.path.abspath(__file__), "--train-one"] + run.argv()
+    log_path = os.path.join(run.out_dir, "stdout.log")
+    with open(log_path, "w") as log:
+        streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
+        proc = subprocess.run(cmd, cwd=REPO, **streams)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-30:])
+        raise RuntimeError(f"run {run.row.name} seed {run.seed} failed (exit {proc.returncode}); "
+                           f"log: {log_path}\n{tail}")
+    return read_result(run)
+
+
+def train_one(argv: List[str]):
+    """
+    Entry point of a run's process: train_net.py's parser, config and
+    trainer; writes ``OUTPUT_DIR/result.json`` with the bbox metrics and the
+    seconds spent training (evaluation excluded) and evaluating.
+    """
+    from detectron2.engine import default_argument_parser
+
+    import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
+    from focal_det2.engine import FocalTrainer, setup_cfg
+
+    class TimedTrainer(FocalTrainer):
+        """FocalTrainer that remembers its last evaluation and its duration."""
+
+        eval_seconds = 0.0
+        eval_results = None
+
+        @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            start = time.perf_counter()
+            results = super().test(cfg, model, evaluators)
+            cls.eval_seconds += time.perf_counter() - start
+            cls.eval_results = results
+            return results
+
+    args = default_argument_parser().parse_args(argv)
+    cfg = setup_cfg(args)
+    trainer = TimedTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    bbox = TimedTrainer.eval_results["bbox"]
+    result = {
+        "argv": argv,
+        "metrics": {k: _finite_or_none(bbox[k]) for k in METRICS},
+        "train_seconds": round(total - TimedTrainer.eval_seconds, 1),
+        "eval_seconds": round(TimedTrainer.eval_seconds, 1),
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "commit": _git_commit(),
+    }
+    path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)  # the file marks a finished run
+
+
+def _finite_or_none(x):
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _mean_std(values: Sequence[Optional[float]]):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), std
+
+
+def summarize(runs: Sequence[Run], results: Dict[Tuple[str, int], dict]) -> List[dict]:
+    """One dict per row with finished runs: mean and std over seeds of each metric and train seconds."""
+    table = []
+    for row in dict.fromkeys(r.row for r in runs):
+        done = [results[(row.name, r.seed)] for r in runs if r.row == row and (row.name, r.seed) in results]
+        if not done:
+            continue
+        line = {"row": row.name, "label": row.label, "seeds": len(done)}
+        for key in METRICS:
+            line[key], line[f"{key}_std"] = _mean_std([d["metrics"][key] for d in done])
+        line["train_s"], line["train_s_std"] = _mean_std([d["train_seconds"] for d in done])
+        line["paper_AP"], line["paper_AP50"], line["paper_AP75"] = row.paper or (None, None, None)
+        table.append(line)
+    return table
+
+
+def _fmt(mean, std=None, digits=1):
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _git_commit() -> str:
+    """``git describe --always --dirty`` of the repository ("-dirty": uncommitted changes)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequence[Run],
+                 results: Dict[Tuple[str, int], dict], command: str = ""):
+    """Writes runs.csv, results.csv and results.md (made by ``command``) into ``output_dir``."""
+    with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "seed", *METRICS, "train_s", "eval_s", "iterations"])
+        for run in runs:
+            res = results.get((run.row.name, run.seed))
+            if res:
+                writer.writerow([run.row.name, run.seed, *(res["metrics"][k] for k in METRICS),
+                                 res["train_seconds"], res["eval_seconds"], res["iterations"]])
+    table = summarize(runs, results)
+    if table:
+        with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    seeds = ", ".join(map(str, preset.seeds))
+    spread = " (mean ± sample std over seeds)" if len(preset.seeds) > 1 else ""
+    commits = ", ".join(f"`{c}`" for c in sorted({r.get("commit", "unknown") for r in results.values()}))
+    lines = [
+        f"Preset `{preset_name}`: {preset.iters} iterations per run, seeds {seeds}{spread}; "
+        f"COCO-style AP on the test set, in %; trained at commit {commits}.",
+        "",
+        *([f"    {command}", ""] if command else []),
+        "| setting | AP | AP50 | AP75 | APs | APm | train s | paper AP / AP50 / AP75 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for line in table:
+        paper = "–" if line["paper_AP"] is None else \
+            f"{line['paper_AP']:.1f} / {line['paper_AP50']:.1f} / {line['paper_AP75']:.1f}"
+        cells = [_fmt(line[k], line[f"{k}_std"]) for k in METRICS]
+        lines.append(f"| {line['label']} | " + " | ".join(cells)
+                     + f" | {_fmt(line['train_s'], digits=0)} | {paper} |")
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="digits-small", choices=sorted(PRESETS))
+    parser.add_argument("--rows", help="comma-separated row names or shell patterns (default: the preset's rows)")
+    parser.add_argument("--output-dir", help="default: output/ablation/<preset>")
+    parser.add_argument("--list", action="store_true", help="print the runs and their commands, train nothing")
+    parser.add_argument("--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--train-one"]:
+        return train_one(argv[1:])
+    args = get_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    output_dir = os.path.abspath(args.output_dir or os.path.join(REPO, "output", "ablation", args.preset))
+    runs = plan(preset, select_rows(args.rows, preset), output_dir)
+    if args.list:
+        print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
+        for run in runs:
+            print(f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}")
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    results = {}
+    for i, run in enumerate(runs, 1):
+        key = (run.row.name, run.seed)
+        result = read_result(run)
+        if result is not None:
+            print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}",
+                  flush=True)
+        else:
+            print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
+                  f"  python train_net.py {_shell_join(run.argv())}", flush=True)
+            result = train_run(run, verbose=args.verbose)
+            print(f"  AP {_fmt(result['metrics']['AP'])}, {result['train_seconds']:.0f} s training, "
+                  f"{result['eval_seconds']:.0f} s evaluation", flush=True)
+        results[key] = result
+        write_tables(output_dir, args.preset, preset, runs, results,
+                     command="python tools/ablate.py " + _shell_join(argv))
+    print(f"tables: {os.path.join(output_dir, 'results.md')}, results.csv, runs.csv")
+    with open(os.path.join(output_dir, "results.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()

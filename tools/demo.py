@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""
+Run a trained model on images and write them with the detections drawn by
+Detectron2's Visualizer.
+
+    python tools/demo.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml \\
+        --dataset digits_val --num-images 8 --output output/demo \\
+        --montage docs/demo_detections.png --confidence-threshold 0.5 \\
+        MODEL.WEIGHTS output/digits/sigmoid_focal_R18_FPN_1x/model_final.pth
+
+Inputs are image paths (``--input a.png b.jpg``, shell globs expanded) or the
+first ``--num-images`` images of a registered data set (``--dataset``).
+Each image is written as ``<output>/<name>.png``, ``scale`` times its size;
+``--montage`` also tiles them into one PNG. Class names come from the
+data set's metadata (``--dataset``, else the config's first test set).
+"""
+import argparse
+import glob
+import math
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import numpy as np
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
+
+import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
+from focal_det2 import add_focal_config
+
+
+def setup_cfg(config_file: str, opts: Sequence[str], confidence_threshold: float):
+    """The config of ``config_file`` and ``opts``, keeping detections scored at least ``confidence_threshold``."""
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth")
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
+    cfg.freeze()
+    return cfg
+
+
+def input_images(inputs: Sequence[str], dataset: Optional[str], num_images: int) -> List[str]:
+    """Image paths from ``inputs`` (globs expanded) or the first ``num_images`` of ``dataset``."""
+    if dataset:
+        return [d["file_name"] for d in DatasetCatalog.get(dataset)[:num_images]]
+    paths = []
+    for pattern in inputs:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+        paths += matches
+    return paths
+
+
+def draw(predictor, path: str, metadata, scale: float) -> np.ndarray:
+    """
+    Returns:
+        ndarray: (H * scale, W * scale, 3) uint8 RGB image with the detections drawn.
+    """
+    image = read_image(path, format="BGR")
+    instances = predictor(image)["instances"].to("cpu")
+    visualizer = Visualizer(image[:, :, ::-1], metadata, scale=scale)
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def montage(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
+    """Tiles images of equal size into a grid with white gaps."""
+    height, width = images[0].shape[:2]
+    rows = math.ceil(len(images) / columns)
+    columns = min(columns, len(images))
+    grid = np.full((rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        if image.shape[:2] != (height, width):
+            raise ValueError("--montage needs images of one size")
+        r, c = divmod(i, columns)
+        grid[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = image
+    return grid
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image paths or globs")
+    source.add_argument("--dataset", help="a registered data set name, e.g. digits_val")
+    parser.add_argument("--num-images", type=int, default=8, help="images taken from --dataset")
+    parser.add_argument("--output", required=True, help="directory for the drawn images")
+    parser.add_argument("--montage", help="also tile all drawn images into this PNG")
+    parser.add_argument("--columns", type=int, default=4, help="montage columns")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--scale", type=float, default=2.0, help="output size / input size")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv=None) -> List[str]:
+    args = get_parser().parse_args(argv)
+    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
+    names = [args.dataset] if args.dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
+    predictor = DefaultPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    written, drawn = [], []
+    for path in input_images(args.input or (), args.dataset, args.num_images):
+        image = draw(predictor, path, metadata, args.scale)
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        Image.fromarray(image).save(out)
+        written.append(out)
+        drawn.append(image)
+    if args.montage and drawn:
+        os.makedirs(os.path.dirname(os.path.abspath(args.montage)), exist_ok=True)
+        Image.fromarray(montage(drawn, args.columns)).save(args.montage, optimize=True)
+        written.append(args.montage)
+    print("\n".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""
+The paper's Figure 4: cumulative distribution of the normalised loss over
+positive and over negative anchors of a trained model, for several gamma.
+
+    python tools/plot_loss_cdf.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml \\
+        --output docs/loss_cdf.png MODEL.WEIGHTS output/digits/sigmoid_focal_R18_FPN_1x/model_final.pth
+
+The model runs on the images of ``--dataset`` (default: the config's first
+test set), resized as at test time. Anchors are labelled by the model's own
+``label_anchors`` (its anchor generator and IoU matcher), so positives,
+negatives and ignored anchors are exactly those training sees; ignored
+anchors are dropped. As in the paper, the trained logits are kept fixed and
+only the gamma used to score them varies.
+
+The loss of an anchor is the sigmoid FL of its row of K logits, summed over
+the K classes, without the alpha_t weight (it would only rescale each
+group). :mod:`focal_det2.losses.functional` returns sums over anchors, so
+the per-anchor values are computed elementwise here, from eq. (5), and
+checked against ``functional.sigmoid_focal_loss`` called on one-anchor rows
+for a seeded sample of 200 positive and 200 negative anchors. Within each group the losses
+are sorted, divided by their sum and accumulated: a curve at (f, c) means
+the fraction f of the anchors with the lowest loss carries the fraction c
+of the group's loss.
+"""
+import argparse
+import contextlib
+import os
+import sys
+from typing import Dict, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
+from detectron2.data.detection_utils import build_augmentation  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K  # noqa: E402
+
+import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
+from focal_det2 import add_focal_config  # noqa: E402
+from focal_det2.losses import functional  # noqa: E402
+
+# Losses whose logits are those of K independent sigmoids.
+SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
+GAMMAS = (0.0, 0.5, 1.0, 2.0)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """
+    Runs torch on one thread: calls on one-anchor tensors are otherwise
+    dominated by thread synchronisation (about 100x slower on a busy 2-core machine).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def setup_cfg(config_file: str, opts: Sequence[str]):
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    if cfg.MODEL.FOCAL.LOSS not in SIGMOID_LOSSES:
+        raise ValueError(f"MODEL.FOCAL.LOSS={cfg.MODEL.FOCAL.LOSS!r}: the figure scores sigmoid logits; "
+                         f"use a model trained with one of {SIGMOID_LOSSES}")
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth")
+    return cfg
+
+
+@torch.no_grad()
+def anchor_logits(cfg, dataset: str, num_images: int, batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Runs the model of ``cfg`` on the first ``num_images`` images of ``dataset``.
+
+    Returns:
+        Tensor: (M, K) float32 logits of the M anchors not ignored by the matcher.
+        Tensor: (M,) int64 labels: 0..K-1 foreground class, K background.
+    """
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    # Training's mapper (it keeps the annotations) with the test-time resize.
+    mapper = DatasetMapper(True, augmentations=build_augmentation(cfg, is_train=False),
+                           image_format=cfg.INPUT.FORMAT)
+    dicts = DatasetCatalog.get(dataset)[:num_images]
+    all_logits, all_labels = [], []
+    for start in range(0, len(dicts), batch_size):
+        batch = [mapper(d) for d in dicts[start: start + batch_size]]
+        images = model.preprocess_image(batch)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        logits, _ = model.head(features)
+        logits = torch.cat([permute_to_N_HWA_K(x, model.focal_loss.num_logits) for x in logits], dim=1)
+        gt_labels, _ = model.label_anchors(model.anchor_generator(features),
+                                           [x["instances"].to(model.device) for x in batch])
+        for row_logits, labels in zip(logits, gt_labels):
+            valid = labels >= 0
+            all_logits.append(row_logits[valid].float().cpu())
+            all_labels.append(labels[valid].cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def per_anchor_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """
+    Eq. (5) per anchor, summed over its K sigmoid outputs, no alpha_t:
+    ``sum_k -(1 - p_t)^gamma * log(p_t)``, written as ``functional`` writes it.
+
+    Args:
+        logits (Tensor): (M, K).
+        labels (Tensor): (M,) in [0, K].
+
+    Returns:
+        Tensor: (M,) per-anchor losses.
+    """
+    target = labels[:, None] == torch.arange(logits.shape[1])
+    x_t = torch.where(target, logits, -logits)
+    return (-torch.exp(gamma * F.logsigmoid(-x_t)) * F.logsigmoid(x_t)).sum(dim=1)
+
+
+def check_against_functional(logits, labels, losses, gamma: float, per_group: int = 200, seed: int = 0):
+    """
+    Raises unless ``losses`` equals ``functional.sigmoid_focal_loss`` on
+    one-anchor rows, for ``per_group`` positive and as many negative anchors
+    drawn with ``seed``.
+    """
+    K = logits.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    sample = []
+    for mask in (labels < K, labels == K):
+        indices = torch.nonzero(mask).flatten()
+        sample.append(indices[torch.randperm(len(indices), generator=generator)[:per_group]])
+    with one_thread():
+        for i in torch.cat(sample).tolist():
+            reference = functional.sigmoid_focal_loss(logits[i: i + 1], labels[i: i + 1], gamma=gamma, alpha=-1)
+            torch.testing.assert_close(losses[i], reference, rtol=1e-5, atol=1e-7)
+
+
+def normalized_cdf(losses: np.ndarray) -> np.ndarray:
+    """Sorted ascending, divided by the sum, accumulated: (n,) values rising to 1."""
+    cumulative = np.cumsum(np.sort(losses.astype(np.float64)))
+    return cumulative / cumulative[-1]
+
+
+def loss_cdfs(logits, labels, gammas: Sequence[float]) -> Dict[str, Dict[float, np.ndarray]]:
+    """{"positive" | "negative": {gamma: normalised CDF}}."""
+    K = logits.shape[1]
+    groups = {"positive": labels < K, "negative": labels == K}
+    cdfs = {name: {} for name in groups}
+    for gamma in gammas:
+        losses = per_anchor_focal_loss(logits, labels, gamma)
+        check_against_functional(logits, labels, losses, gamma)
+        for name, mask in groups.items():
+            if mask.any():
+                cdfs[name][gamma] = normalized_cdf(losses[mask].numpy())
+    return cdfs
+
+
+def share_of_hardest(cdf: np.ndarray, fraction: float) -> float:
+    """Share of the loss carried by the hardest ``fraction`` of the anchors."""
+    n = len(cdf)
+    keep = n - max(1, int(round(fraction * n)))
+    return 1.0 - (cdf[keep - 1] if keep > 0 else 0.0)
+
+
+def plot(cdfs, counts: Dict[str, int], output: str, width: float = 12.0, height: float = 4.5,
+         dpi: int = 100, points: int = 1000) -> str:
+    """Draws the CDFs into ``output`` (PNG of width*dpi x height*dpi pixels)."""
+    fig, axes = plt.subplots(1, 2, figsize=(width, height), dpi=dpi, layout="constrained")
+    for ax, name in zip(axes, ("positive", "negative")):
+        for gamma, cdf in cdfs[name].items():
+            fraction = np.arange(1, len(cdf) + 1) / len(cdf)
+            grid = np.linspace(0, 1, points)
+            ax.plot(grid, np.interp(grid, fraction, cdf, left=0.0), lw=2, label=f"γ = {gamma:g}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"fraction of {name} anchors",
+               ylabel="cumulative normalized loss", title=f"{name} anchors ({counts[name]:,})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    fig.supxlabel("sigmoid FL per anchor (sum over classes, no α), anchors labelled by the model's "
+                  "label_anchors, trained logits fixed, γ varied", fontsize=8, color="0.35")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=dpi)
+    plt.close(fig)
+    return output
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--dataset", help="default: the config's first test set")
+    parser.add_argument("--num-images", type=int, default=300, help="first images of the data set")
+    parser.add_argument("--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="comma-separated")
+    parser.add_argument("--output", default="docs/loss_cdf.png")
+    parser.add_argument("--width", type=float, default=12.0, help="inches")
+    parser.add_argument("--height", type=float, default=4.5, help="inches")
+    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv=None) -> Dict[str, int]:
+    """Draws the figure and returns the number of positive and negative anchors."""
+    args = get_parser().parse_args(argv)
+    cfg = setup_cfg(args.config_file, args.opts)
+    dataset = args.dataset or cfg.DATASETS.TEST[0]
+    gammas = [float(g) for g in args.gammas.split(",")]
+    logits, labels = anchor_logits(cfg, dataset, args.num_images)
+    cdfs = loss_cdfs(logits, labels, gammas)
+    K = logits.shape[1]
+    counts = {"positive": int((labels < K).sum()), "negative": int((labels == K).sum())}
+    plot(cdfs, counts, args.output, args.width, args.height, args.dpi)
+    lines = [f"{args.output}: {counts['positive']} positive, {counts['negative']} negative anchors "
+             f"from {min(args.num_images, len(DatasetCatalog.get(dataset)))} images of {dataset}"]
+    for name in ("positive", "negative"):
+        for gamma, cdf in cdfs[name].items():
+            lines.append(f"  {name} γ={gamma:g}: hardest 1% carry {100 * share_of_hardest(cdf, 0.01):.1f}%, "
+                         f"hardest 10% carry {100 * share_of_hardest(cdf, 0.10):.1f}% of the loss")
+    print("\n".join(lines))
+    return counts
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
