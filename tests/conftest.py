@@ -32,6 +32,19 @@ def tiny_cfg():
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
+    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values."""
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.FOCAL.LOSS = name
+    cfg.MODEL.FOCAL.GAMMA = gamma
+    cfg.MODEL.FOCAL.ALPHA = alpha
+    cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
+    cfg.MODEL.FOCAL.STAR_BETA = beta
+    return focal_det2.build_focal_loss(cfg)
+
+
 def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
     """
     A config loaded from ``configs/digits/<config>.yaml`` exactly as

@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from detectron2.config import get_cfg
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
-import focal_det2
+from conftest import build_loss
 from focal_det2.losses import functional
 
 LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
@@ -29,19 +28,6 @@ def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def build(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
-    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values."""
-    cfg = get_cfg()
-    focal_det2.add_focal_config(cfg)
-    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
-    cfg.MODEL.FOCAL.LOSS = name
-    cfg.MODEL.FOCAL.GAMMA = gamma
-    cfg.MODEL.FOCAL.ALPHA = alpha
-    cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
-    cfg.MODEL.FOCAL.STAR_BETA = beta
-    return focal_det2.build_focal_loss(cfg)
-
-
 def num_classes_of(name, logits):
     return logits.shape[1] - 1 if name == "softmax_focal" else logits.shape[1]
 
@@ -49,7 +35,7 @@ def num_classes_of(name, logits):
 def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
     """The summed loss ``name`` of ``logits`` / ``labels`` through ``impl``."""
     if impl == "api":
-        loss = build(
+        loss = build_loss(
             name, num_classes_of(name, logits), gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta
         )
         return loss(logits, labels)
@@ -257,7 +243,7 @@ def test_sigmoid_focal_at_gamma_0_is_alpha_weighted_bce():
     valid = labels >= 0
     targets = TF.one_hot(labels[valid], 4)[:, :3].to(F64)
     weights = 0.25 * targets + 0.75 * (1 - targets)
-    fl, fl_grad = grad_of(lambda x: build("sigmoid_focal", 3, gamma=0.0)(x, labels), logits)
+    fl, fl_grad = grad_of(lambda x: build_loss("sigmoid_focal", 3, gamma=0.0)(x, labels), logits)
     bce, bce_grad = grad_of(
         lambda x: TF.binary_cross_entropy_with_logits(x[valid], targets, weight=weights, reduction="sum"), logits
     )
@@ -493,7 +479,7 @@ def test_sigmoid_focal_exact_at_logit_minus_100(impl):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("bad", [-2, 4])  # K = 3: allowed range [-1, 3]
 def test_labels_outside_range_raise(name, bad):
-    loss = build(name, 3)
+    loss = build_loss(name, 3)
     logits = torch.zeros(3, loss.num_logits)
     labels = torch.tensor([0, bad, 3])
     with pytest.raises(ValueError, match=r"\[-1, 3\]"):
@@ -503,7 +489,7 @@ def test_labels_outside_range_raise(name, bad):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_wrong_number_of_logit_columns_raises(name, delta):
-    loss = build(name, 3)
+    loss = build_loss(name, 3)
     logits = torch.zeros(2, loss.num_logits + delta)
     with pytest.raises(ValueError, match=str(loss.num_logits)):
         loss(logits, torch.tensor([0, 3]))
@@ -512,8 +498,8 @@ def test_wrong_number_of_logit_columns_raises(name, delta):
 @pytest.mark.parametrize("name", FOCUSING_LOSSES)
 def test_gamma_override_is_honoured(name):
     logits, labels = random_batch(name, num_anchors=8, seed=11)
-    at_2 = build(name, 3, gamma=2.0)
-    at_half = build(name, 3, gamma=0.5)
+    at_2 = build_loss(name, 3, gamma=2.0)
+    at_half = build_loss(name, 3, gamma=0.5)
     overridden = at_2(logits, labels, gamma=0.5)
     torch.testing.assert_close(overridden, at_half(logits, labels), rtol=1e-12, atol=0)
     assert not torch.allclose(overridden, at_2(logits, labels))
@@ -521,7 +507,7 @@ def test_gamma_override_is_honoured(name):
 
 def test_cross_entropy_ignores_gamma():
     logits, labels = random_batch("cross_entropy", num_anchors=8, seed=11)
-    loss = build("cross_entropy", 3)
+    loss = build_loss("cross_entropy", 3)
     torch.testing.assert_close(loss(logits, labels, gamma=0.5), loss(logits, labels), rtol=1e-12, atol=0)
 
 
@@ -529,7 +515,7 @@ def test_build_focal_loss_reads_the_configured_gamma():
     logits = torch.tensor([[0.7]], dtype=F64)
     labels = torch.tensor([0])
     p = sigmoid(0.7)
-    out = build("sigmoid_focal", 1, gamma=3.0)(logits, labels)
+    out = build_loss("sigmoid_focal", 1, gamma=3.0)(logits, labels)
     assert out.item() == pytest.approx(-0.25 * (1 - p) ** 3 * math.log(p), rel=1e-9)
 
 
@@ -539,7 +525,7 @@ def test_build_focal_loss_reads_the_configured_gamma():
 @pytest.mark.parametrize("name", ["sigmoid_focal", "cross_entropy"])
 @pytest.mark.parametrize("prior", [0.01, 0.3])
 def test_sigmoid_bias_init_gives_the_prior(name, prior):
-    loss = build(name, 10)
+    loss = build_loss(name, 10)
     bias = loss.init_bias(prior)
     assert bias.shape == (10,)
     torch.testing.assert_close(bias.double().sigmoid(), torch.full((10,), prior, dtype=F64), rtol=1e-6, atol=0)
@@ -547,7 +533,7 @@ def test_sigmoid_bias_init_gives_the_prior(name, prior):
 
 @pytest.mark.parametrize("prior", [0.01, 0.3])
 def test_softmax_bias_init_gives_background_1_minus_prior_and_shares_prior(prior):
-    loss = build("softmax_focal", 10)
+    loss = build_loss("softmax_focal", 10)
     bias = loss.init_bias(prior)
     assert bias.shape == (11,)
     probs = bias.double().softmax(dim=0)
@@ -557,7 +543,7 @@ def test_softmax_bias_init_gives_background_1_minus_prior_and_shares_prior(prior
 
 @pytest.mark.parametrize("gamma, beta", [(2.0, 1.0), (0.5, -0.3)])
 def test_focal_star_bias_init_gives_the_prior(gamma, beta):
-    loss = build("focal_star", 10, gamma=gamma, beta=beta)
+    loss = build_loss("focal_star", 10, gamma=gamma, beta=beta)
     bias = loss.init_bias(0.01)
     assert bias.shape == (10,)
     torch.testing.assert_close(
@@ -567,12 +553,12 @@ def test_focal_star_bias_init_gives_the_prior(gamma, beta):
 
 @pytest.mark.parametrize("name, num_logits", [("sigmoid_focal", 3), ("cross_entropy", 3), ("focal_star", 3), ("softmax_focal", 4)])
 def test_num_logits(name, num_logits):
-    assert build(name, 3).num_logits == num_logits
+    assert build_loss(name, 3).num_logits == num_logits
 
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_scores_have_one_column_per_class(name):
-    loss = build(name, 3)
+    loss = build_loss(name, 3)
     logits = torch.randn(5, loss.num_logits, generator=torch.Generator().manual_seed(12))
     scores = loss.scores(logits)
     assert scores.shape == (5, 3)
@@ -583,17 +569,17 @@ def test_scores_have_one_column_per_class(name):
 def test_sigmoid_scores_are_sigmoids(name):
     logits = torch.tensor([[0.0, 2.0, -1.0]])
     expected = torch.tensor([[0.5, sigmoid(2.0), sigmoid(-1.0)]])
-    torch.testing.assert_close(build(name, 3).scores(logits), expected)
+    torch.testing.assert_close(build_loss(name, 3).scores(logits), expected)
 
 
 def test_softmax_scores_drop_the_background_column():
     logits = torch.tensor([[0.0, 1.0, math.log(2.0)]])  # K = 2; exp: 1, e, 2
     z = 1 + math.e + 2
     expected = torch.tensor([[1 / z, math.e / z]])
-    torch.testing.assert_close(build("softmax_focal", 2).scores(logits), expected)
+    torch.testing.assert_close(build_loss("softmax_focal", 2).scores(logits), expected)
 
 
 def test_focal_star_scores_are_scaled_sigmoids():
     logits = torch.tensor([[0.0, 0.5]])
     expected = torch.tensor([[sigmoid(2.0 * 0.0 - 0.3), sigmoid(2.0 * 0.5 - 0.3)]])
-    torch.testing.assert_close(build("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected)
+    torch.testing.assert_close(build_loss("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected)

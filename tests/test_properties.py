@@ -6,11 +6,10 @@ extreme ones (+-100) included, checked with hypothesis.
 import pytest
 import torch
 import torch.nn.functional as TF
-from detectron2.config import get_cfg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import focal_det2
+from conftest import build_loss
 from focal_det2.losses import functional
 
 LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
@@ -56,18 +55,6 @@ def problems(draw, name, *, min_gamma=0.0, max_gamma=5.0, min_beta=-2.0):
     )
 
 
-def build(name, num_classes, *, gamma, alpha, class_alpha, beta):
-    cfg = get_cfg()
-    focal_det2.add_focal_config(cfg)
-    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
-    cfg.MODEL.FOCAL.LOSS = name
-    cfg.MODEL.FOCAL.GAMMA = gamma
-    cfg.MODEL.FOCAL.ALPHA = alpha
-    cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
-    cfg.MODEL.FOCAL.STAR_BETA = beta
-    return focal_det2.build_focal_loss(cfg)
-
-
 def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta):
     """The formula of ``name`` in focal_det2.losses.functional."""
     ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
@@ -108,7 +95,7 @@ def alpha_weighted_softmax_ce(logits, labels, *, alpha, class_alpha):
 
 def loss_of(name, problem, **overrides):
     """The loss ``name`` built from a config with the problem's values, ``overrides`` applied."""
-    return build(name, problem["num_classes"], **dict(problem["params"], **overrides))
+    return build_loss(name, problem["num_classes"], **dict(problem["params"], **overrides))
 
 
 def close(actual, expected, rtol=1e-10):
