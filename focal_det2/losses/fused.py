@@ -1,0 +1,584 @@
+"""
+Fast paths of the focal-loss family on class-index targets.
+
+Same signatures and results as :mod:`focal_det2.losses.functional` (the
+definitions they are tested against), computed so that the (N, K) block of
+logits is read once and the gradient is written once:
+
+* every (anchor, class) element is first treated as a negative, over the
+  whole block; the one positive column of a foreground row is then corrected
+  by gather/scatter at ``(i, label_i)``. No (N, K) one-hot or boolean target
+  tensor is built.
+* The loss and its closed-form gradient (the paper's appendix B) come out of
+  one pass, taken in chunks of rows that stay in cache; the gradient is
+  written straight into one logits-sized tensor, kept by the autograd
+  Function and scaled in place by the incoming gradient in backward. Nothing
+  else logits-sized is allocated. A second backward through a retained graph
+  recomputes it from the saved logits. (Recomputing it in every backward
+  instead costs the transcendental functions twice: 1.8x slower, measured.)
+* Sums are accumulated in float64; ignored anchors (label -1) get zero loss
+  and zero gradient.
+* Everything is written with ``exp(-|x|)`` and ``log1p``, never ``log(p)``,
+  so float32 logits in [-100, 100] give a finite loss and gradient. On the
+  AVX2 CPU this was measured on, ``log1p`` costs 1.2x ``log`` (not the 10x of
+  AVX-512 builds), so it is kept; ``exp`` is taken as ``exp2``, 2x faster.
+
+The chunk kernels are plain torch ops, so the same code runs on CPU and
+CUDA. They run eagerly by default: on the 2-core CPU they were measured on
+(``benchmarks/bench_loss.py``), ``torch.compile`` of the same kernels saved
+under 10% of a forward + backward at 200k anchors, and in the default
+allocator setting nothing, for seconds of compilation per kernel variant and
+process. Set ``FOCAL_DET2_COMPILE=1`` to compile them (falling back to eager,
+with a warning, where compilation fails) and ``FOCAL_DET2_COMPILE=0`` to
+force eager. :func:`backend` reports the choice, which is also logged once.
+"""
+import logging
+import os
+from functools import partial
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .functional import softmax_alpha_t
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "sigmoid_cross_entropy",
+    "softmax_focal_loss",
+    "focal_star_loss",
+    "backend",
+]
+
+logger = logging.getLogger(__name__)
+
+COMPILE_ENV = "FOCAL_DET2_COMPILE"
+# Elements per chunk of rows. On the CPU a chunk and its two or three scratch
+# buffers stay in L2/L3; 2^18 was the best of 2^15..2^19 measured on 2 cores
+# (smaller chunks pay PyTorch's per-op overhead, larger ones leave the cache).
+# On a GPU chunks only bound the scratch memory.
+CPU_CHUNK_ELEMENTS = 1 << 18
+LARGE_CHUNK_ELEMENTS = 1 << 22
+# Below this gamma, 1 / gamma overflows float32 (and gamma rounds to 0): it is handled apart.
+_TINY_GAMMA = 1e-20
+_LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+
+_backend: Optional[str] = None
+_kernels = {}
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def select_backend() -> Tuple[str, str]:
+    """
+    Reads ``FOCAL_DET2_COMPILE`` and returns the backend it asks for and why:
+    ``"0"`` or unset: ``"eager"``; ``"1"``: ``"compile"`` if ``torch.compile``
+    exists. Any other value raises ValueError.
+    """
+    flag = os.environ.get(COMPILE_ENV, "").strip()
+    if flag in ("", "0"):
+        why = f"{COMPILE_ENV}=0" if flag else f"the default; {COMPILE_ENV}=1 compiles them"
+        return "eager", why
+    if flag != "1":
+        raise ValueError(f"{COMPILE_ENV}={flag!r}: allowed values are '0' (eager) and '1' (torch.compile).")
+    if not hasattr(torch, "compile"):
+        return "eager", f"{COMPILE_ENV}=1 but this torch has no torch.compile"
+    return "compile", f"{COMPILE_ENV}=1"
+
+
+def backend() -> str:
+    """
+    Returns:
+        str: ``"eager"`` or ``"compile"``, the implementation of the chunk
+        kernels this process uses. Chosen by :func:`select_backend` on first
+        use and logged once.
+    """
+    global _backend
+    if _backend is None:
+        _backend, why = select_backend()
+        logger.info("focal_det2 fused losses: %s kernels (%s).", _backend, why)
+    return _backend
+
+
+def _reset_backend():
+    """Forget the chosen backend and compiled kernels (for tests)."""
+    global _backend
+    _backend = None
+    _kernels.clear()
+
+
+def _kernel(fn: Callable) -> Callable:
+    """``fn`` itself, or its ``torch.compile``d version under the compile backend."""
+    if backend() == "eager":
+        return fn
+    if fn not in _kernels:
+        _kernels[fn] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn)
+    return _kernels[fn]
+
+
+def _with_eager_fallback(compiled: Callable, eager: Callable) -> Callable:
+    def run(*args, **kwargs):
+        global _backend
+        if _backend == "compile":
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # no compiler, unsupported op, ...: run eagerly from now on
+                logger.warning("focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e)
+                _backend = "eager"
+        return eager(*args, **kwargs)
+
+    return run
+
+
+def _chunk_elements(logits: Tensor) -> int:
+    return CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else LARGE_CHUNK_ELEMENTS
+
+
+def _row_chunks(logits: Tensor) -> List[Tuple[int, int]]:
+    """(start, end) row ranges of about ``_chunk_elements`` elements each."""
+    n, k = logits.shape
+    step = max(1, _chunk_elements(logits) // max(k, 1))
+    return [(r, min(r + step, n)) for r in range(0, n, step)]
+
+
+def _workspace(logits: Tensor, chunks: List[Tuple[int, int]], count: int) -> Optional[Tensor]:
+    """
+    (count, R, C) scratch buffers for chunks of at most R rows, allocated once
+    per call: temporaries allocated and freed chunk after chunk would be
+    returned to the OS and page-faulted in again by glibc's default malloc.
+    None under the compile backend, whose fused kernels need no scratch space.
+    """
+    if backend() == "compile":
+        return None
+    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
+    return logits.new_empty((count, rows, logits.shape[1]))
+
+
+def _rows(work: Optional[Tensor], rows: int):
+    """The first ``rows`` rows of every buffer of ``work``: (count, rows, C)."""
+    return None if work is None else work[:, :rows]
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _FusedLoss(torch.autograd.Function):
+    """
+    A summed loss whose forward also computes d loss / d logits when the
+    logits need it; backward scales that gradient in place by the incoming
+    scalar gradient. Saves only the logits and labels, to recompute the
+    gradient if backward runs a second time (``retain_graph=True``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, compute: Callable) -> Tensor:
+        loss, grad = compute(logits, labels, ctx.needs_input_grad[0])
+        ctx.compute = compute
+        ctx.grad = grad
+        ctx.save_for_backward(logits, labels)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            logits, labels = ctx.saved_tensors
+            grad = ctx.compute(logits, labels, True)[1]
+        return grad.mul_(grad_loss), None, None
+
+
+def _apply(compute: Callable, logits: Tensor, labels: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _FusedLoss.apply(logits, labels, compute)
+    return compute(logits, labels, False)[0]
+
+
+# ----------------------------------------------------------------------------- sigmoid losses
+
+
+def sigmoid_focal_terms(
+    z: Tensor,
+    gamma: float,
+    weight=1.0,
+    grad_scale: Optional[float] = None,
+    grad_out: Optional[Tensor] = None,
+    work: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """
+    The focal term of a negative as a function of its logit ``z`` (for a
+    positive, call it at ``-z``), and its derivative (the paper's appendix B):
+
+        phi(z)  = sigmoid(z)^gamma * softplus(z)
+                = -(1 - p_t)^gamma * log(p_t),          p_t = sigmoid(-z),
+        phi'(z) = sigmoid(z)^gamma * (s + gamma * softplus(z) * (1 - s)),  s = sigmoid(z),
+
+    with ``softplus(z) = max(z, 0) + log1p(exp(-|z|))`` and, for gamma other
+    than 0, 1 and 2, ``sigmoid(z)^gamma = exp(gamma * (min(z, 0) - log1p(exp(-|z|))))``:
+    finite for any finite ``z``. ``exp(-|z|)`` is taken as ``exp2(-|z| log2(e))``,
+    twice as fast as ``exp`` on the CPU, and ``s + g (1 - s)`` as ``lerp(s, 1, g)``.
+
+    Args:
+        z (Tensor): logits, any shape.
+        gamma (float): >= 0.
+        weight (float or Tensor): broadcastable to ``z``, multiplies both results.
+        grad_scale (float or None): if given, also return ``weight * grad_scale * phi'(z)``.
+        grad_out (Tensor or None): shape of ``z``, receives that gradient (and serves
+            as scratch space before).
+        work (Tensor or None): (2, *z.shape) scratch space, (3, *z.shape) without
+            ``grad_out``; None for fresh tensors. The loss is returned in ``work[0]``.
+
+    Returns:
+        Tensor: ``weight * phi(z)``, shape of ``z``.
+        Tensor or None: ``weight * grad_scale * phi'(z)``.
+    """
+    b, c = (None, None) if work is None else work[:2]
+    a = grad_out if grad_out is not None or work is None else work[2]
+    relu = torch.clamp_min(z, 0, out=a)
+    log_term = torch.sub(z, relu, alpha=2, out=b).mul_(_LOG2_E).exp2_().log1p_()  # log(1 + e^-|z|)
+    if gamma not in (0, 1, 2):
+        log_sigmoid = torch.sub(z, relu, out=c).sub_(log_term)
+    softplus = log_term.add_(relu)
+    want_grad = grad_scale is not None
+    if gamma == 0:
+        grad = _times(_times(torch.sigmoid(z, out=relu), weight), grad_scale) if want_grad else None
+        return _times(softplus, weight), grad
+    s = torch.sigmoid(z, out=relu)
+    if gamma == 1:
+        modulator = torch.mul(s, weight, out=c)
+    elif gamma == 2:
+        modulator = _times(torch.mul(s, s, out=c), weight)
+    else:
+        modulator = _times(log_sigmoid.mul_(gamma).exp_(), weight)
+    if not want_grad:
+        return softplus.mul_(modulator), None
+    if gamma < _TINY_GAMMA:
+        # 1 / gamma would overflow; gamma * softplus is negligible, so s * (1 - gamma * softplus)
+        # + gamma * softplus has no cancellation.
+        grad = s.addcmul_(s, softplus, value=-gamma).add_(softplus, alpha=gamma).mul_(modulator)
+        return softplus.mul_(modulator), _times(grad, grad_scale)
+    gamma_softplus = _times(softplus, gamma)
+    grad = torch.lerp(s, s.new_ones(()), gamma_softplus, out=s).mul_(modulator)
+    return _times(gamma_softplus.mul_(modulator), 1 / gamma), _times(grad, grad_scale)
+
+
+def _is_one(weight) -> bool:
+    return not isinstance(weight, Tensor) and weight == 1
+
+
+def _times(t: Tensor, weight) -> Tensor:
+    """``t * weight``, in place, skipped for a weight of 1."""
+    return t if _is_one(weight) else t.mul_(weight)
+
+
+def _sigmoid_chunk(
+    x: Tensor,
+    pos_rows: Tensor,
+    pos_cols: Tensor,
+    weight: Tensor,
+    rows_out: Tensor,
+    grad_out: Optional[Tensor],
+    work: Optional[Tensor],
+    *,
+    gamma: float,
+    scale: float,
+    shift: float,
+):
+    """
+    Negative terms of one chunk of rows, ``weight * phi(scale * x + shift)``
+    (:func:`sigmoid_focal_terms`), everywhere except at the positives, which
+    are left to the caller.
+
+    Args:
+        x (Tensor): (R, K) logits.
+        pos_rows, pos_cols (Tensor): (P,) positions of the positives in the chunk.
+        weight (Tensor): (R, 1) or (R, K) weights of the negatives (0 for ignored rows).
+        rows_out (Tensor): (R,), receives the sum of each row's weighted negative terms.
+        grad_out (Tensor or None): (R, K), receives their gradient.
+        work (Tensor or None): (M, R, K) scratch space, M = 2 with ``grad_out``, else 3,
+            plus 1 for ``scale`` and ``shift``; None for fresh tensors.
+    """
+    z = x
+    if scale != 1 or shift != 0:
+        z = torch.mul(x, scale, out=None if work is None else work[-1]).add_(shift)
+    grad_scale = scale if grad_out is not None else None
+    loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, grad_out, work)
+    loss[pos_rows, pos_cols] = 0
+    torch.sum(loss, dim=1, out=rows_out)
+
+
+def _foreground(labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """Rows (sorted) and classes of the foreground anchors: (P,), (P,)."""
+    rows = ((labels >= 0) & (labels < num_classes)).nonzero().squeeze(1)
+    return rows, labels[rows]
+
+
+def _sigmoid_alphas(alpha: float, class_alpha: Optional[Tensor], like: Tensor):
+    """
+    Weights of positives and negatives: ``(a, 1 - a)`` with ``a`` a (K,) tensor
+    for ``class_alpha``, else floats; ``(1.0, 1.0)`` for ``alpha == -1``.
+    """
+    if class_alpha is not None:
+        a = class_alpha.to(like)
+        return a, 1 - a
+    if alpha < 0:
+        return 1.0, 1.0
+    return alpha, 1.0 - alpha
+
+
+def _sigmoid_family(
+    logits: Tensor,
+    labels: Tensor,
+    want_grad: bool,
+    *,
+    gamma: float,
+    scale: float,
+    shift: float,
+    factor: float,
+    alpha: float,
+    class_alpha: Optional[Tensor],
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """
+    ``factor * sum_valid alpha_t * phi(s_t * scale * x + shift)``, with ``phi``
+    from :func:`sigmoid_focal_terms` at ``gamma`` and ``s_t`` = -1 for the
+    anchor's class, +1 elsewhere; and its gradient.
+
+    Returns:
+        Tensor: scalar loss, dtype of ``logits``.
+        Tensor or None: (N, K) gradient if ``want_grad``.
+    """
+    n, k = logits.shape
+    valid = labels >= 0
+    pos_rows, pos_cls = _foreground(labels, k)
+    a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
+    row_weight = valid.to(logits.dtype)[:, None]
+    if not isinstance(a_neg, Tensor):
+        row_weight.mul_(a_neg * factor)
+
+    grad = torch.empty_like(logits) if want_grad else None
+    rows = logits.new_empty(n)
+    chunks = _row_chunks(logits)
+    work = _workspace(logits, chunks, (2 if want_grad else 3) + (scale != 1 or shift != 0))
+    class_weight = _workspace(logits, chunks, 1) if isinstance(a_neg, Tensor) else None
+    starts = torch.tensor([r for r, _ in chunks], dtype=torch.long, device=pos_rows.device)
+    bounds = torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
+    kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift)
+    for (r0, r1), p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
+        weight = row_weight[r0:r1]
+        if isinstance(a_neg, Tensor):  # per-class weights: (R, K)
+            weight = torch.mul(weight, a_neg * factor, out=None if class_weight is None else class_weight[0, : r1 - r0])
+        kernel(
+            logits[r0:r1],
+            pos_rows[p0:p1] - r0,
+            pos_cls[p0:p1],
+            weight,
+            rows[r0:r1],
+            grad[r0:r1] if want_grad else None,
+            _rows(work, r1 - r0),
+        )
+    total = rows.sum(dtype=torch.float64)
+
+    # The positives: phi at -scale * x + shift.
+    a_pos = a_pos[pos_cls] * factor if isinstance(a_pos, Tensor) else a_pos * factor
+    pos_loss, pos_grad = sigmoid_focal_terms(
+        -scale * logits[pos_rows, pos_cls] + shift, gamma, a_pos, -scale if want_grad else None
+    )
+    total = total + pos_loss.sum(dtype=torch.float64)
+    if want_grad:
+        grad[pos_rows, pos_cls] = pos_grad
+    return total.to(logits.dtype), grad
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    Fast :func:`functional.sigmoid_focal_loss`, the paper's FL, eq. (5):
+
+        FL(p_t) = -alpha_t * (1 - p_t)^gamma * log(p_t),  p_t = sigmoid(x_t),
+
+    ``x_t = x`` for the anchor's class, ``-x`` elsewhere, with the closed-form
+    gradient of appendix B, ``dFL/dx = y alpha_t (1 - p_t)^gamma
+    (gamma p_t log(p_t) + p_t - 1)``, y = +-1.
+
+    Args:
+        logits (Tensor): (N, K).
+        labels (Tensor): (N,) int64 in [-1, K].
+        gamma (float): focusing parameter, >= 0.
+        alpha (float): foreground weight in [0, 1], or -1 for none.
+        class_alpha (Tensor or None): (K,) per-class foreground weights.
+
+    Returns:
+        Tensor: scalar, the sum over valid anchors and classes.
+    """
+    compute = partial(
+        _sigmoid_family, gamma=gamma, scale=1.0, shift=0.0, factor=1.0, alpha=alpha, class_alpha=class_alpha
+    )
+    return _apply(compute, logits, labels)
+
+
+def sigmoid_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    Fast :func:`functional.sigmoid_cross_entropy`, eq. (2):
+    ``CE(p_t) = -alpha_t * log(p_t)``, i.e. :func:`sigmoid_focal_loss` at gamma 0,
+    gradient ``y alpha_t (p_t - 1)``. Shapes as in :func:`sigmoid_focal_loss`.
+    """
+    return sigmoid_focal_loss(logits, labels, gamma=0.0, alpha=alpha, class_alpha=class_alpha)
+
+
+def focal_star_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    beta: float = 1.0,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    Fast :func:`functional.focal_star_loss`, FL* of appendix A, eq. (6)-(7):
+
+        p_t* = sigmoid(gamma * x_t + beta),  FL* = -alpha_t * log(p_t*) / gamma,
+
+    gradient ``dFL*/dx = y alpha_t (p_t* - 1)``. Shapes as in
+    :func:`sigmoid_focal_loss`.
+
+    Args:
+        gamma (float): > 0.
+        beta (float): shift of the scaled logit.
+    """
+    if gamma <= 0:
+        raise ValueError(f"focal_star_loss divides by gamma; gamma={gamma} must be > 0.")
+    # A negative's term is softplus(gamma x - beta) / gamma: phi at gamma 0 of z = gamma x - beta.
+    compute = partial(
+        _sigmoid_family,
+        gamma=0.0,
+        scale=float(gamma),
+        shift=-float(beta),
+        factor=1.0 / gamma,
+        alpha=alpha,
+        class_alpha=class_alpha,
+    )
+    return _apply(compute, logits, labels)
+
+
+# ----------------------------------------------------------------------------- softmax loss
+
+
+def _softmax_chunk(
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    rows_out: Tensor,
+    grad_out: Optional[Tensor],
+    work: Tensor,
+    *,
+    gamma: float,
+):
+    """
+    Softmax focal loss of one chunk of rows. With ``e_j = exp(x_j - max_j x)``,
+    ``S = sum_{j != y} e_j``:
+
+        log(p_t)     = (x_y - max x) - log1p((e_y - 1) + S),
+        log(1 - p_t) = -log1p(e_y / S),
+        FL           = -w (1 - p_t)^gamma log(p_t),
+
+    and the closed-form gradient, with ``D = w (1 - p_t)^gamma (gamma p_t
+    log(p_t) + p_t - 1)``: ``dFL/dx_y = D`` and ``dFL/dx_j = -D e_j / S`` for
+    ``j != y``.
+
+    Args:
+        x (Tensor): (R, C) logits.
+        y (Tensor): (R,) labels in [0, C) (anything in range for ignored rows).
+        weight (Tensor): (R,) alpha_t, 0 for ignored rows.
+        rows_out (Tensor): (R,), receives the loss of each row.
+        grad_out (Tensor or None): (R, C), receives the gradient (and serves as
+            scratch space before).
+        work (Tensor or None): (1, R, C) scratch space without ``grad_out``, or None
+            for a fresh tensor.
+    """
+    y = y[:, None]
+    x_max = x.amax(dim=1, keepdim=True)
+    e = torch.sub(x, x_max, out=grad_out if grad_out is not None or work is None else work[0])
+    e = e.mul_(_LOG2_E).exp2_()
+    e_y = e.gather(1, y)
+    e.scatter_(1, y, 0.0)
+    others = e.sum(dim=1, keepdim=True)
+    log_pt = (x.gather(1, y) - x_max).sub_(torch.log1p((e_y - 1).add_(others)))
+    log_1m_pt = torch.log1p(e_y / others).neg_()
+    # (1 - p_t)^gamma is 1 to machine precision below _TINY_GAMMA (which float32 rounds to 0).
+    modulator = torch.exp(gamma * log_1m_pt) if gamma >= _TINY_GAMMA else torch.ones_like(log_pt)
+    weight = weight[:, None]
+    torch.mul(weight * modulator, log_pt, out=rows_out[:, None]).neg_()
+    if grad_out is not None:
+        d = weight * modulator * (gamma * log_pt.exp() * log_pt - log_1m_pt.exp())
+        coef = -d / others.clamp_min(torch.finfo(x.dtype).tiny)  # 0 where p_t == 1
+        e.mul_(coef).scatter_(1, y, d)
+
+
+def _softmax_family(
+    logits: Tensor,
+    labels: Tensor,
+    want_grad: bool,
+    *,
+    gamma: float,
+    alpha: float,
+    class_alpha: Optional[Tensor],
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk."""
+    valid = labels >= 0
+    y = labels.clamp_min(0)
+    weight = softmax_alpha_t(y, logits.shape[1] - 1, alpha, class_alpha, logits.dtype)
+    weight = torch.where(valid, weight, 0)
+    grad = torch.empty_like(logits) if want_grad else None
+    rows = logits.new_empty(len(labels))
+    chunks = _row_chunks(logits)
+    work = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
+    kernel = partial(_kernel(_softmax_chunk), gamma=gamma)
+    for r0, r1 in chunks:
+        kernel(
+            logits[r0:r1], y[r0:r1], weight[r0:r1], rows[r0:r1], grad[r0:r1] if want_grad else None,
+            _rows(work, r1 - r0),
+        )
+    total = torch.where(valid, rows, 0).sum(dtype=torch.float64)
+    return total.to(logits.dtype), grad
+
+
+def softmax_focal_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    gamma: float,
+    alpha: float = 0.25,
+    class_alpha: Optional[Tensor] = None,
+) -> Tensor:
+    """
+    Fast :func:`functional.softmax_focal_loss`, focal loss on a (K+1)-way
+    softmax with a background column:
+
+        FL(p_t) = -alpha_t * (1 - p_t)^gamma * log(p_t),  p_t = softmax(x)[label],
+
+    with the closed-form gradient of :func:`_softmax_chunk`.
+
+    Args:
+        logits (Tensor): (N, K+1), column K is background.
+        labels (Tensor): (N,) int64 in [-1, K].
+
+    Returns:
+        Tensor: scalar, the sum over valid anchors.
+    """
+    compute = partial(_softmax_family, gamma=gamma, alpha=alpha, class_alpha=class_alpha)
+    return _apply(compute, logits, labels)
