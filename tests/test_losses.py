@@ -583,3 +583,11 @@ def test_focal_star_scores_are_scaled_sigmoids():
     logits = torch.tensor([[0.0, 0.5]])
     expected = torch.tensor([[sigmoid(2.0 * 0.0 - 0.3), sigmoid(2.0 * 0.5 - 0.3)]])
     torch.testing.assert_close(build_loss("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected)
+
+
+@pytest.mark.parametrize("name, bad", [("sigmoid_focal", -0.5), ("softmax_focal", -1.0), ("focal_star", 0.0)])
+def test_gamma_override_is_checked(name, bad):
+    loss = build_loss(name)
+    logits = torch.zeros(2, 4 if name == "softmax_focal" else 3)
+    with pytest.raises(ValueError, match=f"gamma={bad}"):
+        loss(logits, torch.tensor([0, 3]), gamma=bad)

@@ -119,7 +119,10 @@ class DenseClassificationLoss:
             Tensor: scalar, the loss summed over anchors whose label is not -1.
         """
         self._check_inputs(logits, labels)
-        gamma = self.gamma if gamma is None else gamma
+        if gamma is None:
+            gamma = self.gamma
+        else:
+            self.check_gamma(gamma, "gamma")
         return self.loss(logits, labels, gamma=gamma, class_alpha=self._class_alpha_on(logits))
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
