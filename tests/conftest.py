@@ -1,7 +1,9 @@
-"""Shared test helpers: a tiny CPU config for FocalRetinaNet."""
+"""Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas."""
+import torch
 from detectron2.config import get_cfg
 
 import focal_det2
+from focal_det2.losses import functional
 
 
 def tiny_cfg():
@@ -43,6 +45,20 @@ def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), be
     cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
     cfg.MODEL.FOCAL.STAR_BETA = beta
     return focal_det2.build_focal_loss(cfg)
+
+
+def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta):
+    """The formula of loss ``name`` in focal_det2.losses.functional."""
+    ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
+    if name == "sigmoid_focal":
+        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
+    if name == "cross_entropy":
+        return functional.sigmoid_cross_entropy(logits, labels, alpha=alpha, class_alpha=ca)
+    if name == "softmax_focal":
+        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
+    if name == "focal_star":
+        return functional.focal_star_loss(logits, labels, gamma=gamma, beta=beta, alpha=alpha, class_alpha=ca)
+    raise ValueError(f"unknown loss {name!r}")
 
 
 def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as TF
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
-from conftest import build_loss
+from conftest import build_loss, reference
 from focal_det2.losses import functional
 
 LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
@@ -39,16 +39,7 @@ def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=()
             name, num_classes_of(name, logits), gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta
         )
         return loss(logits, labels)
-    ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
-    if name == "sigmoid_focal":
-        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    if name == "cross_entropy":
-        return functional.sigmoid_cross_entropy(logits, labels, alpha=alpha, class_alpha=ca)
-    if name == "softmax_focal":
-        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    if name == "focal_star":
-        return functional.focal_star_loss(logits, labels, gamma=gamma, beta=beta, alpha=alpha, class_alpha=ca)
-    raise AssertionError(name)
+    return reference(name, logits, labels, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta)
 
 
 def random_batch(name, *, num_anchors=8, num_classes=3, scale=2.0, dtype=F64, seed=0):

@@ -9,7 +9,7 @@ import torch.nn.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_loss
+from conftest import build_loss, reference
 from focal_det2.losses import functional
 
 LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
@@ -53,18 +53,6 @@ def problems(draw, name, *, min_gamma=0.0, max_gamma=5.0, min_beta=-2.0):
         logits=torch.tensor(flat, dtype=F64).reshape(num_rows, columns),
         labels=torch.tensor(labels, dtype=torch.int64),
     )
-
-
-def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta):
-    """The formula of ``name`` in focal_det2.losses.functional."""
-    ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
-    if name == "sigmoid_focal":
-        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    if name == "cross_entropy":
-        return functional.sigmoid_cross_entropy(logits, labels, alpha=alpha, class_alpha=ca)
-    if name == "softmax_focal":
-        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    return functional.focal_star_loss(logits, labels, gamma=gamma, beta=beta, alpha=alpha, class_alpha=ca)
 
 
 def alpha_weighted_bce(logits, labels, *, alpha, class_alpha):
