@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import build_loss, reference
-from focal_det2.losses import functional
 
 LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
 F64 = torch.float64
