@@ -256,9 +256,9 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
 
 
 def _cpu_jiffies():
-    """(busy, total) CPU jiffies of the whole machine, from /proc/stat."""
+    """(busy, total) CPU jiffies of the whole machine from /proc/stat; busy counts steal time."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:8]]
+        values = [int(v) for v in f.readline().split()[1:9]]  # user .. softirq, steal
     return sum(values) - values[3] - values[4], sum(values)
 
 
@@ -353,7 +353,7 @@ def markdown_table(results, setting: str, sizes) -> str:
             first = "-" if name == "bandwidth" else _fmt(r.get("first_call_s"), 2)
             lines.append(
                 f"| {name} | {n // 1000}k | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | "
-                f"{_fmt(speedup)}x | {_fmt(vs_bound)}x | {mem_s} | {first} | {_fmt(r.get('other_load'), 2)} |"
+                f"{_fmt(speedup)}{'x' * (speedup is not None)} | {_fmt(vs_bound)}{'x' * (vs_bound is not None)} | {mem_s} | {first} | {_fmt(r.get('other_load'), 2)} |"
             )
     return "\n".join(lines)
 

@@ -191,6 +191,16 @@ def test_extreme_logits_are_finite_and_match(name, gamma):
     assert torch.isfinite(value) and torch.all(torch.isfinite(grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", ["sigmoid_focal", "focal_star", "softmax_focal"])
+@pytest.mark.parametrize("gamma", [1e-30, 1e-12])
+def test_tiny_gamma_matches_reference(name, gamma, dtype):
+    # gamma -> 0 on ordinary logits: 1e-30 is below float32 (gamma * x rounds to 0), no NaN.
+    logits, labels = batch(name, dtype=dtype, seed=16)
+    value, grad = assert_matches_reference(name, logits, labels, **kwargs_of(name, gamma=gamma))
+    assert torch.isfinite(value) and torch.all(torch.isfinite(grad))
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
