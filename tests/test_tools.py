@@ -226,6 +226,14 @@ def test_ablate_summary_mean_and_spread_over_seeds():
     assert line["APs"] is None and line["seeds"] == 2 and line["paper_AP"] == 10.8
 
 
+def test_ablate_extra_opts_come_in_pairs_and_jobs_is_positive(tmp_path):
+    ablate = load_tool("ablate")
+    with pytest.raises(ValueError, match="must come in pairs"):
+        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "MODEL.DEVICE"])
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--jobs", "0"])
+
+
 def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
     ablate = load_tool("ablate")
     preset = ablate.PRESETS["digits-small"]
@@ -242,7 +250,8 @@ def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
 def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
     ablate = load_tool("ablate")
     out = tmp_path / "ablation"
-    ablate.main(["--preset", "tiny", "--output-dir", str(out)])
+    # two runs at once; the trailing pair reaches every run
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), "--jobs", "2", "TEST.DETECTIONS_PER_IMAGE", "50"])
 
     runs = {name: out / name / "seed0" for name in ("ce_a0.75", "soft_gamma_0to2")}
     for run_dir in runs.values():
@@ -259,6 +268,7 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     assert configs["ce_a0.75"].MODEL.FOCAL.ALPHA == 0.75
     assert configs["soft_gamma_0to2"].MODEL.FOCAL.GAMMA_SCHEDULE.ITERS == 1
     assert all(c.SOLVER.MAX_ITER == 2 and c.DATASETS.TEST == ("digits_val_tiny",) for c in configs.values())
+    assert all(c.TEST.DETECTIONS_PER_IMAGE == 50 for c in configs.values())
 
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
@@ -271,11 +281,11 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     # a second call trains nothing: finished runs are read back
     stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
 
-    def no_training(run, verbose=False):
+    def no_training(run, verbose=False, threads=None):
         raise AssertionError(f"retrained {run.row.name}")
 
     monkeypatch.setattr(ablate, "train_run", no_training)
     capsys.readouterr()
-    ablate.main(["--preset", "tiny", "--output-dir", str(out)])
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), "TEST.DETECTIONS_PER_IMAGE", "50"])
     assert capsys.readouterr().out.count(": done") == 2
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}

@@ -6,10 +6,14 @@ and evaluated with the same budget, seeds and data, one fresh process per run.
     python tools/ablate.py --preset digits-small
     python tools/ablate.py --preset digits-full --rows 'ce_*,fl_g2_a0.25'
     python tools/ablate.py --preset digits-small --list
+    python tools/ablate.py --preset digits-full --jobs 8 MODEL.DEVICE cuda
 
 Each row is a digits config of ``configs/digits`` plus key/value overrides,
 exactly what a user would type after ``train_net.py --config-file``; the
-preset adds the budget (iterations, LR steps, warm-up) and the seed. A run
+preset adds the budget (iterations, LR steps, warm-up) and the seed, and
+key/value pairs after the options are added to every run (a device, say).
+``--jobs N`` trains N runs at once, each process with its share of the CPU
+threads (more than one job only pays with a GPU or many cores). A run
 trains with :class:`focal_det2.engine.FocalTrainer`, evaluates with
 COCOEvaluator on the preset's test set and writes ``result.json`` into its
 own directory ``<output-dir>/<row>/seed<k>/``. A run whose ``result.json``
@@ -32,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -188,12 +193,17 @@ def _shell_join(args: Sequence[str]) -> str:
     )
 
 
-def plan(preset: Preset, rows: Sequence[Row], output_dir: str) -> List[Run]:
-    """The runs of ``rows`` under ``preset``, in table order, seeds inner."""
+def plan(preset: Preset, rows: Sequence[Row], output_dir: str, extra_opts: Sequence = ()) -> List[Run]:
+    """
+    The runs of ``rows`` under ``preset``, in table order, seeds inner;
+    ``extra_opts`` (key, value, ...) are added to every run after the preset's.
+    """
+    if len(extra_opts) % 2:
+        raise ValueError(f"key/value pairs after the options must come in pairs, got {list(extra_opts)}")
     runs = []
     for row in rows:
         for seed in preset.seeds:
-            opts = list(row.opts) + list(preset.opts) + preset.budget_opts()
+            opts = list(row.opts) + list(preset.opts) + preset.budget_opts() + list(extra_opts)
             for key in row.half_budget_keys:
                 opts += [key, max(1, preset.iters // 2)]
             opts += ["SEED", seed]
@@ -237,10 +247,11 @@ def read_result(run: Run) -> Optional[dict]:
     return result
 
 
-def train_run(run: Run, verbose: bool = False) -> dict:
+def train_run(run: Run, verbose: bool = False, threads: Optional[int] = None) -> dict:
     """
     Trains and evaluates ``run`` in a fresh process and returns its result.
-    A directory left by an interrupted attempt is cleared first.
+    A directory left by an interrupted attempt is cleared first. ``threads``
+    sets OMP_NUM_THREADS of the process unless the environment sets it.
     """
     if os.path.isdir(run.out_dir):
         shutil.rmtree(run.out_dir)
@@ -249,7 +260,10 @@ def train_run(run: Run, verbose: bool = False) -> dict:
     log_path = os.path.join(run.out_dir, "stdout.log")
     with open(log_path, "w") as log:
         streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
-        proc = subprocess.run(cmd, cwd=REPO, **streams)
+        env = dict(os.environ)
+        if threads is not None:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
+        proc = subprocess.run(cmd, cwd=REPO, env=env, **streams)
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-30:])
@@ -394,6 +408,9 @@ def get_parser():
     parser.add_argument("--output-dir", help="default: output/ablation/<preset>")
     parser.add_argument("--list", action="store_true", help="print the runs and their commands, train nothing")
     parser.add_argument("--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="key value pairs added to every run, as after train_net.py's --config-file")
     return parser
 
 
@@ -404,29 +421,47 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     output_dir = os.path.abspath(args.output_dir or os.path.join(REPO, "output", "ablation", args.preset))
-    runs = plan(preset, select_rows(args.rows, preset), output_dir)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    runs = plan(preset, select_rows(args.rows, preset), output_dir, args.opts)
     if args.list:
         print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
         for run in runs:
             print(f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}")
         return
     os.makedirs(output_dir, exist_ok=True)
-    results = {}
+    command = "python tools/ablate.py " + _shell_join(argv)
+    results, pending = {}, []
     for i, run in enumerate(runs, 1):
-        key = (run.row.name, run.seed)
         result = read_result(run)
-        if result is not None:
-            print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}",
-                  flush=True)
-        else:
-            print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
-                  f"  python train_net.py {_shell_join(run.argv())}", flush=True)
-            result = train_run(run, verbose=args.verbose)
-            print(f"  AP {_fmt(result['metrics']['AP'])}, {result['train_seconds']:.0f} s training, "
-                  f"{result['eval_seconds']:.0f} s evaluation", flush=True)
-        results[key] = result
-        write_tables(output_dir, args.preset, preset, runs, results,
-                     command="python tools/ablate.py " + _shell_join(argv))
+        if result is None:
+            pending.append((i, run))
+            continue
+        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}")
+        results[(run.row.name, run.seed)] = result
+    write_tables(output_dir, args.preset, preset, runs, results, command)
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def train(i: int, run: Run) -> dict:
+        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
+              f"  python train_net.py {_shell_join(run.argv())}", flush=True)
+        result = train_run(run, verbose=args.verbose, threads=threads)
+        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
+              f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation", flush=True)
+        return result
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(train, i, run): run for i, run in pending}
+        try:
+            for future in as_completed(futures):
+                run = futures[future]
+                results[(run.row.name, run.seed)] = future.result()
+                write_tables(output_dir, args.preset, preset, runs, results, command)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # runs not started yet; the running ones finish and keep their results
+            raise
     print(f"tables: {os.path.join(output_dir, 'results.md')}, results.csv, runs.csv")
     with open(os.path.join(output_dir, "results.md")) as f:
         print(f.read())
