@@ -31,16 +31,14 @@ Usage::
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, machine_info, reset_peak_rss, rss_kb, run_child_once, wait_for_idle_cpu
+
 NUM_CLASSES = 80
 GAMMA, ALPHA, STAR_BETA = 2.0, 0.25, 1.0
 TAMED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
@@ -67,23 +65,6 @@ SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"
 
 
 # ----------------------------------------------------------------------------- child
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _make_inputs(n: int, softmax: bool):
@@ -228,12 +209,12 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
     result["first_call_s"] = time.perf_counter() - start
 
     # Extra peak memory of the first full-size forward + backward.
-    baseline_kb = _rss_kb("VmRSS")
-    if _reset_peak_rss():
+    baseline_kb = rss_kb("VmRSS")
+    if reset_peak_rss():
         start = time.perf_counter()
         fwd_bwd()
         result["first_fwd_bwd_s"] = time.perf_counter() - start
-        result["extra_peak_mb"] = (_rss_kb("VmHWM") - baseline_kb) / 1024
+        result["extra_peak_mb"] = (rss_kb("VmHWM") - baseline_kb) / 1024
     else:
         fwd_bwd()
         result["extra_peak_mb"] = None
@@ -255,50 +236,6 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def _cpu_jiffies():
-    """(busy, total) CPU jiffies of the whole machine from /proc/stat; busy counts steal time."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]  # user .. softirq, steal
-    return sum(values) - values[3] - values[4], sum(values)
-
-
-def _cpu_busy_fraction(interval: float = 1.0) -> float:
-    busy0, total0 = _cpu_jiffies()
-    time.sleep(interval)
-    busy1, total1 = _cpu_jiffies()
-    return (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def wait_for_idle_cpu(max_wait: float, busy_limit: float = 0.1) -> float:
-    """Waits until the CPU is busy less than ``busy_limit`` of a second; returns the last busy fraction."""
-    if max_wait <= 0 or not os.path.exists("/proc/stat"):
-        return float("nan")
-    deadline = time.time() + max_wait
-    busy = _cpu_busy_fraction()
-    while busy > busy_limit and time.time() < deadline:
-        busy = _cpu_busy_fraction()
-    return busy
-
-
-def _run_child_once(cmd, env) -> dict:
-    """Runs one child; adds ``other_load``: the CPU share other processes used meanwhile."""
-    has_stat = os.path.exists("/proc/stat")
-    busy0, total0 = _cpu_jiffies() if has_stat else (0, 0)
-    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy1, total1 = _cpu_jiffies() if has_stat else (0, 0)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if has_stat:
-        hz = os.sysconf("SC_CLK_TCK")
-        child_cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-        other = max((busy1 - busy0) / hz - child_cpu, 0.0)
-        result["other_load"] = round(other * hz / max(total1 - total0, 1), 3)
-    return result
-
-
 def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
     """
     Measures ``name`` at ``n`` anchors in a fresh subprocess; on a busy machine,
@@ -318,7 +255,7 @@ def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
         with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
             if "FOCAL_DET2_COMPILE" in IMPLS[name][2]:
                 env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold cache: the compile time of a first run
-            result = _run_child_once(cmd, env)
+            result = run_child_once(cmd, env)
         result.update(setting=setting)
         if best is None or result.get("other_load", 0) < best.get("other_load", 0):
             best = result
@@ -389,33 +326,6 @@ def check_targets(results, n: int):
     return checks
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
-        commit = git("rev-parse", "--short", "HEAD")
-        if commit and git("status", "--porcelain", "--untracked-files=no"):
-            commit += " + uncommitted changes"
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "commit": commit,
-    }
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N=20k only, 5 repeats, no compiled variants")
@@ -452,7 +362,7 @@ def main(argv=None):
     settings = args.settings.split(",")
 
     wait_for_idle_cpu(args.max_wait)
-    ops = _run_child_once([sys.executable, str(Path(__file__).resolve()), "--child", "ops"], dict(os.environ))
+    ops = run_child_once([sys.executable, str(Path(__file__).resolve()), "--child", "ops"], dict(os.environ))
     print("Elementwise ops, ns per float32 element (1 thread, min of runs): "
           + ", ".join(f"{k} {ops[k]:.2f}" for k in ELEMENTWISE_OPS), flush=True)
 
