@@ -135,7 +135,7 @@ class DenseClassificationLoss:
             raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
         if labels.numel():
             low, high = torch.aminmax(labels)
-            if low < -1 or high > self.num_classes:
+            if ((low < -1) | (high > self.num_classes)).item():  # one device sync, not two
                 raise ValueError(
                     f"labels must be in [-1, {self.num_classes}] (-1 ignored, {self.num_classes} "
                     f"background), got values in [{int(low)}, {int(high)}]."

@@ -315,6 +315,14 @@ def _foreground(labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     return rows, labels[rows]
 
 
+def _chunk_bounds(pos_rows: Tensor, chunks: List[Tuple[int, int]]) -> List[int]:
+    """Index of the first positive of each chunk in the sorted ``pos_rows``, then ``len(pos_rows)``."""
+    if len(chunks) == 1:  # no search, no device sync
+        return [0, len(pos_rows)]
+    starts = torch.tensor([r for r, _ in chunks[1:]], dtype=torch.long, device=pos_rows.device)
+    return [0] + torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
+
+
 def _sigmoid_alphas(alpha: float, class_alpha: Optional[Tensor], like: Tensor):
     """
     Weights of positives and negatives: ``(a, 1 - a)`` with ``a`` a (K,) tensor
@@ -362,8 +370,7 @@ def _sigmoid_family(
     chunks = _row_chunks(logits)
     work = _workspace(logits, chunks, (2 if want_grad else 3) + (scale != 1 or shift != 0))
     class_weight = _workspace(logits, chunks, 1) if isinstance(a_neg, Tensor) else None
-    starts = torch.tensor([r for r, _ in chunks], dtype=torch.long, device=pos_rows.device)
-    bounds = torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
+    bounds = _chunk_bounds(pos_rows, chunks)
     kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift)
     for (r0, r1), p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
         weight = row_weight[r0:r1]
