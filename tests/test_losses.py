@@ -542,6 +542,15 @@ def test_focal_star_bias_init_gives_the_prior(gamma, beta):
     )
 
 
+def test_focal_star_bias_init_at_another_gamma():
+    loss = build_loss("focal_star", 10, gamma=2.0, beta=1.0)
+    bias = loss.init_bias(0.01, gamma=0.5)
+    torch.testing.assert_close((0.5 * bias.double() + 1.0).sigmoid(), torch.full((10,), 0.01, dtype=F64),
+                               rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        loss.init_bias(0.01, gamma=0.0)
+
+
 @pytest.mark.parametrize("name, num_logits", [("sigmoid_focal", 3), ("cross_entropy", 3), ("focal_star", 3), ("softmax_focal", 4)])
 def test_num_logits(name, num_logits):
     assert build_loss(name, 3).num_logits == num_logits

@@ -151,3 +151,11 @@ def test_loss_uses_scheduled_gamma():
     torch.testing.assert_close(
         train_losses(ramp, batch())[0]["loss_cls"], train_losses(ce, batch())[0]["loss_cls"]
     )
+
+
+def test_focal_star_under_a_schedule_starts_at_the_prior():
+    # FL* scores are sigmoid(gamma * x + beta): the bias gives the prior at the schedule's start gamma.
+    model = build(loss="focal_star", gamma=2.0, star_beta=1.0, gamma_schedule__name="linear",
+                  gamma_schedule__start=0.5, gamma_schedule__iters=100)
+    bias = model.head.cls_score.bias.detach().double()
+    torch.testing.assert_close((0.5 * bias + 1.0).sigmoid(), torch.full_like(bias, 0.01), rtol=1e-6, atol=0)

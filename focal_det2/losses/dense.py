@@ -85,11 +85,14 @@ class DenseClassificationLoss:
         """Logits per anchor the classifier must predict."""
         return self.num_classes
 
-    def init_bias(self, prior_prob: float) -> Tensor:
+    def init_bias(self, prior_prob: float, gamma: Optional[float] = None) -> Tensor:
         """
         Classifier bias for one anchor, shape (num_logits,), so that every
         class starts with probability ``prior_prob``:
         ``b = -log((1 - pi) / pi)`` (the paper, section 4.1).
+
+        ``gamma`` is the focusing parameter training starts with (default
+        :attr:`gamma`); only losses whose scores depend on it (FL*) read it.
         """
         return torch.full((self.num_logits,), -math.log((1 - prior_prob) / prior_prob))
 
@@ -190,7 +193,7 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
     def num_logits(self):
         return self.num_classes + 1
 
-    def init_bias(self, prior_prob):
+    def init_bias(self, prior_prob, gamma=None):
         """
         Foreground logits 0 and background ``log(K (1 - pi) / pi)``, so that
         background starts at ``1 - pi`` and the K classes share ``pi``.
@@ -211,7 +214,8 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
 class FocalStarLoss(DenseClassificationLoss):
     """
     FL*, the paper's appendix A: see :func:`functional.focal_star_loss`.
-    Scores are ``p* = sigmoid(gamma * x + beta)`` at the configured gamma.
+    Scores are ``p* = sigmoid(gamma * x + beta)`` at the configured gamma
+    (MODEL.FOCAL.GAMMA, where a gamma schedule ends).
     """
 
     @configurable
@@ -232,10 +236,12 @@ class FocalStarLoss(DenseClassificationLoss):
         if gamma <= 0:
             raise ValueError(f"{key}={gamma}: focal_star divides by gamma, it must be > 0.")
 
-    def init_bias(self, prior_prob):
-        """``b`` such that ``sigmoid(gamma * b + beta) = pi``."""
+    def init_bias(self, prior_prob, gamma=None):
+        """``b`` such that ``sigmoid(gamma * b + beta) = pi``, at the gamma training starts with."""
+        gamma = self.gamma if gamma is None else gamma
+        self.check_gamma(gamma, "gamma")
         prior_logit = -math.log((1 - prior_prob) / prior_prob)
-        return torch.full((self.num_logits,), (prior_logit - self.beta) / self.gamma)
+        return torch.full((self.num_logits,), (prior_logit - self.beta) / gamma)
 
     def scores(self, logits):
         return torch.sigmoid(self.gamma * logits + self.beta)

@@ -1,4 +1,4 @@
-from typing import List
+from typing import List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -8,6 +8,7 @@ from detectron2.utils.registry import Registry
 
 from ..config import lookup
 from ..losses import DenseClassificationLoss, build_focal_loss
+from ..schedules import build_gamma_schedule
 
 __all__ = ["FOCAL_HEAD_REGISTRY", "build_focal_head", "FocalRetinaNetHead"]
 
@@ -37,19 +38,30 @@ class FocalRetinaNetHead(RetinaNetHead):
     """
 
     @configurable
-    def __init__(self, *, loss: DenseClassificationLoss, prior_prob: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        *,
+        loss: DenseClassificationLoss,
+        prior_prob: float = 0.01,
+        init_gamma: Optional[float] = None,
+        **kwargs,
+    ):
         """
         Args:
             loss (DenseClassificationLoss): decides the classifier's width and bias.
             prior_prob (float): foreground prior pi in (0, 1) (MODEL.FOCAL.PRIOR_PROB).
+            init_gamma (float or None): gamma at iteration 0 (the gamma schedule's
+                start); the bias gives the prior at that gamma. None: the loss's gamma.
             kwargs: the other arguments of :class:`RetinaNetHead`, without ``num_classes``.
         """
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"MODEL.FOCAL.PRIOR_PROB={prior_prob} must be in (0, 1).")
+        if init_gamma is not None:
+            loss.check_gamma(init_gamma, "init_gamma (MODEL.FOCAL.GAMMA_SCHEDULE.START)")
         super().__init__(num_classes=loss.num_logits, prior_prob=prior_prob, **kwargs)
         num_anchors = self.cls_score.out_channels // loss.num_logits
         with torch.no_grad():
-            self.cls_score.bias.copy_(loss.init_bias(prior_prob).repeat(num_anchors))
+            self.cls_score.bias.copy_(loss.init_bias(prior_prob, gamma=init_gamma).repeat(num_anchors))
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
@@ -57,4 +69,5 @@ class FocalRetinaNetHead(RetinaNetHead):
         del ret["num_classes"]
         ret["loss"] = build_focal_loss(cfg)
         ret["prior_prob"] = cfg.MODEL.FOCAL.PRIOR_PROB
+        ret["init_gamma"] = build_gamma_schedule(cfg)(0)
         return ret
