@@ -159,7 +159,8 @@ PRESETS: Dict[str, Preset] = {
     ),
     # The default digits budget (1,000 iterations, batch 8), 2 seeds.
     "digits-full": Preset(
-        iters=1000, seeds=(0, 1), cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all"
+        iters=1000, seeds=(0, 1), cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all (estimated); "
+        "about 9 min on one H100 with --jobs 11 (measured)"
     ),
 }
 
