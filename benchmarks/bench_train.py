@@ -238,12 +238,17 @@ def _fmt(value, spec=".1f"):
     return "-" if value is None else format(value, spec)
 
 
+def _iters(iters) -> str:
+    """Timed iterations per input, as recorded: ``{"digits": 20, "coco800": 5}`` (older runs: one value)."""
+    return ", ".join(f"{v} ({k})" for k, v in iters.items()) if isinstance(iters, dict) else str(iters)
+
+
 def report(data) -> str:
     info, cfg = data["machine"], data["config"]
     device = cfg["device"] if not cfg["device"].startswith("cuda") else f"{cfg['device']} ({info.get('gpu')})"
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"device {device}, commit {info['commit']}; median of {cfg['iters']} iterations after {cfg['warmup']} "
+        f"device {device}, commit {info['commit']}; median of {_iters(cfg['iters'])} iterations after {cfg['warmup']} "
         f"warm-up, {cfg['rounds']} rounds (a fresh process each).",
         "",
         "| input | model | s/it | it/s | speed-up vs stock | peak MB | step extra MB | loss_cls, loss_box_reg (1st step) |",
@@ -306,7 +311,8 @@ def main(argv=None):
                       f"(other load {r.get('other_load', '-')})", flush=True)
     data = {
         "machine": machine_info(),
-        "config": {"device": args.device, "iters": args.iters or "default", "warmup": args.warmup,
+        "config": {"device": args.device, "warmup": args.warmup,
+                   "iters": {k: args.iters or default_iters(k, args.device) for k in inputs_list},
                    "rounds": args.rounds, "inputs": {k: INPUTS[k] for k in inputs_list}},
         "results": results,
         "summary": summarize(results, inputs_list),
