@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from focal_det2.losses import functional
 
 
 def load_tool(name):
-    """tools/<name>.py as a module."""
+    """tools/<name>.py as a module, with tools/ importable as when the script runs."""
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

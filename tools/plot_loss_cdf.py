@@ -24,8 +24,6 @@ the fraction f of the anchors with the lowest loss carries the fraction c
 of the group's loss.
 """
 import argparse
-import contextlib
-import os
 import sys
 from typing import Dict, Sequence, Tuple
 
@@ -46,24 +44,11 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K  # n
 import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2 import add_focal_config  # noqa: E402
 from focal_det2.losses import functional  # noqa: E402
+from plotting import one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 # Losses whose logits are those of K independent sigmoids.
 SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """
-    Runs torch on one thread: calls on one-anchor tensors are otherwise
-    dominated by thread synchronisation (about 100x slower on a busy 2-core machine).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]):
@@ -190,9 +175,7 @@ def plot(cdfs, counts: Dict[str, int], output: str, width: float = 12.0, height:
         ax.legend(loc="upper left")
     fig.supxlabel("sigmoid FL per anchor (sum over classes, no α), anchors labelled by the model's "
                   "label_anchors, trained logits fixed, γ varied", fontsize=8, color="0.35")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, output, dpi)
     return output
 
 

@@ -22,8 +22,6 @@ Every point is one anchor with one foreground class passed to
   sigmoid gamma 2 curve: the figure checks that reduction.
 """
 import argparse
-import contextlib
-import os
 import sys
 from typing import Callable, Dict, List, Tuple
 
@@ -35,24 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from focal_det2.losses import functional  # noqa: E402
+from plotting import one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 STAR_SETTINGS = ((2.0, 1.0), (4.0, 0.0))
 SOFTMAX_GAMMA = 2.0
-
-
-@contextlib.contextmanager
-def one_thread():
-    """
-    Runs torch on one thread: calls on one-anchor tensors are otherwise
-    dominated by thread synchronisation (about 100x slower on a busy 2-core machine).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _one_anchor_loss(fn: Callable, logits_row: List[float], **kwargs) -> float:
@@ -114,9 +99,7 @@ def plot(output: str, width: float = 12.0, height: float = 4.5, dpi: int = 100, 
     fig.supxlabel("one anchor, one class, no α weight, computed with focal_det2.losses.functional; "
                   "FL* drawn against sigmoid($x_t$); softmax FL: 2-way softmax with logits ($x_t$, 0), "
                   "which reduces to sigmoid FL", fontsize=8, color="0.35")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, output, dpi)
     return output
 
 

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from plotting import save_figure  # noqa: E402  (tools/, beside this script)
 
 LOSS_KEYS = ("loss_cls", "loss_box_reg")
 GAMMA_KEY = "focal_gamma"
@@ -90,9 +91,7 @@ def plot(runs: Sequence[str], output: str, labels: Optional[Sequence[str]] = Non
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=dpi)
-    plt.close(fig)
+    save_figure(fig, output, dpi)
     return keys
 
 
