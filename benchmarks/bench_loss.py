@@ -62,6 +62,13 @@ IMPLS = {
     "bandwidth": ("memory-bandwidth bound: read logits, write a same-size tensor", False, {}),
 }
 SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"]
+# The memory target counts tensors ("no more than one logits-sized tensor"); the
+# resident set counts pages. A lone logits-sized tensor already measures a little
+# over 1x (page rounding, the allocator's header), and the per-chunk vectors and
+# Python objects of a call land in heap pages that may or may not be resident
+# before it. The check allows 1 % of the logits for that: 0.6 MB at 200k x 80,
+# against the 100 % of a second tensor.
+MEMORY_ALLOWANCE = 0.01
 
 
 # ----------------------------------------------------------------------------- child
@@ -182,12 +189,14 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
     result = {"impl": name, "N": n, "logits_mb": logits.numel() * logits.element_size() / 2**20}
 
     if name == "bandwidth":
-        out = torch.empty_like(logits).copy_(logits)  # already faulted in
+        # One logits-sized tensor, as the extra peak memory measures it (page rounding, allocator header).
+        baseline_kb, measured = rss_kb("VmRSS"), reset_peak_rss()
+        out = torch.empty_like(logits).copy_(logits)  # faulted in: the timing below excludes page faults
+        result["extra_peak_mb"] = (rss_kb("VmHWM") - baseline_kb) / 1024 if measured else None
         with torch.no_grad():
             for _ in range(warmup):
                 out.copy_(logits)
             result["fwd_bwd_ms"] = result["fwd_ms"] = _median_ms(lambda: out.copy_(logits), repeats)
-        result["extra_peak_mb"] = result["logits_mb"]
         return result
 
     fn = _loss_fn(name, labels)
@@ -286,13 +295,23 @@ def markdown_table(results, setting: str, sizes) -> str:
             speedup = jit["fwd_bwd_ms"] / r["fwd_bwd_ms"] if jit else None
             vs_bound = r["fwd_bwd_ms"] / bound["fwd_bwd_ms"] if bound else None
             mem = r.get("extra_peak_mb")
-            mem_s = "-" if mem is None else f"{mem:.0f} ({mem / r['logits_mb']:.2f})"
+            mem_s = "-" if mem is None else f"{mem:.1f} ({mem / r['logits_mb']:.3f})"
             first = "-" if name == "bandwidth" else _fmt(r.get("first_call_s"), 2)
             lines.append(
                 f"| {name} | {n // 1000}k | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} | "
                 f"{_fmt(speedup)}{'x' * (speedup is not None)} | {_fmt(vs_bound)}{'x' * (vs_bound is not None)} | {mem_s} | {first} | {_fmt(r.get('other_load'), 2)} |"
             )
     return "\n".join(lines)
+
+
+def _memory_check(label: str, result: dict) -> list:
+    """[(description, met)] for "extra peak memory <= one logits-sized tensor", or [] if unmeasured."""
+    mem = result.get("extra_peak_mb")
+    if mem is None:
+        return []
+    ratio = mem / result["logits_mb"]
+    allowed = f"<= 1x + {MEMORY_ALLOWANCE:.0%} for pages and headers"
+    return [(f"{label} extra peak {ratio:.3f}x logits ({allowed})", ratio <= 1 + MEMORY_ALLOWANCE)]
 
 
 def check_targets(results, n: int):
@@ -304,10 +323,7 @@ def check_targets(results, n: int):
         if jit and ours:
             speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
             checks.append((f"default: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 5x)", speedup >= 5))
-            mem = ours.get("extra_peak_mb")
-            if mem is not None:
-                ratio = mem / ours["logits_mb"]
-                checks.append((f"default: {name} extra peak {ratio:.2f}x logits (<= 1x)", ratio <= 1.0))
+            checks += _memory_check(f"default: {name}", ours)
         jit, ours, bound = (get.get((k, "tamed")) for k in ("fvcore_jit", name, "bandwidth"))
         if jit and ours and bound:
             speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
@@ -319,10 +335,7 @@ def check_targets(results, n: int):
         if naive and ours:
             speedup = naive["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
             checks.append((f"{setting}: softmax_focal fwd+bwd {speedup:.2f}x faster than naive (> 1x)", speedup > 1))
-            mem = ours.get("extra_peak_mb")
-            if mem is not None:
-                ratio = mem / ours["logits_mb"]
-                checks.append((f"{setting}: softmax_focal extra peak {ratio:.2f}x logits (<= 1x)", ratio <= 1.0))
+            checks += _memory_check(f"{setting}: softmax_focal", ours)
     return checks
 
 

@@ -84,11 +84,19 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture(params=["one chunk", "many chunks"])
+@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient"])
 def chunking(request, monkeypatch):
-    """Runs a test with the default chunk size and with chunks of 3 rows."""
+    """
+    Runs a test with the default chunk sizes (one chunk, fresh scratch space),
+    with chunks of 3 rows and fresh scratch space, and with chunks of 8 rows
+    down to 1 that take their scratch space from the gradient's free rows.
+    """
     if request.param == "many chunks":
         monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
+        monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
+    elif request.param == "scratch in the gradient":
+        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 8 * (NUM_CLASSES + 1))
+        monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", NUM_CLASSES + 1)
 
 
 # ----------------------------------------------------------------------------- equal to the reference
@@ -144,6 +152,30 @@ def test_realistic_retinanet_batch(name):
     labels = torch.where(u < 0.06, -1, 80)
     labels[u < 0.01] = torch.randint(0, 80, (int((u < 0.01).sum()),), generator=g)
     assert_matches_reference(name, logits, labels, **kwargs_of(name))
+
+
+# ----------------------------------------------------------------------------- chunk plan
+
+
+@pytest.mark.parametrize("num_anchors", [0, 1, 5_000, 200_000])
+@pytest.mark.parametrize("spare", [0, 1, 2, 3])
+def test_chunks_cover_the_rows_and_scratch_rows_are_free(num_anchors, spare):
+    logits = torch.empty(num_anchors, 80)
+    chunks = fused._row_chunks(logits, spare)
+    step = fused.CPU_CHUNK_ELEMENTS // 80
+    starts, ends = [c[0] for c in chunks], [c[1] for c in chunks]
+    assert starts == [0] + ends[:-1] if chunks else num_anchors == 0  # in order, no gaps
+    assert (ends[-1] if chunks else 0) == num_anchors
+    fresh_rows = 0
+    for r0, r1, scratch in chunks:
+        assert 0 < r1 - r0 <= step
+        if scratch is None:
+            fresh_rows = max(fresh_rows, r1 - r0)
+        else:  # the rows right after the chunk, all before the end: none written yet
+            assert spare and scratch == r1 and r1 + spare * (r1 - r0) <= num_anchors
+    if spare:  # only the last few rows need fresh scratch space
+        assert fresh_rows * 80 < (spare + 1) * fused.CPU_MIN_CHUNK_ELEMENTS
+        assert all(c[2] is None for c in chunks[len(chunks) - sum(c[2] is None for c in chunks) :])
 
 
 # ----------------------------------------------------------------------------- ignored, empty, extreme

@@ -24,6 +24,7 @@ __all__ = [
     "focal_star_loss",
     "sigmoid_alpha_t",
     "softmax_alpha_t",
+    "softmax_class_alpha",
 ]
 
 
@@ -58,24 +59,34 @@ def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor],
     return torch.where(target, a, 1 - a)
 
 
+def softmax_class_alpha(
+    num_classes: int, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype, device=None
+) -> Tensor:
+    """
+    The (K+1,) alpha of each class of the softmax loss: a foreground class c
+    weighs ``class_alpha[c]`` (or ``alpha``), the background (column K)
+    ``1 - alpha``; ``alpha == -1`` weighs background (and foreground without
+    ``class_alpha``) 1.
+    """
+    fg = torch.full((num_classes,), 1.0 if alpha < 0 else alpha, dtype=dtype, device=device)
+    if class_alpha is not None:
+        fg = class_alpha.to(fg)
+    bg = fg.new_full((1,), 1.0 if alpha < 0 else 1 - alpha)
+    return torch.cat([fg, bg])
+
+
 def softmax_alpha_t(
     labels: Tensor, num_classes: int, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype
 ):
     """
-    alpha_t of the softmax loss: a foreground anchor of class c weighs
-    ``class_alpha[c]`` (or ``alpha``), a background anchor ``1 - alpha``;
-    ``alpha == -1`` weighs background (and foreground without ``class_alpha``) 1.
+    alpha_t of the softmax loss, :func:`softmax_class_alpha` at each label.
 
     Args:
         labels (Tensor): (M,) in [0, K].
         num_classes (int): K.
         dtype (torch.dtype): dtype of the result (the loss's).
     """
-    fg = torch.full((num_classes,), 1.0 if alpha < 0 else alpha, dtype=dtype, device=labels.device)
-    if class_alpha is not None:
-        fg = class_alpha.to(fg)
-    bg = fg.new_full((1,), 1.0 if alpha < 0 else 1 - alpha)
-    return torch.cat([fg, bg])[labels]
+    return softmax_class_alpha(num_classes, alpha, class_alpha, dtype, labels.device)[labels]
 
 
 def sigmoid_focal_loss(

@@ -12,12 +12,16 @@ logits is read once and the gradient is written once:
 * The loss and its closed-form gradient (the paper's appendix B) come out of
   one pass, taken in chunks of rows that stay in cache; the gradient is
   written straight into one logits-sized tensor, kept by the autograd
-  Function and scaled in place by the incoming gradient in backward. Nothing
-  else logits-sized is allocated. A second backward through a retained graph
-  recomputes it from the saved logits. (Recomputing it in every backward
-  instead costs the transcendental functions twice: 1.8x slower, measured.)
-* Sums are accumulated in float64; ignored anchors (label -1) get zero loss
-  and zero gradient.
+  Function and scaled in place by the incoming gradient in backward. A second
+  backward through a retained graph recomputes it from the saved logits.
+  (Recomputing it in every backward instead costs the transcendental
+  functions twice: 1.8x slower, measured.)
+* Nothing else grows with the logits: a chunk's scratch buffers are gradient
+  rows not written yet (those after the chunk, see :func:`_row_chunks`), and
+  per-anchor weights and sums are taken chunk by chunk. The extra memory of
+  a forward + backward is the gradient plus a few hundred kB.
+* Each chunk is summed by PyTorch's pairwise sum, the chunk sums in float64;
+  ignored anchors (label -1) get zero loss and zero gradient.
 * Everything is written with ``exp(-|x|)`` and ``log1p``, never ``log(p)``,
   so float32 logits in [-100, 100] give a finite loss and gradient. On the
   AVX2 CPU this was measured on, ``log1p`` costs 1.2x ``log`` (not the 10x of
@@ -41,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .functional import softmax_alpha_t
+from .functional import softmax_class_alpha
 
 __all__ = [
     "sigmoid_focal_loss",
@@ -54,12 +58,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMPILE_ENV = "FOCAL_DET2_COMPILE"
-# Elements per chunk of rows. On the CPU a chunk and its two or three scratch
-# buffers stay in L2/L3; 2^18 was the best of 2^15..2^19 measured on 2 cores
-# (smaller chunks pay PyTorch's per-op overhead, larger ones leave the cache).
-# On a GPU chunks only bound the scratch memory.
-CPU_CHUNK_ELEMENTS = 1 << 18
+# Elements per chunk of rows. On the CPU a chunk and its one to three scratch
+# buffers stay in L3; 2^19 was the best of 2^18..2^20 measured on 2 cores at
+# 200k x 80 (2^20 equal within noise; 2^18 10-20% slower from PyTorch's per-op
+# overhead). On a GPU chunks only bound the scratch memory.
+CPU_CHUNK_ELEMENTS = 1 << 19
 LARGE_CHUNK_ELEMENTS = 1 << 22
+# Smallest chunk that takes its scratch space from the gradient (see _row_chunks):
+# below it, the few rows left take fresh scratch. On a GPU the caching allocator
+# reuses scratch space from call to call, so chunks do not shrink there.
+CPU_MIN_CHUNK_ELEMENTS = 1 << 12
 # Below this gamma, 1 / gamma overflows float32 (and gamma rounds to 0): it is handled apart.
 _TINY_GAMMA = 1e-20
 _LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
@@ -136,29 +144,64 @@ def _chunk_elements(logits: Tensor) -> int:
     return CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else LARGE_CHUNK_ELEMENTS
 
 
-def _row_chunks(logits: Tensor) -> List[Tuple[int, int]]:
-    """(start, end) row ranges of about ``_chunk_elements`` elements each."""
+def _min_chunk_elements(logits: Tensor) -> int:
+    return CPU_MIN_CHUNK_ELEMENTS if logits.device.type == "cpu" else LARGE_CHUNK_ELEMENTS
+
+
+Chunk = Tuple[int, int, Optional[int]]
+
+
+def _row_chunks(logits: Tensor, spare: int = 0) -> List[Chunk]:
+    """
+    Row ranges ``(start, end, scratch)`` of about ``_chunk_elements`` elements
+    each, covering the rows of ``logits`` in order.
+
+    With ``spare`` > 0, a chunk's scratch space is ``spare`` chunk-sized blocks
+    of the gradient rows that are not written yet: rows ``[scratch, scratch +
+    spare * (end - start))``, right after the chunk. Where fewer rows than that
+    are left, chunks shrink to ``1 / (spare + 1)`` of what is left, down to
+    ``_min_chunk_elements``; the last rows get ``scratch = None``: fresh
+    scratch space, at most ``(spare + 1) * _min_chunk_elements`` elements per block.
+    """
     n, k = logits.shape
     step = max(1, _chunk_elements(logits) // max(k, 1))
-    return [(r, min(r + step, n)) for r in range(0, n, step)]
+    min_rows = max(1, _min_chunk_elements(logits) // max(k, 1))
+    chunks, start = [], 0
+    while spare and start < n:
+        rows = min(step, (n - start) // (spare + 1))
+        if rows < min_rows:
+            break
+        chunks.append((start, start + rows, start + rows))
+        start += rows
+    chunks += [(r, min(r + step, n), None) for r in range(start, n, step)]
+    return chunks
 
 
-def _workspace(logits: Tensor, chunks: List[Tuple[int, int]], count: int) -> Optional[Tensor]:
+def _scratch(grad: Optional[Tensor], chunk: Chunk, spare: int, fresh: Optional[Tensor]) -> Optional[Tensor]:
+    """(spare, R, C) scratch space of ``chunk`` (R rows): gradient rows not yet written, or ``fresh``'s first R rows."""
+    r0, r1, scratch = chunk
+    if scratch is None:
+        return None if fresh is None else fresh[:, : r1 - r0]
+    return grad[scratch : scratch + spare * (r1 - r0)].view(spare, r1 - r0, grad.shape[1])
+
+
+def _sum(sums: List[Tensor], like: Tensor) -> Tensor:
+    """Sum of the chunks' 0-dim sums, in float64 (0 for no chunks)."""
+    return torch.stack(sums).sum(dtype=torch.float64) if sums else like.new_zeros((), dtype=torch.float64)
+
+
+def _workspace(logits: Tensor, chunks: List[Chunk], count: int) -> Optional[Tensor]:
     """
-    (count, R, C) scratch buffers for chunks of at most R rows, allocated once
-    per call: temporaries allocated and freed chunk after chunk would be
-    returned to the OS and page-faulted in again by glibc's default malloc.
-    None under the compile backend, whose fused kernels need no scratch space.
+    (count, R, C) scratch buffers for the chunks without scratch rows of their
+    own (R the largest such chunk), allocated once per call: temporaries
+    allocated and freed chunk after chunk would be returned to the OS and
+    page-faulted in again by glibc's default malloc. None if no chunk needs it,
+    and under the compile backend, whose fused kernels need no scratch space.
     """
-    if backend() == "compile":
+    rows = max((r1 - r0 for r0, r1, scratch in chunks if scratch is None), default=0)
+    if backend() == "compile" or rows == 0:
         return None
-    rows = max((r1 - r0 for r0, r1 in chunks), default=0)
     return logits.new_empty((count, rows, logits.shape[1]))
-
-
-def _rows(work: Optional[Tensor], rows: int):
-    """The first ``rows`` rows of every buffer of ``work``: (count, rows, C)."""
-    return None if work is None else work[:, :rows]
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -223,19 +266,23 @@ def sigmoid_focal_terms(
     Args:
         z (Tensor): logits, any shape.
         gamma (float): >= 0.
-        weight (float or Tensor): broadcastable to ``z``, multiplies both results.
+        weight (float, Tensor or tuple of them): broadcastable to ``z``, multiplies
+            both results; a tuple multiplies by each of its factors in turn.
         grad_scale (float or None): if given, also return ``weight * grad_scale * phi'(z)``.
         grad_out (Tensor or None): shape of ``z``, receives that gradient (and serves
             as scratch space before).
-        work (Tensor or None): (2, *z.shape) scratch space, (3, *z.shape) without
-            ``grad_out``; None for fresh tensors. The loss is returned in ``work[0]``.
+        work (Tensor or None): (M, *z.shape) scratch space, M from
+            :func:`_scratch_count`; None for fresh tensors. The loss is returned in ``work[0]``.
 
     Returns:
         Tensor: ``weight * phi(z)``, shape of ``z``.
         Tensor or None: ``weight * grad_scale * phi'(z)``.
     """
-    b, c = (None, None) if work is None else work[:2]
-    a = grad_out if grad_out is not None or work is None else work[2]
+    free = [None] * 3 if work is None else list(work)
+    b = free.pop(0)
+    a = grad_out if grad_out is not None else free.pop(0)
+    c = free.pop(0) if gamma != 0 else None
+    weight = weight if isinstance(weight, tuple) else (weight,)
     relu = torch.clamp_min(z, 0, out=a)
     log_term = torch.sub(z, relu, alpha=2, out=b).mul_(_LOG2_E).exp2_().log1p_()  # log(1 + e^-|z|)
     if gamma not in (0, 1, 2):
@@ -247,7 +294,7 @@ def sigmoid_focal_terms(
         return _times(softplus, weight), grad
     s = torch.sigmoid(z, out=relu)
     if gamma == 1:
-        modulator = torch.mul(s, weight, out=c)
+        modulator = _times(torch.mul(s, weight[0], out=c), weight[1:])
     elif gamma == 2:
         modulator = _times(torch.mul(s, s, out=c), weight)
     else:
@@ -269,44 +316,62 @@ def _is_one(weight) -> bool:
 
 
 def _times(t: Tensor, weight) -> Tensor:
-    """``t * weight``, in place, skipped for a weight of 1."""
-    return t if _is_one(weight) else t.mul_(weight)
+    """``t * weight``, in place; ``weight`` a float, a tensor or a tuple of them (each multiplies); 1 is skipped."""
+    for w in weight if isinstance(weight, tuple) else (weight,):
+        t = t if _is_one(w) else t.mul_(w)
+    return t
+
+
+def _scratch_count(gamma: float, want_grad: bool, shifted: bool) -> int:
+    """
+    Scratch buffers of one chunk of :func:`_sigmoid_chunk`: the loss, ``sigmoid(z)``
+    unless the gradient buffer holds it, the modulator for gamma > 0, and
+    ``z = scale * x + shift`` where it is not ``x``.
+    """
+    return 1 + (not want_grad) + (gamma != 0) + shifted
 
 
 def _sigmoid_chunk(
     x: Tensor,
+    labels: Tensor,
     pos_rows: Tensor,
     pos_cols: Tensor,
-    weight: Tensor,
-    rows_out: Tensor,
     grad_out: Optional[Tensor],
     work: Optional[Tensor],
     *,
     gamma: float,
     scale: float,
     shift: float,
-):
+    neg_weight,
+) -> Tensor:
     """
-    Negative terms of one chunk of rows, ``weight * phi(scale * x + shift)``
-    (:func:`sigmoid_focal_terms`), everywhere except at the positives, which
-    are left to the caller.
+    Sum of the negative terms of one chunk of rows, ``neg_weight * phi(scale *
+    x + shift)`` (:func:`sigmoid_focal_terms`), over the valid rows and every
+    column except at the positives, which are left to the caller.
 
     Args:
         x (Tensor): (R, K) logits.
+        labels (Tensor): (R,) in [-1, K]; rows labelled -1 get zero loss and gradient.
         pos_rows, pos_cols (Tensor): (P,) positions of the positives in the chunk.
-        weight (Tensor): (R, 1) or (R, K) weights of the negatives (0 for ignored rows).
-        rows_out (Tensor): (R,), receives the sum of each row's weighted negative terms.
-        grad_out (Tensor or None): (R, K), receives their gradient.
-        work (Tensor or None): (M, R, K) scratch space, M = 2 with ``grad_out``, else 3,
-            plus 1 for ``scale`` and ``shift``; None for fresh tensors.
+        grad_out (Tensor or None): (R, K), receives the gradient of the negative terms.
+        work (Tensor or None): (M, R, K) scratch space, M from :func:`_scratch_count`;
+            None for fresh tensors.
+        neg_weight (float or Tensor): weight of a negative, a float or per class, (K,).
+
+    Returns:
+        Tensor: 0-dim sum, dtype of ``x`` (PyTorch sums a chunk pairwise, to float32 precision).
     """
+    shifted = scale != 1 or shift != 0
     z = x
-    if scale != 1 or shift != 0:
+    if shifted:
         z = torch.mul(x, scale, out=None if work is None else work[-1]).add_(shift)
+        work = None if work is None else work[:-1]
+    valid = (labels >= 0).to(x.dtype)[:, None]  # (R, 1), 0 for ignored rows
+    weight = (valid, neg_weight) if isinstance(neg_weight, Tensor) else _times(valid, neg_weight)
     grad_scale = scale if grad_out is not None else None
     loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, grad_out, work)
     loss[pos_rows, pos_cols] = 0
-    torch.sum(loss, dim=1, out=rows_out)
+    return loss.sum()
 
 
 def _foreground(labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
@@ -315,11 +380,11 @@ def _foreground(labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     return rows, labels[rows]
 
 
-def _chunk_bounds(pos_rows: Tensor, chunks: List[Tuple[int, int]]) -> List[int]:
+def _chunk_bounds(pos_rows: Tensor, chunks: List[Chunk]) -> List[int]:
     """Index of the first positive of each chunk in the sorted ``pos_rows``, then ``len(pos_rows)``."""
     if len(chunks) == 1:  # no search, no device sync
         return [0, len(pos_rows)]
-    starts = torch.tensor([r for r, _ in chunks[1:]], dtype=torch.long, device=pos_rows.device)
+    starts = torch.tensor([chunk[0] for chunk in chunks[1:]], dtype=torch.long, device=pos_rows.device)
     return [0] + torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
 
 
@@ -357,35 +422,29 @@ def _sigmoid_family(
         Tensor: scalar loss, dtype of ``logits``.
         Tensor or None: (N, K) gradient if ``want_grad``.
     """
-    n, k = logits.shape
-    valid = labels >= 0
+    k = logits.shape[1]
     pos_rows, pos_cls = _foreground(labels, k)
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
-    row_weight = valid.to(logits.dtype)[:, None]
-    if not isinstance(a_neg, Tensor):
-        row_weight.mul_(a_neg * factor)
+    count = _scratch_count(gamma, want_grad, scale != 1 or shift != 0)
+    spare = count if want_grad and backend() == "eager" else 0
+    grad = logits.new_empty(logits.shape) if want_grad else None  # contiguous: scratch rows are views of it
 
-    grad = torch.empty_like(logits) if want_grad else None
-    rows = logits.new_empty(n)
-    chunks = _row_chunks(logits)
-    work = _workspace(logits, chunks, (2 if want_grad else 3) + (scale != 1 or shift != 0))
-    class_weight = _workspace(logits, chunks, 1) if isinstance(a_neg, Tensor) else None
+    chunks = _row_chunks(logits, spare)
+    fresh = _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
-    kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift)
-    for (r0, r1), p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
-        weight = row_weight[r0:r1]
-        if isinstance(a_neg, Tensor):  # per-class weights: (R, K)
-            weight = torch.mul(weight, a_neg * factor, out=None if class_weight is None else class_weight[0, : r1 - r0])
+    kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift, neg_weight=a_neg * factor)
+    sums = [
         kernel(
             logits[r0:r1],
+            labels[r0:r1],
             pos_rows[p0:p1] - r0,
             pos_cls[p0:p1],
-            weight,
-            rows[r0:r1],
             grad[r0:r1] if want_grad else None,
-            _rows(work, r1 - r0),
+            _scratch(grad, (r0, r1, scratch), spare, fresh),
         )
-    total = rows.sum(dtype=torch.float64)
+        for (r0, r1, scratch), p0, p1 in zip(chunks, bounds[:-1], bounds[1:])
+    ]
+    total = _sum(sums, logits)
 
     # The positives: phi at -scale * x + shift.
     a_pos = a_pos[pos_cls] * factor if isinstance(a_pos, Tensor) else a_pos * factor
@@ -487,14 +546,13 @@ def focal_star_loss(
 
 def _softmax_chunk(
     x: Tensor,
-    y: Tensor,
-    weight: Tensor,
-    rows_out: Tensor,
+    labels: Tensor,
     grad_out: Optional[Tensor],
-    work: Tensor,
+    work: Optional[Tensor],
     *,
     gamma: float,
-):
+    class_weight: Tensor,
+) -> Tensor:
     """
     Softmax focal loss of one chunk of rows. With ``e_j = exp(x_j - max_j x)``,
     ``S = sum_{j != y} e_j``:
@@ -509,15 +567,18 @@ def _softmax_chunk(
 
     Args:
         x (Tensor): (R, C) logits.
-        y (Tensor): (R,) labels in [0, C) (anything in range for ignored rows).
-        weight (Tensor): (R,) alpha_t, 0 for ignored rows.
-        rows_out (Tensor): (R,), receives the loss of each row.
+        labels (Tensor): (R,) in [-1, C); rows labelled -1 get zero loss and gradient.
         grad_out (Tensor or None): (R, C), receives the gradient (and serves as
             scratch space before).
         work (Tensor or None): (1, R, C) scratch space without ``grad_out``, or None
             for a fresh tensor.
+        class_weight (Tensor): (C + 1,) the weight w of label -1 (0), then the alpha of each class.
+
+    Returns:
+        Tensor: 0-dim sum over the valid rows, dtype of ``x``.
     """
-    y = y[:, None]
+    y = labels.clamp_min(0)[:, None]
+    weight = class_weight.index_select(0, labels + 1)[:, None]
     x_max = x.amax(dim=1, keepdim=True)
     e = torch.sub(x, x_max, out=grad_out if grad_out is not None or work is None else work[0])
     e = e.mul_(_LOG2_E).exp2_()
@@ -528,12 +589,13 @@ def _softmax_chunk(
     log_1m_pt = torch.log1p(e_y / others).neg_()
     # (1 - p_t)^gamma is 1 to machine precision below _TINY_GAMMA (which float32 rounds to 0).
     modulator = torch.exp(gamma * log_1m_pt) if gamma >= _TINY_GAMMA else torch.ones_like(log_pt)
-    weight = weight[:, None]
-    torch.mul(weight * modulator, log_pt, out=rows_out[:, None]).neg_()
+    weight = weight * modulator
+    loss = (weight * log_pt).sum().neg_()
     if grad_out is not None:
-        d = weight * modulator * (gamma * log_pt.exp() * log_pt - log_1m_pt.exp())
+        d = weight * (gamma * log_pt.exp() * log_pt - log_1m_pt.exp())
         coef = -d / others.clamp_min(torch.finfo(x.dtype).tiny)  # 0 where p_t == 1
         e.mul_(coef).scatter_(1, y, d)
+    return loss
 
 
 def _softmax_family(
@@ -546,22 +608,17 @@ def _softmax_family(
     class_alpha: Optional[Tensor],
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk."""
-    valid = labels >= 0
-    y = labels.clamp_min(0)
-    weight = softmax_alpha_t(y, logits.shape[1] - 1, alpha, class_alpha, logits.dtype)
-    weight = torch.where(valid, weight, 0)
-    grad = torch.empty_like(logits) if want_grad else None
-    rows = logits.new_empty(len(labels))
+    class_weight = softmax_class_alpha(logits.shape[1] - 1, alpha, class_alpha, logits.dtype, logits.device)
+    class_weight = torch.cat([class_weight.new_zeros(1), class_weight])  # label -1 weighs 0
+    grad = logits.new_empty(logits.shape) if want_grad else None
     chunks = _row_chunks(logits)
-    work = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
-    kernel = partial(_kernel(_softmax_chunk), gamma=gamma)
-    for r0, r1 in chunks:
-        kernel(
-            logits[r0:r1], y[r0:r1], weight[r0:r1], rows[r0:r1], grad[r0:r1] if want_grad else None,
-            _rows(work, r1 - r0),
-        )
-    total = torch.where(valid, rows, 0).sum(dtype=torch.float64)
-    return total.to(logits.dtype), grad
+    fresh = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
+    kernel = partial(_kernel(_softmax_chunk), gamma=gamma, class_weight=class_weight)
+    sums = []
+    for r0, r1, _ in chunks:
+        scratch = None if fresh is None else fresh[:, : r1 - r0]
+        sums.append(kernel(logits[r0:r1], labels[r0:r1], grad[r0:r1] if want_grad else None, scratch))
+    return _sum(sums, logits).to(logits.dtype), grad
 
 
 def softmax_focal_loss(
