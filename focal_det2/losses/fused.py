@@ -433,17 +433,19 @@ def _sigmoid_family(
     fresh = _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
     kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift, neg_weight=a_neg * factor)
-    sums = [
-        kernel(
-            logits[r0:r1],
-            labels[r0:r1],
-            pos_rows[p0:p1] - r0,
-            pos_cls[p0:p1],
-            grad[r0:r1] if want_grad else None,
-            _scratch(grad, (r0, r1, scratch), spare, fresh),
+    sums = []
+    for chunk, p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
+        r0, r1, _ = chunk
+        sums.append(
+            kernel(
+                logits[r0:r1],
+                labels[r0:r1],
+                pos_rows[p0:p1] - r0,
+                pos_cls[p0:p1],
+                grad[r0:r1] if want_grad else None,
+                _scratch(grad, chunk, spare, fresh),
+            )
         )
-        for (r0, r1, scratch), p0, p1 in zip(chunks, bounds[:-1], bounds[1:])
-    ]
     total = _sum(sums, logits)
 
     # The positives: phi at -scale * x + shift.
@@ -615,9 +617,10 @@ def _softmax_family(
     fresh = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
     kernel = partial(_kernel(_softmax_chunk), gamma=gamma, class_weight=class_weight)
     sums = []
-    for r0, r1, _ in chunks:
-        scratch = None if fresh is None else fresh[:, : r1 - r0]
-        sums.append(kernel(logits[r0:r1], labels[r0:r1], grad[r0:r1] if want_grad else None, scratch))
+    for chunk in chunks:
+        r0, r1, _ = chunk
+        grad_out = grad[r0:r1] if want_grad else None
+        sums.append(kernel(logits[r0:r1], labels[r0:r1], grad_out, _scratch(None, chunk, 0, fresh)))
     return _sum(sums, logits).to(logits.dtype), grad
 
 
