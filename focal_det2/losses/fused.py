@@ -18,8 +18,9 @@ logits is read once and the gradient is written once:
   functions twice: 1.8x slower, measured.)
 * Nothing else grows with the logits: a chunk's scratch buffers are gradient
   rows not written yet (those after the chunk, see :func:`_row_chunks`), and
-  per-anchor weights and sums are taken chunk by chunk. The extra memory of
-  a forward + backward is the gradient plus a few hundred kB.
+  per-anchor weights and sums are taken chunk by chunk. On the CPU the extra
+  memory of a forward + backward is the gradient plus a few hundred kB; on a
+  GPU, plus the fresh scratch of the last chunks (up to 2-3 x 16 MB).
 * Each chunk is summed by PyTorch's pairwise sum, the chunk sums in float64;
   ignored anchors (label -1) get zero loss and zero gradient.
 * Everything is written with ``exp(-|x|)`` and ``log1p``, never ``log(p)``,
