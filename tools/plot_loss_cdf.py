@@ -44,7 +44,7 @@ from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K  # n
 import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2 import add_focal_config  # noqa: E402
 from focal_det2.losses import functional  # noqa: E402
-from plotting import one_thread, save_figure  # noqa: E402  (tools/, beside this script)
+from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 # Losses whose logits are those of K independent sigmoids.
 SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
@@ -185,10 +185,7 @@ def get_parser():
     parser.add_argument("--dataset", help="default: the config's first test set")
     parser.add_argument("--num-images", type=int, default=300, help="first images of the data set")
     parser.add_argument("--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="comma-separated")
-    parser.add_argument("--output", default="docs/loss_cdf.png")
-    parser.add_argument("--width", type=float, default=12.0, help="inches")
-    parser.add_argument("--height", type=float, default=4.5, help="inches")
-    parser.add_argument("--dpi", type=int, default=100)
+    add_figure_arguments(parser, "docs/loss_cdf.png", height=4.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
     return parser
 

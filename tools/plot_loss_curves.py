@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from focal_det2.losses import functional  # noqa: E402
-from plotting import one_thread, save_figure  # noqa: E402  (tools/, beside this script)
+from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 STAR_SETTINGS = ((2.0, 1.0), (4.0, 0.0))
@@ -105,10 +105,7 @@ def plot(output: str, width: float = 12.0, height: float = 4.5, dpi: int = 100, 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="docs/loss_curves.png")
-    parser.add_argument("--width", type=float, default=12.0, help="inches")
-    parser.add_argument("--height", type=float, default=4.5, help="inches")
-    parser.add_argument("--dpi", type=int, default=100)
+    add_figure_arguments(parser, "docs/loss_curves.png", height=4.5)
     return parser
 
 

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from plotting import save_figure  # noqa: E402  (tools/, beside this script)
+from plotting import add_figure_arguments, save_figure  # noqa: E402  (tools/, beside this script)
 
 LOSS_KEYS = ("loss_cls", "loss_box_reg")
 GAMMA_KEY = "focal_gamma"
@@ -107,10 +107,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="OUTPUT_DIRs or metrics.json files")
     parser.add_argument("--labels", help="comma-separated legend entries, one per run")
-    parser.add_argument("--output", default="docs/training_curves.png")
-    parser.add_argument("--width", type=float, default=12.0, help="inches")
-    parser.add_argument("--height", type=float, default=4.0, help="inches")
-    parser.add_argument("--dpi", type=int, default=100)
+    add_figure_arguments(parser, "docs/training_curves.png", height=4.0)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""What the plotting tools share: torch on one thread for tiny tensors, and saving a figure."""
+"""What the plotting tools share: torch on one thread for tiny tensors, the figure options, and saving a figure."""
 import contextlib
 import os
 
@@ -26,3 +26,11 @@ def save_figure(fig, output: str, dpi: int):
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     fig.savefig(output, dpi=dpi)
     plt.close(fig)
+
+
+def add_figure_arguments(parser, output: str, height: float):
+    """Adds ``--output`` (default ``output``), ``--width``, ``--height`` (default ``height``) and ``--dpi``."""
+    parser.add_argument("--output", default=output)
+    parser.add_argument("--width", type=float, default=12.0, help="inches")
+    parser.add_argument("--height", type=float, default=height, help="inches")
+    parser.add_argument("--dpi", type=int, default=100)
