@@ -1,5 +1,11 @@
 """Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas."""
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through Triton's interpreter (read when a kernel is defined).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from detectron2.config import get_cfg
 
 import focal_det2

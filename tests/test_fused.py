@@ -4,7 +4,8 @@ in ``focal_det2.losses.functional``: values and gradients (float32 against
 the reference evaluated in float64 on the same inputs, and float64 against
 float64), ignored anchors, all-ignored and empty batches, extreme logits,
 gradcheck of the autograd Functions, and the backend choice read from
-FOCAL_DET2_COMPILE.
+FOCAL_DET2_BACKEND. The Triton kernels run here through Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest where there is no CUDA).
 """
 import logging
 
@@ -31,12 +32,20 @@ NUM_CLASSES = 5
 
 
 @pytest.fixture(autouse=True)
-def eager_backend(monkeypatch):
-    """Every test starts from an unchosen backend with FOCAL_DET2_COMPILE unset."""
-    monkeypatch.delenv(fused.COMPILE_ENV, raising=False)
+def default_backend(monkeypatch):
+    """Every test starts from unchosen backends with FOCAL_DET2_BACKEND unset."""
+    monkeypatch.delenv(fused.BACKEND_ENV, raising=False)
+    monkeypatch.delenv("FOCAL_DET2_COMPILE", raising=False)
     fused._reset_backend()
     yield
     fused._reset_backend()
+
+
+def use_triton(monkeypatch):
+    """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
+    if not fused._triton_interpreting():
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
 
 
 def kwargs_of(name, *, gamma=2.0, alpha=0.25, class_alpha=None, beta=0.5):
@@ -84,12 +93,14 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient"])
+@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient", "triton"])
 def chunking(request, monkeypatch):
     """
-    Runs a test with the default chunk sizes (one chunk, fresh scratch space),
-    with chunks of 3 rows and fresh scratch space, and with chunks of 8 rows
-    down to 1 that take their scratch space from the gradient's free rows.
+    Runs a test with the eager path's default chunk sizes (one chunk, fresh
+    scratch space), with chunks of 3 rows and fresh scratch space, with
+    chunks of 8 rows down to 1 that take their scratch space from the
+    gradient's free rows, and with the Triton kernels (float32; float64
+    logits take the eager path there too).
     """
     if request.param == "many chunks":
         monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
@@ -97,6 +108,16 @@ def chunking(request, monkeypatch):
     elif request.param == "scratch in the gradient":
         monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 8 * (NUM_CLASSES + 1))
         monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", NUM_CLASSES + 1)
+    elif request.param == "triton":
+        use_triton(monkeypatch)
+
+
+@pytest.fixture(params=["eager", "triton"])
+def backend_name(request, monkeypatch):
+    """Runs a test on the eager path and on the Triton kernels."""
+    if request.param == "triton":
+        use_triton(monkeypatch)
+    return request.param
 
 
 # ----------------------------------------------------------------------------- equal to the reference
@@ -135,7 +156,7 @@ def test_matches_reference_with_class_alpha(name, alpha, dtype, chunking):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
-def test_float32_value_matches_float32_reference(name, gamma):
+def test_float32_value_matches_float32_reference(name, gamma, backend_name):
     logits, labels = batch(name, num_anchors=2000, seed=3)
     ours = FAST[name](logits, labels, **kwargs_of(name, gamma=gamma))
     ref = REFERENCE[name](logits, labels, **kwargs_of(name, gamma=gamma))
@@ -143,7 +164,7 @@ def test_float32_value_matches_float32_reference(name, gamma):
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_realistic_retinanet_batch(name):
+def test_realistic_retinanet_batch(name, backend_name):
     # 80 classes, logits around the prior logit -4.6, ~1% foreground, ~5% ignored.
     g = torch.Generator().manual_seed(4)
     cols = 81 if name == "softmax_focal" else 80
@@ -196,7 +217,7 @@ def test_ignored_anchors_have_zero_loss_and_gradient(name, chunking):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("num_anchors", [0, 4])
-def test_all_ignored_batch_is_zero_and_connected(name, num_anchors):
+def test_all_ignored_batch_is_zero_and_connected(name, num_anchors, backend_name):
     cols = NUM_CLASSES + 1 if name == "softmax_focal" else NUM_CLASSES
     logits = torch.randn(num_anchors, cols, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
     labels = torch.full((num_anchors,), -1, dtype=torch.long)
@@ -210,7 +231,7 @@ def test_all_ignored_batch_is_zero_and_connected(name, num_anchors):
 
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("gamma", [4.6e-296, 0.5, 2.0, 5.0])  # 4.6e-296: 1 / gamma overflows float32
-def test_extreme_logits_are_finite_and_match(name, gamma):
+def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
     if name == "focal_star" and gamma < 1e-3:
         pytest.skip("FL* is -log(p*) / gamma: it grows as 1 / gamma by definition")
     g = torch.Generator().manual_seed(7)
@@ -226,7 +247,7 @@ def test_extreme_logits_are_finite_and_match(name, gamma):
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("name", ["sigmoid_focal", "focal_star", "softmax_focal"])
 @pytest.mark.parametrize("gamma", [1e-30, 1e-12])
-def test_tiny_gamma_matches_reference(name, gamma, dtype):
+def test_tiny_gamma_matches_reference(name, gamma, dtype, backend_name):
     # gamma -> 0 on ordinary logits: 1e-30 is below float32 (gamma * x rounds to 0), no NaN.
     logits, labels = batch(name, dtype=dtype, seed=16)
     value, grad = assert_matches_reference(name, logits, labels, **kwargs_of(name, gamma=gamma))
@@ -249,7 +270,7 @@ def test_gradcheck_float64(name, gamma, with_class_alpha, monkeypatch):
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_backward_scales_by_the_incoming_gradient_and_can_run_twice(name):
+def test_backward_scales_by_the_incoming_gradient_and_can_run_twice(name, backend_name):
     logits, labels = batch(name, seed=9)
     _, grad = value_and_grad(FAST[name], logits, labels, **kwargs_of(name))
     x = logits.clone().requires_grad_(True)
@@ -261,7 +282,7 @@ def test_backward_scales_by_the_incoming_gradient_and_can_run_twice(name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_no_grad_and_non_contiguous_logits(name):
+def test_no_grad_and_non_contiguous_logits(name, backend_name):
     logits, labels = batch(name, seed=10)
     value, grad = value_and_grad(FAST[name], logits, labels, **kwargs_of(name))
     with torch.no_grad():
@@ -309,36 +330,74 @@ def test_registered_losses_call_the_fast_path(name, monkeypatch):
 # ----------------------------------------------------------------------------- backend choice
 
 
-def test_compile_env_0_takes_the_eager_path_and_logs_it(monkeypatch, caplog):
-    monkeypatch.setenv(fused.COMPILE_ENV, "0")
+def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     caplog.set_level(logging.INFO, logger=fused.__name__)
     logits, labels = batch("sigmoid_focal", seed=12)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
-    assert fused.backend() == "eager"
+    assert_matches_reference("sigmoid_focal", logits, labels, gamma=1.0)
+    assert fused.backend("cpu") == "eager"
     assert compiled == []
     messages = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
-    assert len(messages) == 1 and "eager" in messages[0] and "FOCAL_DET2_COMPILE=0" in messages[0]
+    assert len(messages) == 1 and "on cpu: eager" in messages[0] and "default" in messages[0]
 
 
-def test_compile_env_1_compiles_the_chunk_kernels(monkeypatch, caplog):
+def test_default_backend_on_cuda_is_triton_where_it_imports(monkeypatch):
+    assert fused.select_backend("cuda")[0] == "triton"
+    monkeypatch.setattr(fused, "_triton_missing", lambda: "Triton does not import (test)")
+    backend, why = fused.select_backend("cuda")
+    assert backend == "eager" and "Triton does not import" in why
+
+
+def test_backend_env_eager_takes_the_eager_path(monkeypatch):
+    monkeypatch.setenv(fused.BACKEND_ENV, "eager")
+    assert fused.select_backend("cuda") == ("eager", "FOCAL_DET2_BACKEND=eager")
+
+
+def test_backend_env_triton_runs_the_kernels(monkeypatch):
+    use_triton(monkeypatch)
+    from focal_det2.losses import triton_kernels
+
+    launched = []
+    real = triton_kernels._sigmoid_launch
+    monkeypatch.setattr(triton_kernels, "_sigmoid_launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    logits, labels = batch("sigmoid_focal", seed=12)
+    assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
+    assert fused.backend("cpu") == "triton" and len(launched) == 2  # forward and backward
+
+
+def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatch):
+    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu"):
+        fused.select_backend("cpu")
+
+
+def test_backend_env_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
+    monkeypatch.setattr(fused, "_triton_missing", lambda: "Triton does not import (test)")
+    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=triton: Triton does not import"):
+        fused.select_backend("cuda")
+
+
+def test_backend_env_compile_compiles_the_chunk_kernels(monkeypatch, caplog):
     # torch.compile is replaced by a recorder, so the test checks the wiring without compiling.
-    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    monkeypatch.setenv(fused.BACKEND_ENV, "compile")
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
     caplog.set_level(logging.INFO, logger=fused.__name__)
     for name in ["sigmoid_focal", "softmax_focal"]:
         logits, labels = batch(name, seed=13)
         assert_matches_reference(name, logits, labels, **kwargs_of(name))
-    assert fused.backend() == "compile"
+    assert fused.backend("cpu") == "compile"
     assert sorted(compiled) == ["_sigmoid_chunk", "_softmax_chunk"]
     messages = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
     assert len(messages) == 1 and "compile" in messages[0]
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
-    monkeypatch.setenv(fused.COMPILE_ENV, "1")
+    monkeypatch.setenv(fused.BACKEND_ENV, "compile")
 
     def broken_compile(fn, **kwargs):
         def run(*args, **kw):
@@ -350,11 +409,17 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
     logits, labels = batch("sigmoid_focal", seed=14)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
-    assert fused.backend() == "eager"
+    assert fused.backend("cpu") == "eager"
     assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
 
 
-def test_unknown_compile_env_value_raises(monkeypatch):
-    monkeypatch.setenv(fused.COMPILE_ENV, "yes")
-    with pytest.raises(ValueError, match="FOCAL_DET2_COMPILE"):
+def test_unknown_backend_env_value_raises(monkeypatch):
+    monkeypatch.setenv(fused.BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND='cuda': allowed values are eager, triton, compile"):
+        fused.select_backend()
+
+
+def test_former_compile_env_raises_naming_its_replacement(monkeypatch):
+    monkeypatch.setenv("FOCAL_DET2_COMPILE", "1")
+    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=compile"):
         fused.select_backend()

@@ -58,7 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-COMPILE_ENV = "FOCAL_DET2_COMPILE"
+BACKEND_ENV = "FOCAL_DET2_BACKEND"
+BACKENDS = ("eager", "triton", "compile")
 # Elements per chunk of rows. On the CPU a chunk and its one to three scratch
 # buffers stay in L3; 2^19 was the best of 2^18..2^20 measured on 2 cores at
 # 200k x 80 (2^20 equal within noise; 2^18 10-20% slower from PyTorch's per-op
@@ -73,69 +74,105 @@ CPU_MIN_CHUNK_ELEMENTS = 1 << 12
 _TINY_GAMMA = 1e-20
 _LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
-_backend: Optional[str] = None
+_backends = {}  # device type -> chosen backend
 _kernels = {}
 
 
 # ----------------------------------------------------------------------------- backend
 
 
-def select_backend() -> Tuple[str, str]:
-    """
-    Reads ``FOCAL_DET2_COMPILE`` and returns the backend it asks for and why:
-    ``"0"`` or unset: ``"eager"``; ``"1"``: ``"compile"`` if ``torch.compile``
-    exists. Any other value raises ValueError.
-    """
-    flag = os.environ.get(COMPILE_ENV, "").strip()
-    if flag in ("", "0"):
-        why = f"{COMPILE_ENV}=0" if flag else f"the default; {COMPILE_ENV}=1 compiles them"
-        return "eager", why
-    if flag != "1":
-        raise ValueError(f"{COMPILE_ENV}={flag!r}: allowed values are '0' (eager) and '1' (torch.compile).")
-    if not hasattr(torch, "compile"):
-        return "eager", f"{COMPILE_ENV}=1 but this torch has no torch.compile"
-    return "compile", f"{COMPILE_ENV}=1"
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-def backend() -> str:
+def _triton_missing() -> Optional[str]:
+    """None if Triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton does not import ({e})"
+    return None
+
+
+def select_backend(device_type: str = "cpu") -> Tuple[str, str]:
+    """
+    The backend of the fused losses on ``device_type`` and why.
+
+    ``FOCAL_DET2_BACKEND`` forces one of ``eager`` (chunked torch ops),
+    ``triton`` (one Triton kernel per loss family, for CUDA tensors; for CPU
+    tensors only under ``TRITON_INTERPRET=1``) or ``compile`` (the eager
+    chunk kernels through ``torch.compile``). Unset, CUDA tensors take
+    ``triton`` where Triton imports and every other device ``eager``, the
+    fastest measured on each (``benchmarks/bench_loss.py``).
+
+    Raises:
+        ValueError: an unknown value, the former ``FOCAL_DET2_COMPILE``, or a
+            forced backend this device or installation cannot run.
+    """
+    if os.environ.get("FOCAL_DET2_COMPILE") is not None:
+        raise ValueError(
+            "FOCAL_DET2_COMPILE is no longer read: set FOCAL_DET2_BACKEND=compile (or eager, triton) instead."
+        )
+    flag = os.environ.get(BACKEND_ENV, "").strip()
+    if not flag:
+        if device_type == "cuda":
+            missing = _triton_missing()
+            if missing is None:
+                return "triton", f"the default on cuda; {BACKEND_ENV}=eager|compile chooses another"
+            return "eager", f"the default on cuda without Triton: {missing}"
+        return "eager", f"the default on {device_type}; {BACKEND_ENV}=compile compiles the chunk kernels"
+    if flag not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={flag!r}: allowed values are {', '.join(BACKENDS)}.")
+    if flag == "compile" and not hasattr(torch, "compile"):
+        raise ValueError(f"{BACKEND_ENV}=compile: this torch ({torch.__version__}) has no torch.compile.")
+    if flag == "triton":
+        missing = _triton_missing()
+        if missing is not None:
+            raise ValueError(f"{BACKEND_ENV}=triton: {missing}.")
+        if device_type != "cuda" and not _triton_interpreting():
+            raise ValueError(
+                f"{BACKEND_ENV}=triton: Triton kernels run on CUDA tensors, these are on {device_type} "
+                "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)."
+            )
+    return flag, f"{BACKEND_ENV}={flag}"
+
+
+def backend(device_type: str = "cpu") -> str:
     """
     Returns:
-        str: ``"eager"`` or ``"compile"``, the implementation of the chunk
-        kernels this process uses. Chosen by :func:`select_backend` on first
-        use and logged once.
+        str: ``"eager"``, ``"triton"`` or ``"compile"``, the implementation
+        this process uses for tensors on ``device_type``. Chosen by
+        :func:`select_backend` on first use and logged once per device type.
     """
-    global _backend
-    if _backend is None:
-        _backend, why = select_backend()
-        logger.info("focal_det2 fused losses: %s kernels (%s).", _backend, why)
-    return _backend
+    if device_type not in _backends:
+        _backends[device_type], why = select_backend(device_type)
+        logger.info("focal_det2 fused losses on %s: %s kernels (%s).", device_type, _backends[device_type], why)
+    return _backends[device_type]
 
 
 def _reset_backend():
-    """Forget the chosen backend and compiled kernels (for tests)."""
-    global _backend
-    _backend = None
+    """Forget the chosen backends and compiled kernels (for tests)."""
+    _backends.clear()
     _kernels.clear()
 
 
-def _kernel(fn: Callable) -> Callable:
+def _kernel(fn: Callable, device_type: str) -> Callable:
     """``fn`` itself, or its ``torch.compile``d version under the compile backend."""
-    if backend() == "eager":
+    if backend(device_type) != "compile":
         return fn
     if fn not in _kernels:
-        _kernels[fn] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn)
+        _kernels[fn] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn, device_type)
     return _kernels[fn]
 
 
-def _with_eager_fallback(compiled: Callable, eager: Callable) -> Callable:
+def _with_eager_fallback(compiled: Callable, eager: Callable, device_type: str) -> Callable:
     def run(*args, **kwargs):
-        global _backend
-        if _backend == "compile":
+        if _backends.get(device_type) == "compile":
             try:
                 return compiled(*args, **kwargs)
             except Exception as e:  # no compiler, unsupported op, ...: run eagerly from now on
                 logger.warning("focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e)
-                _backend = "eager"
+                _backends[device_type] = "eager"
         return eager(*args, **kwargs)
 
     return run
@@ -200,7 +237,7 @@ def _workspace(logits: Tensor, chunks: List[Chunk], count: int) -> Optional[Tens
     and under the compile backend, whose fused kernels need no scratch space.
     """
     rows = max((r1 - r0 for r0, r1, scratch in chunks if scratch is None), default=0)
-    if backend() == "compile" or rows == 0:
+    if backend(logits.device.type) == "compile" or rows == 0:
         return None
     return logits.new_empty((count, rows, logits.shape[1]))
 
@@ -238,6 +275,33 @@ def _apply(compute: Callable, logits: Tensor, labels: Tensor) -> Tensor:
     if torch.is_grad_enabled() and logits.requires_grad:
         return _FusedLoss.apply(logits, labels, compute)
     return compute(logits, labels, False)[0]
+
+
+def _eager_logits(logits: Tensor) -> Tensor:
+    """
+    float16 and bfloat16 logits in float32 for the eager and compile
+    backends, whose math runs in the logits' dtype; autograd casts the
+    gradient back. (The Triton kernels read any of them and compute in float32.)
+    """
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _use_triton(logits: Tensor) -> bool:
+    """
+    The Triton kernels compute in float32: they take float32, float16 and
+    bfloat16 logits; float64 logits, asked for for their precision, take the
+    eager path.
+    """
+    return logits.dtype != torch.float64 and backend(logits.device.type) == "triton"
+
+
+def _sigmoid_loss(logits: Tensor, labels: Tensor, **params) -> Tensor:
+    """:func:`_sigmoid_family` (with ``params``) on the backend of ``logits``' device."""
+    if _use_triton(logits):
+        from . import triton_kernels
+
+        return triton_kernels.sigmoid_family(logits, labels, **params)
+    return _apply(partial(_sigmoid_family, **params), _eager_logits(logits), labels)
 
 
 # ----------------------------------------------------------------------------- sigmoid losses
@@ -427,13 +491,13 @@ def _sigmoid_family(
     pos_rows, pos_cls = _foreground(labels, k)
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
     count = _scratch_count(gamma, want_grad, scale != 1 or shift != 0)
-    spare = count if want_grad and backend() == "eager" else 0
+    spare = count if want_grad and backend(logits.device.type) == "eager" else 0
     grad = logits.new_empty(logits.shape) if want_grad else None  # contiguous: scratch rows are views of it
 
     chunks = _row_chunks(logits, spare)
     fresh = _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
-    kernel = partial(_kernel(_sigmoid_chunk), gamma=gamma, scale=scale, shift=shift, neg_weight=a_neg * factor)
+    kernel = partial(_kernel(_sigmoid_chunk, logits.device.type), gamma=gamma, scale=scale, shift=shift, neg_weight=a_neg * factor)
     sums = []
     for chunk, p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
         r0, r1, _ = chunk
@@ -487,10 +551,9 @@ def sigmoid_focal_loss(
     Returns:
         Tensor: scalar, the sum over valid anchors and classes.
     """
-    compute = partial(
-        _sigmoid_family, gamma=gamma, scale=1.0, shift=0.0, factor=1.0, alpha=alpha, class_alpha=class_alpha
+    return _sigmoid_loss(
+        logits, labels, gamma=gamma, scale=1.0, shift=0.0, factor=1.0, alpha=alpha, class_alpha=class_alpha
     )
-    return _apply(compute, logits, labels)
 
 
 def sigmoid_cross_entropy(
@@ -532,8 +595,9 @@ def focal_star_loss(
     if gamma <= 0:
         raise ValueError(f"focal_star_loss divides by gamma; gamma={gamma} must be > 0.")
     # A negative's term is softplus(gamma x - beta) / gamma: phi at gamma 0 of z = gamma x - beta.
-    compute = partial(
-        _sigmoid_family,
+    return _sigmoid_loss(
+        logits,
+        labels,
         gamma=0.0,
         scale=float(gamma),
         shift=-float(beta),
@@ -541,7 +605,6 @@ def focal_star_loss(
         alpha=alpha,
         class_alpha=class_alpha,
     )
-    return _apply(compute, logits, labels)
 
 
 # ----------------------------------------------------------------------------- softmax loss
@@ -607,16 +670,14 @@ def _softmax_family(
     want_grad: bool,
     *,
     gamma: float,
-    alpha: float,
-    class_alpha: Optional[Tensor],
+    class_weight: Tensor,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk."""
-    class_weight = softmax_class_alpha(logits.shape[1] - 1, alpha, class_alpha, logits.dtype, logits.device)
-    class_weight = torch.cat([class_weight.new_zeros(1), class_weight])  # label -1 weighs 0
+    class_weight = class_weight.to(logits.dtype)
     grad = logits.new_empty(logits.shape) if want_grad else None
     chunks = _row_chunks(logits)
     fresh = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
-    kernel = partial(_kernel(_softmax_chunk), gamma=gamma, class_weight=class_weight)
+    kernel = partial(_kernel(_softmax_chunk, logits.device.type), gamma=gamma, class_weight=class_weight)
     sums = []
     for chunk in chunks:
         r0, r1, _ = chunk
@@ -648,5 +709,11 @@ def softmax_focal_loss(
     Returns:
         Tensor: scalar, the sum over valid anchors.
     """
-    compute = partial(_softmax_family, gamma=gamma, alpha=alpha, class_alpha=class_alpha)
-    return _apply(compute, logits, labels)
+    class_weight = softmax_class_alpha(logits.shape[1] - 1, alpha, class_alpha, torch.float64, logits.device)
+    class_weight = torch.cat([class_weight.new_zeros(1), class_weight])  # label -1 weighs 0
+    if _use_triton(logits):
+        from . import triton_kernels
+
+        return triton_kernels.softmax_family(logits, labels, gamma=gamma, class_weight=class_weight)
+    compute = partial(_softmax_family, gamma=gamma, class_weight=class_weight)
+    return _apply(compute, _eager_logits(logits), labels)

@@ -1,0 +1,297 @@
+"""
+Triton kernels of the fused losses, for CUDA tensors (and, under
+``TRITON_INTERPRET=1``, for CPU tensors: that is how ``make test`` checks
+their logic without a GPU).
+
+One kernel per loss family, each launched twice per training step:
+
+* forward: every program reads a block of logits and the labels of its rows,
+  and writes one float32 partial sum; the partial sums are then added in
+  float64 by one ``torch.sum``. The order of every addition is fixed by the
+  launch, so the same inputs give bitwise the same loss on every run (no
+  atomics).
+* backward: the same program recomputes its block and writes the
+  closed-form gradient, times the incoming gradient read from device memory
+  (no host sync), in the logits' dtype.
+
+So a forward + backward reads the logits twice and writes the gradient
+once; the only logits-sized allocation is the gradient. The math is float32
+whatever the logits' dtype (float32, float16, bfloat16), with ``log1p``
+written out (:func:`_log1p`), because Triton's ``log`` is the GPU's fast
+approximate one, whose absolute error would swamp ``log(1 + e)`` for small
+``e``. Gamma is a runtime argument, so a gamma schedule never recompiles; at
+gamma = 0 no term raises 0 to a negative power (the gradient is written with
+``sigmoid(z)^gamma``, never ``(1 - p_t)^(gamma - 1)``).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["sigmoid_family", "softmax_family"]
+
+LOG2_E = 1.4426950408889634
+# Elements per program of the sigmoid kernel, rows per program of the softmax kernel.
+SIGMOID_BLOCK = 4096
+SOFTMAX_ELEMENTS = 4096
+# Below this gamma, (1 - p_t)^gamma is taken as 1, as in the eager path.
+TINY_GAMMA = 1e-20
+
+
+@triton.jit
+def _log1p(a):
+    """
+    log(1 + a) for a >= 0, to float32 precision: for a <= 1 the series
+    ``2 atanh(w) = 2 (w + w^3/3 + ... + w^13/13)``, ``w = a / (2 + a) <= 1/3``
+    (truncation below 1.5e-8 relative); above, ``log(1 + a) >= log 2``, where
+    the fast ``log``'s absolute error is small relative to the result.
+    """
+    w = a / (2.0 + a)
+    w2 = w * w
+    series = 1.0 / 13.0
+    series = series * w2 + 1.0 / 11.0
+    series = series * w2 + 1.0 / 9.0
+    series = series * w2 + 1.0 / 7.0
+    series = series * w2 + 1.0 / 5.0
+    series = series * w2 + 1.0 / 3.0
+    series = series * w2 + 1.0
+    return tl.where(a <= 1.0, 2.0 * w * series, tl.log(1.0 + a))
+
+
+@triton.jit
+def _sigmoid_kernel(
+    x_ptr,
+    labels_ptr,
+    alpha_ptr,
+    out_ptr,
+    grad_loss_ptr,
+    numel,
+    gamma,
+    scale,
+    shift,
+    factor,
+    pos_weight,
+    neg_weight,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CLASS_ALPHA: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    """
+    Element ``(i, k)`` of the (N, K) logits, with ``s = -1`` for ``k ==
+    label_i`` and +1 elsewhere, contributes ``w phi(z)``, ``z = s scale x +
+    shift``, where (appendix B of the paper)
+
+        phi(z)  = sigmoid(z)^gamma softplus(z),
+        phi'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z)),
+
+    and ``w`` is the positive or negative weight of class k (times
+    ``factor``), 0 for ignored rows. Without GRAD, ``out[pid]`` is the sum
+    of the block's terms; with GRAD, ``out`` is the (N, K) gradient
+    ``w s scale phi'(z) * grad_loss``.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    row = offs // K
+    col = offs - row * K
+    label = tl.load(labels_ptr + row, mask=mask, other=-1)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pos = label == col
+    if CLASS_ALPHA:
+        a = tl.load(alpha_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        w = tl.where(pos, a, 1.0 - a) * factor
+    else:
+        w = tl.where(pos, pos_weight, neg_weight)
+    w = tl.where(label >= 0, w, 0.0)
+    sign = tl.where(pos, -scale, scale)
+    z = sign * x + shift
+    e = tl.exp2(-tl.abs(z) * LOG2_E)  # exp(-|z|), in (0, 1]
+    r = 1.0 / (1.0 + e)
+    log1p_e = _log1p(e)
+    softplus = tl.maximum(z, 0.0) + log1p_e
+    # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
+    modulator = tl.exp2((gamma * LOG2_E) * (tl.minimum(z, 0.0) - log1p_e))
+    wm = w * modulator
+    if GRAD:
+        s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
+        s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
+        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+        grad = wm * (s + gamma * softplus * s_neg) * (sign * grad_loss)
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid, tl.sum(wm * softplus, axis=0))
+
+
+@triton.jit
+def _softmax_kernel(
+    x_ptr,
+    labels_ptr,
+    weight_ptr,
+    out_ptr,
+    grad_loss_ptr,
+    num_rows,
+    gamma,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    """
+    Rows ``[pid BLOCK_R, (pid + 1) BLOCK_R)`` of the (N, C) logits. With
+    ``e_j = exp(x_j - max x)``, ``S = sum_{j != y} e_j``:
+
+        log(p_t)     = (x_y - max x) - log1p((e_y - 1) + S),
+        log(1 - p_t) = -log1p(e_y / S),
+        FL           = -w (1 - p_t)^gamma log(p_t),
+
+    ``w = weight[label + 1]`` (``weight[0] = 0`` for ignored rows). Without
+    GRAD, ``out[pid]`` is the block's sum; with GRAD, ``out`` is the (N, C)
+    gradient: ``D = w (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1)`` at
+    column y and ``-D e_j / S`` elsewhere, times ``grad_loss``.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_mask = rows < num_rows
+    mask = row_mask[:, None] & (cols < C)[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    w = tl.load(weight_ptr + label + 1, mask=row_mask, other=0.0).to(tl.float32)
+    y = tl.maximum(label, 0)
+    x_max = tl.max(x, axis=1)
+    x_max = tl.where(row_mask, x_max, 0.0)
+    e = tl.exp2((x - x_max[:, None]) * LOG2_E)  # 0 at masked columns
+    is_y = cols[None, :] == y[:, None]
+    e_y = tl.sum(tl.where(is_y, e, 0.0), axis=1)
+    x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
+    others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
+    log_pt = tl.where(row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0)  # rows past N: -inf
+    log_1m_pt = -_log1p(e_y / others)
+    modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * LOG2_E) * log_1m_pt), 1.0)
+    wm = tl.where(row_mask, w * modulator, 0.0)
+    if GRAD:
+        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+        d = wm * (gamma * tl.exp2(log_pt * LOG2_E) * log_pt - tl.exp2(log_1m_pt * LOG2_E)) * grad_loss
+        coef = -d / tl.maximum(others, 1.1754943508222875e-38)  # 0 where p_t == 1
+        grad = tl.where(is_y, d[:, None], coef[:, None] * e)
+        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid, -tl.sum(wm * log_pt, axis=0))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
+    n, k = logits.shape
+    numel = n * k
+    gamma, scale, shift, factor, alpha, class_alpha = params
+    if class_alpha is None:
+        pos_weight, neg_weight = (1.0, 1.0) if alpha < 0 else (alpha, 1.0 - alpha)
+        alpha_table = logits  # unread
+    else:
+        pos_weight = neg_weight = 0.0
+        alpha_table = class_alpha
+    grid = (triton.cdiv(numel, SIGMOID_BLOCK),)
+    _sigmoid_kernel[grid](
+        logits, labels, alpha_table, out, grad_loss, numel,
+        gamma, scale, shift, factor, pos_weight * factor, neg_weight * factor,
+        K=k, BLOCK=SIGMOID_BLOCK, CLASS_ALPHA=class_alpha is not None, GRAD=grad,
+        num_warps=8,
+    )
+
+
+def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
+    n, c = logits.shape
+    gamma, weight = params
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, SOFTMAX_ELEMENTS // block_c)
+    grid = (triton.cdiv(n, block_r),)
+    _softmax_kernel[grid](
+        logits, labels, weight, out, grad_loss, n, gamma,
+        C=c, BLOCK_R=block_r, BLOCK_C=block_c, GRAD=grad, num_warps=8,
+    )
+
+
+def _num_programs(launch, logits) -> int:
+    n, c = logits.shape
+    if launch is _sigmoid_launch:
+        return triton.cdiv(n * c, SIGMOID_BLOCK)
+    return triton.cdiv(n, max(1, SOFTMAX_ELEMENTS // triton.next_power_of_2(c)))
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16 logits (a sum over anchors overflows float16), else the logits' dtype."""
+    return logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _forward(launch, logits, labels, params) -> Tensor:
+    if logits.numel() == 0:
+        return logits.new_zeros((), dtype=_loss_dtype(logits))
+    partial = torch.empty(_num_programs(launch, logits), dtype=torch.float32, device=logits.device)
+    launch(logits, labels, partial, partial, params, grad=False)
+    return partial.sum(dtype=torch.float64).to(_loss_dtype(logits))
+
+
+def _backward(launch, logits, labels, params, grad_loss) -> Tensor:
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if logits.numel():
+        launch(logits, labels, grad, grad_loss.to(torch.float32).reshape(1), params, grad=True)
+    return grad
+
+
+class _TritonLoss(torch.autograd.Function):
+    """The summed loss; backward recomputes each block and writes its gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, launch, params) -> Tensor:
+        ctx.launch, ctx.params = launch, params
+        ctx.save_for_backward(logits, labels)
+        return _forward(launch, logits, labels, params)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        logits, labels = ctx.saved_tensors
+        return _backward(ctx.launch, logits, labels, ctx.params, grad_loss), None, None, None
+
+
+def _apply(launch, logits: Tensor, labels: Tensor, params) -> Tensor:
+    logits = logits.contiguous()
+    labels = labels.contiguous()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TritonLoss.apply(logits, labels, launch, params)
+    return _forward(launch, logits, labels, params)
+
+
+def sigmoid_family(logits, labels, *, gamma, scale, shift, factor, alpha, class_alpha) -> Tensor:
+    """
+    ``factor * sum_valid alpha_t * phi(s_t scale x + shift)`` with ``phi`` the
+    focal term at ``gamma`` (see :func:`_sigmoid_kernel`): FL, CE (gamma 0)
+    and FL* (gamma 0, scale = gamma*, shift = -beta, factor = 1 / gamma*).
+
+    Args:
+        logits (Tensor): (N, K) float32, float16 or bfloat16, on CUDA.
+        labels (Tensor): (N,) int64 in [-1, K].
+        class_alpha (Tensor or None): (K,) per-class foreground weights.
+
+    Returns:
+        Tensor: scalar, float32 or wider.
+    """
+    if class_alpha is not None:
+        class_alpha = class_alpha.to(device=logits.device, dtype=torch.float32).contiguous()
+    params = (float(gamma), float(scale), float(shift), float(factor), float(alpha), class_alpha)
+    return _apply(_sigmoid_launch, logits, labels, params)
+
+
+def softmax_family(logits, labels, *, gamma, class_weight) -> Tensor:
+    """
+    Softmax focal loss of (N, C) logits, with ``class_weight`` (C + 1,): the
+    weight of label -1 (0), then the alpha of each class (see
+    :func:`_softmax_kernel`).
+    """
+    params = (float(gamma), class_weight.to(device=logits.device, dtype=torch.float32).contiguous())
+    return _apply(_softmax_launch, logits, labels, params)
