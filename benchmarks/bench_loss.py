@@ -45,22 +45,35 @@ TAMED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 
 # name: (description, uses K+1 softmax logits, extra environment)
 IMPLS = {
-    "ours_sigmoid_focal": ("focal_det2 sigmoid_focal (fused, eager)", False, {}),
-    "ours_cross_entropy": ("focal_det2 cross_entropy (fused, eager)", False, {}),
-    "ours_focal_star": ("focal_det2 focal_star (fused, eager)", False, {}),
-    "ours_softmax_focal": ("focal_det2 softmax_focal, K+1 (fused, eager)", True, {}),
+    "ours_sigmoid_focal": ("focal_det2 sigmoid_focal (default backend: eager on CPU, triton on CUDA)", False, {}),
+    "ours_cross_entropy": ("focal_det2 cross_entropy (default backend)", False, {}),
+    "ours_focal_star": ("focal_det2 focal_star (default backend)", False, {}),
+    "ours_softmax_focal": ("focal_det2 softmax_focal, K+1 (default backend)", True, {}),
+    "ours_sigmoid_focal_eager": (
+        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=eager", False, {"FOCAL_DET2_BACKEND": "eager"}
+    ),
+    "ours_softmax_focal_eager": (
+        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=eager", True, {"FOCAL_DET2_BACKEND": "eager"}
+    ),
     "ours_sigmoid_focal_compile": (
-        "focal_det2 sigmoid_focal, FOCAL_DET2_COMPILE=1", False, {"FOCAL_DET2_COMPILE": "1"}
+        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=compile", False, {"FOCAL_DET2_BACKEND": "compile"}
     ),
     "ours_softmax_focal_compile": (
-        "focal_det2 softmax_focal, FOCAL_DET2_COMPILE=1", True, {"FOCAL_DET2_COMPILE": "1"}
+        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=compile", True, {"FOCAL_DET2_BACKEND": "compile"}
     ),
     "fvcore": ("fvcore sigmoid_focal_loss (one-hot)", False, {}),
     "fvcore_jit": ("fvcore sigmoid_focal_loss_jit (one-hot, as Detectron2)", False, {}),
+    "fvcore_compile": ("torch.compile(fvcore sigmoid_focal_loss) (one-hot)", False, {}),
     "torchvision": ("torchvision.ops.sigmoid_focal_loss (one-hot)", False, {}),
     "naive_softmax": ("naive log-softmax focal loss, K+1", True, {}),
     "bandwidth": ("memory-bandwidth bound: read logits, write a same-size tensor", False, {}),
 }
+# Measured on the CPU by default (the eager variants are the defaults there; the
+# compiled fvcore costs minutes of compilation per size for no CPU use case).
+CPU_IMPLS = [
+    name for name in IMPLS if not name.endswith("_eager") and name != "fvcore_compile"
+]
+CUDA_IMPLS = [name for name in IMPLS if name != "fvcore"]
 SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"]
 # The memory target counts tensors ("no more than one logits-sized tensor"); the
 # resident set counts pages. A lone logits-sized tensor already measures a little
@@ -74,7 +87,7 @@ MEMORY_ALLOWANCE = 0.01
 # ----------------------------------------------------------------------------- child
 
 
-def _make_inputs(n: int, softmax: bool):
+def _make_inputs(n: int, softmax: bool, dtype=None, device="cpu"):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -86,7 +99,8 @@ def _make_inputs(n: int, softmax: bool):
     labels[u < 0.06] = -1
     fg = u < 0.01
     labels[fg] = torch.randint(0, NUM_CLASSES, (int(fg.sum()),), generator=g)
-    return logits.requires_grad_(True), labels
+    logits = logits.to(device=device, dtype=dtype or logits.dtype)
+    return logits.requires_grad_(True), labels.to(device)
 
 
 def _loss_fn(name: str, labels):
@@ -100,7 +114,7 @@ def _loss_fn(name: str, labels):
     if name.startswith("ours_"):
         from focal_det2.losses import fused
 
-        loss = name[len("ours_"):].replace("_compile", "")
+        loss = name[len("ours_"):].replace("_compile", "").replace("_eager", "")
         kwargs = {
             "sigmoid_focal": dict(gamma=GAMMA, alpha=ALPHA),
             "cross_entropy": dict(alpha=ALPHA),
@@ -119,6 +133,11 @@ def _loss_fn(name: str, labels):
 
         fl = sigmoid_focal_loss_jit if name == "fvcore_jit" else sigmoid_focal_loss
         return lambda x: fl(x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum")
+    if name == "fvcore_compile":
+        from fvcore.nn import sigmoid_focal_loss
+
+        compiled = torch.compile(sigmoid_focal_loss)
+        return lambda x: compiled(x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum")
     if name == "torchvision":
         from torchvision.ops import sigmoid_focal_loss
 
@@ -129,7 +148,7 @@ def _loss_fn(name: str, labels):
             y = labels[valid]
             log_pt = F.log_softmax(x[valid], dim=1).gather(1, y[:, None]).squeeze(1)
             alpha_t = torch.where(y < NUM_CLASSES, ALPHA, 1 - ALPHA)
-            return (-alpha_t * (1 - log_pt.exp()) ** GAMMA * log_pt).sum()
+            return (-alpha_t * (1 - log_pt.exp()) ** GAMMA * log_pt).sum(dtype=torch.float32)
 
         return naive
     raise ValueError(f"unknown implementation {name!r}; allowed: {', '.join(IMPLS)}")
@@ -237,9 +256,201 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
     if name.startswith("ours_"):
         from focal_det2.losses import fused
 
-        result["backend"] = fused.backend()
+        result["backend"] = fused.backend(logits.device.type)
     result["threads"] = torch.get_num_threads()
     return result
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _cuda_median_ms(fn, repeats: int) -> float:
+    """Median of ``repeats`` runs, each timed by CUDA events from an idle GPU (as one training step calls it)."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cuda_stream_ms(fn, repeats: int) -> float:
+    """Mean of ``repeats`` back-to-back runs (the host queues ahead, as in training), by CUDA events."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) -> dict:
+    """
+    Measures one implementation at one size and dtype on the GPU, in this
+    process: forward + backward and forward alone by CUDA events, and the
+    extra memory of a forward + backward, ``torch.cuda.max_memory_allocated``
+    over what is allocated before it (the inputs).
+    """
+    import torch
+
+    from focal_det2.losses import fused
+
+    dtype = getattr(torch, dtype_name)
+    os.environ.pop("FOCAL_DET2_BACKEND", None)
+    os.environ.update(IMPLS[name][2])
+    fused._reset_backend()
+    logits, labels = _make_inputs(n, IMPLS[name][1], dtype, "cuda")
+    result = {"impl": name, "N": n, "dtype": dtype_name, "logits_mb": logits.numel() * logits.element_size() / 2**20}
+    if name == "bandwidth":
+        out = torch.empty_like(logits)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            for _ in range(warmup):
+                out.copy_(logits)
+            result["fwd_bwd_ms"] = result["fwd_ms"] = _cuda_median_ms(lambda: out.copy_(logits), repeats)
+            result["fwd_bwd_stream_ms"] = _cuda_stream_ms(lambda: out.copy_(logits), repeats)
+        result["extra_mb"] = (torch.cuda.memory_allocated() - before + out.numel() * out.element_size()) / 2**20
+        return result
+    fn = _loss_fn(name, labels)
+
+    def fwd_bwd():
+        fn(logits).backward()
+        logits.grad = None
+
+    def fwd():
+        with torch.no_grad():
+            fn(logits)
+
+    start = time.perf_counter()
+    fwd_bwd()  # compiles (Triton, Inductor, TorchScript profiling)
+    torch.cuda.synchronize()
+    result["first_call_s"] = time.perf_counter() - start
+    for _ in range(warmup):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    result["extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    result["fwd_bwd_ms"] = _cuda_median_ms(fwd_bwd, repeats)
+    result["fwd_bwd_stream_ms"] = _cuda_stream_ms(fwd_bwd, repeats)
+    for _ in range(warmup):
+        fwd()
+    result["fwd_ms"] = _cuda_median_ms(fwd, repeats)
+    if name.startswith("ours_"):
+        result["backend"] = fused.backend("cuda")
+    return result
+
+
+def check_cuda_targets(results):
+    """The GPU targets, at every (N, dtype) measured, as (description, met) pairs."""
+    get = {(r["impl"], r["N"], r["dtype"]): r for r in results}
+    checks = []
+    for n, dtype in sorted({(r["N"], r["dtype"]) for r in results}):
+        jit, bound = get.get(("fvcore_jit", n, dtype)), get.get(("bandwidth", n, dtype))
+        where = f"{n // 1000}k {dtype}"
+        for name in SIGMOID_TARGETS + ["ours_softmax_focal"]:
+            ours = get.get((name, n, dtype))
+            if not ours:
+                continue
+            if jit and name != "ours_softmax_focal":
+                speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+                checks.append((f"{where}: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 20x)", speedup >= 20))
+            if bound:
+                ratio = ours["fwd_bwd_ms"] / bound["fwd_bwd_ms"]
+                checks.append((f"{where}: {name} fwd+bwd {ratio:.1f}x the copy bound (<= 4x)", ratio <= 4))
+            mem = ours["extra_mb"] / ours["logits_mb"]
+            checks.append((f"{where}: {name} extra memory {mem:.3f}x logits (<= 1.05x)", mem <= 1.05))
+    return checks
+
+
+def cuda_table(results) -> str:
+    get = {(r["impl"], r["N"], r["dtype"]): r for r in results}
+    keys = sorted({(r["N"], r["dtype"]) for r in results}, key=lambda k: (k[1] != "float32", k[0]))
+    head = [f"{n // 1000}k {d} ms" for n, d in keys] + [f"extra MB {n // 1000}k {d}" for n, d in keys]
+    lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
+    for name in IMPLS:
+        if not any((name, n, d) in get for n, d in keys):
+            continue
+        times = [
+            f"{get[(name, n, d)]['fwd_bwd_ms']:.3f} ({get[(name, n, d)]['fwd_bwd_stream_ms']:.3f})"
+            if (name, n, d) in get else "-" for n, d in keys
+        ]
+        mems = [_fmt(get[(name, n, d)].get("extra_mb"), 0) if (name, n, d) in get else "-" for n, d in keys]
+        lines.append(f"| {name} | " + " | ".join(times + mems) + " |")
+    return "\n".join(lines)
+
+
+def cuda_report(data) -> str:
+    info, cfg = data["machine"], data["config"]
+    parts = [
+        f"GPU: {info['gpu']}, torch {info['torch']}, Triton {cfg.get('triton')}, commit {info['commit']}; "
+        f"K={cfg['K']}, gamma={cfg['gamma']}, alpha={cfg['alpha']}; forward + backward in ms, median of "
+        f"{cfg['repeats']} calls each timed by CUDA events from an idle GPU (in brackets: the mean of "
+        f"{cfg['repeats']} back-to-back calls, the host queueing ahead as in training); extra MB: "
+        "torch.cuda.max_memory_allocated over the inputs.",
+        cuda_table(data["results"]),
+        "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS if any(r["impl"] == name for r in data["results"])),
+    ]
+    if data.get("targets"):
+        parts.append("Targets:\n\n" + "\n".join(f"- [{'x' if t['met'] else ' '}] {t['check']}" for t in data["targets"]))
+    return "\n\n".join(parts)
+
+
+def cuda_main(args, impls, sizes):
+    """Every implementation, size and dtype on the GPU, in this process (CUDA timings need no idle CPU)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+    import triton
+
+    out = Path(args.out or REPO / "benchmarks" / "results" / "bench_loss_cuda.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+
+    def save(results):
+        data = {
+            "machine": info,
+            "config": {"K": NUM_CLASSES, "gamma": GAMMA, "alpha": ALPHA, "repeats": args.repeats, "sizes": sizes,
+                       "dtypes": args.dtypes.split(","), "device": "cuda", "triton": triton.__version__},
+            "results": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+        }
+        data["targets"] = [{"check": text, "met": met} for text, met in check_cuda_targets(results)]
+        out.write_text(json.dumps(data, indent=1))
+        return data
+
+    results = []
+    started = time.time()
+    for dtype in args.dtypes.split(","):
+        for n in sizes:
+            for name in impls:
+                try:
+                    r = run_cuda_one(name, n, dtype, args.repeats, args.warmup)
+                except Exception as e:  # one failing peer (say, a compile error) must not lose the run
+                    r = {"impl": name, "N": n, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:500]}
+                    print(f"{name} {n} {dtype} failed: {r['error']}", flush=True)
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                results.append(r)
+                save(results)  # a run cut short keeps what it measured
+                print(f"[{time.time() - started:6.0f}s] {dtype:8s} N={n:<8d} {name:28s} fwd {r['fwd_ms']:8.3f} ms  "
+                      f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms  extra {r['extra_mb']:7.1f} MB", flush=True)
+    print(cuda_report(save(results)))
+    print(f"\nwrote {out}")
 
 
 # ----------------------------------------------------------------------------- parent
@@ -252,7 +463,7 @@ def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
     than 10% of the CPU during the run, and keeps the least disturbed run.
     """
     env = dict(os.environ)
-    env.pop("FOCAL_DET2_COMPILE", None)
+    env.pop("FOCAL_DET2_BACKEND", None)
     env.update(IMPLS[name][2])
     if setting == "tamed":
         env.update(TAMED_ENV)
@@ -262,7 +473,7 @@ def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
     for attempt in range(1 + args.retries):
         wait_for_idle_cpu(args.max_wait)
         with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
-            if "FOCAL_DET2_COMPILE" in IMPLS[name][2]:
+            if name.endswith("_compile"):
                 env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold cache: the compile time of a first run
             result = run_child_once(cmd, env)
         result.update(setting=setting)
@@ -343,20 +554,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N=20k only, 5 repeats, no compiled variants")
     parser.add_argument("--sizes", default="20000,100000,200000", help="comma-separated numbers of anchors")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the losses run")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="logits dtypes on CUDA (the CPU runs float32)")
+    parser.add_argument("--impls", default=None, help="comma-separated implementations (default: all for the device)")
     parser.add_argument("--settings", default="default,tamed", help="allocator settings: default,tamed")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before each run")
     parser.add_argument("--retries", type=int, default=3, help="re-runs of a measurement disturbed by other processes")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_loss.json"), help="JSON output")
+    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_loss[_cuda].json)")
     parser.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and args.sizes == parser.get_default("sizes"):
+        args.sizes = "400000,2000000"  # 2 images at 800 px, and a batch of 10
+    if cuda and args.repeats == parser.get_default("repeats"):
+        args.repeats = 30
     sizes = [int(s) for s in args.sizes.split(",")]
 
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        data = json.loads(Path(args.report).read_text())
+        print(cuda_report(data) if data["config"].get("device") == "cuda" else report(data))
         return
     if args.child == "ops":
         print(json.dumps(run_ops_child(args.repeats)))
@@ -365,7 +584,9 @@ def main(argv=None):
         print(json.dumps(run_child(args.child, sizes[0], args.repeats, args.warmup)))
         return
 
-    impls = args.impls.split(",")
+    impls = args.impls.split(",") if args.impls else (CUDA_IMPLS if cuda else CPU_IMPLS)
+    if cuda:
+        return cuda_main(args, impls, sizes)
     if args.quick:
         sizes, args.repeats = [20000], 5
         impls = [i for i in impls if not i.endswith("_compile")]
@@ -404,7 +625,7 @@ def main(argv=None):
     }
     data["targets"] = [{"check": text, "met": met} for text, met in check_targets(results, max(sizes))]
     print(report(data))
-    out = Path(args.out)
+    out = Path(args.out or REPO / "benchmarks" / "results" / "bench_loss.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     print(f"\nwrote {out}")

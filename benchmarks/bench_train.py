@@ -58,7 +58,7 @@ COCO_SIZE, COCO_IMAGES, COCO_BOXES = (800, 1216), 2, 7
 # ----------------------------------------------------------------------------- child
 
 
-def _cfg(inputs: str, device: str):
+def _cfg(inputs: str, device: str, amp: bool = False):
     from detectron2.config import get_cfg
 
     from focal_det2 import add_focal_config
@@ -68,7 +68,8 @@ def _cfg(inputs: str, device: str):
     cfg.merge_from_file(str(REPO / INPUTS[inputs]))
     # LR 0: the SGD step does the same arithmetic, and the weights stay fixed, so every
     # iteration does the same work (and random R-50 weights under FrozenBN do not diverge).
-    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.BASE_LR", 0.0])
+    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.BASE_LR", 0.0,
+                         "SOLVER.AMP.ENABLED", amp])
     return cfg
 
 
@@ -144,21 +145,25 @@ def _build(model_name: str, cfg, batch):
     return model
 
 
-def run_child(model_name: str, inputs: str, device: str, iters: int, warmup: int) -> dict:
-    """Times ``iters`` training steps of one model on one input in this (fresh) process."""
+def run_child(model_name: str, inputs: str, device: str, iters: int, warmup: int, amp: bool = False) -> dict:
+    """
+    Times ``iters`` training steps of one model on one input in this (fresh)
+    process; with ``amp``, Detectron2's ``AMPTrainer`` (SOLVER.AMP.ENABLED), as
+    ``DefaultTrainer`` picks it.
+    """
     import torch
-    from detectron2.engine import SimpleTrainer
+    from detectron2.engine import AMPTrainer, SimpleTrainer
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
 
-    cfg = _cfg(inputs, device)
+    cfg = _cfg(inputs, device, amp)
     batch = _batch(inputs, cfg)
     model = _build(model_name, cfg, batch)
-    trainer = SimpleTrainer(model, iter(lambda: batch, None), build_optimizer(cfg, model))
+    trainer = (AMPTrainer if amp else SimpleTrainer)(model, iter(lambda: batch, None), build_optimizer(cfg, model))
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    result = {"model": model_name, "inputs": inputs, "device": device, "threads": torch.get_num_threads()}
+    result = {"model": model_name, "inputs": inputs, "device": device, "amp": amp, "threads": torch.get_num_threads()}
     times, losses = [], {}
     with EventStorage(0) as storage:
         for i in range(warmup + iters):
@@ -201,6 +206,7 @@ def run_in_subprocess(model_name: str, inputs: str, args) -> dict:
     """Runs :func:`run_child` in a fresh process (after waiting for an idle CPU, on the CPU)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_name, "--inputs", inputs,
            "--device", args.device, "--iters", str(args.iters or default_iters(inputs, args.device)), "--warmup", str(args.warmup)]
+    cmd += ["--amp"] * args.amp
     if not args.device.startswith("cuda"):
         wait_for_idle_cpu(args.max_wait)
     return run_child_once(cmd, dict(os.environ))
@@ -248,7 +254,7 @@ def report(data) -> str:
     device = cfg["device"] if not cfg["device"].startswith("cuda") else f"{cfg['device']} ({info.get('gpu')})"
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"device {device}, commit {info['commit']}; median of {_iters(cfg['iters'])} iterations after {cfg['warmup']} "
+        f"device {device}{', AMP (AMPTrainer)' if cfg.get('amp') else ''}, commit {info['commit']}; median of {_iters(cfg['iters'])} iterations after {cfg['warmup']} "
         f"warm-up, {cfg['rounds']} rounds (a fresh process each).",
         "",
         "| input | model | s/it | it/s | speed-up vs stock | peak MB | step extra MB | loss_cls, loss_box_reg (1st step) |",
@@ -277,7 +283,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; 10 on a GPU)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per (model, input); models alternate")
     parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before each run")
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_train_<device>.json)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: SOLVER.AMP.ENABLED, Detectron2's AMPTrainer")
+    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_train_<device>[_amp].json)")
     parser.add_argument("--report", metavar="JSON", help="print the table of a saved run and exit")
     parser.add_argument("--child", choices=sorted(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -292,11 +299,13 @@ def main(argv=None):
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise SystemExit(f"--device must be cpu or cuda[:N], got {args.device!r}")
     cuda = args.device.startswith("cuda")
+    if args.amp and not cuda:
+        raise SystemExit("--amp needs --device cuda: Detectron2's AMPTrainer requires CUDA")
     if args.warmup is None:
         args.warmup = 10 if cuda else 2
     if args.child:
         iters = args.iters or default_iters(inputs_list[0], args.device)
-        print(json.dumps(run_child(args.child, inputs_list[0], args.device, iters, args.warmup)))
+        print(json.dumps(run_child(args.child, inputs_list[0], args.device, iters, args.warmup, args.amp)))
         return
 
     results, started = [], time.time()
@@ -311,14 +320,15 @@ def main(argv=None):
                       f"(other load {r.get('other_load', '-')})", flush=True)
     data = {
         "machine": machine_info(),
-        "config": {"device": args.device, "warmup": args.warmup,
+        "config": {"device": args.device, "amp": args.amp, "warmup": args.warmup,
                    "iters": {k: args.iters or default_iters(k, args.device) for k in inputs_list},
                    "rounds": args.rounds, "inputs": {k: INPUTS[k] for k in inputs_list}},
         "results": results,
         "summary": summarize(results, inputs_list),
     }
     print(report(data))
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"bench_train_{args.device.split(':')[0]}.json")
+    name = f"bench_train_{args.device.split(':')[0]}{'_amp' * args.amp}.json"
+    out = Path(args.out or REPO / "benchmarks" / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     print(f"\nwrote {out}")

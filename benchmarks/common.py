@@ -96,6 +96,8 @@ def machine_info() -> dict:
             commit += " + uncommitted changes"
     except OSError:
         commit = ""
+    # A copy of the tree without .git (a GPU machine) is told its commit by the environment.
+    commit = commit or os.environ.get("FOCAL_DET2_COMMIT", "")
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -6,8 +6,8 @@ their logic without a GPU).
 One kernel per loss family, each launched twice per training step:
 
 * forward: every program reads a block of logits and the labels of its rows,
-  and writes one float32 partial sum; the partial sums are then added in
-  float64 by one ``torch.sum``. The order of every addition is fixed by the
+  and writes one float32 partial sum (a tree sum over its block); the
+  partial sums are then added by one ``torch.sum`` (a tree too). The order of every addition is fixed by the
   launch, so the same inputs give bitwise the same loss on every run (no
   atomics).
 * backward: the same program recomputes its block and writes the
@@ -233,7 +233,7 @@ def _forward(launch, logits, labels, params) -> Tensor:
         return logits.new_zeros((), dtype=_loss_dtype(logits))
     partial = torch.empty(_num_programs(launch, logits), dtype=torch.float32, device=logits.device)
     launch(logits, labels, partial, partial, params, grad=False)
-    return partial.sum(dtype=torch.float64).to(_loss_dtype(logits))
+    return partial.sum()  # float32, a fixed-order tree over the partial sums
 
 
 def _backward(launch, logits, labels, params, grad_loss) -> Tensor:

@@ -1,0 +1,130 @@
+"""
+The Triton kernels of the fused losses (``focal_det2.losses.triton_kernels``)
+on what only they take: float16 and bfloat16 logits (float32 math, the
+gradient in the logits' dtype, the loss in float32), bitwise-repeatable
+results, and, on a GPU, the memory of a forward + backward. Run on CPU
+tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest
+without CUDA) and on CUDA tensors where there is a GPU. Equality with the
+reference formulas in float32 is covered by ``test_fused.py``'s "triton"
+variants.
+"""
+import pytest
+import torch
+
+from focal_det2.losses import fused
+from test_fused import FAST, LOSSES, NUM_CLASSES, REFERENCE, batch, kwargs_of
+
+F64 = torch.float64
+# Relative rounding of one value of each dtype: the gradient is stored in it.
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+SMALLEST_NORMAL = {torch.float32: 1.2e-38, torch.float16: 6.1e-5, torch.bfloat16: 1.2e-38}
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request, monkeypatch):
+    """The Triton backend on CPU tensors (interpreter) or CUDA tensors."""
+    if request.param == "cpu" and not fused._triton_interpreting():
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("FOCAL_DET2_COMPILE", raising=False)
+    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
+    fused._reset_backend()
+    yield request.param
+    fused._reset_backend()
+
+
+def run(name, logits, labels, device, **kwargs):
+    """Loss and gradient of the fast path on ``device``, back on the CPU."""
+    x = logits.to(device).requires_grad_(True)
+    value = FAST[name](x, labels.to(device), **kwargs)
+    (grad,) = torch.autograd.grad(value, x)
+    assert fused.backend(x.device.type) == "triton"
+    return value.detach().cpu(), grad.cpu()
+
+
+def reference(name, logits, labels, **kwargs):
+    """The reference formula in float64 on the same (rounded) logits."""
+    x = logits.to(F64).requires_grad_(True)
+    value = REFERENCE[name](x, labels, **kwargs)
+    (grad,) = torch.autograd.grad(value, x)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("class_alpha", [False, True])
+def test_each_dtype_matches_the_reference_on_the_same_inputs(name, gamma, dtype, class_alpha, device):
+    if name == "focal_star" and gamma == 0:
+        pytest.skip("FL* divides by gamma")
+    logits, labels = batch(name, num_anchors=500, seed=20)
+    logits = logits.to(dtype)
+    ca = torch.linspace(0.1, 0.9, NUM_CLASSES) if class_alpha else None
+    kwargs = kwargs_of(name, gamma=gamma, class_alpha=ca)
+    value, grad = run(name, logits, labels, device, **kwargs)
+    ref_kwargs = dict(kwargs, class_alpha=None if ca is None else ca.to(F64))
+    ref_value, ref_grad = reference(name, logits, labels, **ref_kwargs)
+    # The loss is float32 (a float16 sum over anchors overflows), computed in float32.
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-5, atol=0)
+    # The gradient: float32 math, then one rounding to the logits' dtype (float16 also underflows).
+    atol = SMALLEST_NORMAL[dtype] + 1e-6 * ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.to(F64), ref_grad, rtol=2 * EPS[dtype] + 1e-6, atol=atol)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_are_bitwise_repeatable(name, dtype, device):
+    logits, labels = batch(name, num_anchors=3000, seed=21)
+    first = run(name, logits.to(dtype), labels, device, **kwargs_of(name))
+    for _ in range(3):
+        again = run(name, logits.to(dtype), labels, device, **kwargs_of(name))
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
+def test_gamma_zero_is_finite_for_extreme_logits(name, device):
+    # The schedule starts at gamma = 0: no 0 * inf in the gradient, even at +-100 and in bfloat16.
+    cols = NUM_CLASSES + 1 if name == "softmax_focal" else NUM_CLASSES
+    logits = torch.tensor([[100.0, -100.0] * cols])[:, :cols].repeat(NUM_CLASSES + 2, 1)
+    labels = torch.arange(NUM_CLASSES + 2) - 1
+    for dtype in (torch.float32, torch.bfloat16):
+        value, grad = run(name, logits.to(dtype), labels, device, **kwargs_of(name, gamma=0.0))
+        assert torch.isfinite(value) and torch.all(torch.isfinite(grad.float()))
+        ref_value, ref_grad = reference(name, logits.to(dtype), labels, **kwargs_of(name, gamma=0.0))
+        torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-2, atol=1e-30)
+
+
+def test_gamma_is_a_runtime_argument_of_the_kernels():
+    # A schedule changes gamma every iteration: as a tl.constexpr it would recompile each time.
+    import inspect
+
+    from focal_det2.losses import triton_kernels
+
+    for kernel in (triton_kernels._sigmoid_kernel, triton_kernels._softmax_kernel):
+        params = inspect.signature(kernel.fn).parameters
+        assert params["gamma"].annotation is inspect.Parameter.empty
+        assert "constexpr" in str(params["GRAD"].annotation)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_backward_allocates_only_the_gradient(name, dtype, device):
+    g = torch.Generator().manual_seed(23)
+    cols = 81 if name == "softmax_focal" else 80
+    logits = (torch.randn(100_000, cols, generator=g) * 2 - 4).to(dtype).cuda().requires_grad_(True)
+    labels = torch.full((100_000,), 80).cuda()
+    labels[::100] = 3
+    FAST[name](logits, labels, **kwargs_of(name)).backward()  # compile, warm the allocator
+    logits.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    FAST[name](logits, labels, **kwargs_of(name)).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    size = logits.numel() * logits.element_size()
+    assert extra <= 1.05 * size, f"extra {extra / size:.3f}x logits"
