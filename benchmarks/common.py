@@ -96,8 +96,8 @@ def machine_info() -> dict:
             commit += " + uncommitted changes"
     except OSError:
         commit = ""
-    # A copy of the tree without .git (a GPU machine) is told its commit by the environment.
-    commit = commit or os.environ.get("FOCAL_DET2_COMMIT", "")
+    # A copy of the tree sent to another machine (a GPU's) is told its commit by the environment.
+    commit = os.environ.get("FOCAL_DET2_COMMIT") or commit
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

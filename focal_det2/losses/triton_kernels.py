@@ -31,12 +31,13 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["sigmoid_family", "softmax_family"]
 
-LOG2_E = 1.4426950408889634
+# exp(x) is taken as exp2(x log2(e)), log2(e) = 1.4426950408889634, written out in the
+# kernels (Triton kernels read no non-constexpr globals).
 # Elements per program of the sigmoid kernel, rows per program of the softmax kernel.
 SIGMOID_BLOCK = 4096
 SOFTMAX_ELEMENTS = 4096
 # Below this gamma, (1 - p_t)^gamma is taken as 1, as in the eager path.
-TINY_GAMMA = 1e-20
+TINY_GAMMA = 1e-20  # written out in _softmax_kernel
 
 
 @triton.jit
@@ -107,12 +108,12 @@ def _sigmoid_kernel(
     w = tl.where(label >= 0, w, 0.0)
     sign = tl.where(pos, -scale, scale)
     z = sign * x + shift
-    e = tl.exp2(-tl.abs(z) * LOG2_E)  # exp(-|z|), in (0, 1]
+    e = tl.exp2(-tl.abs(z) * 1.4426950408889634)  # exp(-|z|), in (0, 1]
     r = 1.0 / (1.0 + e)
     log1p_e = _log1p(e)
     softplus = tl.maximum(z, 0.0) + log1p_e
     # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
-    modulator = tl.exp2((gamma * LOG2_E) * (tl.minimum(z, 0.0) - log1p_e))
+    modulator = tl.exp2((gamma * 1.4426950408889634) * (tl.minimum(z, 0.0) - log1p_e))
     wm = w * modulator
     if GRAD:
         s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
@@ -163,18 +164,18 @@ def _softmax_kernel(
     y = tl.maximum(label, 0)
     x_max = tl.max(x, axis=1)
     x_max = tl.where(row_mask, x_max, 0.0)
-    e = tl.exp2((x - x_max[:, None]) * LOG2_E)  # 0 at masked columns
+    e = tl.exp2((x - x_max[:, None]) * 1.4426950408889634)  # 0 at masked columns
     is_y = cols[None, :] == y[:, None]
     e_y = tl.sum(tl.where(is_y, e, 0.0), axis=1)
     x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
     others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
     log_pt = tl.where(row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0)  # rows past N: -inf
     log_1m_pt = -_log1p(e_y / others)
-    modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * LOG2_E) * log_1m_pt), 1.0)
+    modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_pt), 1.0)
     wm = tl.where(row_mask, w * modulator, 0.0)
     if GRAD:
         grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
-        d = wm * (gamma * tl.exp2(log_pt * LOG2_E) * log_pt - tl.exp2(log_1m_pt * LOG2_E)) * grad_loss
+        d = wm * (gamma * tl.exp2(log_pt * 1.4426950408889634) * log_pt - tl.exp2(log_1m_pt * 1.4426950408889634)) * grad_loss
         coef = -d / tl.maximum(others, 1.1754943508222875e-38)  # 0 where p_t == 1
         grad = tl.where(is_y, d[:, None], coef[:, None] * e)
         tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
