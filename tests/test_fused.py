@@ -93,14 +93,15 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient", "triton"])
+@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"])
 def chunking(request, monkeypatch):
     """
     Runs a test with the eager path's default chunk sizes (one chunk, fresh
     scratch space), with chunks of 3 rows and fresh scratch space, with
     chunks of 8 rows down to 1 that take their scratch space from the
     gradient's free rows, and with the Triton kernels (float32; float64
-    logits take the eager path there too).
+    logits take the eager path there too), as launched and with blocks of 64
+    elements (sigmoid) and 4 rows (softmax), so that programs start inside rows.
     """
     if request.param == "many chunks":
         monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
@@ -108,8 +109,13 @@ def chunking(request, monkeypatch):
     elif request.param == "scratch in the gradient":
         monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 8 * (NUM_CLASSES + 1))
         monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", NUM_CLASSES + 1)
-    elif request.param == "triton":
+    elif request.param.startswith("triton"):
         use_triton(monkeypatch)
+        if request.param == "triton, small blocks":
+            from focal_det2.losses import triton_kernels
+
+            monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
+            monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8)  # 4 rows of next_pow2(K + 1) = 8
 
 
 @pytest.fixture(params=["eager", "triton"])

@@ -33,22 +33,25 @@ __all__ = ["sigmoid_family", "softmax_family"]
 
 # exp(x) is taken as exp2(x log2(e)), log2(e) = 1.4426950408889634, written out in the
 # kernels (Triton kernels read no non-constexpr globals).
-# Elements per program of the sigmoid kernel, rows per program of the softmax kernel.
-SIGMOID_BLOCK = 4096
-SOFTMAX_ELEMENTS = 4096
+# Launch configurations. The sigmoid kernel takes SIGMOID_BLOCK consecutive
+# elements per program. The softmax kernel takes SOFTMAX_ELEMENTS / next_pow2(C)
+# rows per program, one warp each: Triton lays a (rows, 128) block out one row
+# per warp instruction, and with more warps it would spread a row over several
+# warps, whose row reductions then go through shared memory.
+SIGMOID_BLOCK, SIGMOID_WARPS = 4096, 8
+SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 1024, 1
 # Below this gamma, (1 - p_t)^gamma is taken as 1, as in the eager path.
 TINY_GAMMA = 1e-20  # written out in _softmax_kernel
 
 
 @triton.jit
-def _log1p(a):
+def _log1p_unit(a):
     """
-    log(1 + a) for a >= 0, to float32 precision: for a <= 1 the series
-    ``2 atanh(w) = 2 (w + w^3/3 + ... + w^13/13)``, ``w = a / (2 + a) <= 1/3``
-    (truncation below 1.5e-8 relative); above, ``log(1 + a) >= log 2``, where
-    the fast ``log``'s absolute error is small relative to the result.
+    log(1 + a) for 0 <= a <= 1, to float32 precision, from FMAs and one fast
+    division: the series ``2 atanh(w) = 2 (w + w^3/3 + ... + w^13/13)``,
+    ``w = a / (2 + a) <= 1/3`` (truncation below 1.5e-8 relative).
     """
-    w = a / (2.0 + a)
+    w = tl.fdiv(a, 2.0 + a)
     w2 = w * w
     series = 1.0 / 13.0
     series = series * w2 + 1.0 / 11.0
@@ -57,7 +60,14 @@ def _log1p(a):
     series = series * w2 + 1.0 / 5.0
     series = series * w2 + 1.0 / 3.0
     series = series * w2 + 1.0
-    return tl.where(a <= 1.0, 2.0 * w * series, tl.log(1.0 + a))
+    return 2.0 * w * series
+
+
+@triton.jit
+def _log1p(a):
+    """log(1 + a) for a >= 0: :func:`_log1p_unit` up to 1; above, ``log(1 + a) >= log 2``,
+    where the fast ``log``'s absolute error is small relative to the result."""
+    return tl.where(a <= 1.0, _log1p_unit(tl.minimum(a, 1.0)), tl.log(1.0 + a))
 
 
 @triton.jit
@@ -90,15 +100,18 @@ def _sigmoid_kernel(
     and ``w`` is the positive or negative weight of class k (times
     ``factor``), 0 for ignored rows. Without GRAD, ``out[pid]`` is the sum
     of the block's terms; with GRAD, ``out`` is the (N, K) gradient
-    ``w s scale phi'(z) * grad_loss``.
+    ``w s scale phi'(z) * grad_loss``. A program takes BLOCK consecutive
+    elements; index math within it is 32-bit.
     """
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    row = offs // K
-    col = offs - row * K
-    label = tl.load(labels_ptr + row, mask=mask, other=-1)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    start = pid.to(tl.int64) * BLOCK
+    row0 = start // K
+    local = (start - row0 * K).to(tl.int32) + tl.arange(0, BLOCK)  # element index from row0's start
+    row = local // K
+    col = local - row * K
+    mask = tl.arange(0, BLOCK) < tl.minimum(numel - start, BLOCK).to(tl.int32)
+    label = tl.load(labels_ptr + row0 + row, mask=mask, other=-1).to(tl.int32)
+    x = tl.load(x_ptr + start + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
     pos = label == col
     if CLASS_ALPHA:
         a = tl.load(alpha_ptr + col, mask=mask, other=0.0).to(tl.float32)
@@ -109,18 +122,18 @@ def _sigmoid_kernel(
     sign = tl.where(pos, -scale, scale)
     z = sign * x + shift
     e = tl.exp2(-tl.abs(z) * 1.4426950408889634)  # exp(-|z|), in (0, 1]
-    r = 1.0 / (1.0 + e)
-    log1p_e = _log1p(e)
+    log1p_e = _log1p_unit(e)
     softplus = tl.maximum(z, 0.0) + log1p_e
     # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
     modulator = tl.exp2((gamma * 1.4426950408889634) * (tl.minimum(z, 0.0) - log1p_e))
     wm = w * modulator
     if GRAD:
+        r = tl.fdiv(1.0, 1.0 + e)
         s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
         s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
         grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
         grad = wm * (s + gamma * softplus * s_neg) * (sign * grad_loss)
-        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + pid, tl.sum(wm * softplus, axis=0))
 
@@ -150,16 +163,18 @@ def _softmax_kernel(
     ``w = weight[label + 1]`` (``weight[0] = 0`` for ignored rows). Without
     GRAD, ``out[pid]`` is the block's sum; with GRAD, ``out`` is the (N, C)
     gradient: ``D = w (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1)`` at
-    column y and ``-D e_j / S`` elsewhere, times ``grad_loss``.
+    column y and ``-D e_j / S`` elsewhere, times ``grad_loss``. Index math
+    within a program is 32-bit.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row0 = pid.to(tl.int64) * BLOCK_R
+    r = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
-    row_mask = rows < num_rows
+    row_mask = r < tl.minimum(num_rows - row0, BLOCK_R).to(tl.int32)
     mask = row_mask[:, None] & (cols < C)[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    offs = r[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + row0 * C + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    label = tl.load(labels_ptr + row0 + r, mask=row_mask, other=-1).to(tl.int32)
     w = tl.load(weight_ptr + label + 1, mask=row_mask, other=0.0).to(tl.float32)
     y = tl.maximum(label, 0)
     x_max = tl.max(x, axis=1)
@@ -170,15 +185,16 @@ def _softmax_kernel(
     x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
     others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
     log_pt = tl.where(row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0)  # rows past N: -inf
-    log_1m_pt = -_log1p(e_y / others)
+    log_1m_pt = -_log1p(tl.fdiv(e_y, others))
     modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_pt), 1.0)
     wm = tl.where(row_mask, w * modulator, 0.0)
     if GRAD:
         grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
-        d = wm * (gamma * tl.exp2(log_pt * 1.4426950408889634) * log_pt - tl.exp2(log_1m_pt * 1.4426950408889634)) * grad_loss
-        coef = -d / tl.maximum(others, 1.1754943508222875e-38)  # 0 where p_t == 1
+        p_t = tl.exp2(log_pt * 1.4426950408889634)
+        d = wm * (gamma * p_t * log_pt - tl.exp2(log_1m_pt * 1.4426950408889634)) * grad_loss
+        coef = -tl.fdiv(d, tl.maximum(others, 1.1754943508222875e-38))  # 0 where p_t == 1
         grad = tl.where(is_y, d[:, None], coef[:, None] * e)
-        tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row0 * C + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + pid, -tl.sum(wm * log_pt, axis=0))
 
@@ -201,7 +217,7 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         logits, labels, alpha_table, out, grad_loss, numel,
         gamma, scale, shift, factor, pos_weight * factor, neg_weight * factor,
         K=k, BLOCK=SIGMOID_BLOCK, CLASS_ALPHA=class_alpha is not None, GRAD=grad,
-        num_warps=8,
+        num_warps=SIGMOID_WARPS,
     )
 
 
@@ -213,7 +229,7 @@ def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     grid = (triton.cdiv(n, block_r),)
     _softmax_kernel[grid](
         logits, labels, weight, out, grad_loss, n, gamma,
-        C=c, BLOCK_R=block_r, BLOCK_C=block_c, GRAD=grad, num_warps=8,
+        C=c, BLOCK_R=block_r, BLOCK_C=block_c, GRAD=grad, num_warps=SOFTMAX_WARPS,
     )
 
 
