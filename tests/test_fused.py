@@ -429,3 +429,24 @@ def test_former_compile_env_raises_naming_its_replacement(monkeypatch):
     monkeypatch.setenv("FOCAL_DET2_COMPILE", "1")
     with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=compile"):
         fused.select_backend()
+
+
+# ----------------------------------------------------------------------------- log1p without log1p
+
+
+@pytest.mark.parametrize("slow_log1p", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_log1p_of_exp_neg_abs_is_exact_to_rounding_either_way(slow_log1p, dtype, monkeypatch):
+    # AVX-512 CPUs take log(1 + t) from log (ATen's log1p costs 10x there): the correction
+    # must keep full precision where 1 + t rounds to 1 (|z| > 17 in float32, > 37 in float64).
+    monkeypatch.setattr(fused, "_slow_log1p", lambda device: slow_log1p)
+    limit = 87.0 if dtype == torch.float32 else 120.0  # exp(-|z|) stays a normal number
+    z = torch.cat([torch.linspace(-limit, limit, 20001, dtype=F64), torch.tensor([0.0, 1e-30, -1e-30], dtype=F64)])
+    z = z.to(dtype)
+    got = fused._log1p_exp_neg_abs(z, out=None, tmp=None)
+    t = torch.exp(-z.to(F64).abs())
+    want = torch.log1p(t)
+    # exp(-|z|) is taken as exp2(-|z| log2(e)), whose rounded argument costs |z| log2(e) eps relative.
+    eps = torch.finfo(dtype).eps
+    error = (got.to(F64) - want).abs() / (want * eps * (2 + z.to(F64).abs() * 1.4427))
+    assert error.max() <= 1, f"{error.max():.2f}x the allowed rounding at z = {z[error.argmax()]}"

@@ -23,19 +23,20 @@ logits is read once and the gradient is written once:
   GPU, plus the fresh scratch of the last chunks (up to 2-3 x 16 MB).
 * Each chunk is summed by PyTorch's pairwise sum, the chunk sums in float64;
   ignored anchors (label -1) get zero loss and zero gradient.
-* Everything is written with ``exp(-|x|)`` and ``log1p``, never ``log(p)``,
-  so float32 logits in [-100, 100] give a finite loss and gradient. On the
-  AVX2 CPU this was measured on, ``log1p`` costs 1.2x ``log`` (not the 10x of
-  AVX-512 builds), so it is kept; ``exp`` is taken as ``exp2``, 2x faster.
+* Everything is written with ``exp(-|x|)`` and ``log(1 + exp(-|x|))``,
+  never ``log(p)``, so float32 logits in [-100, 100] give a finite loss and
+  gradient. ``exp`` is taken as ``exp2``, 2x faster on the CPU; on CPUs
+  where PyTorch dispatches AVX-512 kernels ATen's ``log1p`` costs 10x
+  ``log``, and ``log(1 + t)`` is then taken from ``log`` with an exact
+  correction (:func:`_log1p_exp_neg_abs`).
 
-The chunk kernels are plain torch ops, so the same code runs on CPU and
-CUDA. They run eagerly by default: on the 2-core CPU they were measured on
-(``benchmarks/bench_loss.py``), ``torch.compile`` of the same kernels saved
-under 10% of a forward + backward at 200k anchors, and in the default
-allocator setting nothing, for seconds of compilation per kernel variant and
-process. Set ``FOCAL_DET2_COMPILE=1`` to compile them (falling back to eager,
-with a warning, where compilation fails) and ``FOCAL_DET2_COMPILE=0`` to
-force eager. :func:`backend` reports the choice, which is also logged once.
+Backends (:func:`select_backend`, logged once per device type): CUDA tensors
+take the Triton kernels of :mod:`focal_det2.losses.triton_kernels` (one
+kernel per loss family, no chunks); other devices take the chunk kernels
+here, as plain torch ops (``eager``). ``FOCAL_DET2_BACKEND=eager|triton|compile``
+forces one; ``compile`` runs the chunk kernels through ``torch.compile``
+(falling back to eager, with a warning, where compilation fails).
+float16 and bfloat16 logits are computed in float32 on every backend.
 """
 import logging
 import os
@@ -348,8 +349,8 @@ def sigmoid_focal_terms(
     a = grad_out if grad_out is not None else free.pop(0)
     c = free.pop(0) if gamma != 0 else None
     weight = weight if isinstance(weight, tuple) else (weight,)
+    log_term = _log1p_exp_neg_abs(z, out=b, tmp=a)  # log(1 + e^-|z|)
     relu = torch.clamp_min(z, 0, out=a)
-    log_term = torch.sub(z, relu, alpha=2, out=b).mul_(_LOG2_E).exp2_().log1p_()  # log(1 + e^-|z|)
     if gamma not in (0, 1, 2):
         log_sigmoid = torch.sub(z, relu, out=c).sub_(log_term)
     softplus = log_term.add_(relu)
@@ -374,6 +375,33 @@ def sigmoid_focal_terms(
     gamma_softplus = _times(softplus, gamma)
     grad = torch.lerp(s, s.new_ones(()), gamma_softplus, out=s).mul_(modulator)
     return _times(gamma_softplus.mul_(modulator), 1 / gamma), _times(grad, grad_scale)
+
+
+def _slow_log1p(device: torch.device) -> bool:
+    """
+    True where ATen's ``log1p`` costs many times ``log``: CPUs on which
+    PyTorch dispatches AVX-512 kernels (``bench_loss.py``'s op table: 9.2 ns
+    against 0.75 ns per element; under AVX2, 0.90 against 0.74).
+    """
+    return device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def _log1p_exp_neg_abs(z: Tensor, out: Optional[Tensor], tmp: Optional[Tensor]) -> Tensor:
+    """
+    ``log(1 + t)``, ``t = exp(-|z|)``, into ``out``, with ``tmp`` (shape of
+    ``z``) as scratch space; either may be None for a fresh tensor.
+
+    Where ``log1p`` is slow (:func:`_slow_log1p`) it is taken from ``log``:
+    with ``u = 1 + t`` rounded, ``v = u - 1`` is exact and so is ``u = v + 1``,
+    and ``log(1 + t) = log(u) + (t - v)`` up to ``(t - v) t``, below 2^-24
+    relative to the result: float32 precision for any ``t`` in (0, 1], also
+    where ``1 + t`` rounds to 1.
+    """
+    t = torch.abs(z, out=out).mul_(-_LOG2_E).exp2_()
+    if not _slow_log1p(z.device):
+        return t.log1p_()
+    v = torch.add(t, 1, out=tmp).sub_(1)
+    return t.sub_(v).add_(v.add_(1).log_())
 
 
 def _is_one(weight) -> bool:
