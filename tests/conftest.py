@@ -96,3 +96,47 @@ def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
         + list(opts)
     )
     return cfg
+
+
+def head_logits(model, inputs):
+    """
+    The classifier logits of ``model`` (a FocalRetinaNet) on ``inputs``, as
+    one (N, R, C) tensor in Detectron2's anchor order (level, y, x, anchor),
+    with C = K or K + 1, and Detectron2's anchor labels (N, R) from the
+    model's own ``label_anchors`` (when the inputs have instances).
+    Computed from the backbone and head modules, not through the model's
+    forward, so the tests compare its forward with an independent path.
+    """
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        logits, _ = model.head(features)
+        per_anchor = logits[0].shape[1] // model.anchor_generator.num_cell_anchors[0]
+        # (N, A * C, H, W) -> (N, H, W, A * C) -> (N, H * W * A, C), level after level
+        logits = torch.cat([x.permute(0, 2, 3, 1).reshape(len(inputs), -1, per_anchor) for x in logits], dim=1)
+        if "instances" not in inputs[0]:
+            return logits, None
+        anchors = model.anchor_generator(features)
+        labels, _ = model.label_anchors(anchors, [x["instances"] for x in inputs])
+    return logits, torch.stack(labels)
+
+
+def reference_loss_cls(model, inputs, name, *, gamma, alpha=0.25, beta=1.0, class_alpha=(), ema=100.0):
+    """
+    The ``loss_cls`` a FocalRetinaNet training step on ``inputs`` must report,
+    computed without the model's ``losses``: the reference formula of loss
+    ``name`` (focal_det2.losses.functional, in float64) on the model's
+    logits and anchor labels, divided by Detectron2's normaliser
+    ``0.9 * ema + 0.1 * max(number of foreground anchors, 1)``, where ``ema``
+    is the moving average before the step (100 in a fresh model).
+    """
+    logits, labels = head_logits(model, inputs)
+    num_classes = model.num_classes
+    foreground = int(((labels >= 0) & (labels != num_classes)).sum())
+    normalizer = 0.9 * ema + 0.1 * max(foreground, 1)
+    total = reference(
+        name, logits.flatten(0, 1).double(), labels.flatten(),
+        gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta,
+    )
+    return total.item() / normalizer

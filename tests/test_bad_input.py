@@ -3,13 +3,14 @@ Bad input stops training with an error that names the file, the image id or
 the key; valid corner cases (images without annotations, crowd boxes, a
 batch with every anchor ignored) train.
 """
+import copy
 import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import digits_cfg, tiny_cfg
+from conftest import digits_cfg, reference_loss_cls, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -144,6 +145,20 @@ def test_missing_image_file(coco, tmp_path):
     assert str(json_file) in message and "image id 2" in message and str(image_dir / "002.png") in message
 
 
+def test_image_file_removed_after_the_check(coco, tmp_path):
+    """
+    Guards the mutant: ``CheckedDatasetMapper`` catches ``KeyError`` instead of
+    ``FileNotFoundError`` (a file gone after the start-up check is reported as
+    unreadable, or not with its id and file).
+    """
+    name, _, image_dir = coco({1: GOOD})
+    loader = FocalTrainer.build_train_loader(_cfg(name, tmp_path, "SOLVER.IMS_PER_BATCH", 1))
+    (image_dir / "001.png").unlink()  # after the loader checked that it exists
+    expected = f"image id 1 ({image_dir / '001.png'}): the image file does not exist"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        next(iter(loader))
+
+
 def test_unreadable_image_file(coco, tmp_path):
     name, _, image_dir = coco({1: GOOD})
     (image_dir / "001.png").write_bytes(b"this is not a png")
@@ -165,8 +180,12 @@ def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter
     assert {d["image_id"]: len(d["instances"]) for d in batch} == expected
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=False)
+    initial = copy.deepcopy(trainer.model)
     trainer.train()
-    assert trainer.storage.history("loss_cls").values()[-1][1] == 0
+    # The one iteration's loss is the reference formula on the batch, with the weights it started from.
+    ((loss_cls, iteration),) = trainer.storage.history("loss_cls").values()
+    assert iteration == 0
+    assert loss_cls == pytest.approx(reference_loss_cls(initial, batch, "sigmoid_focal", gamma=2.0), rel=1e-5)
     assert all(np.isfinite(v) for v, _ in trainer.storage.history("total_loss").values())
 
 

@@ -50,7 +50,22 @@ def _gradients(model, images, warm_count):
         sum(losses.values()).backward()
         grads[f"{sync}-{ema}"] = torch.cat([p.grad.flatten() for p in model.parameters()])
         grads[f"{sync}-{ema}-foreground"] = storage.history("num_pos_anchors").latest() * len(images)
+        grads[f"{sync}-{ema}-normalizer"] = model.loss_normalizer
     return grads
+
+
+def _one_process_gradient(model, images, ema):
+    """The gradient of one step of ``model`` alone on ``images``, its moving average starting at ``ema`` (None: fresh)."""
+    if ema is None:
+        if hasattr(model, "loss_normalizer"):
+            del model.loss_normalizer
+    else:
+        model.loss_normalizer = ema
+    model.zero_grad(set_to_none=True)
+    with EventStorage(0):
+        losses = model(images)
+    sum(losses.values()).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def _foreground_count(model, images):
@@ -98,6 +113,14 @@ def gradients(tmp_path_factory):
 
     warm_count = _foreground_count(model, images)
     one = _gradients(model, images, warm_count)
+    # What 2 processes without SYNC_NORMALIZER must average: each half alone, with its
+    # own moving average (fresh, or the warm state's share warm_count / 2).
+    halves = [images[: NUM_IMAGES // 2], images[NUM_IMAGES // 2 :]]
+    one["halves"] = {
+        ema: [_one_process_gradient(model, half, start) for half in halves]
+        for ema, start in (("fresh", None), ("warm", warm_count / 2))
+    }
+    one["warm_count"] = warm_count
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUDA_VISIBLE_DEVICES", "")  # GLOO, the CPU path, even on a GPU machine
         launch(
@@ -110,13 +133,23 @@ def gradients(tmp_path_factory):
     return one, two, out_dir
 
 
-def test_processes_agree_after_ddp_averaging(gradients):
-    _, (rank0, rank1), _ = gradients
-    for key in rank0:
-        if not key.endswith("foreground"):
-            torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
-    # The halves differ in their foreground counts, which is what makes the normaliser matter.
-    assert rank0["True-fresh-foreground"] != rank1["True-fresh-foreground"]
+def test_each_process_normalizes_by_the_closed_form(gradients):
+    """
+    The moving average (initial 100, momentum 0.9) each process ends the step
+    with: of the batch's foreground count with SYNC_NORMALIZER, of its own
+    half's without; the warm state starts at the count (synced) or its share.
+    """
+    one, ranks, _ = gradients
+    batch = one["True-fresh-foreground"]
+    halves = [rank["True-fresh-foreground"] for rank in ranks]
+    assert sum(halves) == batch and halves[0] != halves[1]  # the halves split the batch unevenly
+    warm = one["warm_count"]
+    assert warm == batch
+    for rank, own in zip(ranks, halves):
+        assert rank["True-fresh-normalizer"] == pytest.approx(0.9 * 100 + 0.1 * batch, rel=1e-12)
+        assert rank["False-fresh-normalizer"] == pytest.approx(0.9 * 100 + 0.1 * own, rel=1e-12)
+        assert rank["True-warm-normalizer"] == pytest.approx(0.9 * warm + 0.1 * batch, rel=1e-12)
+        assert rank["False-warm-normalizer"] == pytest.approx(0.9 * warm / 2 + 0.1 * own, rel=1e-12)
 
 
 @pytest.mark.parametrize("ema", ["fresh", "warm"])
@@ -125,19 +158,29 @@ def test_synced_normalizer_gives_the_one_process_gradient(gradients, ema):
     assert _relative_difference(two[f"True-{ema}"], one[f"True-{ema}"]) < 1e-5
 
 
+@pytest.mark.parametrize("ema", ["fresh", "warm"])
+def test_without_sync_each_process_normalizes_its_half(gradients, ema):
+    """Off, DDP averages the gradients of the halves, each over its own moving average."""
+    one, (two, _), _ = gradients
+    expected = sum(one["halves"][ema]) / 2
+    assert _relative_difference(two[f"False-{ema}"], expected) < 1e-5
+
+
 def test_without_sync_two_processes_differ(gradients):
-    """What SYNC_NORMALIZER changes (the README quotes these numbers)."""
+    """What SYNC_NORMALIZER changes: the README quotes these numbers."""
     one, (two, other), _ = gradients
     diff = {ema: _relative_difference(two[f"False-{ema}"], one[f"False-{ema}"]) for ema in ("fresh", "warm")}
     synced = {ema: _relative_difference(two[f"True-{ema}"], one[f"True-{ema}"]) for ema in ("fresh", "warm")}
     counts = [one["True-fresh-foreground"], two["True-fresh-foreground"], other["True-fresh-foreground"]]
     print(f"\nforeground anchors: batch, process 0, process 1: {counts}")
     print(f"1 vs 2 processes, relative gradient difference: SYNC_NORMALIZER off {diff}, on {synced}")
-    # Off, one process's gradient does not depend on the setting: the model reads it.
+    assert counts == [137, 88, 49]
+    # Off, one process's gradient does not depend on the setting: with 1 process there is nothing to sync.
     torch.testing.assert_close(one["False-fresh"], one["True-fresh"], rtol=0, atol=0)
-    # Fresh, each process divides by ~100 instead of ~100 for the whole batch: about half.
-    assert diff["fresh"] == pytest.approx(0.5, abs=0.05)
-    assert 1e-4 < diff["warm"] < 0.5
+    # README: 0.467 fresh (each process divides its half by ~100, a count made for the whole
+    # batch: about half the gradient), 0.0195 warm (the foreground splits 88 / 49).
+    assert diff["fresh"] == pytest.approx(0.467, abs=0.002)
+    assert diff["warm"] == pytest.approx(0.0195, abs=0.0005)
 
 
 def test_two_processes_train_and_evaluate(gradients):

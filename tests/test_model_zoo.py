@@ -9,6 +9,7 @@ Nothing is downloaded: the checkpoints are written here from a Detectron2
 """
 import contextlib
 import logging
+import math
 import pickle
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def assert_equal_except(model, source_state, skipped=()):
 
 
 def assert_classifier_skipped(report, messages, model, source):
-    """Only the classifier was skipped, the log says which tensors and why, and it keeps its prior init."""
+    """Only the softmax classifier was skipped, the log says which tensors and why, and it keeps its prior init."""
     assert {k for k, _, _ in report.incorrect_shapes} == CLASSIFIER
     assert set(report.missing_keys) == CLASSIFIER and report.unexpected_keys == []
     for name, shape_ckpt, shape_model in report.incorrect_shapes:
@@ -115,9 +116,11 @@ def assert_classifier_skipped(report, messages, model, source):
         assert any(expected in m for m in messages), messages
     assert any("not found in the checkpoint" in m and "head.cls_score.{bias, weight}" in m for m in messages)
     assert_equal_except(model, source.state_dict(), skipped=CLASSIFIER)
-    bias = model.head.cls_score.bias.detach()
-    loss = model.focal_loss
-    torch.testing.assert_close(bias, loss.init_bias(0.01).repeat(len(bias) // loss.num_logits))
+    # The softmax prior, written out: per anchor K foreground logits 0 and background log(K (1 - pi) / pi).
+    bias, k, pi = model.head.cls_score.bias.detach(), model.num_classes, 0.01
+    assert len(bias) == model.anchor_generator.num_cell_anchors[0] * (k + 1)
+    expected = torch.tensor([0.0] * k + [math.log(k * (1 - pi) / pi)]).repeat(len(bias) // (k + 1))
+    torch.testing.assert_close(bias, expected)
 
 
 def small_cfg():

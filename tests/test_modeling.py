@@ -1,7 +1,7 @@
 """FocalRetinaNet against Detectron2's RetinaNet, and every loss through the model."""
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import head_logits, reference_loss_cls, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -113,14 +113,18 @@ def test_classifier_width_and_prior(loss):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_trains_with_an_empty_image(loss):
+    """loss_cls is the reference formula at gamma 2 on the model's own anchor labels, over the fresh normaliser."""
     model = build(loss=loss)
-    losses, storage = train_losses(model, batch(with_empty=True))
+    inputs = batch(with_empty=True)
+    expected = reference_loss_cls(model, inputs, loss, gamma=2.0, alpha=0.25, beta=1.0)
+    losses, storage = train_losses(model, inputs)
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
     total = sum(losses.values())
-    assert torch.isfinite(total) and total > 0
+    assert torch.isfinite(total)
     total.backward()
     grad = model.head.cls_score.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    assert "focal_gamma" in storage.latest()
+    assert storage.latest()["focal_gamma"][0] == 2.0
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -137,10 +141,56 @@ def test_every_loss_yields_standard_instances(loss):
         assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
 
 
-def test_scheduled_gamma_is_logged_and_used():
+def _closed_form_scores(loss, logits):
+    """Per-class scores (..., K) from logits (..., C), written out: sigmoid, softmax without background, FL*'s p*."""
+    x = logits.double()
+    if loss == "softmax_focal":
+        return (x.exp() / x.exp().sum(-1, keepdim=True))[..., :NUM_CLASSES]
+    if loss == "focal_star":
+        return 1 / (1 + torch.exp(-(2.0 * x + 1.0)))  # p* = sigmoid(gamma x + beta), gamma 2, beta 1
+    return 1 / (1 + torch.exp(-x))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_detection_scores_are_the_loss_scores(loss):
+    """
+    Guards the mutant: inference scores with ``x.sigmoid()[:, :K]`` instead of
+    ``self.focal_loss.scores(x)`` (softmax and FL* detections scored wrongly).
+
+    With every candidate kept, the best detection of an image is its best
+    (anchor, class) pair, whose score is written out here from the head's logits.
+    """
+    model = build(loss=loss).eval()
+    model.test_score_thresh = 0.0
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in batch()]
+    logits, _ = head_logits(model, inputs)
+    scores = _closed_form_scores(loss, logits)  # (N, R, K)
+    with torch.no_grad():
+        outputs = model(inputs)
+    for out, image_scores in zip(outputs, scores):
+        inst = out["instances"]
+        best = int(inst.scores.argmax())
+        expected = image_scores.max()
+        assert inst.scores[best].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert inst.pred_classes[best].item() == int(image_scores.argmax()) % NUM_CLASSES
+
+
+@pytest.mark.parametrize("iteration", [25, 50, 100, 300])
+def test_scheduled_gamma_is_logged_and_used(iteration):
+    """
+    Guards the mutant: ``FocalRetinaNet.losses`` calls the loss with
+    ``gamma=self.gamma_schedule(0)`` instead of the scheduled value (the
+    logged focal_gamma stays right).
+
+    On a 0 -> 2 ramp over 100 iterations, gamma(t) = 2 min(t / 100, 1): the
+    logged gamma and the loss both follow it, the loss by the reference formula.
+    """
     model = build(gamma_schedule__name="linear", gamma_schedule__iters=100)
-    storage = train_losses(model, batch(), start_iter=25)[1]
-    assert storage.latest()["focal_gamma"][0] == pytest.approx(0.5)
+    gamma = 2.0 * min(iteration / 100, 1.0)
+    expected = reference_loss_cls(model, batch(), "sigmoid_focal", gamma=gamma, alpha=0.25)
+    losses, storage = train_losses(model, batch(), start_iter=iteration)
+    assert storage.latest()["focal_gamma"][0] == pytest.approx(gamma, abs=1e-12)
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_loss_uses_scheduled_gamma():

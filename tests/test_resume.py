@@ -1,21 +1,28 @@
 """
 Exact resume: a run stopped after iteration k and continued with --resume
-ends with the weights and metrics.json values of an uninterrupted run.
+ends with the weights and metrics.json values of an uninterrupted run, bit
+for bit: with 1 process past the 20-iteration window of the smoothed
+scalars, and with 2 processes (GLOO, CPU).
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import digits_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
-from detectron2.engine import HookBase, hooks
+from detectron2.engine import HookBase, hooks, launch
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
+from focal_det2.data import ensure_generated
 from focal_det2.engine import FocalTrainer
 from focal_det2.modeling import FocalRetinaNet
 
-
-MAX_ITER, STOP_AFTER = 6, 3
+# Stopped after more iterations than the writers' 20-iteration median window
+# (Detectron2's default), so the resumed medians need the checkpointed history.
+WINDOW = 20
+MAX_ITER, STOP_AFTER = 25, 22
 # Wall-clock metrics differ between any two runs.
 TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
 
@@ -50,16 +57,16 @@ class _Trainer(FocalTrainer):
         return ret
 
 
-def _cfg(output_dir, *opts):
+def _cfg(output_dir, *opts, max_iter=MAX_ITER, stop_after=STOP_AFTER):
     cfg = digits_cfg(
         "soft_gamma_R18_FPN_1x",
         output_dir,
         [
-            "SOLVER.MAX_ITER", MAX_ITER,
-            "SOLVER.CHECKPOINT_PERIOD", STOP_AFTER,
+            "SOLVER.MAX_ITER", max_iter,
+            "SOLVER.CHECKPOINT_PERIOD", stop_after,
             "SOLVER.WARMUP_ITERS", 2,
-            "SOLVER.STEPS", (4,),
-            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", MAX_ITER,  # gamma changes every iteration
+            "SOLVER.STEPS", (max_iter - 2,),  # the learning rate drops after the resume
+            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", max_iter,  # gamma changes every iteration
             "DATASETS.TEST", (),
             "INPUT.MIN_SIZE_TRAIN", (64,),  # the digits canvases, downscaled: faster
             "INPUT.MAX_SIZE_TRAIN", 64,
@@ -103,28 +110,51 @@ def test_resumed_run_starts_after_the_checkpoint(runs):
     assert (parts / f"model_{STOP_AFTER - 1:07d}.pth").exists()
 
 
+def _assert_same_weights(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_resume_ends_with_the_same_weights(runs):
     uninterrupted, resumed, _, _ = runs
-    a, b = uninterrupted.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
-    assert resumed.model.loss_normalizer == pytest.approx(uninterrupted.model.loss_normalizer, rel=1e-12)
+    _assert_same_weights(resumed.model.state_dict(), uninterrupted.model.state_dict())
+    assert resumed.model.loss_normalizer == uninterrupted.model.loss_normalizer
+
+
+def _assert_same_metrics(got, expected, max_iter=MAX_ITER):
+    assert [r["iteration"] for r in expected] == list(range(max_iter))
+    assert [r["iteration"] for r in got] == list(range(max_iter))
+    for want, have in zip(expected, got):
+        assert {"focal_gamma", "loss_cls", "loss_box_reg", "lr", "num_pos_anchors"} <= want.keys()
+        assert have == want, want["iteration"]
 
 
 def test_resume_writes_the_same_metrics(runs):
+    """
+    Guards the mutant: ``ScalarHistory`` window 20 -> 3 (the medians written
+    after a resume would lose the iterations before the last 3).
+    """
     _, _, whole, parts = runs
     expected, got = _metrics(whole), _metrics(parts)
-    assert [r["iteration"] for r in expected] == list(range(MAX_ITER))
-    assert [r["iteration"] for r in got] == list(range(MAX_ITER))
     gammas = [r["focal_gamma"] for r in expected]
     # gamma(i) = 2 i / MAX_ITER, logged unsmoothed.
     assert gammas == pytest.approx([2.0 * i / MAX_ITER for i in range(MAX_ITER)])
-    for want, have in zip(expected, got):
-        assert have.keys() == want.keys()
-        assert {"focal_gamma", "loss_cls", "loss_box_reg", "lr", "num_pos_anchors"} <= want.keys()
-        for key in want:
-            assert have[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (want["iteration"], key)
+    _assert_same_metrics(got, expected)
+
+
+def test_the_window_matters_after_the_resume(runs):
+    """
+    What makes the resume test above sensitive to the history: the loss
+    written at the first resumed iteration is the median of the last 20
+    raw values, which differs from the median of the values since the resume.
+    """
+    uninterrupted, _, whole, _ = runs
+    raw = [v for v, _ in uninterrupted.storage.history("loss_cls").values()]
+    assert len(raw) == MAX_ITER
+    written = _metrics(whole)[STOP_AFTER]["loss_cls"]
+    assert written == pytest.approx(float(np.median(raw[STOP_AFTER + 1 - WINDOW : STOP_AFTER + 1])))
+    assert written != pytest.approx(raw[STOP_AFTER])
 
 
 def test_checkpoint_holds_the_normalizer_outside_the_model_state(runs):
@@ -183,3 +213,81 @@ def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
     whole = _image_ids(FocalTrainer.build_train_loader(cfg), start_iter + 4)
     resumed = _image_ids(FocalTrainer.build_train_loader(cfg, start_iter=start_iter), 4)
     assert resumed == whole[start_iter:]
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+TWO_PROCESS_MAX_ITER, TWO_PROCESS_STOP_AFTER = 6, 3
+
+
+def _two_process_cfg(output_dir):
+    return _cfg(
+        output_dir,
+        "SOLVER.IMS_PER_BATCH", 4,  # 2 images a process
+        "MODEL.FOCAL.SYNC_NORMALIZER", True,  # what an exact multi-process resume needs
+        max_iter=TWO_PROCESS_MAX_ITER,
+        stop_after=TWO_PROCESS_STOP_AFTER,
+    )
+
+
+def _resume_worker(out_dir):
+    """Run in each process of a launch: an uninterrupted run, a stopped one, its resume."""
+    whole = _train(_two_process_cfg(out_dir / "whole"))
+    _train(_two_process_cfg(out_dir / "parts"), stop_after=TWO_PROCESS_STOP_AFTER)
+    comm.synchronize()  # process 0 has written the checkpoint
+    resumed = _train(_two_process_cfg(out_dir / "parts"), resume=True)
+    state = {}
+    for name, trainer in (("whole", whole), ("resumed", resumed)):
+        model = trainer.checkpointer.model  # without the DDP wrapper
+        state[name] = {"model": model.state_dict(), "loss_normalizer": model.loss_normalizer,
+                       "start_iter": trainer.start_iter, "world": comm.get_world_size(),
+                       "foreground": trainer.storage.history("num_pos_anchors").values()}
+    torch.save(state, out_dir / f"rank{comm.get_rank()}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("resume2")
+    ensure_generated("digits_train_tiny")  # generated once, before the processes start
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")  # GLOO, the CPU path, even on a GPU machine
+        launch(_resume_worker, num_gpus_per_machine=2, dist_url="auto", args=(out_dir,))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)], out_dir
+
+
+def test_two_processes_resume_to_the_same_weights(two_process_runs):
+    """
+    Guards the mutants: the normaliser's checkpointable registered on the DDP
+    wrapper (``self.model``) instead of the bare model (``loss_normalizer``
+    silently not saved); ``ResumableTrainingSampler`` skip computed with
+    ``per_process = IMS_PER_BATCH``, ignoring the world size (the resumed run
+    continues at the wrong place in the data stream).
+    """
+    ranks, _ = two_process_runs
+    for rank in ranks:
+        whole, resumed = rank["whole"], rank["resumed"]
+        assert whole["world"] == 2 and resumed["start_iter"] == TWO_PROCESS_STOP_AFTER
+        _assert_same_weights(resumed["model"], whole["model"])
+        assert resumed["loss_normalizer"] == whole["loss_normalizer"]
+    # DDP keeps the processes' weights equal; the synced normaliser, their moving averages.
+    _assert_same_weights(ranks[1]["resumed"]["model"], ranks[0]["resumed"]["model"])
+    assert ranks[1]["resumed"]["loss_normalizer"] == ranks[0]["resumed"]["loss_normalizer"]
+
+
+def test_two_processes_resume_to_the_same_metrics(two_process_runs):
+    _, out_dir = two_process_runs
+    _assert_same_metrics(_metrics(out_dir / "parts"), _metrics(out_dir / "whole"), TWO_PROCESS_MAX_ITER)
+
+
+def test_two_process_checkpoint_holds_the_normalizer(two_process_runs):
+    ranks, out_dir = two_process_runs
+    checkpoint = torch.load(out_dir / "parts" / f"model_{TWO_PROCESS_STOP_AFTER - 1:07d}.pth", weights_only=False)
+    saved = checkpoint["loss_normalizer"]["loss_normalizer"]
+    # The synced moving average after the stopped run's iterations, from the initial 100 with
+    # momentum 0.9, over the batch's foreground count: each process logs its own per-image count.
+    per_image = [[v for v, _ in rank["whole"]["foreground"]] for rank in ranks]
+    expected = 100.0
+    for i in range(TWO_PROCESS_STOP_AFTER):
+        count = sum(2 * rank_counts[i] for rank_counts in per_image)  # 2 images a process
+        expected = 0.9 * expected + 0.1 * max(count, 1)
+    assert saved == pytest.approx(expected, rel=1e-12)

@@ -71,23 +71,29 @@ def test_step_raises_gamma_at_steps(iteration, expected):
     assert s(iteration) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("constant", {}),
-    ("linear", {"iters": 100}),
-    ("cosine", {"iters": 100}),
-    ("step", {"steps": [10, 30, 70]}),
-])
-def test_value_depends_only_on_iteration(name, kwargs):
-    iterations = list(range(0, 150, 7))
-    in_order = [schedule(name, **kwargs)(it) for it in iterations]
-    shuffled = iterations[:]
-    random.Random(0).shuffle(shuffled)
-    used = schedule(name, **kwargs)
-    out_of_order = dict((it, used(it)) for it in shuffled)
-    assert [out_of_order[it] for it in iterations] == in_order
-    # a "resumed" schedule built fresh at iteration k matches one that ran from 0
-    for k, value in zip(iterations, in_order):
-        assert schedule(name, **kwargs)(k) == value
+# Closed forms, gamma 0 -> 2: f(t) of each schedule, written out.
+CLOSED_FORMS = {
+    "constant": ({}, lambda t: 2.0),
+    "linear": ({"iters": 100}, lambda t: 2.0 * min(t / 100, 1.0)),
+    "cosine": ({"iters": 100}, lambda t: 2.0 * (1 - math.cos(math.pi * min(t / 100, 1.0))) / 2),
+    # gamma rises by 2/3 at iterations 10, 30 and 70 themselves
+    "step": ({"steps": [10, 30, 70]}, lambda t: 2.0 * ((t >= 10) + (t >= 30) + (t >= 70)) / 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_value_depends_only_on_iteration(name):
+    """
+    One schedule object, called in shuffled order (as after a resume, or by
+    several models), gives the closed form at every iteration, the steps'
+    own iterations and the ramp's end included: it keeps no state.
+    """
+    kwargs, closed_form = CLOSED_FORMS[name]
+    iterations = list(range(0, 150, 7)) + [1, 9, 10, 11, 29, 30, 31, 69, 70, 71, 99, 100, 101]
+    random.Random(0).shuffle(iterations)
+    used = schedule(name, gamma=2.0, start=0.0, **kwargs)
+    for it in iterations:
+        assert used(it) == pytest.approx(closed_form(it), abs=1e-12), it
 
 
 def _one_image_batch():
