@@ -217,3 +217,28 @@ def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
     total.backward()
     grad = model.head.cls_score.weight.grad
     assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int32])
+def test_labels_of_another_dtype_are_named(loss, dtype):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    focal_loss = build_focal_loss(cfg)
+    with pytest.raises(TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))):
+        focal_loss(torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]).to(dtype))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("gamma, error", [("abc", TypeError), (None, None), (True, TypeError),
+                                          (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    focal_loss = build_focal_loss(cfg)
+    args = (torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]))
+    if error is None:
+        focal_loss(*args, gamma=gamma)
+        return
+    with pytest.raises(error, match=re.escape(f"gamma={gamma!r}" if error is TypeError else f"gamma={gamma}")):
+        focal_loss(*args, gamma=gamma)
