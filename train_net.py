@@ -14,12 +14,10 @@ from focal_det2.engine import FocalTrainer, setup_cfg
 
 
 def main(args):
-    cfg = setup_cfg(args)
+    cfg = setup_cfg(args)  # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
     if args.eval_only:
         model = FocalTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         return FocalTrainer.test(cfg, model)
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

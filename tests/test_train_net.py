@@ -63,6 +63,10 @@ def test_train_net_cli_trains_resumes_and_evaluates(tmp_path):
     ]
     assert 3 in iterations
     weights = tmp_path / "model_final.pth"
+    trained = {p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "inference").iterdir()]}
     log = run_train_net("--config-file", config, "--eval-only", "MODEL.WEIGHTS", weights)
     assert "Evaluation results for digits_val_tiny" in log
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    # the evaluation wrote into a folder of its own, the training run's config.yaml is intact
+    assert (tmp_path / "eval" / "model_final" / "inference" / "coco_instances_results.json").exists()
+    assert trained == {p: p.read_bytes() for p in trained}
