@@ -19,18 +19,24 @@ import glob
 import math
 import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
-import numpy as np
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
-from detectron2.utils.visualizer import Visualizer
-from PIL import Image
+# Third-party deprecation noise, hidden by message and module (every other warning still shows):
+# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
+warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
+warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
 
-import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2 import add_focal_config
+import numpy as np  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.engine import DefaultPredictor  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
+from focal_det2 import add_focal_config  # noqa: E402
 
 
 def setup_cfg(config_file: str, opts: Sequence[str], confidence_threshold: float):
