@@ -184,6 +184,55 @@ def test_demo_confidence_threshold_is_applied(tmp_path, trained):
     assert np.abs(np.asarray(Image.open(none)).astype(int) - plain).max() <= 1  # nothing drawn
 
 
+def test_demo_inputs_with_one_name_are_all_written(tmp_path, trained):
+    images = {}
+    for i, name in enumerate(["dir1/a.png", "dir2/a.png", "dir2/a.jpg"]):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((64, 64, 3), 40 * (i + 1), np.uint8)).save(path)
+        images[name] = str(path)
+    written = _demo(tmp_path, trained, "out", 1.0, "--input", *images.values())[:-1]
+    out = tmp_path / "out"
+    assert written == [str(out / "dir1" / "a.png"), str(out / "dir2" / "a.png.png"), str(out / "dir2" / "a.jpg.png")]
+    pixels = {tuple(np.asarray(Image.open(p))[0, 0]) for p in written}
+    assert len(pixels) == 3  # three different images, none replaced another
+    # inputs of one folder stay flat
+    assert load_tool("demo").output_paths([images["dir1/a.png"]], "o") == [os.path.join("o", "a.png")]
+
+
+def test_demo_top_class_per_box():
+    from detectron2.structures import Boxes, Instances
+
+    demo = load_tool("demo")
+    instances = Instances((128, 128))
+    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10, 40, 40], [11, 10, 40, 41], [60, 60, 90, 90]]))
+    instances.scores = torch.tensor([0.32, 0.9, 0.5])
+    instances.pred_classes = torch.tensor([9, 5, 1])
+    kept = demo.top_class_per_box(instances, 0.5)
+    assert kept.pred_classes.tolist() == [5, 1] and kept.scores.tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsys):
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.structures import pairwise_iou
+
+    demo = load_tool("demo")
+    config_file, weights, _ = trained
+    written = _demo(tmp_path, trained, "labels", 0.0, "--dataset", "digits_val_tiny", "--num-images", "2")
+    lines = [line for line in capsys.readouterr().out.splitlines() if " detection" in line]
+    assert len(lines) == 2
+    cfg = demo.setup_cfg(config_file, ["MODEL.WEIGHTS", weights], 0.0)
+    predictor = DefaultPredictor(cfg)
+    for line, out, record in zip(lines, written, DatasetCatalog.get("digits_val_tiny")):
+        raw = predictor(np.asarray(Image.open(record["file_name"]).convert("RGB"))[:, :, ::-1])["instances"]
+        kept = demo.top_class_per_box(raw, cfg.MODEL.RETINANET.NMS_THRESH_TEST)
+        assert 0 < len(kept) < len(raw)  # the untrained model scores many classes on one box
+        iou = pairwise_iou(kept.pred_boxes, kept.pred_boxes).fill_diagonal_(0)
+        assert iou.max() <= cfg.MODEL.RETINANET.NMS_THRESH_TEST
+        assert line == f"{record['file_name']}: {len(kept)} detections (score >= 0.0) -> {out}"
+
+
 # --- ablate --------------------------------------------------------------------------
 
 
