@@ -265,6 +265,26 @@ def test_ablate_rows_filter():
         ablate.select_rows("nope", preset)
 
 
+def test_ablate_notes_say_why_a_metric_has_no_value(tmp_path):
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=10)
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.25,ce_a0.50", preset), "/out")
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.DATASETS.TEST = ("digits_val",)
+    metrics = dict(AP=20.0, AP50=30.0, AP75=None, APs=None, APm=25.0)
+    timing = {"train_seconds": 1.0, "eval_seconds": 1.0, "iterations": 10}
+    results = {
+        ("ce_a0.25", 0): {"metrics": metrics, "notes": ablate._why_missing(metrics, 7, cfg), **timing},
+        ("ce_a0.50", 0): {"metrics": dict(metrics, AP75=1.0, APs=1.0), **timing},  # or written before notes existed
+    }
+    ablate.write_tables(str(tmp_path), "x", preset, runs, results)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "- CE, α=.25, seed 0: AP75 –: digits_val has no ground-truth boxes; " \
+           "APs –: digits_val has no small (area < 32² px) ground-truth boxes" in markdown
+    assert "CE, α=.50, seed 0:" not in markdown
+
+
 def test_ablate_summary_mean_and_spread_over_seeds():
     ablate = load_tool("ablate")
     preset = ablate.Preset(iters=10, seeds=(0, 1))
@@ -303,7 +323,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     ablate = load_tool("ablate")
     out = tmp_path / "ablation"
     # two runs at once; the trailing pair reaches every run
-    ablate.main(["--preset", "tiny", "--output-dir", str(out), "--jobs", "2", "TEST.DETECTIONS_PER_IMAGE", "50"])
+    # the threshold leaves the models no detection: the tables must say so
+    extra = ["TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"]
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), "--jobs", "2", *extra])
 
     runs = {name: out / name / "seed0" for name in ("ce_a0.75", "soft_gamma_0to2")}
     for run_dir in runs.values():
@@ -329,6 +351,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     markdown = (out / "results.md").read_text()
     assert "| CE, α=.75 |" in markdown and "| AP | AP50 | AP75 | APs | APm | train s |" in markdown
     assert len((out / "runs.csv").read_text().splitlines()) == 3
+    why = "no detections on digits_val_tiny: every score was below MODEL.RETINANET.SCORE_THRESH_TEST=1.0"
+    assert f"- CE, α=.75, seed 0: AP, AP50, AP75, APs, APm –: {why}" in markdown
+    assert all(json.loads((d / "result.json").read_text())["detections"] == 0 for d in runs.values())
 
     # a second call trains nothing: finished runs are read back
     stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
@@ -338,6 +363,6 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(ablate, "train_run", no_training)
     capsys.readouterr()
-    ablate.main(["--preset", "tiny", "--output-dir", str(out), "TEST.DETECTIONS_PER_IMAGE", "50"])
-    assert capsys.readouterr().out.count(": done") == 2
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), *extra])
+    assert capsys.readouterr().out.count(f": done, AP – (AP, AP50, AP75, APs, APm –: {why})") == 2
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
