@@ -1,8 +1,10 @@
 """Config nodes of focal_det2 and the checks that name a bad key."""
+import math
+
 from detectron2.config import CfgNode as CN
 from detectron2.config.defaults import _C as DETECTRON2_DEFAULTS
 
-__all__ = ["add_focal_config", "check_retinanet_keys_unused", "lookup"]
+__all__ = ["add_focal_config", "check_finite", "check_retinanet_keys_unused", "lookup"]
 
 
 def add_focal_config(cfg):
@@ -54,6 +56,38 @@ _RETINANET_KEYS_REPLACED = {
     "FOCAL_LOSS_ALPHA": "MODEL.FOCAL.ALPHA",
     "PRIOR_PROB": "MODEL.FOCAL.PRIOR_PROB",
 }
+
+
+# Float keys for which infinity means something: Detectron2's L-inf norm of gradient clipping.
+INFINITY_ALLOWED = ("SOLVER.CLIP_GRADIENTS.NORM_TYPE",)
+
+
+def _floats(value):
+    """The floats in ``value``, a config value (nested lists and tuples included)."""
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _floats(item)
+
+
+def check_finite(cfg, prefix: str = ""):
+    """
+    Raise if a float of ``cfg`` (in a list or tuple too) is NaN or infinite,
+    naming the key. Infinity is allowed only for the keys in :data:`INFINITY_ALLOWED`.
+
+    Args:
+        cfg (CfgNode): a config, or one of its nodes whose full name is ``prefix``.
+        prefix (str): the node's name followed by ".", "" for the whole config.
+    """
+    for key, value in cfg.items():
+        name = prefix + key
+        if isinstance(value, CN):
+            check_finite(value, name + ".")
+            continue
+        for number in _floats(value):
+            if math.isnan(number) or (math.isinf(number) and name not in INFINITY_ALLOWED):
+                raise ValueError(f"{name}={value} is not finite; it must be a finite number.")
 
 
 def check_retinanet_keys_unused(cfg):

@@ -1,7 +1,8 @@
 """
 The trainer used by train_net.py: Detectron2's DefaultTrainer with COCO
 evaluation, multi-process training on CPUs, checked training data and an
-exact ``--resume``.
+exact ``--resume``; and :func:`setup_cfg`, which checks a config before a
+run writes anything.
 """
 import contextlib
 import itertools
@@ -11,18 +12,25 @@ import os
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from .config import add_focal_config
-from .data.checks import CheckedDatasetMapper, load_checked_dataset_dicts
+from .config import add_focal_config, check_finite
+from .data.checks import CheckedDatasetMapper, check_degenerate_boxes_option, load_checked_dataset_dicts
 
-__all__ = ["FocalTrainer", "ResumableTrainingSampler", "ScalarHistory", "setup_cfg"]
+__all__ = ["FocalTrainer", "ResumableTrainingSampler", "ScalarHistory", "checkpoint_to_load", "setup_cfg"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +150,44 @@ class ScalarHistory(HookBase):
         self._loaded = {}
 
 
+def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
+    """
+    The checkpoint file a run loads, as Detectron2's checkpointer chooses it:
+    with ``resume`` and a ``last_checkpoint`` file in ``output_dir``, the
+    file it names; otherwise ``weights`` (MODEL.WEIGHTS; "" for none).
+    Raises, naming the file, where Detectron2 would fail without naming it
+    or name the folder: an empty ``last_checkpoint``, a checkpoint it names
+    that does not exist, and a local checkpoint file of 0 bytes.
+
+    Args:
+        output_dir (str): OUTPUT_DIR, where ``last_checkpoint`` lives.
+        weights (str): MODEL.WEIGHTS, a path or a URL.
+        resume (bool): ``--resume``.
+    """
+    last = os.path.join(output_dir, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        if not name:
+            raise ValueError(
+                f"{last} is empty; it must hold the file name of a checkpoint in {output_dir} "
+                "(e.g. model_final.pth). Write one there, or delete it to start from MODEL.WEIGHTS."
+            )
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{last} names {name!r}, but {path} does not exist.")
+        source, fix = f"{path} (named by {last})", "write an earlier checkpoint's name into last_checkpoint"
+    else:
+        if not weights or "://" in weights:
+            return weights
+        path, source, fix = weights, f"MODEL.WEIGHTS={weights}", "pass a complete checkpoint"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{source}: the file does not exist.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{source} is empty (0 bytes), e.g. from an interrupted save: {fix}.")
+    return path
+
+
 class FocalTrainer(DefaultTrainer):
     """
     DefaultTrainer that evaluates with COCOEvaluator, runs multi-process on
@@ -175,7 +221,18 @@ class FocalTrainer(DefaultTrainer):
         return [ScalarHistory()] + super().build_hooks()
 
     def resume_or_load(self, resume=True):
-        super().resume_or_load(resume=resume)
+        """
+        :meth:`DefaultTrainer.resume_or_load`, with errors that name the
+        checkpoint file (see :func:`checkpoint_to_load`), and the data order
+        and scalar history continued on a resume.
+        """
+        path = checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
+        try:
+            super().resume_or_load(resume=resume)
+        except Exception as e:  # e.g. a truncated file: torch.load's errors do not name it
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"while loading the checkpoint {path}")
+            raise
         if self.start_iter == 0:
             return
         if self.cfg.SEED < 0:
@@ -240,6 +297,11 @@ class FocalTrainer(DefaultTrainer):
         return _DropFirstBatches(loader, remainder) if remainder else loader
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader whose errors reading an image name its id and file."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         json_file = MetadataCatalog.get(dataset_name).get("json_file")
         if json_file and not os.path.exists(json_file):
@@ -248,15 +310,55 @@ class FocalTrainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
+def check_cfg(cfg):
+    """
+    Raise for a config value a run would reject, before the run writes
+    anything: a float key that is NaN or infinite, every check the model
+    build makes (the model is built on the CPU and dropped) and
+    ``DATALOADER.DEGENERATE_BOXES``.
+    """
+    check_finite(cfg)
+    check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
+    cpu_cfg = cfg.clone()
+    cpu_cfg.defrost()
+    cpu_cfg.MODEL.DEVICE = "cpu"
+    META_ARCH_REGISTRY.get(cpu_cfg.MODEL.META_ARCHITECTURE)(cpu_cfg)
+
+
 def setup_cfg(args):
     """
     Config from ``args.config_file`` and ``args.opts`` (key=value overrides),
-    with the MODEL.FOCAL node, frozen, after Detectron2's ``default_setup``.
+    with the MODEL.FOCAL node, frozen, after Detectron2's ``default_setup``,
+    with focal_det2's log lines in Detectron2's console and ``log.txt``.
+
+    The config is checked (:func:`check_cfg`, and the checkpoint that
+    ``--resume`` or ``--eval-only`` loads, :func:`checkpoint_to_load`) before
+    ``default_setup`` writes ``OUTPUT_DIR/config.yaml``, so a rejected run
+    leaves OUTPUT_DIR as it was. ``--eval-only`` refuses to run without a
+    checkpoint (MODEL.WEIGHTS, or ``--resume`` and a ``last_checkpoint``); its
+    config sets MODEL.WEIGHTS to that file and OUTPUT_DIR to
+    ``OUTPUT_DIR/eval/<checkpoint name>``, so that the evaluation writes its
+    config.yaml, log.txt and inference/ there, not over the training run's.
     """
     cfg = get_cfg()
     add_focal_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    eval_only, resume = getattr(args, "eval_only", False), getattr(args, "resume", False)
+    checkpoint = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume)
+    if eval_only:
+        if not checkpoint:
+            raise ValueError(
+                "--eval-only needs a trained model: MODEL.WEIGHTS is empty"
+                + (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else "")
+                + ". Pass MODEL.WEIGHTS <file>.pth (e.g. OUTPUT_DIR/model_final.pth), or --resume "
+                "to evaluate OUTPUT_DIR's last checkpoint."
+            )
+        name = os.path.splitext(os.path.basename(checkpoint))[0]
+        cfg.MODEL.WEIGHTS = checkpoint
+        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval", name)
+    check_cfg(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
     return cfg

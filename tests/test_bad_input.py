@@ -236,3 +236,203 @@ def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
     total.backward()
     grad = model.head.cls_score.weight.grad
     assert grad is not None and torch.equal(grad, torch.zeros_like(grad))
+
+
+# --- a rejected run writes nothing; every mistake names its key or file -----------------
+
+
+@pytest.fixture
+def loggers():
+    """Puts back the handlers and propagation of the loggers that default_setup and setup_cfg configure."""
+    import logging
+
+    names = ("detectron2", "fvcore", "focal_det2")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names}
+    yield
+    for name, (handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
+def _args(*argv):
+    from detectron2.engine import default_argument_parser
+
+    return default_argument_parser().parse_args([str(a) for a in argv])
+
+
+def _trained_run_dir(tmp_path):
+    """An OUTPUT_DIR as a finished training leaves it (config.yaml, inference/, weights), and its config file."""
+    run = tmp_path / "run"
+    (run / "inference").mkdir(parents=True)
+    cfg = digits_cfg(output_dir=run)
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.dump())
+    (run / "config.yaml").write_text(cfg.dump())
+    (run / "inference" / "coco_instances_results.json").write_text("[]")
+    torch.save({"model": build_model(cfg).state_dict(), "iteration": 2}, run / "model_final.pth")
+    (run / "last_checkpoint").write_text("model_final.pth")
+    return run, config
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.FOCAL.CLASS_ALPHA", "[-1,-1,-1,-1,-1,-1,-1,-1,-1,-1]"], "MODEL.FOCAL.CLASS_ALPHA"),
+        (["MODEL.FOCAL.GAMMA", "-1.0"], "MODEL.FOCAL.GAMMA=-1.0"),
+        (["DATALOADER.DEGENERATE_BOXES", "skip"], "DATALOADER.DEGENERATE_BOXES='skip'"),
+        (["MODEL.BACKBONE.NAME", "no_such_backbone"], "no_such_backbone"),  # Detectron2 checks it when building
+    ],
+)
+def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, message):
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    before = _snapshot(run)
+    with pytest.raises(Exception, match=re.escape(message)):
+        setup_cfg(_args("--config-file", config, *opts))
+    assert _snapshot(run) == before
+
+
+def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, loggers):
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    before = _snapshot(run)
+    weights = run / "model_final.pth"
+    cfg = setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", weights))
+    assert cfg.OUTPUT_DIR == str(run / "eval" / "model_final") and cfg.MODEL.WEIGHTS == str(weights)
+    assert (run / "eval" / "model_final" / "config.yaml").exists()
+    assert {p: b for p, b in _snapshot(run).items() if p.parts[0] != "eval"} == before
+    # --resume --eval-only evaluates the checkpoint last_checkpoint names
+    cfg = setup_cfg(_args("--config-file", config, "--eval-only", "--resume"))
+    assert cfg.MODEL.WEIGHTS == str(weights)
+    # a training --resume writes its config into OUTPUT_DIR, as in Detectron2
+    cfg = setup_cfg(_args("--config-file", config, "--resume", "SOLVER.MAX_ITER", 4))
+    assert cfg.OUTPUT_DIR == str(run) and "MAX_ITER: 4" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
+    from focal_det2.engine import setup_cfg
+
+    config = tmp_path / "config.yaml"
+    config.write_text(digits_cfg(output_dir=tmp_path / "empty").dump())
+    argv = ["--config-file", config, "--eval-only"] + (["--resume"] if resume else [])
+    with pytest.raises(ValueError, match="--eval-only needs a trained model: MODEL.WEIGHTS is empty"):
+        setup_cfg(_args(*argv))
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("MODEL.FOCAL.GAMMA", float("nan")),
+        ("MODEL.FOCAL.GAMMA", float("inf")),
+        ("MODEL.FOCAL.STAR_BETA", float("-inf")),
+        ("MODEL.FOCAL.PRIOR_PROB", float("nan")),
+        ("MODEL.FOCAL.GAMMA_SCHEDULE.START", float("nan")),
+        ("SOLVER.BASE_LR", float("nan")),
+        ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, float("inf"), 2.0]]),
+    ],
+)
+def test_non_finite_float_keys_are_named(key, value):
+    cfg = tiny_cfg()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=re.escape(key) + r"=.* is not finite"):
+        build_model(cfg)
+
+
+def test_infinity_where_detectron2_means_it():
+    cfg = tiny_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = float("inf")  # the L-inf norm
+    build_model(cfg)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int32])
+def test_labels_of_another_dtype_are_named(loss, dtype):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    focal_loss = build_focal_loss(cfg)
+    with pytest.raises(TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))):
+        focal_loss(torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]).to(dtype))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("gamma, error", [("abc", TypeError), (None, None), (True, TypeError),
+                                          (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    focal_loss = build_focal_loss(cfg)
+    args = (torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]))
+    if error is None:
+        focal_loss(*args, gamma=gamma)
+        return
+    with pytest.raises(error, match=re.escape(f"gamma={gamma!r}" if error is TypeError else f"gamma={gamma}")):
+        focal_loss(*args, gamma=gamma)
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_empty_last_checkpoint_is_named(tmp_path, content):
+    cfg = digits_cfg(output_dir=tmp_path)
+    (tmp_path / "last_checkpoint").write_text(content)
+    trainer = FocalTrainer(cfg)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'last_checkpoint'} is empty")):
+        trainer.resume_or_load(resume=True)
+
+
+def test_zero_byte_checkpoint_is_named(tmp_path, loggers):
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    (run / "model_final.pth").write_bytes(b"")
+    trainer = FocalTrainer(digits_cfg(output_dir=run))
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'model_final.pth'} (named by")):
+        trainer.resume_or_load(resume=True)
+    with pytest.raises(ValueError, match=re.escape(f"{run / 'model_final.pth'} (named by") + r".*\(0 bytes\)"):
+        setup_cfg(_args("--config-file", config, "--resume"))
+    with pytest.raises(ValueError, match=re.escape(f"MODEL.WEIGHTS={run / 'model_final.pth'} is empty")):
+        setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", run / "model_final.pth"))
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path):
+    run, _ = _trained_run_dir(tmp_path)
+    data = (run / "model_final.pth").read_bytes()
+    (run / "model_final.pth").write_bytes(data[: len(data) // 2])
+    trainer = FocalTrainer(digits_cfg(output_dir=run))
+    with pytest.raises(Exception) as error:
+        trainer.resume_or_load(resume=True)
+    assert f"while loading the checkpoint {run / 'model_final.pth'}" in getattr(error.value, "__notes__", [])
+
+
+def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):
+    name, _, image_dir = coco({1: GOOD, 2: GOOD})
+    data = (image_dir / "002.png").read_bytes()
+    (image_dir / "002.png").write_bytes(data[: len(data) // 2])
+    loader = FocalTrainer.build_test_loader(_cfg(name, tmp_path), name)
+    with pytest.raises(ValueError, match=re.escape(f"image id 2 ({image_dir / '002.png'}): cannot read")):
+        list(loader)
+
+
+def test_package_log_lines_reach_console_and_log_txt(tmp_path, loggers, capsys):
+    import logging
+
+    from focal_det2.engine import setup_cfg
+
+    _, config = _trained_run_dir(tmp_path)
+    cfg = setup_cfg(_args("--config-file", config, "OUTPUT_DIR", tmp_path / "new"))
+    logging.getLogger("focal_det2.data.checks").warning("dropped 3 boxes (test)")
+    logging.getLogger("focal_det2.losses.fused").info("backend chosen (test)")
+    for handler in logging.getLogger("focal_det2").handlers:
+        handler.flush()
+    log = (tmp_path / "new" / "log.txt").read_text()
+    assert "dropped 3 boxes (test)" in log and "backend chosen (test)" in log
+    captured = capsys.readouterr()
+    assert "backend chosen (test)" in captured.out and "dropped 3 boxes (test)" not in captured.err
+    assert cfg.OUTPUT_DIR == str(tmp_path / "new")

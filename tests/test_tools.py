@@ -184,6 +184,55 @@ def test_demo_confidence_threshold_is_applied(tmp_path, trained):
     assert np.abs(np.asarray(Image.open(none)).astype(int) - plain).max() <= 1  # nothing drawn
 
 
+def test_demo_inputs_with_one_name_are_all_written(tmp_path, trained):
+    images = {}
+    for i, name in enumerate(["dir1/a.png", "dir2/a.png", "dir2/a.jpg"]):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((64, 64, 3), 40 * (i + 1), np.uint8)).save(path)
+        images[name] = str(path)
+    written = _demo(tmp_path, trained, "out", 1.0, "--input", *images.values())[:-1]
+    out = tmp_path / "out"
+    assert written == [str(out / "dir1" / "a.png"), str(out / "dir2" / "a.png.png"), str(out / "dir2" / "a.jpg.png")]
+    pixels = {tuple(np.asarray(Image.open(p))[0, 0]) for p in written}
+    assert len(pixels) == 3  # three different images, none replaced another
+    # inputs of one folder stay flat
+    assert load_tool("demo").output_paths([images["dir1/a.png"]], "o") == [os.path.join("o", "a.png")]
+
+
+def test_demo_top_class_per_box():
+    from detectron2.structures import Boxes, Instances
+
+    demo = load_tool("demo")
+    instances = Instances((128, 128))
+    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10, 40, 40], [11, 10, 40, 41], [60, 60, 90, 90]]))
+    instances.scores = torch.tensor([0.32, 0.9, 0.5])
+    instances.pred_classes = torch.tensor([9, 5, 1])
+    kept = demo.top_class_per_box(instances, 0.5)
+    assert kept.pred_classes.tolist() == [5, 1] and kept.scores.tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsys):
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.structures import pairwise_iou
+
+    demo = load_tool("demo")
+    config_file, weights, _ = trained
+    written = _demo(tmp_path, trained, "labels", 0.0, "--dataset", "digits_val_tiny", "--num-images", "2")
+    lines = [line for line in capsys.readouterr().out.splitlines() if " detection" in line]
+    assert len(lines) == 2
+    cfg = demo.setup_cfg(config_file, ["MODEL.WEIGHTS", weights], 0.0)
+    predictor = DefaultPredictor(cfg)
+    for line, out, record in zip(lines, written, DatasetCatalog.get("digits_val_tiny")):
+        raw = predictor(np.asarray(Image.open(record["file_name"]).convert("RGB"))[:, :, ::-1])["instances"]
+        kept = demo.top_class_per_box(raw, cfg.MODEL.RETINANET.NMS_THRESH_TEST)
+        assert 0 < len(kept) < len(raw)  # the untrained model scores many classes on one box
+        iou = pairwise_iou(kept.pred_boxes, kept.pred_boxes).fill_diagonal_(0)
+        assert iou.max() <= cfg.MODEL.RETINANET.NMS_THRESH_TEST
+        assert line == f"{record['file_name']}: {len(kept)} detections (score >= 0.0) -> {out}"
+
+
 # --- ablate --------------------------------------------------------------------------
 
 
@@ -214,6 +263,26 @@ def test_ablate_rows_filter():
     assert names == ["ce_a0.25", "ce_a0.50", "ce_a0.75", "fl_g2_a0.25"]
     with pytest.raises(ValueError, match="matches no row"):
         ablate.select_rows("nope", preset)
+
+
+def test_ablate_notes_say_why_a_metric_has_no_value(tmp_path):
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=10)
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.25,ce_a0.50", preset), "/out")
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.DATASETS.TEST = ("digits_val",)
+    metrics = dict(AP=20.0, AP50=30.0, AP75=None, APs=None, APm=25.0)
+    timing = {"train_seconds": 1.0, "eval_seconds": 1.0, "iterations": 10}
+    results = {
+        ("ce_a0.25", 0): {"metrics": metrics, "notes": ablate._why_missing(metrics, 7, cfg), **timing},
+        ("ce_a0.50", 0): {"metrics": dict(metrics, AP75=1.0, APs=1.0), **timing},  # or written before notes existed
+    }
+    ablate.write_tables(str(tmp_path), "x", preset, runs, results)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "- CE, α=.25, seed 0: AP75 –: digits_val has no ground-truth boxes; " \
+           "APs –: digits_val has no small (area < 32² px) ground-truth boxes" in markdown
+    assert "CE, α=.50, seed 0:" not in markdown
 
 
 def test_ablate_summary_mean_and_spread_over_seeds():
@@ -254,7 +323,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     ablate = load_tool("ablate")
     out = tmp_path / "ablation"
     # two runs at once; the trailing pair reaches every run
-    ablate.main(["--preset", "tiny", "--output-dir", str(out), "--jobs", "2", "TEST.DETECTIONS_PER_IMAGE", "50"])
+    # the threshold leaves the models no detection: the tables must say so
+    extra = ["TEST.DETECTIONS_PER_IMAGE", "50", "MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"]
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), "--jobs", "2", *extra])
 
     runs = {name: out / name / "seed0" for name in ("ce_a0.75", "soft_gamma_0to2")}
     for run_dir in runs.values():
@@ -280,6 +351,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     markdown = (out / "results.md").read_text()
     assert "| CE, α=.75 |" in markdown and "| AP | AP50 | AP75 | APs | APm | train s |" in markdown
     assert len((out / "runs.csv").read_text().splitlines()) == 3
+    why = "no detections on digits_val_tiny: every score was below MODEL.RETINANET.SCORE_THRESH_TEST=1.0"
+    assert f"- CE, α=.75, seed 0: AP, AP50, AP75, APs, APm –: {why}" in markdown
+    assert all(json.loads((d / "result.json").read_text())["detections"] == 0 for d in runs.values())
 
     # a second call trains nothing: finished runs are read back
     stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
@@ -289,6 +363,6 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(ablate, "train_run", no_training)
     capsys.readouterr()
-    ablate.main(["--preset", "tiny", "--output-dir", str(out), "TEST.DETECTIONS_PER_IMAGE", "50"])
-    assert capsys.readouterr().out.count(": done") == 2
+    ablate.main(["--preset", "tiny", "--output-dir", str(out), *extra])
+    assert capsys.readouterr().out.count(f": done, AP – (AP, AP50, AP75, APs, APm –: {why})") == 2
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}

@@ -23,6 +23,11 @@ stopped. After each run the tables are rewritten:
 - ``runs.csv``: one line per (row, seed);
 - ``results.csv`` and ``results.md``: one line per row, the mean over seeds
   and, with several seeds, the sample standard deviation.
+
+A metric COCO's evaluation gives no value for is shown as "–", and the
+notes under the table in ``results.md`` (and the console line of the run)
+say why: the model made no detection above ``MODEL.RETINANET.SCORE_THRESH_TEST``,
+or the test set has no ground-truth box of that size.
 """
 import argparse
 import csv
@@ -36,9 +41,15 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+# Third-party deprecation noise, hidden by message and module (every other warning still shows):
+# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
+warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
+warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -305,10 +316,14 @@ def train_one(argv: List[str]):
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    bbox = TimedTrainer.eval_results["bbox"]
+    bbox = TimedTrainer.eval_results.get("bbox", {})
+    metrics = {k: _finite_or_none(bbox.get(k)) for k in METRICS}
+    detections = _count_detections(os.path.join(cfg.OUTPUT_DIR, "inference", "coco_instances_results.json"))
     result = {
         "argv": argv,
-        "metrics": {k: _finite_or_none(bbox[k]) for k in METRICS},
+        "metrics": metrics,
+        "detections": detections,
+        "notes": _why_missing(metrics, detections, cfg),
         "train_seconds": round(total - TimedTrainer.eval_seconds, 1),
         "eval_seconds": round(TimedTrainer.eval_seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
@@ -318,6 +333,33 @@ def train_one(argv: List[str]):
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)  # the file marks a finished run
+
+
+def _count_detections(path: str) -> int:
+    """Detections in COCOEvaluator's ``coco_instances_results.json`` (0 if it wrote none)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return len(json.load(f))
+
+
+def _why_missing(metrics: Dict[str, Optional[float]], detections: int, cfg) -> Dict[str, str]:
+    """For each metric without a value, why COCO's evaluation gave none."""
+    dataset = ", ".join(cfg.DATASETS.TEST)
+    if detections == 0:
+        why = (f"no detections on {dataset}: every score was below "
+               f"MODEL.RETINANET.SCORE_THRESH_TEST={cfg.MODEL.RETINANET.SCORE_THRESH_TEST}")
+        return {k: why for k, v in metrics.items() if v is None}
+    sizes = {"APs": "small (area < 32² px) ", "APm": "medium (area 32²-96² px) "}
+    return {k: f"{dataset} has no {sizes.get(k, '')}ground-truth boxes" for k, v in metrics.items() if v is None}
+
+
+def _notes(result: dict) -> str:
+    """'AP, AP50: why' for the metrics of ``result`` without a value, '' if none."""
+    by_reason = {}
+    for key, why in result.get("notes", {}).items():
+        by_reason.setdefault(why, []).append(key)
+    return "; ".join(f"{', '.join(keys)} –: {why}" for why, keys in by_reason.items())
 
 
 def _finite_or_none(x):
@@ -398,6 +440,10 @@ def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequen
         cells = [_fmt(line[k], line[f"{k}_std"]) for k in METRICS]
         lines.append(f"| {line['label']} | " + " | ".join(cells)
                      + f" | {_fmt(line['train_s'], digits=0)} | {paper} |")
+    notes = [(run, _notes(results[(run.row.name, run.seed)])) for run in runs if (run.row.name, run.seed) in results]
+    notes = [f"- {run.row.label}, seed {run.seed}: {note}" for run, note in notes if note]
+    if notes:
+        lines += ["", "Metrics without a value (–):", "", *notes]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -438,7 +484,9 @@ def main(argv=None):
         if result is None:
             pending.append((i, run))
             continue
-        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}")
+        note = _notes(result)
+        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}"
+              + (f" ({note})" if note else ""))
         results[(run.row.name, run.seed)] = result
     write_tables(output_dir, args.preset, preset, runs, results, command)
 
@@ -448,8 +496,10 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
               f"  python train_net.py {_shell_join(run.argv())}", flush=True)
         result = train_run(run, verbose=args.verbose, threads=threads)
+        note = _notes(result)
         print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
-              f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation", flush=True)
+              f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation"
+              + (f" ({note})" if note else ""), flush=True)
         return result
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -10,27 +10,44 @@ Detectron2's Visualizer.
 
 Inputs are image paths (``--input a.png b.jpg``, shell globs expanded) or the
 first ``--num-images`` images of a registered data set (``--dataset``).
-Each image is written as ``<output>/<name>.png``, ``scale`` times its size;
-``--montage`` also tiles them into one PNG. Class names come from the
-data set's metadata (``--dataset``, else the config's first test set).
+Each image is written as a PNG, ``scale`` times its size, at its path
+relative to the inputs' common folder under ``--output`` (``dir1/a.png`` and
+``dir2/a.png`` become ``<output>/dir1/a.png`` and ``<output>/dir2/a.png``;
+``a.png`` and ``a.jpg`` of one folder ``a.png.png`` and ``a.jpg.png``), so no
+output replaces another. ``--montage`` also tiles them into one PNG. Class
+names come from the data set's metadata (``--dataset``, else the config's
+first test set).
+
+Each box gets one label, its top class: RetinaNet scores every class of an
+anchor apart, so one object can yield boxes of several classes; a detection
+that overlaps a higher-scoring one (IoU > ``MODEL.RETINANET.NMS_THRESH_TEST``)
+is not drawn, whatever its class. Each image's line on stdout says how many
+detections were drawn.
 """
 import argparse
 import glob
 import math
 import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
-import numpy as np
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
-from detectron2.utils.visualizer import Visualizer
-from PIL import Image
+# Third-party deprecation noise, hidden by message and module (every other warning still shows):
+# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
+warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
+warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
 
-import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2 import add_focal_config
+import numpy as np  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.engine import DefaultPredictor  # noqa: E402
+from detectron2.layers import nms  # noqa: E402
+from detectron2.utils.visualizer import Visualizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
+from focal_det2 import add_focal_config  # noqa: E402
 
 
 def setup_cfg(config_file: str, opts: Sequence[str], confidence_threshold: float):
@@ -59,15 +76,49 @@ def input_images(inputs: Sequence[str], dataset: Optional[str], num_images: int)
     return paths
 
 
-def draw(predictor, path: str, metadata, scale: float) -> np.ndarray:
+def output_paths(paths: Sequence[str], output: str) -> List[str]:
+    """
+    Where each input image is written: its path relative to the inputs'
+    common folder, under ``output``, as PNG. The extension is kept
+    (``a.jpg.png``) where two inputs of one folder share a name without it.
+    """
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    stems = [os.path.splitext(p)[0] for p in absolute]
+    outs = []
+    for path, stem in zip(absolute, stems):
+        name = path if stems.count(stem) > 1 else stem
+        outs.append(os.path.join(output, os.path.relpath(name, common) + ".png"))
+    return outs
+
+
+def top_class_per_box(instances, iou_threshold: float):
+    """
+    The detections not overlapping a higher-scoring one by IoU > ``iou_threshold``,
+    whatever the classes: one label per object, its top class.
+
+    Args:
+        instances (Instances): detections with ``pred_boxes``, ``scores``, ``pred_classes``.
+        iou_threshold (float): MODEL.RETINANET.NMS_THRESH_TEST.
+
+    Returns:
+        Instances: the kept detections, highest score first.
+    """
+    keep = nms(instances.pred_boxes.tensor, instances.scores, iou_threshold)
+    return instances[keep]
+
+
+def draw(predictor, path: str, metadata, scale: float):
     """
     Returns:
         ndarray: (H * scale, W * scale, 3) uint8 RGB image with the detections drawn.
+        int: the number of detections drawn.
     """
     image = read_image(path, format="BGR")
     instances = predictor(image)["instances"].to("cpu")
+    instances = top_class_per_box(instances, predictor.cfg.MODEL.RETINANET.NMS_THRESH_TEST)
     visualizer = Visualizer(image[:, :, ::-1], metadata, scale=scale)
-    return visualizer.draw_instance_predictions(instances).get_image()
+    return visualizer.draw_instance_predictions(instances).get_image(), len(instances)
 
 
 def montage(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
@@ -106,19 +157,20 @@ def main(argv=None) -> List[str]:
     names = [args.dataset] if args.dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
     predictor = DefaultPredictor(cfg)
-    os.makedirs(args.output, exist_ok=True)
+    paths = input_images(args.input or (), args.dataset, args.num_images)
     written, drawn = [], []
-    for path in input_images(args.input or (), args.dataset, args.num_images):
-        image = draw(predictor, path, metadata, args.scale)
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+    for path, out in zip(paths, output_paths(paths, args.output)):
+        image, count = draw(predictor, path, metadata, args.scale)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         Image.fromarray(image).save(out)
+        print(f"{path}: {count} detection{'s' * (count != 1)} (score >= {args.confidence_threshold}) -> {out}")
         written.append(out)
         drawn.append(image)
     if args.montage and drawn:
         os.makedirs(os.path.dirname(os.path.abspath(args.montage)), exist_ok=True)
         Image.fromarray(montage(drawn, args.columns)).save(args.montage, optimize=True)
+        print(f"montage -> {args.montage}")
         written.append(args.montage)
-    print("\n".join(written))
     return written
 
 

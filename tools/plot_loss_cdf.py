@@ -25,9 +25,15 @@ of the group's loss.
 """
 import argparse
 import sys
+import warnings
 from typing import Dict, Sequence, Tuple
 
-import matplotlib
+# Third-party deprecation noise, hidden by message and module (every other warning still shows):
+# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
+warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
+warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -26,7 +26,12 @@ from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_datase
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["load_checked_dataset_dicts", "check_dataset_dicts", "CheckedDatasetMapper"]
+__all__ = [
+    "load_checked_dataset_dicts",
+    "check_dataset_dicts",
+    "check_degenerate_boxes_option",
+    "CheckedDatasetMapper",
+]
 
 _XYXY_MODES = (BoxMode.XYXY_ABS, BoxMode.XYXY_REL)
 DEGENERATE_BOXES = ("error", "drop")
@@ -51,6 +56,12 @@ def _box_size(bbox, mode):
     return bbox[2], bbox[3]
 
 
+def check_degenerate_boxes_option(value: str):
+    """Raise if ``value`` is not an allowed DATALOADER.DEGENERATE_BOXES."""
+    if value not in DEGENERATE_BOXES:
+        raise ValueError(f"DATALOADER.DEGENERATE_BOXES={value!r}; allowed: {list(DEGENERATE_BOXES)}.")
+
+
 def check_dataset_dicts(
     dataset_dicts, *, dataset_name: str, num_classes: int, degenerate_boxes: str = "error"
 ):
@@ -67,10 +78,7 @@ def check_dataset_dicts(
         num_classes (int): K; contiguous category ids must be in [0, K).
         degenerate_boxes (str): "error" or "drop" (DATALOADER.DEGENERATE_BOXES).
     """
-    if degenerate_boxes not in DEGENERATE_BOXES:
-        raise ValueError(
-            f"DATALOADER.DEGENERATE_BOXES={degenerate_boxes!r}; allowed: {list(DEGENERATE_BOXES)}."
-        )
+    check_degenerate_boxes_option(degenerate_boxes)
     dropped = 0
     meta = MetadataCatalog.get(dataset_name)
     to_json_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}

@@ -5,6 +5,7 @@ loss over valid anchors, and per-class scores for inference, so the head
 and the inference path never branch on the loss's name.
 """
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -77,6 +78,7 @@ class DenseClassificationLoss:
 
     def check_gamma(self, gamma: float, key: str):
         """Raise if ``gamma``, read from config key ``key``, is not allowed for this loss."""
+        _check_finite_number(gamma, key)
         if gamma < 0:
             raise ValueError(f"{key}={gamma} must be >= 0.")
 
@@ -134,6 +136,11 @@ class DenseClassificationLoss:
                 f"{type(self).__name__} expects logits of shape (N, {self.num_logits}), "
                 f"got {tuple(logits.shape)}."
             )
+        if labels.dtype != torch.int64:
+            raise TypeError(
+                f"labels must be an int64 tensor of class indices (0..{self.num_classes - 1} class, "
+                f"{self.num_classes} background, -1 ignored), got dtype {labels.dtype}."
+            )
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
         if labels.numel():
@@ -158,6 +165,14 @@ class DenseClassificationLoss:
             f"{type(self).__name__}(num_classes={self.num_classes}, gamma={self.gamma}, "
             f"alpha={self.alpha}, class_alpha={list(self.class_alpha)})"
         )
+
+
+def _check_finite_number(value, key: str):
+    """Raise if ``value`` (config key or argument ``key``) is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{key}={value!r} must be a number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{key}={value} must be finite.")
 
 
 class SigmoidFocalLoss(DenseClassificationLoss):
@@ -233,6 +248,7 @@ class FocalStarLoss(DenseClassificationLoss):
         return {**super().from_config(cfg), "beta": cfg.MODEL.FOCAL.STAR_BETA}
 
     def check_gamma(self, gamma, key):
+        _check_finite_number(gamma, key)
         if gamma <= 0:
             raise ValueError(f"{key}={gamma}: focal_star divides by gamma, it must be > 0.")
 

@@ -1,3 +1,4 @@
+import logging
 from typing import List
 
 import torch
@@ -11,12 +12,14 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
-from ..config import check_retinanet_keys_unused
+from ..config import check_finite, check_retinanet_keys_unused
 from ..losses import DenseClassificationLoss, build_focal_loss
 from ..schedules import ConstantGamma, GammaSchedule, build_gamma_schedule
 from .head import build_focal_head
 
 __all__ = ["FocalRetinaNet"]
+
+logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -63,6 +66,7 @@ class FocalRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
+        check_finite(cfg)
         check_retinanet_keys_unused(cfg)
         ret = super().from_config(cfg)
         # RetinaNet's own focal-loss parameters are replaced by the loss object.
@@ -72,6 +76,7 @@ class FocalRetinaNet(RetinaNet):
         ret["focal_loss"] = build_focal_loss(cfg)
         ret["gamma_schedule"] = build_gamma_schedule(cfg)
         ret["sync_normalizer"] = cfg.MODEL.FOCAL.SYNC_NORMALIZER
+        logger.info(f"FocalRetinaNet: loss {ret['focal_loss']}, gamma schedule {ret['gamma_schedule']}.")
         return ret
 
     def _transpose_logits_and_deltas(self, predictions):
