@@ -646,7 +646,8 @@ def summary_table(results, sizes, settings) -> str:
             cells.append("-" if mem is None else f"{mem:.0f}")
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    legend = "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS)
+    measured = {r["impl"] for r in results}
+    legend = "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS if name in measured)
     return "Forward + backward, ms (median), and extra peak memory, MB:\n\n" + "\n".join(lines) + "\n\n" + legend
 
 

@@ -51,3 +51,19 @@ def test_bench_loss_quick_run_writes_json(tmp_path):
     assert {r["impl"] for r in data["results"]} == {"ours_sigmoid_focal", "fvcore_jit", "bandwidth"}
     assert all(r["fwd_bwd_ms"] > 0 and r["N"] == 2000 for r in data["results"])
     assert "ours_sigmoid_focal" in stdout and data["machine"]["commit"]
+
+
+def test_bench_loss_reports_the_saved_gpu_run():
+    # The GPU run cannot be repeated here; its saved JSON must still print, with the targets it checked.
+    saved = REPO / "benchmarks" / "results" / "bench_loss_cuda.json"
+    data = json.loads(saved.read_text())
+    stdout = run_script("bench_loss.py", "--report", str(saved))
+    assert data["machine"]["gpu"] in stdout and "| ours_sigmoid_focal |" in stdout
+    for target in data["targets"]:
+        assert f"[{'x' if target['met'] else ' '}] {target['check']}" in stdout
+
+
+def test_bench_train_amp_needs_cuda():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--amp", "--inputs", "digits"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--amp needs --device cuda" in proc.stderr
