@@ -17,7 +17,7 @@ def add_focal_config(cfg):
     """
     cfg.MODEL.FOCAL = CN()
     # Classification loss, a name in FOCAL_LOSS_REGISTRY:
-    # "sigmoid_focal" | "softmax_focal" | "focal_star" | "cross_entropy".
+    # "sigmoid_focal" | "softmax_focal" | "focal_star" | "cross_entropy" | "ohem".
     cfg.MODEL.FOCAL.LOSS = "sigmoid_focal"
     # Focusing parameter gamma (>= 0); the gamma schedule's end value.
     cfg.MODEL.FOCAL.GAMMA = 2.0
@@ -27,8 +27,6 @@ def add_focal_config(cfg):
     cfg.MODEL.FOCAL.CLASS_ALPHA = []
     # Foreground prior pi used to initialise the classifier bias, in (0, 1).
     cfg.MODEL.FOCAL.PRIOR_PROB = 0.01
-    # beta of FL* (paper appendix A): p_t* = sigmoid(gamma * x_t + beta).
-    cfg.MODEL.FOCAL.STAR_BETA = 1.0
     # Head, a name in FOCAL_HEAD_REGISTRY.
     cfg.MODEL.FOCAL.HEAD_NAME = "FocalRetinaNetHead"
     # Sum the foreground count over processes before the moving average, so that
@@ -44,6 +42,12 @@ def add_focal_config(cfg):
     cfg.MODEL.FOCAL.GAMMA_SCHEDULE.ITERS = 0
     # Increasing iterations at which "step" raises gamma by (GAMMA - START) / len(STEPS).
     cfg.MODEL.FOCAL.GAMMA_SCHEDULE.STEPS = []
+
+    # Each loss's own keys (MODEL.FOCAL.STAR_BETA of focal_star, ...), added by its class.
+    from .losses import registered_losses
+
+    for loss_class in registered_losses().values():
+        loss_class.add_config(cfg)
 
     # Training boxes with width or height <= 0: "error" stops with the data set, image and
     # box; "drop" drops them and logs how many (COCO's train2017 json has two).

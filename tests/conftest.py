@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 from detectron2.config import get_cfg
 
 import focal_det2
-from focal_det2.losses import functional
+from focal_det2.losses import registered_losses
 
 
 def tiny_cfg():
@@ -40,8 +40,17 @@ def tiny_cfg():
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
-    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values."""
+# Every registered loss: the suites iterate these, so that a new loss is tested for reference
+# equality, gradients, bad input and training without editing them.
+LOSSES = sorted(registered_losses())
+FOCUSING_LOSSES = [name for name in LOSSES if registered_losses()[name].uses_gamma]  # losses that read gamma
+# The (logits, labels) unit tests have no boxes: losses that select anchors by their predicted
+# boxes (OHEM's NMS) are built with the NMS off there; tests/test_ohem.py covers the selection.
+UNIT_OPTS = ("MODEL.FOCAL.OHEM.NMS_THRESH", 1.0)
+
+
+def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0, opts=UNIT_OPTS):
+    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values and ``opts``."""
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
@@ -50,21 +59,26 @@ def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), be
     cfg.MODEL.FOCAL.ALPHA = alpha
     cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
     cfg.MODEL.FOCAL.STAR_BETA = beta
+    cfg.merge_from_list(list(opts))
     return focal_det2.build_focal_loss(cfg)
 
 
-def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta):
-    """The formula of loss ``name`` in focal_det2.losses.functional."""
-    ca = torch.tensor(class_alpha, dtype=logits.dtype) if class_alpha else None
-    if name == "sigmoid_focal":
-        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    if name == "cross_entropy":
-        return functional.sigmoid_cross_entropy(logits, labels, alpha=alpha, class_alpha=ca)
-    if name == "softmax_focal":
-        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=alpha, class_alpha=ca)
-    if name == "focal_star":
-        return functional.focal_star_loss(logits, labels, gamma=gamma, beta=beta, alpha=alpha, class_alpha=ca)
-    raise ValueError(f"unknown loss {name!r}")
+def num_logits_of(name, num_classes):
+    """Logits per anchor loss ``name`` needs for K = ``num_classes`` (K, or K + 1 with a background column)."""
+    return build_loss(name, num_classes).num_logits
+
+
+def loss_for(name, logits, *, opts=UNIT_OPTS, **values):
+    """Loss ``name`` built with ``values`` for ``logits`` (N, C): K = C, or C - 1 for losses with a background column."""
+    cols = logits.shape[1]
+    num_classes = cols if num_logits_of(name, cols) == cols else cols - 1
+    return build_loss(name, num_classes, opts=opts, **values)
+
+
+def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta, opts=UNIT_OPTS, **selection):
+    """The definition of loss ``name`` (its ``reference_loss``, focal_det2.losses.functional) with these values."""
+    loss = loss_for(name, logits, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=opts)
+    return loss.reference_loss(logits, labels, gamma=gamma, **selection)
 
 
 def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
@@ -135,8 +149,24 @@ def reference_loss_cls(model, inputs, name, *, gamma, alpha=0.25, beta=1.0, clas
     num_classes = model.num_classes
     foreground = int(((labels >= 0) & (labels != num_classes)).sum())
     normalizer = 0.9 * ema + 0.1 * max(foreground, 1)
+    selection = {}
+    if model.focal_loss.needs_boxes:  # the model's own config (OHEM's NMS on): the predicted boxes
+        selection = {"boxes": head_boxes(model, inputs).flatten(0, 1), "num_images": len(inputs)}
     total = reference(
         name, logits.flatten(0, 1).double(), labels.flatten(),
-        gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta,
+        gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=(), **selection,
     )
     return total.item() / normalizer
+
+
+def head_boxes(model, inputs):
+    """(N, R, 4) the boxes ``model``'s head predicts for its anchors, in the order of :func:`head_logits`."""
+    with torch.no_grad():
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        _, deltas = model.head(features)
+        deltas = torch.cat([x.permute(0, 2, 3, 1).reshape(len(inputs), -1, 4) for x in deltas], dim=1)
+        anchors = torch.cat([a.tensor for a in model.anchor_generator(features)])
+        boxes = model.box2box_transform.apply_deltas(deltas.flatten(0, 1), anchors.repeat(len(inputs), 1))
+    return boxes.view(len(inputs), -1, 4)

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import digits_cfg, reference_loss_cls, tiny_cfg
+from conftest import LOSSES, UNIT_OPTS, digits_cfg, reference_loss_cls, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -21,7 +21,6 @@ from focal_det2 import build_focal_loss
 from focal_det2.engine import FocalTrainer
 
 SIZE = 64
-LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
 
 
 def _box(x, y, w, h, category=1, crowd=0):
@@ -195,6 +194,7 @@ def test_labels_outside_minus_one_to_k_raise(loss, bad):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = loss
     cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
     focal_loss = build_focal_loss(cfg)
     logits = torch.zeros(4, focal_loss.num_logits)
     with pytest.raises(ValueError, match=re.escape("labels must be in [-1, 3]")):
@@ -207,6 +207,7 @@ def test_labels_outside_minus_one_to_k_raise(loss, bad):
 def test_every_anchor_ignored_gives_zero_loss_on_the_graph(loss, num_anchors):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = loss
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
     focal_loss = build_focal_loss(cfg)
     logits = torch.randn(num_anchors, focal_loss.num_logits, requires_grad=True)
     value = focal_loss(logits, torch.full((num_anchors,), -1))
@@ -358,6 +359,7 @@ def test_infinity_where_detectron2_means_it():
 def test_labels_of_another_dtype_are_named(loss, dtype):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = loss
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
     focal_loss = build_focal_loss(cfg)
     with pytest.raises(TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))):
         focal_loss(torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]).to(dtype))
@@ -369,6 +371,7 @@ def test_labels_of_another_dtype_are_named(loss, dtype):
 def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = loss
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
     focal_loss = build_focal_loss(cfg)
     args = (torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]))
     if error is None:

@@ -6,7 +6,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import focal_det2
-from conftest import tiny_cfg
+from conftest import LOSSES, tiny_cfg
 
 DEFAULTS = {
     "LOSS": "sigmoid_focal",
@@ -113,7 +113,7 @@ BAD = [
     (
         "unknown-loss",
         {"MODEL.FOCAL.LOSS": "focal"},
-        ["MODEL.FOCAL.LOSS", "sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"],
+        ["MODEL.FOCAL.LOSS", *LOSSES],
     ),
     ("unknown-head", {"MODEL.FOCAL.HEAD_NAME": "RetinaNetHead"}, ["MODEL.FOCAL.HEAD_NAME", "FocalRetinaNetHead"]),
     (

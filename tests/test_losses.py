@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as TF
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
-from conftest import build_loss, reference
+from conftest import FOCUSING_LOSSES, LOSSES, build_loss, num_logits_of, reference
 from focal_det2.losses import functional
 
-LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
-SIGMOID_LOSSES = ["sigmoid_focal", "focal_star", "cross_entropy"]
-FOCUSING_LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star"]  # losses that read gamma
+SIGMOID_LOSSES = [name for name in LOSSES if num_logits_of(name, 3) == 3]  # K logits, no background column
 IMPLS = ["api", "functional"]
 F64 = torch.float64
 
@@ -29,7 +27,8 @@ def sigmoid(x):
 
 
 def num_classes_of(name, logits):
-    return logits.shape[1] - 1 if name == "softmax_focal" else logits.shape[1]
+    cols = logits.shape[1]
+    return cols if num_logits_of(name, cols) == cols else cols - 1
 
 
 def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0):
@@ -45,7 +44,7 @@ def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=()
 def random_batch(name, *, num_anchors=8, num_classes=3, scale=2.0, dtype=F64, seed=0):
     """Seeded logits (N, K or K+1) and labels covering -1, every class and K."""
     g = torch.Generator().manual_seed(seed)
-    cols = num_classes + 1 if name == "softmax_focal" else num_classes
+    cols = num_logits_of(name, num_classes)
     logits = (torch.randn(num_anchors, cols, generator=g) * scale).to(dtype)
     labels = torch.randint(-1, num_classes + 1, (num_anchors,), generator=g)
     labels[: num_classes + 2] = torch.arange(-1, num_classes + 1)  # every kind of label at least once

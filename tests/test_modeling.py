@@ -1,12 +1,11 @@
 """FocalRetinaNet against Detectron2's RetinaNet, and every loss through the model."""
 import pytest
 import torch
-from conftest import head_logits, reference_loss_cls, tiny_cfg
+from conftest import LOSSES, head_logits, reference_loss_cls, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
 NUM_CLASSES = 10
 
 

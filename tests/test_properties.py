@@ -9,9 +9,8 @@ import torch.nn.functional as TF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import build_loss, reference
+from conftest import LOSSES, build_loss, num_logits_of, reference
 
-LOSSES = ["sigmoid_focal", "softmax_focal", "focal_star", "cross_entropy"]
 F64 = torch.float64
 # derandomize: the same examples on every run, as everything else in the suite is seeded.
 EXAMPLES = settings(max_examples=60, deadline=None, derandomize=True)
@@ -34,7 +33,7 @@ def problems(draw, name, *, min_gamma=0.0, max_gamma=5.0, min_beta=-2.0):
     """
     num_classes = draw(st.integers(1, 5))
     num_rows = draw(st.integers(1, 10))
-    columns = num_classes + 1 if name == "softmax_focal" else num_classes
+    columns = num_logits_of(name, num_classes)
     flat = draw(st.lists(logit_values, min_size=num_rows * columns, max_size=num_rows * columns))
     labels = draw(st.lists(st.integers(-1, num_classes), min_size=num_rows, max_size=num_rows))
     low_gamma = max(min_gamma, 0.05) if name == "focal_star" else min_gamma  # FL* divides by gamma

@@ -2,13 +2,42 @@ from detectron2.utils.registry import Registry
 
 from ..config import lookup
 
+__all__ = ["FOCAL_LOSS_REGISTRY", "build_focal_loss", "register_loss", "registered_losses"]
+
 FOCAL_LOSS_REGISTRY = Registry("FOCAL_LOSS")
 FOCAL_LOSS_REGISTRY.__doc__ = """
 Registry for dense classification losses, chosen by ``MODEL.FOCAL.LOSS``.
 
 The registered object is called with ``(cfg)`` and returns a loss with the
-interface of :class:`focal_det2.losses.DenseClassificationLoss`.
+interface of :class:`focal_det2.losses.DenseClassificationLoss`; register a
+loss class with :func:`register_loss`.
 """
+
+
+def register_loss(name: str):
+    """
+    Class decorator: registers a :class:`DenseClassificationLoss` subclass as
+    ``MODEL.FOCAL.LOSS name``. The registry entry, named ``name``, builds the
+    loss from a config; the class is its ``loss_class`` and gets ``name``.
+    """
+
+    def register(cls):
+        def build(cfg):
+            return cls(cfg)
+
+        build.__name__ = build.__qualname__ = name
+        build.__doc__ = f"Build :class:`{cls.__name__}` from a config (``MODEL.FOCAL.LOSS {name}``)."
+        build.loss_class = cls
+        cls.name = name
+        FOCAL_LOSS_REGISTRY.register(build)
+        return cls
+
+    return register
+
+
+def registered_losses() -> dict:
+    """{name: loss class} of every loss registered with :func:`register_loss`, in name order."""
+    return {name: build.loss_class for name, build in sorted(FOCAL_LOSS_REGISTRY) if hasattr(build, "loss_class")}
 
 
 def build_focal_loss(cfg):

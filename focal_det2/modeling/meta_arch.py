@@ -7,7 +7,7 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.box_regression import _dense_box_regression_loss
 from detectron2.modeling.meta_arch import RetinaNet
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
@@ -121,8 +121,11 @@ class FocalRetinaNet(RetinaNet):
 
         gamma = self.gamma_schedule(storage.iter)
         storage.put_scalar("focal_gamma", gamma, smoothing_hint=False)  # the value, not a median
+        selection = {}
+        if self.focal_loss.needs_boxes:  # OHEM ranks anchors by loss under NMS of their predicted boxes
+            selection = {"boxes": self._predicted_boxes(anchors, pred_anchor_deltas), "num_images": len(gt_labels)}
         loss_cls = self.focal_loss(
-            cat(pred_logits, dim=1).flatten(0, 1), gt_labels.flatten(), gamma=gamma
+            cat(pred_logits, dim=1).flatten(0, 1), gt_labels.flatten(), gamma=gamma, **selection
         )
         loss_box_reg = _dense_box_regression_loss(
             anchors,
@@ -134,6 +137,13 @@ class FocalRetinaNet(RetinaNet):
             smooth_l1_beta=self.smooth_l1_beta,
         )
         return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box_reg / normalizer}
+
+    def _predicted_boxes(self, anchors: List[Boxes], pred_anchor_deltas: List[Tensor]) -> Tensor:
+        """(N * R, 4) the boxes the anchors predict, image after image, without gradient."""
+        with torch.no_grad():
+            deltas = cat(pred_anchor_deltas, dim=1)  # (N, R, 4)
+            anchors = Boxes.cat(anchors).tensor  # (R, 4)
+            return self.box2box_transform.apply_deltas(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
 
     def forward_inference(self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]):
         pred_logits, pred_anchor_deltas = self._transpose_logits_and_deltas(predictions)

@@ -1,8 +1,9 @@
 """
-The registered losses. Each knows how many logits it needs per anchor, how
-to initialise the classifier bias from the foreground prior, its summed
-loss over valid anchors, and per-class scores for inference, so the head
-and the inference path never branch on the loss's name.
+The interface every registered loss implements: it knows how many logits it
+needs per anchor, how to initialise the classifier bias from the foreground
+prior, its summed loss over valid anchors (fast, and by definition), and
+per-class scores for inference, so the head and the inference path never
+branch on the loss's name. Config checks shared by all losses live here.
 """
 import math
 import numbers
@@ -12,16 +13,7 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor
 
-from . import fused  # the fast path; functional.py holds the reference formulas it is tested against
-from .build import FOCAL_LOSS_REGISTRY
-
-__all__ = [
-    "DenseClassificationLoss",
-    "SigmoidFocalLoss",
-    "SigmoidCrossEntropyLoss",
-    "SoftmaxFocalLoss",
-    "FocalStarLoss",
-]
+__all__ = ["DenseClassificationLoss", "check_finite_number"]
 
 
 class DenseClassificationLoss:
@@ -78,7 +70,7 @@ class DenseClassificationLoss:
 
     def check_gamma(self, gamma: float, key: str):
         """Raise if ``gamma``, read from config key ``key``, is not allowed for this loss."""
-        _check_finite_number(gamma, key)
+        check_finite_number(gamma, key)
         if gamma < 0:
             raise ValueError(f"{key}={gamma} must be >= 0.")
 
@@ -111,24 +103,80 @@ class DenseClassificationLoss:
     def loss(
         self, logits: Tensor, labels: Tensor, *, gamma: float, class_alpha: Optional[Tensor]
     ) -> Tensor:
+        """The fast summed loss (a kernel of :mod:`.fused`), on checked inputs."""
         raise NotImplementedError
 
-    def __call__(self, logits: Tensor, labels: Tensor, gamma: Optional[float] = None) -> Tensor:
+    def reference(
+        self, logits: Tensor, labels: Tensor, *, gamma: float, class_alpha: Optional[Tensor]
+    ) -> Tensor:
+        """The same loss as :meth:`loss` by its definition (:mod:`.functional`), which tests hold it to."""
+        raise NotImplementedError
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add this loss's own config keys, if any, to ``cfg.MODEL.FOCAL`` (called by ``add_focal_config``)."""
+
+    # True for losses that choose their anchors by the predicted boxes (OHEM's NMS): the
+    # meta-architecture then passes ``boxes`` and ``num_images`` to :meth:`__call__`.
+    needs_boxes = False
+
+    def select(
+        self, logits: Tensor, labels: Tensor, *, boxes: Optional[Tensor], num_images: int
+    ) -> Tensor:
+        """
+        The anchors the loss counts, as labels: ``labels`` with the anchors it
+        leaves out set to -1. All of them by default; OHEM keeps the hardest.
+        """
+        return labels
+
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        gamma: Optional[float] = None,
+        *,
+        boxes: Optional[Tensor] = None,
+        num_images: int = 1,
+    ) -> Tensor:
         """
         Args:
             logits (Tensor): (N, num_logits).
             labels (Tensor): (N,) int64: 0..K-1 foreground class, K background, -1 ignored.
             gamma (float or None): overrides the configured gamma (used by the schedule).
+            boxes (Tensor or None): (N, 4) the anchors' predicted boxes (XYXY), for losses
+                that select anchors by them (:attr:`needs_boxes`).
+            num_images (int): the rows are ``num_images`` images' anchors, image after image.
 
         Returns:
-            Tensor: scalar, the loss summed over anchors whose label is not -1.
+            Tensor: scalar, the loss summed over the anchors :meth:`select` keeps (all
+            anchors whose label is not -1, except for losses that select).
         """
+        kwargs = self._checked(logits, labels, gamma)
+        labels = self.select(logits, labels, boxes=boxes, num_images=num_images)
+        return self.loss(logits, labels, **kwargs)
+
+    def reference_loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        gamma: Optional[float] = None,
+        *,
+        boxes: Optional[Tensor] = None,
+        num_images: int = 1,
+    ) -> Tensor:
+        """:meth:`__call__` computed by :meth:`reference`: the definition, for tests and checks."""
+        kwargs = self._checked(logits, labels, gamma)
+        labels = self.select(logits, labels, boxes=boxes, num_images=num_images)
+        return self.reference(logits, labels, **kwargs)
+
+    def _checked(self, logits: Tensor, labels: Tensor, gamma: Optional[float]) -> dict:
+        """Checks the inputs; the keyword arguments of :meth:`loss` and :meth:`reference`."""
         self._check_inputs(logits, labels)
         if gamma is None:
             gamma = self.gamma
         else:
             self.check_gamma(gamma, "gamma")
-        return self.loss(logits, labels, gamma=gamma, class_alpha=self._class_alpha_on(logits))
+        return {"gamma": gamma, "class_alpha": self._class_alpha_on(logits)}
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:
@@ -167,7 +215,7 @@ class DenseClassificationLoss:
         )
 
 
-def _check_finite_number(value, key: str):
+def check_finite_number(value, key: str):
     """Raise if ``value`` (config key or argument ``key``) is not a finite real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{key}={value!r} must be a number, got {type(value).__name__}.")
@@ -175,118 +223,9 @@ def _check_finite_number(value, key: str):
         raise ValueError(f"{key}={value} must be finite.")
 
 
-class SigmoidFocalLoss(DenseClassificationLoss):
-    """The paper's FL, eq. (5): see :func:`functional.sigmoid_focal_loss`."""
-
-    def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
-        )
-
-
-class SigmoidCrossEntropyLoss(DenseClassificationLoss):
-    """
-    alpha-balanced sigmoid CE, the paper's baseline; ignores gamma:
-    see :func:`functional.sigmoid_cross_entropy`.
-    """
-
-    uses_gamma = False
-
-    def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_cross_entropy(
-            logits, labels, alpha=self.alpha, class_alpha=class_alpha
-        )
-
-
-class SoftmaxFocalLoss(DenseClassificationLoss):
-    """
-    (K+1)-way softmax focal loss with a background column, as in Detectron (v1):
-    see :func:`functional.softmax_focal_loss`.
-    """
-
-    @property
-    def num_logits(self):
-        return self.num_classes + 1
-
-    def init_bias(self, prior_prob, gamma=None):
-        """
-        Foreground logits 0 and background ``log(K (1 - pi) / pi)``, so that
-        background starts at ``1 - pi`` and the K classes share ``pi``.
-        """
-        bias = torch.zeros(self.num_logits)
-        bias[-1] = math.log(self.num_classes * (1 - prior_prob) / prior_prob)
-        return bias
-
-    def scores(self, logits):
-        return logits.softmax(dim=1)[:, :-1]
-
-    def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.softmax_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
-        )
-
-
-class FocalStarLoss(DenseClassificationLoss):
-    """
-    FL*, the paper's appendix A: see :func:`functional.focal_star_loss`.
-    Scores are ``p* = sigmoid(gamma * x + beta)`` at the configured gamma
-    (MODEL.FOCAL.GAMMA, where a gamma schedule ends).
-    """
-
-    @configurable
-    def __init__(self, *, beta: float = 1.0, **kwargs):
-        """
-        Args:
-            beta (float): MODEL.FOCAL.STAR_BETA.
-            kwargs: see :class:`DenseClassificationLoss`.
-        """
-        super().__init__(**kwargs)
-        self.beta = beta
-
-    @classmethod
-    def from_config(cls, cfg):
-        return {**super().from_config(cfg), "beta": cfg.MODEL.FOCAL.STAR_BETA}
-
-    def check_gamma(self, gamma, key):
-        _check_finite_number(gamma, key)
-        if gamma <= 0:
-            raise ValueError(f"{key}={gamma}: focal_star divides by gamma, it must be > 0.")
-
-    def init_bias(self, prior_prob, gamma=None):
-        """``b`` such that ``sigmoid(gamma * b + beta) = pi``, at the gamma training starts with."""
-        gamma = self.gamma if gamma is None else gamma
-        self.check_gamma(gamma, "gamma")
-        prior_logit = -math.log((1 - prior_prob) / prior_prob)
-        return torch.full((self.num_logits,), (prior_logit - self.beta) / gamma)
-
-    def scores(self, logits):
-        return torch.sigmoid(self.gamma * logits + self.beta)
-
-    def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.focal_star_loss(
-            logits, labels, gamma=gamma, beta=self.beta, alpha=self.alpha, class_alpha=class_alpha
-        )
-
-    def __repr__(self):
-        return super().__repr__()[:-1] + f", beta={self.beta})"
-
-
-# Registry names are the values of MODEL.FOCAL.LOSS.
-@FOCAL_LOSS_REGISTRY.register()
-def sigmoid_focal(cfg):
-    return SigmoidFocalLoss(cfg)
-
-
-@FOCAL_LOSS_REGISTRY.register()
-def cross_entropy(cfg):
-    return SigmoidCrossEntropyLoss(cfg)
-
-
-@FOCAL_LOSS_REGISTRY.register()
-def softmax_focal(cfg):
-    return SoftmaxFocalLoss(cfg)
-
-
-@FOCAL_LOSS_REGISTRY.register()
-def focal_star(cfg):
-    return FocalStarLoss(cfg)
+def check_finite_number(value, key: str):
+    """Raise if ``value`` (config key or argument ``key``) is not a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{key}={value!r} must be a number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{key}={value} must be finite.")

@@ -1,0 +1,164 @@
+"""
+Online hard example mining in a one-stage detector, the paper's section 5.1
+and Table 1d baseline for FL: ``MODEL.FOCAL.LOSS ohem``.
+
+Each anchor's loss is alpha-balanced sigmoid cross entropy summed over its K
+classes; per image, the valid anchors are ranked by that loss, non-maximum
+suppression over their predicted boxes (IoU ``NMS_THRESH``) removes the
+lower-loss one of each overlapping pair, and the ``BATCH_PER_IMAGE`` hardest
+survivors form the minibatch. With ``POS_FRACTION`` f > 0 the minibatch
+keeps positives and negatives at f : (1 - f) (0.25: SSD's 1:3): at most
+``f * BATCH_PER_IMAGE`` hardest positives, and ``(1 - f) / f`` times as many
+hardest negatives. The loss is CE summed over the minibatch (other anchors
+count as ignored), normalised like every loss by the foreground count.
+"""
+import math
+from typing import Optional
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import configurable
+from torch import Tensor
+from torchvision.ops import nms
+
+from . import functional, fused
+from .base import DenseClassificationLoss
+from .build import register_loss
+
+__all__ = ["OHEMLoss", "anchor_losses"]
+
+
+def anchor_losses(logits: Tensor, labels: Tensor, alpha: float, class_alpha: Optional[Tensor]) -> Tensor:
+    """
+    Each anchor's alpha-balanced sigmoid CE summed over its classes, with no
+    gradient and no one-hot target:
+
+        l_i = sum_k (1 - a_k) softplus(x_ik) + [label_i < K] (a_c softplus(-x_ic) - (1 - a_c) softplus(x_ic)),
+
+    ``c = label_i``, ``a_k`` = CLASS_ALPHA[k] or ALPHA (1 and 1 for ALPHA -1);
+    ``-inf`` for ignored anchors, so that they are never selected.
+
+    Args:
+        logits (Tensor): (N, K).
+        labels (Tensor): (N,) in [-1, K].
+
+    Returns:
+        Tensor: (N,) float32 (float64 for float64 logits).
+    """
+    with torch.no_grad():
+        x = logits.float() if logits.dtype != torch.float64 else logits
+        k = x.shape[1]
+        a_pos, a_neg = fused._sigmoid_alphas(alpha, class_alpha, x)
+        softplus = fused._log1p_exp_neg_abs(x, out=None, tmp=None).add_(x.clamp_min(0))
+        losses = (softplus * a_neg).sum(dim=1) if isinstance(a_neg, Tensor) else softplus.sum(dim=1) * a_neg
+        rows = ((labels >= 0) & (labels < k)).nonzero().squeeze(1)
+        c = labels[rows]
+        x_c, sp_c = x[rows, c], softplus[rows, c]
+        a_c = a_pos[c] if isinstance(a_pos, Tensor) else a_pos
+        na_c = a_neg[c] if isinstance(a_neg, Tensor) else a_neg
+        losses[rows] += a_c * (sp_c - x_c) - na_c * sp_c  # softplus(-x) = softplus(x) - x
+        return losses.masked_fill_(labels < 0, float("-inf"))
+
+
+@register_loss("ohem")
+class OHEMLoss(DenseClassificationLoss):
+    """OHEM over alpha-balanced sigmoid CE; see the module docstring. Ignores gamma."""
+
+    uses_gamma = False
+
+    @configurable
+    def __init__(self, *, batch_per_image: int = 128, nms_thresh: float = 0.5, pos_fraction: float = 0.0, **kwargs):
+        """
+        Args:
+            batch_per_image (int): MODEL.FOCAL.OHEM.BATCH_PER_IMAGE, >= 1.
+            nms_thresh (float): MODEL.FOCAL.OHEM.NMS_THRESH in (0, 1]; 1 turns the NMS off.
+            pos_fraction (float): MODEL.FOCAL.OHEM.POS_FRACTION in [0, 1); 0 for no ratio.
+            kwargs: see :class:`DenseClassificationLoss`.
+        """
+        super().__init__(**kwargs)
+        if isinstance(batch_per_image, bool) or not isinstance(batch_per_image, int) or batch_per_image < 1:
+            raise ValueError(f"MODEL.FOCAL.OHEM.BATCH_PER_IMAGE={batch_per_image!r} must be an integer >= 1.")
+        if not 0.0 < nms_thresh <= 1.0:
+            raise ValueError(f"MODEL.FOCAL.OHEM.NMS_THRESH={nms_thresh} must be in (0, 1]; 1 turns the NMS off.")
+        if not 0.0 <= pos_fraction < 1.0:
+            raise ValueError(
+                f"MODEL.FOCAL.OHEM.POS_FRACTION={pos_fraction} must be in [0, 1): the positives' share of "
+                "the minibatch (0.25 for 1 positive per 3 negatives), or 0 for none."
+            )
+        self.batch_per_image = batch_per_image
+        self.nms_thresh = nms_thresh
+        self.pos_fraction = pos_fraction
+
+    @classmethod
+    def from_config(cls, cfg):
+        ohem = cfg.MODEL.FOCAL.OHEM
+        return {
+            **super().from_config(cfg),
+            "batch_per_image": ohem.BATCH_PER_IMAGE,
+            "nms_thresh": ohem.NMS_THRESH,
+            "pos_fraction": ohem.POS_FRACTION,
+        }
+
+    @classmethod
+    def add_config(cls, cfg):
+        cfg.MODEL.FOCAL.OHEM = CN()
+        # Anchors in each image's minibatch (the paper tried 128, 256 and 512).
+        cfg.MODEL.FOCAL.OHEM.BATCH_PER_IMAGE = 128
+        # IoU of the NMS over the ranked anchors' predicted boxes (the paper: 0.5, 0.7); 1 turns it off.
+        cfg.MODEL.FOCAL.OHEM.NMS_THRESH = 0.5
+        # Positives' share of the minibatch: 0.25 keeps 1 positive per 3 negatives (SSD); 0 for none.
+        cfg.MODEL.FOCAL.OHEM.POS_FRACTION = 0.0
+
+    @property
+    def needs_boxes(self) -> bool:
+        return self.nms_thresh < 1.0
+
+    def select(self, logits, labels, *, boxes, num_images):
+        """
+        ``labels`` with every anchor outside the per-image minibatches set to
+        -1. ``boxes`` (N, 4) are needed unless NMS_THRESH is 1.
+        """
+        n = labels.shape[0]
+        if num_images < 1 or n % num_images:
+            raise ValueError(f"ohem: {n} anchors do not split into num_images={num_images} images.")
+        if self.needs_boxes and (boxes is None or boxes.shape != (n, 4)):
+            got = None if boxes is None else tuple(boxes.shape)
+            raise ValueError(f"ohem with NMS_THRESH={self.nms_thresh} needs boxes of shape ({n}, 4), got {got}.")
+        if n == 0:
+            return labels
+        losses = anchor_losses(logits, labels, self.alpha, self._class_alpha_on(logits))
+        keep = torch.zeros(n, dtype=torch.bool, device=labels.device)
+        per_image = n // num_images
+        for start in range(0, n, per_image):
+            rows = slice(start, start + per_image)
+            image_boxes = None if boxes is None else boxes[rows]
+            chosen = self._minibatch(losses[rows], labels[rows], image_boxes)
+            keep[start + chosen] = True
+        return torch.where(keep, labels, torch.full_like(labels, -1))
+
+    def _minibatch(self, losses: Tensor, labels: Tensor, boxes: Optional[Tensor]) -> Tensor:
+        """Indices of one image's minibatch among its (R,) anchors."""
+        valid = (labels >= 0).nonzero().squeeze(1)
+        if self.needs_boxes:
+            order = valid[nms(boxes[valid].float(), losses[valid].float(), self.nms_thresh)]
+        else:
+            order = valid[torch.argsort(losses[valid], descending=True, stable=True)]
+        if self.pos_fraction == 0:
+            return order[: self.batch_per_image]
+        is_pos = labels[order] < self.num_classes
+        positives, negatives = order[is_pos], order[~is_pos]
+        num_pos = min(len(positives), math.floor(self.batch_per_image * self.pos_fraction))
+        num_neg = min(len(negatives), round(num_pos * (1 - self.pos_fraction) / self.pos_fraction))
+        return torch.cat([positives[:num_pos], negatives[:num_neg]])
+
+    def loss(self, logits, labels, *, gamma, class_alpha):
+        return fused.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
+
+    def reference(self, logits, labels, *, gamma, class_alpha):
+        return functional.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + (
+            f", batch_per_image={self.batch_per_image}, nms_thresh={self.nms_thresh}, "
+            f"pos_fraction={self.pos_fraction})"
+        )
