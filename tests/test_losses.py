@@ -176,6 +176,22 @@ def test_sigmoid_focal_matches_fvcore(impl, gamma, alpha):
     assert torch.all(ours_grad[~valid] == 0)
 
 
+# ----------------------------------------------------------------------------- fast path = definition
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("alpha, class_alpha", [(0.25, ()), (-1, ()), (0.25, (0.1, 0.5, 0.9))])
+def test_every_loss_equals_its_reference_in_value_and_gradient(name, gamma, alpha, class_alpha):
+    # Every registered loss: its fast path (__call__) against its definition (reference_loss), float64.
+    logits, labels = random_batch(name, num_anchors=30, seed=11)
+    values = dict(gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=0.5)
+    fast, fast_grad = grad_of(lambda x: compute("api", name, x, labels, **values), logits)
+    ref, ref_grad = grad_of(lambda x: compute("functional", name, x, labels, **values), logits)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- gradcheck
 
 
@@ -350,7 +366,7 @@ def test_alpha_minus_1_is_twice_alpha_one_half(impl, name):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", SIGMOID_LOSSES)
+@pytest.mark.parametrize("name", ["sigmoid_focal", "focal_star", "cross_entropy", "ohem"])  # closed forms below
 def test_sigmoid_class_alpha_weighs_positives_and_negatives_per_class(impl, name):
     # K = 2, CLASS_ALPHA = (0.125, 0.75): class k's positives weigh ca[k], its negatives 1 - ca[k].
     ca = (0.125, 0.75)
