@@ -41,7 +41,7 @@ float16 and bfloat16 logits are computed in float32 on every backend.
 import logging
 import os
 from functools import partial
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -308,13 +308,48 @@ def _sigmoid_loss(logits: Tensor, labels: Tensor, **params) -> Tensor:
 # ----------------------------------------------------------------------------- sigmoid losses
 
 
+class SigmoidScratch(NamedTuple):
+    """
+    The chunk-sized buffers of one :func:`sigmoid_focal_terms` call, named by
+    what each holds when the call returns (None: a fresh tensor is allocated):
+
+    * ``loss``: ``log(1 + e^-|z|)``, then ``softplus(z)``, then the returned loss;
+    * ``sigmoid``: scratch for that log, then ``max(z, 0)``, then ``sigmoid(z)``,
+      then the returned gradient: the gradient rows themselves when the caller
+      wants the gradient;
+    * ``modulator``: ``log sigmoid(z)``, then ``sigmoid(z)^gamma``; unused at gamma 0;
+    * ``shifted``: ``z = scale x + shift`` of :func:`_sigmoid_chunk`, where ``z`` is not ``x``.
+
+    A chunk's scratch space (:func:`_scratch`) is :meth:`count` blocks, in this
+    order, skipping ``sigmoid`` when the gradient rows hold it and the unused ones.
+    """
+
+    loss: Optional[Tensor] = None
+    sigmoid: Optional[Tensor] = None
+    modulator: Optional[Tensor] = None
+    shifted: Optional[Tensor] = None
+
+    @staticmethod
+    def count(gamma: float, want_grad: bool, shifted: bool) -> int:
+        """Blocks of scratch space a chunk needs (the gradient rows not counted)."""
+        return 1 + (not want_grad) + (gamma != 0) + shifted
+
+    @classmethod
+    def of(cls, work: Optional[Tensor], grad_out: Optional[Tensor], gamma: float, shifted: bool) -> "SigmoidScratch":
+        """The buffers in ``work`` ((count, *shape), or None for fresh ones), with ``grad_out`` as ``sigmoid``."""
+        blocks = iter(work) if work is not None else iter(lambda: None, 0)
+        loss = next(blocks)
+        sigmoid = grad_out if grad_out is not None else next(blocks)
+        modulator = next(blocks) if gamma != 0 else None
+        return cls(loss, sigmoid, modulator, next(blocks) if shifted else None)
+
+
 def sigmoid_focal_terms(
     z: Tensor,
     gamma: float,
     weight=1.0,
     grad_scale: Optional[float] = None,
-    grad_out: Optional[Tensor] = None,
-    work: Optional[Tensor] = None,
+    scratch: SigmoidScratch = SigmoidScratch(),
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """
     The focal term of a negative as a function of its logit ``z`` (for a
@@ -335,34 +370,27 @@ def sigmoid_focal_terms(
         weight (float, Tensor or tuple of them): broadcastable to ``z``, multiplies
             both results; a tuple multiplies by each of its factors in turn.
         grad_scale (float or None): if given, also return ``weight * grad_scale * phi'(z)``.
-        grad_out (Tensor or None): shape of ``z``, receives that gradient (and serves
-            as scratch space before).
-        work (Tensor or None): (M, *z.shape) scratch space, M from
-            :func:`_scratch_count`; None for fresh tensors. The loss is returned in ``work[0]``.
+        scratch (SigmoidScratch): where the loss and the gradient are written (fresh by default).
 
     Returns:
         Tensor: ``weight * phi(z)``, shape of ``z``.
         Tensor or None: ``weight * grad_scale * phi'(z)``.
     """
-    free = [None] * 3 if work is None else list(work)
-    b = free.pop(0)
-    a = grad_out if grad_out is not None else free.pop(0)
-    c = free.pop(0) if gamma != 0 else None
     weight = weight if isinstance(weight, tuple) else (weight,)
-    log_term = _log1p_exp_neg_abs(z, out=b, tmp=a)  # log(1 + e^-|z|)
-    relu = torch.clamp_min(z, 0, out=a)
+    log_term = _log1p_exp_neg_abs(z, out=scratch.loss, tmp=scratch.sigmoid)  # log(1 + e^-|z|)
+    positive_part = torch.clamp_min(z, 0, out=scratch.sigmoid)
     if gamma not in (0, 1, 2):
-        log_sigmoid = torch.sub(z, relu, out=c).sub_(log_term)
-    softplus = log_term.add_(relu)
+        log_sigmoid = torch.sub(z, positive_part, out=scratch.modulator).sub_(log_term)
+    softplus = log_term.add_(positive_part)
     want_grad = grad_scale is not None
     if gamma == 0:
-        grad = _times(_times(torch.sigmoid(z, out=relu), weight), grad_scale) if want_grad else None
+        grad = _times(_times(torch.sigmoid(z, out=scratch.sigmoid), weight), grad_scale) if want_grad else None
         return _times(softplus, weight), grad
-    s = torch.sigmoid(z, out=relu)
+    s = torch.sigmoid(z, out=scratch.sigmoid)
     if gamma == 1:
-        modulator = _times(torch.mul(s, weight[0], out=c), weight[1:])
+        modulator = _times(torch.mul(s, weight[0], out=scratch.modulator), weight[1:])
     elif gamma == 2:
-        modulator = _times(torch.mul(s, s, out=c), weight)
+        modulator = _times(torch.mul(s, s, out=scratch.modulator), weight)
     else:
         modulator = _times(log_sigmoid.mul_(gamma).exp_(), weight)
     if not want_grad:
@@ -415,15 +443,6 @@ def _times(t: Tensor, weight) -> Tensor:
     return t
 
 
-def _scratch_count(gamma: float, want_grad: bool, shifted: bool) -> int:
-    """
-    Scratch buffers of one chunk of :func:`_sigmoid_chunk`: the loss, ``sigmoid(z)``
-    unless the gradient buffer holds it, the modulator for gamma > 0, and
-    ``z = scale * x + shift`` where it is not ``x``.
-    """
-    return 1 + (not want_grad) + (gamma != 0) + shifted
-
-
 def _sigmoid_chunk(
     x: Tensor,
     labels: Tensor,
@@ -447,22 +466,20 @@ def _sigmoid_chunk(
         labels (Tensor): (R,) in [-1, K]; rows labelled -1 get zero loss and gradient.
         pos_rows, pos_cols (Tensor): (P,) positions of the positives in the chunk.
         grad_out (Tensor or None): (R, K), receives the gradient of the negative terms.
-        work (Tensor or None): (M, R, K) scratch space, M from :func:`_scratch_count`;
-            None for fresh tensors.
+        work (Tensor or None): (M, R, K) scratch space laid out as :class:`SigmoidScratch`
+            (M from :meth:`SigmoidScratch.count`); None for fresh tensors.
         neg_weight (float or Tensor): weight of a negative, a float or per class, (K,).
 
     Returns:
         Tensor: 0-dim sum, dtype of ``x`` (PyTorch sums a chunk pairwise, to float32 precision).
     """
     shifted = scale != 1 or shift != 0
-    z = x
-    if shifted:
-        z = torch.mul(x, scale, out=None if work is None else work[-1]).add_(shift)
-        work = None if work is None else work[:-1]
+    scratch = SigmoidScratch.of(work, grad_out, gamma, shifted)
+    z = torch.mul(x, scale, out=scratch.shifted).add_(shift) if shifted else x
     valid = (labels >= 0).to(x.dtype)[:, None]  # (R, 1), 0 for ignored rows
     weight = (valid, neg_weight) if isinstance(neg_weight, Tensor) else _times(valid, neg_weight)
     grad_scale = scale if grad_out is not None else None
-    loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, grad_out, work)
+    loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, scratch)
     loss[pos_rows, pos_cols] = 0
     return loss.sum()
 
@@ -518,7 +535,7 @@ def _sigmoid_family(
     k = logits.shape[1]
     pos_rows, pos_cls = _foreground(labels, k)
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
-    count = _scratch_count(gamma, want_grad, scale != 1 or shift != 0)
+    count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
     spare = count if want_grad and backend(logits.device.type) == "eager" else 0
     grad = logits.new_empty(logits.shape) if want_grad else None  # contiguous: scratch rows are views of it
 
