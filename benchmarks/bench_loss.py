@@ -154,6 +154,23 @@ def _loss_fn(name: str, labels):
     raise ValueError(f"unknown implementation {name!r}; allowed: {', '.join(IMPLS)}")
 
 
+def _calls(name: str, logits, labels):
+    """The two calls timed: the forward under ``torch.no_grad()``, and the forward + backward."""
+    import torch
+
+    fn = _loss_fn(name, labels)
+
+    def fwd():
+        with torch.no_grad():
+            fn(logits)
+
+    def fwd_bwd():
+        fn(logits).backward()
+        logits.grad = None
+
+    return fwd, fwd_bwd
+
+
 def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -218,15 +235,7 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
             result["fwd_bwd_ms"] = result["fwd_ms"] = _median_ms(lambda: out.copy_(logits), repeats)
         return result
 
-    fn = _loss_fn(name, labels)
-
-    def fwd_bwd():
-        fn(logits).backward()
-        logits.grad = None
-
-    def fwd():
-        with torch.no_grad():
-            fn(logits)
+    fwd, fwd_bwd = _calls(name, logits, labels)
 
     # Load code paths (and compile, JIT-profile) on a small slice first, so the
     # memory measured below is that of the loss, not of one-time setup.
@@ -322,15 +331,7 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
             result["fwd_bwd_stream_ms"] = _cuda_stream_ms(lambda: out.copy_(logits), repeats)
         result["extra_mb"] = (torch.cuda.memory_allocated() - before + out.numel() * out.element_size()) / 2**20
         return result
-    fn = _loss_fn(name, labels)
-
-    def fwd_bwd():
-        fn(logits).backward()
-        logits.grad = None
-
-    def fwd():
-        with torch.no_grad():
-            fn(logits)
+    fwd, fwd_bwd = _calls(name, logits, labels)
 
     start = time.perf_counter()
     fwd_bwd()  # compiles (Triton, Inductor, TorchScript profiling)

@@ -151,9 +151,7 @@ class DenseClassificationLoss:
             Tensor: scalar, the loss summed over the anchors :meth:`select` keeps (all
             anchors whose label is not -1, except for losses that select).
         """
-        kwargs = self._checked(logits, labels, gamma)
-        labels = self.select(logits, labels, boxes=boxes, num_images=num_images)
-        return self.loss(logits, labels, **kwargs)
+        return self._on_selected(self.loss, logits, labels, gamma, boxes, num_images)
 
     def reference_loss(
         self,
@@ -165,18 +163,17 @@ class DenseClassificationLoss:
         num_images: int = 1,
     ) -> Tensor:
         """:meth:`__call__` computed by :meth:`reference`: the definition, for tests and checks."""
-        kwargs = self._checked(logits, labels, gamma)
-        labels = self.select(logits, labels, boxes=boxes, num_images=num_images)
-        return self.reference(logits, labels, **kwargs)
+        return self._on_selected(self.reference, logits, labels, gamma, boxes, num_images)
 
-    def _checked(self, logits: Tensor, labels: Tensor, gamma: Optional[float]) -> dict:
-        """Checks the inputs; the keyword arguments of :meth:`loss` and :meth:`reference`."""
+    def _on_selected(self, fn, logits, labels, gamma, boxes, num_images) -> Tensor:
+        """``fn`` (:meth:`loss` or :meth:`reference`) on checked inputs and the anchors :meth:`select` keeps."""
         self._check_inputs(logits, labels)
         if gamma is None:
             gamma = self.gamma
         else:
             self.check_gamma(gamma, "gamma")
-        return {"gamma": gamma, "class_alpha": self._class_alpha_on(logits)}
+        selected = self.select(logits, labels, boxes=boxes, num_images=num_images)
+        return fn(logits, selected, gamma=gamma, class_alpha=self._class_alpha_on(logits))
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:
