@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import fused  # the fast path; functional.py holds the reference formulas it is tested against
 from .build import FOCAL_LOSS_REGISTRY
@@ -21,7 +21,68 @@ __all__ = [
     "SigmoidCrossEntropyLoss",
     "SoftmaxFocalLoss",
     "FocalStarLoss",
+    "SigmoidScores",
+    "SoftmaxScores",
+    "FocalStarScores",
 ]
+
+
+class SigmoidScores(nn.Module):
+    """
+    Inference scores of the sigmoid losses, ``sigmoid(x)``, as a TorchScript-able
+    module without parameters or state (see :meth:`DenseClassificationLoss.score_module`).
+    """
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K).
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return logits.sigmoid()
+
+
+class SoftmaxScores(nn.Module):
+    """Inference scores of the softmax loss: ``softmax(x)`` without the background column K."""
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K + 1), column K background.
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return logits.softmax(dim=-1)[..., :-1]
+
+
+class FocalStarScores(nn.Module):
+    """Inference scores of FL*: ``p* = sigmoid(gamma * x + beta)``."""
+
+    def __init__(self, gamma: float, beta: float):
+        """
+        Args:
+            gamma (float): FL*'s gamma at inference (MODEL.FOCAL.GAMMA).
+            beta (float): MODEL.FOCAL.STAR_BETA.
+        """
+        super().__init__()
+        self.gamma = float(gamma)
+        self.beta = float(beta)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K).
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return torch.sigmoid(self.gamma * logits + self.beta)
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}, beta={self.beta}"
 
 
 class DenseClassificationLoss:
@@ -107,6 +168,14 @@ class DenseClassificationLoss:
             Tensor: (R, K) per-class scores in [0, 1].
         """
         return logits.sigmoid()
+
+    def score_module(self) -> nn.Module:
+        """
+        :meth:`scores` as an ``nn.Module`` without parameters or state_dict
+        entries, which a model holds so that it scripts and traces for
+        deployment (the loss itself is a plain Python object).
+        """
+        return SigmoidScores()
 
     def loss(
         self, logits: Tensor, labels: Tensor, *, gamma: float, class_alpha: Optional[Tensor]
@@ -220,6 +289,9 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
     def scores(self, logits):
         return logits.softmax(dim=1)[:, :-1]
 
+    def score_module(self):
+        return SoftmaxScores()
+
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.softmax_focal_loss(
             logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
@@ -261,6 +333,9 @@ class FocalStarLoss(DenseClassificationLoss):
 
     def scores(self, logits):
         return torch.sigmoid(self.gamma * logits + self.beta)
+
+    def score_module(self):
+        return FocalStarScores(self.gamma, self.beta)
 
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.focal_star_loss(
