@@ -81,6 +81,7 @@ ENTRY_POINTS = [
     ["tools/plot_loss_cdf.py", "--help"],
     ["tools/plot_loss_curves.py", "--help"],
     ["tools/ablate.py", "--preset", "tiny", "--list"],  # imports Detectron2
+    ["tools/export_model.py", "--help"],
 ]
 # A tool's sys.path[0] is tools/: this checkout's package, not whichever focal_det2 is installed.
 TOOLS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
