@@ -1,10 +1,13 @@
 """Config nodes of focal_det2 and the checks that name a bad key."""
 import math
 
-from detectron2.config import CfgNode as CN
-from detectron2.config.defaults import _C as DETECTRON2_DEFAULTS
+from typing import Sequence
 
-__all__ = ["add_focal_config", "check_finite", "check_retinanet_keys_unused", "lookup"]
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+
+__all__ = ["add_focal_config", "check_finite", "check_retinanet_keys_unused", "load_config"]
 
 
 def add_focal_config(cfg):
@@ -54,6 +57,27 @@ def add_focal_config(cfg):
     cfg.DATALOADER.DEGENERATE_BOXES = "error"
 
 
+def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = False):
+    """
+    Detectron2's config with the ``MODEL.FOCAL`` node, merged with a YAML file
+    and command-line overrides, not frozen: what train_net.py and the tools load.
+
+    Args:
+        config_file (str): a YAML config (``_BASE_`` allowed).
+        opts (sequence): key, value pairs, e.g. ``["MODEL.WEIGHTS", "model_final.pth"]``.
+        need_weights (bool): raise if MODEL.WEIGHTS is empty (tools that run a trained model).
+    """
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if need_weights and not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth"
+        )
+    return cfg
+
+
 # Keys of Detectron2's RetinaNet that FocalRetinaNet does not read, and their replacements.
 _RETINANET_KEYS_REPLACED = {
     "FOCAL_LOSS_GAMMA": "MODEL.FOCAL.GAMMA",
@@ -99,26 +123,13 @@ def check_retinanet_keys_unused(cfg):
     Raise if a ``MODEL.RETINANET`` key that FocalRetinaNet ignores was changed
     from Detectron2's default, naming the ``MODEL.FOCAL`` key to use instead.
     """
+    defaults = get_cfg().MODEL.RETINANET
     for key, replacement in _RETINANET_KEYS_REPLACED.items():
         value = cfg.MODEL.RETINANET[key]
-        default = DETECTRON2_DEFAULTS.MODEL.RETINANET[key]
+        default = defaults[key]
         if value != default:
             raise ValueError(
                 f"MODEL.RETINANET.{key}={value} is not read by FocalRetinaNet; "
                 f"leave it at {default} and set {replacement} instead."
             )
 
-
-def lookup(registry, name, key):
-    """
-    ``registry.get(name)`` with an error that names the config key and the valid names.
-
-    Args:
-        registry (Registry): a Detectron2/fvcore registry.
-        name (str): the requested name.
-        key (str): the config key that holds ``name``.
-    """
-    names = sorted(n for n, _ in registry)
-    if name not in names:
-        raise ValueError(f"{key}={name!r} is not registered; valid names: {names}")
-    return registry.get(name)

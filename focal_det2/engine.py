@@ -11,7 +11,6 @@ import os
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
@@ -27,21 +26,39 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .config import add_focal_config, check_finite
+from .config import check_finite, load_config
 from .data.checks import CheckedDatasetMapper, check_degenerate_boxes_option, load_checked_dataset_dicts
 
-__all__ = ["FocalTrainer", "ResumableTrainingSampler", "ScalarHistory", "checkpoint_to_load", "setup_cfg"]
+__all__ = [
+    "FocalTrainer",
+    "ResumableTrainLoader",
+    "ResumableTrainingSampler",
+    "ScalarHistory",
+    "checkpoint_to_load",
+    "ddp_device_ids_by_device",
+    "setup_cfg",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _ddp_device_ids_by_device():
+def ddp_device_ids_by_device():
     """
-    DefaultTrainer wraps the model with ``create_ddp_model``, which passes
-    ``device_ids=[local_rank]``; DistributedDataParallel rejects ``device_ids``
-    for a CPU module. Within this context a CPU model is wrapped with
-    ``device_ids=None`` and a CUDA model exactly as Detectron2 does.
+    The one replacement of a Detectron2 function in focal_det2, active only
+    while :class:`FocalTrainer` runs ``DefaultTrainer.__init__``.
+
+    Why: ``DefaultTrainer.__init__`` wraps the model with the module-level
+    ``detectron2.engine.defaults.create_ddp_model``, which passes
+    ``device_ids=[local_rank]`` for every model, and DistributedDataParallel
+    rejects ``device_ids`` for a CPU module ("device_ids and output_device
+    arguments only work with ... GPU modules"); upstream has the same code.
+    ``__init__`` takes no argument for it and offers no method to override
+    between building and wrapping the model, so short of copying
+    ``DefaultTrainer.__init__`` the call can only be changed here. Within
+    this context a CPU model is wrapped with ``device_ids=None`` and a CUDA
+    model exactly as Detectron2 does; the original function is put back on
+    exit, also on an error.
     """
     create_ddp_model = d2_defaults.create_ddp_model
 
@@ -81,14 +98,66 @@ class ResumableTrainingSampler(TrainingSampler):
         return itertools.islice(super().__iter__(), self._skip, None)
 
 
-class _DropFirstBatches:
-    """An iterable over ``loader`` without its first ``count`` batches."""
+class ResumableTrainLoader:
+    """
+    The training loader of :class:`FocalTrainer`: checked dataset dicts and a
+    mapper, made into Detectron2's train loader when first iterated, from
+    the iteration :attr:`start_iter` holds then. ``resume_or_load`` sets it
+    after the checkpoint is read, so a resumed run builds (and checks its
+    data) once.
+    """
 
-    def __init__(self, loader, count: int):
-        self.loader, self.count = loader, count
+    def __init__(self, cfg, dataset, mapper, start_iter: int = 0):
+        """
+        Args:
+            cfg (CfgNode): the training config (DATALOADER, SOLVER.IMS_PER_BATCH, SEED).
+            dataset (list[dict]): checked dataset dicts.
+            mapper (callable): maps a dataset dict to the model's input.
+            start_iter (int): the first iteration the loader feeds, >= 0.
+        """
+        self.cfg, self.dataset, self.mapper = cfg, dataset, mapper
+        self._start_iter, self._started = 0, False
+        self.start_iter = start_iter
+
+    @property
+    def start_iter(self) -> int:
+        """The first iteration the loader feeds; set it before the first ``iter()``."""
+        return self._start_iter
+
+    @start_iter.setter
+    def start_iter(self, value: int):
+        if value < 0:
+            raise ValueError(f"start_iter={value} must be >= 0.")
+        if self._started:
+            raise RuntimeError("start_iter is read when the loader is first iterated; it already was.")
+        self._start_iter = value
 
     def __iter__(self):
-        return itertools.islice(iter(self.loader), self.count, None)
+        self._started = True
+        return iter(self._build())
+
+    def _build(self):
+        """Detectron2's train loader whose data order starts at :attr:`start_iter`."""
+        cfg, start_iter = self.cfg, self.start_iter
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            if start_iter:
+                logger.warning(
+                    f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: the resumed run restarts "
+                    "its data order; only 'TrainingSampler' continues it."
+                )
+            return build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper)
+        # A loader with W workers deals batches round-robin from the workers, in
+        # rounds of W; the sampler skips whole rounds, the loader the remainder.
+        per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        workers = max(cfg.DATALOADER.NUM_WORKERS, 1)
+        skipped_rounds = start_iter // workers
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        sampler = ResumableTrainingSampler(
+            len(self.dataset), skip=skipped_rounds * workers * per_process, seed=seed
+        )
+        loader = build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper, sampler=sampler)
+        remainder = start_iter - skipped_rounds * workers
+        return itertools.islice(loader, remainder, None)
 
 
 class _AttributeState:
@@ -210,7 +279,7 @@ class FocalTrainer(DefaultTrainer):
             threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
             torch.set_num_threads(threads)
             logger.info(f"{comm.get_local_size()} processes on the CPU: {threads} threads each.")
-        with _ddp_device_ids_by_device():
+        with ddp_device_ids_by_device():
             super().__init__(cfg)
         # checkpointer.model is the model without its DDP wrapper.
         self.checkpointer.add_checkpointable(
@@ -243,7 +312,7 @@ class FocalTrainer(DefaultTrainer):
                 "and the checkpoint holds process 0's, which all processes resume from. Turn it on "
                 "for an exact multi-process resume."
             )
-        self._trainer.reset_data_loader(lambda: self.build_train_loader(self.cfg, start_iter=self.start_iter))
+        self.data_loader.start_iter = self.start_iter  # DefaultTrainer.data_loader: ours, not yet iterated
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -261,6 +330,10 @@ class FocalTrainer(DefaultTrainer):
         Args:
             cfg (CfgNode): the training config.
             start_iter (int): the first iteration the loader feeds.
+
+        Returns:
+            ResumableTrainLoader: the data is loaded and checked now, the
+            loader itself is built when first iterated.
         """
         names = cfg.DATASETS.TRAIN
         dataset = [
@@ -275,26 +348,7 @@ class FocalTrainer(DefaultTrainer):
         ]
         if len(names) > 1:
             check_metadata_consistency("thing_classes", names)
-        mapper = CheckedDatasetMapper(cfg, is_train=True)
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-            if start_iter:
-                logger.warning(
-                    f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: the resumed run restarts "
-                    "its data order; only 'TrainingSampler' continues it."
-                )
-            return build_detection_train_loader(cfg, dataset=dataset, mapper=mapper)
-        # A loader with W workers deals batches round-robin from the workers, in
-        # rounds of W; the sampler skips whole rounds, the loader the remainder.
-        per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        workers = max(cfg.DATALOADER.NUM_WORKERS, 1)
-        skipped_rounds = start_iter // workers
-        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        sampler = ResumableTrainingSampler(
-            len(dataset), skip=skipped_rounds * workers * per_process, seed=seed
-        )
-        loader = build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
-        remainder = start_iter - skipped_rounds * workers
-        return _DropFirstBatches(loader, remainder) if remainder else loader
+        return ResumableTrainLoader(cfg, dataset, CheckedDatasetMapper(cfg, is_train=True), start_iter)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -340,10 +394,7 @@ def setup_cfg(args):
     ``OUTPUT_DIR/eval/<checkpoint name>``, so that the evaluation writes its
     config.yaml, log.txt and inference/ there, not over the training run's.
     """
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     eval_only, resume = getattr(args, "eval_only", False), getattr(args, "resume", False)
     checkpoint = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume)
     if eval_only:

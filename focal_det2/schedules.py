@@ -10,7 +10,7 @@ from typing import Sequence
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from .config import lookup
+from .registry import lookup
 
 __all__ = ["GAMMA_SCHEDULE_REGISTRY", "build_gamma_schedule", "GammaSchedule"]
 

@@ -225,7 +225,7 @@ def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
     images = model.preprocess_image([{"image": torch.rand(3, SIZE, SIZE) * 255}])
     features = model.backbone(images.tensor)
     features = [features[f] for f in model.head_in_features]
-    pred_logits, pred_deltas = model._transpose_logits_and_deltas(model.head(features))
+    pred_logits, pred_deltas = model._transpose_dense_predictions(model.head(features), [model.num_logits, 4])
     anchors = model.anchor_generator(features)
     num_anchors = sum(len(a) for a in anchors)
     gt_labels = [torch.full((num_anchors,), -1)]

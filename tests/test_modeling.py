@@ -154,7 +154,7 @@ def _closed_form_scores(loss, logits):
 def test_detection_scores_are_the_loss_scores(loss):
     """
     Guards the mutant: inference scores with ``x.sigmoid()[:, :K]`` instead of
-    ``self.focal_loss.scores(x)`` (softmax and FL* detections scored wrongly).
+    ``self.class_scores(x)``, the loss's scores (softmax and FL* detections scored wrongly).
 
     With every candidate kept, the best detection of an image is its best
     (anchor, class) pair, whose score is written out here from the head's logits.
@@ -208,3 +208,14 @@ def test_focal_star_under_a_schedule_starts_at_the_prior():
                   gamma_schedule__start=0.5, gamma_schedule__iters=100)
     bias = model.head.cls_score.bias.detach().double()
     torch.testing.assert_close((0.5 * bias + 1.0).sigmoid(), torch.full_like(bias, 0.01), rtol=1e-6, atol=0)
+
+
+def test_same_seed_gives_retinanet_initial_weights():
+    """
+    FocalRetinaNet builds its backbone and head once, in RetinaNet's order (no
+    throwaway RetinaNetHead drawing from the generator first), so with the same
+    seed the sigmoid model starts from RetinaNet's weights.
+    """
+    ref, ours = build("RetinaNet").state_dict(), build().state_dict()
+    assert ref.keys() == ours.keys()
+    assert all(torch.equal(ref[k], ours[k]) for k in ref)

@@ -34,7 +34,10 @@ class ToyDoubleCE(DenseClassificationLoss):
     def reference(self, logits, labels, *, gamma, class_alpha):
         return 2.0 * functional.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
 '''
-SUITES = ["tests/test_losses.py", "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_modeling.py"]
+SUITES = [
+    "tests/test_losses.py", "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_modeling.py",
+    "tests/test_export.py",
+]
 
 
 def run_suites_with(tmp_path, fast_factor, suites):

@@ -291,3 +291,45 @@ def test_two_process_checkpoint_holds_the_normalizer(two_process_runs):
         count = sum(2 * rank_counts[i] for rank_counts in per_image)  # 2 images a process
         expected = 0.9 * expected + 0.1 * max(count, 1)
     assert saved == pytest.approx(expected, rel=1e-12)
+
+
+def test_resume_checks_the_training_data_once(runs, tmp_path, monkeypatch):
+    """
+    Guards the old behaviour: DefaultTrainer built the train loader (loading and
+    checking every record) and ``--resume`` built it again at the start iteration.
+    """
+    import shutil
+
+    import focal_det2.engine as engine
+
+    _, _, _, parts = runs
+    run = tmp_path / "run"
+    shutil.copytree(parts, run)
+    (run / "last_checkpoint").write_text(f"model_{STOP_AFTER - 1:07d}.pth")  # the interrupted run's
+    calls = []
+    load = engine.load_checked_dataset_dicts
+    monkeypatch.setattr(engine, "load_checked_dataset_dicts", lambda *a, **k: calls.append(a) or load(*a, **k))
+    trainer = FocalTrainer(_cfg(run))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == STOP_AFTER
+    assert len(calls) == 1 and trainer.data_loader.start_iter == STOP_AFTER
+    next(iter(trainer.data_loader))
+    with pytest.raises(RuntimeError, match="already"):
+        trainer.data_loader.start_iter = 0
+
+
+def test_ddp_replacement_is_undone_on_exit_and_on_error():
+    """The one replacement of a Detectron2 function lives only inside ``ddp_device_ids_by_device``."""
+    from detectron2.engine import defaults
+
+    from focal_det2.engine import ddp_device_ids_by_device
+
+    original = defaults.create_ddp_model
+    with ddp_device_ids_by_device():
+        assert defaults.create_ddp_model is not original
+        model = torch.nn.Linear(2, 2)
+        assert defaults.create_ddp_model(model, broadcast_buffers=False) is model  # 1 process: no wrapper
+    assert defaults.create_ddp_model is original
+    with pytest.raises(_Interrupted), ddp_device_ids_by_device():
+        raise _Interrupted
+    assert defaults.create_ddp_model is original

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import REPO, digits_cfg
 from focal_det2 import add_focal_config
+from focal_det2.config import load_config
 from focal_det2.engine import FocalTrainer
 from focal_det2.losses import functional
 
@@ -130,7 +131,7 @@ def test_plot_loss_cdf_on_trained_model(tmp_path, trained):
 def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(trained):
     config_file, weights, _ = trained
     tool = load_tool("plot_loss_cdf")
-    cfg = tool.setup_cfg(config_file, ["MODEL.WEIGHTS", weights])
+    cfg = load_config(config_file, ["MODEL.WEIGHTS", weights])
     logits, labels = tool.anchor_logits(cfg, "digits_val_tiny", num_images=2)
     K = cfg.MODEL.RETINANET.NUM_CLASSES
     assert logits.shape[1] == K and labels.min() >= 0 and labels.max() <= K
@@ -150,8 +151,8 @@ def test_normalized_cdf_and_share_of_hardest():
 def test_plot_loss_cdf_rejects_a_softmax_model(trained):
     config_file, weights, _ = trained
     with pytest.raises(ValueError, match="MODEL.FOCAL.LOSS='softmax_focal'"):
-        load_tool("plot_loss_cdf").setup_cfg(config_file, ["MODEL.WEIGHTS", weights,
-                                                           "MODEL.FOCAL.LOSS", "softmax_focal"])
+        load_tool("plot_loss_cdf").main(["--config-file", config_file, "MODEL.WEIGHTS", weights,
+                                         "MODEL.FOCAL.LOSS", "softmax_focal"])
 
 
 # --- demo ----------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsy
     written = _demo(tmp_path, trained, "labels", 0.0, "--dataset", "digits_val_tiny", "--num-images", "2")
     lines = [line for line in capsys.readouterr().out.splitlines() if " detection" in line]
     assert len(lines) == 2
-    cfg = demo.setup_cfg(config_file, ["MODEL.WEIGHTS", weights], 0.0)
+    cfg = load_config(config_file, ["MODEL.WEIGHTS", weights, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0])
     predictor = DefaultPredictor(cfg)
     for line, out, record in zip(lines, written, DatasetCatalog.get("digits_val_tiny")):
         raw = predictor(np.asarray(Image.open(record["file_name"]).convert("RGB"))[:, :, ::-1])["instances"]

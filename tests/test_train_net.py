@@ -1,5 +1,6 @@
 """The stock Detectron2 machinery on every config: load, train, evaluate, CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -80,12 +81,15 @@ ENTRY_POINTS = [
     ["tools/plot_loss_cdf.py", "--help"],
     ["tools/plot_loss_curves.py", "--help"],
     ["tools/ablate.py", "--preset", "tiny", "--list"],  # imports Detectron2
+    ["tools/export_model.py", "--help"],
 ]
+# A tool's sys.path[0] is tools/: this checkout's package, not whichever focal_det2 is installed.
+TOOLS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
 
 
 def test_entry_points_start_without_third_party_warnings():
     procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for argv in ENTRY_POINTS]
+                              text=True, env=TOOLS_ENV) for argv in ENTRY_POINTS]
     for argv, proc in zip(ENTRY_POINTS, procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (argv, err[-2000:])

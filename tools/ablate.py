@@ -108,13 +108,9 @@ ROWS = (
 
 def digits_schedule() -> Tuple[int, Tuple[int, ...], int]:
     """SOLVER.MAX_ITER, STEPS and WARMUP_ITERS of configs/digits/Base-Digits.yaml."""
-    from detectron2.config import get_cfg
+    from focal_det2.config import load_config
 
-    from focal_det2 import add_focal_config
-
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "digits", "Base-Digits.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "digits", "Base-Digits.yaml"))
     return cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS), cfg.SOLVER.WARMUP_ITERS
 
 
@@ -273,6 +269,9 @@ def train_run(run: Run, verbose: bool = False, threads: Optional[int] = None) ->
     with open(log_path, "w") as log:
         streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
         env = dict(os.environ)
+        # The child's sys.path[0] is tools/: without this it imports whichever focal_det2 is
+        # installed (another checkout's, with another config schema), not this checkout's.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
         if threads is not None:
             env.setdefault("OMP_NUM_THREADS", str(threads))
         proc = subprocess.run(cmd, cwd=REPO, env=env, **streams)

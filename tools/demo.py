@@ -38,7 +38,6 @@ warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureW
 warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
 
 import numpy as np  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
@@ -47,20 +46,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2 import add_focal_config  # noqa: E402
-
-
-def setup_cfg(config_file: str, opts: Sequence[str], confidence_threshold: float):
-    """The config of ``config_file`` and ``opts``, keeping detections scored at least ``confidence_threshold``."""
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth")
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = confidence_threshold
-    cfg.freeze()
-    return cfg
+from focal_det2.config import load_config  # noqa: E402
 
 
 def input_images(inputs: Sequence[str], dataset: Optional[str], num_images: int) -> List[str]:
@@ -153,7 +139,9 @@ def get_parser():
 
 def main(argv=None) -> List[str]:
     args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts, args.confidence_threshold)
+    cfg = load_config(args.config_file, args.opts, need_weights=True)
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
+    cfg.freeze()
     names = [args.dataset] if args.dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
     predictor = DefaultPredictor(cfg)

@@ -41,14 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.data.detection_utils import build_augmentation  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K  # noqa: E402
 
 import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2 import add_focal_config  # noqa: E402
+from focal_det2.config import load_config  # noqa: E402
 from focal_det2.losses import functional  # noqa: E402
 from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
@@ -57,24 +55,18 @@ SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
 
 
-def setup_cfg(config_file: str, opts: Sequence[str]):
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
+def check_sigmoid_model(cfg):
+    """Raise unless the model of ``cfg`` was trained with a loss on K sigmoid logits."""
     if cfg.MODEL.FOCAL.LOSS not in SIGMOID_LOSSES:
         raise ValueError(f"MODEL.FOCAL.LOSS={cfg.MODEL.FOCAL.LOSS!r}: the figure scores sigmoid logits; "
                          f"use a model trained with one of {SIGMOID_LOSSES}")
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth")
-    return cfg
 
 
 @torch.no_grad()
 def anchor_logits(cfg, dataset: str, num_images: int, batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Runs the model of ``cfg`` on the first ``num_images`` images of ``dataset``.
+    Runs the model of ``cfg`` on the first ``num_images`` images of ``dataset``
+    (:meth:`FocalRetinaNet.anchor_logits`, the logits and labels training sees).
 
     Returns:
         Tensor: (M, K) float32 logits of the M anchors not ignored by the matcher.
@@ -89,18 +81,10 @@ def anchor_logits(cfg, dataset: str, num_images: int, batch_size: int = 8) -> Tu
     dicts = DatasetCatalog.get(dataset)[:num_images]
     all_logits, all_labels = [], []
     for start in range(0, len(dicts), batch_size):
-        batch = [mapper(d) for d in dicts[start: start + batch_size]]
-        images = model.preprocess_image(batch)
-        features = model.backbone(images.tensor)
-        features = [features[f] for f in model.head_in_features]
-        logits, _ = model.head(features)
-        logits = torch.cat([permute_to_N_HWA_K(x, model.focal_loss.num_logits) for x in logits], dim=1)
-        gt_labels, _ = model.label_anchors(model.anchor_generator(features),
-                                           [x["instances"].to(model.device) for x in batch])
-        for row_logits, labels in zip(logits, gt_labels):
-            valid = labels >= 0
-            all_logits.append(row_logits[valid].float().cpu())
-            all_labels.append(labels[valid].cpu())
+        logits, labels = model.anchor_logits([mapper(d) for d in dicts[start: start + batch_size]])
+        valid = labels >= 0
+        all_logits.append(logits[valid].float().cpu())
+        all_labels.append(labels[valid].cpu())
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -199,7 +183,9 @@ def get_parser():
 def main(argv=None) -> Dict[str, int]:
     """Draws the figure and returns the number of positive and negative anchors."""
     args = get_parser().parse_args(argv)
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = load_config(args.config_file, args.opts, need_weights=True)
+    check_sigmoid_model(cfg)
+    cfg.freeze()
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     gammas = [float(g) for g in args.gammas.split(",")]
     logits, labels = anchor_logits(cfg, dataset, args.num_images)

@@ -11,9 +11,26 @@ from typing import Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["DenseClassificationLoss", "check_finite_number"]
+__all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
+
+
+class SigmoidScores(nn.Module):
+    """
+    Inference scores of the sigmoid losses, ``sigmoid(x)``, as a TorchScript-able
+    module without parameters or state (see :meth:`DenseClassificationLoss.score_module`).
+    """
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K).
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return logits.sigmoid()
 
 
 class DenseClassificationLoss:
@@ -96,9 +113,18 @@ class DenseClassificationLoss:
             logits (Tensor): (R, num_logits).
 
         Returns:
-            Tensor: (R, K) per-class scores in [0, 1].
+            Tensor: (R, K) per-class scores in [0, 1], by :meth:`score_module`.
         """
-        return logits.sigmoid()
+        return self.score_module()(logits)
+
+    def score_module(self) -> nn.Module:
+        """
+        The inference scores as an ``nn.Module`` without parameters or
+        state_dict entries, which a model holds so that it scripts and traces
+        for deployment (the loss itself is a plain Python object). Sigmoid by
+        default; losses with other scores override this, not :meth:`scores`.
+        """
+        return SigmoidScores()
 
     def loss(
         self, logits: Tensor, labels: Tensor, *, gamma: float, class_alpha: Optional[Tensor]

@@ -1,6 +1,6 @@
 from detectron2.utils.registry import Registry
 
-from ..config import lookup
+from ..registry import lookup
 
 __all__ = ["FOCAL_LOSS_REGISTRY", "build_focal_loss", "register_loss", "registered_losses"]
 

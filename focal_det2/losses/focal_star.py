@@ -3,12 +3,40 @@ import math
 
 import torch
 from detectron2.config import configurable
+from torch import Tensor, nn
 
 from . import functional, fused
 from .base import DenseClassificationLoss, check_finite_number
 from .build import register_loss
 
-__all__ = ["FocalStarLoss"]
+__all__ = ["FocalStarLoss", "FocalStarScores"]
+
+
+class FocalStarScores(nn.Module):
+    """Inference scores of FL*: ``p* = sigmoid(gamma * x + beta)``."""
+
+    def __init__(self, gamma: float, beta: float):
+        """
+        Args:
+            gamma (float): FL*'s gamma at inference (MODEL.FOCAL.GAMMA).
+            beta (float): MODEL.FOCAL.STAR_BETA.
+        """
+        super().__init__()
+        self.gamma = float(gamma)
+        self.beta = float(beta)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K).
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return torch.sigmoid(self.gamma * logits + self.beta)
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}, beta={self.beta}"
 
 
 @register_loss("focal_star")
@@ -50,8 +78,8 @@ class FocalStarLoss(DenseClassificationLoss):
         prior_logit = -math.log((1 - prior_prob) / prior_prob)
         return torch.full((self.num_logits,), (prior_logit - self.beta) / gamma)
 
-    def scores(self, logits):
-        return torch.sigmoid(self.gamma * logits + self.beta)
+    def score_module(self):
+        return FocalStarScores(self.gamma, self.beta)
 
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.focal_star_loss(

@@ -2,12 +2,27 @@
 import math
 
 import torch
+from torch import Tensor, nn
 
 from . import functional, fused
 from .base import DenseClassificationLoss
 from .build import register_loss
 
-__all__ = ["SoftmaxFocalLoss"]
+__all__ = ["SoftmaxFocalLoss", "SoftmaxScores"]
+
+
+class SoftmaxScores(nn.Module):
+    """Inference scores of the softmax loss: ``softmax(x)`` without the background column K."""
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """
+        Args:
+            logits (Tensor): (R, K + 1), column K background.
+
+        Returns:
+            Tensor: (R, K) per-class scores in [0, 1].
+        """
+        return logits.softmax(dim=-1)[..., :-1]
 
 
 @register_loss("softmax_focal")
@@ -30,8 +45,8 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
         bias[-1] = math.log(self.num_classes * (1 - prior_prob) / prior_prob)
         return bias
 
-    def scores(self, logits):
-        return logits.softmax(dim=1)[:, :-1]
+    def score_module(self):
+        return SoftmaxScores()
 
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.softmax_focal_loss(

@@ -6,7 +6,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
 
-from ..config import lookup
+from ..registry import lookup
 from ..losses import DenseClassificationLoss, build_focal_loss
 from ..schedules import build_gamma_schedule
 
@@ -16,16 +16,30 @@ FOCAL_HEAD_REGISTRY = Registry("FOCAL_HEAD")
 FOCAL_HEAD_REGISTRY.__doc__ = """
 Registry for dense heads, chosen by ``MODEL.FOCAL.HEAD_NAME``.
 
-The registered object is called with ``(cfg, input_shape: List[ShapeSpec])``
+The registered object is called with ``(cfg, input_shape: List[ShapeSpec],
+loss=..., init_gamma=...)``, where ``loss`` is the model's
+:class:`DenseClassificationLoss` and ``init_gamma`` the gamma at iteration 0,
 and returns a module that maps per-level features to ``(logits, deltas)``,
 each a list of (N, A * C, Hi, Wi) and (N, A * 4, Hi, Wi) tensors, where C
 is the loss's ``num_logits``.
 """
 
 
-def build_focal_head(cfg, input_shape: List[ShapeSpec]):
+def build_focal_head(
+    cfg, input_shape: List[ShapeSpec], *, loss: DenseClassificationLoss, init_gamma: float
+):
+    """
+    Build the head named by ``cfg.MODEL.FOCAL.HEAD_NAME``.
+
+    Args:
+        cfg (CfgNode): the model's config.
+        input_shape (list[ShapeSpec]): the shapes of the features the head reads.
+        loss (DenseClassificationLoss): the model's loss (the classifier's width and bias).
+        init_gamma (float): gamma at iteration 0 (the gamma schedule's start).
+    """
     name = cfg.MODEL.FOCAL.HEAD_NAME
-    return lookup(FOCAL_HEAD_REGISTRY, name, "MODEL.FOCAL.HEAD_NAME")(cfg, input_shape)
+    head = lookup(FOCAL_HEAD_REGISTRY, name, "MODEL.FOCAL.HEAD_NAME")
+    return head(cfg, input_shape, loss=loss, init_gamma=init_gamma)
 
 
 @FOCAL_HEAD_REGISTRY.register()
@@ -64,10 +78,21 @@ class FocalRetinaNetHead(RetinaNetHead):
             self.cls_score.bias.copy_(loss.init_bias(prior_prob, gamma=init_gamma).repeat(num_anchors))
 
     @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+    def from_config(
+        cls,
+        cfg,
+        input_shape: List[ShapeSpec],
+        loss: Optional[DenseClassificationLoss] = None,
+        init_gamma: Optional[float] = None,
+    ):
+        """
+        ``loss`` and ``init_gamma`` are the model's (see :func:`build_focal_head`);
+        the head built alone, ``FocalRetinaNetHead(cfg, input_shape)``, builds
+        them from ``cfg``.
+        """
         ret = super().from_config(cfg, input_shape)
         del ret["num_classes"]
-        ret["loss"] = build_focal_loss(cfg)
+        ret["loss"] = build_focal_loss(cfg) if loss is None else loss
         ret["prior_prob"] = cfg.MODEL.FOCAL.PRIOR_PROB
-        ret["init_gamma"] = build_gamma_schedule(cfg)(0)
+        ret["init_gamma"] = build_gamma_schedule(cfg)(0) if init_gamma is None else init_gamma
         return ret

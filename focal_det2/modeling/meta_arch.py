@@ -1,11 +1,12 @@
 import logging
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat
-from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.box_regression import _dense_box_regression_loss
+from detectron2.modeling import META_ARCH_REGISTRY, build_anchor_generator, build_backbone
+from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
@@ -63,30 +64,83 @@ class FocalRetinaNet(RetinaNet):
         self.focal_loss = focal_loss
         self.gamma_schedule = gamma_schedule
         self.sync_normalizer = sync_normalizer
+        # What inference needs of the loss, in TorchScript-able form: the classifier's
+        # width and the scores (a module without parameters or state_dict entries).
+        self.num_logits = focal_loss.num_logits
+        self.class_scores = focal_loss.score_module()
 
     @classmethod
     def from_config(cls, cfg):
+        """
+        RetinaNet's arguments, with our head, loss and gamma schedule, each
+        built once. ``RetinaNet.from_config`` is not called: it builds a
+        ``RetinaNetHead`` unconditionally, which this model would throw away.
+        The backbone and the head are built in RetinaNet's order, so that
+        with the same seed the sigmoid model starts from RetinaNet's weights.
+        """
         check_finite(cfg)
         check_retinanet_keys_unused(cfg)
-        ret = super().from_config(cfg)
-        # RetinaNet's own focal-loss parameters are replaced by the loss object.
-        del ret["focal_loss_alpha"], ret["focal_loss_gamma"]
-        shapes = ret["backbone"].output_shape()
-        ret["head"] = build_focal_head(cfg, [shapes[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
-        ret["focal_loss"] = build_focal_loss(cfg)
-        ret["gamma_schedule"] = build_gamma_schedule(cfg)
-        ret["sync_normalizer"] = cfg.MODEL.FOCAL.SYNC_NORMALIZER
-        logger.info(f"FocalRetinaNet: loss {ret['focal_loss']}, gamma schedule {ret['gamma_schedule']}.")
-        return ret
-
-    def _transpose_logits_and_deltas(self, predictions):
-        return self._transpose_dense_predictions(predictions, [self.focal_loss.num_logits, 4])
+        node = cfg.MODEL.RETINANET
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        feature_shapes = [shapes[f] for f in node.IN_FEATURES]
+        focal_loss = build_focal_loss(cfg)
+        gamma_schedule = build_gamma_schedule(cfg)
+        head = build_focal_head(cfg, feature_shapes, loss=focal_loss, init_gamma=gamma_schedule(0))
+        logger.info(f"FocalRetinaNet: loss {focal_loss}, gamma schedule {gamma_schedule}.")
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": node.IN_FEATURES,
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=node.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(node.IOU_THRESHOLDS, node.IOU_LABELS, allow_low_quality_matches=True),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "num_classes": node.NUM_CLASSES,
+            "smooth_l1_beta": node.SMOOTH_L1_LOSS_BETA,
+            "box_reg_loss_type": node.BBOX_REG_LOSS_TYPE,
+            "test_score_thresh": node.SCORE_THRESH_TEST,
+            "test_topk_candidates": node.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": node.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "vis_period": cfg.VIS_PERIOD,
+            "input_format": cfg.INPUT.FORMAT,
+            "focal_loss": focal_loss,
+            "gamma_schedule": gamma_schedule,
+            "sync_normalizer": cfg.MODEL.FOCAL.SYNC_NORMALIZER,
+        }
 
     def forward_training(self, images, features, predictions, gt_instances):
-        pred_logits, pred_anchor_deltas = self._transpose_logits_and_deltas(predictions)
+        """
+        :meth:`RetinaNet.forward_training` for a classifier of ``num_logits``
+        (K or K + 1) per anchor; RetinaNet's transposes ``num_classes``.
+        """
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(predictions, [self.num_logits, 4])
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         return self.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+
+    @torch.no_grad()
+    def anchor_logits(self, batched_inputs: List[Dict[str, Tensor]]) -> Tuple[Tensor, Tensor]:
+        """
+        The classifier logits and anchor labels a training step on
+        ``batched_inputs`` computes its classification loss from.
+
+        Args:
+            batched_inputs (list[dict]): as for :meth:`forward`, with "instances".
+
+        Returns:
+            Tensor: (N, R, num_logits) logits, anchors in Detectron2's order.
+            Tensor: (N, R) int64 labels: 0..K-1 class, K background, -1 ignored.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        pred_logits, _ = self._transpose_dense_predictions(self.head(features), [self.num_logits, 4])
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        gt_labels, _ = self.label_anchors(self.anchor_generator(features), gt_instances)
+        return cat(pred_logits, dim=1), torch.stack(gt_labels)
 
     def normalizer(self, num_pos_anchors: int) -> float:
         """
@@ -145,12 +199,18 @@ class FocalRetinaNet(RetinaNet):
             anchors = Boxes.cat(anchors).tensor  # (R, 4)
             return self.box2box_transform.apply_deltas(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
 
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]):
-        pred_logits, pred_anchor_deltas = self._transpose_logits_and_deltas(predictions)
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ):
+        """
+        :meth:`RetinaNet.forward_inference` with the loss's scores
+        (``self.class_scores``) instead of a sigmoid; scripts and traces.
+        """
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(predictions, [self.num_logits, 4])
         anchors = self.anchor_generator(features)
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
-            scores_per_image = [self.focal_loss.scores(x[img_idx]) for x in pred_logits]
+            scores_per_image = [self.class_scores(x[img_idx]) for x in pred_logits]
             deltas_per_image = [x[img_idx] for x in pred_anchor_deltas]
             results.append(
                 self.inference_single_image(anchors, scores_per_image, deltas_per_image, image_size)

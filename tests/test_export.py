@@ -1,0 +1,98 @@
+"""
+Deployment: every loss's FocalRetinaNet scripts with Detectron2's
+``scripting_with_instances`` and traces with ``TracingAdapter``; the file
+saved with ``torch.jit.save`` and reloaded gives the eager model's
+detections. And tools/export_model.py end to end on a tiny model.
+"""
+import pytest
+import torch
+from conftest import LOSSES, REPO, build_loss, tiny_cfg
+from detectron2.export import TracingAdapter, scripting_with_instances
+from detectron2.modeling import build_model, detector_postprocess
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.testing import convert_scripted_instances
+from test_tools import load_tool
+
+FIELDS = {"pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_score_module_equals_the_loss_scores_and_holds_no_state(loss):
+    focal_loss = build_loss(loss, num_classes=3, gamma=1.5, beta=0.5)
+    logits = torch.randn(7, focal_loss.num_logits, generator=torch.Generator().manual_seed(0))
+    module = focal_loss.score_module()
+    assert module(logits).shape == (7, 3)
+    torch.testing.assert_close(module(logits), focal_loss.scores(logits), rtol=0, atol=0)
+    assert not module.state_dict() and not list(module.parameters())
+    torch.testing.assert_close(torch.jit.script(module)(logits), focal_loss.scores(logits), rtol=0, atol=0)
+
+
+def _model_and_image(loss):
+    """The tiny eval-mode model of ``loss`` keeping every candidate, and a seeded (3, 64, 96) image."""
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # untrained softmax scores lie far below 0.05
+    torch.manual_seed(0)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255
+    return build_model(cfg).eval(), image
+
+
+def _assert_same_detections(expected, actual):
+    assert len(expected) == len(actual) == 100  # the default detections per image
+    assert torch.equal(actual.pred_classes.long(), expected.pred_classes)
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(actual.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=1e-6, atol=1e-4)
+
+
+def _reloaded(module, tmp_path):
+    path = tmp_path / "model.ts"
+    torch.jit.save(module, str(path))
+    return torch.jit.load(str(path))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_scripted_model_gives_the_eager_detections(loss, tmp_path):
+    model, image = _model_and_image(loss)
+    scripted = _reloaded(scripting_with_instances(model, FIELDS), tmp_path)
+    with torch.no_grad():
+        expected = model([{"image": image}])[0]["instances"]
+        raw = convert_scripted_instances(scripted([{"image": image}])[0])
+    _assert_same_detections(expected, detector_postprocess(raw, 64, 96))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_traced_model_gives_the_eager_detections(loss, tmp_path):
+    model, image = _model_and_image(loss)
+    adapter = TracingAdapter(model, [{"image": image}])
+    with torch.no_grad():
+        traced = _reloaded(torch.jit.trace(adapter, (image,)), tmp_path)
+        expected = model([{"image": image}])[0]["instances"]
+        actual = adapter.outputs_schema(traced(image))[0]["instances"]
+    _assert_same_detections(expected, actual)
+
+
+@pytest.mark.parametrize("method", ["scripting", "tracing"])
+def test_export_tool_end_to_end(method, tmp_path, capsys):
+    tool = load_tool("export_model")
+    config = str(REPO / "configs" / "digits" / "focal_star_R18_FPN_1x.yaml")
+    report = tool.main([
+        "--config-file", config, "--format", "torchscript", "--export-method", method, "--output", str(tmp_path),
+        "DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64",
+        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+    ])
+    assert report["path"] == str(tmp_path / "model.ts") and (tmp_path / "model.ts").stat().st_size > 0
+    assert report["detections"] == (100, 100)
+    assert report["agree"] and report["classes_equal"]
+    assert report["max_box_diff"] <= tool.TOLERANCE and report["max_score_diff"] <= tool.TOLERANCE
+    assert f"(torchscript, {method}): 100 eager / 100 exported detections" in capsys.readouterr().out
+
+
+def test_export_tool_reports_disagreement():
+    tool = load_tool("export_model")
+    boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]]))
+    expected = Instances((32, 32), pred_boxes=boxes, scores=torch.tensor([0.9, 0.5]), pred_classes=torch.tensor([1, 2]))
+    assert tool.agreement(expected, expected)["agree"]
+    other = Instances((32, 32), pred_boxes=boxes, scores=torch.tensor([0.9, 0.4]), pred_classes=torch.tensor([1, 2]))
+    report = tool.agreement(expected, other)
+    assert not report["agree"] and report["max_score_diff"] == pytest.approx(0.1)
+    assert not tool.agreement(expected, expected[:1])["agree"]
