@@ -279,3 +279,91 @@ def test_full_train_split_generation_time_and_background_share(tmp_path):
         foreground[ann["image_id"] - 1, y : y + h, x : x + w] = True
     assert foreground.mean() < 0.3  # most of each image is background
     assert 3 <= len(dataset["annotations"]) / 2000 <= 8
+
+
+# --- canvas sizes ---------------------------------------------------------------------
+
+
+def _canvas_params(name, **changes):
+    """The generation parameters registered for ``name``, with ``changes``."""
+    return dict(digits_module._REGISTERED[name][1], **changes)
+
+
+def test_canvas_splits_are_registered_and_differ_from_128_px_only_in_size():
+    assert digits_module.CANVAS_SIZES == (128, 256, 512, 768)
+    for split, builtin, num_images in (("train", "digits_train", 2000), ("val", "digits_val", 300)):
+        for side in digits_module.CANVAS_SIZES:
+            name = digits_module.canvas_dataset_name(split, side)
+            assert name == f"digits_{split}_s{side}" and name in DatasetCatalog.list()
+            assert f"_n{num_images}_s{side}_" in MetadataCatalog.get(name).json_file
+            # same seed, pool, digits per image and digit sizes: only the canvas differs
+            assert _canvas_params(name) == _canvas_params(builtin, image_size=side)
+        # the 128 px split is the built-in one under another name: same parameters, same cache
+        assert MetadataCatalog.get(f"digits_{split}_s128").json_file == MetadataCatalog.get(builtin).json_file
+    assert _canvas_params("digits_train") == dict(
+        split="train", num_images=2000, image_size=128, digits_per_image=(3, 8), digit_size=(12, 40), seed=0)
+    assert _canvas_params("digits_val")["num_images"] == 300
+
+
+def test_canvas_dataset_name_rejects_other_sizes():
+    with pytest.raises(ValueError, match=r"image_size must be one of \(128, 256, 512, 768\), got 300"):
+        digits_module.canvas_dataset_name("train", 300)
+    with pytest.raises(ValueError, match="split"):
+        digits_module.canvas_dataset_name("test", 128)
+
+
+@pytest.mark.parametrize("side", [256, 768])
+def test_canvas_images_and_annotations_have_the_canvas_size(tmp_path, side):
+    json_file = generate_digits(tmp_path, **_canvas_params(f"digits_val_s{side}", num_images=3))
+    dataset, images, boxes = _read_dataset(json_file)
+    assert dataset["info"]["parameters"]["image_size"] == side
+    for image in dataset["images"]:
+        assert (image["width"], image["height"]) == (side, side)
+        assert images[image["id"]].shape == (side, side)
+    for x, y, w, h in (b for bs in boxes.values() for b in bs):
+        assert x >= 0 and y >= 0 and x + w <= side and y + h <= side
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_canvas_splits_draw_from_the_same_source_pools(tmp_path, split):
+    pool, other = set(source_indices(split).tolist()), set(source_indices("val" if split == "train" else "train").tolist())
+    for side in (128, 512):
+        with open(generate_digits(tmp_path / str(side), **_canvas_params(f"digits_{split}_s{side}", num_images=10))) as f:
+            sources = {a["source_index"] for a in json.load(f)["annotations"]}
+        assert sources and sources <= pool and not sources & other
+
+
+def test_canvas_objects_have_the_sizes_of_128_px(tmp_path):
+    """The same seed draws the same digits at the same sides before placing them: only the canvas grows."""
+    objects = {}
+    for side in (128, 768):
+        with open(generate_digits(tmp_path / str(side), **_canvas_params(f"digits_train_s{side}", num_images=20))) as f:
+            annotations = json.load(f)["annotations"]
+        objects[side] = annotations
+        assert max(max(a["bbox"][2:]) for a in annotations) <= 40  # digit_size (12, 40)
+    first = {side: sorted((a["source_index"], *a["bbox"][2:]) for a in anns if a["image_id"] == 1)
+             for side, anns in objects.items()}
+    # at 128 px a digit that finds no free place is dropped; at 768 px every one finds one
+    assert first[128] and set(first[128]) <= set(first[768]) and 3 <= len(first[768]) <= 8
+    per_image = [sum(a["image_id"] == i for a in objects[768]) for i in range(1, 21)]
+    assert min(per_image) >= 3 and max(per_image) <= 8
+    sides = {side: np.median([max(a["bbox"][2:]) for a in anns]) for side, anns in objects.items()}
+    assert abs(sides[768] - sides[128]) <= 4
+
+
+def test_canvas_split_is_generated_once_and_reused(dataset_root):
+    name = "digits_test_canvas_cache"
+    register_digits(name, **_canvas_params("digits_val_s256", num_images=2))
+    try:
+        json_file = ensure_generated(name)
+        assert Path(json_file).parent.name == "digits_val_n2_s256_k3-8_d12-40_seed0_v1"
+        image = Path(json_file).parent / "images" / "000001.png"
+        stamps = (os.stat(json_file).st_mtime_ns, os.stat(image).st_mtime_ns)
+        time.sleep(0.01)
+        assert len(DatasetCatalog.get(name)) == 2 and ensure_generated(name) == json_file
+        assert (os.stat(json_file).st_mtime_ns, os.stat(image).st_mtime_ns) == stamps
+        assert all((r["height"], r["width"]) == (256, 256) for r in DatasetCatalog.get(name))
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+        digits_module._REGISTERED.pop(name, None)

@@ -367,3 +367,297 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     ablate.main(["--preset", "tiny", "--output-dir", str(out), *extra])
     assert capsys.readouterr().out.count(f": done, AP – (AP, AP50, AP75, APs, APm –: {why})") == 2
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
+
+
+# --- imbalance -----------------------------------------------------------------------
+
+
+def _anchors_per_image(side, strides=(8, 16, 32, 64, 128), per_cell=9):
+    """RetinaNet's anchors on a side x side canvas: 9 per cell of P3-P7 (side divisible by 128)."""
+    return per_cell * sum((side // s) ** 2 for s in strides)
+
+
+@pytest.fixture
+def tiny_canvas(tmp_path, monkeypatch):
+    """A 3-image digits split at 256 px, registered for one test under a tmp cache."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from focal_det2.data import digits as digits_module
+    from focal_det2.data import register_digits
+
+    monkeypatch.setenv("FOCAL_DET2_DATASETS", str(tmp_path / "datasets"))
+    name = "digits_test_imbalance_s256"
+    register_digits(name, split="train", num_images=3, image_size=256)
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+    digits_module._REGISTERED.pop(name, None)
+
+
+def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_canvas):
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.modeling import build_model
+
+    from conftest import head_logits
+
+    imbalance = load_tool("imbalance")
+    cfg = imbalance.canvas_cfg(256)
+    measured = imbalance.measure_imbalance(cfg, tiny_canvas)
+    assert measured["images"] == 3 and measured["dataset"] == tiny_canvas
+    assert measured["anchors_per_image"] == _anchors_per_image(256) == 12276
+    # independently: training's DatasetMapper on the real images, the backbone on them and the
+    # model's label_anchors on all 3 at once
+    model = build_model(cfg).eval()
+    inputs = [DatasetMapper(cfg, is_train=True)(d) for d in DatasetCatalog.get(tiny_canvas)]
+    _, labels = head_logits(model, inputs)
+    K = cfg.MODEL.RETINANET.NUM_CLASSES
+    expected = {"positive": ((labels >= 0) & (labels < K)).sum(), "negative": (labels == K).sum(),
+                "ignored": (labels == -1).sum()}
+    for key, count in expected.items():
+        assert measured[f"{key}_per_image"] == pytest.approx(int(count) / 3)
+    assert expected["positive"] > 0 and expected["ignored"] > 0
+    assert measured["negatives_per_positive"] == pytest.approx(int(expected["negative"]) / int(expected["positive"]))
+    assert measured["objects_per_image"] == sum(len(x["instances"]) for x in inputs) / 3
+
+
+def test_imbalance_canvas_options_and_errors():
+    imbalance = load_tool("imbalance")
+    from focal_det2.data import CANVAS_SIZES
+
+    assert imbalance.CANVASES == CANVAS_SIZES
+    cfg = imbalance.canvas_cfg(512)
+    assert cfg.DATASETS.TRAIN == ("digits_train_s512",) and cfg.DATASETS.TEST == ("digits_val_s512",)
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (512,) and cfg.INPUT.MAX_SIZE_TRAIN == 512
+    assert cfg.INPUT.MIN_SIZE_TEST == 512 and cfg.INPUT.MAX_SIZE_TEST == 512
+    with pytest.raises(ValueError, match=r"canvas side must be one of \(128, 256, 512, 768\), got 100"):
+        imbalance.canvas_opts(100)
+    with pytest.raises(ValueError, match="--canvases must be comma-separated values from"):
+        imbalance.parse_canvases("128,100")
+    with pytest.raises(ValueError, match="--canvases must be comma-separated integers"):
+        imbalance.parse_canvases("big")
+    assert imbalance.parse_canvases("768, 128") == [768, 128]
+    with pytest.raises(ValueError, match="num_images must be >= 1"):
+        imbalance.measure_imbalance(cfg, "digits_val_tiny", num_images=0)
+
+
+def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
+    imbalance = load_tool("imbalance")
+    out = tmp_path / "imbalance.json"
+    # digits_val_s128: 300 images of 128 px, generated on first use (under a second)
+    imbalance.main(["--canvases", "128", "--split", "val", "--num-images", "4", "--output", str(out)])
+    stored = json.loads(out.read_text())["128"]
+    assert stored["dataset"] == "digits_val_s128" and stored["images"] == 4 and stored["canvas"] == 128
+    assert stored["anchors_per_image"] == _anchors_per_image(128) == 3069
+    table = capsys.readouterr().out
+    assert "| canvas | images | objects / image | anchors / image |" in table
+    assert f"| 128 px | 4 | {stored['objects_per_image']:.2f} | 3,069 |" in table
+
+
+# --- ablate: the imbalance preset ----------------------------------------------------------
+
+
+def _run_cfg(run):
+    """The config train_net.py builds from a run's command line."""
+    argv = run.argv()
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(str(REPO / argv[1]))
+    cfg.merge_from_list(argv[2:])
+    return cfg
+
+
+IMBALANCE_SETTINGS = {
+    "ce_a0.75": ("cross_entropy", None, 0.75),
+    "fl_g1_a0.25": ("sigmoid_focal", 1.0, 0.25),
+    "fl_g2_a0.25": ("sigmoid_focal", 2.0, 0.25),
+    "softmax_fl_g2": ("softmax_focal", 2.0, 0.25),
+}
+
+
+def test_ablate_imbalance_preset_config_of_every_row_and_canvas():
+    from detectron2.data import DatasetCatalog
+
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["imbalance"]
+    rows, left_out = ablate.drop_rows_that_cannot_run(ablate.select_rows(None, preset), asked=False)
+    runs = ablate.plan(preset, rows, "/out")
+    main_runs = [r for r in runs if r.row.setting in IMBALANCE_SETTINGS]
+    assert len(main_runs) == 4 * 4 * 2
+    assert {(r.row.setting, r.row.canvas, r.seed) for r in main_runs} == {
+        (s, c, k) for s in IMBALANCE_SETTINGS for c in (128, 256, 512, 768) for k in (0, 1)}
+    for run in main_runs:
+        cfg = _run_cfg(run)
+        side = run.row.canvas
+        assert cfg.DATASETS.TRAIN == (f"digits_train_s{side}",) and cfg.DATASETS.TEST == (f"digits_val_s{side}",)
+        assert all(name in DatasetCatalog.list() for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN) == ((side,), side)
+        assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (side, side)
+        # one schedule at every canvas: Base-Digits.yaml's proportions at 600 iterations
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (600, (480, 570), 60)
+        assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SEED == run.seed
+        loss, gamma, alpha = IMBALANCE_SETTINGS[run.row.setting]
+        assert (cfg.MODEL.FOCAL.LOSS, cfg.MODEL.FOCAL.ALPHA) == (loss, alpha)
+        assert gamma is None or cfg.MODEL.FOCAL.GAMMA == gamma
+        assert run.out_dir == f"/out/s{side}/{run.row.setting}/seed{run.seed}"
+    ohem = ("ohem_b128_nms0.5", "ohem_1to3_b128_nms0.5")
+    assert not left_out
+    ohem_runs = [r for r in runs if r.row.setting in ohem]
+    assert {(r.row.setting, r.row.canvas, r.seed) for r in ohem_runs} == {(s, 768, k) for s in ohem for k in (0, 1)}
+    for run in ohem_runs:
+        cfg = _run_cfg(run)
+        assert cfg.MODEL.FOCAL.LOSS == "ohem" and cfg.DATASETS.TRAIN == ("digits_train_s768",)
+        assert (cfg.MODEL.FOCAL.OHEM.BATCH_PER_IMAGE, cfg.MODEL.FOCAL.OHEM.NMS_THRESH) == (128, 0.5)
+        assert cfg.MODEL.FOCAL.ALPHA == 0.75
+    assert [_run_cfg(r).MODEL.FOCAL.OHEM.POS_FRACTION for r in ohem_runs] == [0.0, 0.0, 0.25, 0.25]
+
+
+def test_ablate_other_presets_keep_their_rows():
+    ablate = load_tool("ablate")
+    for name in ("digits-small", "digits-full"):
+        preset = ablate.PRESETS[name]
+        assert [r.name for r in ablate.select_rows(None, preset)] == list(ablate.TABLE1_ROWS)
+        assert all(r.row.canvas is None for r in ablate.plan(preset, ablate.select_rows(None, preset), "/o"))
+    assert len(ablate.TABLE1_ROWS) == 11 and ablate.OHEM_ROWS == ("ohem_b128_nms0.5", "ohem_1to3_b128_nms0.5")
+
+
+def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys):
+    ablate = load_tool("ablate")
+    no_loss = ablate.Row("x_loss", "x", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.LOSS", "no_such_loss"))
+    no_key = ablate.Row("x_key", "x", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.NO_SUCH_KEY", 1))
+    assert ablate.row_problem(ablate.ROWS[0]) is None
+    assert ablate.row_problem(no_loss).startswith(
+        "MODEL.FOCAL.LOSS 'no_such_loss' is not registered in FOCAL_LOSS_REGISTRY (registered: cross_entropy, ")
+    assert ablate.row_problem(no_key) == ("config key MODEL.FOCAL.NO_SUCH_KEY does not exist "
+                                          "(not in Detectron2's defaults or add_focal_config)")
+    rows, left_out = ablate.drop_rows_that_cannot_run([ablate.ROWS[0], no_loss, no_key], asked=False)
+    assert rows == [ablate.ROWS[0]] and list(left_out) == ["x_loss", "x_key"]
+    with pytest.raises(ValueError, match=r"--rows asks for rows that cannot run in this checkout:\n  x_loss: "):
+        ablate.drop_rows_that_cannot_run([no_loss], asked=True)
+    assert ablate._left_out_lines({"x_loss": "why"})[2:] == ["- x_loss: why", "",
+        "Rerun the preset once they can run: finished runs are kept and only the missing ones train."]
+    ablate.main(["--preset", "imbalance", "--rows", "ohem*", "--list", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Rows left out" not in out and "preset imbalance: 4 runs;" in out
+
+
+def _fake_result(ap, seed):
+    metrics = dict(AP=ap, AP50=ap, AP75=ap, APs=ap, APm=ap)
+    return {"metrics": metrics, "train_seconds": 10.0 + seed, "eval_seconds": 1.0, "iterations": 600}
+
+
+def test_ablate_imbalance_table_by_canvas(tmp_path):
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["imbalance"]
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.75,fl_g2_a0.25", preset), str(tmp_path))
+    results = {("s128/ce_a0.75", 0): _fake_result(80.0, 0), ("s128/ce_a0.75", 1): _fake_result(82.0, 1),
+               ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0)}
+    imbalance = {side: {"negatives_per_positive": 100.0 * side / 128, "ignored_per_image": side / 2}
+                 for side in (128, 256, 512, 768)}
+    left_out = {"ohem_b128_nms0.5": "MODEL.FOCAL.LOSS 'ohem' is not registered"}
+    ablate.write_tables(str(tmp_path), "imbalance", preset, runs, results, "cmd", left_out, imbalance)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| | 128 px | 256 px | 512 px | 768 px |" in markdown
+    assert "| negatives per positive anchor | 100 | 200 | 400 | 600 |" in markdown
+    assert "| ignored anchors per image | 64.0 | 128.0 | 256.0 | 384.0 |" in markdown
+    assert "| AP, CE, α=.75 | 81.0 ± 1.4 | – | – | – |" in markdown
+    assert "| AP, FL, γ=2, α=.25 | – | – | – | 70.0 |" in markdown
+    assert "- ohem_b128_nms0.5: MODEL.FOCAL.LOSS 'ohem' is not registered" in markdown
+    with open(tmp_path / "runs.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [(line["row"], line["canvas"], line["setting"]) for line in lines] == [
+        ("s128/ce_a0.75", "128", "ce_a0.75"), ("s128/ce_a0.75", "128", "ce_a0.75"), ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25")]
+
+
+def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=2, canvases=(128, 256))
+    calls = []
+
+    def measure(canvases, split, num_images, opts=()):
+        calls.append((tuple(canvases), split, num_images, list(opts)))
+        return {side: {"negatives_per_positive": float(side), "ignored_per_image": 1.0, "images": 1,
+                       "objects_per_image": 1.0, "anchors_per_image": 1.0, "positive_per_image": 1.0,
+                       "negative_per_image": float(side)} for side in canvases}
+
+    monkeypatch.setattr(ablate, "measure_canvases", measure)
+    small = ablate.preset_imbalance(str(tmp_path), ablate.Preset(iters=2, canvases=(128,)), ["MODEL.DEVICE", "cpu"])
+    assert calls == [((128,), "train", None, ["MODEL.DEVICE", "cpu"])] and list(small) == [128]
+    both = ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"])  # only 256 is measured
+    assert calls[1] == ((256,), "train", None, ["MODEL.DEVICE", "cpu"]) and both[256]["negatives_per_positive"] == 256
+    assert ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]) == both and len(calls) == 2
+    stored = json.loads((tmp_path / "imbalance.json").read_text())
+    assert set(stored["canvases"]) == {"128", "256"} and stored["split"] == "train"
+    ablate.preset_imbalance(str(tmp_path), preset, [])  # other options: everything measured again
+    assert calls[2][0] == (128, 256)
+
+
+def test_ablate_canvases_option_selects_a_subset(capsys):
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["imbalance"]
+    assert ablate.select_canvases("768, 512", "imbalance", preset) == (512, 768)
+    with pytest.raises(ValueError, match=r"--canvases must be comma-separated sides from \(128, 256, 512, 768\), got '100'"):
+        ablate.select_canvases("100", "imbalance", preset)
+    with pytest.raises(ValueError, match="preset 'tiny' has no canvases; presets with canvases: \\['imbalance'\\]"):
+        ablate.main(["--preset", "tiny", "--canvases", "128", "--list"])
+    ablate.main(["--preset", "imbalance", "--canvases", "256,512", "--list", "--rows", "ce_a0.75,fl_g2_a0.25"])
+    out = capsys.readouterr().out
+    assert "preset imbalance: 8 runs;" in out
+    assert "s256/ce_a0.75 seed 0:" in out and "s512/fl_g2_a0.25 seed 1:" in out and "s768/" not in out
+    # OHEM rows run at 768 px only, whatever the canvases chosen
+    restricted = ablate.replace(preset, canvases=(128, 256))
+    ohem = [r for r in ablate.ROWS if r.name in ablate.OHEM_ROWS]
+    assert restricted.expand(ohem) == [] and [r.canvas for r in preset.expand(ohem)] == [768, 768]
+
+
+# --- plot_imbalance ------------------------------------------------------------------
+
+
+def _synthetic_sweep(folder, canvases=(128, 256, 512, 768)):
+    """A results folder as the imbalance preset leaves it, with made-up numbers (tests only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    imbalance = {str(s): {"negatives_per_positive": 100.0 * (s / 128) ** 2, "ignored_per_image": 60.0}
+                 for s in canvases}
+    (folder / "imbalance.json").write_text(json.dumps({"split": "train", "opts": [], "canvases": imbalance}))
+    with open(folder / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "seed", "AP", "AP50", "AP75", "APs", "APm", "train_s", "eval_s", "iterations",
+                         "canvas", "setting"])
+        for i, side in enumerate(canvases):
+            for seed in (0, 1):
+                writer.writerow([f"s{side}/ce_a0.75", seed, 80 - 20 * i + 2 * seed, "", "", "", "", 1, 1, 600, side, "ce_a0.75"])
+                writer.writerow([f"s{side}/fl_g2_a0.25", seed, 78 - i + seed, "", "", "", "", 1, 1, 600, side, "fl_g2_a0.25"])
+        writer.writerow(["s768/ohem_b128_nms0.5", 0, 50.0, "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"])
+        writer.writerow(["s768/ohem_b128_nms0.5", 1, "", "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"])
+    return folder
+
+
+def test_plot_imbalance_on_a_synthetic_folder(tmp_path, capsys):
+    tool = load_tool("plot_imbalance")
+    folder = _synthetic_sweep(tmp_path / "sweep")
+    out = tmp_path / "sweep.png"
+    data = tool.main([str(folder), "--output", str(out), "--width", "6", "--height", "4", "--dpi", "50"])
+    assert png_size(out) == (300, 200)
+    assert [p[:4] for p in data["ce_a0.75"]] == [(100.0, 81.0, 80.0, 82.0), (400.0, 61.0, 60.0, 62.0),
+                                                 (1600.0, 41.0, 40.0, 42.0), (3600.0, 21.0, 20.0, 22.0)]
+    assert data["fl_g2_a0.25"][-1][:4] == (3600.0, 75.5, 75.0, 76.0)
+    assert data["ohem_b128_nms0.5"] == [(3600.0, 50.0, 50.0, 50.0, [50.0])]  # a seed without AP is left out
+    printed = capsys.readouterr().out
+    assert "  ce_a0.75: 3,600 negatives per positive, AP 21.0 (2 seeds, 20.0-22.0)" in printed
+
+
+def test_plot_imbalance_errors_name_the_file(tmp_path):
+    tool = load_tool("plot_imbalance")
+    with pytest.raises(FileNotFoundError, match="imbalance.json does not exist: run `python tools/ablate.py --preset imbalance`"):
+        tool.sweep(str(tmp_path))
+    folder = _synthetic_sweep(tmp_path / "partial", canvases=(128, 256))
+    data = json.loads((folder / "imbalance.json").read_text())
+    del data["canvases"]["256"]
+    (folder / "imbalance.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"has no measurement for canvas \[256\] of 'ce_a0.75'; measured: \[128\]"):
+        tool.sweep(str(folder))
+    other = tmp_path / "table1"
+    other.mkdir()
+    (other / "imbalance.json").write_text((folder / "imbalance.json").read_text())
+    (other / "runs.csv").write_text("row,seed,AP,canvas,setting\nce_a0.75,0,60.0,,ce_a0.75\n")
+    with pytest.raises(ValueError, match="row 'ce_a0.75' has no canvas; this is not the output of a preset with canvases"):
+        tool.sweep(str(other))

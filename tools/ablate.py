@@ -7,6 +7,8 @@ and evaluated with the same budget, seeds and data, one fresh process per run.
     python tools/ablate.py --preset digits-full --rows 'ce_*,fl_g2_a0.25'
     python tools/ablate.py --preset digits-small --list
     python tools/ablate.py --preset digits-full --jobs 8 MODEL.DEVICE cuda
+    python tools/ablate.py --preset imbalance --jobs 8 MODEL.DEVICE cuda
+    python tools/ablate.py --preset imbalance --canvases 512,768 --jobs 6 MODEL.DEVICE cuda
 
 Each row is a digits config of ``configs/digits`` plus key/value overrides,
 exactly what a user would type after ``train_net.py --config-file``; the
@@ -28,6 +30,18 @@ A metric COCO's evaluation gives no value for is shown as "–", and the
 notes under the table in ``results.md`` (and the console line of the run)
 say why: the model made no detection above ``MODEL.RETINANET.SCORE_THRESH_TEST``,
 or the test set has no ground-truth box of that size.
+
+A preset with canvases (``imbalance``) runs every row once per canvas side,
+on ``digits_{train,val}_s<side>`` at that input size, into
+``<output-dir>/s<side>/<row>/seed<k>/``. Before training it measures the
+imbalance of each canvas from the model's own ``label_anchors``
+(``tools/imbalance.py``: negatives per positive anchor, ignored anchors per
+image, on the train split), stores it in ``imbalance.json`` and adds a table
+by canvas to ``results.md``. Rows whose loss is not registered (or whose
+keys do not exist) are reported and left out when the preset picks them,
+and are an error when ``--rows`` asks for them. ``--canvases`` runs a subset
+of the canvases (the tables then show that subset; a last call without it
+tabulates everything finished).
 """
 import argparse
 import csv
@@ -43,7 +57,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
@@ -51,9 +65,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
 warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
 
+from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # noqa: E402  (tools/, beside this script)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 RESULT_FILE = "result.json"
+IMBALANCE_FILE = "imbalance.json"
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,8 @@ class Row:
         half_budget_keys (tuple[str]): keys set to half the preset's iterations.
         paper (tuple or None): (AP, AP50, AP75) of the same setting in the
             paper's Table 1 (COCO minival, ResNet-50-FPN, 600 px), if reported there.
+        canvas (int or None): canvas side of a row that a canvas preset made
+            from a row of :data:`ROWS` (its name is then ``s<side>/<setting>``).
     """
 
     name: str
@@ -77,6 +96,17 @@ class Row:
     opts: Tuple = ()
     half_budget_keys: Tuple[str, ...] = ()
     paper: Optional[Tuple[float, float, float]] = None
+    canvas: Optional[int] = None
+
+    @property
+    def setting(self) -> str:
+        """The name of the row of :data:`ROWS` this row was made from (its own name otherwise)."""
+        return self.name.split("/")[-1]
+
+    def at_canvas(self, side: int) -> "Row":
+        """This row on ``digits_{train,val}_s<side>`` at input size ``side``."""
+        return replace(self, name=f"s{side}/{self.name}", label=f"{self.label}, {side} px",
+                       opts=tuple(self.opts) + tuple(canvas_opts(side)), canvas=side)
 
 
 ROWS = (
@@ -103,7 +133,22 @@ ROWS = (
     Row("soft_gamma_0to2", "FL, γ linear 0→2 over the first half, α=.25", "soft_gamma_R18_FPN_1x",
         ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.GAMMA_SCHEDULE.START", 0.0),
         half_budget_keys=("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS",)),
+    # ---- OHEM (Table 1d): the paper's best OHEM (ResNet-101: 32.8 AP against FL's 36.0) keeps 128
+    # anchors per image after NMS at 0.5, with no positive:negative ratio (POS_FRACTION 0); the
+    # SSD-style variant keeps 1:3 (POS_FRACTION 0.25). CE on the selected anchors, alpha-balanced
+    # like the CE row (alpha .75, the best CE row of digits-full).
+    Row("ohem_b128_nms0.5", "OHEM, 128/image, NMS .5, α=.75", "ohem_R18_FPN_1x",
+        ("MODEL.FOCAL.ALPHA", 0.75, "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 128,
+         "MODEL.FOCAL.OHEM.NMS_THRESH", 0.5, "MODEL.FOCAL.OHEM.POS_FRACTION", 0.0)),
+    Row("ohem_1to3_b128_nms0.5", "OHEM 1:3, 128/image, NMS .5, α=.75", "ohem_R18_FPN_1x",
+        ("MODEL.FOCAL.ALPHA", 0.75, "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 128,
+         "MODEL.FOCAL.OHEM.NMS_THRESH", 0.5, "MODEL.FOCAL.OHEM.POS_FRACTION", 0.25)),
 )
+
+
+# The rows of the paper's Table 1(a)/(b) and the variants, as measured by the digits presets.
+TABLE1_ROWS = tuple(r.name for r in ROWS if not r.name.startswith("ohem"))
+OHEM_ROWS = tuple(r.name for r in ROWS if r.name.startswith("ohem"))
 
 
 def digits_schedule() -> Tuple[int, Tuple[int, ...], int]:
@@ -126,6 +171,10 @@ class Preset:
         opts (tuple): further key, value pairs for every row.
         rows (tuple[str] or None): rows run when ``--rows`` is not given (None: all).
         cost (str): measured cost, shown by ``--list``.
+        canvases (tuple[int]): canvas sides; if given, every row runs once per
+            side (:meth:`Row.at_canvas`), with the same schedule at every side.
+        row_canvases (tuple): (row name, tuple of sides) pairs: rows that run
+            only at those of ``canvases``.
     """
 
     iters: int
@@ -133,6 +182,20 @@ class Preset:
     opts: Tuple = ()
     rows: Optional[Tuple[str, ...]] = None
     cost: str = ""
+    canvases: Tuple[int, ...] = ()
+    row_canvases: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+
+    def expand(self, rows: Sequence[Row]) -> List[Row]:
+        """
+        ``rows`` as this preset runs them: unchanged without canvases, else
+        each at every canvas, smallest first (the rows of ``row_canvases`` at
+        their own canvases only).
+        """
+        if not self.canvases:
+            return list(rows)
+        only = dict(self.row_canvases)
+        return [row.at_canvas(side) for side in sorted(self.canvases) for row in rows
+                if side in only.get(row.name, self.canvases)]
 
     def budget_opts(self) -> List:
         n = self.iters
@@ -162,12 +225,26 @@ PRESETS: Dict[str, Preset] = {
     ),
     # digits_train (2,000 images) / digits_val (300), batch 8, 1 seed.
     "digits-small": Preset(
-        iters=300, cost="about 4 min per row on 2 idle cores (0.44 s/iteration, 15 s evaluation), 45 min in all"
+        iters=300, rows=TABLE1_ROWS,
+        cost="about 4 min per row on 2 idle cores (0.44 s/iteration, 15 s evaluation), 45 min in all",
     ),
     # The default digits budget (1,000 iterations, batch 8), 2 seeds.
     "digits-full": Preset(
-        iters=1000, seeds=(0, 1), cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all (estimated); "
-        "about 9 min on one H100 with --jobs 11 (measured)"
+        iters=1000, seeds=(0, 1), rows=TABLE1_ROWS,
+        cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all (estimated); "
+        "about 9 min on one H100 with --jobs 11 (measured)",
+    ),
+    # Issue 11: when does focal loss matter? The same digits (12-40 px, 3-8 per image) on growing canvases,
+    # so only the background per object grows. One schedule at every canvas (600 iterations of batch 8, LR
+    # steps 480 and 570, warm-up 60: Base-Digits.yaml's proportions), so every run sees the same number of
+    # images and objects and the canvas is the only difference between columns. OHEM at the largest canvas.
+    "imbalance": Preset(
+        iters=600, seeds=(0, 1), canvases=CANVASES,
+        rows=("ce_a0.75", "fl_g1_a0.25", "fl_g2_a0.25", "softmax_fl_g2", *OHEM_ROWS),
+        row_canvases=tuple((name, (768,)) for name in OHEM_ROWS),
+        cost="not run yet: 36 runs (4 rows x 4 canvases x 2 seeds, OHEM 2 rows x 2 seeds at 768 px); "
+        "the issue reports 110 s per 512 px run of 600 iterations with 6 at once on a GPU; "
+        "768 px runs cost about 2.25x a 512 px run (pixels); out of reach on 2 CPU cores",
     ),
 }
 
@@ -205,11 +282,12 @@ def plan(preset: Preset, rows: Sequence[Row], output_dir: str, extra_opts: Seque
     """
     The runs of ``rows`` under ``preset``, in table order, seeds inner;
     ``extra_opts`` (key, value, ...) are added to every run after the preset's.
+    A preset with canvases runs each row at each canvas (:meth:`Preset.expand`).
     """
     if len(extra_opts) % 2:
         raise ValueError(f"key/value pairs after the options must come in pairs, got {list(extra_opts)}")
     runs = []
-    for row in rows:
+    for row in preset.expand(rows):
         for seed in preset.seeds:
             opts = list(row.opts) + list(preset.opts) + preset.budget_opts() + list(extra_opts)
             for key in row.half_budget_keys:
@@ -233,6 +311,78 @@ def select_rows(patterns: Optional[str], preset: Preset) -> List[Row]:
         if not any(fnmatch.fnmatchcase(r.name, p) for r in ROWS):
             raise ValueError(f"--rows: {p!r} matches no row; rows are {[r.name for r in ROWS]}")
     return [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, p) for p in wanted)]
+
+
+def select_canvases(text: str, preset_name: str, preset: Preset) -> Tuple[int, ...]:
+    """
+    The canvas sides of ``--canvases`` (comma-separated), which must be
+    among the canvases of ``preset``.
+    """
+    if not preset.canvases:
+        with_canvases = sorted(name for name, p in PRESETS.items() if p.canvases)
+        raise ValueError(f"--canvases: preset {preset_name!r} has no canvases; presets with canvases: {with_canvases}")
+    try:
+        sides = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        sides = ()
+    if not sides or not set(sides) <= set(preset.canvases):
+        raise ValueError(f"--canvases must be comma-separated sides from {preset.canvases}, got {text!r}")
+    return sides
+
+
+def row_problem(row: Row) -> Optional[str]:
+    """
+    Why ``row`` cannot run in this checkout, or None if it can: its
+    ``MODEL.FOCAL.LOSS`` is not in ``FOCAL_LOSS_REGISTRY``, or one of its keys
+    does not exist in the config (Detectron2's defaults plus ``add_focal_config``).
+    """
+    from detectron2.config import get_cfg
+
+    import focal_det2  # noqa: F401  registers the losses
+    from focal_det2 import add_focal_config
+    from focal_det2.losses import FOCAL_LOSS_REGISTRY
+
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "digits", f"{row.config}.yaml"))
+    loss = dict(zip(row.opts[::2], row.opts[1::2])).get("MODEL.FOCAL.LOSS", cfg.MODEL.FOCAL.LOSS)
+    names = sorted(name for name, _ in FOCAL_LOSS_REGISTRY)
+    if loss not in names:
+        return f"MODEL.FOCAL.LOSS {loss!r} is not registered in FOCAL_LOSS_REGISTRY (registered: {', '.join(names)})"
+    for key in row.opts[::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return f"config key {key} does not exist (not in Detectron2's defaults or add_focal_config)"
+            node = node[part]
+    return None
+
+
+def drop_rows_that_cannot_run(rows: Sequence[Row], asked: bool) -> Tuple[List[Row], Dict[str, str]]:
+    """
+    Splits ``rows`` by :func:`row_problem`. Rows asked for with ``--rows``
+    (``asked``) must all run: a problem raises ``ValueError`` naming the rows
+    and why. Rows a preset picked are left out and returned with the reason.
+
+    Returns:
+        list[Row]: the rows that can run.
+        dict[str, str]: row name -> why it is left out.
+    """
+    problems = {row.name: why for row in rows for why in [row_problem(row)] if why}
+    if problems and asked:
+        lines = "\n".join(f"  {name}: {why}" for name, why in problems.items())
+        raise ValueError(f"--rows asks for rows that cannot run in this checkout:\n{lines}")
+    return [row for row in rows if row.name not in problems], problems
+
+
+def _left_out_lines(left_out: Dict[str, str]) -> List[str]:
+    """What the console and results.md say about rows a preset left out."""
+    if not left_out:
+        return []
+    lines = [f"Rows left out, they cannot run in this checkout ({len(left_out)}):", ""]
+    lines += [f"- {name}: {why}" for name, why in left_out.items()]
+    lines += ["", "Rerun the preset once they can run: finished runs are kept and only the missing ones train."]
+    return lines
 
 
 def read_result(run: Run) -> Optional[dict]:
@@ -380,7 +530,7 @@ def summarize(runs: Sequence[Run], results: Dict[Tuple[str, int], dict]) -> List
         done = [results[(row.name, r.seed)] for r in runs if r.row == row and (row.name, r.seed) in results]
         if not done:
             continue
-        line = {"row": row.name, "label": row.label, "seeds": len(done)}
+        line = {"row": row.name, "label": row.label, "canvas": row.canvas, "seeds": len(done)}
         for key in METRICS:
             line[key], line[f"{key}_std"] = _mean_std([d["metrics"][key] for d in done])
         line["train_s"], line["train_s_std"] = _mean_std([d["train_seconds"] for d in done])
@@ -405,17 +555,49 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def canvas_table(runs: Sequence[Run], results: Dict[Tuple[str, int], dict],
+                 imbalance: Optional[Dict[int, dict]] = None) -> List[str]:
+    """
+    Markdown lines of the table by canvas: one column per canvas side, the
+    measured imbalance first (negatives per positive anchor, ignored anchors
+    per image, from ``imbalance``: side -> :func:`imbalance.measure_imbalance`),
+    then the AP of each setting (mean ± sample std over seeds; "–": not run yet).
+    """
+    sides = sorted({run.row.canvas for run in runs})
+    imbalance = imbalance or {}
+    labels = {row.name: row.label for row in ROWS}
+    lines = ["| | " + " | ".join(f"{side} px" for side in sides) + " |", "| --- |" + " ---: |" * len(sides)]
+    for title, key, digits in (("negatives per positive anchor", "negatives_per_positive", 0),
+                               ("ignored anchors per image", "ignored_per_image", 1)):
+        cells = [_fmt(imbalance[side][key], digits=digits) if side in imbalance else "–" for side in sides]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    by_cell = {(line["row"].split("/")[-1], line["canvas"]): line for line in summarize(runs, results)}
+    for setting in dict.fromkeys(run.row.setting for run in runs):
+        cells = []
+        for side in sides:
+            line = by_cell.get((setting, side))
+            cells.append(_fmt(line["AP"], line["AP_std"]) if line else "–")
+        lines.append(f"| AP, {labels.get(setting, setting)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequence[Run],
-                 results: Dict[Tuple[str, int], dict], command: str = ""):
-    """Writes runs.csv, results.csv and results.md (made by ``command``) into ``output_dir``."""
+                 results: Dict[Tuple[str, int], dict], command: str = "",
+                 left_out: Optional[Dict[str, str]] = None, imbalance: Optional[Dict[int, dict]] = None):
+    """
+    Writes runs.csv, results.csv and results.md (made by ``command``) into
+    ``output_dir``; results.md lists the rows ``left_out`` and, for a preset
+    with canvases, the table by canvas with the measured ``imbalance``.
+    """
     with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "seed", *METRICS, "train_s", "eval_s", "iterations"])
+        writer.writerow(["row", "seed", *METRICS, "train_s", "eval_s", "iterations", "canvas", "setting"])
         for run in runs:
             res = results.get((run.row.name, run.seed))
             if res:
                 writer.writerow([run.row.name, run.seed, *(res["metrics"][k] for k in METRICS),
-                                 res["train_seconds"], res["eval_seconds"], res["iterations"]])
+                                 res["train_seconds"], res["eval_seconds"], res["iterations"],
+                                 "" if run.row.canvas is None else run.row.canvas, run.row.setting])
     table = summarize(runs, results)
     if table:
         with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
@@ -443,8 +625,45 @@ def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequen
     notes = [f"- {run.row.label}, seed {run.seed}: {note}" for run, note in notes if note]
     if notes:
         lines += ["", "Metrics without a value (–):", "", *notes]
+    if preset.canvases:
+        lines += ["", "By canvas (AP: mean ± sample std over seeds; –: not run yet); the imbalance is measured "
+                  "by `tools/imbalance.py` on the train split (`imbalance.json`):", "",
+                  *canvas_table(runs, results, imbalance)]
+    if left_out:
+        lines += ["", *_left_out_lines(left_out)]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ()) -> Dict[int, dict]:
+    """
+    The imbalance of each canvas of ``preset`` (:func:`imbalance.measure_canvases`
+    on the whole train split, with the preset's and the extra options), read
+    from ``<output_dir>/imbalance.json`` when it was measured with the same
+    options, else measured and stored there.
+
+    Returns:
+        dict: canvas side -> measurement.
+    """
+    path = os.path.join(output_dir, IMBALANCE_FILE)
+    opts = [_to_arg(v) for v in list(preset.opts) + list(extra_opts)]
+    measured = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored["opts"] == opts:  # measured with other options: measure everything again
+            measured = {int(side): m for side, m in stored["canvases"].items()}
+    missing = [side for side in preset.canvases if side not in measured]
+    if missing:
+        print(f"measuring the anchors' imbalance at canvases {', '.join(map(str, missing))} "
+              "on the train splits (tools/imbalance.py)", flush=True)
+        measured.update(measure_canvases(missing, "train", None, opts=opts))
+        print(format_table(measured), flush=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"split": "train", "opts": opts, "canvases": {str(k): v for k, v in sorted(measured.items())}},
+                      f, indent=1)
+        os.replace(path + ".tmp", path)
+    return {side: measured[side] for side in preset.canvases}
 
 
 def get_parser():
@@ -452,6 +671,8 @@ def get_parser():
     parser.add_argument("--preset", default="digits-small", choices=sorted(PRESETS))
     parser.add_argument("--rows", help="comma-separated row names or shell patterns (default: the preset's rows)")
     parser.add_argument("--output-dir", help="default: output/ablation/<preset>")
+    parser.add_argument("--canvases", help="comma-separated canvas sides, a subset of the preset's "
+                        "(presets with canvases; default: all of them)")
     parser.add_argument("--list", action="store_true", help="print the runs and their commands, train nothing")
     parser.add_argument("--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
@@ -469,13 +690,19 @@ def main(argv=None):
     output_dir = os.path.abspath(args.output_dir or os.path.join(REPO, "output", "ablation", args.preset))
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    runs = plan(preset, select_rows(args.rows, preset), output_dir, args.opts)
+    if args.canvases:
+        preset = replace(preset, canvases=select_canvases(args.canvases, args.preset, preset))
+    rows, left_out = drop_rows_that_cannot_run(select_rows(args.rows, preset), asked=bool(args.rows))
+    runs = plan(preset, rows, output_dir, args.opts)
+    if left_out:
+        print("\n".join(_left_out_lines(left_out)) + "\n", flush=True)
     if args.list:
         print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
         for run in runs:
             print(f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}")
         return
     os.makedirs(output_dir, exist_ok=True)
+    imbalance = preset_imbalance(output_dir, preset, args.opts) if preset.canvases else None
     command = "python tools/ablate.py " + _shell_join(argv)
     results, pending = {}, []
     for i, run in enumerate(runs, 1):
@@ -487,7 +714,7 @@ def main(argv=None):
         print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}"
               + (f" ({note})" if note else ""))
         results[(run.row.name, run.seed)] = result
-    write_tables(output_dir, args.preset, preset, runs, results, command)
+    write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
@@ -507,7 +734,7 @@ def main(argv=None):
             for future in as_completed(futures):
                 run = futures[future]
                 results[(run.row.name, run.seed)] = future.result()
-                write_tables(output_dir, args.preset, preset, runs, results, command)
+                write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
         except BaseException:
             for future in futures:
                 future.cancel()  # runs not started yet; the running ones finish and keep their results

@@ -1,6 +1,8 @@
 """Data sets of focal_det2. Importing this package registers the digits splits."""
 from .digits import (
+    CANVAS_SIZES,
     DIGIT_CLASSES,
+    canvas_dataset_name,
     SPLITS,
     digits_root,
     ensure_generated,
@@ -10,4 +12,4 @@ from .digits import (
     source_indices,
 )
 
-register_all_digits()  # registers digits_train, digits_val and their _tiny versions
+register_all_digits()  # registers digits_train, digits_val, their _tiny versions and digits_{train,val}_s<side>

@@ -15,7 +15,10 @@ Each annotation records its source digit under the extra key
 ``"source_index"`` (an index into ``sklearn.datasets.load_digits()``).
 
 Data sets registered with :func:`register_digits` are generated on first use
-and cached under :func:`digits_root`.
+and cached under :func:`digits_root`. :data:`CANVAS_SIZES` lists the canvas
+sides of the registered ``digits_{train,val}_s<side>`` splits: the same
+digits at the same sizes, 3-8 per image, with only the canvas growing, so each
+object sits in more background.
 """
 import functools
 import io
@@ -31,6 +34,8 @@ from PIL import Image
 __all__ = [
     "SPLITS",
     "DIGIT_CLASSES",
+    "CANVAS_SIZES",
+    "canvas_dataset_name",
     "source_indices",
     "digits_root",
     "generate_digits",
@@ -61,12 +66,33 @@ _MAX_TRIES = 50
 # name -> (out_dir, generation parameters) of the data sets registered here.
 _REGISTERED = {}
 
+# Canvas sides in pixels of the splits registered as digits_{train,val}_s<side>.
+CANVAS_SIZES = (128, 256, 512, 768)
+# Images per split of the full-size data sets, at every canvas size.
+_NUM_IMAGES = {"train": 2000, "val": 300}
+
 _BUILTIN = {
-    "digits_train": dict(split="train", num_images=2000),
-    "digits_val": dict(split="val", num_images=300),
+    "digits_train": dict(split="train", num_images=_NUM_IMAGES["train"]),
+    "digits_val": dict(split="val", num_images=_NUM_IMAGES["val"]),
     "digits_train_tiny": dict(split="train", num_images=16),
     "digits_val_tiny": dict(split="val", num_images=8),
 }
+
+
+def canvas_dataset_name(split, image_size):
+    """
+    The registered name of a split at one canvas size.
+
+    Args:
+        split (str): "train" or "val".
+        image_size (int): canvas side in pixels, one of :data:`CANVAS_SIZES`.
+
+    Returns:
+        str: ``digits_<split>_s<image_size>``, e.g. ``digits_train_s512``.
+    """
+    _check_choice("split", split, SPLITS)
+    _check_choice("image_size", image_size, CANVAS_SIZES)
+    return f"digits_{split}_s{image_size}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -403,7 +429,16 @@ def register_all_digits():
     """
     Registers the built-in splits: ``digits_train`` (2,000 images),
     ``digits_val`` (300), and ``digits_train_tiny`` (16) / ``digits_val_tiny``
-    (8) for tests and smoke runs; all 128 x 128. Safe to call repeatedly.
+    (8) for tests and smoke runs; all 128 x 128. Then, for every side S in
+    :data:`CANVAS_SIZES`, ``digits_train_sS`` (2,000 images) and
+    ``digits_val_sS`` (300): the parameters of ``digits_train`` /
+    ``digits_val`` with ``image_size=S`` and nothing else changed (same seed,
+    source-digit pools, digits per image and digit sizes), so
+    ``digits_train_s128`` is ``digits_train`` under another name, with the
+    same cache. Safe to call repeatedly.
     """
     for name, params in _BUILTIN.items():
         register_digits(name, **params)
+    for split, num_images in _NUM_IMAGES.items():
+        for side in CANVAS_SIZES:
+            register_digits(canvas_dataset_name(split, side), split=split, num_images=num_images, image_size=side)
