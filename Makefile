@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/digits/sigmoid_focal_R18_FPN_1x.yaml
 
-.PHONY: env train test clean
+.PHONY: env train test lint format clean
 
 env:
 	@bash scripts/bootstrap.sh
@@ -11,6 +11,14 @@ train: env
 
 test: env
 	$(PY) -m pytest -q tests $(ARGS)
+
+lint: env
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: env
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf .venv output datasets

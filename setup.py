@@ -18,5 +18,5 @@ setup(
         "matplotlib",
         "setuptools<81",
     ],
-    extras_require={"dev": ["pytest", "hypothesis"]},
+    extras_require={"dev": ["pytest", "hypothesis", "ruff==0.17.6"]},
 )

@@ -6,12 +6,17 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
 """
+
 import warnings
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
@@ -21,10 +26,14 @@ from focal_det2.engine import FocalTrainer, setup_cfg  # noqa: E402
 
 
 def main(args):
-    cfg = setup_cfg(args)  # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
+    cfg = setup_cfg(
+        args
+    )  # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
     if args.eval_only:
         model = FocalTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=False
+        )
         return FocalTrainer.test(cfg, model)
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -28,6 +28,7 @@ Usage::
     python benchmarks/bench_loss.py            # full run, ~15 min on 2 cores
     python benchmarks/bench_loss.py --quick    # N=20k only, a few repeats
 """
+
 import argparse
 import json
 import os
@@ -45,21 +46,33 @@ TAMED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 
 # name: (description, uses K+1 softmax logits, extra environment)
 IMPLS = {
-    "ours_sigmoid_focal": ("focal_det2 sigmoid_focal (default backend: eager on CPU, triton on CUDA)", False, {}),
+    "ours_sigmoid_focal": (
+        "focal_det2 sigmoid_focal (default backend: eager on CPU, triton on CUDA)",
+        False,
+        {},
+    ),
     "ours_cross_entropy": ("focal_det2 cross_entropy (default backend)", False, {}),
     "ours_focal_star": ("focal_det2 focal_star (default backend)", False, {}),
     "ours_softmax_focal": ("focal_det2 softmax_focal, K+1 (default backend)", True, {}),
     "ours_sigmoid_focal_eager": (
-        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=eager", False, {"FOCAL_DET2_BACKEND": "eager"}
+        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=eager",
+        False,
+        {"FOCAL_DET2_BACKEND": "eager"},
     ),
     "ours_softmax_focal_eager": (
-        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=eager", True, {"FOCAL_DET2_BACKEND": "eager"}
+        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=eager",
+        True,
+        {"FOCAL_DET2_BACKEND": "eager"},
     ),
     "ours_sigmoid_focal_compile": (
-        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=compile", False, {"FOCAL_DET2_BACKEND": "compile"}
+        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=compile",
+        False,
+        {"FOCAL_DET2_BACKEND": "compile"},
     ),
     "ours_softmax_focal_compile": (
-        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=compile", True, {"FOCAL_DET2_BACKEND": "compile"}
+        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=compile",
+        True,
+        {"FOCAL_DET2_BACKEND": "compile"},
     ),
     "fvcore": ("fvcore sigmoid_focal_loss (one-hot)", False, {}),
     "fvcore_jit": ("fvcore sigmoid_focal_loss_jit (one-hot, as Detectron2)", False, {}),
@@ -70,9 +83,7 @@ IMPLS = {
 }
 # Measured on the CPU by default (the eager variants are the defaults there; the
 # compiled fvcore costs minutes of compilation per size for no CPU use case).
-CPU_IMPLS = [
-    name for name in IMPLS if not name.endswith("_eager") and name != "fvcore_compile"
-]
+CPU_IMPLS = [name for name in IMPLS if not name.endswith("_eager") and name != "fvcore_compile"]
 CUDA_IMPLS = [name for name in IMPLS if name != "fvcore"]
 SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"]
 # The memory target counts tensors ("no more than one logits-sized tensor"); the
@@ -114,7 +125,7 @@ def _loss_fn(name: str, labels):
     if name.startswith("ours_"):
         from focal_det2.losses import fused
 
-        loss = name[len("ours_"):].replace("_compile", "").replace("_eager", "")
+        loss = name[len("ours_") :].replace("_compile", "").replace("_eager", "")
         kwargs = {
             "sigmoid_focal": dict(gamma=GAMMA, alpha=ALPHA),
             "cross_entropy": dict(alpha=ALPHA),
@@ -132,16 +143,22 @@ def _loss_fn(name: str, labels):
         from fvcore.nn import sigmoid_focal_loss, sigmoid_focal_loss_jit
 
         fl = sigmoid_focal_loss_jit if name == "fvcore_jit" else sigmoid_focal_loss
-        return lambda x: fl(x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum")
+        return lambda x: fl(
+            x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum"
+        )
     if name == "fvcore_compile":
         from fvcore.nn import sigmoid_focal_loss
 
         compiled = torch.compile(sigmoid_focal_loss)
-        return lambda x: compiled(x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum")
+        return lambda x: compiled(
+            x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum"
+        )
     if name == "torchvision":
         from torchvision.ops import sigmoid_focal_loss
 
-        return lambda x: sigmoid_focal_loss(x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum")
+        return lambda x: sigmoid_focal_loss(
+            x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum"
+        )
     if name == "naive_softmax":
 
         def naive(x):
@@ -201,7 +218,11 @@ def run_ops_child(repeats: int) -> dict:
     torch.set_num_threads(1)
     elements = 1 << 16  # an L2-resident chunk
     x = torch.rand(elements, generator=torch.Generator().manual_seed(0)) * 0.999 + 1e-3  # (0, 1]
-    result = {"elements": elements, "threads": 1, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    result = {
+        "elements": elements,
+        "threads": 1,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     for name in ELEMENTWISE_OPS:
         ops[name](x)
         times = []
@@ -227,7 +248,9 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
     if name == "bandwidth":
         # One logits-sized tensor, as the extra peak memory measures it (page rounding, allocator header).
         baseline_kb, measured = rss_kb("VmRSS"), reset_peak_rss()
-        out = torch.empty_like(logits).copy_(logits)  # faulted in: the timing below excludes page faults
+        out = torch.empty_like(logits).copy_(
+            logits
+        )  # faulted in: the timing below excludes page faults
         result["extra_peak_mb"] = (rss_kb("VmHWM") - baseline_kb) / 1024 if measured else None
         with torch.no_grad():
             for _ in range(warmup):
@@ -319,7 +342,12 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
     os.environ.update(IMPLS[name][2])
     fused._reset_backend()
     logits, labels = _make_inputs(n, IMPLS[name][1], dtype, "cuda")
-    result = {"impl": name, "N": n, "dtype": dtype_name, "logits_mb": logits.numel() * logits.element_size() / 2**20}
+    result = {
+        "impl": name,
+        "N": n,
+        "dtype": dtype_name,
+        "logits_mb": logits.numel() * logits.element_size() / 2**20,
+    }
     if name == "bandwidth":
         out = torch.empty_like(logits)
         torch.cuda.synchronize()
@@ -327,9 +355,13 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
         with torch.no_grad():
             for _ in range(warmup):
                 out.copy_(logits)
-            result["fwd_bwd_ms"] = result["fwd_ms"] = _cuda_median_ms(lambda: out.copy_(logits), repeats)
+            result["fwd_bwd_ms"] = result["fwd_ms"] = _cuda_median_ms(
+                lambda: out.copy_(logits), repeats
+            )
             result["fwd_bwd_stream_ms"] = _cuda_stream_ms(lambda: out.copy_(logits), repeats)
-        result["extra_mb"] = (torch.cuda.memory_allocated() - before + out.numel() * out.element_size()) / 2**20
+        result["extra_mb"] = (
+            torch.cuda.memory_allocated() - before + out.numel() * out.element_size()
+        ) / 2**20
         return result
     fwd, fwd_bwd = _calls(name, logits, labels)
 
@@ -368,28 +400,44 @@ def check_cuda_targets(results):
                 continue
             if jit and name != "ours_softmax_focal":
                 speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-                checks.append((f"{where}: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 20x)", speedup >= 20))
+                checks.append(
+                    (
+                        f"{where}: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 20x)",
+                        speedup >= 20,
+                    )
+                )
             if bound:
                 ratio = ours["fwd_bwd_ms"] / bound["fwd_bwd_ms"]
-                checks.append((f"{where}: {name} fwd+bwd {ratio:.1f}x the copy bound (<= 4x)", ratio <= 4))
+                checks.append(
+                    (f"{where}: {name} fwd+bwd {ratio:.1f}x the copy bound (<= 4x)", ratio <= 4)
+                )
             mem = ours["extra_mb"] / ours["logits_mb"]
-            checks.append((f"{where}: {name} extra memory {mem:.3f}x logits (<= 1.05x)", mem <= 1.05))
+            checks.append(
+                (f"{where}: {name} extra memory {mem:.3f}x logits (<= 1.05x)", mem <= 1.05)
+            )
     return checks
 
 
 def cuda_table(results) -> str:
     get = {(r["impl"], r["N"], r["dtype"]): r for r in results}
     keys = sorted({(r["N"], r["dtype"]) for r in results}, key=lambda k: (k[1] != "float32", k[0]))
-    head = [f"{n // 1000}k {d} ms" for n, d in keys] + [f"extra MB {n // 1000}k {d}" for n, d in keys]
+    head = [f"{n // 1000}k {d} ms" for n, d in keys] + [
+        f"extra MB {n // 1000}k {d}" for n, d in keys
+    ]
     lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for name in IMPLS:
         if not any((name, n, d) in get for n, d in keys):
             continue
         times = [
             f"{get[(name, n, d)]['fwd_bwd_ms']:.3f} ({get[(name, n, d)]['fwd_bwd_stream_ms']:.3f})"
-            if (name, n, d) in get else "-" for n, d in keys
+            if (name, n, d) in get
+            else "-"
+            for n, d in keys
         ]
-        mems = [_fmt(get[(name, n, d)].get("extra_mb"), 0) if (name, n, d) in get else "-" for n, d in keys]
+        mems = [
+            _fmt(get[(name, n, d)].get("extra_mb"), 0) if (name, n, d) in get else "-"
+            for n, d in keys
+        ]
         lines.append(f"| {name} | " + " | ".join(times + mems) + " |")
     return "\n".join(lines)
 
@@ -403,10 +451,17 @@ def cuda_report(data) -> str:
         f"{cfg['repeats']} back-to-back calls, the host queueing ahead as in training); extra MB: "
         "torch.cuda.max_memory_allocated over the inputs.",
         cuda_table(data["results"]),
-        "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS if any(r["impl"] == name for r in data["results"])),
+        "\n".join(
+            f"- `{name}`: {IMPLS[name][0]}"
+            for name in IMPLS
+            if any(r["impl"] == name for r in data["results"])
+        ),
     ]
     if data.get("targets"):
-        parts.append("Targets:\n\n" + "\n".join(f"- [{'x' if t['met'] else ' '}] {t['check']}" for t in data["targets"]))
+        parts.append(
+            "Targets:\n\n"
+            + "\n".join(f"- [{'x' if t['met'] else ' '}] {t['check']}" for t in data["targets"])
+        )
     return "\n\n".join(parts)
 
 
@@ -425,9 +480,20 @@ def cuda_main(args, impls, sizes):
     def save(results):
         data = {
             "machine": info,
-            "config": {"K": NUM_CLASSES, "gamma": GAMMA, "alpha": ALPHA, "repeats": args.repeats, "sizes": sizes,
-                       "dtypes": args.dtypes.split(","), "device": "cuda", "triton": triton.__version__},
-            "results": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+            "config": {
+                "K": NUM_CLASSES,
+                "gamma": GAMMA,
+                "alpha": ALPHA,
+                "repeats": args.repeats,
+                "sizes": sizes,
+                "dtypes": args.dtypes.split(","),
+                "device": "cuda",
+                "triton": triton.__version__,
+            },
+            "results": [
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in results
+            ],
         }
         data["targets"] = [{"check": text, "met": met} for text, met in check_cuda_targets(results)]
         out.write_text(json.dumps(data, indent=1))
@@ -440,16 +506,26 @@ def cuda_main(args, impls, sizes):
             for name in impls:
                 try:
                     r = run_cuda_one(name, n, dtype, args.repeats, args.warmup)
-                except Exception as e:  # one failing peer (say, a compile error) must not lose the run
-                    r = {"impl": name, "N": n, "dtype": dtype, "error": f"{type(e).__name__}: {e}"[:500]}
+                except (
+                    Exception
+                ) as e:  # one failing peer (say, a compile error) must not lose the run
+                    r = {
+                        "impl": name,
+                        "N": n,
+                        "dtype": dtype,
+                        "error": f"{type(e).__name__}: {e}"[:500],
+                    }
                     print(f"{name} {n} {dtype} failed: {r['error']}", flush=True)
                     continue
                 finally:
                     torch.cuda.empty_cache()
                 results.append(r)
                 save(results)  # a run cut short keeps what it measured
-                print(f"[{time.time() - started:6.0f}s] {dtype:8s} N={n:<8d} {name:28s} fwd {r['fwd_ms']:8.3f} ms  "
-                      f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms  extra {r['extra_mb']:7.1f} MB", flush=True)
+                print(
+                    f"[{time.time() - started:6.0f}s] {dtype:8s} N={n:<8d} {name:28s} fwd {r['fwd_ms']:8.3f} ms  "
+                    f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms  extra {r['extra_mb']:7.1f} MB",
+                    flush=True,
+                )
     print(cuda_report(save(results)))
     print(f"\nwrote {out}")
 
@@ -475,7 +551,9 @@ def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
         wait_for_idle_cpu(args.max_wait)
         with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:
             if name.endswith("_compile"):
-                env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold cache: the compile time of a first run
+                env["TORCHINDUCTOR_CACHE_DIR"] = (
+                    cache  # a cold cache: the compile time of a first run
+                )
             result = run_child_once(cmd, env)
         result.update(setting=setting)
         if best is None or result.get("other_load", 0) < best.get("other_load", 0):
@@ -534,36 +612,85 @@ def check_targets(results, n: int):
         jit, ours = get.get(("fvcore_jit", "default")), get.get((name, "default"))
         if jit and ours:
             speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-            checks.append((f"default: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 5x)", speedup >= 5))
+            checks.append(
+                (
+                    f"default: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 5x)",
+                    speedup >= 5,
+                )
+            )
             checks += _memory_check(f"default: {name}", ours)
         jit, ours, bound = (get.get((k, "tamed")) for k in ("fvcore_jit", name, "bandwidth"))
         if jit and ours and bound:
             speedup = jit["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
             ratio = ours["fwd_bwd_ms"] / bound["fwd_bwd_ms"]
-            checks.append((f"tamed: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 2x)", speedup >= 2))
-            checks.append((f"tamed: {name} fwd+bwd {ratio:.1f}x the bandwidth bound (<= 20x)", ratio <= 20))
+            checks.append(
+                (
+                    f"tamed: {name} fwd+bwd {speedup:.1f}x faster than fvcore_jit (>= 2x)",
+                    speedup >= 2,
+                )
+            )
+            checks.append(
+                (f"tamed: {name} fwd+bwd {ratio:.1f}x the bandwidth bound (<= 20x)", ratio <= 20)
+            )
     for setting in ("default", "tamed"):
         naive, ours = get.get(("naive_softmax", setting)), get.get(("ours_softmax_focal", setting))
         if naive and ours:
             speedup = naive["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
-            checks.append((f"{setting}: softmax_focal fwd+bwd {speedup:.2f}x faster than naive (> 1x)", speedup > 1))
+            checks.append(
+                (
+                    f"{setting}: softmax_focal fwd+bwd {speedup:.2f}x faster than naive (> 1x)",
+                    speedup > 1,
+                )
+            )
             checks += _memory_check(f"{setting}: softmax_focal", ours)
     return checks
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N=20k only, 5 repeats, no compiled variants")
-    parser.add_argument("--sizes", default="20000,100000,200000", help="comma-separated numbers of anchors")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the losses run")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="logits dtypes on CUDA (the CPU runs float32)")
-    parser.add_argument("--impls", default=None, help="comma-separated implementations (default: all for the device)")
-    parser.add_argument("--settings", default="default,tamed", help="allocator settings: default,tamed")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="N=20k only, 5 repeats, no compiled variants"
+    )
+    parser.add_argument(
+        "--sizes", default="20000,100000,200000", help="comma-separated numbers of anchors"
+    )
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the losses run"
+    )
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16", help="logits dtypes on CUDA (the CPU runs float32)"
+    )
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated implementations (default: all for the device)",
+    )
+    parser.add_argument(
+        "--settings", default="default,tamed", help="allocator settings: default,tamed"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed runs per measurement (median)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before each run")
-    parser.add_argument("--retries", type=int, default=3, help="re-runs of a measurement disturbed by other processes")
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_loss[_cuda].json)")
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an idle CPU before each run",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="re-runs of a measurement disturbed by other processes",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON output (default benchmarks/results/bench_loss[_cuda].json)",
+    )
     parser.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -597,9 +724,14 @@ def main(argv=None):
     settings = args.settings.split(",")
 
     wait_for_idle_cpu(args.max_wait)
-    ops = run_child_once([sys.executable, str(Path(__file__).resolve()), "--child", "ops"], dict(os.environ))
-    print("Elementwise ops, ns per float32 element (1 thread, min of runs): "
-          + ", ".join(f"{k} {ops[k]:.2f}" for k in ELEMENTWISE_OPS), flush=True)
+    ops = run_child_once(
+        [sys.executable, str(Path(__file__).resolve()), "--child", "ops"], dict(os.environ)
+    )
+    print(
+        "Elementwise ops, ns per float32 element (1 thread, min of runs): "
+        + ", ".join(f"{k} {ops[k]:.2f}" for k in ELEMENTWISE_OPS),
+        flush=True,
+    )
 
     results = []
     started = time.time()
@@ -619,12 +751,23 @@ def main(argv=None):
     ops_measured = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in ops.items()}
     data = {
         "machine": machine_info(),
-        "config": {"K": NUM_CLASSES, "gamma": GAMMA, "alpha": ALPHA, "repeats": args.repeats,
-                   "tamed_env": TAMED_ENV, "sizes": sizes, "settings": settings},
+        "config": {
+            "K": NUM_CLASSES,
+            "gamma": GAMMA,
+            "alpha": ALPHA,
+            "repeats": args.repeats,
+            "tamed_env": TAMED_ENV,
+            "sizes": sizes,
+            "settings": settings,
+        },
         "elementwise_ns_per_element": ops_measured,
-        "results": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results],
+        "results": [
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results
+        ],
     }
-    data["targets"] = [{"check": text, "met": met} for text, met in check_targets(results, max(sizes))]
+    data["targets"] = [
+        {"check": text, "met": met} for text, met in check_targets(results, max(sizes))
+    ]
     print(report(data))
     out = Path(args.out or REPO / "benchmarks" / "results" / "bench_loss.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -640,7 +783,11 @@ def summary_table(results, sizes, settings) -> str:
     head += [f"extra MB {s} {n_max // 1000}k" for s in settings]
     lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for name in IMPLS:
-        cells = [_fmt(get[(name, s, n)]["fwd_bwd_ms"]) if (name, s, n) in get else "-" for s in settings for n in sizes]
+        cells = [
+            _fmt(get[(name, s, n)]["fwd_bwd_ms"]) if (name, s, n) in get else "-"
+            for s in settings
+            for n in sizes
+        ]
         for s in settings:
             r = get.get((name, s, n_max))
             mem = r.get("extra_peak_mb") if r else None
@@ -649,7 +796,12 @@ def summary_table(results, sizes, settings) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     measured = {r["impl"] for r in results}
     legend = "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS if name in measured)
-    return "Forward + backward, ms (median), and extra peak memory, MB:\n\n" + "\n".join(lines) + "\n\n" + legend
+    return (
+        "Forward + backward, ms (median), and extra peak memory, MB:\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + legend
+    )
 
 
 def report(data) -> str:
@@ -664,12 +816,18 @@ def report(data) -> str:
         f"median of {cfg['repeats']}.",
     ]
     if ops:
-        parts.append("Elementwise ops, ns per float32 element (1 thread): "
-                     + ", ".join(f"{k} {ops[k]:.2f}" for k in ELEMENTWISE_OPS if k in ops) + ".")
+        parts.append(
+            "Elementwise ops, ns per float32 element (1 thread): "
+            + ", ".join(f"{k} {ops[k]:.2f}" for k in ELEMENTWISE_OPS if k in ops)
+            + "."
+        )
     parts.append("### Summary\n\n" + summary_table(results, sizes, settings))
     for setting in settings:
-        env = "default environment" if setting == "default" else (
-            "allocator tamed: " + " ".join(f"{k}={v}" for k, v in cfg["tamed_env"].items()))
+        env = (
+            "default environment"
+            if setting == "default"
+            else ("allocator tamed: " + " ".join(f"{k}={v}" for k, v in cfg["tamed_env"].items()))
+        )
         parts.append(f"### {setting} ({env})\n\n" + markdown_table(results, setting, sizes))
     if data.get("targets"):
         lines = [f"- [{'x' if t['met'] else ' '}] {t['check']}" for t in data["targets"]]

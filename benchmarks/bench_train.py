@@ -34,6 +34,7 @@ Usage::
     python benchmarks/bench_train.py --device cuda
     python benchmarks/bench_train.py --inputs digits --rounds 1 --iters 3 --warmup 1
 """
+
 import argparse
 import json
 import os
@@ -68,8 +69,18 @@ def _cfg(inputs: str, device: str, amp: bool = False):
     cfg.merge_from_file(str(REPO / INPUTS[inputs]))
     # LR 0: the SGD step does the same arithmetic, and the weights stay fixed, so every
     # iteration does the same work (and random R-50 weights under FrozenBN do not diverge).
-    cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.BASE_LR", 0.0,
-                         "SOLVER.AMP.ENABLED", amp])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            device,
+            "MODEL.WEIGHTS",
+            "",
+            "SOLVER.BASE_LR",
+            0.0,
+            "SOLVER.AMP.ENABLED",
+            amp,
+        ]
+    )
     return cfg
 
 
@@ -91,7 +102,9 @@ def _batch(inputs: str, cfg):
         wh = torch.rand(COCO_BOXES, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
         inst = Instances((h, w))
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
-        inst.gt_classes = torch.randint(0, cfg.MODEL.RETINANET.NUM_CLASSES, (COCO_BOXES,), generator=g)
+        inst.gt_classes = torch.randint(
+            0, cfg.MODEL.RETINANET.NUM_CLASSES, (COCO_BOXES,), generator=g
+        )
         image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
         batch.append({"image": image, "instances": inst, "height": h, "width": w})
     return batch
@@ -115,7 +128,11 @@ def _calibrate_frozen_bn(model, batch):
         module.weight.fill_(1.0)
         module.bias.zero_()
 
-    handles = [m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [
+        m.register_forward_pre_hook(set_stats)
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
     if handles:
         with torch.no_grad():
             model.backbone(model.preprocess_image(batch).tensor)
@@ -145,7 +162,9 @@ def _build(model_name: str, cfg, batch):
     return model
 
 
-def run_child(model_name: str, inputs: str, device: str, iters: int, warmup: int, amp: bool = False) -> dict:
+def run_child(
+    model_name: str, inputs: str, device: str, iters: int, warmup: int, amp: bool = False
+) -> dict:
     """
     Times ``iters`` training steps of one model on one input in this (fresh)
     process; with ``amp``, Detectron2's ``AMPTrainer`` (SOLVER.AMP.ENABLED), as
@@ -159,11 +178,19 @@ def run_child(model_name: str, inputs: str, device: str, iters: int, warmup: int
     cfg = _cfg(inputs, device, amp)
     batch = _batch(inputs, cfg)
     model = _build(model_name, cfg, batch)
-    trainer = (AMPTrainer if amp else SimpleTrainer)(model, iter(lambda: batch, None), build_optimizer(cfg, model))
+    trainer = (AMPTrainer if amp else SimpleTrainer)(
+        model, iter(lambda: batch, None), build_optimizer(cfg, model)
+    )
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    result = {"model": model_name, "inputs": inputs, "device": device, "amp": amp, "threads": torch.get_num_threads()}
+    result = {
+        "model": model_name,
+        "inputs": inputs,
+        "device": device,
+        "amp": amp,
+        "threads": torch.get_num_threads(),
+    }
     times, losses = [], {}
     with EventStorage(0) as storage:
         for i in range(warmup + iters):
@@ -182,7 +209,11 @@ def run_child(model_name: str, inputs: str, device: str, iters: int, warmup: int
             if i >= warmup:
                 times.append(time.perf_counter() - start)
             if i == 0:
-                losses = {k: round(v.median(1), 6) for k, v in storage.histories().items() if k.startswith("loss")}
+                losses = {
+                    k: round(v.median(1), 6)
+                    for k, v in storage.histories().items()
+                    if k.startswith("loss")
+                }
     result["first_step_losses"] = losses
     result["s_per_iter"] = statistics.median(times)
     result["times"] = [round(t, 4) for t in times]
@@ -204,8 +235,20 @@ def default_iters(inputs: str, device: str) -> int:
 
 def run_in_subprocess(model_name: str, inputs: str, args) -> dict:
     """Runs :func:`run_child` in a fresh process (after waiting for an idle CPU, on the CPU)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_name, "--inputs", inputs,
-           "--device", args.device, "--iters", str(args.iters or default_iters(inputs, args.device)), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        model_name,
+        "--inputs",
+        inputs,
+        "--device",
+        args.device,
+        "--iters",
+        str(args.iters or default_iters(inputs, args.device)),
+        "--warmup",
+        str(args.warmup),
+    ]
     cmd += ["--amp"] * args.amp
     if not args.device.startswith("cuda"):
         wait_for_idle_cpu(args.max_wait)
@@ -225,7 +268,10 @@ def summarize(results, inputs_list):
             mem = [r["peak_mb"] for r in runs if r.get("peak_mb") is not None]
             extra = [r["step_extra_mb"] for r in runs if r.get("step_extra_mb") is not None]
             per_model[model] = {
-                "inputs": inputs, "model": model, "s_per_iter": s, "it_per_s": 1 / s,
+                "inputs": inputs,
+                "model": model,
+                "s_per_iter": s,
+                "it_per_s": 1 / s,
                 "round_s_per_iter": [round(r["s_per_iter"], 4) for r in runs],
                 "peak_mb": max(mem) if mem else None,
                 "step_extra_mb": max(extra) if extra else None,
@@ -246,12 +292,18 @@ def _fmt(value, spec=".1f"):
 
 def _iters(iters) -> str:
     """Timed iterations per input, as recorded: ``{"digits": 20, "coco800": 5}`` (older runs: one value)."""
-    return ", ".join(f"{v} ({k})" for k, v in iters.items()) if isinstance(iters, dict) else str(iters)
+    return (
+        ", ".join(f"{v} ({k})" for k, v in iters.items()) if isinstance(iters, dict) else str(iters)
+    )
 
 
 def report(data) -> str:
     info, cfg = data["machine"], data["config"]
-    device = cfg["device"] if not cfg["device"].startswith("cuda") else f"{cfg['device']} ({info.get('gpu')})"
+    device = (
+        cfg["device"]
+        if not cfg["device"].startswith("cuda")
+        else f"{cfg['device']} ({info.get('gpu')})"
+    )
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
         f"device {device}{', AMP (AMPTrainer)' if cfg.get('amp') else ''}, commit {info['commit']}; median of {_iters(cfg['iters'])} iterations after {cfg['warmup']} "
@@ -274,17 +326,42 @@ def report(data) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", default="digits,coco800", help=f"comma-separated, from {', '.join(INPUTS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--inputs", default="digits,coco800", help=f"comma-separated, from {', '.join(INPUTS)}"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per process "
-                        "(default: 20 for digits, 5 for coco800 on the CPU; 50 on a GPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; 10 on a GPU)")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per (model, input); models alternate")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for an idle CPU before each run")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: SOLVER.AMP.ENABLED, Detectron2's AMPTrainer")
-    parser.add_argument("--out", default=None, help="JSON output (default benchmarks/results/bench_train_<device>[_amp].json)")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed iterations per process "
+        "(default: 20 for digits, 5 for coco800 on the CPU; 50 on a GPU)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed iterations first (default 2; 10 on a GPU)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="processes per (model, input); models alternate"
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an idle CPU before each run",
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: SOLVER.AMP.ENABLED, Detectron2's AMPTrainer",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON output (default benchmarks/results/bench_train_<device>[_amp].json)",
+    )
     parser.add_argument("--report", metavar="JSON", help="print the table of a saved run and exit")
     parser.add_argument("--child", choices=sorted(MODELS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -305,7 +382,11 @@ def main(argv=None):
         args.warmup = 10 if cuda else 2
     if args.child:
         iters = args.iters or default_iters(inputs_list[0], args.device)
-        print(json.dumps(run_child(args.child, inputs_list[0], args.device, iters, args.warmup, args.amp)))
+        print(
+            json.dumps(
+                run_child(args.child, inputs_list[0], args.device, iters, args.warmup, args.amp)
+            )
+        )
         return
 
     results, started = [], time.time()
@@ -315,14 +396,22 @@ def main(argv=None):
             for model in order:
                 r = run_in_subprocess(model, inputs, args)
                 results.append(r)
-                print(f"[{time.time() - started:6.0f}s] {inputs:8s} {model:6s} round {k}: "
-                      f"{r['s_per_iter']:.3f} s/it, peak {_fmt(r.get('peak_mb'), '.0f')} MB "
-                      f"(other load {r.get('other_load', '-')})", flush=True)
+                print(
+                    f"[{time.time() - started:6.0f}s] {inputs:8s} {model:6s} round {k}: "
+                    f"{r['s_per_iter']:.3f} s/it, peak {_fmt(r.get('peak_mb'), '.0f')} MB "
+                    f"(other load {r.get('other_load', '-')})",
+                    flush=True,
+                )
     data = {
         "machine": machine_info(),
-        "config": {"device": args.device, "amp": args.amp, "warmup": args.warmup,
-                   "iters": {k: args.iters or default_iters(k, args.device) for k in inputs_list},
-                   "rounds": args.rounds, "inputs": {k: INPUTS[k] for k in inputs_list}},
+        "config": {
+            "device": args.device,
+            "amp": args.amp,
+            "warmup": args.warmup,
+            "iters": {k: args.iters or default_iters(k, args.device) for k in inputs_list},
+            "rounds": args.rounds,
+            "inputs": {k: INPUTS[k] for k in inputs_list},
+        },
         "results": results,
         "summary": summarize(results, inputs_list),
     }

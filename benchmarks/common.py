@@ -2,6 +2,7 @@
 What the benchmarks share: measuring a child process's peak memory, waiting
 for an idle CPU, running a child that reports JSON, and describing the machine.
 """
+
 import json
 import os
 import platform
@@ -90,7 +91,12 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+
+        def git(*a):
+            return subprocess.run(
+                ["git", *a], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+
         commit = git("rev-parse", "--short", "HEAD")
         if commit and git("status", "--porcelain", "--untracked-files=no"):
             commit += " + uncommitted changes"

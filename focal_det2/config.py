@@ -1,11 +1,10 @@
 """Config nodes of focal_det2 and the checks that name a bad key."""
-import math
 
+import math
 from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
-
 
 __all__ = ["add_focal_config", "check_finite", "check_retinanet_keys_unused", "load_config"]
 
@@ -132,4 +131,3 @@ def check_retinanet_keys_unused(cfg):
                 f"MODEL.RETINANET.{key}={value} is not read by FocalRetinaNet; "
                 f"leave it at {default} and set {replacement} instead."
             )
-

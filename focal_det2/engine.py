@@ -4,13 +4,13 @@ evaluation, multi-process training on CPUs, checked training data and an
 exact ``--resume``; and :func:`setup_cfg`, which checks a config before a
 run writes anything.
 """
+
 import contextlib
 import itertools
 import logging
 import os
 
 import torch
-
 from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
@@ -27,7 +27,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import check_finite, load_config
-from .data.checks import CheckedDatasetMapper, check_degenerate_boxes_option, load_checked_dataset_dicts
+from .data.checks import (
+    CheckedDatasetMapper,
+    check_degenerate_boxes_option,
+    load_checked_dataset_dicts,
+)
 
 __all__ = [
     "FocalTrainer",
@@ -129,7 +133,9 @@ class ResumableTrainLoader:
         if value < 0:
             raise ValueError(f"start_iter={value} must be >= 0.")
         if self._started:
-            raise RuntimeError("start_iter is read when the loader is first iterated; it already was.")
+            raise RuntimeError(
+                "start_iter is read when the loader is first iterated; it already was."
+            )
         self._start_iter = value
 
     def __iter__(self):
@@ -155,7 +161,9 @@ class ResumableTrainLoader:
         sampler = ResumableTrainingSampler(
             len(self.dataset), skip=skipped_rounds * workers * per_process, seed=seed
         )
-        loader = build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper, sampler=sampler)
+        loader = build_detection_train_loader(
+            cfg, dataset=self.dataset, mapper=self.mapper, sampler=sampler
+        )
         remainder = start_iter - skipped_rounds * workers
         return itertools.islice(loader, remainder, None)
 
@@ -204,7 +212,9 @@ class ScalarHistory(HookBase):
             values = history.values()
             if values:
                 since = values[-1][1] - self._window_size
-                kept = itertools.takewhile(lambda value_iter: value_iter[1] > since, reversed(values))
+                kept = itertools.takewhile(
+                    lambda value_iter: value_iter[1] > since, reversed(values)
+                )
                 recent[name] = list(kept)[::-1]
         return {"scalars": recent}
 
@@ -245,7 +255,10 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
         path = os.path.join(output_dir, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{last} names {name!r}, but {path} does not exist.")
-        source, fix = f"{path} (named by {last})", "write an earlier checkpoint's name into last_checkpoint"
+        source, fix = (
+            f"{path} (named by {last})",
+            "write an earlier checkpoint's name into last_checkpoint",
+        )
     else:
         if not weights or "://" in weights:
             return weights
@@ -312,7 +325,9 @@ class FocalTrainer(DefaultTrainer):
                 "and the checkpoint holds process 0's, which all processes resume from. Turn it on "
                 "for an exact multi-process resume."
             )
-        self.data_loader.start_iter = self.start_iter  # DefaultTrainer.data_loader: ours, not yet iterated
+        self.data_loader.start_iter = (
+            self.start_iter
+        )  # DefaultTrainer.data_loader: ours, not yet iterated
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -348,18 +363,24 @@ class FocalTrainer(DefaultTrainer):
         ]
         if len(names) > 1:
             check_metadata_consistency("thing_classes", names)
-        return ResumableTrainLoader(cfg, dataset, CheckedDatasetMapper(cfg, is_train=True), start_iter)
+        return ResumableTrainLoader(
+            cfg, dataset, CheckedDatasetMapper(cfg, is_train=True), start_iter
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """Detectron2's test loader whose errors reading an image name its id and file."""
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         json_file = MetadataCatalog.get(dataset_name).get("json_file")
         if json_file and not os.path.exists(json_file):
-            DatasetCatalog.get(dataset_name)  # a lazily generated data set writes its json on first load
+            DatasetCatalog.get(
+                dataset_name
+            )  # a lazily generated data set writes its json on first load
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 

@@ -4,6 +4,7 @@ Gamma schedules ("soft gamma"): gamma as a function of the training iteration.
 The model reads the iteration from Detectron2's EventStorage, so the stock
 trainer needs no hook and a resumed run continues from the right gamma.
 """
+
 import math
 from typing import Sequence
 
@@ -37,7 +38,9 @@ class GammaSchedule:
     """
 
     @configurable
-    def __init__(self, *, end: float, start: float = 0.0, iters: int = 0, steps: Sequence[int] = ()):
+    def __init__(
+        self, *, end: float, start: float = 0.0, iters: int = 0, steps: Sequence[int] = ()
+    ):
         """
         Args:
             end (float): gamma at the end of the ramp (MODEL.FOCAL.GAMMA).
@@ -53,7 +56,12 @@ class GammaSchedule:
     @classmethod
     def from_config(cls, cfg):
         node = cfg.MODEL.FOCAL.GAMMA_SCHEDULE
-        return {"end": cfg.MODEL.FOCAL.GAMMA, "start": node.START, "iters": node.ITERS, "steps": node.STEPS}
+        return {
+            "end": cfg.MODEL.FOCAL.GAMMA,
+            "start": node.START,
+            "iters": node.ITERS,
+            "steps": node.STEPS,
+        }
 
     def _check(self):
         """Raise for keys this schedule needs or would silently ignore."""
@@ -86,7 +94,9 @@ class ConstantGamma(GammaSchedule):
     """gamma(it) = GAMMA."""
 
     def _check(self):
-        self._require_unset(START=(self.start, 0.0), ITERS=(self.iters, 0), STEPS=(list(self.steps), []))
+        self._require_unset(
+            START=(self.start, 0.0), ITERS=(self.iters, 0), STEPS=(list(self.steps), [])
+        )
 
     def __call__(self, iteration):
         return self.end
@@ -119,8 +129,12 @@ class StepGamma(GammaSchedule):
     def _check(self):
         if not self.steps:
             raise ValueError(f"{_KEY}.STEPS is empty; 'step' needs at least one iteration.")
-        if any(s <= 0 for s in self.steps) or any(a >= b for a, b in zip(self.steps, self.steps[1:])):
-            raise ValueError(f"{_KEY}.STEPS={list(self.steps)} must be positive and strictly increasing.")
+        if any(s <= 0 for s in self.steps) or any(
+            a >= b for a, b in zip(self.steps, self.steps[1:])
+        ):
+            raise ValueError(
+                f"{_KEY}.STEPS={list(self.steps)} must be positive and strictly increasing."
+            )
         self._require_unset(ITERS=(self.iters, 0))
 
     def progress(self, iteration):

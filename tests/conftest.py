@@ -1,4 +1,5 @@
 """Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas."""
+
 import importlib.util
 import os
 
@@ -15,7 +16,9 @@ from focal_det2.losses import registered_losses
 # Files that register more losses before the suites read the registry (a user's new loss;
 # tests/test_registry.py's throwaway loss): os.pathsep-separated paths.
 for _path in filter(None, os.environ.get("FOCAL_DET2_EXTRA_LOSSES", "").split(os.pathsep)):
-    _spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(_path))[0], _path)
+    _spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(_path))[0], _path
+    )
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
@@ -50,13 +53,17 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Every registered loss: the suites iterate these, so that a new loss is tested for reference
 # equality, gradients, bad input and training without editing them.
 LOSSES = sorted(registered_losses())
-FOCUSING_LOSSES = [name for name in LOSSES if registered_losses()[name].uses_gamma]  # losses that read gamma
+FOCUSING_LOSSES = [
+    name for name in LOSSES if registered_losses()[name].uses_gamma
+]  # losses that read gamma
 # The (logits, labels) unit tests have no boxes: losses that select anchors by their predicted
 # boxes (OHEM's NMS) are built with the NMS off there; tests/test_ohem.py covers the selection.
 UNIT_OPTS = ("MODEL.FOCAL.OHEM.NMS_THRESH", 1.0)
 
 
-def build_loss(name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0, opts=UNIT_OPTS):
+def build_loss(
+    name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0, opts=UNIT_OPTS
+):
     """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values and ``opts``."""
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
@@ -82,9 +89,13 @@ def loss_for(name, logits, *, opts=UNIT_OPTS, **values):
     return build_loss(name, num_classes, opts=opts, **values)
 
 
-def reference(name, logits, labels, *, gamma, alpha, class_alpha, beta, opts=UNIT_OPTS, **selection):
+def reference(
+    name, logits, labels, *, gamma, alpha, class_alpha, beta, opts=UNIT_OPTS, **selection
+):
     """The definition of loss ``name`` (its ``reference_loss``, focal_det2.losses.functional) with these values."""
-    loss = loss_for(name, logits, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=opts)
+    loss = loss_for(
+        name, logits, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=opts
+    )
     return loss.reference_loss(logits, labels, gamma=gamma, **selection)
 
 
@@ -104,15 +115,24 @@ def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
     cfg.merge_from_file(str(REPO / "configs" / "digits" / f"{config}.yaml"))
     cfg.merge_from_list(
         [
-            "DATASETS.TRAIN", ("digits_train_tiny",),
-            "DATASETS.TEST", ("digits_val_tiny",),
-            "SOLVER.IMS_PER_BATCH", 2,
-            "SOLVER.MAX_ITER", 3,
-            "SOLVER.WARMUP_ITERS", 1,
-            "SOLVER.STEPS", (),
-            "DATALOADER.NUM_WORKERS", 0,
-            "MODEL.FPN.OUT_CHANNELS", 64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
-            "OUTPUT_DIR", str(output_dir or "output/tests"),
+            "DATASETS.TRAIN",
+            ("digits_train_tiny",),
+            "DATASETS.TEST",
+            ("digits_val_tiny",),
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "SOLVER.MAX_ITER",
+            3,
+            "SOLVER.WARMUP_ITERS",
+            1,
+            "SOLVER.STEPS",
+            (),
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "MODEL.FPN.OUT_CHANNELS",
+            64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
+            "OUTPUT_DIR",
+            str(output_dir or "output/tests"),
         ]
         + list(opts)
     )
@@ -135,7 +155,9 @@ def head_logits(model, inputs):
         logits, _ = model.head(features)
         per_anchor = logits[0].shape[1] // model.anchor_generator.num_cell_anchors[0]
         # (N, A * C, H, W) -> (N, H, W, A * C) -> (N, H * W * A, C), level after level
-        logits = torch.cat([x.permute(0, 2, 3, 1).reshape(len(inputs), -1, per_anchor) for x in logits], dim=1)
+        logits = torch.cat(
+            [x.permute(0, 2, 3, 1).reshape(len(inputs), -1, per_anchor) for x in logits], dim=1
+        )
         if "instances" not in inputs[0]:
             return logits, None
         anchors = model.anchor_generator(features)
@@ -143,7 +165,9 @@ def head_logits(model, inputs):
     return logits, torch.stack(labels)
 
 
-def reference_loss_cls(model, inputs, name, *, gamma, alpha=0.25, beta=1.0, class_alpha=(), ema=100.0):
+def reference_loss_cls(
+    model, inputs, name, *, gamma, alpha=0.25, beta=1.0, class_alpha=(), ema=100.0
+):
     """
     The ``loss_cls`` a FocalRetinaNet training step on ``inputs`` must report,
     computed without the model's ``losses``: the reference formula of loss
@@ -160,8 +184,15 @@ def reference_loss_cls(model, inputs, name, *, gamma, alpha=0.25, beta=1.0, clas
     if model.focal_loss.needs_boxes:  # the model's own config (OHEM's NMS on): the predicted boxes
         selection = {"boxes": head_boxes(model, inputs).flatten(0, 1), "num_images": len(inputs)}
     total = reference(
-        name, logits.flatten(0, 1).double(), labels.flatten(),
-        gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=(), **selection,
+        name,
+        logits.flatten(0, 1).double(),
+        labels.flatten(),
+        gamma=gamma,
+        alpha=alpha,
+        class_alpha=class_alpha,
+        beta=beta,
+        opts=(),
+        **selection,
     )
     return total.item() / normalizer
 
@@ -173,7 +204,11 @@ def head_boxes(model, inputs):
         features = model.backbone(images.tensor)
         features = [features[f] for f in model.head_in_features]
         _, deltas = model.head(features)
-        deltas = torch.cat([x.permute(0, 2, 3, 1).reshape(len(inputs), -1, 4) for x in deltas], dim=1)
+        deltas = torch.cat(
+            [x.permute(0, 2, 3, 1).reshape(len(inputs), -1, 4) for x in deltas], dim=1
+        )
         anchors = torch.cat([a.tensor for a in model.anchor_generator(features)])
-        boxes = model.box2box_transform.apply_deltas(deltas.flatten(0, 1), anchors.repeat(len(inputs), 1))
+        boxes = model.box2box_transform.apply_deltas(
+            deltas.flatten(0, 1), anchors.repeat(len(inputs), 1)
+        )
     return boxes.view(len(inputs), -1, 4)

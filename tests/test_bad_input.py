@@ -3,6 +3,7 @@ Bad input stops training with an error that names the file, the image id or
 the key; valid corner cases (images without annotations, crowd boxes, a
 batch with every anchor ignored) train.
 """
+
 import copy
 import json
 import re
@@ -29,7 +30,9 @@ def _box(x, y, w, h, category=1, crowd=0):
 
 def _images(count):
     """``count`` image entries of a COCO json, with annotation lists to fill."""
-    return [dict(id=i, file_name=f"{i:03d}.png", width=SIZE, height=SIZE) for i in range(1, count + 1)]
+    return [
+        dict(id=i, file_name=f"{i:03d}.png", width=SIZE, height=SIZE) for i in range(1, count + 1)
+    ]
 
 
 @pytest.fixture
@@ -78,10 +81,14 @@ def _cfg(name, tmp_path, *opts):
     return digits_cfg(
         output_dir=tmp_path / "output",
         opts=[
-            "DATASETS.TRAIN", (name,),
-            "DATASETS.TEST", (),
-            "INPUT.MIN_SIZE_TRAIN", (SIZE,),
-            "INPUT.MAX_SIZE_TRAIN", SIZE,
+            "DATASETS.TRAIN",
+            (name,),
+            "DATASETS.TEST",
+            (),
+            "INPUT.MIN_SIZE_TRAIN",
+            (SIZE,),
+            "INPUT.MAX_SIZE_TRAIN",
+            SIZE,
             *opts,
         ],
     )
@@ -131,7 +138,9 @@ def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog):
 
 def test_unknown_degenerate_boxes_option_names_the_key(coco, tmp_path):
     name, _, _ = coco({1: GOOD})
-    with pytest.raises(ValueError, match=r"DATALOADER.DEGENERATE_BOXES='skip'; allowed: \['error', 'drop'\]"):
+    with pytest.raises(
+        ValueError, match=r"DATALOADER.DEGENERATE_BOXES='skip'; allowed: \['error', 'drop'\]"
+    ):
         FocalTrainer.build_train_loader(_cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "skip"))
 
 
@@ -141,7 +150,11 @@ def test_missing_image_file(coco, tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         FocalTrainer.build_train_loader(_cfg(name, tmp_path))
     message = str(error.value)
-    assert str(json_file) in message and "image id 2" in message and str(image_dir / "002.png") in message
+    assert (
+        str(json_file) in message
+        and "image id 2" in message
+        and str(image_dir / "002.png") in message
+    )
 
 
 def test_image_file_removed_after_the_check(coco, tmp_path):
@@ -162,7 +175,9 @@ def test_unreadable_image_file(coco, tmp_path):
     name, _, image_dir = coco({1: GOOD})
     (image_dir / "001.png").write_bytes(b"this is not a png")
     loader = FocalTrainer.build_train_loader(_cfg(name, tmp_path, "SOLVER.IMS_PER_BATCH", 1))
-    with pytest.raises(ValueError, match=re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read")
+    ):
         next(iter(loader))
 
 
@@ -173,7 +188,12 @@ def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter
     # Image id -> boxes the model sees: crowd boxes are ignored.
     expected = {1: 1, 4: 1} if filter_empty else {1: 1, 2: 0, 3: 0, 4: 1}
     # One batch holds every kept image, so each of them goes through the model.
-    opts = ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", filter_empty, "SOLVER.IMS_PER_BATCH", len(expected)]
+    opts = [
+        "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
+        filter_empty,
+        "SOLVER.IMS_PER_BATCH",
+        len(expected),
+    ]
     cfg = _cfg(name, tmp_path, *opts, "SOLVER.MAX_ITER", 1)
     batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == expected
@@ -184,7 +204,9 @@ def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter
     # The one iteration's loss is the reference formula on the batch, with the weights it started from.
     ((loss_cls, iteration),) = trainer.storage.history("loss_cls").values()
     assert iteration == 0
-    assert loss_cls == pytest.approx(reference_loss_cls(initial, batch, "sigmoid_focal", gamma=2.0), rel=1e-5)
+    assert loss_cls == pytest.approx(
+        reference_loss_cls(initial, batch, "sigmoid_focal", gamma=2.0), rel=1e-5
+    )
     assert all(np.isfinite(v) for v, _ in trainer.storage.history("total_loss").values())
 
 
@@ -225,7 +247,9 @@ def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
     images = model.preprocess_image([{"image": torch.rand(3, SIZE, SIZE) * 255}])
     features = model.backbone(images.tensor)
     features = [features[f] for f in model.head_in_features]
-    pred_logits, pred_deltas = model._transpose_dense_predictions(model.head(features), [model.num_logits, 4])
+    pred_logits, pred_deltas = model._transpose_dense_predictions(
+        model.head(features), [model.num_logits, 4]
+    )
     anchors = model.anchor_generator(features)
     num_anchors = sum(len(a) for a in anchors)
     gt_labels = [torch.full((num_anchors,), -1)]
@@ -248,7 +272,9 @@ def loggers():
     import logging
 
     names = ("detectron2", "fvcore", "focal_det2")
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names}
+    saved = {
+        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names
+    }
     yield
     for name, (handlers, propagate) in saved.items():
         logger = logging.getLogger(name)
@@ -286,7 +312,10 @@ def _snapshot(folder):
         (["MODEL.FOCAL.CLASS_ALPHA", "[-1,-1,-1,-1,-1,-1,-1,-1,-1,-1]"], "MODEL.FOCAL.CLASS_ALPHA"),
         (["MODEL.FOCAL.GAMMA", "-1.0"], "MODEL.FOCAL.GAMMA=-1.0"),
         (["DATALOADER.DEGENERATE_BOXES", "skip"], "DATALOADER.DEGENERATE_BOXES='skip'"),
-        (["MODEL.BACKBONE.NAME", "no_such_backbone"], "no_such_backbone"),  # Detectron2 checks it when building
+        (
+            ["MODEL.BACKBONE.NAME", "no_such_backbone"],
+            "no_such_backbone",
+        ),  # Detectron2 checks it when building
     ],
 )
 def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, message):
@@ -324,7 +353,9 @@ def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
     config = tmp_path / "config.yaml"
     config.write_text(digits_cfg(output_dir=tmp_path / "empty").dump())
     argv = ["--config-file", config, "--eval-only"] + (["--resume"] if resume else [])
-    with pytest.raises(ValueError, match="--eval-only needs a trained model: MODEL.WEIGHTS is empty"):
+    with pytest.raises(
+        ValueError, match="--eval-only needs a trained model: MODEL.WEIGHTS is empty"
+    ):
         setup_cfg(_args(*argv))
     assert not (tmp_path / "empty").exists()
 
@@ -361,13 +392,23 @@ def test_labels_of_another_dtype_are_named(loss, dtype):
     cfg.MODEL.FOCAL.LOSS = loss
     cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
     focal_loss = build_focal_loss(cfg)
-    with pytest.raises(TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))):
+    with pytest.raises(
+        TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))
+    ):
         focal_loss(torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]).to(dtype))
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("gamma, error", [("abc", TypeError), (None, None), (True, TypeError),
-                                          (float("nan"), ValueError), (float("inf"), ValueError)])
+@pytest.mark.parametrize(
+    "gamma, error",
+    [
+        ("abc", TypeError),
+        (None, None),
+        (True, TypeError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+    ],
+)
 def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = loss
@@ -377,7 +418,9 @@ def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
     if error is None:
         focal_loss(*args, gamma=gamma)
         return
-    with pytest.raises(error, match=re.escape(f"gamma={gamma!r}" if error is TypeError else f"gamma={gamma}")):
+    with pytest.raises(
+        error, match=re.escape(f"gamma={gamma!r}" if error is TypeError else f"gamma={gamma}")
+    ):
         focal_loss(*args, gamma=gamma)
 
 
@@ -398,10 +441,16 @@ def test_zero_byte_checkpoint_is_named(tmp_path, loggers):
     trainer = FocalTrainer(digits_cfg(output_dir=run))
     with pytest.raises(ValueError, match=re.escape(f"{run / 'model_final.pth'} (named by")):
         trainer.resume_or_load(resume=True)
-    with pytest.raises(ValueError, match=re.escape(f"{run / 'model_final.pth'} (named by") + r".*\(0 bytes\)"):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{run / 'model_final.pth'} (named by") + r".*\(0 bytes\)"
+    ):
         setup_cfg(_args("--config-file", config, "--resume"))
-    with pytest.raises(ValueError, match=re.escape(f"MODEL.WEIGHTS={run / 'model_final.pth'} is empty")):
-        setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", run / "model_final.pth"))
+    with pytest.raises(
+        ValueError, match=re.escape(f"MODEL.WEIGHTS={run / 'model_final.pth'} is empty")
+    ):
+        setup_cfg(
+            _args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", run / "model_final.pth")
+        )
 
 
 def test_truncated_checkpoint_error_names_the_file(tmp_path):
@@ -411,7 +460,9 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
     trainer = FocalTrainer(digits_cfg(output_dir=run))
     with pytest.raises(Exception) as error:
         trainer.resume_or_load(resume=True)
-    assert f"while loading the checkpoint {run / 'model_final.pth'}" in getattr(error.value, "__notes__", [])
+    assert f"while loading the checkpoint {run / 'model_final.pth'}" in getattr(
+        error.value, "__notes__", []
+    )
 
 
 def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):
@@ -419,7 +470,9 @@ def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):
     data = (image_dir / "002.png").read_bytes()
     (image_dir / "002.png").write_bytes(data[: len(data) // 2])
     loader = FocalTrainer.build_test_loader(_cfg(name, tmp_path), name)
-    with pytest.raises(ValueError, match=re.escape(f"image id 2 ({image_dir / '002.png'}): cannot read")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"image id 2 ({image_dir / '002.png'}): cannot read")
+    ):
         list(loader)
 
 

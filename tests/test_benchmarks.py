@@ -3,26 +3,43 @@ The benchmark scripts run end to end on small inputs and write what their
 reports read. They are run as users run them (a subprocess per script,
 which starts its own subprocesses); timings are not checked here.
 """
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def run_script(name, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_bench_train_compares_the_same_step_of_both_models(tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_script("bench_train.py", "--inputs", "digits", "--rounds", "1", "--iters", "1",
-                        "--warmup", "1", "--max-wait", "0", "--out", str(out))
+    stdout = run_script(
+        "bench_train.py",
+        "--inputs",
+        "digits",
+        "--rounds",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+        "--max-wait",
+        "0",
+        "--out",
+        str(out),
+    )
     data = json.loads(out.read_text())
     stock, focal = data["summary"]
     assert (stock["model"], focal["model"]) == ("stock", "focal")
@@ -37,16 +54,34 @@ def test_bench_train_compares_the_same_step_of_both_models(tmp_path):
 
 
 def test_bench_train_rejects_unknown_inputs():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--inputs", "voc"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--inputs", "voc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "--inputs: unknown ['voc']" in proc.stderr
 
 
 def test_bench_loss_quick_run_writes_json(tmp_path):
     out = tmp_path / "loss.json"
-    stdout = run_script("bench_loss.py", "--sizes", "2000", "--impls", "ours_sigmoid_focal,fvcore_jit,bandwidth",
-                        "--settings", "default", "--repeats", "2", "--warmup", "1", "--max-wait", "0",
-                        "--out", str(out))
+    stdout = run_script(
+        "bench_loss.py",
+        "--sizes",
+        "2000",
+        "--impls",
+        "ours_sigmoid_focal,fvcore_jit,bandwidth",
+        "--settings",
+        "default",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--max-wait",
+        "0",
+        "--out",
+        str(out),
+    )
     data = json.loads(out.read_text())
     assert {r["impl"] for r in data["results"]} == {"ours_sigmoid_focal", "fvcore_jit", "bandwidth"}
     assert all(r["fwd_bwd_ms"] > 0 and r["N"] == 2000 for r in data["results"])
@@ -64,6 +99,16 @@ def test_bench_loss_reports_the_saved_gpu_run():
 
 
 def test_bench_train_amp_needs_cuda():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--amp", "--inputs", "digits"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "bench_train.py"),
+            "--amp",
+            "--inputs",
+            "digits",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "--amp needs --device cuda" in proc.stderr

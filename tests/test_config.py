@@ -1,12 +1,13 @@
 """MODEL.FOCAL config nodes and the build-time checks that name a bad key."""
+
 import re
 
 import pytest
+from conftest import LOSSES, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import focal_det2
-from conftest import LOSSES, tiny_cfg
 
 DEFAULTS = {
     "LOSS": "sigmoid_focal",
@@ -58,7 +59,14 @@ def test_focal_keys_take_command_line_overrides():
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
     cfg.merge_from_list(
-        ["MODEL.FOCAL.LOSS", "softmax_focal", "MODEL.FOCAL.GAMMA", "1.5", "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS", "[10, 20]"]
+        [
+            "MODEL.FOCAL.LOSS",
+            "softmax_focal",
+            "MODEL.FOCAL.GAMMA",
+            "1.5",
+            "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS",
+            "[10, 20]",
+        ]
     )
     assert cfg.MODEL.FOCAL.LOSS == "softmax_focal"
     assert cfg.MODEL.FOCAL.GAMMA == 1.5
@@ -115,16 +123,32 @@ BAD = [
         {"MODEL.FOCAL.LOSS": "focal"},
         ["MODEL.FOCAL.LOSS", *LOSSES],
     ),
-    ("unknown-head", {"MODEL.FOCAL.HEAD_NAME": "RetinaNetHead"}, ["MODEL.FOCAL.HEAD_NAME", "FocalRetinaNetHead"]),
+    (
+        "unknown-head",
+        {"MODEL.FOCAL.HEAD_NAME": "RetinaNetHead"},
+        ["MODEL.FOCAL.HEAD_NAME", "FocalRetinaNetHead"],
+    ),
     (
         "unknown-schedule",
         {"MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "exponential"},
         ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME", "constant", "linear", "cosine", "step"],
     ),
-    ("class-alpha-short", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 3}, ["MODEL.FOCAL.CLASS_ALPHA", "10"]),
-    ("class-alpha-long", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 11}, ["MODEL.FOCAL.CLASS_ALPHA", "10"]),
+    (
+        "class-alpha-short",
+        {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 3},
+        ["MODEL.FOCAL.CLASS_ALPHA", "10"],
+    ),
+    (
+        "class-alpha-long",
+        {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 11},
+        ["MODEL.FOCAL.CLASS_ALPHA", "10"],
+    ),
     ("class-alpha>1", {"MODEL.FOCAL.CLASS_ALPHA": [0.25] * 9 + [1.5]}, ["MODEL.FOCAL.CLASS_ALPHA"]),
-    ("class-alpha<0", {"MODEL.FOCAL.CLASS_ALPHA": [-0.1] + [0.25] * 9}, ["MODEL.FOCAL.CLASS_ALPHA"]),
+    (
+        "class-alpha<0",
+        {"MODEL.FOCAL.CLASS_ALPHA": [-0.1] + [0.25] * 9},
+        ["MODEL.FOCAL.CLASS_ALPHA"],
+    ),
     (
         "steps-not-increasing",
         {"MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "step", "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS": [200, 100]},
@@ -145,7 +169,11 @@ BAD = [
         {"MODEL.RETINANET.PRIOR_PROB": 0.02},
         ["MODEL.RETINANET.PRIOR_PROB", "MODEL.FOCAL.PRIOR_PROB"],
     ),
-    ("focal-star-gamma-0", {"MODEL.FOCAL.LOSS": "focal_star", "MODEL.FOCAL.GAMMA": 0.0}, ["MODEL.FOCAL.GAMMA"]),
+    (
+        "focal-star-gamma-0",
+        {"MODEL.FOCAL.LOSS": "focal_star", "MODEL.FOCAL.GAMMA": 0.0},
+        ["MODEL.FOCAL.GAMMA"],
+    ),
     (
         # FL* divides by gamma, and a linear ramp from START 0 reaches gamma 0 at iteration 0
         "focal-star-ramp-from-0",

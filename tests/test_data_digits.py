@@ -299,14 +299,25 @@ def test_canvas_splits_are_registered_and_differ_from_128_px_only_in_size():
             # same seed, pool, digits per image and digit sizes: only the canvas differs
             assert _canvas_params(name) == _canvas_params(builtin, image_size=side)
         # the 128 px split is the built-in one under another name: same parameters, same cache
-        assert MetadataCatalog.get(f"digits_{split}_s128").json_file == MetadataCatalog.get(builtin).json_file
+        assert (
+            MetadataCatalog.get(f"digits_{split}_s128").json_file
+            == MetadataCatalog.get(builtin).json_file
+        )
     assert _canvas_params("digits_train") == dict(
-        split="train", num_images=2000, image_size=128, digits_per_image=(3, 8), digit_size=(12, 40), seed=0)
+        split="train",
+        num_images=2000,
+        image_size=128,
+        digits_per_image=(3, 8),
+        digit_size=(12, 40),
+        seed=0,
+    )
     assert _canvas_params("digits_val")["num_images"] == 300
 
 
 def test_canvas_dataset_name_rejects_other_sizes():
-    with pytest.raises(ValueError, match=r"image_size must be one of \(128, 256, 512, 768\), got 300"):
+    with pytest.raises(
+        ValueError, match=r"image_size must be one of \(128, 256, 512, 768\), got 300"
+    ):
         digits_module.canvas_dataset_name("train", 300)
     with pytest.raises(ValueError, match="split"):
         digits_module.canvas_dataset_name("test", 128)
@@ -326,9 +337,16 @@ def test_canvas_images_and_annotations_have_the_canvas_size(tmp_path, side):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_canvas_splits_draw_from_the_same_source_pools(tmp_path, split):
-    pool, other = set(source_indices(split).tolist()), set(source_indices("val" if split == "train" else "train").tolist())
+    pool, other = (
+        set(source_indices(split).tolist()),
+        set(source_indices("val" if split == "train" else "train").tolist()),
+    )
     for side in (128, 512):
-        with open(generate_digits(tmp_path / str(side), **_canvas_params(f"digits_{split}_s{side}", num_images=10))) as f:
+        with open(
+            generate_digits(
+                tmp_path / str(side), **_canvas_params(f"digits_{split}_s{side}", num_images=10)
+            )
+        ) as f:
             sources = {a["source_index"] for a in json.load(f)["annotations"]}
         assert sources and sources <= pool and not sources & other
 
@@ -337,12 +355,18 @@ def test_canvas_objects_have_the_sizes_of_128_px(tmp_path):
     """The same seed draws the same digits at the same sides before placing them: only the canvas grows."""
     objects = {}
     for side in (128, 768):
-        with open(generate_digits(tmp_path / str(side), **_canvas_params(f"digits_train_s{side}", num_images=20))) as f:
+        with open(
+            generate_digits(
+                tmp_path / str(side), **_canvas_params(f"digits_train_s{side}", num_images=20)
+            )
+        ) as f:
             annotations = json.load(f)["annotations"]
         objects[side] = annotations
         assert max(max(a["bbox"][2:]) for a in annotations) <= 40  # digit_size (12, 40)
-    first = {side: sorted((a["source_index"], *a["bbox"][2:]) for a in anns if a["image_id"] == 1)
-             for side, anns in objects.items()}
+    first = {
+        side: sorted((a["source_index"], *a["bbox"][2:]) for a in anns if a["image_id"] == 1)
+        for side, anns in objects.items()
+    }
     # at 128 px a digit that finds no free place is dropped; at 768 px every one finds one
     assert first[128] and set(first[128]) <= set(first[768]) and 3 <= len(first[768]) <= 8
     per_image = [sum(a["image_id"] == i for a in objects[768]) for i in range(1, 21)]

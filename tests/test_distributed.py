@@ -4,6 +4,7 @@ MODEL.FOCAL.SYNC_NORMALIZER, 2 processes over halves of a batch compute the
 gradient of 1 process over the whole batch; FocalTrainer trains and
 evaluates with 2 processes.
 """
+
 import json
 
 import pytest
@@ -49,7 +50,9 @@ def _gradients(model, images, warm_count):
             losses = ddp(images)
         sum(losses.values()).backward()
         grads[f"{sync}-{ema}"] = torch.cat([p.grad.flatten() for p in model.parameters()])
-        grads[f"{sync}-{ema}-foreground"] = storage.history("num_pos_anchors").latest() * len(images)
+        grads[f"{sync}-{ema}-foreground"] = storage.history("num_pos_anchors").latest() * len(
+            images
+        )
         grads[f"{sync}-{ema}-normalizer"] = model.loss_normalizer
     return grads
 
@@ -169,11 +172,23 @@ def test_without_sync_each_process_normalizes_its_half(gradients, ema):
 def test_without_sync_two_processes_differ(gradients):
     """What SYNC_NORMALIZER changes: the README quotes these numbers."""
     one, (two, other), _ = gradients
-    diff = {ema: _relative_difference(two[f"False-{ema}"], one[f"False-{ema}"]) for ema in ("fresh", "warm")}
-    synced = {ema: _relative_difference(two[f"True-{ema}"], one[f"True-{ema}"]) for ema in ("fresh", "warm")}
-    counts = [one["True-fresh-foreground"], two["True-fresh-foreground"], other["True-fresh-foreground"]]
+    diff = {
+        ema: _relative_difference(two[f"False-{ema}"], one[f"False-{ema}"])
+        for ema in ("fresh", "warm")
+    }
+    synced = {
+        ema: _relative_difference(two[f"True-{ema}"], one[f"True-{ema}"])
+        for ema in ("fresh", "warm")
+    }
+    counts = [
+        one["True-fresh-foreground"],
+        two["True-fresh-foreground"],
+        other["True-fresh-foreground"],
+    ]
     print(f"\nforeground anchors: batch, process 0, process 1: {counts}")
-    print(f"1 vs 2 processes, relative gradient difference: SYNC_NORMALIZER off {diff}, on {synced}")
+    print(
+        f"1 vs 2 processes, relative gradient difference: SYNC_NORMALIZER off {diff}, on {synced}"
+    )
     assert counts == [137, 88, 49]
     # Off, one process's gradient does not depend on the setting: with 1 process there is nothing to sync.
     torch.testing.assert_close(one["False-fresh"], one["True-fresh"], rtol=0, atol=0)
@@ -189,5 +204,7 @@ def test_two_processes_train_and_evaluate(gradients):
     assert results["world"] == 2
     assert {"AP", "AP50", "AP75"} <= results["bbox"].keys()
     assert (out_dir / "train" / "model_final.pth").exists()
-    rows = [json.loads(line) for line in (out_dir / "train" / "metrics.json").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (out_dir / "train" / "metrics.json").read_text().splitlines()
+    ]
     assert [r["iteration"] for r in rows if "loss_cls" in r][-1] == 1

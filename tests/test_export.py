@@ -4,6 +4,7 @@ Deployment: every loss's FocalRetinaNet scripts with Detectron2's
 saved with ``torch.jit.save`` and reloaded gives the eager model's
 detections. And tools/export_model.py end to end on a tiny model.
 """
+
 import pytest
 import torch
 from conftest import LOSSES, REPO, build_loss, tiny_cfg
@@ -24,7 +25,9 @@ def test_score_module_equals_the_loss_scores_and_holds_no_state(loss):
     assert module(logits).shape == (7, 3)
     torch.testing.assert_close(module(logits), focal_loss.scores(logits), rtol=0, atol=0)
     assert not module.state_dict() and not list(module.parameters())
-    torch.testing.assert_close(torch.jit.script(module)(logits), focal_loss.scores(logits), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.jit.script(module)(logits), focal_loss.scores(logits), rtol=0, atol=0
+    )
 
 
 def _model_and_image(loss):
@@ -41,7 +44,9 @@ def _assert_same_detections(expected, actual):
     assert len(expected) == len(actual) == 100  # the default detections per image
     assert torch.equal(actual.pred_classes.long(), expected.pred_classes)
     torch.testing.assert_close(actual.scores, expected.scores, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(actual.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(
+        actual.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=1e-6, atol=1e-4
+    )
 
 
 def _reloaded(module, tmp_path):
@@ -75,24 +80,51 @@ def test_traced_model_gives_the_eager_detections(loss, tmp_path):
 def test_export_tool_end_to_end(method, tmp_path, capsys):
     tool = load_tool("export_model")
     config = str(REPO / "configs" / "digits" / "focal_star_R18_FPN_1x.yaml")
-    report = tool.main([
-        "--config-file", config, "--format", "torchscript", "--export-method", method, "--output", str(tmp_path),
-        "DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64",
-        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-    ])
-    assert report["path"] == str(tmp_path / "model.ts") and (tmp_path / "model.ts").stat().st_size > 0
+    report = tool.main(
+        [
+            "--config-file",
+            config,
+            "--format",
+            "torchscript",
+            "--export-method",
+            method,
+            "--output",
+            str(tmp_path),
+            "DATASETS.TEST",
+            "('digits_val_tiny',)",
+            "MODEL.FPN.OUT_CHANNELS",
+            "64",
+            "MODEL.RETINANET.SCORE_THRESH_TEST",
+            "0.0",
+        ]
+    )
+    assert (
+        report["path"] == str(tmp_path / "model.ts") and (tmp_path / "model.ts").stat().st_size > 0
+    )
     assert report["detections"] == (100, 100)
     assert report["agree"] and report["classes_equal"]
     assert report["max_box_diff"] <= tool.TOLERANCE and report["max_score_diff"] <= tool.TOLERANCE
-    assert f"(torchscript, {method}): 100 eager / 100 exported detections" in capsys.readouterr().out
+    assert (
+        f"(torchscript, {method}): 100 eager / 100 exported detections" in capsys.readouterr().out
+    )
 
 
 def test_export_tool_reports_disagreement():
     tool = load_tool("export_model")
     boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]]))
-    expected = Instances((32, 32), pred_boxes=boxes, scores=torch.tensor([0.9, 0.5]), pred_classes=torch.tensor([1, 2]))
+    expected = Instances(
+        (32, 32),
+        pred_boxes=boxes,
+        scores=torch.tensor([0.9, 0.5]),
+        pred_classes=torch.tensor([1, 2]),
+    )
     assert tool.agreement(expected, expected)["agree"]
-    other = Instances((32, 32), pred_boxes=boxes, scores=torch.tensor([0.9, 0.4]), pred_classes=torch.tensor([1, 2]))
+    other = Instances(
+        (32, 32),
+        pred_boxes=boxes,
+        scores=torch.tensor([0.9, 0.4]),
+        pred_classes=torch.tensor([1, 2]),
+    )
     report = tool.agreement(expected, other)
     assert not report["agree"] and report["max_score_diff"] == pytest.approx(0.1)
     assert not tool.agreement(expected, expected[:1])["agree"]

@@ -7,12 +7,13 @@ gradcheck of the autograd Functions, and the backend choice read from
 FOCAL_DET2_BACKEND. The Triton kernels run here through Triton's
 interpreter (TRITON_INTERPRET=1, set by conftest where there is no CUDA).
 """
+
 import logging
 
 import pytest
 import torch
 
-from focal_det2.losses import fused, functional
+from focal_det2.losses import functional, fused
 
 LOSSES = ["sigmoid_focal", "cross_entropy", "focal_star", "softmax_focal"]
 FAST = {
@@ -44,7 +45,9 @@ def default_backend(monkeypatch):
 def use_triton(monkeypatch):
     """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
     if not fused._triton_interpreting():
-        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)")
+        pytest.skip(
+            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)"
+        )
     monkeypatch.setenv(fused.BACKEND_ENV, "triton")
 
 
@@ -93,7 +96,9 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture(params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"])
+@pytest.fixture(
+    params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"]
+)
 def chunking(request, monkeypatch):
     """
     Runs a test with the eager path's default chunk sizes (one chunk, fresh
@@ -115,7 +120,9 @@ def chunking(request, monkeypatch):
             from focal_det2.losses import triton_kernels
 
             monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
-            monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8)  # 4 rows of next_pow2(K + 1) = 8
+            monkeypatch.setattr(
+                triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8
+            )  # 4 rows of next_pow2(K + 1) = 8
 
 
 @pytest.fixture(params=["eager", "triton"])
@@ -131,7 +138,9 @@ def backend_name(request, monkeypatch):
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]  # 0 and 2 have special cases, 1 too
 GAMMA_CASES = [("cross_entropy", 0.0)] + [
-    (name, gamma) for name in ["sigmoid_focal", "focal_star", "softmax_focal"] for gamma in GAMMAS
+    (name, gamma)
+    for name in ["sigmoid_focal", "focal_star", "softmax_focal"]
+    for gamma in GAMMAS
     if not (name == "focal_star" and gamma == 0)  # FL* divides by gamma
 ]
 
@@ -157,7 +166,9 @@ def test_matches_reference_for_alpha(name, alpha, dtype, chunking):
 def test_matches_reference_with_class_alpha(name, alpha, dtype, chunking):
     logits, labels = batch(name, dtype=dtype, seed=2)
     class_alpha = torch.linspace(0.1, 0.9, NUM_CLASSES, dtype=dtype)
-    assert_matches_reference(name, logits, labels, **kwargs_of(name, alpha=alpha, class_alpha=class_alpha))
+    assert_matches_reference(
+        name, logits, labels, **kwargs_of(name, alpha=alpha, class_alpha=class_alpha)
+    )
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -225,7 +236,9 @@ def test_ignored_anchors_have_zero_loss_and_gradient(name, chunking):
 @pytest.mark.parametrize("num_anchors", [0, 4])
 def test_all_ignored_batch_is_zero_and_connected(name, num_anchors, backend_name):
     cols = NUM_CLASSES + 1 if name == "softmax_focal" else NUM_CLASSES
-    logits = torch.randn(num_anchors, cols, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+    logits = torch.randn(
+        num_anchors, cols, generator=torch.Generator().manual_seed(6)
+    ).requires_grad_(True)
     labels = torch.full((num_anchors,), -1, dtype=torch.long)
     out = FAST[name](logits, labels, **kwargs_of(name))
     assert out.dim() == 0 and out.item() == 0.0
@@ -236,13 +249,17 @@ def test_all_ignored_batch_is_zero_and_connected(name, num_anchors, backend_name
 
 
 @pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gamma", [4.6e-296, 0.5, 2.0, 5.0])  # 4.6e-296: 1 / gamma overflows float32
+@pytest.mark.parametrize(
+    "gamma", [4.6e-296, 0.5, 2.0, 5.0]
+)  # 4.6e-296: 1 / gamma overflows float32
 def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
     if name == "focal_star" and gamma < 1e-3:
         pytest.skip("FL* is -log(p*) / gamma: it grows as 1 / gamma by definition")
     g = torch.Generator().manual_seed(7)
     cols = NUM_CLASSES + 1 if name == "softmax_focal" else NUM_CLASSES
-    signs = torch.cartesian_prod(*[torch.tensor([-100.0, 100.0])] * 3)  # every sign pattern of +-100
+    signs = torch.cartesian_prod(
+        *[torch.tensor([-100.0, 100.0])] * 3
+    )  # every sign pattern of +-100
     corners = torch.cat([signs, signs[:, :1].expand(-1, cols - 3)], dim=1)
     logits = torch.cat([corners, corners, (torch.rand(40, cols, generator=g) * 200 - 100)])
     labels = torch.arange(len(logits)) % (NUM_CLASSES + 2) - 1
@@ -272,7 +289,9 @@ def test_gradcheck_float64(name, gamma, with_class_alpha, monkeypatch):
     class_alpha = torch.linspace(0.1, 0.9, NUM_CLASSES, dtype=F64) if with_class_alpha else None
     kwargs = kwargs_of(name, gamma=gamma, class_alpha=class_alpha)
     x = logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: FAST[name](t, labels, **kwargs), (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda t: FAST[name](t, labels, **kwargs), (x,), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -306,7 +325,9 @@ def test_cuda_matches_reference(name):
     value, grad = value_and_grad(FAST[name], logits.cuda(), labels.cuda(), **kwargs_of(name))
     ref_value, ref_grad = value_and_grad(REFERENCE[name], logits.to(F64), labels, **kwargs_of(name))
     torch.testing.assert_close(value.cpu().to(F64), ref_value, rtol=1e-5, atol=0)
-    torch.testing.assert_close(grad.cpu().to(F64), ref_grad, rtol=1e-5, atol=1e-12 * ref_grad.abs().max().item())
+    torch.testing.assert_close(
+        grad.cpu().to(F64), ref_grad, rtol=1e-5, atol=1e-12 * ref_grad.abs().max().item()
+    )
 
 
 def test_focal_star_rejects_non_positive_gamma():
@@ -317,8 +338,9 @@ def test_focal_star_rejects_non_positive_gamma():
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_registered_losses_call_the_fast_path(name, monkeypatch):
-    import focal_det2
     from detectron2.config import get_cfg
+
+    import focal_det2
 
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
@@ -327,7 +349,9 @@ def test_registered_losses_call_the_fast_path(name, monkeypatch):
     loss = focal_det2.build_focal_loss(cfg)
     calls = []
     fast = getattr(fused, FAST[name].__name__)
-    monkeypatch.setattr(fused, FAST[name].__name__, lambda *a, **k: calls.append(1) or fast(*a, **k))
+    monkeypatch.setattr(
+        fused, FAST[name].__name__, lambda *a, **k: calls.append(1) or fast(*a, **k)
+    )
     logits, labels = batch(name, seed=11)
     loss(logits, labels)
     assert calls == [1]
@@ -367,7 +391,9 @@ def test_backend_env_triton_runs_the_kernels(monkeypatch):
 
     launched = []
     real = triton_kernels._sigmoid_launch
-    monkeypatch.setattr(triton_kernels, "_sigmoid_launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        triton_kernels, "_sigmoid_launch", lambda *a, **k: launched.append(1) or real(*a, **k)
+    )
     logits, labels = batch("sigmoid_focal", seed=12)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
     assert fused.backend("cpu") == "triton" and len(launched) == 2  # forward and backward
@@ -376,7 +402,10 @@ def test_backend_env_triton_runs_the_kernels(monkeypatch):
 def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatch):
     monkeypatch.setenv(fused.BACKEND_ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu"):
+    with pytest.raises(
+        ValueError,
+        match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu",
+    ):
         fused.select_backend("cpu")
 
 
@@ -421,7 +450,9 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
 
 def test_unknown_backend_env_value_raises(monkeypatch):
     monkeypatch.setenv(fused.BACKEND_ENV, "cuda")
-    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND='cuda': allowed values are eager, triton, compile"):
+    with pytest.raises(
+        ValueError, match="FOCAL_DET2_BACKEND='cuda': allowed values are eager, triton, compile"
+    ):
         fused.select_backend()
 
 
@@ -441,7 +472,12 @@ def test_log1p_of_exp_neg_abs_is_exact_to_rounding_either_way(slow_log1p, dtype,
     # must keep full precision where 1 + t rounds to 1 (|z| > 17 in float32, > 37 in float64).
     monkeypatch.setattr(fused, "_slow_log1p", lambda device: slow_log1p)
     limit = 87.0 if dtype == torch.float32 else 120.0  # exp(-|z|) stays a normal number
-    z = torch.cat([torch.linspace(-limit, limit, 20001, dtype=F64), torch.tensor([0.0, 1e-30, -1e-30], dtype=F64)])
+    z = torch.cat(
+        [
+            torch.linspace(-limit, limit, 20001, dtype=F64),
+            torch.tensor([0.0, 1e-30, -1e-30], dtype=F64),
+        ]
+    )
     z = z.to(dtype)
     got = fused._log1p_exp_neg_abs(z, out=None, tmp=None)
     t = torch.exp(-z.to(F64).abs())

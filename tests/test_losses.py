@@ -4,17 +4,18 @@ The focal-loss family on class-index targets (0..K-1 foreground, K background,
 by ``focal_det2.build_focal_loss(cfg)`` ("api") and the reference formulas in
 ``focal_det2.losses.functional`` ("functional").
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import FOCUSING_LOSSES, LOSSES, build_loss, num_logits_of, reference
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
-from conftest import FOCUSING_LOSSES, LOSSES, build_loss, num_logits_of, reference
-from focal_det2.losses import functional
-
-SIGMOID_LOSSES = [name for name in LOSSES if num_logits_of(name, 3) == 3]  # K logits, no background column
+SIGMOID_LOSSES = [
+    name for name in LOSSES if num_logits_of(name, 3) == 3
+]  # K logits, no background column
 IMPLS = ["api", "functional"]
 F64 = torch.float64
 
@@ -35,10 +36,17 @@ def compute(impl, name, logits, labels, *, gamma=2.0, alpha=0.25, class_alpha=()
     """The summed loss ``name`` of ``logits`` / ``labels`` through ``impl``."""
     if impl == "api":
         loss = build_loss(
-            name, num_classes_of(name, logits), gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta
+            name,
+            num_classes_of(name, logits),
+            gamma=gamma,
+            alpha=alpha,
+            class_alpha=class_alpha,
+            beta=beta,
         )
         return loss(logits, labels)
-    return reference(name, logits, labels, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta)
+    return reference(
+        name, logits, labels, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta
+    )
 
 
 def random_batch(name, *, num_anchors=8, num_classes=3, scale=2.0, dtype=F64, seed=0):
@@ -47,7 +55,9 @@ def random_batch(name, *, num_anchors=8, num_classes=3, scale=2.0, dtype=F64, se
     cols = num_logits_of(name, num_classes)
     logits = (torch.randn(num_anchors, cols, generator=g) * scale).to(dtype)
     labels = torch.randint(-1, num_classes + 1, (num_anchors,), generator=g)
-    labels[: num_classes + 2] = torch.arange(-1, num_classes + 1)  # every kind of label at least once
+    labels[: num_classes + 2] = torch.arange(
+        -1, num_classes + 1
+    )  # every kind of label at least once
     return logits, labels
 
 
@@ -141,7 +151,9 @@ def test_float64_loss_uses_alpha_at_float64_precision(impl, name):
     logits = torch.tensor([[0.3, -0.2, 0.1]], dtype=F64)
     labels = torch.tensor([0])
     if name == "sigmoid_focal":
-        expected = -0.3 * math.log(sigmoid(0.3)) - 0.7 * (math.log(1 - sigmoid(-0.2)) + math.log(1 - sigmoid(0.1)))
+        expected = -0.3 * math.log(sigmoid(0.3)) - 0.7 * (
+            math.log(1 - sigmoid(-0.2)) + math.log(1 - sigmoid(0.1))
+        )
     else:  # class 0 of K = 2
         expected = -0.3 * (0.3 - math.log(math.exp(0.3) + math.exp(-0.2) + math.exp(0.1)))
     out = compute(impl, name, logits, labels, gamma=0.0, alpha=0.3)
@@ -152,14 +164,18 @@ def test_float64_loss_uses_alpha_at_float64_precision(impl, name):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("gamma, alpha", [(2.0, 0.25), (0.5, 0.25), (0.0, 0.25), (2.0, -1), (1.0, 0.6)])
+@pytest.mark.parametrize(
+    "gamma, alpha", [(2.0, 0.25), (0.5, 0.25), (0.0, 0.25), (2.0, -1), (1.0, 0.6)]
+)
 def test_sigmoid_focal_matches_fvcore(impl, gamma, alpha):
     num_classes = 5
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(64, num_classes, generator=g) * 2  # float32: fvcore computes in float32
     labels = torch.randint(-1, num_classes + 1, (64,), generator=g)
     valid = labels >= 0
-    targets = TF.one_hot(labels[valid], num_classes + 1)[:, :num_classes].float()  # background: all 0
+    targets = TF.one_hot(labels[valid], num_classes + 1)[
+        :, :num_classes
+    ].float()  # background: all 0
 
     ours, ours_grad = grad_of(
         lambda x: compute(impl, "sigmoid_focal", x, labels, gamma=gamma, alpha=alpha), logits
@@ -204,7 +220,9 @@ def test_gradcheck_float64(impl, name, gamma, class_alpha):
     logits.requires_grad_(True)
 
     def fn(x):
-        return compute(impl, name, x, labels, gamma=gamma, alpha=0.25, class_alpha=class_alpha, beta=0.5)
+        return compute(
+            impl, name, x, labels, gamma=gamma, alpha=0.25, class_alpha=class_alpha, beta=0.5
+        )
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -251,7 +269,10 @@ def test_sigmoid_focal_at_gamma_0_is_alpha_weighted_bce():
     weights = 0.25 * targets + 0.75 * (1 - targets)
     fl, fl_grad = grad_of(lambda x: build_loss("sigmoid_focal", 3, gamma=0.0)(x, labels), logits)
     bce, bce_grad = grad_of(
-        lambda x: TF.binary_cross_entropy_with_logits(x[valid], targets, weight=weights, reduction="sum"), logits
+        lambda x: TF.binary_cross_entropy_with_logits(
+            x[valid], targets, weight=weights, reduction="sum"
+        ),
+        logits,
     )
     torch.testing.assert_close(fl, bce, rtol=1e-12, atol=0)
     torch.testing.assert_close(fl_grad, bce_grad, rtol=1e-12, atol=1e-15)
@@ -264,7 +285,8 @@ def test_softmax_focal_at_gamma_0_is_alpha_weighted_softmax_cross_entropy(impl):
     weights = torch.where(labels[valid] == 3, 0.75, 0.25).to(F64)
     fl, fl_grad = grad_of(lambda x: compute(impl, "softmax_focal", x, labels, gamma=0.0), logits)
     ce, ce_grad = grad_of(
-        lambda x: (weights * TF.cross_entropy(x[valid], labels[valid], reduction="none")).sum(), logits
+        lambda x: (weights * TF.cross_entropy(x[valid], labels[valid], reduction="none")).sum(),
+        logits,
     )
     torch.testing.assert_close(fl, ce, rtol=1e-12, atol=0)
     torch.testing.assert_close(fl_grad, ce_grad, rtol=1e-12, atol=1e-15)
@@ -310,7 +332,9 @@ def test_sigmoid_alpha_0_masks_positives(impl, name):
     # the value is the unweighted loss of the negatives alone: give every positive a
     # new logit and the loss must not move
     moved = torch.where(positive, logits + 5.0, logits)
-    assert compute(impl, name, moved, labels, alpha=0.0).item() == pytest.approx(out.item(), rel=1e-12)
+    assert compute(impl, name, moved, labels, alpha=0.0).item() == pytest.approx(
+        out.item(), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -366,7 +390,9 @@ def test_alpha_minus_1_is_twice_alpha_one_half(impl, name):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ["sigmoid_focal", "focal_star", "cross_entropy", "ohem"])  # closed forms below
+@pytest.mark.parametrize(
+    "name", ["sigmoid_focal", "focal_star", "cross_entropy", "ohem"]
+)  # closed forms below
 def test_sigmoid_class_alpha_weighs_positives_and_negatives_per_class(impl, name):
     # K = 2, CLASS_ALPHA = (0.125, 0.75): class k's positives weigh ca[k], its negatives 1 - ca[k].
     ca = (0.125, 0.75)
@@ -403,7 +429,11 @@ def test_softmax_class_alpha_weighs_foreground_by_class_and_background_by_alpha(
         return -((1 - p) ** g) * math.log(p)
 
     rows = logits.tolist()
-    expected = ca[1] * unweighted(rows[0], 1) + ca[0] * unweighted(rows[1], 0) + (1 - a) * unweighted(rows[2], 2)
+    expected = (
+        ca[1] * unweighted(rows[0], 1)
+        + ca[0] * unweighted(rows[1], 0)
+        + (1 - a) * unweighted(rows[2], 2)
+    )
     out = compute(impl, "softmax_focal", logits, labels, gamma=g, alpha=a, class_alpha=ca)
     assert out.item() == pytest.approx(expected, rel=1e-9)
 
@@ -439,7 +469,9 @@ def test_ignored_anchor_logits_do_not_change_the_loss(impl, name):
 @pytest.mark.parametrize("num_anchors", [0, 4])
 def test_all_ignored_batch_is_zero_and_connected(impl, name, num_anchors):
     cols = 4 if name == "softmax_focal" else 3
-    logits = torch.randn(num_anchors, cols, generator=torch.Generator().manual_seed(9)).requires_grad_(True)
+    logits = torch.randn(
+        num_anchors, cols, generator=torch.Generator().manual_seed(9)
+    ).requires_grad_(True)
     labels = torch.full((num_anchors,), -1, dtype=torch.long)
     out = compute(impl, name, logits, labels)
     assert out.dim() == 0
@@ -459,7 +491,9 @@ def test_finite_for_float32_logits_in_plus_minus_100(impl, name, gamma):
     g = torch.Generator().manual_seed(10)
     cols = 4 if name == "softmax_focal" else 3
     extremes = torch.tensor([-100.0, 100.0])
-    corners = extremes[torch.cartesian_prod(*[torch.arange(2)] * cols)]  # every sign pattern of +-100
+    corners = extremes[
+        torch.cartesian_prod(*[torch.arange(2)] * cols)
+    ]  # every sign pattern of +-100
     uniform = torch.rand(32, cols, generator=g) * 200 - 100
     logits = torch.cat([corners, corners, uniform])  # float32
     labels = torch.arange(len(logits)) % 5 - 1  # -1, 0, 1, 2, 3 (= K, background)
@@ -514,7 +548,9 @@ def test_gamma_override_is_honoured(name):
 def test_cross_entropy_ignores_gamma():
     logits, labels = random_batch("cross_entropy", num_anchors=8, seed=11)
     loss = build_loss("cross_entropy", 3)
-    torch.testing.assert_close(loss(logits, labels, gamma=0.5), loss(logits, labels), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        loss(logits, labels, gamma=0.5), loss(logits, labels), rtol=1e-12, atol=0
+    )
 
 
 def test_build_focal_loss_reads_the_configured_gamma():
@@ -534,7 +570,9 @@ def test_sigmoid_bias_init_gives_the_prior(name, prior):
     loss = build_loss(name, 10)
     bias = loss.init_bias(prior)
     assert bias.shape == (10,)
-    torch.testing.assert_close(bias.double().sigmoid(), torch.full((10,), prior, dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        bias.double().sigmoid(), torch.full((10,), prior, dtype=F64), rtol=1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("prior", [0.01, 0.3])
@@ -544,7 +582,9 @@ def test_softmax_bias_init_gives_background_1_minus_prior_and_shares_prior(prior
     assert bias.shape == (11,)
     probs = bias.double().softmax(dim=0)
     assert probs[10].item() == pytest.approx(1 - prior, rel=1e-6)
-    torch.testing.assert_close(probs[:10], torch.full((10,), prior / 10, dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        probs[:10], torch.full((10,), prior / 10, dtype=F64), rtol=1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("gamma, beta", [(2.0, 1.0), (0.5, -0.3)])
@@ -553,20 +593,27 @@ def test_focal_star_bias_init_gives_the_prior(gamma, beta):
     bias = loss.init_bias(0.01)
     assert bias.shape == (10,)
     torch.testing.assert_close(
-        (gamma * bias.double() + beta).sigmoid(), torch.full((10,), 0.01, dtype=F64), rtol=1e-6, atol=0
+        (gamma * bias.double() + beta).sigmoid(),
+        torch.full((10,), 0.01, dtype=F64),
+        rtol=1e-6,
+        atol=0,
     )
 
 
 def test_focal_star_bias_init_at_another_gamma():
     loss = build_loss("focal_star", 10, gamma=2.0, beta=1.0)
     bias = loss.init_bias(0.01, gamma=0.5)
-    torch.testing.assert_close((0.5 * bias.double() + 1.0).sigmoid(), torch.full((10,), 0.01, dtype=F64),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        (0.5 * bias.double() + 1.0).sigmoid(), torch.full((10,), 0.01, dtype=F64), rtol=1e-6, atol=0
+    )
     with pytest.raises(ValueError, match="must be > 0"):
         loss.init_bias(0.01, gamma=0.0)
 
 
-@pytest.mark.parametrize("name, num_logits", [("sigmoid_focal", 3), ("cross_entropy", 3), ("focal_star", 3), ("softmax_focal", 4)])
+@pytest.mark.parametrize(
+    "name, num_logits",
+    [("sigmoid_focal", 3), ("cross_entropy", 3), ("focal_star", 3), ("softmax_focal", 4)],
+)
 def test_num_logits(name, num_logits):
     assert build_loss(name, 3).num_logits == num_logits
 
@@ -597,10 +644,14 @@ def test_softmax_scores_drop_the_background_column():
 def test_focal_star_scores_are_scaled_sigmoids():
     logits = torch.tensor([[0.0, 0.5]])
     expected = torch.tensor([[sigmoid(2.0 * 0.0 - 0.3), sigmoid(2.0 * 0.5 - 0.3)]])
-    torch.testing.assert_close(build_loss("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected)
+    torch.testing.assert_close(
+        build_loss("focal_star", 2, gamma=2.0, beta=-0.3).scores(logits), expected
+    )
 
 
-@pytest.mark.parametrize("name, bad", [("sigmoid_focal", -0.5), ("softmax_focal", -1.0), ("focal_star", 0.0)])
+@pytest.mark.parametrize(
+    "name, bad", [("sigmoid_focal", -0.5), ("softmax_focal", -1.0), ("focal_star", 0.0)]
+)
 def test_gamma_override_is_checked(name, bad):
     loss = build_loss(name)
     logits = torch.zeros(2, 4 if name == "softmax_focal" else 3)

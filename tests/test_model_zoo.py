@@ -7,6 +7,7 @@ configs are Detectron2's retinanet_R_50_FPN_1x with our loss.
 Nothing is downloaded: the checkpoints are written here from a Detectron2
 ``RetinaNet`` with its own random weights.
 """
+
 import contextlib
 import logging
 import math
@@ -16,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import LOSSES, REPO, tiny_cfg
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from conftest import LOSSES, REPO, tiny_cfg
 from focal_det2 import FocalRetinaNet, add_focal_config, build_focal_loss
 
 COCO_CONFIGS = sorted((REPO / "configs" / "coco").glob("*.yaml"))
@@ -39,7 +40,10 @@ def checkpointer_log():
             messages.append(record.getMessage())
 
     handler = Collect(level=logging.INFO)
-    loggers = [logging.getLogger(n) for n in ("fvcore.common.checkpoint", "detectron2.checkpoint.detection_checkpoint")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("fvcore.common.checkpoint", "detectron2.checkpoint.detection_checkpoint")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -82,8 +86,12 @@ def write_model_zoo_pkl(model, path, legacy_anchors=False):
     """
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if legacy_anchors:
-        state.update({f"anchor_generator.cell_anchors.{i}": a.numpy()
-                      for i, a in enumerate(model.anchor_generator.cell_anchors)})
+        state.update(
+            {
+                f"anchor_generator.cell_anchors.{i}": a.numpy()
+                for i, a in enumerate(model.anchor_generator.cell_anchors)
+            }
+        )
     with open(path, "wb") as f:
         pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, f)
     return str(path)
@@ -111,10 +119,15 @@ def assert_classifier_skipped(report, messages, model, source):
     for name, shape_ckpt, shape_model in report.incorrect_shapes:
         assert shape_ckpt == tuple(source.state_dict()[name].shape)
         assert shape_model == tuple(model.state_dict()[name].shape)
-        expected = (f"Skip loading parameter '{name}' to the model due to incompatible shapes: "
-                    f"{shape_ckpt} in the checkpoint but {shape_model} in the model")
+        expected = (
+            f"Skip loading parameter '{name}' to the model due to incompatible shapes: "
+            f"{shape_ckpt} in the checkpoint but {shape_model} in the model"
+        )
         assert any(expected in m for m in messages), messages
-    assert any("not found in the checkpoint" in m and "head.cls_score.{bias, weight}" in m for m in messages)
+    assert any(
+        "not found in the checkpoint" in m and "head.cls_score.{bias, weight}" in m
+        for m in messages
+    )
     assert_equal_except(model, source.state_dict(), skipped=CLASSIFIER)
     # The softmax prior, written out: per anchor K foreground logits 0 and background log(K (1 - pi) / pi).
     bias, k, pi = model.head.cls_score.bias.detach(), model.num_classes, 0.01
@@ -135,21 +148,29 @@ def zoo_checkpoint(tmp_path_factory):
     """A Detectron2 RetinaNet (R18-FPN, GN, 10 classes) and its model-zoo .pkl."""
     torch.manual_seed(0)
     source = build_model(retinanet_cfg(small_cfg())).eval()
-    path = write_model_zoo_pkl(source, tmp_path_factory.mktemp("zoo") / "model_final.pkl", legacy_anchors=True)
+    path = write_model_zoo_pkl(
+        source, tmp_path_factory.mktemp("zoo") / "model_final.pkl", legacy_anchors=True
+    )
     return source, path
 
 
-def test_sigmoid_loads_model_zoo_pkl_with_no_missing_or_unexpected_keys(zoo_checkpoint, incompatible):
+def test_sigmoid_loads_model_zoo_pkl_with_no_missing_or_unexpected_keys(
+    zoo_checkpoint, incompatible
+):
     source, path = zoo_checkpoint
     torch.manual_seed(1)
     model = build_model(small_cfg())
     assert isinstance(model, FocalRetinaNet)
     messages = load_weights(model, path)
     (report,) = incompatible
-    assert report.missing_keys == [] and report.unexpected_keys == [] and report.incorrect_shapes == []
+    assert (
+        report.missing_keys == [] and report.unexpected_keys == [] and report.incorrect_shapes == []
+    )
     assert_equal_except(model, source.state_dict())
     assert "Reading a file from 'Detectron2 Model Zoo'" in messages
-    assert not any("Skip loading" in m or "not found" in m or "not used" in m for m in messages), messages
+    assert not any("Skip loading" in m or "not found" in m or "not used" in m for m in messages), (
+        messages
+    )
 
 
 def test_softmax_loads_model_zoo_pkl_except_the_classifier(zoo_checkpoint, incompatible):
@@ -184,7 +205,9 @@ def test_loaded_model_zoo_weights_give_retinanet_detections(zoo_checkpoint):
         ours, theirs = model(inputs)[0]["instances"], source(inputs)[0]["instances"]
     assert len(theirs) > 0
     assert torch.equal(ours.pred_boxes.tensor, theirs.pred_boxes.tensor)
-    assert torch.equal(ours.scores, theirs.scores) and torch.equal(ours.pred_classes, theirs.pred_classes)
+    assert torch.equal(ours.scores, theirs.scores) and torch.equal(
+        ours.pred_classes, theirs.pred_classes
+    )
 
 
 # --- COCO configs ------------------------------------------------------------------
@@ -207,8 +230,11 @@ def detectron2_retinanet_r50_1x():
 
 def only_keys_of(cfg, reference):
     """``cfg`` without the keys ``reference`` lacks (those focal_det2 adds)."""
-    return {k: only_keys_of(v, reference[k]) if isinstance(v, dict) else v
-            for k, v in cfg.items() if k in reference}
+    return {
+        k: only_keys_of(v, reference[k]) if isinstance(v, dict) else v
+        for k, v in cfg.items()
+        if k in reference
+    }
 
 
 def test_coco_configs_exist_for_every_loss():
@@ -220,9 +246,15 @@ def test_coco_configs_exist_for_every_loss():
 def test_coco_config_is_detectron2_retinanet_r50_1x_with_our_loss(path):
     cfg, reference = coco_cfg(path), detectron2_retinanet_r50_1x()
     assert cfg.MODEL.META_ARCHITECTURE == "FocalRetinaNet"
-    assert cfg.MODEL.WEIGHTS == reference.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    assert (
+        cfg.MODEL.WEIGHTS
+        == reference.MODEL.WEIGHTS
+        == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    )
     assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
-    assert {"coco_2017_train", "coco_2017_val"} <= set(DatasetCatalog.list())  # Detectron2's registration
+    assert {"coco_2017_train", "coco_2017_val"} <= set(
+        DatasetCatalog.list()
+    )  # Detectron2's registration
     assert cfg.OUTPUT_DIR == f"output/coco/{path.stem}"
     if cfg.MODEL.FOCAL.GAMMA_SCHEDULE.NAME != "constant":
         assert cfg.MODEL.FOCAL.GAMMA_SCHEDULE.ITERS == cfg.SOLVER.MAX_ITER // 2
@@ -230,7 +262,9 @@ def test_coco_config_is_detectron2_retinanet_r50_1x_with_our_loss(path):
     ours, theirs = cfg.clone(), reference.clone()
     for c in (ours, theirs):
         c.MODEL.META_ARCHITECTURE = c.OUTPUT_DIR = ""
-    np.testing.assert_allclose(ours.MODEL.ANCHOR_GENERATOR.SIZES, theirs.MODEL.ANCHOR_GENERATOR.SIZES, rtol=1e-4)
+    np.testing.assert_allclose(
+        ours.MODEL.ANCHOR_GENERATOR.SIZES, theirs.MODEL.ANCHOR_GENERATOR.SIZES, rtol=1e-4
+    )
     ours.MODEL.ANCHOR_GENERATOR.SIZES = theirs.MODEL.ANCHOR_GENERATOR.SIZES
     assert only_keys_of(ours, theirs) == theirs
     model = build_model(cfg)
@@ -249,7 +283,11 @@ def test_coco_r50_model_zoo_pkl_loads(name, tmp_path, incompatible):
     messages = load_weights(model, path)
     (report,) = incompatible
     if name == "sigmoid_focal":
-        assert report.missing_keys == [] and report.unexpected_keys == [] and report.incorrect_shapes == []
+        assert (
+            report.missing_keys == []
+            and report.unexpected_keys == []
+            and report.incorrect_shapes == []
+        )
         assert_equal_except(model, source.state_dict())
     else:
         assert_classifier_skipped(report, messages, model, source)

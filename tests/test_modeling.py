@@ -1,4 +1,5 @@
 """FocalRetinaNet against Detectron2's RetinaNet, and every loss through the model."""
+
 import pytest
 import torch
 from conftest import LOSSES, head_logits, reference_loss_cls, tiny_cfg
@@ -16,7 +17,10 @@ def batch(with_empty=False):
     for i in range(2):
         inst = Instances((96, 128))
         if with_empty and i == 1:
-            inst.gt_boxes, inst.gt_classes = Boxes(torch.zeros(0, 4)), torch.zeros(0, dtype=torch.long)
+            inst.gt_boxes, inst.gt_classes = (
+                Boxes(torch.zeros(0, 4)),
+                torch.zeros(0, dtype=torch.long),
+            )
         else:
             inst.gt_boxes = Boxes(torch.tensor([[10.0, 10, 40, 50], [60, 30, 90, 70]]))
             inst.gt_classes = torch.tensor([3, 7])
@@ -146,7 +150,9 @@ def _closed_form_scores(loss, logits):
     if loss == "softmax_focal":
         return (x.exp() / x.exp().sum(-1, keepdim=True))[..., :NUM_CLASSES]
     if loss == "focal_star":
-        return 1 / (1 + torch.exp(-(2.0 * x + 1.0)))  # p* = sigmoid(gamma x + beta), gamma 2, beta 1
+        return 1 / (
+            1 + torch.exp(-(2.0 * x + 1.0))
+        )  # p* = sigmoid(gamma x + beta), gamma 2, beta 1
     return 1 / (1 + torch.exp(-x))
 
 
@@ -204,10 +210,18 @@ def test_loss_uses_scheduled_gamma():
 
 def test_focal_star_under_a_schedule_starts_at_the_prior():
     # FL* scores are sigmoid(gamma * x + beta): the bias gives the prior at the schedule's start gamma.
-    model = build(loss="focal_star", gamma=2.0, star_beta=1.0, gamma_schedule__name="linear",
-                  gamma_schedule__start=0.5, gamma_schedule__iters=100)
+    model = build(
+        loss="focal_star",
+        gamma=2.0,
+        star_beta=1.0,
+        gamma_schedule__name="linear",
+        gamma_schedule__start=0.5,
+        gamma_schedule__iters=100,
+    )
     bias = model.head.cls_score.bias.detach().double()
-    torch.testing.assert_close((0.5 * bias + 1.0).sigmoid(), torch.full_like(bias, 0.01), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        (0.5 * bias + 1.0).sigmoid(), torch.full_like(bias, 0.01), rtol=1e-6, atol=0
+    )
 
 
 def test_same_seed_gives_retinanet_initial_weights():

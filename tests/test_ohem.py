@@ -4,12 +4,13 @@ minibatch (hardest first, NMS over the predicted boxes, the positive
 fraction, per image) and its loss on the minibatch, against values written
 out here.
 """
+
 import math
 
 import pytest
 import torch
-
 from conftest import build_loss
+
 from focal_det2.losses.ohem import anchor_losses
 
 F64 = torch.float64
@@ -17,8 +18,14 @@ K = 3
 
 
 def ohem(batch=128, nms=1.0, pos_fraction=0.0, alpha=0.25, class_alpha=()):
-    opts = ["MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", batch, "MODEL.FOCAL.OHEM.NMS_THRESH", nms,
-            "MODEL.FOCAL.OHEM.POS_FRACTION", pos_fraction]
+    opts = [
+        "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE",
+        batch,
+        "MODEL.FOCAL.OHEM.NMS_THRESH",
+        nms,
+        "MODEL.FOCAL.OHEM.POS_FRACTION",
+        pos_fraction,
+    ]
     return build_loss("ohem", K, alpha=alpha, class_alpha=class_alpha, opts=opts)
 
 
@@ -50,13 +57,20 @@ def random_problem(n=40, seed=0):
 @pytest.mark.parametrize("class_alpha", [(), (0.1, 0.5, 0.9)])
 def test_anchor_losses_are_alpha_balanced_ce_summed_over_classes(class_alpha):
     logits, labels = random_problem()
-    got = anchor_losses(logits, labels, 0.25, torch.tensor(class_alpha, dtype=F64) if class_alpha else None)
+    got = anchor_losses(
+        logits, labels, 0.25, torch.tensor(class_alpha, dtype=F64) if class_alpha else None
+    )
     if class_alpha:
         want = []
         for row, label in zip(logits.tolist(), labels.tolist()):
-            want.append(-math.inf if label < 0 else sum(
-                a * softplus(-x) if k == label else (1 - a) * softplus(x)
-                for k, (x, a) in enumerate(zip(row, class_alpha))))
+            want.append(
+                -math.inf
+                if label < 0
+                else sum(
+                    a * softplus(-x) if k == label else (1 - a) * softplus(x)
+                    for k, (x, a) in enumerate(zip(row, class_alpha))
+                )
+            )
         want = torch.tensor(want, dtype=F64)
     else:
         want = written_out_losses(logits, labels, 0.25)
@@ -135,13 +149,17 @@ def test_each_image_gets_its_own_minibatch():
     ],
 )
 def test_bad_ohem_keys_are_named(key, value, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         build_loss("ohem", K, opts=[f"MODEL.FOCAL.OHEM.{key}", value])
 
 
 def test_nms_without_boxes_is_named():
     logits, labels = random_problem(n=6)
-    with pytest.raises(ValueError, match=r"ohem with NMS_THRESH=0.5 needs boxes of shape \(6, 4\), got None"):
+    with pytest.raises(
+        ValueError, match=r"ohem with NMS_THRESH=0.5 needs boxes of shape \(6, 4\), got None"
+    ):
         ohem(nms=0.5)(logits, labels)
     with pytest.raises(ValueError, match="do not split into num_images=4"):
         ohem()(logits, labels, num_images=4)

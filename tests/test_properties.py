@@ -3,13 +3,13 @@ Properties of every registered loss (built with ``focal_det2.build_focal_loss``)
 over random shapes, labels, gammas, alphas, per-class alphas and logits,
 extreme ones (+-100) included, checked with hypothesis.
 """
+
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import LOSSES, build_loss, num_logits_of, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import LOSSES, build_loss, num_logits_of, reference
 
 F64 = torch.float64
 # derandomize: the same examples on every run, as everything else in the suite is seeded.
@@ -41,7 +41,10 @@ def problems(draw, name, *, min_gamma=0.0, max_gamma=5.0, min_beta=-2.0):
         gamma=draw(st.floats(low_gamma, max_gamma)),
         alpha=draw(st.one_of(st.just(-1.0), st.floats(0.0, 1.0))),
         class_alpha=draw(
-            st.one_of(st.just(()), st.lists(st.floats(0.0, 1.0), min_size=num_classes, max_size=num_classes))
+            st.one_of(
+                st.just(()),
+                st.lists(st.floats(0.0, 1.0), min_size=num_classes, max_size=num_classes),
+            )
         ),
         beta=draw(st.floats(min_beta, 2.0)),
     )
@@ -62,7 +65,11 @@ def alpha_weighted_bce(logits, labels, *, alpha, class_alpha):
         a = torch.tensor(class_alpha, dtype=logits.dtype).expand_as(x)
     else:
         a = torch.full_like(x, alpha)
-    weight = torch.ones_like(x) if alpha == -1 and not class_alpha else target * a + (1 - target) * (1 - a)
+    weight = (
+        torch.ones_like(x)
+        if alpha == -1 and not class_alpha
+        else target * a + (1 - target) * (1 - a)
+    )
     return (weight * TF.binary_cross_entropy_with_logits(x, target, reduction="none")).sum()
 
 
@@ -96,7 +103,10 @@ def close(actual, expected, rtol=1e-10):
 
 def rows(problem):
     """(logits, labels) of each anchor alone."""
-    return [(problem["logits"][i : i + 1], problem["labels"][i : i + 1]) for i in range(len(problem["labels"]))]
+    return [
+        (problem["logits"][i : i + 1], problem["labels"][i : i + 1])
+        for i in range(len(problem["labels"]))
+    ]
 
 
 def value_and_grad(loss, logits, labels, **kwargs):
@@ -111,7 +121,9 @@ def value_and_grad(loss, logits, labels, **kwargs):
 @given(data=st.data())
 def test_finite_and_non_negative_in_float32(name, data):
     problem = data.draw(problems(name))
-    value, grad = value_and_grad(loss_of(name, problem), problem["logits"].float(), problem["labels"])
+    value, grad = value_and_grad(
+        loss_of(name, problem), problem["logits"].float(), problem["labels"]
+    )
     assert torch.isfinite(value) and value >= 0
     assert torch.isfinite(grad).all()
     ignored = problem["labels"] == -1
@@ -125,7 +137,9 @@ def test_gradient_equals_autograd_of_the_reference_formula(name, data):
     problem = data.draw(problems(name))
     logits, labels = problem["logits"], problem["labels"]
     value, grad = value_and_grad(loss_of(name, problem), logits, labels)
-    ref_value, ref_grad = value_and_grad(lambda x, y: reference(name, x, y, **problem["params"]), logits, labels)
+    ref_value, ref_grad = value_and_grad(
+        lambda x, y: reference(name, x, y, **problem["params"]), logits, labels
+    )
     close(value, ref_value)
     close(grad, ref_grad)
 
@@ -176,7 +190,9 @@ def test_sigmoid_losses_at_gamma_0_equal_alpha_weighted_bce(name, data):
     """sigmoid_focal at gamma 0, and cross_entropy at any gamma, are alpha_t * BCE."""
     problem = data.draw(problems(name))
     p = problem["params"]
-    expected = alpha_weighted_bce(problem["logits"], problem["labels"], alpha=p["alpha"], class_alpha=p["class_alpha"])
+    expected = alpha_weighted_bce(
+        problem["logits"], problem["labels"], alpha=p["alpha"], class_alpha=p["class_alpha"]
+    )
     gamma = 0.0 if name == "sigmoid_focal" else p["gamma"]
     close(loss_of(name, problem)(problem["logits"], problem["labels"], gamma=gamma), expected)
 
@@ -189,7 +205,9 @@ def test_softmax_focal_at_gamma_0_equals_alpha_weighted_softmax_ce(data):
     expected = alpha_weighted_softmax_ce(
         problem["logits"], problem["labels"], alpha=p["alpha"], class_alpha=p["class_alpha"]
     )
-    close(loss_of("softmax_focal", problem)(problem["logits"], problem["labels"], gamma=0.0), expected)
+    close(
+        loss_of("softmax_focal", problem)(problem["logits"], problem["labels"], gamma=0.0), expected
+    )
 
 
 @EXAMPLES

@@ -4,6 +4,7 @@ up by ``add_focal_config``, ``build_focal_loss`` and every suite that
 iterates the registry, with no edit to the tests. Shown with a throwaway
 loss written to a temporary file, in a pytest run of its own.
 """
+
 import re
 import subprocess
 import sys
@@ -35,7 +36,10 @@ class ToyDoubleCE(DenseClassificationLoss):
         return 2.0 * functional.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
 '''
 SUITES = [
-    "tests/test_losses.py", "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_modeling.py",
+    "tests/test_losses.py",
+    "tests/test_properties.py",
+    "tests/test_bad_input.py",
+    "tests/test_modeling.py",
     "tests/test_export.py",
 ]
 
@@ -44,7 +48,17 @@ def run_suites_with(tmp_path, fast_factor, suites):
     path = tmp_path / f"toy_loss_{str(fast_factor).replace('.', '_')}.py"
     path.write_text(textwrap.dedent(TOY_LOSS).replace("FAST_FACTOR", repr(fast_factor)))
     env = {**__import__("os").environ, "FOCAL_DET2_EXTRA_LOSSES": str(path)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "toy_double_ce", *suites]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "toy_double_ce",
+        *suites,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
 
 

@@ -4,6 +4,7 @@ ends with the weights and metrics.json values of an uninterrupted run, bit
 for bit: with 1 process past the 20-iteration window of the smoothed
 scalars, and with 2 processes (GLOO, CPU).
 """
+
 import json
 
 import numpy as np
@@ -62,14 +63,22 @@ def _cfg(output_dir, *opts, max_iter=MAX_ITER, stop_after=STOP_AFTER):
         "soft_gamma_R18_FPN_1x",
         output_dir,
         [
-            "SOLVER.MAX_ITER", max_iter,
-            "SOLVER.CHECKPOINT_PERIOD", stop_after,
-            "SOLVER.WARMUP_ITERS", 2,
-            "SOLVER.STEPS", (max_iter - 2,),  # the learning rate drops after the resume
-            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", max_iter,  # gamma changes every iteration
-            "DATASETS.TEST", (),
-            "INPUT.MIN_SIZE_TRAIN", (64,),  # the digits canvases, downscaled: faster
-            "INPUT.MAX_SIZE_TRAIN", 64,
+            "SOLVER.MAX_ITER",
+            max_iter,
+            "SOLVER.CHECKPOINT_PERIOD",
+            stop_after,
+            "SOLVER.WARMUP_ITERS",
+            2,
+            "SOLVER.STEPS",
+            (max_iter - 2,),  # the learning rate drops after the resume
+            "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS",
+            max_iter,  # gamma changes every iteration
+            "DATASETS.TEST",
+            (),
+            "INPUT.MIN_SIZE_TRAIN",
+            (64,),  # the digits canvases, downscaled: faster
+            "INPUT.MAX_SIZE_TRAIN",
+            64,
             *opts,
         ],
     )
@@ -188,7 +197,9 @@ def test_digits_augmentations_are_deterministic():
         seed_all_rng(seed)
         outputs.append(mapper(dict(record)))
     assert torch.equal(outputs[0]["image"], outputs[1]["image"])
-    assert torch.equal(outputs[0]["instances"].gt_boxes.tensor, outputs[1]["instances"].gt_boxes.tensor)
+    assert torch.equal(
+        outputs[0]["instances"].gt_boxes.tensor, outputs[1]["instances"].gt_boxes.tensor
+    )
     assert outputs[0]["image"].shape[1:] == (record["height"], record["width"])
 
 
@@ -203,11 +214,16 @@ def _image_ids(loader, count):
 def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
     cfg = digits_cfg(
         opts=[
-            "DATALOADER.NUM_WORKERS", workers,
-            "DATALOADER.ASPECT_RATIO_GROUPING", grouping,
-            "SOLVER.IMS_PER_BATCH", 3,
-            "INPUT.MIN_SIZE_TRAIN", (32,),
-            "INPUT.MAX_SIZE_TRAIN", 32,
+            "DATALOADER.NUM_WORKERS",
+            workers,
+            "DATALOADER.ASPECT_RATIO_GROUPING",
+            grouping,
+            "SOLVER.IMS_PER_BATCH",
+            3,
+            "INPUT.MIN_SIZE_TRAIN",
+            (32,),
+            "INPUT.MAX_SIZE_TRAIN",
+            32,
         ]
     )
     whole = _image_ids(FocalTrainer.build_train_loader(cfg), start_iter + 4)
@@ -223,8 +239,10 @@ TWO_PROCESS_MAX_ITER, TWO_PROCESS_STOP_AFTER = 6, 3
 def _two_process_cfg(output_dir):
     return _cfg(
         output_dir,
-        "SOLVER.IMS_PER_BATCH", 4,  # 2 images a process
-        "MODEL.FOCAL.SYNC_NORMALIZER", True,  # what an exact multi-process resume needs
+        "SOLVER.IMS_PER_BATCH",
+        4,  # 2 images a process
+        "MODEL.FOCAL.SYNC_NORMALIZER",
+        True,  # what an exact multi-process resume needs
         max_iter=TWO_PROCESS_MAX_ITER,
         stop_after=TWO_PROCESS_STOP_AFTER,
     )
@@ -239,9 +257,13 @@ def _resume_worker(out_dir):
     state = {}
     for name, trainer in (("whole", whole), ("resumed", resumed)):
         model = trainer.checkpointer.model  # without the DDP wrapper
-        state[name] = {"model": model.state_dict(), "loss_normalizer": model.loss_normalizer,
-                       "start_iter": trainer.start_iter, "world": comm.get_world_size(),
-                       "foreground": trainer.storage.history("num_pos_anchors").values()}
+        state[name] = {
+            "model": model.state_dict(),
+            "loss_normalizer": model.loss_normalizer,
+            "start_iter": trainer.start_iter,
+            "world": comm.get_world_size(),
+            "foreground": trainer.storage.history("num_pos_anchors").values(),
+        }
     torch.save(state, out_dir / f"rank{comm.get_rank()}.pt")
 
 
@@ -276,12 +298,16 @@ def test_two_processes_resume_to_the_same_weights(two_process_runs):
 
 def test_two_processes_resume_to_the_same_metrics(two_process_runs):
     _, out_dir = two_process_runs
-    _assert_same_metrics(_metrics(out_dir / "parts"), _metrics(out_dir / "whole"), TWO_PROCESS_MAX_ITER)
+    _assert_same_metrics(
+        _metrics(out_dir / "parts"), _metrics(out_dir / "whole"), TWO_PROCESS_MAX_ITER
+    )
 
 
 def test_two_process_checkpoint_holds_the_normalizer(two_process_runs):
     ranks, out_dir = two_process_runs
-    checkpoint = torch.load(out_dir / "parts" / f"model_{TWO_PROCESS_STOP_AFTER - 1:07d}.pth", weights_only=False)
+    checkpoint = torch.load(
+        out_dir / "parts" / f"model_{TWO_PROCESS_STOP_AFTER - 1:07d}.pth", weights_only=False
+    )
     saved = checkpoint["loss_normalizer"]["loss_normalizer"]
     # The synced moving average after the stopped run's iterations, from the initial 100 with
     # momentum 0.9, over the batch's foreground count: each process logs its own per-image count.
@@ -308,7 +334,9 @@ def test_resume_checks_the_training_data_once(runs, tmp_path, monkeypatch):
     (run / "last_checkpoint").write_text(f"model_{STOP_AFTER - 1:07d}.pth")  # the interrupted run's
     calls = []
     load = engine.load_checked_dataset_dicts
-    monkeypatch.setattr(engine, "load_checked_dataset_dicts", lambda *a, **k: calls.append(a) or load(*a, **k))
+    monkeypatch.setattr(
+        engine, "load_checked_dataset_dicts", lambda *a, **k: calls.append(a) or load(*a, **k)
+    )
     trainer = FocalTrainer(_cfg(run))
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == STOP_AFTER
@@ -328,7 +356,9 @@ def test_ddp_replacement_is_undone_on_exit_and_on_error():
     with ddp_device_ids_by_device():
         assert defaults.create_ddp_model is not original
         model = torch.nn.Linear(2, 2)
-        assert defaults.create_ddp_model(model, broadcast_buffers=False) is model  # 1 process: no wrapper
+        assert (
+            defaults.create_ddp_model(model, broadcast_buffers=False) is model
+        )  # 1 process: no wrapper
     assert defaults.create_ddp_model is original
     with pytest.raises(_Interrupted), ddp_device_ids_by_device():
         raise _Interrupted

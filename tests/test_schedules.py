@@ -1,17 +1,18 @@
 """Gamma schedules: gamma(iteration) from START to MODEL.FOCAL.GAMMA."""
+
 import math
 import random
 import re
 
 import pytest
 import torch
+from conftest import tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import focal_det2
-from conftest import tiny_cfg
 
 KEY = "MODEL.FOCAL.GAMMA_SCHEDULE"
 
@@ -33,27 +34,37 @@ def test_constant_is_gamma(iteration):
     assert schedule("constant", gamma=1.5)(iteration) == 1.5
 
 
-@pytest.mark.parametrize("iteration, expected", [(0, 0.0), (25, 0.5), (50, 1.0), (100, 2.0), (500, 2.0)])
+@pytest.mark.parametrize(
+    "iteration, expected", [(0, 0.0), (25, 0.5), (50, 1.0), (100, 2.0), (500, 2.0)]
+)
 def test_linear_from_0_to_2_over_100(iteration, expected):
     # gamma(t) = START + (GAMMA - START) * min(t / ITERS, 1)
-    assert schedule("linear", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+    assert schedule("linear", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("iteration, expected", [(0, 1.0), (5, 2.0), (10, 3.0), (11, 3.0)])
 def test_linear_from_start(iteration, expected):
-    assert schedule("linear", gamma=3.0, start=1.0, iters=10)(iteration) == pytest.approx(expected, abs=1e-12)
+    assert schedule("linear", gamma=3.0, start=1.0, iters=10)(iteration) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("iteration", [0, 10, 25, 50, 75, 100, 101, 1000])
 def test_cosine_from_0_to_2_over_100(iteration):
     t = min(iteration / 100, 1.0)
     expected = 0.0 + (2.0 - 0.0) * 0.5 * (1 - math.cos(math.pi * t))
-    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("iteration, expected", [(0, 0.0), (50, 1.0), (100, 2.0), (400, 2.0)])
 def test_cosine_landmarks(iteration, expected):
-    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(expected, abs=1e-12)
+    assert schedule("cosine", gamma=2.0, start=0.0, iters=100)(iteration) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 def test_cosine_starts_slower_than_linear():
@@ -155,14 +166,17 @@ def test_step_needs_increasing_steps(steps):
         schedule("step", steps=steps)
 
 
-@pytest.mark.parametrize("name, kwargs, key", [
-    ("constant", {"start": 0.5}, "START"),
-    ("constant", {"iters": 10}, "ITERS"),
-    ("constant", {"steps": [5]}, "STEPS"),
-    ("linear", {"iters": 10, "steps": [5]}, "STEPS"),
-    ("cosine", {"iters": 10, "steps": [5]}, "STEPS"),
-    ("step", {"steps": [5], "iters": 10}, "ITERS"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, key",
+    [
+        ("constant", {"start": 0.5}, "START"),
+        ("constant", {"iters": 10}, "ITERS"),
+        ("constant", {"steps": [5]}, "STEPS"),
+        ("linear", {"iters": 10, "steps": [5]}, "STEPS"),
+        ("cosine", {"iters": 10, "steps": [5]}, "STEPS"),
+        ("step", {"steps": [5], "iters": 10}, "ITERS"),
+    ],
+)
 def test_key_the_schedule_would_ignore_raises(name, kwargs, key):
     with _raises_naming(f"{KEY}.{key}"):
         schedule(name, **kwargs)

@@ -3,6 +3,7 @@ The scripts in tools/: each runs on a tiny trained model (or synthetic input)
 and writes what it promises. Tools are imported from their files and called
 through ``main(argv)`` with the arguments a user would type.
 """
+
 import csv
 import importlib.util
 import json
@@ -12,10 +13,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, digits_cfg
 from detectron2.config import get_cfg
 from PIL import Image
 
-from conftest import REPO, digits_cfg
 from focal_det2 import add_focal_config
 from focal_det2.config import load_config
 from focal_det2.engine import FocalTrainer
@@ -61,7 +62,9 @@ def trained(tmp_path_factory):
 
 def test_plot_loss_curves_writes_png_of_requested_size(tmp_path):
     output = tmp_path / "curves.png"
-    load_tool("plot_loss_curves").main(["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"])
+    load_tool("plot_loss_curves").main(
+        ["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"]
+    )
     assert png_size(output) == (300, 150)
 
 
@@ -69,9 +72,11 @@ def test_loss_curves_values_are_the_closed_forms():
     curves = load_tool("plot_loss_curves").loss_curves(np.array([-2.0, 0.0, 3.0]))
     p = 1 / (1 + np.exp(-np.array([-2.0, 0.0, 3.0])))
     np.testing.assert_allclose(curves["CE (γ = 0)"][0], -np.log(p), rtol=1e-10)
-    np.testing.assert_allclose(curves["FL, γ = 2"][0], -(1 - p) ** 2 * np.log(p), rtol=1e-10)
+    np.testing.assert_allclose(curves["FL, γ = 2"][0], -((1 - p) ** 2) * np.log(p), rtol=1e-10)
     # a 2-way softmax focal loss is the sigmoid one
-    np.testing.assert_allclose(curves["softmax FL (2-way), γ = 2"][0], curves["FL, γ = 2"][0], rtol=1e-10)
+    np.testing.assert_allclose(
+        curves["softmax FL (2-way), γ = 2"][0], curves["FL, γ = 2"][0], rtol=1e-10
+    )
     star = 1 / (1 + np.exp(-(4 * np.array([-2.0, 0.0, 3.0]) + 0)))
     np.testing.assert_allclose(curves["FL*, γ = 4, β = 0"][0], -np.log(star) / 4, rtol=1e-10)
 
@@ -84,8 +89,18 @@ def _synthetic_metrics(path, gamma_ramp):
     with open(path, "w") as f:
         for it in range(19, 200, 20):
             gamma = min(it / 100, 1.0) * 2.0 if gamma_ramp else 2.0
-            f.write(json.dumps({"iteration": it, "loss_cls": 1.0 / (it + 1), "loss_box_reg": 0.5,
-                                "focal_gamma": gamma, "lr": 0.01}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": it,
+                        "loss_cls": 1.0 / (it + 1),
+                        "loss_box_reg": 0.5,
+                        "focal_gamma": gamma,
+                        "lr": 0.01,
+                    }
+                )
+                + "\n"
+            )
         f.write(json.dumps({"iteration": 200, "bbox/AP": 1.0}) + "\n")
 
 
@@ -102,14 +117,18 @@ def test_plot_training_draws_runs_and_scheduled_gamma(tmp_path, trained):
     assert png_size(output) == (300, 100)
 
     constant = tmp_path / "constant.png"
-    tool.main([str(trained_dir), str(ramp / "metrics.json"), "--labels", "a,b", "--output", str(constant)])
+    tool.main(
+        [str(trained_dir), str(ramp / "metrics.json"), "--labels", "a,b", "--output", str(constant)]
+    )
     assert png_size(constant) == (1200, 400)
     assert tool.plot([str(trained_dir)], str(constant)) == ["loss_cls", "loss_box_reg"]
 
 
 def test_plot_training_reads_training_records_only(tmp_path):
     _synthetic_metrics(tmp_path / "metrics.json", gamma_ramp=True)
-    series = load_tool("plot_training").read_series(str(tmp_path / "metrics.json"), ["loss_cls", "focal_gamma"])
+    series = load_tool("plot_training").read_series(
+        str(tmp_path / "metrics.json"), ["loss_cls", "focal_gamma"]
+    )
     assert series["loss_cls"].shape == (10, 2)
     assert series["focal_gamma"][0].tolist() == [19, 0.38]
 
@@ -121,8 +140,22 @@ def test_plot_loss_cdf_on_trained_model(tmp_path, trained):
     config_file, weights, _ = trained
     output = tmp_path / "cdf.png"
     counts = load_tool("plot_loss_cdf").main(
-        ["--config-file", config_file, "--output", str(output), "--gammas", "0,2",
-         "--width", "6", "--height", "3", "--dpi", "50", "MODEL.WEIGHTS", weights]
+        [
+            "--config-file",
+            config_file,
+            "--output",
+            str(output),
+            "--gammas",
+            "0,2",
+            "--width",
+            "6",
+            "--height",
+            "3",
+            "--dpi",
+            "50",
+            "MODEL.WEIGHTS",
+            weights,
+        ]
     )
     assert png_size(output) == (300, 150)
     assert 0 < 20 * counts["positive"] < counts["negative"]
@@ -138,7 +171,9 @@ def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(tra
     assert 0 < (labels < K).sum() < (labels == K).sum()
     for gamma in (0.0, 1.5):
         losses = tool.per_anchor_focal_loss(logits, labels, gamma)
-        torch.testing.assert_close(losses.sum(), functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=-1))
+        torch.testing.assert_close(
+            losses.sum(), functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=-1)
+        )
 
 
 def test_normalized_cdf_and_share_of_hardest():
@@ -151,8 +186,16 @@ def test_normalized_cdf_and_share_of_hardest():
 def test_plot_loss_cdf_rejects_a_softmax_model(trained):
     config_file, weights, _ = trained
     with pytest.raises(ValueError, match="MODEL.FOCAL.LOSS='softmax_focal'"):
-        load_tool("plot_loss_cdf").main(["--config-file", config_file, "MODEL.WEIGHTS", weights,
-                                         "MODEL.FOCAL.LOSS", "softmax_focal"])
+        load_tool("plot_loss_cdf").main(
+            [
+                "--config-file",
+                config_file,
+                "MODEL.WEIGHTS",
+                weights,
+                "MODEL.FOCAL.LOSS",
+                "softmax_focal",
+            ]
+        )
 
 
 # --- demo ----------------------------------------------------------------------------
@@ -161,14 +204,30 @@ def test_plot_loss_cdf_rejects_a_softmax_model(trained):
 def _demo(tmp_path, trained, name, threshold, *source):
     config_file, weights, _ = trained
     return load_tool("demo").main(
-        ["--config-file", config_file, *source, "--output", str(tmp_path / name),
-         "--montage", str(tmp_path / f"{name}_montage.png"), "--columns", "2", "--scale", "2",
-         "--confidence-threshold", str(threshold), "MODEL.WEIGHTS", weights]
+        [
+            "--config-file",
+            config_file,
+            *source,
+            "--output",
+            str(tmp_path / name),
+            "--montage",
+            str(tmp_path / f"{name}_montage.png"),
+            "--columns",
+            "2",
+            "--scale",
+            "2",
+            "--confidence-threshold",
+            str(threshold),
+            "MODEL.WEIGHTS",
+            weights,
+        ]
     )
 
 
 def test_demo_draws_dataset_images_and_montage(tmp_path, trained):
-    written = _demo(tmp_path, trained, "all", 0.0, "--dataset", "digits_val_tiny", "--num-images", "3")
+    written = _demo(
+        tmp_path, trained, "all", 0.0, "--dataset", "digits_val_tiny", "--num-images", "3"
+    )
     images, montage = written[:-1], written[-1]
     assert len(images) == 3
     assert all(png_size(p) == (256, 256) for p in images)  # 128 px images, scale 2
@@ -194,11 +253,17 @@ def test_demo_inputs_with_one_name_are_all_written(tmp_path, trained):
         images[name] = str(path)
     written = _demo(tmp_path, trained, "out", 1.0, "--input", *images.values())[:-1]
     out = tmp_path / "out"
-    assert written == [str(out / "dir1" / "a.png"), str(out / "dir2" / "a.png.png"), str(out / "dir2" / "a.jpg.png")]
+    assert written == [
+        str(out / "dir1" / "a.png"),
+        str(out / "dir2" / "a.png.png"),
+        str(out / "dir2" / "a.jpg.png"),
+    ]
     pixels = {tuple(np.asarray(Image.open(p))[0, 0]) for p in written}
     assert len(pixels) == 3  # three different images, none replaced another
     # inputs of one folder stay flat
-    assert load_tool("demo").output_paths([images["dir1/a.png"]], "o") == [os.path.join("o", "a.png")]
+    assert load_tool("demo").output_paths([images["dir1/a.png"]], "o") == [
+        os.path.join("o", "a.png")
+    ]
 
 
 def test_demo_top_class_per_box():
@@ -206,11 +271,15 @@ def test_demo_top_class_per_box():
 
     demo = load_tool("demo")
     instances = Instances((128, 128))
-    instances.pred_boxes = Boxes(torch.tensor([[10.0, 10, 40, 40], [11, 10, 40, 41], [60, 60, 90, 90]]))
+    instances.pred_boxes = Boxes(
+        torch.tensor([[10.0, 10, 40, 40], [11, 10, 40, 41], [60, 60, 90, 90]])
+    )
     instances.scores = torch.tensor([0.32, 0.9, 0.5])
     instances.pred_classes = torch.tensor([9, 5, 1])
     kept = demo.top_class_per_box(instances, 0.5)
-    assert kept.pred_classes.tolist() == [5, 1] and kept.scores.tolist() == pytest.approx([0.9, 0.5])
+    assert kept.pred_classes.tolist() == [5, 1] and kept.scores.tolist() == pytest.approx(
+        [0.9, 0.5]
+    )
 
 
 def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsys):
@@ -220,13 +289,19 @@ def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsy
 
     demo = load_tool("demo")
     config_file, weights, _ = trained
-    written = _demo(tmp_path, trained, "labels", 0.0, "--dataset", "digits_val_tiny", "--num-images", "2")
+    written = _demo(
+        tmp_path, trained, "labels", 0.0, "--dataset", "digits_val_tiny", "--num-images", "2"
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if " detection" in line]
     assert len(lines) == 2
-    cfg = load_config(config_file, ["MODEL.WEIGHTS", weights, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0])
+    cfg = load_config(
+        config_file, ["MODEL.WEIGHTS", weights, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0]
+    )
     predictor = DefaultPredictor(cfg)
     for line, out, record in zip(lines, written, DatasetCatalog.get("digits_val_tiny")):
-        raw = predictor(np.asarray(Image.open(record["file_name"]).convert("RGB"))[:, :, ::-1])["instances"]
+        raw = predictor(np.asarray(Image.open(record["file_name"]).convert("RGB"))[:, :, ::-1])[
+            "instances"
+        ]
         kept = demo.top_class_per_box(raw, cfg.MODEL.RETINANET.NMS_THRESH_TEST)
         assert 0 < len(kept) < len(raw)  # the untrained model scores many classes on one box
         iou = pairwise_iou(kept.pred_boxes, kept.pred_boxes).fill_diagonal_(0)
@@ -245,12 +320,18 @@ def test_ablate_presets_share_budget_and_seed():
     # the digits configs' schedule, scaled to 300 iterations
     base_iters, base_steps, base_warmup = ablate.digits_schedule()
     steps = tuple(round(s * 300 / base_iters) for s in base_steps)
-    budget = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", repr(steps),
-              "SOLVER.WARMUP_ITERS", str(round(base_warmup * 300 / base_iters))]
+    budget = [
+        "SOLVER.MAX_ITER",
+        "300",
+        "SOLVER.STEPS",
+        repr(steps),
+        "SOLVER.WARMUP_ITERS",
+        str(round(base_warmup * 300 / base_iters)),
+    ]
     for run in runs:
         argv = run.argv()
         start = argv.index("SOLVER.MAX_ITER")
-        assert argv[start: start + 6] == budget and argv[argv.index("SEED") + 1] == "0"
+        assert argv[start : start + 6] == budget and argv[argv.index("SEED") + 1] == "0"
     soft = next(r for r in runs if r.row.name == "soft_gamma_0to2").argv()
     assert soft[soft.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "150"
     full = ablate.PRESETS["digits-full"]
@@ -276,13 +357,22 @@ def test_ablate_notes_say_why_a_metric_has_no_value(tmp_path):
     metrics = dict(AP=20.0, AP50=30.0, AP75=None, APs=None, APm=25.0)
     timing = {"train_seconds": 1.0, "eval_seconds": 1.0, "iterations": 10}
     results = {
-        ("ce_a0.25", 0): {"metrics": metrics, "notes": ablate._why_missing(metrics, 7, cfg), **timing},
-        ("ce_a0.50", 0): {"metrics": dict(metrics, AP75=1.0, APs=1.0), **timing},  # or written before notes existed
+        ("ce_a0.25", 0): {
+            "metrics": metrics,
+            "notes": ablate._why_missing(metrics, 7, cfg),
+            **timing,
+        },
+        ("ce_a0.50", 0): {
+            "metrics": dict(metrics, AP75=1.0, APs=1.0),
+            **timing,
+        },  # or written before notes existed
     }
     ablate.write_tables(str(tmp_path), "x", preset, runs, results)
     markdown = (tmp_path / "results.md").read_text()
-    assert "- CE, α=.25, seed 0: AP75 –: digits_val has no ground-truth boxes; " \
-           "APs –: digits_val has no small (area < 32² px) ground-truth boxes" in markdown
+    assert (
+        "- CE, α=.25, seed 0: AP75 –: digits_val has no ground-truth boxes; "
+        "APs –: digits_val has no small (area < 32² px) ground-truth boxes" in markdown
+    )
     assert "CE, α=.50, seed 0:" not in markdown
 
 
@@ -291,7 +381,10 @@ def test_ablate_summary_mean_and_spread_over_seeds():
     preset = ablate.Preset(iters=10, seeds=(0, 1))
     runs = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), "/out")
     results = {
-        ("ce_a0.25", s): {"metrics": dict(AP=ap, AP50=ap, AP75=ap, APs=None, APm=ap), "train_seconds": 10.0}
+        ("ce_a0.25", s): {
+            "metrics": dict(AP=ap, AP50=ap, AP75=ap, APs=None, APm=ap),
+            "train_seconds": 10.0,
+        }
         for s, ap in ((0, 20.0), (1, 22.0))
     }
     (line,) = ablate.summarize(runs, results)
@@ -342,7 +435,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     assert configs["ce_a0.75"].MODEL.FOCAL.LOSS == "cross_entropy"
     assert configs["ce_a0.75"].MODEL.FOCAL.ALPHA == 0.75
     assert configs["soft_gamma_0to2"].MODEL.FOCAL.GAMMA_SCHEDULE.ITERS == 1
-    assert all(c.SOLVER.MAX_ITER == 2 and c.DATASETS.TEST == ("digits_val_tiny",) for c in configs.values())
+    assert all(
+        c.SOLVER.MAX_ITER == 2 and c.DATASETS.TEST == ("digits_val_tiny",) for c in configs.values()
+    )
     assert all(c.TEST.DETECTIONS_PER_IMAGE == 50 for c in configs.values())
 
     with open(out / "results.csv") as f:
@@ -354,7 +449,9 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     assert len((out / "runs.csv").read_text().splitlines()) == 3
     why = "no detections on digits_val_tiny: every score was below MODEL.RETINANET.SCORE_THRESH_TEST=1.0"
     assert f"- CE, α=.75, seed 0: AP, AP50, AP75, APs, APm –: {why}" in markdown
-    assert all(json.loads((d / "result.json").read_text())["detections"] == 0 for d in runs.values())
+    assert all(
+        json.loads((d / "result.json").read_text())["detections"] == 0 for d in runs.values()
+    )
 
     # a second call trains nothing: finished runs are read back
     stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
@@ -395,10 +492,9 @@ def tiny_canvas(tmp_path, monkeypatch):
 
 
 def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_canvas):
+    from conftest import head_logits
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
-
-    from conftest import head_logits
 
     imbalance = load_tool("imbalance")
     cfg = imbalance.canvas_cfg(256)
@@ -411,12 +507,17 @@ def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_can
     inputs = [DatasetMapper(cfg, is_train=True)(d) for d in DatasetCatalog.get(tiny_canvas)]
     _, labels = head_logits(model, inputs)
     K = cfg.MODEL.RETINANET.NUM_CLASSES
-    expected = {"positive": ((labels >= 0) & (labels < K)).sum(), "negative": (labels == K).sum(),
-                "ignored": (labels == -1).sum()}
+    expected = {
+        "positive": ((labels >= 0) & (labels < K)).sum(),
+        "negative": (labels == K).sum(),
+        "ignored": (labels == -1).sum(),
+    }
     for key, count in expected.items():
         assert measured[f"{key}_per_image"] == pytest.approx(int(count) / 3)
     assert expected["positive"] > 0 and expected["ignored"] > 0
-    assert measured["negatives_per_positive"] == pytest.approx(int(expected["negative"]) / int(expected["positive"]))
+    assert measured["negatives_per_positive"] == pytest.approx(
+        int(expected["negative"]) / int(expected["positive"])
+    )
     assert measured["objects_per_image"] == sum(len(x["instances"]) for x in inputs) / 3
 
 
@@ -426,10 +527,14 @@ def test_imbalance_canvas_options_and_errors():
 
     assert imbalance.CANVASES == CANVAS_SIZES
     cfg = imbalance.canvas_cfg(512)
-    assert cfg.DATASETS.TRAIN == ("digits_train_s512",) and cfg.DATASETS.TEST == ("digits_val_s512",)
+    assert cfg.DATASETS.TRAIN == ("digits_train_s512",) and cfg.DATASETS.TEST == (
+        "digits_val_s512",
+    )
     assert cfg.INPUT.MIN_SIZE_TRAIN == (512,) and cfg.INPUT.MAX_SIZE_TRAIN == 512
     assert cfg.INPUT.MIN_SIZE_TEST == 512 and cfg.INPUT.MAX_SIZE_TEST == 512
-    with pytest.raises(ValueError, match=r"canvas side must be one of \(128, 256, 512, 768\), got 100"):
+    with pytest.raises(
+        ValueError, match=r"canvas side must be one of \(128, 256, 512, 768\), got 100"
+    ):
         imbalance.canvas_opts(100)
     with pytest.raises(ValueError, match="--canvases must be comma-separated values from"):
         imbalance.parse_canvases("128,100")
@@ -444,9 +549,13 @@ def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
     imbalance = load_tool("imbalance")
     out = tmp_path / "imbalance.json"
     # digits_val_s128: 300 images of 128 px, generated on first use (under a second)
-    imbalance.main(["--canvases", "128", "--split", "val", "--num-images", "4", "--output", str(out)])
+    imbalance.main(
+        ["--canvases", "128", "--split", "val", "--num-images", "4", "--output", str(out)]
+    )
     stored = json.loads(out.read_text())["128"]
-    assert stored["dataset"] == "digits_val_s128" and stored["images"] == 4 and stored["canvas"] == 128
+    assert (
+        stored["dataset"] == "digits_val_s128" and stored["images"] == 4 and stored["canvas"] == 128
+    )
     assert stored["anchors_per_image"] == _anchors_per_image(128) == 3069
     table = capsys.readouterr().out
     assert "| canvas | images | objects / image | anchors / image |" in table
@@ -484,16 +593,23 @@ def test_ablate_imbalance_preset_config_of_every_row_and_canvas():
     main_runs = [r for r in runs if r.row.setting in IMBALANCE_SETTINGS]
     assert len(main_runs) == 4 * 4 * 2
     assert {(r.row.setting, r.row.canvas, r.seed) for r in main_runs} == {
-        (s, c, k) for s in IMBALANCE_SETTINGS for c in (128, 256, 512, 768) for k in (0, 1)}
+        (s, c, k) for s in IMBALANCE_SETTINGS for c in (128, 256, 512, 768) for k in (0, 1)
+    }
     for run in main_runs:
         cfg = _run_cfg(run)
         side = run.row.canvas
-        assert cfg.DATASETS.TRAIN == (f"digits_train_s{side}",) and cfg.DATASETS.TEST == (f"digits_val_s{side}",)
+        assert cfg.DATASETS.TRAIN == (f"digits_train_s{side}",) and cfg.DATASETS.TEST == (
+            f"digits_val_s{side}",
+        )
         assert all(name in DatasetCatalog.list() for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
         assert (cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN) == ((side,), side)
         assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (side, side)
         # one schedule at every canvas: Base-Digits.yaml's proportions at 600 iterations
-        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (600, (480, 570), 60)
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (
+            600,
+            (480, 570),
+            60,
+        )
         assert cfg.SOLVER.IMS_PER_BATCH == 8 and cfg.SEED == run.seed
         loss, gamma, alpha = IMBALANCE_SETTINGS[run.row.setting]
         assert (cfg.MODEL.FOCAL.LOSS, cfg.MODEL.FOCAL.ALPHA) == (loss, alpha)
@@ -502,7 +618,9 @@ def test_ablate_imbalance_preset_config_of_every_row_and_canvas():
     ohem = ("ohem_b128_nms0.5", "ohem_1to3_b128_nms0.5")
     assert not left_out
     ohem_runs = [r for r in runs if r.row.setting in ohem]
-    assert {(r.row.setting, r.row.canvas, r.seed) for r in ohem_runs} == {(s, 768, k) for s in ohem for k in (0, 1)}
+    assert {(r.row.setting, r.row.canvas, r.seed) for r in ohem_runs} == {
+        (s, 768, k) for s in ohem for k in (0, 1)
+    }
     for run in ohem_runs:
         cfg = _run_cfg(run)
         assert cfg.MODEL.FOCAL.LOSS == "ohem" and cfg.DATASETS.TRAIN == ("digits_train_s768",)
@@ -516,45 +634,77 @@ def test_ablate_other_presets_keep_their_rows():
     for name in ("digits-small", "digits-full"):
         preset = ablate.PRESETS[name]
         assert [r.name for r in ablate.select_rows(None, preset)] == list(ablate.TABLE1_ROWS)
-        assert all(r.row.canvas is None for r in ablate.plan(preset, ablate.select_rows(None, preset), "/o"))
-    assert len(ablate.TABLE1_ROWS) == 11 and ablate.OHEM_ROWS == ("ohem_b128_nms0.5", "ohem_1to3_b128_nms0.5")
+        assert all(
+            r.row.canvas is None
+            for r in ablate.plan(preset, ablate.select_rows(None, preset), "/o")
+        )
+    assert len(ablate.TABLE1_ROWS) == 11 and ablate.OHEM_ROWS == (
+        "ohem_b128_nms0.5",
+        "ohem_1to3_b128_nms0.5",
+    )
 
 
 def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys):
     ablate = load_tool("ablate")
-    no_loss = ablate.Row("x_loss", "x", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.LOSS", "no_such_loss"))
+    no_loss = ablate.Row(
+        "x_loss", "x", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.LOSS", "no_such_loss")
+    )
     no_key = ablate.Row("x_key", "x", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.NO_SUCH_KEY", 1))
     assert ablate.row_problem(ablate.ROWS[0]) is None
     assert ablate.row_problem(no_loss).startswith(
-        "MODEL.FOCAL.LOSS 'no_such_loss' is not registered in FOCAL_LOSS_REGISTRY (registered: cross_entropy, ")
-    assert ablate.row_problem(no_key) == ("config key MODEL.FOCAL.NO_SUCH_KEY does not exist "
-                                          "(not in Detectron2's defaults or add_focal_config)")
-    rows, left_out = ablate.drop_rows_that_cannot_run([ablate.ROWS[0], no_loss, no_key], asked=False)
+        "MODEL.FOCAL.LOSS 'no_such_loss' is not registered in FOCAL_LOSS_REGISTRY (registered: cross_entropy, "
+    )
+    assert ablate.row_problem(no_key) == (
+        "config key MODEL.FOCAL.NO_SUCH_KEY does not exist "
+        "(not in Detectron2's defaults or add_focal_config)"
+    )
+    rows, left_out = ablate.drop_rows_that_cannot_run(
+        [ablate.ROWS[0], no_loss, no_key], asked=False
+    )
     assert rows == [ablate.ROWS[0]] and list(left_out) == ["x_loss", "x_key"]
-    with pytest.raises(ValueError, match=r"--rows asks for rows that cannot run in this checkout:\n  x_loss: "):
+    with pytest.raises(
+        ValueError, match=r"--rows asks for rows that cannot run in this checkout:\n  x_loss: "
+    ):
         ablate.drop_rows_that_cannot_run([no_loss], asked=True)
-    assert ablate._left_out_lines({"x_loss": "why"})[2:] == ["- x_loss: why", "",
-        "Rerun the preset once they can run: finished runs are kept and only the missing ones train."]
-    ablate.main(["--preset", "imbalance", "--rows", "ohem*", "--list", "--output-dir", str(tmp_path)])
+    assert ablate._left_out_lines({"x_loss": "why"})[2:] == [
+        "- x_loss: why",
+        "",
+        "Rerun the preset once they can run: finished runs are kept and only the missing ones train.",
+    ]
+    ablate.main(
+        ["--preset", "imbalance", "--rows", "ohem*", "--list", "--output-dir", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert "Rows left out" not in out and "preset imbalance: 4 runs;" in out
 
 
 def _fake_result(ap, seed):
     metrics = dict(AP=ap, AP50=ap, AP75=ap, APs=ap, APm=ap)
-    return {"metrics": metrics, "train_seconds": 10.0 + seed, "eval_seconds": 1.0, "iterations": 600}
+    return {
+        "metrics": metrics,
+        "train_seconds": 10.0 + seed,
+        "eval_seconds": 1.0,
+        "iterations": 600,
+    }
 
 
 def test_ablate_imbalance_table_by_canvas(tmp_path):
     ablate = load_tool("ablate")
     preset = ablate.PRESETS["imbalance"]
     runs = ablate.plan(preset, ablate.select_rows("ce_a0.75,fl_g2_a0.25", preset), str(tmp_path))
-    results = {("s128/ce_a0.75", 0): _fake_result(80.0, 0), ("s128/ce_a0.75", 1): _fake_result(82.0, 1),
-               ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0)}
-    imbalance = {side: {"negatives_per_positive": 100.0 * side / 128, "ignored_per_image": side / 2}
-                 for side in (128, 256, 512, 768)}
+    results = {
+        ("s128/ce_a0.75", 0): _fake_result(80.0, 0),
+        ("s128/ce_a0.75", 1): _fake_result(82.0, 1),
+        ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0),
+    }
+    imbalance = {
+        side: {"negatives_per_positive": 100.0 * side / 128, "ignored_per_image": side / 2}
+        for side in (128, 256, 512, 768)
+    }
     left_out = {"ohem_b128_nms0.5": "MODEL.FOCAL.LOSS 'ohem' is not registered"}
-    ablate.write_tables(str(tmp_path), "imbalance", preset, runs, results, "cmd", left_out, imbalance)
+    ablate.write_tables(
+        str(tmp_path), "imbalance", preset, runs, results, "cmd", left_out, imbalance
+    )
     markdown = (tmp_path / "results.md").read_text()
     assert "| | 128 px | 256 px | 512 px | 768 px |" in markdown
     assert "| negatives per positive anchor | 100 | 200 | 400 | 600 |" in markdown
@@ -565,7 +715,10 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     with open(tmp_path / "runs.csv") as f:
         lines = list(csv.DictReader(f))
     assert [(line["row"], line["canvas"], line["setting"]) for line in lines] == [
-        ("s128/ce_a0.75", "128", "ce_a0.75"), ("s128/ce_a0.75", "128", "ce_a0.75"), ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25")]
+        ("s128/ce_a0.75", "128", "ce_a0.75"),
+        ("s128/ce_a0.75", "128", "ce_a0.75"),
+        ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25"),
+    ]
 
 
 def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
@@ -575,16 +728,35 @@ def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
 
     def measure(canvases, split, num_images, opts=()):
         calls.append((tuple(canvases), split, num_images, list(opts)))
-        return {side: {"negatives_per_positive": float(side), "ignored_per_image": 1.0, "images": 1,
-                       "objects_per_image": 1.0, "anchors_per_image": 1.0, "positive_per_image": 1.0,
-                       "negative_per_image": float(side)} for side in canvases}
+        return {
+            side: {
+                "negatives_per_positive": float(side),
+                "ignored_per_image": 1.0,
+                "images": 1,
+                "objects_per_image": 1.0,
+                "anchors_per_image": 1.0,
+                "positive_per_image": 1.0,
+                "negative_per_image": float(side),
+            }
+            for side in canvases
+        }
 
     monkeypatch.setattr(ablate, "measure_canvases", measure)
-    small = ablate.preset_imbalance(str(tmp_path), ablate.Preset(iters=2, canvases=(128,)), ["MODEL.DEVICE", "cpu"])
+    small = ablate.preset_imbalance(
+        str(tmp_path), ablate.Preset(iters=2, canvases=(128,)), ["MODEL.DEVICE", "cpu"]
+    )
     assert calls == [((128,), "train", None, ["MODEL.DEVICE", "cpu"])] and list(small) == [128]
-    both = ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"])  # only 256 is measured
-    assert calls[1] == ((256,), "train", None, ["MODEL.DEVICE", "cpu"]) and both[256]["negatives_per_positive"] == 256
-    assert ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]) == both and len(calls) == 2
+    both = ablate.preset_imbalance(
+        str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]
+    )  # only 256 is measured
+    assert (
+        calls[1] == ((256,), "train", None, ["MODEL.DEVICE", "cpu"])
+        and both[256]["negatives_per_positive"] == 256
+    )
+    assert (
+        ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]) == both
+        and len(calls) == 2
+    )
     stored = json.loads((tmp_path / "imbalance.json").read_text())
     assert set(stored["canvases"]) == {"128", "256"} and stored["split"] == "train"
     ablate.preset_imbalance(str(tmp_path), preset, [])  # other options: everything measured again
@@ -595,14 +767,31 @@ def test_ablate_canvases_option_selects_a_subset(capsys):
     ablate = load_tool("ablate")
     preset = ablate.PRESETS["imbalance"]
     assert ablate.select_canvases("768, 512", "imbalance", preset) == (512, 768)
-    with pytest.raises(ValueError, match=r"--canvases must be comma-separated sides from \(128, 256, 512, 768\), got '100'"):
+    with pytest.raises(
+        ValueError,
+        match=r"--canvases must be comma-separated sides from \(128, 256, 512, 768\), got '100'",
+    ):
         ablate.select_canvases("100", "imbalance", preset)
-    with pytest.raises(ValueError, match="preset 'tiny' has no canvases; presets with canvases: \\['imbalance'\\]"):
+    with pytest.raises(
+        ValueError, match="preset 'tiny' has no canvases; presets with canvases: \\['imbalance'\\]"
+    ):
         ablate.main(["--preset", "tiny", "--canvases", "128", "--list"])
-    ablate.main(["--preset", "imbalance", "--canvases", "256,512", "--list", "--rows", "ce_a0.75,fl_g2_a0.25"])
+    ablate.main(
+        [
+            "--preset",
+            "imbalance",
+            "--canvases",
+            "256,512",
+            "--list",
+            "--rows",
+            "ce_a0.75,fl_g2_a0.25",
+        ]
+    )
     out = capsys.readouterr().out
     assert "preset imbalance: 8 runs;" in out
-    assert "s256/ce_a0.75 seed 0:" in out and "s512/fl_g2_a0.25 seed 1:" in out and "s768/" not in out
+    assert (
+        "s256/ce_a0.75 seed 0:" in out and "s512/fl_g2_a0.25 seed 1:" in out and "s768/" not in out
+    )
     # OHEM rows run at 768 px only, whatever the canvases chosen
     restricted = ablate.replace(preset, canvases=(128, 256))
     ohem = [r for r in ablate.ROWS if r.name in ablate.OHEM_ROWS]
@@ -615,19 +804,71 @@ def test_ablate_canvases_option_selects_a_subset(capsys):
 def _synthetic_sweep(folder, canvases=(128, 256, 512, 768)):
     """A results folder as the imbalance preset leaves it, with made-up numbers (tests only)."""
     folder.mkdir(parents=True, exist_ok=True)
-    imbalance = {str(s): {"negatives_per_positive": 100.0 * (s / 128) ** 2, "ignored_per_image": 60.0}
-                 for s in canvases}
-    (folder / "imbalance.json").write_text(json.dumps({"split": "train", "opts": [], "canvases": imbalance}))
+    imbalance = {
+        str(s): {"negatives_per_positive": 100.0 * (s / 128) ** 2, "ignored_per_image": 60.0}
+        for s in canvases
+    }
+    (folder / "imbalance.json").write_text(
+        json.dumps({"split": "train", "opts": [], "canvases": imbalance})
+    )
     with open(folder / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "seed", "AP", "AP50", "AP75", "APs", "APm", "train_s", "eval_s", "iterations",
-                         "canvas", "setting"])
+        writer.writerow(
+            [
+                "row",
+                "seed",
+                "AP",
+                "AP50",
+                "AP75",
+                "APs",
+                "APm",
+                "train_s",
+                "eval_s",
+                "iterations",
+                "canvas",
+                "setting",
+            ]
+        )
         for i, side in enumerate(canvases):
             for seed in (0, 1):
-                writer.writerow([f"s{side}/ce_a0.75", seed, 80 - 20 * i + 2 * seed, "", "", "", "", 1, 1, 600, side, "ce_a0.75"])
-                writer.writerow([f"s{side}/fl_g2_a0.25", seed, 78 - i + seed, "", "", "", "", 1, 1, 600, side, "fl_g2_a0.25"])
-        writer.writerow(["s768/ohem_b128_nms0.5", 0, 50.0, "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"])
-        writer.writerow(["s768/ohem_b128_nms0.5", 1, "", "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"])
+                writer.writerow(
+                    [
+                        f"s{side}/ce_a0.75",
+                        seed,
+                        80 - 20 * i + 2 * seed,
+                        "",
+                        "",
+                        "",
+                        "",
+                        1,
+                        1,
+                        600,
+                        side,
+                        "ce_a0.75",
+                    ]
+                )
+                writer.writerow(
+                    [
+                        f"s{side}/fl_g2_a0.25",
+                        seed,
+                        78 - i + seed,
+                        "",
+                        "",
+                        "",
+                        "",
+                        1,
+                        1,
+                        600,
+                        side,
+                        "fl_g2_a0.25",
+                    ]
+                )
+        writer.writerow(
+            ["s768/ohem_b128_nms0.5", 0, 50.0, "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"]
+        )
+        writer.writerow(
+            ["s768/ohem_b128_nms0.5", 1, "", "", "", "", "", 1, 1, 600, 768, "ohem_b128_nms0.5"]
+        )
     return folder
 
 
@@ -635,29 +876,45 @@ def test_plot_imbalance_on_a_synthetic_folder(tmp_path, capsys):
     tool = load_tool("plot_imbalance")
     folder = _synthetic_sweep(tmp_path / "sweep")
     out = tmp_path / "sweep.png"
-    data = tool.main([str(folder), "--output", str(out), "--width", "6", "--height", "4", "--dpi", "50"])
+    data = tool.main(
+        [str(folder), "--output", str(out), "--width", "6", "--height", "4", "--dpi", "50"]
+    )
     assert png_size(out) == (300, 200)
-    assert [p[:4] for p in data["ce_a0.75"]] == [(100.0, 81.0, 80.0, 82.0), (400.0, 61.0, 60.0, 62.0),
-                                                 (1600.0, 41.0, 40.0, 42.0), (3600.0, 21.0, 20.0, 22.0)]
+    assert [p[:4] for p in data["ce_a0.75"]] == [
+        (100.0, 81.0, 80.0, 82.0),
+        (400.0, 61.0, 60.0, 62.0),
+        (1600.0, 41.0, 40.0, 42.0),
+        (3600.0, 21.0, 20.0, 22.0),
+    ]
     assert data["fl_g2_a0.25"][-1][:4] == (3600.0, 75.5, 75.0, 76.0)
-    assert data["ohem_b128_nms0.5"] == [(3600.0, 50.0, 50.0, 50.0, [50.0])]  # a seed without AP is left out
+    assert data["ohem_b128_nms0.5"] == [
+        (3600.0, 50.0, 50.0, 50.0, [50.0])
+    ]  # a seed without AP is left out
     printed = capsys.readouterr().out
     assert "  ce_a0.75: 3,600 negatives per positive, AP 21.0 (2 seeds, 20.0-22.0)" in printed
 
 
 def test_plot_imbalance_errors_name_the_file(tmp_path):
     tool = load_tool("plot_imbalance")
-    with pytest.raises(FileNotFoundError, match="imbalance.json does not exist: run `python tools/ablate.py --preset imbalance`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="imbalance.json does not exist: run `python tools/ablate.py --preset imbalance`",
+    ):
         tool.sweep(str(tmp_path))
     folder = _synthetic_sweep(tmp_path / "partial", canvases=(128, 256))
     data = json.loads((folder / "imbalance.json").read_text())
     del data["canvases"]["256"]
     (folder / "imbalance.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"has no measurement for canvas \[256\] of 'ce_a0.75'; measured: \[128\]"):
+    with pytest.raises(
+        ValueError, match=r"has no measurement for canvas \[256\] of 'ce_a0.75'; measured: \[128\]"
+    ):
         tool.sweep(str(folder))
     other = tmp_path / "table1"
     other.mkdir()
     (other / "imbalance.json").write_text((folder / "imbalance.json").read_text())
     (other / "runs.csv").write_text("row,seed,AP,canvas,setting\nce_a0.75,0,60.0,,ce_a0.75\n")
-    with pytest.raises(ValueError, match="row 'ce_a0.75' has no canvas; this is not the output of a preset with canvases"):
+    with pytest.raises(
+        ValueError,
+        match="row 'ce_a0.75' has no canvas; this is not the output of a preset with canvases",
+    ):
         tool.sweep(str(other))

@@ -1,4 +1,5 @@
 """The stock Detectron2 machinery on every config: load, train, evaluate, CLI."""
+
 import json
 import os
 import subprocess
@@ -37,7 +38,9 @@ def test_digits_config_trains_and_evaluates(config, tmp_path):
     trainer.resume_or_load(resume=False)
     trainer.train()  # evaluates after the last iteration
     # Detectron2 writes metrics every 20 iterations and after the last one.
-    *_, last_train, evaluation = map(json.loads, (tmp_path / "metrics.json").read_text().splitlines())
+    *_, last_train, evaluation = map(
+        json.loads, (tmp_path / "metrics.json").read_text().splitlines()
+    )
     assert last_train["iteration"] == 2
     assert last_train["focal_gamma"] == trainer.model.gamma_schedule(2)  # not smoothed
     assert {f"bbox/{key}" for key in AP_KEYS} <= set(evaluation)
@@ -60,16 +63,21 @@ def test_train_net_cli_trains_resumes_and_evaluates(tmp_path):
     log = run_train_net("--config-file", config, "--resume", "SOLVER.MAX_ITER", 4)
     assert "Starting training from iteration 2" in log
     iterations = [
-        json.loads(line).get("iteration") for line in (tmp_path / "metrics.json").read_text().splitlines()
+        json.loads(line).get("iteration")
+        for line in (tmp_path / "metrics.json").read_text().splitlines()
     ]
     assert 3 in iterations
     weights = tmp_path / "model_final.pth"
-    trained = {p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "inference").iterdir()]}
+    trained = {
+        p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "inference").iterdir()]
+    }
     log = run_train_net("--config-file", config, "--eval-only", "MODEL.WEIGHTS", weights)
     assert "Evaluation results for digits_val_tiny" in log
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     # the evaluation wrote into a folder of its own, the training run's config.yaml is intact
-    assert (tmp_path / "eval" / "model_final" / "inference" / "coco_instances_results.json").exists()
+    assert (
+        tmp_path / "eval" / "model_final" / "inference" / "coco_instances_results.json"
+    ).exists()
     assert trained == {p: p.read_bytes() for p in trained}
     # no third-party deprecation noise on a model command (torch.jit.script at import, torch.meshgrid)
     assert "Warning" not in log, log
@@ -84,12 +92,24 @@ ENTRY_POINTS = [
     ["tools/export_model.py", "--help"],
 ]
 # A tool's sys.path[0] is tools/: this checkout's package, not whichever focal_det2 is installed.
-TOOLS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+TOOLS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+}
 
 
 def test_entry_points_start_without_third_party_warnings():
-    procs = [subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=TOOLS_ENV) for argv in ENTRY_POINTS]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=TOOLS_ENV,
+        )
+        for argv in ENTRY_POINTS
+    ]
     for argv, proc in zip(ENTRY_POINTS, procs):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (argv, err[-2000:])
@@ -104,5 +124,7 @@ def test_warning_filters_are_precise():
         "warnings.warn('`torch.jit.script` is deprecated (raised by us)', FutureWarning)\n"
         "warnings.warn('torch.meshgrid: in an upcoming release (raised by us)', UserWarning)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert "(raised by us)" in done.stderr and done.stderr.count("Warning") == 2, done.stderr

@@ -8,11 +8,12 @@ without CUDA) and on CUDA tensors where there is a GPU. Equality with the
 reference formulas in float32 is covered by ``test_fused.py``'s "triton"
 variants.
 """
+
 import pytest
 import torch
+from test_fused import FAST, LOSSES, NUM_CLASSES, REFERENCE, batch, kwargs_of
 
 from focal_det2.losses import fused
-from test_fused import FAST, LOSSES, NUM_CLASSES, REFERENCE, batch, kwargs_of
 
 F64 = torch.float64
 # Relative rounding of one value of each dtype: the gradient is stored in it.
@@ -55,7 +56,9 @@ def reference(name, logits, labels, **kwargs):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
 @pytest.mark.parametrize("class_alpha", [False, True])
-def test_each_dtype_matches_the_reference_on_the_same_inputs(name, gamma, dtype, class_alpha, device):
+def test_each_dtype_matches_the_reference_on_the_same_inputs(
+    name, gamma, dtype, class_alpha, device
+):
     if name == "focal_star" and gamma == 0:
         pytest.skip("FL* divides by gamma")
     logits, labels = batch(name, num_anchors=500, seed=20)
@@ -92,7 +95,9 @@ def test_gamma_zero_is_finite_for_extreme_logits(name, device):
     for dtype in (torch.float32, torch.bfloat16):
         value, grad = run(name, logits.to(dtype), labels, device, **kwargs_of(name, gamma=0.0))
         assert torch.isfinite(value) and torch.all(torch.isfinite(grad.float()))
-        ref_value, ref_grad = reference(name, logits.to(dtype), labels, **kwargs_of(name, gamma=0.0))
+        ref_value, ref_grad = reference(
+            name, logits.to(dtype), labels, **kwargs_of(name, gamma=0.0)
+        )
         torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-5, atol=0)
         torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-2, atol=1e-30)
 

@@ -43,6 +43,7 @@ and are an error when ``--rows`` asks for them. ``--canvases`` runs a subset
 of the canvases (the tables then show that subset; a last call without it
 tabulates everything finished).
 """
+
 import argparse
 import csv
 import fnmatch
@@ -62,8 +63,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # noqa: E402  (tools/, beside this script)
 
@@ -105,44 +110,127 @@ class Row:
 
     def at_canvas(self, side: int) -> "Row":
         """This row on ``digits_{train,val}_s<side>`` at input size ``side``."""
-        return replace(self, name=f"s{side}/{self.name}", label=f"{self.label}, {side} px",
-                       opts=tuple(self.opts) + tuple(canvas_opts(side)), canvas=side)
+        return replace(
+            self,
+            name=f"s{side}/{self.name}",
+            label=f"{self.label}, {side} px",
+            opts=tuple(self.opts) + tuple(canvas_opts(side)),
+            canvas=side,
+        )
 
 
 ROWS = (
     # Table 1(a): alpha-balanced CE (gamma 0).
-    Row("ce_a0.25", "CE, α=.25", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.25), paper=(10.8, 16.0, 11.7)),
-    Row("ce_a0.50", "CE, α=.50", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.5), paper=(30.2, 46.7, 32.8)),
-    Row("ce_a0.75", "CE, α=.75", "cross_entropy_R18_FPN_1x", ("MODEL.FOCAL.ALPHA", 0.75), paper=(31.1, 49.4, 33.0)),
+    Row(
+        "ce_a0.25",
+        "CE, α=.25",
+        "cross_entropy_R18_FPN_1x",
+        ("MODEL.FOCAL.ALPHA", 0.25),
+        paper=(10.8, 16.0, 11.7),
+    ),
+    Row(
+        "ce_a0.50",
+        "CE, α=.50",
+        "cross_entropy_R18_FPN_1x",
+        ("MODEL.FOCAL.ALPHA", 0.5),
+        paper=(30.2, 46.7, 32.8),
+    ),
+    Row(
+        "ce_a0.75",
+        "CE, α=.75",
+        "cross_entropy_R18_FPN_1x",
+        ("MODEL.FOCAL.ALPHA", 0.75),
+        paper=(31.1, 49.4, 33.0),
+    ),
     # Table 1(b): sigmoid FL at the paper's best alpha for each gamma.
-    Row("fl_g0.5_a0.50", "FL, γ=0.5, α=.50", "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 0.5, "MODEL.FOCAL.ALPHA", 0.5), paper=(32.9, 51.7, 35.2)),
-    Row("fl_g1_a0.25", "FL, γ=1, α=.25", "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 1.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(33.7, 52.0, 36.2)),
-    Row("fl_g2_a0.25", "FL, γ=2, α=.25", "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(34.0, 52.5, 36.5)),
-    Row("fl_g5_a0.25", "FL, γ=5, α=.25", "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 5.0, "MODEL.FOCAL.ALPHA", 0.25), paper=(32.2, 49.6, 34.8)),
+    Row(
+        "fl_g0.5_a0.50",
+        "FL, γ=0.5, α=.50",
+        "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 0.5, "MODEL.FOCAL.ALPHA", 0.5),
+        paper=(32.9, 51.7, 35.2),
+    ),
+    Row(
+        "fl_g1_a0.25",
+        "FL, γ=1, α=.25",
+        "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 1.0, "MODEL.FOCAL.ALPHA", 0.25),
+        paper=(33.7, 52.0, 36.2),
+    ),
+    Row(
+        "fl_g2_a0.25",
+        "FL, γ=2, α=.25",
+        "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25),
+        paper=(34.0, 52.5, 36.5),
+    ),
+    Row(
+        "fl_g5_a0.25",
+        "FL, γ=5, α=.25",
+        "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 5.0, "MODEL.FOCAL.ALPHA", 0.25),
+        paper=(32.2, 49.6, 34.8),
+    ),
     # Variants: softmax FL (Detectron v1), FL* (appendix A), soft gamma.
-    Row("softmax_fl_g2", "softmax FL, γ=2, α=.25", "softmax_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25)),
-    Row("fl_star_g2_b1", "FL*, γ=2, β=1, α=.25", "focal_star_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.STAR_BETA", 1.0)),
-    Row("fl_star_g4_b0", "FL*, γ=4, β=0, α=.25", "focal_star_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 4.0, "MODEL.FOCAL.STAR_BETA", 0.0)),
-    Row("soft_gamma_0to2", "FL, γ linear 0→2 over the first half, α=.25", "soft_gamma_R18_FPN_1x",
+    Row(
+        "softmax_fl_g2",
+        "softmax FL, γ=2, α=.25",
+        "softmax_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25),
+    ),
+    Row(
+        "fl_star_g2_b1",
+        "FL*, γ=2, β=1, α=.25",
+        "focal_star_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.STAR_BETA", 1.0),
+    ),
+    Row(
+        "fl_star_g4_b0",
+        "FL*, γ=4, β=0, α=.25",
+        "focal_star_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 4.0, "MODEL.FOCAL.STAR_BETA", 0.0),
+    ),
+    Row(
+        "soft_gamma_0to2",
+        "FL, γ linear 0→2 over the first half, α=.25",
+        "soft_gamma_R18_FPN_1x",
         ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.GAMMA_SCHEDULE.START", 0.0),
-        half_budget_keys=("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS",)),
+        half_budget_keys=("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS",),
+    ),
     # ---- OHEM (Table 1d): the paper's best OHEM (ResNet-101: 32.8 AP against FL's 36.0) keeps 128
     # anchors per image after NMS at 0.5, with no positive:negative ratio (POS_FRACTION 0); the
     # SSD-style variant keeps 1:3 (POS_FRACTION 0.25). CE on the selected anchors, alpha-balanced
     # like the CE row (alpha .75, the best CE row of digits-full).
-    Row("ohem_b128_nms0.5", "OHEM, 128/image, NMS .5, α=.75", "ohem_R18_FPN_1x",
-        ("MODEL.FOCAL.ALPHA", 0.75, "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 128,
-         "MODEL.FOCAL.OHEM.NMS_THRESH", 0.5, "MODEL.FOCAL.OHEM.POS_FRACTION", 0.0)),
-    Row("ohem_1to3_b128_nms0.5", "OHEM 1:3, 128/image, NMS .5, α=.75", "ohem_R18_FPN_1x",
-        ("MODEL.FOCAL.ALPHA", 0.75, "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 128,
-         "MODEL.FOCAL.OHEM.NMS_THRESH", 0.5, "MODEL.FOCAL.OHEM.POS_FRACTION", 0.25)),
+    Row(
+        "ohem_b128_nms0.5",
+        "OHEM, 128/image, NMS .5, α=.75",
+        "ohem_R18_FPN_1x",
+        (
+            "MODEL.FOCAL.ALPHA",
+            0.75,
+            "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE",
+            128,
+            "MODEL.FOCAL.OHEM.NMS_THRESH",
+            0.5,
+            "MODEL.FOCAL.OHEM.POS_FRACTION",
+            0.0,
+        ),
+    ),
+    Row(
+        "ohem_1to3_b128_nms0.5",
+        "OHEM 1:3, 128/image, NMS .5, α=.75",
+        "ohem_R18_FPN_1x",
+        (
+            "MODEL.FOCAL.ALPHA",
+            0.75,
+            "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE",
+            128,
+            "MODEL.FOCAL.OHEM.NMS_THRESH",
+            0.5,
+            "MODEL.FOCAL.OHEM.POS_FRACTION",
+            0.25,
+        ),
+    ),
 )
 
 
@@ -194,18 +282,26 @@ class Preset:
         if not self.canvases:
             return list(rows)
         only = dict(self.row_canvases)
-        return [row.at_canvas(side) for side in sorted(self.canvases) for row in rows
-                if side in only.get(row.name, self.canvases)]
+        return [
+            row.at_canvas(side)
+            for side in sorted(self.canvases)
+            for row in rows
+            if side in only.get(row.name, self.canvases)
+        ]
 
     def budget_opts(self) -> List:
         n = self.iters
         base_iters, base_steps, base_warmup = digits_schedule()
         steps = sorted({round(s * n / base_iters) for s in base_steps})
         return [
-            "SOLVER.MAX_ITER", n,
-            "SOLVER.STEPS", tuple(s for s in steps if 0 < s < n),
-            "SOLVER.WARMUP_ITERS", max(1, round(base_warmup * n / base_iters)),
-            "SOLVER.CHECKPOINT_PERIOD", n + 1,  # > MAX_ITER: only model_final.pth is written
+            "SOLVER.MAX_ITER",
+            n,
+            "SOLVER.STEPS",
+            tuple(s for s in steps if 0 < s < n),
+            "SOLVER.WARMUP_ITERS",
+            max(1, round(base_warmup * n / base_iters)),
+            "SOLVER.CHECKPOINT_PERIOD",
+            n + 1,  # > MAX_ITER: only model_final.pth is written
         ]
 
 
@@ -214,23 +310,31 @@ PRESETS: Dict[str, Preset] = {
     "tiny": Preset(
         iters=2,
         opts=(
-            "DATASETS.TRAIN", ("digits_train_tiny",),
-            "DATASETS.TEST", ("digits_val_tiny",),
-            "SOLVER.IMS_PER_BATCH", 2,
-            "DATALOADER.NUM_WORKERS", 0,
-            "MODEL.FPN.OUT_CHANNELS", 64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
+            "DATASETS.TRAIN",
+            ("digits_train_tiny",),
+            "DATASETS.TEST",
+            ("digits_val_tiny",),
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "MODEL.FPN.OUT_CHANNELS",
+            64,  # GroupNorm(32) needs >= 2 channels a group at 1x1 P7
         ),
         rows=("ce_a0.75", "soft_gamma_0to2"),
         cost="about 15-30 s per row",
     ),
     # digits_train (2,000 images) / digits_val (300), batch 8, 1 seed.
     "digits-small": Preset(
-        iters=300, rows=TABLE1_ROWS,
+        iters=300,
+        rows=TABLE1_ROWS,
         cost="about 4 min per row on 2 idle cores (0.44 s/iteration, 15 s evaluation), 45 min in all",
     ),
     # The default digits budget (1,000 iterations, batch 8), 2 seeds.
     "digits-full": Preset(
-        iters=1000, seeds=(0, 1), rows=TABLE1_ROWS,
+        iters=1000,
+        seeds=(0, 1),
+        rows=TABLE1_ROWS,
         cost="about 8 min per run on 2 idle cores, 22 runs: 3 hours in all (estimated); "
         "about 9 min on one H100 with --jobs 11 (measured)",
     ),
@@ -239,7 +343,9 @@ PRESETS: Dict[str, Preset] = {
     # steps 480 and 570, warm-up 60: Base-Digits.yaml's proportions), so every run sees the same number of
     # images and objects and the canvas is the only difference between columns. OHEM at the largest canvas.
     "imbalance": Preset(
-        iters=600, seeds=(0, 1), canvases=CANVASES,
+        iters=600,
+        seeds=(0, 1),
+        canvases=CANVASES,
         rows=("ce_a0.75", "fl_g1_a0.25", "fl_g2_a0.25", "softmax_fl_g2", *OHEM_ROWS),
         row_canvases=tuple((name, (768,)) for name in OHEM_ROWS),
         cost="not run yet: 36 runs (4 rows x 4 canvases x 2 seeds, OHEM 2 rows x 2 seeds at 768 px); "
@@ -278,14 +384,18 @@ def _shell_join(args: Sequence[str]) -> str:
     )
 
 
-def plan(preset: Preset, rows: Sequence[Row], output_dir: str, extra_opts: Sequence = ()) -> List[Run]:
+def plan(
+    preset: Preset, rows: Sequence[Row], output_dir: str, extra_opts: Sequence = ()
+) -> List[Run]:
     """
     The runs of ``rows`` under ``preset``, in table order, seeds inner;
     ``extra_opts`` (key, value, ...) are added to every run after the preset's.
     A preset with canvases runs each row at each canvas (:meth:`Preset.expand`).
     """
     if len(extra_opts) % 2:
-        raise ValueError(f"key/value pairs after the options must come in pairs, got {list(extra_opts)}")
+        raise ValueError(
+            f"key/value pairs after the options must come in pairs, got {list(extra_opts)}"
+        )
     runs = []
     for row in preset.expand(rows):
         for seed in preset.seeds:
@@ -320,13 +430,17 @@ def select_canvases(text: str, preset_name: str, preset: Preset) -> Tuple[int, .
     """
     if not preset.canvases:
         with_canvases = sorted(name for name, p in PRESETS.items() if p.canvases)
-        raise ValueError(f"--canvases: preset {preset_name!r} has no canvases; presets with canvases: {with_canvases}")
+        raise ValueError(
+            f"--canvases: preset {preset_name!r} has no canvases; presets with canvases: {with_canvases}"
+        )
     try:
         sides = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
     except ValueError:
         sides = ()
     if not sides or not set(sides) <= set(preset.canvases):
-        raise ValueError(f"--canvases must be comma-separated sides from {preset.canvases}, got {text!r}")
+        raise ValueError(
+            f"--canvases must be comma-separated sides from {preset.canvases}, got {text!r}"
+        )
     return sides
 
 
@@ -381,7 +495,10 @@ def _left_out_lines(left_out: Dict[str, str]) -> List[str]:
         return []
     lines = [f"Rows left out, they cannot run in this checkout ({len(left_out)}):", ""]
     lines += [f"- {name}: {why}" for name, why in left_out.items()]
-    lines += ["", "Rerun the preset once they can run: finished runs are kept and only the missing ones train."]
+    lines += [
+        "",
+        "Rerun the preset once they can run: finished runs are kept and only the missing ones train.",
+    ]
     return lines
 
 
@@ -428,8 +545,10 @@ def train_run(run: Run, verbose: bool = False, threads: Optional[int] = None) ->
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = "".join(f.readlines()[-30:])
-        raise RuntimeError(f"run {run.row.name} seed {run.seed} failed (exit {proc.returncode}); "
-                           f"log: {log_path}\n{tail}")
+        raise RuntimeError(
+            f"run {run.row.name} seed {run.seed} failed (exit {proc.returncode}); "
+            f"log: {log_path}\n{tail}"
+        )
     return read_result(run)
 
 
@@ -467,7 +586,9 @@ def train_one(argv: List[str]):
     total = time.perf_counter() - start
     bbox = TimedTrainer.eval_results.get("bbox", {})
     metrics = {k: _finite_or_none(bbox.get(k)) for k in METRICS}
-    detections = _count_detections(os.path.join(cfg.OUTPUT_DIR, "inference", "coco_instances_results.json"))
+    detections = _count_detections(
+        os.path.join(cfg.OUTPUT_DIR, "inference", "coco_instances_results.json")
+    )
     result = {
         "argv": argv,
         "metrics": metrics,
@@ -496,11 +617,17 @@ def _why_missing(metrics: Dict[str, Optional[float]], detections: int, cfg) -> D
     """For each metric without a value, why COCO's evaluation gave none."""
     dataset = ", ".join(cfg.DATASETS.TEST)
     if detections == 0:
-        why = (f"no detections on {dataset}: every score was below "
-               f"MODEL.RETINANET.SCORE_THRESH_TEST={cfg.MODEL.RETINANET.SCORE_THRESH_TEST}")
+        why = (
+            f"no detections on {dataset}: every score was below "
+            f"MODEL.RETINANET.SCORE_THRESH_TEST={cfg.MODEL.RETINANET.SCORE_THRESH_TEST}"
+        )
         return {k: why for k, v in metrics.items() if v is None}
     sizes = {"APs": "small (area < 32² px) ", "APm": "medium (area 32²-96² px) "}
-    return {k: f"{dataset} has no {sizes.get(k, '')}ground-truth boxes" for k, v in metrics.items() if v is None}
+    return {
+        k: f"{dataset} has no {sizes.get(k, '')}ground-truth boxes"
+        for k, v in metrics.items()
+        if v is None
+    }
 
 
 def _notes(result: dict) -> str:
@@ -527,7 +654,11 @@ def summarize(runs: Sequence[Run], results: Dict[Tuple[str, int], dict]) -> List
     """One dict per row with finished runs: mean and std over seeds of each metric and train seconds."""
     table = []
     for row in dict.fromkeys(r.row for r in runs):
-        done = [results[(row.name, r.seed)] for r in runs if r.row == row and (row.name, r.seed) in results]
+        done = [
+            results[(row.name, r.seed)]
+            for r in runs
+            if r.row == row and (row.name, r.seed) in results
+        ]
         if not done:
             continue
         line = {"row": row.name, "label": row.label, "canvas": row.canvas, "seeds": len(done)}
@@ -548,15 +679,23 @@ def _fmt(mean, std=None, digits=1):
 def _git_commit() -> str:
     """``git describe --always --dirty`` of the repository ("-dirty": uncommitted changes)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def canvas_table(runs: Sequence[Run], results: Dict[Tuple[str, int], dict],
-                 imbalance: Optional[Dict[int, dict]] = None) -> List[str]:
+def canvas_table(
+    runs: Sequence[Run],
+    results: Dict[Tuple[str, int], dict],
+    imbalance: Optional[Dict[int, dict]] = None,
+) -> List[str]:
     """
     Markdown lines of the table by canvas: one column per canvas side, the
     measured imbalance first (negatives per positive anchor, ignored anchors
@@ -566,12 +705,22 @@ def canvas_table(runs: Sequence[Run], results: Dict[Tuple[str, int], dict],
     sides = sorted({run.row.canvas for run in runs})
     imbalance = imbalance or {}
     labels = {row.name: row.label for row in ROWS}
-    lines = ["| | " + " | ".join(f"{side} px" for side in sides) + " |", "| --- |" + " ---: |" * len(sides)]
-    for title, key, digits in (("negatives per positive anchor", "negatives_per_positive", 0),
-                               ("ignored anchors per image", "ignored_per_image", 1)):
-        cells = [_fmt(imbalance[side][key], digits=digits) if side in imbalance else "–" for side in sides]
+    lines = [
+        "| | " + " | ".join(f"{side} px" for side in sides) + " |",
+        "| --- |" + " ---: |" * len(sides),
+    ]
+    for title, key, digits in (
+        ("negatives per positive anchor", "negatives_per_positive", 0),
+        ("ignored anchors per image", "ignored_per_image", 1),
+    ):
+        cells = [
+            _fmt(imbalance[side][key], digits=digits) if side in imbalance else "–"
+            for side in sides
+        ]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    by_cell = {(line["row"].split("/")[-1], line["canvas"]): line for line in summarize(runs, results)}
+    by_cell = {
+        (line["row"].split("/")[-1], line["canvas"]): line for line in summarize(runs, results)
+    }
     for setting in dict.fromkeys(run.row.setting for run in runs):
         cells = []
         for side in sides:
@@ -581,9 +730,16 @@ def canvas_table(runs: Sequence[Run], results: Dict[Tuple[str, int], dict],
     return lines
 
 
-def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequence[Run],
-                 results: Dict[Tuple[str, int], dict], command: str = "",
-                 left_out: Optional[Dict[str, str]] = None, imbalance: Optional[Dict[int, dict]] = None):
+def write_tables(
+    output_dir: str,
+    preset_name: str,
+    preset: Preset,
+    runs: Sequence[Run],
+    results: Dict[Tuple[str, int], dict],
+    command: str = "",
+    left_out: Optional[Dict[str, str]] = None,
+    imbalance: Optional[Dict[int, dict]] = None,
+):
     """
     Writes runs.csv, results.csv and results.md (made by ``command``) into
     ``output_dir``; results.md lists the rows ``left_out`` and, for a preset
@@ -591,13 +747,24 @@ def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequen
     """
     with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["row", "seed", *METRICS, "train_s", "eval_s", "iterations", "canvas", "setting"])
+        writer.writerow(
+            ["row", "seed", *METRICS, "train_s", "eval_s", "iterations", "canvas", "setting"]
+        )
         for run in runs:
             res = results.get((run.row.name, run.seed))
             if res:
-                writer.writerow([run.row.name, run.seed, *(res["metrics"][k] for k in METRICS),
-                                 res["train_seconds"], res["eval_seconds"], res["iterations"],
-                                 "" if run.row.canvas is None else run.row.canvas, run.row.setting])
+                writer.writerow(
+                    [
+                        run.row.name,
+                        run.seed,
+                        *(res["metrics"][k] for k in METRICS),
+                        res["train_seconds"],
+                        res["eval_seconds"],
+                        res["iterations"],
+                        "" if run.row.canvas is None else run.row.canvas,
+                        run.row.setting,
+                    ]
+                )
     table = summarize(runs, results)
     if table:
         with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
@@ -606,7 +773,9 @@ def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequen
             writer.writerows(table)
     seeds = ", ".join(map(str, preset.seeds))
     spread = " (mean ± sample std over seeds)" if len(preset.seeds) > 1 else ""
-    commits = ", ".join(f"`{c}`" for c in sorted({r.get("commit", "unknown") for r in results.values()}))
+    commits = ", ".join(
+        f"`{c}`" for c in sorted({r.get("commit", "unknown") for r in results.values()})
+    )
     lines = [
         f"Preset `{preset_name}`: {preset.iters} iterations per run, seeds {seeds}{spread}; "
         f"COCO-style AP on the test set, in %; trained at commit {commits}.",
@@ -616,19 +785,33 @@ def write_tables(output_dir: str, preset_name: str, preset: Preset, runs: Sequen
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for line in table:
-        paper = "–" if line["paper_AP"] is None else \
-            f"{line['paper_AP']:.1f} / {line['paper_AP50']:.1f} / {line['paper_AP75']:.1f}"
+        paper = (
+            "–"
+            if line["paper_AP"] is None
+            else f"{line['paper_AP']:.1f} / {line['paper_AP50']:.1f} / {line['paper_AP75']:.1f}"
+        )
         cells = [_fmt(line[k], line[f"{k}_std"]) for k in METRICS]
-        lines.append(f"| {line['label']} | " + " | ".join(cells)
-                     + f" | {_fmt(line['train_s'], digits=0)} | {paper} |")
-    notes = [(run, _notes(results[(run.row.name, run.seed)])) for run in runs if (run.row.name, run.seed) in results]
+        lines.append(
+            f"| {line['label']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(line['train_s'], digits=0)} | {paper} |"
+        )
+    notes = [
+        (run, _notes(results[(run.row.name, run.seed)]))
+        for run in runs
+        if (run.row.name, run.seed) in results
+    ]
     notes = [f"- {run.row.label}, seed {run.seed}: {note}" for run, note in notes if note]
     if notes:
         lines += ["", "Metrics without a value (–):", "", *notes]
     if preset.canvases:
-        lines += ["", "By canvas (AP: mean ± sample std over seeds; –: not run yet); the imbalance is measured "
-                  "by `tools/imbalance.py` on the train split (`imbalance.json`):", "",
-                  *canvas_table(runs, results, imbalance)]
+        lines += [
+            "",
+            "By canvas (AP: mean ± sample std over seeds; –: not run yet); the imbalance is measured "
+            "by `tools/imbalance.py` on the train split (`imbalance.json`):",
+            "",
+            *canvas_table(runs, results, imbalance),
+        ]
     if left_out:
         lines += ["", *_left_out_lines(left_out)]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
@@ -655,29 +838,55 @@ def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ())
             measured = {int(side): m for side, m in stored["canvases"].items()}
     missing = [side for side in preset.canvases if side not in measured]
     if missing:
-        print(f"measuring the anchors' imbalance at canvases {', '.join(map(str, missing))} "
-              "on the train splits (tools/imbalance.py)", flush=True)
+        print(
+            f"measuring the anchors' imbalance at canvases {', '.join(map(str, missing))} "
+            "on the train splits (tools/imbalance.py)",
+            flush=True,
+        )
         measured.update(measure_canvases(missing, "train", None, opts=opts))
         print(format_table(measured), flush=True)
         with open(path + ".tmp", "w") as f:
-            json.dump({"split": "train", "opts": opts, "canvases": {str(k): v for k, v in sorted(measured.items())}},
-                      f, indent=1)
+            json.dump(
+                {
+                    "split": "train",
+                    "opts": opts,
+                    "canvases": {str(k): v for k, v in sorted(measured.items())},
+                },
+                f,
+                indent=1,
+            )
         os.replace(path + ".tmp", path)
     return {side: measured[side] for side in preset.canvases}
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="digits-small", choices=sorted(PRESETS))
-    parser.add_argument("--rows", help="comma-separated row names or shell patterns (default: the preset's rows)")
+    parser.add_argument(
+        "--rows", help="comma-separated row names or shell patterns (default: the preset's rows)"
+    )
     parser.add_argument("--output-dir", help="default: output/ablation/<preset>")
-    parser.add_argument("--canvases", help="comma-separated canvas sides, a subset of the preset's "
-                        "(presets with canvases; default: all of them)")
-    parser.add_argument("--list", action="store_true", help="print the runs and their commands, train nothing")
-    parser.add_argument("--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="key value pairs added to every run, as after train_net.py's --config-file")
+    parser.add_argument(
+        "--canvases",
+        help="comma-separated canvas sides, a subset of the preset's "
+        "(presets with canvases; default: all of them)",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="print the runs and their commands, train nothing"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, each in its own process"
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="key value pairs added to every run, as after train_net.py's --config-file",
+    )
     return parser
 
 
@@ -687,19 +896,25 @@ def main(argv=None):
         return train_one(argv[1:])
     args = get_parser().parse_args(argv)
     preset = PRESETS[args.preset]
-    output_dir = os.path.abspath(args.output_dir or os.path.join(REPO, "output", "ablation", args.preset))
+    output_dir = os.path.abspath(
+        args.output_dir or os.path.join(REPO, "output", "ablation", args.preset)
+    )
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.canvases:
         preset = replace(preset, canvases=select_canvases(args.canvases, args.preset, preset))
-    rows, left_out = drop_rows_that_cannot_run(select_rows(args.rows, preset), asked=bool(args.rows))
+    rows, left_out = drop_rows_that_cannot_run(
+        select_rows(args.rows, preset), asked=bool(args.rows)
+    )
     runs = plan(preset, rows, output_dir, args.opts)
     if left_out:
         print("\n".join(_left_out_lines(left_out)) + "\n", flush=True)
     if args.list:
         print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
         for run in runs:
-            print(f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}")
+            print(
+                f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}"
+            )
         return
     os.makedirs(output_dir, exist_ok=True)
     imbalance = preset_imbalance(output_dir, preset, args.opts) if preset.canvases else None
@@ -711,21 +926,29 @@ def main(argv=None):
             pending.append((i, run))
             continue
         note = _notes(result)
-        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}"
-              + (f" ({note})" if note else ""))
+        print(
+            f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}"
+            + (f" ({note})" if note else "")
+        )
         results[(run.row.name, run.seed)] = result
     write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
     def train(i: int, run: Run) -> dict:
-        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
-              f"  python train_net.py {_shell_join(run.argv())}", flush=True)
+        print(
+            f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
+            f"  python train_net.py {_shell_join(run.argv())}",
+            flush=True,
+        )
         result = train_run(run, verbose=args.verbose, threads=threads)
         note = _notes(result)
-        print(f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
-              f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation"
-              + (f" ({note})" if note else ""), flush=True)
+        print(
+            f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
+            f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation"
+            + (f" ({note})" if note else ""),
+            flush=True,
+        )
         return result
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -734,7 +957,9 @@ def main(argv=None):
             for future in as_completed(futures):
                 run = futures[future]
                 results[(run.row.name, run.seed)] = future.result()
-                write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
+                write_tables(
+                    output_dir, args.preset, preset, runs, results, command, left_out, imbalance
+                )
         except BaseException:
             for future in futures:
                 future.cancel()  # runs not started yet; the running ones finish and keep their results

@@ -24,6 +24,7 @@ that overlaps a higher-scoring one (IoU > ``MODEL.RETINANET.NMS_THRESH_TEST``)
 is not drawn, whatever its class. Each image's line on stdout says how many
 detections were drawn.
 """
+
 import argparse
 import glob
 import math
@@ -34,8 +35,12 @@ from typing import List, Optional, Sequence
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 import numpy as np  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
@@ -112,17 +117,24 @@ def montage(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndar
     height, width = images[0].shape[:2]
     rows = math.ceil(len(images) / columns)
     columns = min(columns, len(images))
-    grid = np.full((rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, 3), 255, np.uint8)
+    grid = np.full(
+        (rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, 3), 255, np.uint8
+    )
     for i, image in enumerate(images):
         if image.shape[:2] != (height, width):
             raise ValueError("--montage needs images of one size")
         r, c = divmod(i, columns)
-        grid[r * (height + gap): r * (height + gap) + height, c * (width + gap): c * (width + gap) + width] = image
+        grid[
+            r * (height + gap) : r * (height + gap) + height,
+            c * (width + gap) : c * (width + gap) + width,
+        ] = image
     return grid
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image paths or globs")
@@ -133,7 +145,9 @@ def get_parser():
     parser.add_argument("--columns", type=int, default=4, help="montage columns")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("--scale", type=float, default=2.0, help="output size / input size")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
+    )
     return parser
 
 
@@ -151,7 +165,9 @@ def main(argv=None) -> List[str]:
         image, count = draw(predictor, path, metadata, args.scale)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         Image.fromarray(image).save(out)
-        print(f"{path}: {count} detection{'s' * (count != 1)} (score >= {args.confidence_threshold}) -> {out}")
+        print(
+            f"{path}: {count} detection{'s' * (count != 1)} (score >= {args.confidence_threshold}) -> {out}"
+        )
         written.append(out)
         drawn.append(image)
     if args.montage and drawn:

@@ -25,6 +25,7 @@ detections of each, whether their classes are equal and the largest
 absolute difference of their boxes and scores. Writes ``<output>/model.ts``;
 the exit status is 1 when the two disagree.
 """
+
 import argparse
 import logging
 import os
@@ -36,9 +37,14 @@ from typing import Dict, List, Tuple
 # is deprecated in this torch but Detectron2's export needs it; fvcore/Detectron2 call
 # torch.jit.script at import and torch.meshgrid.
 warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.(script|trace|trace_method|save|load)` is deprecated", FutureWarning, r"torch\.jit\."
+    "ignore",
+    r"`torch\.jit\.(script|trace|trace_method|save|load)` is deprecated",
+    FutureWarning,
+    r"torch\.jit\.",
 )
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -92,8 +98,12 @@ def export_scripting(model: nn.Module, path: str):
     def run(image: Tensor) -> Instances:
         fields = loaded([{"image": image}])[0]
         size = tuple(image.shape[1:])
-        instances = Instances(size, pred_boxes=Boxes(fields["pred_boxes"]), scores=fields["scores"],
-                              pred_classes=fields["pred_classes"])
+        instances = Instances(
+            size,
+            pred_boxes=Boxes(fields["pred_boxes"]),
+            scores=fields["scores"],
+            pred_classes=fields["pred_classes"],
+        )
         return detector_postprocess(instances, *size)
 
     return run
@@ -139,21 +149,32 @@ def agreement(expected: Instances, actual: Instances) -> Dict[str, object]:
         dict: ``detections`` (eager, exported), ``classes_equal``, ``max_box_diff``,
         ``max_score_diff`` (None when the counts differ) and ``agree``.
     """
-    report = {"detections": (len(expected), len(actual)), "classes_equal": False,
-              "max_box_diff": None, "max_score_diff": None}
+    report = {
+        "detections": (len(expected), len(actual)),
+        "classes_equal": False,
+        "max_box_diff": None,
+        "max_score_diff": None,
+    }
     if len(expected) == len(actual):
-        report["classes_equal"] = torch.equal(expected.pred_classes, actual.pred_classes.to(torch.int64))
+        report["classes_equal"] = torch.equal(
+            expected.pred_classes, actual.pred_classes.to(torch.int64)
+        )
         if len(expected):
             box = (expected.pred_boxes.tensor - actual.pred_boxes.tensor).abs().max().item()
             score = (expected.scores - actual.scores).abs().max().item()
         else:
             box = score = 0.0
         report["max_box_diff"], report["max_score_diff"] = box, score
-    report["agree"] = report["classes_equal"] and max(report["max_box_diff"] or 0, report["max_score_diff"] or 0) <= TOLERANCE
+    report["agree"] = (
+        report["classes_equal"]
+        and max(report["max_box_diff"] or 0, report["max_score_diff"] or 0) <= TOLERANCE
+    )
     return report
 
 
-def export(cfg, export_method: str, output: str, sample: str = None) -> Tuple[str, Dict[str, object]]:
+def export(
+    cfg, export_method: str, output: str, sample: str = None
+) -> Tuple[str, Dict[str, object]]:
     """
     Export the model of ``cfg`` (weights from MODEL.WEIGHTS, or freshly
     initialised when empty) to ``<output>/model.ts`` and compare the reloaded
@@ -164,7 +185,9 @@ def export(cfg, export_method: str, output: str, sample: str = None) -> Tuple[st
         dict: see :func:`agreement`.
     """
     if export_method not in EXPORT_METHODS:
-        raise ValueError(f"--export-method {export_method!r}: must be one of {list(EXPORT_METHODS)}.")
+        raise ValueError(
+            f"--export-method {export_method!r}: must be one of {list(EXPORT_METHODS)}."
+        )
     model = build_model(cfg)
     DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
     model.eval()
@@ -182,13 +205,19 @@ def export(cfg, export_method: str, output: str, sample: str = None) -> Tuple[st
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--format", choices=FORMATS, default="torchscript")
     parser.add_argument("--export-method", choices=EXPORT_METHODS, default="scripting")
-    parser.add_argument("--sample-image", default=None, help="default: the first image of DATASETS.TEST[0]")
+    parser.add_argument(
+        "--sample-image", default=None, help="default: the first image of DATASETS.TEST[0]"
+    )
     parser.add_argument("--output", required=True, help="output directory for model.ts")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
+    )
     return parser
 
 
@@ -201,9 +230,11 @@ def main(argv=None) -> Dict[str, object]:
         logger.warning("MODEL.WEIGHTS is empty: exporting a freshly initialised model.")
     path, report = export(cfg, args.export_method, args.output, args.sample_image)
     eager, exported = report["detections"]
-    print(f"{path} ({args.format}, {args.export_method}): {eager} eager / {exported} exported detections, "
-          f"classes equal: {report['classes_equal']}, max |box diff| {report['max_box_diff']}, "
-          f"max |score diff| {report['max_score_diff']} -> {'agree' if report['agree'] else 'DISAGREE'}")
+    print(
+        f"{path} ({args.format}, {args.export_method}): {eager} eager / {exported} exported detections, "
+        f"classes equal: {report['classes_equal']}, max |box diff| {report['max_box_diff']}, "
+        f"max |score diff| {report['max_score_diff']} -> {'agree' if report['agree'] else 'DISAGREE'}"
+    )
     return {"path": path, **report}
 
 

@@ -20,6 +20,7 @@ model's anchor generator on its backbone's feature maps for the image's padded
 size (all digits images of a canvas have one size, so the backbone runs once,
 on zeros).
 """
+
 import argparse
 import json
 import os
@@ -29,8 +30,12 @@ from typing import Dict, List, Optional, Sequence
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "digits", "sigmoid_focal_R18_FPN_1x.yaml")
@@ -53,12 +58,18 @@ def canvas_opts(side: int) -> List:
     if side not in CANVASES:
         raise ValueError(f"canvas side must be one of {CANVASES}, got {side!r}")
     return [
-        "DATASETS.TRAIN", (f"digits_train_s{side}",),
-        "DATASETS.TEST", (f"digits_val_s{side}",),
-        "INPUT.MIN_SIZE_TRAIN", (side,),
-        "INPUT.MAX_SIZE_TRAIN", side,
-        "INPUT.MIN_SIZE_TEST", side,
-        "INPUT.MAX_SIZE_TEST", side,
+        "DATASETS.TRAIN",
+        (f"digits_train_s{side}",),
+        "DATASETS.TEST",
+        (f"digits_val_s{side}",),
+        "INPUT.MIN_SIZE_TRAIN",
+        (side,),
+        "INPUT.MAX_SIZE_TRAIN",
+        side,
+        "INPUT.MIN_SIZE_TEST",
+        side,
+        "INPUT.MAX_SIZE_TEST",
+        side,
     ]
 
 
@@ -173,8 +184,13 @@ def measure_imbalance(cfg, dataset: str, num_images: Optional[int] = None) -> Di
     return result
 
 
-def measure_canvases(canvases: Sequence[int] = CANVASES, split: str = "train", num_images: Optional[int] = None,
-                     config_file: str = DEFAULT_CONFIG, opts: Sequence = ()) -> Dict[int, Dict]:
+def measure_canvases(
+    canvases: Sequence[int] = CANVASES,
+    split: str = "train",
+    num_images: Optional[int] = None,
+    config_file: str = DEFAULT_CONFIG,
+    opts: Sequence = (),
+) -> Dict[int, Dict]:
     """
     :func:`measure_imbalance` at each canvas side, on ``digits_<split>_s<side>``
     (generated first if it is not cached).
@@ -190,7 +206,10 @@ def measure_canvases(canvases: Sequence[int] = CANVASES, split: str = "train", n
     for side in canvases:
         dataset = f"digits_{split}_s{side}"
         ensure_generated(dataset)
-        results[side] = dict(canvas=side, **measure_imbalance(canvas_cfg(side, config_file, opts), dataset, num_images))
+        results[side] = dict(
+            canvas=side,
+            **measure_imbalance(canvas_cfg(side, config_file, opts), dataset, num_images),
+        )
     return results
 
 
@@ -215,7 +234,9 @@ def parse_canvases(text: str) -> List[int]:
     try:
         sides = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--canvases must be comma-separated integers from {CANVASES}, got {text!r}") from None
+        raise ValueError(
+            f"--canvases must be comma-separated integers from {CANVASES}, got {text!r}"
+        ) from None
     bad = [s for s in sides if s not in CANVASES]
     if bad or not sides:
         raise ValueError(f"--canvases must be comma-separated values from {CANVASES}, got {text!r}")
@@ -223,22 +244,35 @@ def parse_canvases(text: str) -> List[int]:
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--canvases", default=",".join(map(str, CANVASES)), help="comma-separated canvas sides")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--canvases", default=",".join(map(str, CANVASES)), help="comma-separated canvas sides"
+    )
     parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--num-images", type=int, help="the first images of each split (default: all)")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
-                        help="digits config whose anchors and matcher are used (relative to the repository)")
+    parser.add_argument(
+        "--num-images", type=int, help="the first images of each split (default: all)"
+    )
+    parser.add_argument(
+        "--config-file",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help="digits config whose anchors and matcher are used (relative to the repository)",
+    )
     parser.add_argument("--output", help="also write the measurements to this json file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
+    )
     return parser
 
 
 def main(argv=None) -> Dict[int, Dict]:
     """Measures, prints the table (and writes ``--output``); returns the measurements."""
     args = get_parser().parse_args(argv)
-    measurements = measure_canvases(parse_canvases(args.canvases), args.split, args.num_images,
-                                    args.config_file, args.opts)
+    measurements = measure_canvases(
+        parse_canvases(args.canvases), args.split, args.num_images, args.config_file, args.opts
+    )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -20,6 +20,7 @@ but no count of positive anchors per image, so its negatives per positive
 cannot be derived from its own numbers (Figure 4's 10^7 negatives and 10^5
 positives are a sample drawn for the plot, not a ratio per image).
 """
+
 import argparse
 import csv
 import json
@@ -52,8 +53,10 @@ def read_imbalance(folder: str) -> Dict[int, float]:
     """
     path = os.path.join(folder, IMBALANCE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: run `python tools/ablate.py --preset imbalance` "
-                                f"(it measures the imbalance before training), or pass the preset's output folder")
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python tools/ablate.py --preset imbalance` "
+            f"(it measures the imbalance before training), or pass the preset's output folder"
+        )
     with open(path) as f:
         canvases = json.load(f)["canvases"]
     return {int(side): float(m["negatives_per_positive"]) for side, m in canvases.items()}
@@ -66,15 +69,21 @@ def read_runs(folder: str) -> Dict[str, Dict[int, List[float]]]:
     """
     path = os.path.join(folder, RUNS_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: no run of the imbalance preset has finished there")
+        raise FileNotFoundError(
+            f"{path} does not exist: no run of the imbalance preset has finished there"
+        )
     series = {}
     with open(path, newline="") as f:
         for line in csv.DictReader(f):
             if not line.get("canvas"):
-                raise ValueError(f"{path}: row {line['row']!r} has no canvas; "
-                                 "this is not the output of a preset with canvases (--preset imbalance)")
+                raise ValueError(
+                    f"{path}: row {line['row']!r} has no canvas; "
+                    "this is not the output of a preset with canvases (--preset imbalance)"
+                )
             if line["AP"] not in ("", "None"):
-                series.setdefault(line["setting"], {}).setdefault(int(line["canvas"]), []).append(float(line["AP"]))
+                series.setdefault(line["setting"], {}).setdefault(int(line["canvas"]), []).append(
+                    float(line["AP"])
+                )
     return series
 
 
@@ -89,9 +98,13 @@ def sweep(folder: str) -> Dict[str, List[Tuple[float, float, float, float, List[
     for setting, by_canvas in read_runs(folder).items():
         missing = sorted(set(by_canvas) - set(ratio))
         if missing:
-            raise ValueError(f"{os.path.join(folder, IMBALANCE_FILE)} has no measurement for canvas {missing} "
-                             f"of {setting!r}; measured: {sorted(ratio)}")
-        points = [(ratio[s], float(np.mean(ap)), min(ap), max(ap), ap) for s, ap in by_canvas.items()]
+            raise ValueError(
+                f"{os.path.join(folder, IMBALANCE_FILE)} has no measurement for canvas {missing} "
+                f"of {setting!r}; measured: {sorted(ratio)}"
+            )
+        points = [
+            (ratio[s], float(np.mean(ap)), min(ap), max(ap), ap) for s, ap in by_canvas.items()
+        ]
         result[setting] = sorted(points)
     return result
 
@@ -103,27 +116,45 @@ def plot(folder: str, output: str, width: float = 8.0, height: float = 5.0, dpi:
     fig, ax = plt.subplots(figsize=(width, height), dpi=dpi, layout="constrained")
     for setting, points in data.items():
         x, mean, low, high, seeds = (list(v) for v in zip(*points))
-        line, = ax.plot(x, mean, marker="o", lw=2, label=labels.get(setting, setting))
+        (line,) = ax.plot(x, mean, marker="o", lw=2, label=labels.get(setting, setting))
         spread = np.array([np.subtract(mean, low), np.subtract(high, mean)])  # (2, points)
         ax.errorbar(x, mean, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=4, lw=1)
         for xi, values in zip(x, seeds):
-            ax.plot([xi] * len(values), values, ls="none", marker=".", ms=5, color=line.get_color(), alpha=0.6)
+            ax.plot(
+                [xi] * len(values),
+                values,
+                ls="none",
+                marker=".",
+                ms=5,
+                color=line.get_color(),
+                alpha=0.6,
+            )
     ratio = read_imbalance(folder)
     ax.set_xscale("log")
-    ax.set(xlabel="negative anchors per positive anchor (model's label_anchors, train split)",
-           ylabel="AP on the val split (%)", title="AP against foreground/background imbalance (digits canvases)")
+    ax.set(
+        xlabel="negative anchors per positive anchor (model's label_anchors, train split)",
+        ylabel="AP on the val split (%)",
+        title="AP against foreground/background imbalance (digits canvases)",
+    )
     top = ax.secondary_xaxis("top")
-    top.set_xticks(sorted(ratio.values()), labels=[f"{s} px" for s, _ in sorted(ratio.items(), key=lambda t: t[1])])
+    top.set_xticks(
+        sorted(ratio.values()),
+        labels=[f"{s} px" for s, _ in sorted(ratio.items(), key=lambda t: t[1])],
+    )
     top.minorticks_off()
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
-    fig.supxlabel("line: mean over seeds; bar: lowest to highest seed; dots: seeds", fontsize=8, color="0.35")
+    fig.supxlabel(
+        "line: mean over seeds; bar: lowest to highest seed; dots: seeds", fontsize=8, color="0.35"
+    )
     save_figure(fig, output, dpi)
     return data
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", help="output folder of `tools/ablate.py --preset imbalance`")
     add_figure_arguments(parser, "docs/imbalance_sweep.png", height=5.0)
     return parser
@@ -136,8 +167,10 @@ def main(argv=None) -> Dict:
     print(f"{args.output}:")
     for setting, points in data.items():
         for x, mean, low, high, seeds in points:
-            print(f"  {setting}: {x:,.0f} negatives per positive, AP {mean:.1f} "
-                  f"({len(seeds)} seeds, {low:.1f}-{high:.1f})")
+            print(
+                f"  {setting}: {x:,.0f} negatives per positive, AP {mean:.1f} "
+                f"({len(seeds)} seeds, {low:.1f}-{high:.1f})"
+            )
     return data
 
 

@@ -23,6 +23,7 @@ are sorted, divided by their sum and accumulated: a curve at (f, c) means
 the fraction f of the anchors with the lowest loss carries the fraction c
 of the group's loss.
 """
+
 import argparse
 import sys
 import warnings
@@ -30,8 +31,12 @@ from typing import Dict, Sequence, Tuple
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 import matplotlib  # noqa: E402
 
@@ -44,11 +49,11 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.data.detection_utils import build_augmentation  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2.config import load_config  # noqa: E402
 from focal_det2.losses import functional  # noqa: E402
-from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 # Losses whose logits are those of K independent sigmoids.
 SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
@@ -58,12 +63,16 @@ GAMMAS = (0.0, 0.5, 1.0, 2.0)
 def check_sigmoid_model(cfg):
     """Raise unless the model of ``cfg`` was trained with a loss on K sigmoid logits."""
     if cfg.MODEL.FOCAL.LOSS not in SIGMOID_LOSSES:
-        raise ValueError(f"MODEL.FOCAL.LOSS={cfg.MODEL.FOCAL.LOSS!r}: the figure scores sigmoid logits; "
-                         f"use a model trained with one of {SIGMOID_LOSSES}")
+        raise ValueError(
+            f"MODEL.FOCAL.LOSS={cfg.MODEL.FOCAL.LOSS!r}: the figure scores sigmoid logits; "
+            f"use a model trained with one of {SIGMOID_LOSSES}"
+        )
 
 
 @torch.no_grad()
-def anchor_logits(cfg, dataset: str, num_images: int, batch_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+def anchor_logits(
+    cfg, dataset: str, num_images: int, batch_size: int = 8
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Runs the model of ``cfg`` on the first ``num_images`` images of ``dataset``
     (:meth:`FocalRetinaNet.anchor_logits`, the logits and labels training sees).
@@ -76,12 +85,13 @@ def anchor_logits(cfg, dataset: str, num_images: int, batch_size: int = 8) -> Tu
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     # Training's mapper (it keeps the annotations) with the test-time resize.
-    mapper = DatasetMapper(True, augmentations=build_augmentation(cfg, is_train=False),
-                           image_format=cfg.INPUT.FORMAT)
+    mapper = DatasetMapper(
+        True, augmentations=build_augmentation(cfg, is_train=False), image_format=cfg.INPUT.FORMAT
+    )
     dicts = DatasetCatalog.get(dataset)[:num_images]
     all_logits, all_labels = [], []
     for start in range(0, len(dicts), batch_size):
-        logits, labels = model.anchor_logits([mapper(d) for d in dicts[start: start + batch_size]])
+        logits, labels = model.anchor_logits([mapper(d) for d in dicts[start : start + batch_size]])
         valid = labels >= 0
         all_logits.append(logits[valid].float().cpu())
         all_labels.append(labels[valid].cpu())
@@ -105,7 +115,9 @@ def per_anchor_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: flo
     return (-torch.exp(gamma * F.logsigmoid(-x_t)) * F.logsigmoid(x_t)).sum(dim=1)
 
 
-def check_against_functional(logits, labels, losses, gamma: float, per_group: int = 200, seed: int = 0):
+def check_against_functional(
+    logits, labels, losses, gamma: float, per_group: int = 200, seed: int = 0
+):
     """
     Raises unless ``losses`` equals ``functional.sigmoid_focal_loss`` on
     one-anchor rows, for ``per_group`` positive and as many negative anchors
@@ -119,7 +131,9 @@ def check_against_functional(logits, labels, losses, gamma: float, per_group: in
         sample.append(indices[torch.randperm(len(indices), generator=generator)[:per_group]])
     with one_thread():
         for i in torch.cat(sample).tolist():
-            reference = functional.sigmoid_focal_loss(logits[i: i + 1], labels[i: i + 1], gamma=gamma, alpha=-1)
+            reference = functional.sigmoid_focal_loss(
+                logits[i : i + 1], labels[i : i + 1], gamma=gamma, alpha=-1
+            )
             torch.testing.assert_close(losses[i], reference, rtol=1e-5, atol=1e-7)
 
 
@@ -150,8 +164,15 @@ def share_of_hardest(cdf: np.ndarray, fraction: float) -> float:
     return 1.0 - (cdf[keep - 1] if keep > 0 else 0.0)
 
 
-def plot(cdfs, counts: Dict[str, int], output: str, width: float = 12.0, height: float = 4.5,
-         dpi: int = 100, points: int = 1000) -> str:
+def plot(
+    cdfs,
+    counts: Dict[str, int],
+    output: str,
+    width: float = 12.0,
+    height: float = 4.5,
+    dpi: int = 100,
+    points: int = 1000,
+) -> str:
     """Draws the CDFs into ``output`` (PNG of width*dpi x height*dpi pixels)."""
     fig, axes = plt.subplots(1, 2, figsize=(width, height), dpi=dpi, layout="constrained")
     for ax, name in zip(axes, ("positive", "negative")):
@@ -159,24 +180,39 @@ def plot(cdfs, counts: Dict[str, int], output: str, width: float = 12.0, height:
             fraction = np.arange(1, len(cdf) + 1) / len(cdf)
             grid = np.linspace(0, 1, points)
             ax.plot(grid, np.interp(grid, fraction, cdf, left=0.0), lw=2, label=f"γ = {gamma:g}")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"fraction of {name} anchors",
-               ylabel="cumulative normalized loss", title=f"{name} anchors ({counts[name]:,})")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel=f"fraction of {name} anchors",
+            ylabel="cumulative normalized loss",
+            title=f"{name} anchors ({counts[name]:,})",
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
-    fig.supxlabel("sigmoid FL per anchor (sum over classes, no α), anchors labelled by the model's "
-                  "label_anchors, trained logits fixed, γ varied", fontsize=8, color="0.35")
+    fig.supxlabel(
+        "sigmoid FL per anchor (sum over classes, no α), anchors labelled by the model's "
+        "label_anchors, trained logits fixed, γ varied",
+        fontsize=8,
+        color="0.35",
+    )
     save_figure(fig, output, dpi)
     return output
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--dataset", help="default: the config's first test set")
     parser.add_argument("--num-images", type=int, default=300, help="first images of the data set")
-    parser.add_argument("--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="comma-separated")
+    parser.add_argument(
+        "--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="comma-separated"
+    )
     add_figure_arguments(parser, "docs/loss_cdf.png", height=4.5)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
+    )
     return parser
 
 
@@ -193,12 +229,16 @@ def main(argv=None) -> Dict[str, int]:
     K = logits.shape[1]
     counts = {"positive": int((labels < K).sum()), "negative": int((labels == K).sum())}
     plot(cdfs, counts, args.output, args.width, args.height, args.dpi)
-    lines = [f"{args.output}: {counts['positive']} positive, {counts['negative']} negative anchors "
-             f"from {min(args.num_images, len(DatasetCatalog.get(dataset)))} images of {dataset}"]
+    lines = [
+        f"{args.output}: {counts['positive']} positive, {counts['negative']} negative anchors "
+        f"from {min(args.num_images, len(DatasetCatalog.get(dataset)))} images of {dataset}"
+    ]
     for name in ("positive", "negative"):
         for gamma, cdf in cdfs[name].items():
-            lines.append(f"  {name} γ={gamma:g}: hardest 1% carry {100 * share_of_hardest(cdf, 0.01):.1f}%, "
-                         f"hardest 10% carry {100 * share_of_hardest(cdf, 0.10):.1f}% of the loss")
+            lines.append(
+                f"  {name} γ={gamma:g}: hardest 1% carry {100 * share_of_hardest(cdf, 0.01):.1f}%, "
+                f"hardest 10% carry {100 * share_of_hardest(cdf, 0.10):.1f}% of the loss"
+            )
     print("\n".join(lines))
     return counts
 

@@ -21,6 +21,7 @@ Every point is one anchor with one foreground class passed to
   softmax focal loss reduces to the sigmoid one, so its points fall on the
   sigmoid gamma 2 curve: the figure checks that reduction.
 """
+
 import argparse
 import sys
 import warnings
@@ -28,8 +29,12 @@ from typing import Callable, Dict, List, Tuple
 
 # Third-party deprecation noise, hidden by message and module (every other warning still shows):
 # torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script")
-warnings.filterwarnings("ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional")
+warnings.filterwarnings(
+    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
+)
+warnings.filterwarnings(
+    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
+)
 
 import matplotlib  # noqa: E402
 
@@ -37,9 +42,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 from focal_det2.losses import functional  # noqa: E402
-from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 STAR_SETTINGS = ((2.0, 1.0), (4.0, 0.0))
@@ -67,15 +72,24 @@ def loss_curves(x_t: np.ndarray) -> Dict[str, Tuple[np.ndarray, dict]]:
         values = [_one_anchor_loss(functional.sigmoid_focal_loss, [x], gamma=gamma) for x in x_t]
         curves[label] = (np.array(values), dict(lw=2, color=next(colors)))
     for gamma, beta in STAR_SETTINGS:
-        values = [_one_anchor_loss(functional.focal_star_loss, [x], gamma=gamma, beta=beta) for x in x_t]
-        curves[f"FL*, γ = {gamma:g}, β = {beta:g}"] = (np.array(values), dict(lw=2, ls="--", color=next(colors)))
-    values = [_one_anchor_loss(functional.softmax_focal_loss, [x, 0.0], gamma=SOFTMAX_GAMMA) for x in x_t]
+        values = [
+            _one_anchor_loss(functional.focal_star_loss, [x], gamma=gamma, beta=beta) for x in x_t
+        ]
+        curves[f"FL*, γ = {gamma:g}, β = {beta:g}"] = (
+            np.array(values),
+            dict(lw=2, ls="--", color=next(colors)),
+        )
+    values = [
+        _one_anchor_loss(functional.softmax_focal_loss, [x, 0.0], gamma=SOFTMAX_GAMMA) for x in x_t
+    ]
     style = dict(ls="none", marker="o", ms=4, mfc="none", color="black", markevery=12)
     curves[f"softmax FL (2-way), γ = {SOFTMAX_GAMMA:g}"] = (np.array(values), style)
     return curves
 
 
-def plot(output: str, width: float = 12.0, height: float = 4.5, dpi: int = 100, points: int = 241) -> str:
+def plot(
+    output: str, width: float = 12.0, height: float = 4.5, dpi: int = 100, points: int = 241
+) -> str:
     """
     Draws both panels into ``output`` (PNG of width*dpi x height*dpi pixels).
 
@@ -91,26 +105,42 @@ def plot(output: str, width: float = 12.0, height: float = 4.5, dpi: int = 100, 
     fig, (left, right) = plt.subplots(1, 2, figsize=(width, height), dpi=dpi, layout="constrained")
     for label, (values, style) in by_p.items():
         left.plot(p_t, values, label=label, **style)
-    left.set(xlim=(0, 1), ylim=(0, 5), xlabel="probability of ground truth class  $p_t$", ylabel="loss",
-             title="Figure 1: loss against $p_t$")
+    left.set(
+        xlim=(0, 1),
+        ylim=(0, 5),
+        xlabel="probability of ground truth class  $p_t$",
+        ylabel="loss",
+        title="Figure 1: loss against $p_t$",
+    )
     left.axvspan(0.6, 1.0, color="0.93", zorder=0)
     left.text(0.8, 4.0, "well-classified\nexamples", ha="center", fontsize=9)
     left.legend(fontsize=8)
     for label, (values, style) in by_x.items():
         if label.startswith("CE") or "γ = 2" in label or label.startswith("FL*"):
             right.plot(x_t, values, label=label, **style)
-    right.set(xlim=(-5, 5), ylim=(0, 5), xlabel="$x_t = y\\,x$", ylabel="loss",
-              title="Appendix, Figure 5: loss against $x_t$")
+    right.set(
+        xlim=(-5, 5),
+        ylim=(0, 5),
+        xlabel="$x_t = y\\,x$",
+        ylabel="loss",
+        title="Appendix, Figure 5: loss against $x_t$",
+    )
     right.legend(fontsize=8)
-    fig.supxlabel("one anchor, one class, no α weight, computed with focal_det2.losses.functional; "
-                  "FL* drawn against sigmoid($x_t$); softmax FL: 2-way softmax with logits ($x_t$, 0), "
-                  "which reduces to sigmoid FL", fontsize=8, color="0.35")
+    fig.supxlabel(
+        "one anchor, one class, no α weight, computed with focal_det2.losses.functional; "
+        "FL* drawn against sigmoid($x_t$); softmax FL: 2-way softmax with logits ($x_t$, 0), "
+        "which reduces to sigmoid FL",
+        fontsize=8,
+        color="0.35",
+    )
     save_figure(fig, output, dpi)
     return output
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_figure_arguments(parser, "docs/loss_curves.png", height=4.5)
     return parser
 

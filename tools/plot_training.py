@@ -10,6 +10,7 @@ Panels: ``loss_cls``, ``loss_box_reg`` and, when some run schedules gamma
 (``focal_gamma`` not constant), ``focal_gamma``. Detectron2 writes each
 value every 20 iterations as the median over the last 20 iterations.
 """
+
 import argparse
 import json
 import os
@@ -57,8 +58,14 @@ def read_series(path: str, keys: Sequence[str]) -> Dict[str, np.ndarray]:
     return {k: np.array(v, dtype=float).reshape(-1, 2) for k, v in series.items()}
 
 
-def plot(runs: Sequence[str], output: str, labels: Optional[Sequence[str]] = None,
-         width: float = 12.0, height: float = 4.0, dpi: int = 100) -> List[str]:
+def plot(
+    runs: Sequence[str],
+    output: str,
+    labels: Optional[Sequence[str]] = None,
+    width: float = 12.0,
+    height: float = 4.0,
+    dpi: int = 100,
+) -> List[str]:
     """
     Draws the runs' curves into ``output`` (PNG of width*dpi x height*dpi pixels).
 
@@ -104,7 +111,9 @@ def _short_names(dirs: Sequence[str]) -> List[str]:
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="OUTPUT_DIRs or metrics.json files")
     parser.add_argument("--labels", help="comma-separated legend entries, one per run")
     add_figure_arguments(parser, "docs/training_curves.png", height=4.0)

@@ -1,4 +1,5 @@
 """What the plotting tools share: torch on one thread for tiny tensors, the figure options, and saving a figure."""
+
 import contextlib
 import os
 

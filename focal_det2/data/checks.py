@@ -19,6 +19,7 @@ Images without annotations and crowd annotations are valid: Detectron2
 drops the former when ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is on and
 ignores crowd boxes in training.
 """
+
 import json
 import logging
 
@@ -59,7 +60,9 @@ def _box_size(bbox, mode):
 def check_degenerate_boxes_option(value: str):
     """Raise if ``value`` is not an allowed DATALOADER.DEGENERATE_BOXES."""
     if value not in DEGENERATE_BOXES:
-        raise ValueError(f"DATALOADER.DEGENERATE_BOXES={value!r}; allowed: {list(DEGENERATE_BOXES)}.")
+        raise ValueError(
+            f"DATALOADER.DEGENERATE_BOXES={value!r}; allowed: {list(DEGENERATE_BOXES)}."
+        )
 
 
 def check_dataset_dicts(
@@ -84,11 +87,17 @@ def check_dataset_dicts(
     to_json_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}
     for record in dataset_dicts:
         if not PathManager.isfile(record["file_name"]):
-            raise FileNotFoundError(f"{_source(dataset_name)}: {_image(record)}: the image file does not exist.")
+            raise FileNotFoundError(
+                f"{_source(dataset_name)}: {_image(record)}: the image file does not exist."
+            )
         for index, ann in enumerate(record.get("annotations", ())):
             category = ann["category_id"]
             if not 0 <= category < num_classes:
-                json_id = f" (category_id {to_json_id[category]} in the json)" if category in to_json_id else ""
+                json_id = (
+                    f" (category_id {to_json_id[category]} in the json)"
+                    if category in to_json_id
+                    else ""
+                )
                 raise ValueError(
                     f"{_source(dataset_name)}: {_image(record)}, annotation {index}: class {category}"
                     f"{json_id} is outside the model's classes 0..{num_classes - 1} "
@@ -103,7 +112,9 @@ def check_dataset_dicts(
                     "both must be > 0 (or set DATALOADER.DEGENERATE_BOXES drop)."
                 )
         if degenerate_boxes == "drop" and "annotations" in record:
-            kept = [a for a in record["annotations"] if min(_box_size(a["bbox"], a["bbox_mode"])) > 0]
+            kept = [
+                a for a in record["annotations"] if min(_box_size(a["bbox"], a["bbox_mode"])) > 0
+            ]
             dropped += len(record["annotations"]) - len(kept)
             record["annotations"] = kept
     if dropped:
@@ -130,7 +141,11 @@ def _unknown_category(json_file):
 
 
 def load_checked_dataset_dicts(
-    dataset_name: str, *, num_classes: int, filter_empty: bool = True, degenerate_boxes: str = "error"
+    dataset_name: str,
+    *,
+    num_classes: int,
+    filter_empty: bool = True,
+    degenerate_boxes: str = "error",
 ):
     """
     ``get_detection_dataset_dicts(dataset_name, filter_empty=...)`` followed
@@ -176,6 +191,8 @@ class CheckedDatasetMapper(DatasetMapper):
         try:
             return super().__call__(dataset_dict)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{_image(dataset_dict)}: the image file does not exist.") from e
+            raise FileNotFoundError(
+                f"{_image(dataset_dict)}: the image file does not exist."
+            ) from e
         except OSError as e:
             raise ValueError(f"{_image(dataset_dict)}: cannot read the image file: {e}") from e

@@ -20,6 +20,7 @@ sides of the registered ``digits_{train,val}_s<side>`` splits: the same
 digits at the same sizes, 3-8 per image, with only the canvas growing, so each
 object sits in more background.
 """
+
 import functools
 import io
 import json
@@ -441,4 +442,9 @@ def register_all_digits():
         register_digits(name, **params)
     for split, num_images in _NUM_IMAGES.items():
         for side in CANVAS_SIZES:
-            register_digits(canvas_dataset_name(split, side), split=split, num_images=num_images, image_size=side)
+            register_digits(
+                canvas_dataset_name(split, side),
+                split=split,
+                num_images=num_images,
+                image_size=side,
+            )

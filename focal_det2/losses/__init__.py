@@ -4,6 +4,7 @@ itself as a ``MODEL.FOCAL.LOSS`` name. Shared by all: the interface
 (``base.py``), the reference formulas (``functional.py``), the fast kernels
 (``fused.py``, ``triton_kernels.py``) and the registry (``build.py``).
 """
+
 from . import functional
 from .base import DenseClassificationLoss
 from .build import FOCAL_LOSS_REGISTRY, build_focal_loss, register_loss, registered_losses

@@ -5,6 +5,7 @@ prior, its summed loss over valid anchors (fast, and by definition), and
 per-class scores for inference, so the head and the inference path never
 branch on the loss's name. Config checks shared by all losses live here.
 """
+
 import math
 import numbers
 from typing import Optional, Sequence
@@ -70,7 +71,9 @@ class DenseClassificationLoss:
                 f"have NUM_CLASSES={num_classes}."
             )
         if any(not 0.0 <= a <= 1.0 for a in class_alpha):
-            raise ValueError(f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1].")
+            raise ValueError(
+                f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1]."
+            )
         self.gamma = gamma
         self.alpha = alpha
         self.class_alpha = class_alpha
@@ -213,7 +216,9 @@ class DenseClassificationLoss:
                 f"{self.num_classes} background, -1 ignored), got dtype {labels.dtype}."
             )
         if labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}.")
+            raise ValueError(
+                f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}."
+            )
         if labels.numel():
             low, high = torch.aminmax(labels)
             if ((low < -1) | (high > self.num_classes)).item():  # one device sync, not two
@@ -228,7 +233,9 @@ class DenseClassificationLoss:
             return None
         key = (like.device, like.dtype)
         if key not in self._class_alpha_cache:
-            self._class_alpha_cache[key] = torch.tensor(self.class_alpha, dtype=like.dtype, device=like.device)
+            self._class_alpha_cache[key] = torch.tensor(
+                self.class_alpha, dtype=like.dtype, device=like.device
+            )
         return self._class_alpha_cache[key]
 
     def __repr__(self):
@@ -236,14 +243,6 @@ class DenseClassificationLoss:
             f"{type(self).__name__}(num_classes={self.num_classes}, gamma={self.gamma}, "
             f"alpha={self.alpha}, class_alpha={list(self.class_alpha)})"
         )
-
-
-def check_finite_number(value, key: str):
-    """Raise if ``value`` (config key or argument ``key``) is not a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{key}={value!r} must be a number, got {type(value).__name__}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{key}={value} must be finite.")
 
 
 def check_finite_number(value, key: str):

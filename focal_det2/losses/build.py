@@ -26,7 +26,9 @@ def register_loss(name: str):
             return cls(cfg)
 
         build.__name__ = build.__qualname__ = name
-        build.__doc__ = f"Build :class:`{cls.__name__}` from a config (``MODEL.FOCAL.LOSS {name}``)."
+        build.__doc__ = (
+            f"Build :class:`{cls.__name__}` from a config (``MODEL.FOCAL.LOSS {name}``)."
+        )
         build.loss_class = cls
         cls.name = name
         FOCAL_LOSS_REGISTRY.register(build)
@@ -37,7 +39,11 @@ def register_loss(name: str):
 
 def registered_losses() -> dict:
     """{name: loss class} of every loss registered with :func:`register_loss`, in name order."""
-    return {name: build.loss_class for name, build in sorted(FOCAL_LOSS_REGISTRY) if hasattr(build, "loss_class")}
+    return {
+        name: build.loss_class
+        for name, build in sorted(FOCAL_LOSS_REGISTRY)
+        if hasattr(build, "loss_class")
+    }
 
 
 def build_focal_loss(cfg):

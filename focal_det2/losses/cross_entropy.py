@@ -22,4 +22,6 @@ class SigmoidCrossEntropyLoss(DenseClassificationLoss):
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
+        return functional.sigmoid_cross_entropy(
+            logits, labels, alpha=self.alpha, class_alpha=class_alpha
+        )

@@ -1,4 +1,5 @@
 """FL*, the paper's appendix A: ``MODEL.FOCAL.LOSS focal_star``, with ``MODEL.FOCAL.STAR_BETA``."""
+
 import math
 
 import torch

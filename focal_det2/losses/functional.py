@@ -11,6 +11,7 @@ evaluated as ``exp(gamma * log(1 - p_t))`` for the same reason.
 These are the definitions the fast paths in :mod:`focal_det2.losses.fused`
 are tested against.
 """
+
 from typing import Optional
 
 import torch
@@ -41,7 +42,9 @@ def _valid_targets(logits: Tensor, labels: Tensor):
     return x, labels[valid, None] == classes
 
 
-def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype):
+def sigmoid_alpha_t(
+    target: Tensor, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype
+):
     """
     alpha_t of the sigmoid losses: ``a_k`` where ``target`` is True and
     ``1 - a_k`` elsewhere, with ``a_k = class_alpha[k]`` if given, else
@@ -55,7 +58,9 @@ def sigmoid_alpha_t(target: Tensor, alpha: float, class_alpha: Optional[Tensor],
     """
     if class_alpha is None and alpha < 0:
         return torch.ones((), dtype=dtype, device=target.device)
-    a = torch.as_tensor(alpha if class_alpha is None else class_alpha, dtype=dtype, device=target.device)
+    a = torch.as_tensor(
+        alpha if class_alpha is None else class_alpha, dtype=dtype, device=target.device
+    )
     return torch.where(target, a, 1 - a)
 
 
@@ -76,7 +81,11 @@ def softmax_class_alpha(
 
 
 def softmax_alpha_t(
-    labels: Tensor, num_classes: int, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype
+    labels: Tensor,
+    num_classes: int,
+    alpha: float,
+    class_alpha: Optional[Tensor],
+    dtype: torch.dtype,
 ):
     """
     alpha_t of the softmax loss, :func:`softmax_class_alpha` at each label.

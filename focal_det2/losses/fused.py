@@ -38,6 +38,7 @@ forces one; ``compile`` runs the chunk kernels through ``torch.compile``
 (falling back to eager, with a warning, where compilation fails).
 float16 and bfloat16 logits are computed in float32 on every backend.
 """
+
 import logging
 import os
 from functools import partial
@@ -121,11 +122,16 @@ def select_backend(device_type: str = "cpu") -> Tuple[str, str]:
             if missing is None:
                 return "triton", f"the default on cuda; {BACKEND_ENV}=eager|compile chooses another"
             return "eager", f"the default on cuda without Triton: {missing}"
-        return "eager", f"the default on {device_type}; {BACKEND_ENV}=compile compiles the chunk kernels"
+        return (
+            "eager",
+            f"the default on {device_type}; {BACKEND_ENV}=compile compiles the chunk kernels",
+        )
     if flag not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={flag!r}: allowed values are {', '.join(BACKENDS)}.")
     if flag == "compile" and not hasattr(torch, "compile"):
-        raise ValueError(f"{BACKEND_ENV}=compile: this torch ({torch.__version__}) has no torch.compile.")
+        raise ValueError(
+            f"{BACKEND_ENV}=compile: this torch ({torch.__version__}) has no torch.compile."
+        )
     if flag == "triton":
         missing = _triton_missing()
         if missing is not None:
@@ -147,7 +153,12 @@ def backend(device_type: str = "cpu") -> str:
     """
     if device_type not in _backends:
         _backends[device_type], why = select_backend(device_type)
-        logger.info("focal_det2 fused losses on %s: %s kernels (%s).", device_type, _backends[device_type], why)
+        logger.info(
+            "focal_det2 fused losses on %s: %s kernels (%s).",
+            device_type,
+            _backends[device_type],
+            why,
+        )
     return _backends[device_type]
 
 
@@ -172,7 +183,9 @@ def _with_eager_fallback(compiled: Callable, eager: Callable, device_type: str) 
             try:
                 return compiled(*args, **kwargs)
             except Exception as e:  # no compiler, unsupported op, ...: run eagerly from now on
-                logger.warning("focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e)
+                logger.warning(
+                    "focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e
+                )
                 _backends[device_type] = "eager"
         return eager(*args, **kwargs)
 
@@ -216,7 +229,9 @@ def _row_chunks(logits: Tensor, spare: int = 0) -> List[Chunk]:
     return chunks
 
 
-def _scratch(grad: Optional[Tensor], chunk: Chunk, spare: int, fresh: Optional[Tensor]) -> Optional[Tensor]:
+def _scratch(
+    grad: Optional[Tensor], chunk: Chunk, spare: int, fresh: Optional[Tensor]
+) -> Optional[Tensor]:
     """(spare, R, C) scratch space of ``chunk`` (R rows): gradient rows not yet written, or ``fresh``'s first R rows."""
     r0, r1, scratch = chunk
     if scratch is None:
@@ -226,7 +241,11 @@ def _scratch(grad: Optional[Tensor], chunk: Chunk, spare: int, fresh: Optional[T
 
 def _sum(sums: List[Tensor], like: Tensor) -> Tensor:
     """Sum of the chunks' 0-dim sums, in float64 (0 for no chunks)."""
-    return torch.stack(sums).sum(dtype=torch.float64) if sums else like.new_zeros((), dtype=torch.float64)
+    return (
+        torch.stack(sums).sum(dtype=torch.float64)
+        if sums
+        else like.new_zeros((), dtype=torch.float64)
+    )
 
 
 def _workspace(logits: Tensor, chunks: List[Chunk], count: int) -> Optional[Tensor]:
@@ -335,7 +354,9 @@ class SigmoidScratch(NamedTuple):
         return 1 + (not want_grad) + (gamma != 0) + shifted
 
     @classmethod
-    def of(cls, work: Optional[Tensor], grad_out: Optional[Tensor], gamma: float, shifted: bool) -> "SigmoidScratch":
+    def of(
+        cls, work: Optional[Tensor], grad_out: Optional[Tensor], gamma: float, shifted: bool
+    ) -> "SigmoidScratch":
         """The buffers in ``work`` ((count, *shape), or None for fresh ones), with ``grad_out`` as ``sigmoid``."""
         blocks = iter(work) if work is not None else iter(lambda: None, 0)
         loss = next(blocks)
@@ -384,7 +405,11 @@ def sigmoid_focal_terms(
     softplus = log_term.add_(positive_part)
     want_grad = grad_scale is not None
     if gamma == 0:
-        grad = _times(_times(torch.sigmoid(z, out=scratch.sigmoid), weight), grad_scale) if want_grad else None
+        grad = (
+            _times(_times(torch.sigmoid(z, out=scratch.sigmoid), weight), grad_scale)
+            if want_grad
+            else None
+        )
         return _times(softplus, weight), grad
     s = torch.sigmoid(z, out=scratch.sigmoid)
     if gamma == 1:
@@ -494,7 +519,9 @@ def _chunk_bounds(pos_rows: Tensor, chunks: List[Chunk]) -> List[int]:
     """Index of the first positive of each chunk in the sorted ``pos_rows``, then ``len(pos_rows)``."""
     if len(chunks) == 1:  # no search, no device sync
         return [0, len(pos_rows)]
-    starts = torch.tensor([chunk[0] for chunk in chunks[1:]], dtype=torch.long, device=pos_rows.device)
+    starts = torch.tensor(
+        [chunk[0] for chunk in chunks[1:]], dtype=torch.long, device=pos_rows.device
+    )
     return [0] + torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
 
 
@@ -537,12 +564,20 @@ def _sigmoid_family(
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
     count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
     spare = count if want_grad and backend(logits.device.type) == "eager" else 0
-    grad = logits.new_empty(logits.shape) if want_grad else None  # contiguous: scratch rows are views of it
+    grad = (
+        logits.new_empty(logits.shape) if want_grad else None
+    )  # contiguous: scratch rows are views of it
 
     chunks = _row_chunks(logits, spare)
     fresh = _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
-    kernel = partial(_kernel(_sigmoid_chunk, logits.device.type), gamma=gamma, scale=scale, shift=shift, neg_weight=a_neg * factor)
+    kernel = partial(
+        _kernel(_sigmoid_chunk, logits.device.type),
+        gamma=gamma,
+        scale=scale,
+        shift=shift,
+        neg_weight=a_neg * factor,
+    )
     sums = []
     for chunk, p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
         r0, r1, _ = chunk
@@ -597,7 +632,14 @@ def sigmoid_focal_loss(
         Tensor: scalar, the sum over valid anchors and classes.
     """
     return _sigmoid_loss(
-        logits, labels, gamma=gamma, scale=1.0, shift=0.0, factor=1.0, alpha=alpha, class_alpha=class_alpha
+        logits,
+        labels,
+        gamma=gamma,
+        scale=1.0,
+        shift=0.0,
+        factor=1.0,
+        alpha=alpha,
+        class_alpha=class_alpha,
     )
 
 
@@ -721,8 +763,12 @@ def _softmax_family(
     class_weight = class_weight.to(logits.dtype)
     grad = logits.new_empty(logits.shape) if want_grad else None
     chunks = _row_chunks(logits)
-    fresh = None if want_grad else _workspace(logits, chunks, 1)  # the gradient is the scratch space
-    kernel = partial(_kernel(_softmax_chunk, logits.device.type), gamma=gamma, class_weight=class_weight)
+    fresh = (
+        None if want_grad else _workspace(logits, chunks, 1)
+    )  # the gradient is the scratch space
+    kernel = partial(
+        _kernel(_softmax_chunk, logits.device.type), gamma=gamma, class_weight=class_weight
+    )
     sums = []
     for chunk in chunks:
         r0, r1, _ = chunk
@@ -754,7 +800,9 @@ def softmax_focal_loss(
     Returns:
         Tensor: scalar, the sum over valid anchors.
     """
-    class_weight = softmax_class_alpha(logits.shape[1] - 1, alpha, class_alpha, torch.float64, logits.device)
+    class_weight = softmax_class_alpha(
+        logits.shape[1] - 1, alpha, class_alpha, torch.float64, logits.device
+    )
     class_weight = torch.cat([class_weight.new_zeros(1), class_weight])  # label -1 weighs 0
     if _use_triton(logits):
         from . import triton_kernels

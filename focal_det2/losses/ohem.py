@@ -12,6 +12,7 @@ keeps positives and negatives at f : (1 - f) (0.25: SSD's 1:3): at most
 hardest negatives. The loss is CE summed over the minibatch (other anchors
 count as ignored), normalised like every loss by the foreground count.
 """
+
 import math
 from typing import Optional
 
@@ -28,7 +29,9 @@ from .build import register_loss
 __all__ = ["OHEMLoss", "anchor_losses"]
 
 
-def anchor_losses(logits: Tensor, labels: Tensor, alpha: float, class_alpha: Optional[Tensor]) -> Tensor:
+def anchor_losses(
+    logits: Tensor, labels: Tensor, alpha: float, class_alpha: Optional[Tensor]
+) -> Tensor:
     """
     Each anchor's alpha-balanced sigmoid CE summed over its classes, with no
     gradient and no one-hot target:
@@ -50,7 +53,11 @@ def anchor_losses(logits: Tensor, labels: Tensor, alpha: float, class_alpha: Opt
         k = x.shape[1]
         a_pos, a_neg = fused._sigmoid_alphas(alpha, class_alpha, x)
         softplus = fused._log1p_exp_neg_abs(x, out=None, tmp=None).add_(x.clamp_min(0))
-        losses = (softplus * a_neg).sum(dim=1) if isinstance(a_neg, Tensor) else softplus.sum(dim=1) * a_neg
+        losses = (
+            (softplus * a_neg).sum(dim=1)
+            if isinstance(a_neg, Tensor)
+            else softplus.sum(dim=1) * a_neg
+        )
         rows = ((labels >= 0) & (labels < k)).nonzero().squeeze(1)
         c = labels[rows]
         x_c, sp_c = x[rows, c], softplus[rows, c]
@@ -67,7 +74,14 @@ class OHEMLoss(DenseClassificationLoss):
     uses_gamma = False
 
     @configurable
-    def __init__(self, *, batch_per_image: int = 128, nms_thresh: float = 0.5, pos_fraction: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        batch_per_image: int = 128,
+        nms_thresh: float = 0.5,
+        pos_fraction: float = 0.0,
+        **kwargs,
+    ):
         """
         Args:
             batch_per_image (int): MODEL.FOCAL.OHEM.BATCH_PER_IMAGE, >= 1.
@@ -76,10 +90,18 @@ class OHEMLoss(DenseClassificationLoss):
             kwargs: see :class:`DenseClassificationLoss`.
         """
         super().__init__(**kwargs)
-        if isinstance(batch_per_image, bool) or not isinstance(batch_per_image, int) or batch_per_image < 1:
-            raise ValueError(f"MODEL.FOCAL.OHEM.BATCH_PER_IMAGE={batch_per_image!r} must be an integer >= 1.")
+        if (
+            isinstance(batch_per_image, bool)
+            or not isinstance(batch_per_image, int)
+            or batch_per_image < 1
+        ):
+            raise ValueError(
+                f"MODEL.FOCAL.OHEM.BATCH_PER_IMAGE={batch_per_image!r} must be an integer >= 1."
+            )
         if not 0.0 < nms_thresh <= 1.0:
-            raise ValueError(f"MODEL.FOCAL.OHEM.NMS_THRESH={nms_thresh} must be in (0, 1]; 1 turns the NMS off.")
+            raise ValueError(
+                f"MODEL.FOCAL.OHEM.NMS_THRESH={nms_thresh} must be in (0, 1]; 1 turns the NMS off."
+            )
         if not 0.0 <= pos_fraction < 1.0:
             raise ValueError(
                 f"MODEL.FOCAL.OHEM.POS_FRACTION={pos_fraction} must be in [0, 1): the positives' share of "
@@ -123,7 +145,9 @@ class OHEMLoss(DenseClassificationLoss):
             raise ValueError(f"ohem: {n} anchors do not split into num_images={num_images} images.")
         if self.needs_boxes and (boxes is None or boxes.shape != (n, 4)):
             got = None if boxes is None else tuple(boxes.shape)
-            raise ValueError(f"ohem with NMS_THRESH={self.nms_thresh} needs boxes of shape ({n}, 4), got {got}.")
+            raise ValueError(
+                f"ohem with NMS_THRESH={self.nms_thresh} needs boxes of shape ({n}, 4), got {got}."
+            )
         if n == 0:
             return labels
         losses = anchor_losses(logits, labels, self.alpha, self._class_alpha_on(logits))
@@ -152,10 +176,14 @@ class OHEMLoss(DenseClassificationLoss):
         return torch.cat([positives[:num_pos], negatives[:num_neg]])
 
     def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
+        return fused.sigmoid_cross_entropy(
+            logits, labels, alpha=self.alpha, class_alpha=class_alpha
+        )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.sigmoid_cross_entropy(logits, labels, alpha=self.alpha, class_alpha=class_alpha)
+        return functional.sigmoid_cross_entropy(
+            logits, labels, alpha=self.alpha, class_alpha=class_alpha
+        )
 
     def __repr__(self):
         return super().__repr__()[:-1] + (

@@ -17,4 +17,6 @@ class SigmoidFocalLoss(DenseClassificationLoss):
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha)
+        return functional.sigmoid_focal_loss(
+            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+        )

@@ -1,4 +1,5 @@
 """Focal loss on a (K+1)-way softmax with a background column, as in Detectron (v1): ``MODEL.FOCAL.LOSS softmax_focal``."""
+
 import math
 
 import torch
@@ -54,4 +55,6 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.softmax_focal_loss(logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha)
+        return functional.softmax_focal_loss(
+            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+        )

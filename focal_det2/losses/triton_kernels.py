@@ -23,6 +23,7 @@ approximate one, whose absolute error would swamp ``log(1 + e)`` for small
 gamma = 0 no term raises 0 to a negative power (the gradient is written with
 ``sigmoid(z)^gamma``, never ``(1 - p_t)^(gamma - 1)``).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -133,7 +134,9 @@ def _sigmoid_kernel(
         s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
         grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
         grad = wm * (s + gamma * softplus * s_neg) * (sign * grad_loss)
-        tl.store(out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask
+        )
     else:
         tl.store(out_ptr + pid, tl.sum(wm * softplus, axis=0))
 
@@ -184,7 +187,9 @@ def _softmax_kernel(
     e_y = tl.sum(tl.where(is_y, e, 0.0), axis=1)
     x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
     others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
-    log_pt = tl.where(row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0)  # rows past N: -inf
+    log_pt = tl.where(
+        row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0
+    )  # rows past N: -inf
     log_1m_pt = -_log1p(tl.fdiv(e_y, others))
     modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_pt), 1.0)
     wm = tl.where(row_mask, w * modulator, 0.0)
@@ -214,9 +219,22 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         alpha_table = class_alpha
     grid = (triton.cdiv(numel, SIGMOID_BLOCK),)
     _sigmoid_kernel[grid](
-        logits, labels, alpha_table, out, grad_loss, numel,
-        gamma, scale, shift, factor, pos_weight * factor, neg_weight * factor,
-        K=k, BLOCK=SIGMOID_BLOCK, CLASS_ALPHA=class_alpha is not None, GRAD=grad,
+        logits,
+        labels,
+        alpha_table,
+        out,
+        grad_loss,
+        numel,
+        gamma,
+        scale,
+        shift,
+        factor,
+        pos_weight * factor,
+        neg_weight * factor,
+        K=k,
+        BLOCK=SIGMOID_BLOCK,
+        CLASS_ALPHA=class_alpha is not None,
+        GRAD=grad,
         num_warps=SIGMOID_WARPS,
     )
 
@@ -228,8 +246,18 @@ def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     block_r = max(1, SOFTMAX_ELEMENTS // block_c)
     grid = (triton.cdiv(n, block_r),)
     _softmax_kernel[grid](
-        logits, labels, weight, out, grad_loss, n, gamma,
-        C=c, BLOCK_R=block_r, BLOCK_C=block_c, GRAD=grad, num_warps=SOFTMAX_WARPS,
+        logits,
+        labels,
+        weight,
+        out,
+        grad_loss,
+        n,
+        gamma,
+        C=c,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        GRAD=grad,
+        num_warps=SOFTMAX_WARPS,
     )
 
 

@@ -6,8 +6,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.utils.registry import Registry
 
-from ..registry import lookup
 from ..losses import DenseClassificationLoss, build_focal_loss
+from ..registry import lookup
 from ..schedules import build_gamma_schedule
 
 __all__ = ["FOCAL_HEAD_REGISTRY", "build_focal_head", "FocalRetinaNetHead"]
@@ -75,7 +75,9 @@ class FocalRetinaNetHead(RetinaNetHead):
         super().__init__(num_classes=loss.num_logits, prior_prob=prior_prob, **kwargs)
         num_anchors = self.cls_score.out_channels // loss.num_logits
         with torch.no_grad():
-            self.cls_score.bias.copy_(loss.init_bias(prior_prob, gamma=init_gamma).repeat(num_anchors))
+            self.cls_score.bias.copy_(
+                loss.init_bias(prior_prob, gamma=init_gamma).repeat(num_anchors)
+            )
 
     @classmethod
     def from_config(

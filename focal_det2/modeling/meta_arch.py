@@ -94,7 +94,9 @@ class FocalRetinaNet(RetinaNet):
             "head_in_features": node.IN_FEATURES,
             "anchor_generator": build_anchor_generator(cfg, feature_shapes),
             "box2box_transform": Box2BoxTransform(weights=node.BBOX_REG_WEIGHTS),
-            "anchor_matcher": Matcher(node.IOU_THRESHOLDS, node.IOU_LABELS, allow_low_quality_matches=True),
+            "anchor_matcher": Matcher(
+                node.IOU_THRESHOLDS, node.IOU_LABELS, allow_low_quality_matches=True
+            ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "num_classes": node.NUM_CLASSES,
@@ -116,7 +118,9 @@ class FocalRetinaNet(RetinaNet):
         :meth:`RetinaNet.forward_training` for a classifier of ``num_logits``
         (K or K + 1) per anchor; RetinaNet's transposes ``num_classes``.
         """
-        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(predictions, [self.num_logits, 4])
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_logits, 4]
+        )
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         return self.losses(anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes)
@@ -137,7 +141,9 @@ class FocalRetinaNet(RetinaNet):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         features = [features[f] for f in self.head_in_features]
-        pred_logits, _ = self._transpose_dense_predictions(self.head(features), [self.num_logits, 4])
+        pred_logits, _ = self._transpose_dense_predictions(
+            self.head(features), [self.num_logits, 4]
+        )
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         gt_labels, _ = self.label_anchors(self.anchor_generator(features), gt_instances)
         return cat(pred_logits, dim=1), torch.stack(gt_labels)
@@ -176,8 +182,13 @@ class FocalRetinaNet(RetinaNet):
         gamma = self.gamma_schedule(storage.iter)
         storage.put_scalar("focal_gamma", gamma, smoothing_hint=False)  # the value, not a median
         selection = {}
-        if self.focal_loss.needs_boxes:  # OHEM ranks anchors by loss under NMS of their predicted boxes
-            selection = {"boxes": self._predicted_boxes(anchors, pred_anchor_deltas), "num_images": len(gt_labels)}
+        if (
+            self.focal_loss.needs_boxes
+        ):  # OHEM ranks anchors by loss under NMS of their predicted boxes
+            selection = {
+                "boxes": self._predicted_boxes(anchors, pred_anchor_deltas),
+                "num_images": len(gt_labels),
+            }
         loss_cls = self.focal_loss(
             cat(pred_logits, dim=1).flatten(0, 1), gt_labels.flatten(), gamma=gamma, **selection
         )
@@ -197,7 +208,9 @@ class FocalRetinaNet(RetinaNet):
         with torch.no_grad():
             deltas = cat(pred_anchor_deltas, dim=1)  # (N, R, 4)
             anchors = Boxes.cat(anchors).tensor  # (R, 4)
-            return self.box2box_transform.apply_deltas(deltas.flatten(0, 1), anchors.repeat(len(deltas), 1))
+            return self.box2box_transform.apply_deltas(
+                deltas.flatten(0, 1), anchors.repeat(len(deltas), 1)
+            )
 
     def forward_inference(
         self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
@@ -206,7 +219,9 @@ class FocalRetinaNet(RetinaNet):
         :meth:`RetinaNet.forward_inference` with the loss's scores
         (``self.class_scores``) instead of a sigmoid; scripts and traces.
         """
-        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(predictions, [self.num_logits, 4])
+        pred_logits, pred_anchor_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_logits, 4]
+        )
         anchors = self.anchor_generator(features)
         results: List[Instances] = []
         for img_idx, image_size in enumerate(images.image_sizes):
