@@ -18,11 +18,10 @@ warnings.filterwarnings(
     "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
 )
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
 import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2.engine import FocalTrainer, setup_cfg  # noqa: E402
+from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg  # noqa: E402
 
 
 def main(args):
@@ -31,9 +30,7 @@ def main(args):
     )  # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
     if args.eval_only:
         model = FocalTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=False
-        )
+        load_for_evaluation(cfg, model)  # and the class weights stored in it, not recounted
         return FocalTrainer.test(cfg, model)
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

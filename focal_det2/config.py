@@ -6,7 +6,17 @@ from typing import Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_focal_config", "check_finite", "check_retinanet_keys_unused", "load_config"]
+__all__ = [
+    "CLASS_WEIGHTINGS",
+    "add_focal_config",
+    "check_class_weighting",
+    "check_finite",
+    "check_retinanet_keys_unused",
+    "load_config",
+]
+
+# Values of MODEL.FOCAL.CLASS_WEIGHTING.
+CLASS_WEIGHTINGS = ("none", "effective_number")
 
 
 def add_focal_config(cfg):
@@ -27,6 +37,11 @@ def add_focal_config(cfg):
     cfg.MODEL.FOCAL.ALPHA = 0.25
     # Optional per-class alpha in [0, 1], length NUM_CLASSES; replaces ALPHA class by class.
     cfg.MODEL.FOCAL.CLASS_ALPHA = []
+    # Per-class loss weights counted from DATASETS.TRAIN: "none" | "effective_number" (Cui et al.,
+    # CVPR 2019: w_c = (1 - CB_BETA) / (1 - CB_BETA^n_c), mean 1 over the classes).
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "none"
+    # beta of the effective number of samples (1 - beta^n) / (1 - beta), in [0, 1); 0: equal weights.
+    cfg.MODEL.FOCAL.CB_BETA = 0.999
     # Foreground prior pi used to initialise the classifier bias, in (0, 1).
     cfg.MODEL.FOCAL.PRIOR_PROB = 0.01
     # Head, a name in FOCAL_HEAD_REGISTRY.
@@ -115,6 +130,17 @@ def check_finite(cfg, prefix: str = ""):
         for number in _floats(value):
             if math.isnan(number) or (math.isinf(number) and name not in INFINITY_ALLOWED):
                 raise ValueError(f"{name}={value} is not finite; it must be a finite number.")
+
+
+def check_class_weighting(cfg):
+    """Raise, naming the key and what is allowed, for a bad CLASS_WEIGHTING or CB_BETA."""
+    weighting, beta = cfg.MODEL.FOCAL.CLASS_WEIGHTING, cfg.MODEL.FOCAL.CB_BETA
+    if weighting not in CLASS_WEIGHTINGS:
+        raise ValueError(
+            f"MODEL.FOCAL.CLASS_WEIGHTING={weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
+        )
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"MODEL.FOCAL.CB_BETA={beta!r} must be a number in [0, 1).")
 
 
 def check_retinanet_keys_unused(cfg):

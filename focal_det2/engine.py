@@ -11,6 +11,7 @@ import logging
 import os
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
@@ -26,6 +27,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .class_balance import CHECKPOINT_KEY, ClassWeights, CountClassWeights
 from .config import check_finite, load_config
 from .data.checks import (
     CheckedDatasetMapper,
@@ -40,6 +42,7 @@ __all__ = [
     "ScalarHistory",
     "checkpoint_to_load",
     "ddp_device_ids_by_device",
+    "load_for_evaluation",
     "setup_cfg",
 ]
 
@@ -284,7 +287,14 @@ class FocalTrainer(DefaultTrainer):
     scalar history, and continues the data order where it stopped.
     Random augmentations are drawn afresh after a resume (the digits
     configs have none).
+
+    With ``MODEL.FOCAL.CLASS_WEIGHTING`` other than ``none``, :attr:`class_weights`
+    (checkpoint key ``"class_weights"``) holds the loss's class weights: read from the
+    checkpoint on ``--resume``, otherwise counted from DATASETS.TRAIN before the first
+    iteration (the hook :class:`~focal_det2.class_balance.CountClassWeights`).
     """
+
+    class_weights = None
 
     def __init__(self, cfg):
         if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
@@ -298,9 +308,15 @@ class FocalTrainer(DefaultTrainer):
         self.checkpointer.add_checkpointable(
             "loss_normalizer", _AttributeState(self.checkpointer.model, "loss_normalizer")
         )
+        if cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
+            self.class_weights = ClassWeights(_focal_loss_of(self.checkpointer.model), cfg)
+            self.checkpointer.add_checkpointable(CHECKPOINT_KEY, self.class_weights)
 
     def build_hooks(self):
-        return [ScalarHistory()] + super().build_hooks()
+        hooks = [ScalarHistory()] + super().build_hooks()
+        if self.cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
+            hooks.insert(0, CountClassWeights())  # reads self.class_weights in before_train
+        return hooks
 
     def resume_or_load(self, resume=True):
         """
@@ -383,6 +399,40 @@ class FocalTrainer(DefaultTrainer):
             )  # a lazily generated data set writes its json on first load
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def _focal_loss_of(model):
+    """The loss of a FocalRetinaNet, or an error naming CLASS_WEIGHTING for other models."""
+    loss = getattr(model, "focal_loss", None)
+    if loss is None:
+        raise ValueError(
+            f"MODEL.FOCAL.CLASS_WEIGHTING needs MODEL.META_ARCHITECTURE FocalRetinaNet, "
+            f"got {type(model).__name__}; set CLASS_WEIGHTING none."
+        )
+    return loss
+
+
+def load_for_evaluation(cfg, model):
+    """
+    Load ``cfg.MODEL.WEIGHTS`` into ``model`` for evaluation, as
+    ``DetectionCheckpointer.resume_or_load(weights, resume=False)`` does, and, with
+    ``MODEL.FOCAL.CLASS_WEIGHTING`` on, the checkpoint's class weights into the
+    model's loss (never counted here). A checkpoint without them (trained with
+    ``none``, or a Detectron2 checkpoint) leaves the loss unweighted and says so:
+    inference scores do not depend on the loss or its weights.
+    """
+    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        return
+    weights = ClassWeights(_focal_loss_of(model), cfg)
+    checkpointer.add_checkpointable(CHECKPOINT_KEY, weights)
+    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
+    if weights.source is None:
+        logger.info(
+            f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss stays unweighted, which "
+            "does not change inference scores."
+        )
 
 
 def check_cfg(cfg):

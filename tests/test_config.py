@@ -17,6 +17,8 @@ DEFAULTS = {
     "PRIOR_PROB": 0.01,
     "STAR_BETA": 1.0,
     "HEAD_NAME": "FocalRetinaNetHead",
+    "CLASS_WEIGHTING": "none",
+    "CB_BETA": 0.999,
 }
 SCHEDULE_DEFAULTS = {"NAME": "constant", "START": 0.0, "ITERS": 0, "STEPS": []}
 

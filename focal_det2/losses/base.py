@@ -8,7 +8,7 @@ branch on the loss's name. Config checks shared by all losses live here.
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -78,6 +78,8 @@ class DenseClassificationLoss:
         self.alpha = alpha
         self.class_alpha = class_alpha
         self._class_alpha_cache = {}
+        self.class_weights: Optional[Tuple[float, ...]] = None
+        self._class_weights_cache = {}
 
     @classmethod
     def from_config(cls, cfg):
@@ -202,7 +204,59 @@ class DenseClassificationLoss:
         else:
             self.check_gamma(gamma, "gamma")
         selected = self.select(logits, labels, boxes=boxes, num_images=num_images)
-        return fn(logits, selected, gamma=gamma, class_alpha=self._class_alpha_on(logits))
+        class_alpha = self._class_alpha_on(logits)
+        total = fn(logits, selected, gamma=gamma, class_alpha=class_alpha)
+        if self.class_weights is None:
+            return total
+        return self._class_weighted(fn, total, logits, selected, gamma, class_alpha)
+
+    def set_class_weights(self, weights: Optional[Sequence[float]]):
+        """
+        Weigh every term of an anchor whose label is class c by ``weights[c]``
+        (background and ignored anchors weigh 1), on top of alpha; ``None``
+        removes the weights. Set by the trainer from
+        ``MODEL.FOCAL.CLASS_WEIGHTING`` (see :mod:`focal_det2.class_balance`).
+
+        Args:
+            weights (sequence[float] or None): K finite weights > 0.
+        """
+        if weights is not None:
+            weights = tuple(float(w) for w in weights)
+            if len(weights) != self.num_classes:
+                raise ValueError(
+                    f"class weights: {len(weights)} values, NUM_CLASSES={self.num_classes} needed."
+                )
+            if any(not (math.isfinite(w) and w > 0) for w in weights):
+                raise ValueError(f"class weights {list(weights)} must be finite and > 0.")
+        self.class_weights = weights
+        self._class_weights_cache = {}
+
+    def _class_weighted(self, fn, total, logits, selected, gamma, class_alpha) -> Tensor:
+        """
+        ``sum_i w_{label_i} l_i`` (w = 1 for background) from the unweighted ``total``
+        ``sum_i l_i``: ``total + sum_c (w_c - 1) fn(anchors of class c)``, one ``fn`` call
+        per class present among the selected foreground anchors, so the kernels need no
+        per-anchor weight.
+        """
+        rows = ((selected >= 0) & (selected < self.num_classes)).nonzero().squeeze(1)
+        if not rows.numel():
+            return total
+        labels = selected[rows]
+        weights = self._class_weights_on(logits)
+        for c in labels.unique().tolist():
+            of_c = rows[labels == c]
+            loss_c = fn(logits[of_c], selected[of_c], gamma=gamma, class_alpha=class_alpha)
+            total = total + (weights[c] - 1) * loss_c
+        return total
+
+    def _class_weights_on(self, like: Tensor) -> Tensor:
+        """The class weights as a (K,) tensor on ``like``'s device and dtype, cached."""
+        key = (like.device, like.dtype)
+        if key not in self._class_weights_cache:
+            self._class_weights_cache[key] = torch.tensor(
+                self.class_weights, dtype=like.dtype, device=like.device
+            )
+        return self._class_weights_cache[key]
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:

@@ -1,5 +1,6 @@
 from detectron2.utils.registry import Registry
 
+from ..config import check_class_weighting
 from ..registry import lookup
 
 __all__ = ["FOCAL_LOSS_REGISTRY", "build_focal_loss", "register_loss", "registered_losses"]
@@ -52,4 +53,5 @@ def build_focal_loss(cfg):
     ``(logits, labels)`` returns the sum over valid anchors at
     ``MODEL.FOCAL.GAMMA``; ``gamma=`` overrides the gamma.
     """
+    check_class_weighting(cfg)
     return lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")(cfg)

@@ -1,0 +1,273 @@
+"""
+MODEL.FOCAL.CLASS_WEIGHTING effective_number (Cui et al., CVPR 2019): the weights, the
+counts, the weighted loss of every registered loss, and the weights stored in the
+checkpoint and used by --resume and evaluation without counting again.
+"""
+
+import re
+
+import pytest
+import torch
+from conftest import LOSSES, UNIT_OPTS, build_loss, digits_cfg, tiny_cfg
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from focal_det2.class_balance import ClassWeights, count_instances, effective_number_weights
+from focal_det2.engine import FocalTrainer, load_for_evaluation
+
+# ----------------------------------------------------------------------------- the weights
+
+
+def test_weights_match_the_closed_form():
+    counts, beta = [1, 10, 100, 1000], 0.99
+    raw = [(1 - beta) / (1 - beta**n) for n in counts]
+    mean = sum(raw) / len(raw)
+    expected = torch.tensor([w / mean for w in raw], dtype=torch.float64)
+    torch.testing.assert_close(effective_number_weights(counts, beta), expected)
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.999, 0.9999])
+def test_weights_have_mean_one_and_rare_classes_weigh_more(beta):
+    w = effective_number_weights([3, 50, 7, 2000], beta)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-12)
+    assert w[0] > w[2] > w[1] > w[3]
+
+
+def test_beta_0_gives_equal_weights():
+    assert torch.equal(
+        effective_number_weights([1, 5, 5000], 0.0), torch.ones(3, dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize(
+    "key, value", [("CLASS_WEIGHTING", "inverse"), ("CB_BETA", 1.0), ("CB_BETA", -0.1)]
+)
+def test_bad_keys_raise_naming_them(key, value):
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL[key] = value
+    with pytest.raises(ValueError, match=f"MODEL.FOCAL.{key}") as info:
+        build_model(cfg)
+    if key == "CLASS_WEIGHTING":
+        assert "effective_number" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _register(name, records, classes=None):
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: records)
+    if classes:
+        MetadataCatalog.get(name).thing_classes = classes
+
+
+def _tiny_records():
+    return DatasetCatalog.get("digits_train_tiny")
+
+
+def test_counting_the_tiny_digits_set():
+    records = _tiny_records()
+    expected = [0] * 10
+    for r in records:
+        for a in r["annotations"]:
+            expected[a["category_id"]] += 1
+    assert sum(expected) > 0
+    assert count_instances(["digits_train_tiny"], 10) == expected
+    assert count_instances(["digits_train_tiny", "digits_train_tiny"], 10) == [
+        2 * n for n in expected
+    ]
+
+
+def test_a_class_without_instances_is_an_error_naming_it():
+    records = [
+        {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 3]}
+        for r in _tiny_records()
+    ]
+    _register("cb_no_three", records, MetadataCatalog.get("digits_train_tiny").thing_classes)
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("cb_no_three",)
+    loss = build_loss("sigmoid_focal", 10)
+    name = MetadataCatalog.get("digits_train_tiny").thing_classes[3]
+    with pytest.raises(ValueError, match=re.escape(f"class 3 ({name!r})")) as info:
+        ClassWeights(loss, cfg).count()
+    assert "cb_no_three" in str(info.value) and "CLASS_WEIGHTING" in str(info.value)
+    assert loss.class_weights is None
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _batch(num_logits, num_classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(12, num_logits, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.tensor([0, 1, 2, 2, 3, 3, 0, 3, 3, -1, 1, 2])  # K = 3: 3 background
+    assert num_classes == 3
+    return logits, labels
+
+
+WEIGHTS = (0.5, 2.0, 0.25)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_weighted_loss_is_the_per_anchor_sum(name):
+    """Every loss: sum_i w_{label_i} loss(anchor i), background and ignored weigh 1, value and gradient."""
+    loss = build_loss(name, 3, alpha=0.3)
+    logits, labels = _batch(loss.num_logits, 3)
+    loss.set_class_weights(WEIGHTS)
+    got = loss(logits, labels)
+    (grad,) = torch.autograd.grad(got, logits)
+    loss.set_class_weights(None)
+    expected = sum(
+        (WEIGHTS[y] if 0 <= y < 3 else 1.0) * loss(logits[i : i + 1], labels[i : i + 1])
+        for i, y in enumerate(labels.tolist())
+    )
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert not torch.allclose(got, loss(logits, labels))  # the weights change it
+
+
+def test_weighted_sigmoid_focal_loss_written_out():
+    """sum_i w_{y_i} sum_k -alpha_t (1 - p_t)^gamma log p_t, alpha and gamma as without weights."""
+    alpha, gamma = 0.3, 2.0
+    loss = build_loss("sigmoid_focal", 3, alpha=alpha, gamma=gamma)
+    loss.set_class_weights(WEIGHTS)
+    logits, labels = _batch(3, 3)
+    x = logits.detach()
+    total = 0.0
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            continue
+        w = WEIGHTS[y] if y < 3 else 1.0
+        for k in range(3):
+            p = torch.sigmoid(x[i, k])
+            p_t, a_t = (p, alpha) if k == y else (1 - p, 1 - alpha)
+            total += w * (-a_t * (1 - p_t) ** gamma * torch.log(p_t))
+    torch.testing.assert_close(loss(x, labels), total)
+    torch.testing.assert_close(loss.reference_loss(x, labels), total)
+
+
+def test_weighted_softmax_focal_loss_written_out():
+    """sum_i w_{y_i} -alpha_t (1 - p_t)^gamma log p_t, p_t = softmax(x_i)[y_i]; background alpha 1 - ALPHA, w 1."""
+    alpha, gamma = 0.3, 1.5
+    loss = build_loss("softmax_focal", 3, alpha=alpha, gamma=gamma)
+    loss.set_class_weights(WEIGHTS)
+    logits, labels = _batch(4, 3)
+    x = logits.detach()
+    total = 0.0
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            continue
+        p_t = torch.softmax(x[i], 0)[y]
+        w, a_t = (WEIGHTS[y], alpha) if y < 3 else (1.0, 1 - alpha)
+        total += w * (-a_t * (1 - p_t) ** gamma * torch.log(p_t))
+    torch.testing.assert_close(loss(x, labels), total)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_class_weighting_none_is_bit_identical(name):
+    """Without weights (the default), and with all weights 1, the loss is its kernel's value, bit for bit."""
+    loss = build_loss(name, 3, opts=UNIT_OPTS)
+    assert loss.class_weights is None
+    logits, labels = _batch(loss.num_logits, 3)
+    kernel = loss.loss(logits, labels, gamma=loss.gamma, class_alpha=None)
+    assert torch.equal(loss(logits, labels), kernel)
+    loss.set_class_weights([1.0] * 3)
+    assert torch.equal(loss(logits, labels), kernel)
+
+
+def test_default_model_has_no_new_state_and_trains_unweighted():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    assert model.class_weighting == "none" and model.focal_loss.class_weights is None
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
+    weighted = build_model(cfg)
+    assert weighted.state_dict().keys() == model.state_dict().keys()
+
+
+def test_training_without_weights_set_is_an_error():
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
+    model = build_model(cfg)
+    image = {"image": torch.zeros(3, 64, 64), "instances": _instances()}
+    with EventStorage(0), pytest.raises(RuntimeError, match="CLASS_WEIGHTING"):
+        model([image])
+
+
+def _instances():
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 30.0, 30.0]]))
+    inst.gt_classes = torch.tensor([1])
+    return inst
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
+    """
+    Train 2 iterations on a registered copy of the tiny digits set, then register it again
+    without class 0's instances: a recount would raise, so --resume (1 more iteration) and
+    the evaluation load succeed only by reading the checkpoint's weights.
+    """
+    records = _tiny_records()
+    classes = MetadataCatalog.get("digits_train_tiny").thing_classes
+    _register("cb_train", records, classes)
+    opts = [
+        "DATASETS.TRAIN", ("cb_train",), "DATASETS.TEST", (),
+        "MODEL.FOCAL.CLASS_WEIGHTING", "effective_number", "MODEL.FOCAL.CB_BETA", 0.99,
+        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64,
+    ]  # fmt: skip
+    cfg = digits_cfg(output_dir=tmp_path, opts=opts + ["SOLVER.MAX_ITER", 2])
+    trainer = FocalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    counts = count_instances(["cb_train"], 10)
+    expected = effective_number_weights(counts, 0.99).tolist()
+    assert trainer.class_weights.source == "counted"
+    stored = torch.load(tmp_path / "model_final.pth", weights_only=False)["class_weights"]
+    assert stored["counts"] == counts and stored["beta"] == 0.99
+    torch.testing.assert_close(stored["weights"], expected)
+
+    without_zero = [
+        {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 0]}
+        for r in records
+    ]
+    _register("cb_train", without_zero, classes)
+    with pytest.raises(ValueError, match="class 0"):  # what a recount would do
+        ClassWeights(build_loss("sigmoid_focal", 10), cfg).count()
+
+    resumed = FocalTrainer(digits_cfg(output_dir=tmp_path, opts=opts + ["SOLVER.MAX_ITER", 3]))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    assert resumed.class_weights.source == "checkpoint"
+    assert list(resumed.model.focal_loss.class_weights) == stored["weights"]
+
+    eval_cfg = digits_cfg(
+        output_dir=tmp_path / "eval",
+        opts=opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
+    )
+    model = FocalTrainer.build_model(eval_cfg)
+    load_for_evaluation(eval_cfg, model)
+    assert list(model.focal_loss.class_weights) == stored["weights"]
+
+
+def test_evaluating_a_checkpoint_without_weights_leaves_the_loss_unweighted(tmp_path):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("plain")
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
+    cfg.MODEL.WEIGHTS = str(tmp_path / "plain.pth")
+    cfg.OUTPUT_DIR = str(tmp_path)
+    evaluated = build_model(cfg)
+    load_for_evaluation(cfg, evaluated)
+    assert evaluated.focal_loss.class_weights is None
+    for a, b in zip(model.state_dict().values(), evaluated.state_dict().values()):
+        assert torch.equal(a, b)
