@@ -22,9 +22,9 @@ from detectron2.config import configurable
 from torch import Tensor
 from torchvision.ops import nms
 
-from . import functional, fused
-from .base import DenseClassificationLoss
+from . import fused
 from .build import register_loss
+from .cross_entropy import SigmoidCrossEntropyLoss
 
 __all__ = ["OHEMLoss", "anchor_losses"]
 
@@ -68,10 +68,12 @@ def anchor_losses(
 
 
 @register_loss("ohem")
-class OHEMLoss(DenseClassificationLoss):
-    """OHEM over alpha-balanced sigmoid CE; see the module docstring. Ignores gamma."""
-
-    uses_gamma = False
+class OHEMLoss(SigmoidCrossEntropyLoss):
+    """
+    OHEM over alpha-balanced sigmoid CE (the loss, its reference and its scores
+    are :class:`SigmoidCrossEntropyLoss`'s, on the kept anchors); see the module
+    docstring. Ignores gamma.
+    """
 
     @configurable
     def __init__(
@@ -87,7 +89,7 @@ class OHEMLoss(DenseClassificationLoss):
             batch_per_image (int): MODEL.FOCAL.OHEM.BATCH_PER_IMAGE, >= 1.
             nms_thresh (float): MODEL.FOCAL.OHEM.NMS_THRESH in (0, 1]; 1 turns the NMS off.
             pos_fraction (float): MODEL.FOCAL.OHEM.POS_FRACTION in [0, 1); 0 for no ratio.
-            kwargs: see :class:`DenseClassificationLoss`.
+            kwargs: see :class:`~focal_det2.losses.DenseClassificationLoss`.
         """
         super().__init__(**kwargs)
         if (
@@ -174,16 +176,6 @@ class OHEMLoss(DenseClassificationLoss):
         num_pos = min(len(positives), math.floor(self.batch_per_image * self.pos_fraction))
         num_neg = min(len(negatives), round(num_pos * (1 - self.pos_fraction) / self.pos_fraction))
         return torch.cat([positives[:num_pos], negatives[:num_neg]])
-
-    def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_cross_entropy(
-            logits, labels, alpha=self.alpha, class_alpha=class_alpha
-        )
-
-    def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.sigmoid_cross_entropy(
-            logits, labels, alpha=self.alpha, class_alpha=class_alpha
-        )
 
     def __repr__(self):
         return super().__repr__()[:-1] + (
