@@ -41,8 +41,6 @@ __all__ = ["sigmoid_family", "softmax_family"]
 # warps, whose row reductions then go through shared memory.
 SIGMOID_BLOCK, SIGMOID_WARPS = 4096, 8
 SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 1024, 1
-# Below this gamma, (1 - p_t)^gamma is taken as 1, as in the eager path.
-TINY_GAMMA = 1e-20  # written out in _softmax_kernel
 
 
 @triton.jit
@@ -191,6 +189,7 @@ def _softmax_kernel(
         row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0
     )  # rows past N: -inf
     log_1m_pt = -_log1p(tl.fdiv(e_y, others))
+    # (1 - p_t)^gamma is 1 below gamma 1e-20, as in the eager path (fused._TINY_GAMMA).
     modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_pt), 1.0)
     wm = tl.where(row_mask, w * modulator, 0.0)
     if GRAD:
