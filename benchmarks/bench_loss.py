@@ -286,9 +286,9 @@ def run_child(name: str, n: int, repeats: int, warmup: int) -> dict:
         fwd()
     result["fwd_ms"] = _median_ms(fwd, repeats)
     if name.startswith("ours_"):
-        from focal_det2.losses import fused
+        from focal_det2.losses import backends
 
-        result["backend"] = fused.backend(logits.device.type)
+        result["backend"] = backends.backend(logits.device.type)
     result["threads"] = torch.get_num_threads()
     return result
 
@@ -335,12 +335,12 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
     """
     import torch
 
-    from focal_det2.losses import fused
+    from focal_det2.losses import backends
 
     dtype = getattr(torch, dtype_name)
     os.environ.pop("FOCAL_DET2_BACKEND", None)
     os.environ.update(IMPLS[name][2])
-    fused._reset_backend()
+    backends._reset_backend()
     logits, labels = _make_inputs(n, IMPLS[name][1], dtype, "cuda")
     result = {
         "impl": name,
@@ -383,7 +383,7 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
         fwd()
     result["fwd_ms"] = _cuda_median_ms(fwd, repeats)
     if name.startswith("ours_"):
-        result["backend"] = fused.backend("cuda")
+        result["backend"] = backends.backend("cuda")
     return result
 
 

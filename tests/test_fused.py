@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from focal_det2.losses import functional, fused
+from focal_det2.losses import backends, functional, fused
 
 LOSSES = ["sigmoid_focal", "cross_entropy", "focal_star", "softmax_focal"]
 FAST = {
@@ -35,20 +35,20 @@ NUM_CLASSES = 5
 @pytest.fixture(autouse=True)
 def default_backend(monkeypatch):
     """Every test starts from unchosen backends with FOCAL_DET2_BACKEND unset."""
-    monkeypatch.delenv(fused.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
     monkeypatch.delenv("FOCAL_DET2_COMPILE", raising=False)
-    fused._reset_backend()
+    backends._reset_backend()
     yield
-    fused._reset_backend()
+    backends._reset_backend()
 
 
 def use_triton(monkeypatch):
     """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
-    if not fused._triton_interpreting():
+    if not backends._triton_interpreting():
         pytest.skip(
             "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)"
         )
-    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
 
 
 def kwargs_of(name, *, gamma=2.0, alpha=0.25, class_alpha=None, beta=0.5):
@@ -363,26 +363,26 @@ def test_registered_losses_call_the_fast_path(name, monkeypatch):
 def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
-    caplog.set_level(logging.INFO, logger=fused.__name__)
+    caplog.set_level(logging.INFO, logger=backends.__name__)
     logits, labels = batch("sigmoid_focal", seed=12)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=1.0)
-    assert fused.backend("cpu") == "eager"
+    assert backends.backend("cpu") == "eager"
     assert compiled == []
-    messages = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
+    messages = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
     assert len(messages) == 1 and "on cpu: eager" in messages[0] and "default" in messages[0]
 
 
 def test_default_backend_on_cuda_is_triton_where_it_imports(monkeypatch):
-    assert fused.select_backend("cuda")[0] == "triton"
-    monkeypatch.setattr(fused, "_triton_missing", lambda: "Triton does not import (test)")
-    backend, why = fused.select_backend("cuda")
+    assert backends.select_backend("cuda")[0] == "triton"
+    monkeypatch.setattr(backends, "_triton_missing", lambda: "Triton does not import (test)")
+    backend, why = backends.select_backend("cuda")
     assert backend == "eager" and "Triton does not import" in why
 
 
 def test_backend_env_eager_takes_the_eager_path(monkeypatch):
-    monkeypatch.setenv(fused.BACKEND_ENV, "eager")
-    assert fused.select_backend("cuda") == ("eager", "FOCAL_DET2_BACKEND=eager")
+    monkeypatch.setenv(backends.BACKEND_ENV, "eager")
+    assert backends.select_backend("cuda") == ("eager", "FOCAL_DET2_BACKEND=eager")
 
 
 def test_backend_env_triton_runs_the_kernels(monkeypatch):
@@ -396,43 +396,43 @@ def test_backend_env_triton_runs_the_kernels(monkeypatch):
     )
     logits, labels = batch("sigmoid_focal", seed=12)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
-    assert fused.backend("cpu") == "triton" and len(launched) == 2  # forward and backward
+    assert backends.backend("cpu") == "triton" and len(launched) == 2  # forward and backward
 
 
 def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatch):
-    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(
         ValueError,
         match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu",
     ):
-        fused.select_backend("cpu")
+        backends.select_backend("cpu")
 
 
 def test_backend_env_triton_without_triton_raises(monkeypatch):
-    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
-    monkeypatch.setattr(fused, "_triton_missing", lambda: "Triton does not import (test)")
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+    monkeypatch.setattr(backends, "_triton_missing", lambda: "Triton does not import (test)")
     with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=triton: Triton does not import"):
-        fused.select_backend("cuda")
+        backends.select_backend("cuda")
 
 
 def test_backend_env_compile_compiles_the_chunk_kernels(monkeypatch, caplog):
     # torch.compile is replaced by a recorder, so the test checks the wiring without compiling.
-    monkeypatch.setenv(fused.BACKEND_ENV, "compile")
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
-    caplog.set_level(logging.INFO, logger=fused.__name__)
+    caplog.set_level(logging.INFO, logger=backends.__name__)
     for name in ["sigmoid_focal", "softmax_focal"]:
         logits, labels = batch(name, seed=13)
         assert_matches_reference(name, logits, labels, **kwargs_of(name))
-    assert fused.backend("cpu") == "compile"
+    assert backends.backend("cpu") == "compile"
     assert sorted(compiled) == ["_sigmoid_chunk", "_softmax_chunk"]
-    messages = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
+    messages = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
     assert len(messages) == 1 and "compile" in messages[0]
 
 
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
-    monkeypatch.setenv(fused.BACKEND_ENV, "compile")
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
 
     def broken_compile(fn, **kwargs):
         def run(*args, **kw):
@@ -442,24 +442,24 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     logits, labels = batch("sigmoid_focal", seed=14)
-    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
         assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
-    assert fused.backend("cpu") == "eager"
+    assert backends.backend("cpu") == "eager"
     assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
 
 
 def test_unknown_backend_env_value_raises(monkeypatch):
-    monkeypatch.setenv(fused.BACKEND_ENV, "cuda")
+    monkeypatch.setenv(backends.BACKEND_ENV, "cuda")
     with pytest.raises(
         ValueError, match="FOCAL_DET2_BACKEND='cuda': allowed values are eager, triton, compile"
     ):
-        fused.select_backend()
+        backends.select_backend()
 
 
 def test_former_compile_env_raises_naming_its_replacement(monkeypatch):
     monkeypatch.setenv("FOCAL_DET2_COMPILE", "1")
     with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=compile"):
-        fused.select_backend()
+        backends.select_backend()
 
 
 # ----------------------------------------------------------------------------- log1p without log1p

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_fused import FAST, LOSSES, NUM_CLASSES, REFERENCE, batch, kwargs_of
 
-from focal_det2.losses import fused
+from focal_det2.losses import backends
 
 F64 = torch.float64
 # Relative rounding of one value of each dtype: the gradient is stored in it.
@@ -24,15 +24,15 @@ SMALLEST_NORMAL = {torch.float32: 1.2e-38, torch.float16: 6.1e-5, torch.bfloat16
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request, monkeypatch):
     """The Triton backend on CPU tensors (interpreter) or CUDA tensors."""
-    if request.param == "cpu" and not fused._triton_interpreting():
+    if request.param == "cpu" and not backends._triton_interpreting():
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     monkeypatch.delenv("FOCAL_DET2_COMPILE", raising=False)
-    monkeypatch.setenv(fused.BACKEND_ENV, "triton")
-    fused._reset_backend()
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+    backends._reset_backend()
     yield request.param
-    fused._reset_backend()
+    backends._reset_backend()
 
 
 def run(name, logits, labels, device, **kwargs):
@@ -40,7 +40,7 @@ def run(name, logits, labels, device, **kwargs):
     x = logits.to(device).requires_grad_(True)
     value = FAST[name](x, labels.to(device), **kwargs)
     (grad,) = torch.autograd.grad(value, x)
-    assert fused.backend(x.device.type) == "triton"
+    assert backends.backend(x.device.type) == "triton"
     return value.detach().cpu(), grad.cpu()
 
 

@@ -2,7 +2,8 @@
 The losses, one file each (``sigmoid_focal.py``, ...): a class that registers
 itself as a ``MODEL.FOCAL.LOSS`` name. Shared by all: the interface
 (``base.py``), the reference formulas (``functional.py``), the fast kernels
-(``fused.py``, ``triton_kernels.py``) and the registry (``build.py``).
+(``fused.py``, ``triton_kernels.py``, chosen by ``backends.py``) and the
+registry (``build.py``).
 """
 
 from . import functional

@@ -30,7 +30,7 @@ logits is read once and the gradient is written once:
   ``log``, and ``log(1 + t)`` is then taken from ``log`` with an exact
   correction (:func:`_log1p_exp_neg_abs`).
 
-Backends (:func:`select_backend`, logged once per device type): CUDA tensors
+Backends (:mod:`.backends`, chosen and logged once per device type): CUDA tensors
 take the Triton kernels of :mod:`focal_det2.losses.triton_kernels` (one
 kernel per loss family, no chunks); other devices take the chunk kernels
 here, as plain torch ops (``eager``). ``FOCAL_DET2_BACKEND=eager|triton|compile``
@@ -39,8 +39,6 @@ forces one; ``compile`` runs the chunk kernels through ``torch.compile``
 float16 and bfloat16 logits are computed in float32 on every backend.
 """
 
-import logging
-import os
 from functools import partial
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -48,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import backends
 from .functional import softmax_class_alpha
 
 __all__ = [
@@ -55,13 +54,8 @@ __all__ = [
     "sigmoid_cross_entropy",
     "softmax_focal_loss",
     "focal_star_loss",
-    "backend",
 ]
 
-logger = logging.getLogger(__name__)
-
-BACKEND_ENV = "FOCAL_DET2_BACKEND"
-BACKENDS = ("eager", "triton", "compile")
 # Elements per chunk of rows. On the CPU a chunk and its one to three scratch
 # buffers stay in L3; 2^19 was the best of 2^18..2^20 measured on 2 cores at
 # 200k x 80 (2^20 equal within noise; 2^18 10-20% slower from PyTorch's per-op
@@ -75,121 +69,6 @@ CPU_MIN_CHUNK_ELEMENTS = 1 << 12
 # Below this gamma, 1 / gamma overflows float32 (and gamma rounds to 0): it is handled apart.
 _TINY_GAMMA = 1e-20
 _LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-
-_backends = {}  # device type -> chosen backend
-_kernels = {}
-
-
-# ----------------------------------------------------------------------------- backend
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-
-
-def _triton_missing() -> Optional[str]:
-    """None if Triton imports, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"Triton does not import ({e})"
-    return None
-
-
-def select_backend(device_type: str = "cpu") -> Tuple[str, str]:
-    """
-    The backend of the fused losses on ``device_type`` and why.
-
-    ``FOCAL_DET2_BACKEND`` forces one of ``eager`` (chunked torch ops),
-    ``triton`` (one Triton kernel per loss family, for CUDA tensors; for CPU
-    tensors only under ``TRITON_INTERPRET=1``) or ``compile`` (the eager
-    chunk kernels through ``torch.compile``). Unset, CUDA tensors take
-    ``triton`` where Triton imports and every other device ``eager``, the
-    fastest measured on each (``benchmarks/bench_loss.py``).
-
-    Raises:
-        ValueError: an unknown value, the former ``FOCAL_DET2_COMPILE``, or a
-            forced backend this device or installation cannot run.
-    """
-    if os.environ.get("FOCAL_DET2_COMPILE") is not None:
-        raise ValueError(
-            "FOCAL_DET2_COMPILE is no longer read: set FOCAL_DET2_BACKEND=compile (or eager, triton) instead."
-        )
-    flag = os.environ.get(BACKEND_ENV, "").strip()
-    if not flag:
-        if device_type == "cuda":
-            missing = _triton_missing()
-            if missing is None:
-                return "triton", f"the default on cuda; {BACKEND_ENV}=eager|compile chooses another"
-            return "eager", f"the default on cuda without Triton: {missing}"
-        return (
-            "eager",
-            f"the default on {device_type}; {BACKEND_ENV}=compile compiles the chunk kernels",
-        )
-    if flag not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={flag!r}: allowed values are {', '.join(BACKENDS)}.")
-    if flag == "compile" and not hasattr(torch, "compile"):
-        raise ValueError(
-            f"{BACKEND_ENV}=compile: this torch ({torch.__version__}) has no torch.compile."
-        )
-    if flag == "triton":
-        missing = _triton_missing()
-        if missing is not None:
-            raise ValueError(f"{BACKEND_ENV}=triton: {missing}.")
-        if device_type != "cuda" and not _triton_interpreting():
-            raise ValueError(
-                f"{BACKEND_ENV}=triton: Triton kernels run on CUDA tensors, these are on {device_type} "
-                "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)."
-            )
-    return flag, f"{BACKEND_ENV}={flag}"
-
-
-def backend(device_type: str = "cpu") -> str:
-    """
-    Returns:
-        str: ``"eager"``, ``"triton"`` or ``"compile"``, the implementation
-        this process uses for tensors on ``device_type``. Chosen by
-        :func:`select_backend` on first use and logged once per device type.
-    """
-    if device_type not in _backends:
-        _backends[device_type], why = select_backend(device_type)
-        logger.info(
-            "focal_det2 fused losses on %s: %s kernels (%s).",
-            device_type,
-            _backends[device_type],
-            why,
-        )
-    return _backends[device_type]
-
-
-def _reset_backend():
-    """Forget the chosen backends and compiled kernels (for tests)."""
-    _backends.clear()
-    _kernels.clear()
-
-
-def _kernel(fn: Callable, device_type: str) -> Callable:
-    """``fn`` itself, or its ``torch.compile``d version under the compile backend."""
-    if backend(device_type) != "compile":
-        return fn
-    if fn not in _kernels:
-        _kernels[fn] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn, device_type)
-    return _kernels[fn]
-
-
-def _with_eager_fallback(compiled: Callable, eager: Callable, device_type: str) -> Callable:
-    def run(*args, **kwargs):
-        if _backends.get(device_type) == "compile":
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as e:  # no compiler, unsupported op, ...: run eagerly from now on
-                logger.warning(
-                    "focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e
-                )
-                _backends[device_type] = "eager"
-        return eager(*args, **kwargs)
-
-    return run
 
 
 def _chunk_elements(logits: Tensor) -> int:
@@ -257,7 +136,7 @@ def _workspace(logits: Tensor, chunks: List[Chunk], count: int) -> Optional[Tens
     and under the compile backend, whose fused kernels need no scratch space.
     """
     rows = max((r1 - r0 for r0, r1, scratch in chunks if scratch is None), default=0)
-    if backend(logits.device.type) == "compile" or rows == 0:
+    if backends.backend(logits.device.type) == "compile" or rows == 0:
         return None
     return logits.new_empty((count, rows, logits.shape[1]))
 
@@ -312,7 +191,7 @@ def _use_triton(logits: Tensor) -> bool:
     bfloat16 logits; float64 logits, asked for for their precision, take the
     eager path.
     """
-    return logits.dtype != torch.float64 and backend(logits.device.type) == "triton"
+    return logits.dtype != torch.float64 and backends.backend(logits.device.type) == "triton"
 
 
 def _sigmoid_loss(logits: Tensor, labels: Tensor, **params) -> Tensor:
@@ -563,7 +442,7 @@ def _sigmoid_family(
     pos_rows, pos_cls = _foreground(labels, k)
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
     count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
-    spare = count if want_grad and backend(logits.device.type) == "eager" else 0
+    spare = count if want_grad and backends.backend(logits.device.type) == "eager" else 0
     grad = (
         logits.new_empty(logits.shape) if want_grad else None
     )  # contiguous: scratch rows are views of it
@@ -572,7 +451,7 @@ def _sigmoid_family(
     fresh = _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
     kernel = partial(
-        _kernel(_sigmoid_chunk, logits.device.type),
+        backends.compiled(_sigmoid_chunk, logits.device.type),
         gamma=gamma,
         scale=scale,
         shift=shift,
@@ -767,7 +646,9 @@ def _softmax_family(
         None if want_grad else _workspace(logits, chunks, 1)
     )  # the gradient is the scratch space
     kernel = partial(
-        _kernel(_softmax_chunk, logits.device.type), gamma=gamma, class_weight=class_weight
+        backends.compiled(_softmax_chunk, logits.device.type),
+        gamma=gamma,
+        class_weight=class_weight,
     )
     sums = []
     for chunk in chunks:
