@@ -508,14 +508,8 @@ def cuda_main(args, impls, sizes):
                     r = run_cuda_one(name, n, dtype, args.repeats, args.warmup)
                 except (
                     Exception
-                ) as e:  # one failing peer (say, a compile error) must not lose the run
-                    r = {
-                        "impl": name,
-                        "N": n,
-                        "dtype": dtype,
-                        "error": f"{type(e).__name__}: {e}"[:500],
-                    }
-                    print(f"{name} {n} {dtype} failed: {r['error']}", flush=True)
+                ) as e:  # one failing peer (a compile error, say) must not lose the run
+                    print(f"{name} {n} {dtype} failed: {type(e).__name__}: {e}"[:600], flush=True)
                     continue
                 finally:
                     torch.cuda.empty_cache()
