@@ -42,6 +42,9 @@ def add_focal_config(cfg):
     cfg.MODEL.FOCAL.CLASS_WEIGHTING = "none"
     # beta of the effective number of samples (1 - beta^n) / (1 - beta), in [0, 1); 0: equal weights.
     cfg.MODEL.FOCAL.CB_BETA = 0.999
+    # Label smoothing eps in [0, 1) for the losses that implement it (sigmoid_focal, cross_entropy,
+    # softmax_focal): sigmoid targets 1 - eps/2 and eps/2, softmax (1 - eps) onehot + eps / (K + 1).
+    cfg.MODEL.FOCAL.LABEL_SMOOTHING = 0.0
     # Foreground prior pi used to initialise the classifier bias, in (0, 1).
     cfg.MODEL.FOCAL.PRIOR_PROB = 0.01
     # Head, a name in FOCAL_HEAD_REGISTRY.

@@ -8,10 +8,11 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through Triton's interpreter (read when a kernel is defined).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
 from detectron2.config import get_cfg
 
 import focal_det2
-from focal_det2.losses import registered_losses
+from focal_det2.losses import backends, registered_losses
 
 # Files that register more losses before the suites read the registry (a user's new loss;
 # tests/test_registry.py's throwaway loss): os.pathsep-separated paths.
@@ -166,7 +167,7 @@ def head_logits(model, inputs):
 
 
 def reference_loss_cls(
-    model, inputs, name, *, gamma, alpha=0.25, beta=1.0, class_alpha=(), ema=100.0
+    model, inputs, name, *, gamma, alpha=0.25, beta=1.0, class_alpha=(), ema=100.0, opts=()
 ):
     """
     The ``loss_cls`` a FocalRetinaNet training step on ``inputs`` must report,
@@ -174,7 +175,8 @@ def reference_loss_cls(
     ``name`` (focal_det2.losses.functional, in float64) on the model's
     logits and anchor labels, divided by Detectron2's normaliser
     ``0.9 * ema + 0.1 * max(number of foreground anchors, 1)``, where ``ema``
-    is the moving average before the step (100 in a fresh model).
+    is the moving average before the step (100 in a fresh model). ``opts``
+    set further loss keys (as :func:`build_loss`'s).
     """
     logits, labels = head_logits(model, inputs)
     num_classes = model.num_classes
@@ -191,7 +193,7 @@ def reference_loss_cls(
         alpha=alpha,
         class_alpha=class_alpha,
         beta=beta,
-        opts=(),
+        opts=opts,
         **selection,
     )
     return total.item() / normalizer
@@ -212,3 +214,26 @@ def head_boxes(model, inputs):
             deltas.flatten(0, 1), anchors.repeat(len(inputs), 1)
         )
     return boxes.view(len(inputs), -1, 4)
+
+
+def use_triton(monkeypatch):
+    """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
+    if not backends._triton_interpreting():
+        pytest.skip(
+            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)"
+        )
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+
+
+@pytest.fixture(params=["eager", "triton"])
+def backend_name(request, monkeypatch):
+    """
+    Runs a test on the eager path and on the Triton kernels, each chosen
+    afresh (the backend is otherwise chosen once per process, on first use).
+    """
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    if request.param == "triton":
+        use_triton(monkeypatch)
+    backends._reset_backend()
+    yield request.param
+    backends._reset_backend()

@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from conftest import use_triton
 
 from focal_det2.losses import backends, functional, fused
 
@@ -40,15 +41,6 @@ def default_backend(monkeypatch):
     backends._reset_backend()
     yield
     backends._reset_backend()
-
-
-def use_triton(monkeypatch):
-    """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
-    if not backends._triton_interpreting():
-        pytest.skip(
-            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)"
-        )
-    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
 
 
 def kwargs_of(name, *, gamma=2.0, alpha=0.25, class_alpha=None, beta=0.5):
@@ -123,14 +115,6 @@ def chunking(request, monkeypatch):
             monkeypatch.setattr(
                 triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8
             )  # 4 rows of next_pow2(K + 1) = 8
-
-
-@pytest.fixture(params=["eager", "triton"])
-def backend_name(request, monkeypatch):
-    """Runs a test on the eager path and on the Triton kernels."""
-    if request.param == "triton":
-        use_triton(monkeypatch)
-    return request.param
 
 
 # ----------------------------------------------------------------------------- equal to the reference

@@ -42,6 +42,9 @@ class DenseClassificationLoss:
     """
 
     uses_gamma = True
+    # True for losses whose :meth:`loss` and :meth:`reference` read :attr:`label_smoothing`
+    # (MODEL.FOCAL.LABEL_SMOOTHING); other losses refuse a value other than 0.
+    supports_label_smoothing = False
 
     @configurable
     def __init__(
@@ -51,6 +54,7 @@ class DenseClassificationLoss:
         gamma: float = 2.0,
         alpha: float = 0.25,
         class_alpha: Sequence[float] = (),
+        label_smoothing: float = 0.0,
     ):
         """
         Args:
@@ -59,6 +63,8 @@ class DenseClassificationLoss:
             alpha (float): foreground weight in [0, 1], or -1 for none (MODEL.FOCAL.ALPHA).
             class_alpha (sequence[float]): empty, or K per-class weights in [0, 1]
                 (MODEL.FOCAL.CLASS_ALPHA).
+            label_smoothing (float): eps in [0, 1), for losses that
+                :attr:`supports_label_smoothing` (MODEL.FOCAL.LABEL_SMOOTHING).
         """
         self.num_classes = num_classes
         self.check_gamma(gamma, "MODEL.FOCAL.GAMMA")
@@ -74,9 +80,11 @@ class DenseClassificationLoss:
             raise ValueError(
                 f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1]."
             )
+        self.check_label_smoothing(label_smoothing)
         self.gamma = gamma
         self.alpha = alpha
         self.class_alpha = class_alpha
+        self.label_smoothing = float(label_smoothing)
         self._class_alpha_cache = {}
         self.class_weights: Optional[Tuple[float, ...]] = None
         self._class_weights_cache = {}
@@ -88,7 +96,24 @@ class DenseClassificationLoss:
             "gamma": cfg.MODEL.FOCAL.GAMMA,
             "alpha": cfg.MODEL.FOCAL.ALPHA,
             "class_alpha": cfg.MODEL.FOCAL.CLASS_ALPHA,
+            "label_smoothing": cfg.MODEL.FOCAL.LABEL_SMOOTHING,
         }
+
+    @classmethod
+    def check_label_smoothing(cls, value):
+        """Raise, naming MODEL.FOCAL.LABEL_SMOOTHING, unless ``value`` is in [0, 1) and this loss reads it."""
+        key = "MODEL.FOCAL.LABEL_SMOOTHING"
+        check_finite_number(value, key)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{key}={value} must be in [0, 1).")
+        if value and not cls.supports_label_smoothing:
+            from .build import registered_losses
+
+            names = sorted(n for n, c in registered_losses().items() if c.supports_label_smoothing)
+            raise ValueError(
+                f"{key}={value}: MODEL.FOCAL.LOSS {getattr(cls, 'name', cls.__name__)} has no "
+                f"label smoothing; leave it at 0, or use one of {names}."
+            )
 
     def check_gamma(self, gamma: float, key: str):
         """Raise if ``gamma``, read from config key ``key``, is not allowed for this loss."""
@@ -295,7 +320,8 @@ class DenseClassificationLoss:
     def __repr__(self):
         return (
             f"{type(self).__name__}(num_classes={self.num_classes}, gamma={self.gamma}, "
-            f"alpha={self.alpha}, class_alpha={list(self.class_alpha)})"
+            f"alpha={self.alpha}, class_alpha={list(self.class_alpha)}"
+            + (f", label_smoothing={self.label_smoothing})" if self.label_smoothing else ")")
         )
 
 

@@ -15,13 +15,22 @@ class SigmoidCrossEntropyLoss(DenseClassificationLoss):
     """
 
     uses_gamma = False
+    supports_label_smoothing = True
 
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.sigmoid_cross_entropy(
-            logits, labels, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
         return functional.sigmoid_cross_entropy(
-            logits, labels, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )

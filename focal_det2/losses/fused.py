@@ -309,6 +309,46 @@ def sigmoid_focal_terms(
     return _times(gamma_softplus.mul_(modulator), 1 / gamma), _times(grad, grad_scale)
 
 
+def smoothed_focal_terms(
+    z: Tensor,
+    gamma: float,
+    delta: float,
+    weight=1.0,
+    grad_scale: Optional[float] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """
+    :func:`sigmoid_focal_terms` for the soft target ``delta`` in (0, 1/2)
+    (label smoothing: ``delta = eps / 2``): fvcore's soft-target focal term
+    of a column with target ``delta`` as a function of its logit ``z`` (for
+    the anchor's class, call it at ``-z``), and its derivative:
+
+        psi(z)  = u^gamma * BCE(z, delta),  u = 1 - p_t = (1 - delta) s + delta (1 - s),
+        psi'(z) = u^gamma * ((s - delta) + gamma * BCE(z, delta) * (1 - 2 delta) * s (1 - s) / u),
+
+    with ``s = sigmoid(z)`` and ``BCE(z, delta) = log1p(exp(-|z|)) + (1 -
+    delta) max(z, 0) + delta max(-z, 0)``: no cancellation, and ``u >= delta``
+    keeps ``1 / u`` finite at gamma 0. At delta 0 this is ``phi`` of
+    :func:`sigmoid_focal_terms`. Fresh tensors (label smoothing is off the
+    hot path); arguments as in :func:`sigmoid_focal_terms`.
+    """
+    e = torch.abs(z).mul_(-_LOG2_E).exp2_()  # exp(-|z|)
+    bce = _log1p_exp_neg_abs(z, out=None, tmp=None)
+    bce.add_(torch.clamp_min(z, 0), alpha=1 - delta).add_(torch.clamp_max(z, 0), alpha=-delta)
+    r = e.add(1).reciprocal_()
+    s = torch.where(z >= 0, r, e * r)  # sigmoid(z)
+    s_neg = torch.where(z >= 0, e * r, r)  # sigmoid(-z), without cancellation
+    u = torch.lerp(s_neg, s, 1 - delta)  # delta s_neg + (1 - delta) s
+    modulator = _times(u.pow(gamma), weight)  # 0^0 = 1
+    loss = bce * modulator
+    if grad_scale is None:
+        return loss, None
+    slope = torch.sub(s, delta)
+    if gamma != 0:
+        bend = bce.mul_(s).mul_(s_neg).div_(u.clamp_min_(torch.finfo(u.dtype).tiny))
+        slope.add_(bend, alpha=gamma * (1 - 2 * delta))
+    return loss, _times(slope.mul_(modulator), grad_scale)
+
+
 def _slow_log1p(device: torch.device) -> bool:
     """
     True where ATen's ``log1p`` costs many times ``log``: CPUs on which
@@ -359,10 +399,12 @@ def _sigmoid_chunk(
     scale: float,
     shift: float,
     neg_weight,
+    delta: float = 0.0,
 ) -> Tensor:
     """
     Sum of the negative terms of one chunk of rows, ``neg_weight * phi(scale *
-    x + shift)`` (:func:`sigmoid_focal_terms`), over the valid rows and every
+    x + shift)`` (:func:`sigmoid_focal_terms`; with ``delta`` > 0,
+    :func:`smoothed_focal_terms`'s ``psi``), over the valid rows and every
     column except at the positives, which are left to the caller.
 
     Args:
@@ -373,10 +415,15 @@ def _sigmoid_chunk(
         work (Tensor or None): (M, R, K) scratch space laid out as :class:`SigmoidScratch`
             (M from :meth:`SigmoidScratch.count`); None for fresh tensors.
         neg_weight (float or Tensor): weight of a negative, a float or per class, (K,).
+        delta (float): the negatives' soft target (label smoothing / 2), or 0.
 
     Returns:
         Tensor: 0-dim sum, dtype of ``x`` (PyTorch sums a chunk pairwise, to float32 precision).
     """
+    if delta:
+        return _smoothed_sigmoid_chunk(
+            x, labels, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
+        )
     shifted = scale != 1 or shift != 0
     scratch = SigmoidScratch.of(work, grad_out, gamma, shifted)
     z = torch.mul(x, scale, out=scratch.shifted).add_(shift) if shifted else x
@@ -385,6 +432,20 @@ def _sigmoid_chunk(
     grad_scale = scale if grad_out is not None else None
     loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, scratch)
     loss[pos_rows, pos_cols] = 0
+    return loss.sum()
+
+
+def _smoothed_sigmoid_chunk(
+    x, labels, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
+) -> Tensor:
+    """:func:`_sigmoid_chunk` with label smoothing, on fresh tensors (no scratch layout)."""
+    valid = (labels >= 0).to(x.dtype)[:, None]
+    weight = (valid, neg_weight)
+    grad_scale = scale if grad_out is not None else None
+    loss, grad = smoothed_focal_terms(x * scale + shift, gamma, delta, weight, grad_scale)
+    loss[pos_rows, pos_cols] = 0
+    if grad_out is not None:
+        grad_out.copy_(grad)
     return loss.sum()
 
 
@@ -428,27 +489,36 @@ def _sigmoid_family(
     factor: float,
     alpha: float,
     class_alpha: Optional[Tensor],
+    label_smoothing: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """
     ``factor * sum_valid alpha_t * phi(s_t * scale * x + shift)``, with ``phi``
     from :func:`sigmoid_focal_terms` at ``gamma`` and ``s_t`` = -1 for the
-    anchor's class, +1 elsewhere; and its gradient.
+    anchor's class, +1 elsewhere; and its gradient. With ``label_smoothing``
+    eps > 0, ``phi`` is :func:`smoothed_focal_terms`'s ``psi`` at ``delta =
+    eps / 2`` and ``alpha_t = a t + (1 - a)(1 - t)`` at the smoothed target
+    ``t``: ``(1 - delta) a + delta (1 - a)`` for the anchor's class,
+    ``(1 - delta)(1 - a) + delta a`` elsewhere.
 
     Returns:
         Tensor: scalar loss, dtype of ``logits``.
         Tensor or None: (N, K) gradient if ``want_grad``.
     """
     k = logits.shape[1]
+    delta = label_smoothing / 2
     pos_rows, pos_cls = _foreground(labels, k)
     a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
+    if delta:
+        a_pos, a_neg = a_pos * (1 - delta) + a_neg * delta, a_neg * (1 - delta) + a_pos * delta
     count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
-    spare = count if want_grad and backends.backend(logits.device.type) == "eager" else 0
+    eager = backends.backend(logits.device.type) == "eager"
+    spare = count if want_grad and eager and not delta else 0
     grad = (
         logits.new_empty(logits.shape) if want_grad else None
     )  # contiguous: scratch rows are views of it
 
     chunks = _row_chunks(logits, spare)
-    fresh = _workspace(logits, chunks, count)
+    fresh = None if delta else _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
     kernel = partial(
         backends.compiled(_sigmoid_chunk, logits.device.type),
@@ -456,6 +526,7 @@ def _sigmoid_family(
         scale=scale,
         shift=shift,
         neg_weight=a_neg * factor,
+        delta=delta,
     )
     sums = []
     for chunk, p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
@@ -474,8 +545,12 @@ def _sigmoid_family(
 
     # The positives: phi at -scale * x + shift.
     a_pos = a_pos[pos_cls] * factor if isinstance(a_pos, Tensor) else a_pos * factor
-    pos_loss, pos_grad = sigmoid_focal_terms(
-        -scale * logits[pos_rows, pos_cls] + shift, gamma, a_pos, -scale if want_grad else None
+    terms = partial(smoothed_focal_terms, delta=delta) if delta else sigmoid_focal_terms
+    pos_loss, pos_grad = terms(
+        -scale * logits[pos_rows, pos_cls] + shift,
+        gamma,
+        weight=a_pos,
+        grad_scale=-scale if want_grad else None,
     )
     total = total + pos_loss.sum(dtype=torch.float64)
     if want_grad:
@@ -490,6 +565,7 @@ def sigmoid_focal_loss(
     gamma: float,
     alpha: float = 0.25,
     class_alpha: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """
     Fast :func:`functional.sigmoid_focal_loss`, the paper's FL, eq. (5):
@@ -498,7 +574,8 @@ def sigmoid_focal_loss(
 
     ``x_t = x`` for the anchor's class, ``-x`` elsewhere, with the closed-form
     gradient of appendix B, ``dFL/dx = y alpha_t (1 - p_t)^gamma
-    (gamma p_t log(p_t) + p_t - 1)``, y = +-1.
+    (gamma p_t log(p_t) + p_t - 1)``, y = +-1. With ``label_smoothing``, the
+    soft-target form and gradient of :func:`smoothed_focal_terms`.
 
     Args:
         logits (Tensor): (N, K).
@@ -506,6 +583,7 @@ def sigmoid_focal_loss(
         gamma (float): focusing parameter, >= 0.
         alpha (float): foreground weight in [0, 1], or -1 for none.
         class_alpha (Tensor or None): (K,) per-class foreground weights.
+        label_smoothing (float): eps in [0, 1); targets ``1 - eps/2`` and ``eps/2``.
 
     Returns:
         Tensor: scalar, the sum over valid anchors and classes.
@@ -519,6 +597,7 @@ def sigmoid_focal_loss(
         factor=1.0,
         alpha=alpha,
         class_alpha=class_alpha,
+        label_smoothing=label_smoothing,
     )
 
 
@@ -528,13 +607,21 @@ def sigmoid_cross_entropy(
     *,
     alpha: float = 0.25,
     class_alpha: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """
     Fast :func:`functional.sigmoid_cross_entropy`, eq. (2):
     ``CE(p_t) = -alpha_t * log(p_t)``, i.e. :func:`sigmoid_focal_loss` at gamma 0,
     gradient ``y alpha_t (p_t - 1)``. Shapes as in :func:`sigmoid_focal_loss`.
     """
-    return sigmoid_focal_loss(logits, labels, gamma=0.0, alpha=alpha, class_alpha=class_alpha)
+    return sigmoid_focal_loss(
+        logits,
+        labels,
+        gamma=0.0,
+        alpha=alpha,
+        class_alpha=class_alpha,
+        label_smoothing=label_smoothing,
+    )
 
 
 def focal_star_loss(
@@ -584,6 +671,7 @@ def _softmax_chunk(
     *,
     gamma: float,
     class_weight: Tensor,
+    smooth_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """
     Softmax focal loss of one chunk of rows. With ``e_j = exp(x_j - max_j x)``,
@@ -605,6 +693,9 @@ def _softmax_chunk(
         work (Tensor or None): (1, R, C) scratch space without ``grad_out``, or None
             for a fresh tensor.
         class_weight (Tensor): (C + 1,) the weight w of label -1 (0), then the alpha of each class.
+        smooth_weight (Tensor or None): (C,) with label smoothing, ``eps / C`` times each
+            column's alpha: adds :func:`_uniform_softmax_terms` (``class_weight`` then
+            carries the factor ``1 - eps``).
 
     Returns:
         Tensor: 0-dim sum over the valid rows, dtype of ``x``.
@@ -627,7 +718,55 @@ def _softmax_chunk(
         d = weight * (gamma * log_pt.exp() * log_pt - log_1m_pt.exp())
         coef = -d / others.clamp_min(torch.finfo(x.dtype).tiny)  # 0 where p_t == 1
         e.mul_(coef).scatter_(1, y, d)
-    return loss
+    if smooth_weight is None:
+        return loss
+    valid = (labels >= 0).to(x.dtype)[:, None]
+    uniform, uniform_grad = _uniform_softmax_terms(
+        x, smooth_weight * valid, gamma, grad_out is not None
+    )
+    if grad_out is not None:
+        grad_out.add_(uniform_grad)
+    return loss + uniform
+
+
+def _uniform_softmax_terms(
+    x: Tensor, weight: Tensor, gamma: float, want_grad: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """
+    ``sum_ij w_ij FL_j(x_i)``, the focal loss of row i at every label j, and
+    its gradient: the label-smoothing part of the softmax loss. With ``e_j =
+    exp(x_j - max x)``, ``m`` the first column of the largest logit, ``S_m =
+    sum_{j != m} e_j``, ``Z = 1 + S_m`` and ``S_j = Z - e_j`` (>= 1) for ``j != m``:
+
+        log p_j = (x_j - max x) - log1p(S_m),  log(1 - p_j) = -log1p(e_j / S_j),
+        FL_j = -(1 - p_j)^gamma log p_j,
+        G_j = w_j (1 - p_j)^gamma (gamma p_j log(p_j) / S_j - 1 / Z),
+        d/dx_i = Z G_i - e_i sum_j G_j,
+
+    (``G_j = w_j dFL_j/dx_j / S_j``; the label-j loss has ``dFL_j/dx_i = -dFL_j/dx_j
+    e_i / S_j`` at ``i != j``). No ``1 - p`` is taken by subtraction.
+
+    Args:
+        x (Tensor): (R, C) logits.
+        weight (Tensor): (R, C) ``w``, 0 in ignored rows.
+
+    Returns:
+        Tensor: 0-dim sum; (R, C) gradient if ``want_grad``.
+    """
+    x_max, top = x.max(dim=1, keepdim=True)
+    e = torch.sub(x, x_max).mul_(_LOG2_E).exp2_()
+    s_top = e.scatter(1, top, 0.0).sum(dim=1, keepdim=True)
+    z = s_top + 1
+    others = torch.sub(z, e).scatter_(1, top, s_top).clamp_min_(torch.finfo(x.dtype).tiny)
+    log_p = (x - x_max).sub_(torch.log1p(s_top))
+    log_1m_p = torch.log1p(e / others).neg_()
+    modulator = torch.exp(gamma * log_1m_p) if gamma >= _TINY_GAMMA else torch.ones_like(x)
+    weighted = modulator.mul_(weight)
+    loss = (weighted * log_p).sum().neg_()
+    if not want_grad:
+        return loss, None
+    g = (e / z).mul_(log_p).mul_(gamma).div_(others).sub_(z.reciprocal()).mul_(weighted)
+    return loss, g.mul(z).sub_(e * g.sum(dim=1, keepdim=True))
 
 
 def _softmax_family(
@@ -637,9 +776,14 @@ def _softmax_family(
     *,
     gamma: float,
     class_weight: Tensor,
+    label_smoothing: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk."""
     class_weight = class_weight.to(logits.dtype)
+    smooth_weight = None
+    if label_smoothing:
+        smooth_weight = class_weight[1:] * (label_smoothing / logits.shape[1])
+        class_weight = class_weight * (1 - label_smoothing)
     grad = logits.new_empty(logits.shape) if want_grad else None
     chunks = _row_chunks(logits)
     fresh = (
@@ -649,6 +793,7 @@ def _softmax_family(
         backends.compiled(_softmax_chunk, logits.device.type),
         gamma=gamma,
         class_weight=class_weight,
+        smooth_weight=smooth_weight,
     )
     sums = []
     for chunk in chunks:
@@ -665,6 +810,7 @@ def softmax_focal_loss(
     gamma: float,
     alpha: float = 0.25,
     class_alpha: Optional[Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """
     Fast :func:`functional.softmax_focal_loss`, focal loss on a (K+1)-way
@@ -672,11 +818,14 @@ def softmax_focal_loss(
 
         FL(p_t) = -alpha_t * (1 - p_t)^gamma * log(p_t),  p_t = softmax(x)[label],
 
-    with the closed-form gradient of :func:`_softmax_chunk`.
+    with the closed-form gradient of :func:`_softmax_chunk`. With
+    ``label_smoothing`` eps, ``(1 - eps)`` times that plus ``eps / C`` times
+    the loss at every label (:func:`_uniform_softmax_terms`).
 
     Args:
         logits (Tensor): (N, K+1), column K is background.
         labels (Tensor): (N,) int64 in [-1, K].
+        label_smoothing (float): eps in [0, 1).
 
     Returns:
         Tensor: scalar, the sum over valid anchors.
@@ -688,6 +837,10 @@ def softmax_focal_loss(
     if _use_triton(logits):
         from . import triton_kernels
 
-        return triton_kernels.softmax_family(logits, labels, gamma=gamma, class_weight=class_weight)
-    compute = partial(_softmax_family, gamma=gamma, class_weight=class_weight)
+        return triton_kernels.softmax_family(
+            logits, labels, gamma=gamma, class_weight=class_weight, label_smoothing=label_smoothing
+        )
+    compute = partial(
+        _softmax_family, gamma=gamma, class_weight=class_weight, label_smoothing=label_smoothing
+    )
     return _apply(compute, _eager_logits(logits), labels)

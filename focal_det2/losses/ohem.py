@@ -75,6 +75,9 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
     docstring. Ignores gamma.
     """
 
+    # Hard examples are ranked by the hard-target CE (:func:`anchor_losses`), as in the paper.
+    supports_label_smoothing = False
+
     @configurable
     def __init__(
         self,

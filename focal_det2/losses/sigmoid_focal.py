@@ -11,12 +11,24 @@ __all__ = ["SigmoidFocalLoss"]
 class SigmoidFocalLoss(DenseClassificationLoss):
     """The paper's FL, eq. (5): see :func:`functional.sigmoid_focal_loss`."""
 
+    supports_label_smoothing = True
+
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.sigmoid_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            gamma=gamma,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
         return functional.sigmoid_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            gamma=gamma,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )

@@ -33,6 +33,8 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
     see :func:`functional.softmax_focal_loss`.
     """
 
+    supports_label_smoothing = True
+
     @property
     def num_logits(self):
         return self.num_classes + 1
@@ -51,10 +53,20 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
 
     def loss(self, logits, labels, *, gamma, class_alpha):
         return fused.softmax_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            gamma=gamma,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )
 
     def reference(self, logits, labels, *, gamma, class_alpha):
         return functional.softmax_focal_loss(
-            logits, labels, gamma=gamma, alpha=self.alpha, class_alpha=class_alpha
+            logits,
+            labels,
+            gamma=gamma,
+            alpha=self.alpha,
+            class_alpha=class_alpha,
+            label_smoothing=self.label_smoothing,
         )

@@ -70,57 +70,21 @@ def _log1p(a):
 
 
 @triton.jit
-def _sigmoid_kernel(
-    x_ptr,
-    labels_ptr,
-    alpha_ptr,
+def _focal_terms(
+    z,
+    e,
+    w,
+    sign,
+    gamma,
     out_ptr,
     grad_loss_ptr,
-    numel,
-    gamma,
-    scale,
-    shift,
-    factor,
-    pos_weight,
-    neg_weight,
-    K: tl.constexpr,
+    start,
+    pid,
+    mask,
     BLOCK: tl.constexpr,
-    CLASS_ALPHA: tl.constexpr,
     GRAD: tl.constexpr,
 ):
-    """
-    Element ``(i, k)`` of the (N, K) logits, with ``s = -1`` for ``k ==
-    label_i`` and +1 elsewhere, contributes ``w phi(z)``, ``z = s scale x +
-    shift``, where (appendix B of the paper)
-
-        phi(z)  = sigmoid(z)^gamma softplus(z),
-        phi'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z)),
-
-    and ``w`` is the positive or negative weight of class k (times
-    ``factor``), 0 for ignored rows. Without GRAD, ``out[pid]`` is the sum
-    of the block's terms; with GRAD, ``out`` is the (N, K) gradient
-    ``w s scale phi'(z) * grad_loss``. A program takes BLOCK consecutive
-    elements; index math within it is 32-bit.
-    """
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    row0 = start // K
-    local = (start - row0 * K).to(tl.int32) + tl.arange(0, BLOCK)  # element index from row0's start
-    row = local // K
-    col = local - row * K
-    mask = tl.arange(0, BLOCK) < tl.minimum(numel - start, BLOCK).to(tl.int32)
-    label = tl.load(labels_ptr + row0 + row, mask=mask, other=-1).to(tl.int32)
-    x = tl.load(x_ptr + start + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
-    pos = label == col
-    if CLASS_ALPHA:
-        a = tl.load(alpha_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        w = tl.where(pos, a, 1.0 - a) * factor
-    else:
-        w = tl.where(pos, pos_weight, neg_weight)
-    w = tl.where(label >= 0, w, 0.0)
-    sign = tl.where(pos, -scale, scale)
-    z = sign * x + shift
-    e = tl.exp2(-tl.abs(z) * 1.4426950408889634)  # exp(-|z|), in (0, 1]
+    """The hard-target branch of :func:`_sigmoid_kernel`: ``phi`` and ``phi'`` at ``z``, ``e = exp(-|z|)``."""
     log1p_e = _log1p_unit(e)
     softplus = tl.maximum(z, 0.0) + log1p_e
     # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
@@ -140,6 +104,146 @@ def _sigmoid_kernel(
 
 
 @triton.jit
+def _smoothed_terms(
+    z,
+    e,
+    w,
+    sign,
+    gamma,
+    delta,
+    out_ptr,
+    grad_loss_ptr,
+    start,
+    pid,
+    mask,
+    BLOCK: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    """The SMOOTH branch of :func:`_sigmoid_kernel`: ``psi`` and ``psi'`` at ``z``, ``e = exp(-|z|)``."""
+    bce = _log1p_unit(e) + (1.0 - delta) * tl.maximum(z, 0.0) + delta * tl.maximum(-z, 0.0)
+    r = tl.fdiv(1.0, 1.0 + e)
+    s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
+    s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z)
+    u = (1.0 - delta) * s + delta * s_neg  # 1 - p_t >= min(delta, 1 - delta) > 0
+    wm = w * tl.exp2(gamma * tl.log2(u))
+    if GRAD:
+        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+        bend = (
+            gamma
+            * (1.0 - 2.0 * delta)
+            * bce
+            * tl.fdiv(s * s_neg, tl.maximum(u, 1.1754943508222875e-38))
+        )
+        grad = wm * ((s - delta) + bend) * (sign * grad_loss)
+        tl.store(
+            out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask
+        )
+    else:
+        tl.store(out_ptr + pid, tl.sum(wm * bce, axis=0))
+
+
+@triton.jit
+def _sigmoid_kernel(
+    x_ptr,
+    labels_ptr,
+    alpha_ptr,
+    out_ptr,
+    grad_loss_ptr,
+    numel,
+    gamma,
+    scale,
+    shift,
+    factor,
+    pos_weight,
+    neg_weight,
+    delta,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CLASS_ALPHA: tl.constexpr,
+    GRAD: tl.constexpr,
+    SMOOTH: tl.constexpr,
+):
+    """
+    Element ``(i, k)`` of the (N, K) logits, with ``s = -1`` for ``k ==
+    label_i`` and +1 elsewhere, contributes ``w phi(z)``, ``z = s scale x +
+    shift``, where (appendix B of the paper)
+
+        phi(z)  = sigmoid(z)^gamma softplus(z),
+        phi'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z)),
+
+    and ``w`` is the positive or negative weight of class k (times
+    ``factor``), 0 for ignored rows. Without GRAD, ``out[pid]`` is the sum
+    of the block's terms; with GRAD, ``out`` is the (N, K) gradient
+    ``w s scale phi'(z) * grad_loss``. A program takes BLOCK consecutive
+    elements; index math within it is 32-bit.
+
+    With SMOOTH (label smoothing, soft target ``delta = eps / 2`` of a
+    negative), ``phi`` is fvcore's soft-target focal term (the class alphas
+    mixed as ``(1 - delta) w + delta (1 - w)``; the scalar weights come mixed):
+
+        psi(z)  = u^gamma BCE(z, delta),  u = (1 - delta) sigmoid(z) + delta sigmoid(-z),
+        psi'(z) = u^gamma ((sigmoid(z) - delta) + gamma BCE(z, delta) (1 - 2 delta) sigmoid(z) sigmoid(-z) / u).
+    """
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    row0 = start // K
+    local = (start - row0 * K).to(tl.int32) + tl.arange(0, BLOCK)  # element index from row0's start
+    row = local // K
+    col = local - row * K
+    mask = tl.arange(0, BLOCK) < tl.minimum(numel - start, BLOCK).to(tl.int32)
+    label = tl.load(labels_ptr + row0 + row, mask=mask, other=-1).to(tl.int32)
+    x = tl.load(x_ptr + start + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
+    pos = label == col
+    if CLASS_ALPHA:
+        a = tl.load(alpha_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        w = tl.where(pos, a, 1.0 - a)
+        if SMOOTH:
+            w = (1.0 - delta) * w + delta * (1.0 - w)
+        w = w * factor
+    else:
+        w = tl.where(pos, pos_weight, neg_weight)
+    w = tl.where(label >= 0, w, 0.0)
+    sign = tl.where(pos, -scale, scale)
+    z = sign * x + shift
+    e = tl.exp2(-tl.abs(z) * 1.4426950408889634)  # exp(-|z|), in (0, 1]
+    if SMOOTH:
+        _smoothed_terms(
+            z, e, w, sign, gamma, delta, out_ptr, grad_loss_ptr, start, pid, mask, BLOCK, GRAD
+        )
+    else:
+        _focal_terms(z, e, w, sign, gamma, out_ptr, grad_loss_ptr, start, pid, mask, BLOCK, GRAD)
+
+
+@triton.jit
+def _uniform_terms(x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C: tl.constexpr):
+    """
+    The label-smoothing part of :func:`_softmax_kernel` (the eager
+    ``fused._uniform_softmax_terms``): ``sum_j w_j FL_j`` per row, the focal
+    loss at every label j with ``w_j = eps / C weight[j + 1]``, and its
+    gradient ``Z G_i - e_i sum_j G_j``, where ``m`` is the row's first largest
+    logit, ``S_m = sum_{j != m} e_j``, ``Z = 1 + S_m``, ``S_j = Z - e_j`` for
+    ``j != m``, ``log p_j = (x_j - max x) - log1p(S_m)``, ``log(1 - p_j) =
+    -log1p(e_j / S_j)`` and ``G_j = w_j (1 - p_j)^gamma (gamma p_j log p_j /
+    S_j - 1 / Z)``. Returns ((BLOCK_R,) row losses, (BLOCK_R, BLOCK_C) gradient).
+    """
+    col_w = tl.load(weight_ptr + 1 + cols, mask=cols < C, other=0.0).to(tl.float32)
+    w = tl.where(mask & (label >= 0)[:, None], col_w[None, :] * (smoothing / C), 0.0)
+    is_top = cols[None, :] == tl.argmax(x, axis=1)[:, None]
+    s_top = tl.sum(tl.where(is_top, 0.0, e), axis=1)
+    z = 1.0 + s_top
+    others = tl.where(is_top, s_top[:, None], z[:, None] - e)
+    others = tl.maximum(others, 1.1754943508222875e-38)
+    log_p = tl.where(mask, (x - x_max[:, None]) - _log1p(s_top)[:, None], 0.0)
+    log_1m_p = -_log1p(tl.fdiv(e, others))
+    modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_p), 1.0)
+    weighted = w * modulator
+    p = tl.fdiv(e, z[:, None])
+    g = weighted * (gamma * tl.fdiv(p * log_p, others) - tl.fdiv(1.0, z)[:, None])
+    grad = z[:, None] * g - e * tl.sum(g, axis=1)[:, None]
+    return -tl.sum(weighted * log_p, axis=1), grad
+
+
+@triton.jit
 def _softmax_kernel(
     x_ptr,
     labels_ptr,
@@ -148,10 +252,12 @@ def _softmax_kernel(
     grad_loss_ptr,
     num_rows,
     gamma,
+    smoothing,
     C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     GRAD: tl.constexpr,
+    SMOOTH: tl.constexpr,
 ):
     """
     Rows ``[pid BLOCK_R, (pid + 1) BLOCK_R)`` of the (N, C) logits. With
@@ -166,6 +272,10 @@ def _softmax_kernel(
     gradient: ``D = w (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1)`` at
     column y and ``-D e_j / S`` elsewhere, times ``grad_loss``. Index math
     within a program is 32-bit.
+
+    With SMOOTH (label smoothing eps = ``smoothing``), ``w`` is scaled by
+    ``1 - eps`` and :func:`_uniform_terms` adds ``eps / C`` times the loss at
+    every label.
     """
     pid = tl.program_id(0)
     row0 = pid.to(tl.int64) * BLOCK_R
@@ -177,6 +287,8 @@ def _softmax_kernel(
     x = tl.load(x_ptr + row0 * C + offs, mask=mask, other=float("-inf")).to(tl.float32)
     label = tl.load(labels_ptr + row0 + r, mask=row_mask, other=-1).to(tl.int32)
     w = tl.load(weight_ptr + label + 1, mask=row_mask, other=0.0).to(tl.float32)
+    if SMOOTH:
+        w = w * (1.0 - smoothing)
     y = tl.maximum(label, 0)
     x_max = tl.max(x, axis=1)
     x_max = tl.where(row_mask, x_max, 0.0)
@@ -198,9 +310,20 @@ def _softmax_kernel(
         d = wm * (gamma * p_t * log_pt - tl.exp2(log_1m_pt * 1.4426950408889634)) * grad_loss
         coef = -tl.fdiv(d, tl.maximum(others, 1.1754943508222875e-38))  # 0 where p_t == 1
         grad = tl.where(is_y, d[:, None], coef[:, None] * e)
+        if SMOOTH:
+            _, uniform_grad = _uniform_terms(
+                x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C
+            )
+            grad += uniform_grad * grad_loss
         tl.store(out_ptr + row0 * C + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptr + pid, -tl.sum(wm * log_pt, axis=0))
+        block_loss = -tl.sum(wm * log_pt, axis=0)
+        if SMOOTH:
+            uniform_loss, _ = _uniform_terms(
+                x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C
+            )
+            block_loss += tl.sum(uniform_loss, axis=0)
+        tl.store(out_ptr + pid, block_loss)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -209,9 +332,13 @@ def _softmax_kernel(
 def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, k = logits.shape
     numel = n * k
-    gamma, scale, shift, factor, alpha, class_alpha = params
+    gamma, scale, shift, factor, alpha, class_alpha, delta = params
     if class_alpha is None:
         pos_weight, neg_weight = (1.0, 1.0) if alpha < 0 else (alpha, 1.0 - alpha)
+        pos_weight, neg_weight = (
+            (1 - delta) * pos_weight + delta * neg_weight,
+            (1 - delta) * neg_weight + delta * pos_weight,
+        )
         alpha_table = logits  # unread
     else:
         pos_weight = neg_weight = 0.0
@@ -230,17 +357,19 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         factor,
         pos_weight * factor,
         neg_weight * factor,
+        delta,
         K=k,
         BLOCK=SIGMOID_BLOCK,
         CLASS_ALPHA=class_alpha is not None,
         GRAD=grad,
+        SMOOTH=delta > 0,
         num_warps=SIGMOID_WARPS,
     )
 
 
 def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, c = logits.shape
-    gamma, weight = params
+    gamma, weight, smoothing = params
     block_c = triton.next_power_of_2(c)
     block_r = max(1, SOFTMAX_ELEMENTS // block_c)
     grid = (triton.cdiv(n, block_r),)
@@ -252,10 +381,12 @@ def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
         grad_loss,
         n,
         gamma,
+        smoothing,
         C=c,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         GRAD=grad,
+        SMOOTH=smoothing > 0,
         num_warps=SOFTMAX_WARPS,
     )
 
@@ -311,11 +442,14 @@ def _apply(launch, logits: Tensor, labels: Tensor, params) -> Tensor:
     return _forward(launch, logits, labels, params)
 
 
-def sigmoid_family(logits, labels, *, gamma, scale, shift, factor, alpha, class_alpha) -> Tensor:
+def sigmoid_family(
+    logits, labels, *, gamma, scale, shift, factor, alpha, class_alpha, label_smoothing=0.0
+) -> Tensor:
     """
     ``factor * sum_valid alpha_t * phi(s_t scale x + shift)`` with ``phi`` the
     focal term at ``gamma`` (see :func:`_sigmoid_kernel`): FL, CE (gamma 0)
-    and FL* (gamma 0, scale = gamma*, shift = -beta, factor = 1 / gamma*).
+    and FL* (gamma 0, scale = gamma*, shift = -beta, factor = 1 / gamma*);
+    with ``label_smoothing`` eps, the soft-target term at ``delta = eps / 2``.
 
     Args:
         logits (Tensor): (N, K) float32, float16 or bfloat16, on CUDA.
@@ -327,15 +461,27 @@ def sigmoid_family(logits, labels, *, gamma, scale, shift, factor, alpha, class_
     """
     if class_alpha is not None:
         class_alpha = class_alpha.to(device=logits.device, dtype=torch.float32).contiguous()
-    params = (float(gamma), float(scale), float(shift), float(factor), float(alpha), class_alpha)
+    params = (
+        float(gamma),
+        float(scale),
+        float(shift),
+        float(factor),
+        float(alpha),
+        class_alpha,
+        float(label_smoothing) / 2,
+    )
     return _apply(_sigmoid_launch, logits, labels, params)
 
 
-def softmax_family(logits, labels, *, gamma, class_weight) -> Tensor:
+def softmax_family(logits, labels, *, gamma, class_weight, label_smoothing=0.0) -> Tensor:
     """
     Softmax focal loss of (N, C) logits, with ``class_weight`` (C + 1,): the
-    weight of label -1 (0), then the alpha of each class (see
-    :func:`_softmax_kernel`).
+    weight of label -1 (0), then the alpha of each class, and
+    ``label_smoothing`` eps (see :func:`_softmax_kernel`).
     """
-    params = (float(gamma), class_weight.to(device=logits.device, dtype=torch.float32).contiguous())
+    params = (
+        float(gamma),
+        class_weight.to(device=logits.device, dtype=torch.float32).contiguous(),
+        float(label_smoothing),
+    )
     return _apply(_softmax_launch, logits, labels, params)

@@ -1,0 +1,272 @@
+"""MODEL.FOCAL.LABEL_SMOOTHING: the smoothed targets, closed-form values and gradients, every backend, the model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LOSSES, build_loss, digits_cfg, reference_loss_cls, tiny_cfg, use_triton
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
+
+from focal_det2.engine import FocalTrainer
+from focal_det2.losses import backends, functional, fused, registered_losses, triton_kernels
+
+F64 = torch.float64
+SMOOTHED = [name for name in LOSSES if registered_losses()[name].supports_label_smoothing]
+NOT_SMOOTHED = [name for name in LOSSES if name not in SMOOTHED]
+KEY = "MODEL.FOCAL.LABEL_SMOOTHING"
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The eager chunk kernels, chosen afresh."""
+    monkeypatch.setenv(backends.BACKEND_ENV, "eager")
+    backends._reset_backend()
+    yield
+    backends._reset_backend()
+
+
+def smoothed(name, eps, num_classes=3, **values):
+    return build_loss(name, num_classes, opts=(KEY, eps), **values)
+
+
+def batch(num_logits, num_classes, n=64, scale=4.0, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, num_logits, generator=g) * scale).to(dtype)
+    labels = torch.randint(-1, num_classes + 1, (n,), generator=g)
+    return logits, labels
+
+
+def test_the_smoothed_loss_set():
+    assert SMOOTHED == ["cross_entropy", "sigmoid_focal", "softmax_focal"]
+
+
+# ----------------------------------------------------------------------------- definitions
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [0.25, -1])
+def test_sigmoid_reference_is_fvcore_on_the_smoothed_one_hot_target(gamma, alpha):
+    """fvcore's own soft-target focal loss (it computes in float32) on targets 1 - eps/2 and eps/2."""
+    eps, k = 0.2, 4
+    logits, labels = batch(k, k, n=200, dtype=torch.float32)
+    ours = functional.sigmoid_focal_loss(
+        logits, labels, gamma=gamma, alpha=alpha, label_smoothing=eps
+    )
+    valid = labels >= 0
+    target = F.one_hot(labels[valid], k + 1)[:, :k].float() * (1 - eps) + eps / 2
+    peer = fvcore_sigmoid_focal_loss(logits[valid], target, alpha, gamma, reduction="sum")
+    torch.testing.assert_close(ours, peer, rtol=2e-6, atol=1e-5)
+
+
+def test_softmax_reference_at_gamma_0_is_torch_cross_entropy_with_label_smoothing():
+    eps, k = 0.3, 5
+    logits, labels = batch(k + 1, k, n=200)
+    ours = functional.softmax_focal_loss(logits, labels, gamma=0.0, alpha=-1, label_smoothing=eps)
+    valid = labels >= 0
+    peer = F.cross_entropy(logits[valid], labels[valid], label_smoothing=eps, reduction="sum")
+    torch.testing.assert_close(ours, peer)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_zero_logits_closed_form(name, gamma, backend_name):
+    """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss is written out by hand."""
+    eps, k, alpha = 0.2, 3, 0.25
+    loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha)
+    labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
+    logits = torch.zeros(4, loss.num_logits, dtype=F64)
+    if name == "softmax_focal":
+        c = k + 1
+        term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
+        a = [alpha] * k + [1 - alpha]
+        expected = sum((1 - eps) * a[y] * term + eps / c * sum(a) * term for y in (0, 2, 3))
+    else:
+        g = 0.0 if name == "cross_entropy" else gamma
+        t_pos, t_neg = 1 - eps / 2, eps / 2
+        # BCE(0, t) = log 2 and 1 - p_t = 1/2 for any t: only alpha_t = a t + (1 - a)(1 - t) varies.
+        a_pos = alpha * t_pos + (1 - alpha) * (1 - t_pos)
+        a_neg = alpha * t_neg + (1 - alpha) * (1 - t_neg)
+        positives, negatives = 2, 3 * k - 2
+        expected = (positives * a_pos + negatives * a_neg) * 0.5**g * math.log(2)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
+    """Without alpha and gamma, the loss is cross entropy on the smoothed target: d/dx = p - t = 0 at p = t."""
+    eps, k = 0.2, 3
+    loss = smoothed(name, eps, k, gamma=0.0, alpha=-1)
+    labels = torch.tensor([1, 3, 0])
+    if name == "softmax_focal":
+        q = F.one_hot(labels, k + 1).to(F64) * (1 - eps) + eps / (k + 1)
+        logits = q.log()
+    else:
+        t = F.one_hot(labels, k + 1)[:, :k].to(F64) * (1 - eps) + eps / 2
+        logits = torch.logit(t)
+    logits.requires_grad_()
+    loss(logits, labels).backward()
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_vanishing_smoothing_is_the_hard_loss(name, gamma, backend_name):
+    """The smoothed kernels are a different code path; as eps -> 0 they meet the hard-target one."""
+    logits, labels = batch(smoothed(name, 0.0).num_logits, 3, dtype=F64)
+    hard = build_loss(name, 3, gamma=gamma)(logits, labels)
+    soft = smoothed(name, 1e-9, gamma=gamma)(logits, labels)
+    torch.testing.assert_close(soft, hard, rtol=1e-7, atol=0)
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha, class_alpha", [(0.25, ()), (-1, ()), (0.25, (0.1, 0.5, 0.9))])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fast_path_equals_reference_in_value_and_gradient(
+    name, gamma, alpha, class_alpha, dtype, backend_name
+):
+    if backend_name == "triton" and dtype == F64:
+        pytest.skip("float64 logits take the eager path on every backend")
+    loss = smoothed(name, 0.1, gamma=gamma, alpha=alpha, class_alpha=class_alpha)
+    logits, labels = batch(loss.num_logits, 3, n=300, dtype=dtype)
+    grads = []
+    for fn in (loss, loss.reference_loss):
+        x = logits.clone().requires_grad_()
+        value = fn(x, labels)
+        value.backward()
+        grads.append((value, x.grad))
+    (value, grad), (ref, ref_grad) = grads
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(value, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_gradcheck_float64(name, gamma, eager):
+    loss = smoothed(name, 0.3, gamma=gamma, class_alpha=(0.2, 0.5, 0.7))
+    logits, labels = batch(loss.num_logits, 3, n=12, scale=2.0)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels), (logits,))
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
+    loss = smoothed(name, 0.1, gamma=gamma)
+    logits, labels = batch(loss.num_logits, 3, n=200, dtype=torch.float32)
+    logits = logits.sign() * 100.0  # sigmoid and softmax saturate in float32
+    x = logits.clone().requires_grad_()
+    value = loss(x, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(x.grad).all()
+    x64 = logits.double().requires_grad_()
+    ref = loss.reference_loss(x64, labels)
+    ref.backward()
+    torch.testing.assert_close(value, ref.float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_zero_smoothing_is_bit_identical(name, backend_name):
+    """LABEL_SMOOTHING 0 (the default) runs the hard-target kernels: the same bits as without the key."""
+    logits, labels = batch(build_loss(name, 3).num_logits, 3, dtype=torch.float32)
+    values = []
+    for loss in (build_loss(name, 3), smoothed(name, 0.0)):
+        x = logits.clone().requires_grad_()
+        value = loss(x, labels)
+        value.backward()
+        values.append((value, x.grad))
+    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("split", ["eager chunks", "triton blocks"])
+def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch):
+    """
+    Chunks of a few rows (eager), and Triton programs of 64 elements (sigmoid,
+    starting inside rows) or 4 rows (softmax): every row's smoothed terms are
+    counted once.
+    """
+    if split == "eager chunks":
+        monkeypatch.setenv(backends.BACKEND_ENV, "eager")
+        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 40)
+    else:
+        use_triton(monkeypatch)
+        monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
+        monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8)  # 4 rows of next_pow2(9)
+    backends._reset_backend()
+    loss = smoothed(name, 0.1, 8)
+    logits, labels = batch(loss.num_logits, 8, n=100, dtype=torch.float32)
+    x = logits.clone().requires_grad_()
+    value = loss(x, labels)
+    value.backward()
+    x_ref = logits.double().requires_grad_()
+    ref = loss.reference_loss(x_ref, labels)
+    ref.backward()
+    backends._reset_backend()
+    torch.testing.assert_close(value, ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- config and model
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "abc", True])
+def test_bad_values_raise_naming_the_key(value):
+    with pytest.raises((ValueError, TypeError), match=KEY):
+        build_loss("sigmoid_focal", 3, opts=(KEY, value))
+
+
+@pytest.mark.parametrize("name", NOT_SMOOTHED)
+def test_losses_without_smoothing_refuse_it_naming_the_key_and_the_alternatives(name):
+    with pytest.raises(ValueError, match=KEY) as error:
+        build_loss(name, 3, opts=(KEY, 0.1))
+    assert name in str(error.value) and all(n in str(error.value) for n in SMOOTHED)
+    build_loss(name, 3, opts=(KEY, 0.0))  # 0 is the default every loss accepts
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_prior_initialisation_is_unchanged(name):
+    """Smoothing changes the targets, not the start: the classifier bias still gives every class the prior."""
+    biases = []
+    for eps in (0.0, 0.1):
+        cfg = tiny_cfg()
+        cfg.merge_from_list(["MODEL.FOCAL.LOSS", name, KEY, eps])
+        biases.append(build_model(cfg).head.cls_score.bias.detach())
+    assert torch.equal(biases[0], biases[1])
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_model_loss_cls_is_the_smoothed_reference(name):
+    cfg = tiny_cfg()
+    cfg.merge_from_list(["MODEL.FOCAL.LOSS", name, KEY, 0.1])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    from test_modeling import batch as model_batch
+
+    inputs = model_batch()
+    expected = reference_loss_cls(model, inputs, name, gamma=2.0, opts=(KEY, 0.1))
+    unsmoothed = reference_loss_cls(model, inputs, name, gamma=2.0)
+    model.train()
+    with EventStorage(0):
+        losses = model(inputs)
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+    assert abs(expected - unsmoothed) > 1e-3 * expected  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_smoothed_loss_trains_and_evaluates_through_the_stock_trainer(name, tmp_path):
+    cfg = digits_cfg(f"{name}_R18_FPN_1x", tmp_path, opts=(KEY, 0.1))
+    trainer = FocalTrainer(cfg)
+    assert trainer.model.focal_loss.label_smoothing == 0.1
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # evaluates after the last iteration
+    assert (tmp_path / "model_final.pth").exists()
+    assert "bbox/AP" in (tmp_path / "metrics.json").read_text().splitlines()[-1]
