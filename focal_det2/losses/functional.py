@@ -250,7 +250,8 @@ def _uniform_softmax_focal(x, gamma, alpha, class_alpha, label_smoothing) -> Ten
     log_p = torch.log_softmax(x, dim=1)
     top = x.argmax(dim=1, keepdim=True)
     log_1m_top = torch.logsumexp(x.scatter(1, top, float("-inf")), dim=1, keepdim=True)
-    p_below_top = log_p.exp().scatter(1, top, 0.0)  # not log1p(-1) at a top p of 1, nor its gradient
+    # p at the top set to 0: log1p(-1) at a top p of 1 would make a NaN gradient through the scatter.
+    p_below_top = log_p.exp().scatter(1, top, 0.0)
     log_1m_p = torch.log1p(-p_below_top).scatter(
         1, top, log_1m_top - torch.logsumexp(x, dim=1, keepdim=True)
     )
