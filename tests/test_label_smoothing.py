@@ -39,8 +39,9 @@ def batch(num_logits, num_classes, n=64, scale=4.0, dtype=F64, seed=0):
     return logits, labels
 
 
-def test_the_smoothed_loss_set():
-    assert SMOOTHED == ["cross_entropy", "sigmoid_focal", "softmax_focal"]
+def test_the_built_in_losses_with_and_without_smoothing():
+    assert {"cross_entropy", "sigmoid_focal", "softmax_focal"} <= set(SMOOTHED)
+    assert {"focal_star", "ohem"} <= set(NOT_SMOOTHED)
 
 
 # ----------------------------------------------------------------------------- definitions

@@ -32,7 +32,6 @@ __all__ = [
     "sigmoid_alpha_t",
     "softmax_alpha_t",
     "softmax_class_alpha",
-    "smoothed_targets",
 ]
 
 
@@ -150,7 +149,7 @@ def sigmoid_focal_loss(
     return (sigmoid_alpha_t(target, alpha, class_alpha, loss.dtype) * loss).sum()
 
 
-def smoothed_targets(target: Tensor, label_smoothing: float, dtype: torch.dtype) -> Tensor:
+def _smoothed_targets(target: Tensor, label_smoothing: float, dtype: torch.dtype) -> Tensor:
     """The sigmoid losses' smoothed targets: ``1 - eps/2`` where ``target`` (bool) is True, ``eps/2`` elsewhere."""
     t = torch.full(target.shape, label_smoothing / 2, dtype=dtype, device=target.device)
     return t.masked_fill_(target, 1 - label_smoothing / 2)
@@ -158,7 +157,7 @@ def smoothed_targets(target: Tensor, label_smoothing: float, dtype: torch.dtype)
 
 def _smoothed_sigmoid_focal(x, target, gamma, alpha, class_alpha, label_smoothing) -> Tensor:
     """:func:`sigmoid_focal_loss` with label smoothing, on the valid anchors ((M, K) ``x`` and ``target``)."""
-    t = smoothed_targets(target, label_smoothing, x.dtype)
+    t = _smoothed_targets(target, label_smoothing, x.dtype)
     bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     one_minus_pt = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t  # no cancellation
     loss = bce * one_minus_pt.pow(gamma)
