@@ -7,21 +7,15 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
 """
 
-import warnings
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
+import focal_det2  # noqa: F401
 
-# Third-party deprecation noise, hidden by message and module (every other warning still shows):
-# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# isort: split
 
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.engine import default_argument_parser, launch
 
-import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
-from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg  # noqa: E402
+from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg
 
 
 def main(args):

@@ -1,7 +1,9 @@
 """
 Benchmark of the dense classification losses on RetinaNet-sized inputs:
-ours (focal_det2's fused paths) against fvcore's sigmoid_focal_loss (eager
-and TorchScript, on the one-hot target Detectron2 builds),
+ours (``ours_<loss>``: every loss registered with focal_det2, read from the
+registry, so a new loss is measured without editing this script; files in
+``FOCAL_DET2_EXTRA_LOSSES`` are loaded first) against fvcore's
+sigmoid_focal_loss (eager and TorchScript, on the one-hot target Detectron2 builds),
 torchvision.ops.sigmoid_focal_loss and a naive log-softmax focal loss, at
 N anchors x K=80 classes, float32, on the CPU.
 
@@ -44,36 +46,62 @@ NUM_CLASSES = 80
 GAMMA, ALPHA, STAR_BETA = 2.0, 0.25, 1.0
 TAMED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 
-# name: (description, uses K+1 softmax logits, extra environment)
-IMPLS = {
-    "ours_sigmoid_focal": (
-        "focal_det2 sigmoid_focal (default backend: eager on CPU, triton on CUDA)",
-        False,
-        {},
-    ),
-    "ours_cross_entropy": ("focal_det2 cross_entropy (default backend)", False, {}),
-    "ours_focal_star": ("focal_det2 focal_star (default backend)", False, {}),
-    "ours_softmax_focal": ("focal_det2 softmax_focal, K+1 (default backend)", True, {}),
-    "ours_sigmoid_focal_eager": (
-        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=eager",
-        False,
-        {"FOCAL_DET2_BACKEND": "eager"},
-    ),
-    "ours_softmax_focal_eager": (
-        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=eager",
-        True,
-        {"FOCAL_DET2_BACKEND": "eager"},
-    ),
-    "ours_sigmoid_focal_compile": (
-        "focal_det2 sigmoid_focal, FOCAL_DET2_BACKEND=compile",
-        False,
-        {"FOCAL_DET2_BACKEND": "compile"},
-    ),
-    "ours_softmax_focal_compile": (
-        "focal_det2 softmax_focal, FOCAL_DET2_BACKEND=compile",
-        True,
-        {"FOCAL_DET2_BACKEND": "compile"},
-    ),
+BACKEND_ENV = {
+    "eager": {"FOCAL_DET2_BACKEND": "eager"},
+    "compile": {"FOCAL_DET2_BACKEND": "compile"},
+}
+# Losses whose _eager and _compile variants are measured by default: one per kernel family (the
+# other sigmoid losses run the sigmoid family's kernels). --impls ours_<loss>_<backend> runs any.
+BACKEND_VARIANTS_MEASURED = ("sigmoid_focal", "softmax_focal")
+
+
+def _loss_cfg(loss_name: str):
+    """The config a user gets with ``MODEL.FOCAL.LOSS loss_name``, at this benchmark's K, gamma, alpha, beta."""
+    from detectron2.config import get_cfg
+
+    import focal_det2
+
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    cfg.MODEL.RETINANET.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.FOCAL.LOSS = loss_name
+    cfg.MODEL.FOCAL.GAMMA, cfg.MODEL.FOCAL.ALPHA = GAMMA, ALPHA
+    cfg.MODEL.FOCAL.STAR_BETA = STAR_BETA
+    return cfg
+
+
+def _our_impls() -> dict:
+    """
+    ``ours_<loss>`` (default backend), ``_eager`` and ``_compile`` for every registered loss,
+    and each one's loss name in :data:`OURS`.
+    """
+    from focal_det2.losses import build_focal_loss, registered_losses
+    from focal_det2.losses.build import load_extra_losses
+
+    load_extra_losses()  # FOCAL_DET2_EXTRA_LOSSES: losses outside the package, as the tests read them
+    impls = {}
+    for loss in registered_losses():
+        softmax = build_focal_loss(_loss_cfg(loss)).num_logits == NUM_CLASSES + 1
+        what = f"focal_det2 {loss}" + (", K+1" if softmax else "")
+        OURS[f"ours_{loss}"] = loss
+        impls[f"ours_{loss}"] = (
+            f"{what} (default backend: eager on CPU, triton on CUDA)",
+            softmax,
+            {},
+        )
+        for backend, env in BACKEND_ENV.items():
+            OURS[f"ours_{loss}_{backend}"] = loss
+            impls[f"ours_{loss}_{backend}"] = (
+                f"{what}, FOCAL_DET2_BACKEND={backend}",
+                softmax,
+                env,
+            )
+    return impls
+
+
+# name: (description, uses K+1 softmax logits, extra environment). Ours: every registered loss.
+OURS = {}  # ours_<loss>[_<backend>] -> <loss>
+PEERS = {
     "fvcore": ("fvcore sigmoid_focal_loss (one-hot)", False, {}),
     "fvcore_jit": ("fvcore sigmoid_focal_loss_jit (one-hot, as Detectron2)", False, {}),
     "fvcore_compile": ("torch.compile(fvcore sigmoid_focal_loss) (one-hot)", False, {}),
@@ -81,10 +109,24 @@ IMPLS = {
     "naive_softmax": ("naive log-softmax focal loss, K+1", True, {}),
     "bandwidth": ("memory-bandwidth bound: read logits, write a same-size tensor", False, {}),
 }
+IMPLS = {**_our_impls(), **PEERS}
+
+
+def _measured_by_default(name: str) -> bool:
+    """Ours at the default backend, and the _eager/_compile variants of BACKEND_VARIANTS_MEASURED."""
+    if name in OURS and name != f"ours_{OURS[name]}":
+        return OURS[name] in BACKEND_VARIANTS_MEASURED
+    return True
+
+
 # Measured on the CPU by default (the eager variants are the defaults there; the
 # compiled fvcore costs minutes of compilation per size for no CPU use case).
-CPU_IMPLS = [name for name in IMPLS if not name.endswith("_eager") and name != "fvcore_compile"]
-CUDA_IMPLS = [name for name in IMPLS if name != "fvcore"]
+CPU_IMPLS = [
+    name
+    for name in IMPLS
+    if _measured_by_default(name) and not name.endswith("_eager") and name != "fvcore_compile"
+]
+CUDA_IMPLS = [name for name in IMPLS if _measured_by_default(name) and name != "fvcore"]
 SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"]
 # The memory target counts tensors ("no more than one logits-sized tensor"); the
 # resident set counts pages. A lone logits-sized tensor already measures a little
@@ -123,22 +165,7 @@ def _loss_fn(name: str, labels):
     one_hot = lambda: F.one_hot(labels[valid], NUM_CLASSES + 1)[:, :-1]  # noqa: E731 (Detectron2's target)
 
     if name.startswith("ours_"):
-        from focal_det2.losses import fused
-
-        loss = name[len("ours_") :].replace("_compile", "").replace("_eager", "")
-        kwargs = {
-            "sigmoid_focal": dict(gamma=GAMMA, alpha=ALPHA),
-            "cross_entropy": dict(alpha=ALPHA),
-            "focal_star": dict(gamma=GAMMA, beta=STAR_BETA, alpha=ALPHA),
-            "softmax_focal": dict(gamma=GAMMA, alpha=ALPHA),
-        }[loss]
-        fn = {
-            "sigmoid_focal": fused.sigmoid_focal_loss,
-            "cross_entropy": fused.sigmoid_cross_entropy,
-            "focal_star": fused.focal_star_loss,
-            "softmax_focal": fused.softmax_focal_loss,
-        }[loss]
-        return lambda x: fn(x, labels, **kwargs)
+        return _our_loss_fn(name, labels)
     if name in ("fvcore", "fvcore_jit"):
         from fvcore.nn import sigmoid_focal_loss, sigmoid_focal_loss_jit
 
@@ -169,6 +196,33 @@ def _loss_fn(name: str, labels):
 
         return naive
     raise ValueError(f"unknown implementation {name!r}; allowed: {', '.join(IMPLS)}")
+
+
+def _our_loss_fn(name: str, labels):
+    """
+    ``ours_<loss>[_<backend>]``: the registered loss built from the config a user gets with
+    ``MODEL.FOCAL.LOSS <loss>``, called as :meth:`DenseClassificationLoss.__call__` runs it
+    without its input checks (a device sync that is not the loss): ``select`` (all anchors but
+    for losses that mine them; predicted boxes drawn at random for those that need boxes),
+    then the fast ``loss``.
+    """
+    import torch
+
+    from focal_det2.losses import build_focal_loss
+
+    loss = build_focal_loss(_loss_cfg(OURS[name]))
+    boxes = None
+    if loss.needs_boxes:
+        g = torch.Generator().manual_seed(1)
+        xy = torch.rand(labels.shape[0], 2, generator=g) * 800
+        boxes = torch.cat([xy, xy + 16 + torch.rand(labels.shape[0], 2, generator=g) * 200], 1)
+        boxes = boxes.to(labels.device)
+
+    def fn(x):
+        selected = loss.select(x, labels, boxes=boxes, num_images=1)
+        return loss.loss(x, selected, gamma=loss.gamma, class_alpha=None)
+
+    return fn
 
 
 def _calls(name: str, logits, labels):
@@ -425,7 +479,7 @@ def cuda_table(results) -> str:
         f"extra MB {n // 1000}k {d}" for n, d in keys
     ]
     lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
-    for name in IMPLS:
+    for name in _names(results):
         if not any((name, n, d) in get for n, d in keys):
             continue
         times = [
@@ -452,8 +506,8 @@ def cuda_report(data) -> str:
         "torch.cuda.max_memory_allocated over the inputs.",
         cuda_table(data["results"]),
         "\n".join(
-            f"- `{name}`: {IMPLS[name][0]}"
-            for name in IMPLS
+            f"- `{name}`: {_describe(name)}"
+            for name in _names(data["results"])
             if any(r["impl"] == name for r in data["results"])
         ),
     ]
@@ -558,6 +612,15 @@ def run_in_subprocess(name: str, n: int, setting: str, args) -> dict:
     return best
 
 
+def _names(results) -> list:
+    """IMPLS in order, then any implementation in ``results`` it lacks (a saved run's loss not registered here)."""
+    return list(IMPLS) + sorted({r["impl"] for r in results} - set(IMPLS))
+
+
+def _describe(name: str) -> str:
+    return IMPLS[name][0] if name in IMPLS else "(not registered in this checkout)"
+
+
 def _fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -569,7 +632,7 @@ def markdown_table(results, setting: str, sizes) -> str:
         "| fwd+bwd / bandwidth bound | extra peak MB (x logits) | first call s | other load |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in IMPLS:
+    for name in _names(results):
         for n in sizes:
             r = by_key.get((name, n))
             if r is None:
@@ -776,7 +839,7 @@ def summary_table(results, sizes, settings) -> str:
     head = [f"{s} {n // 1000}k" for s in settings for n in sizes]
     head += [f"extra MB {s} {n_max // 1000}k" for s in settings]
     lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
-    for name in IMPLS:
+    for name in _names(results):
         cells = [
             _fmt(get[(name, s, n)]["fwd_bwd_ms"]) if (name, s, n) in get else "-"
             for s in settings
@@ -789,7 +852,9 @@ def summary_table(results, sizes, settings) -> str:
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     measured = {r["impl"] for r in results}
-    legend = "\n".join(f"- `{name}`: {IMPLS[name][0]}" for name in IMPLS if name in measured)
+    legend = "\n".join(
+        f"- `{name}`: {_describe(name)}" for name in _names(results) if name in measured
+    )
     return (
         "Forward + backward, ms (median), and extra peak memory, MB:\n\n"
         + "\n".join(lines)

@@ -439,15 +439,23 @@ def check_cfg(cfg):
     """
     Raise for a config value a run would reject, before the run writes
     anything: a float key that is NaN or infinite, every check the model
-    build makes (the model is built on the CPU and dropped) and
-    ``DATALOADER.DEGENERATE_BOXES``.
+    build makes, and ``DATALOADER.DEGENERATE_BOXES``.
+
+    The model build's checks are spread over Detectron2's backbone, anchor
+    generator and RetinaNet and over our loss, gamma schedule and head, and
+    some need the backbone's output shapes; so the whole meta-architecture is
+    constructed, but on the ``meta`` device: modules and shapes without
+    memory, weight initialisation or random draws, then dropped. That costs
+    a small part of a real CPU build and leaves the run's own build (after
+    ``default_setup`` seeds it) the only one that allocates.
     """
     check_finite(cfg)
     check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
-    cpu_cfg = cfg.clone()
-    cpu_cfg.defrost()
-    cpu_cfg.MODEL.DEVICE = "cpu"
-    META_ARCH_REGISTRY.get(cpu_cfg.MODEL.META_ARCHITECTURE)(cpu_cfg)
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
+    with torch.device("meta"):
+        META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
 
 
 def setup_cfg(args):

@@ -1,6 +1,5 @@
 """Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas."""
 
-import importlib.util
 import os
 
 import torch
@@ -13,14 +12,11 @@ from detectron2.config import get_cfg
 
 import focal_det2
 from focal_det2.losses import backends, registered_losses
+from focal_det2.losses.build import load_extra_losses
 
 # Files that register more losses before the suites read the registry (a user's new loss;
-# tests/test_registry.py's throwaway loss): os.pathsep-separated paths.
-for _path in filter(None, os.environ.get("FOCAL_DET2_EXTRA_LOSSES", "").split(os.pathsep)):
-    _spec = importlib.util.spec_from_file_location(
-        os.path.splitext(os.path.basename(_path))[0], _path
-    )
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+# tests/test_registry.py's throwaway loss): FOCAL_DET2_EXTRA_LOSSES, os.pathsep-separated paths.
+load_extra_losses()
 
 
 def tiny_cfg():

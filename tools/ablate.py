@@ -56,19 +56,15 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# Third-party deprecation noise, hidden by message and module (every other warning still shows):
-# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
+import focal_det2  # noqa: E402,F401
+
+# isort: split
 
 from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # noqa: E402  (tools/, beside this script)
 
@@ -452,7 +448,6 @@ def row_problem(row: Row) -> Optional[str]:
     """
     from detectron2.config import get_cfg
 
-    import focal_det2  # noqa: F401  registers the losses
     from focal_det2 import add_focal_config
     from focal_det2.losses import FOCAL_LOSS_REGISTRY
 
@@ -560,7 +555,6 @@ def train_one(argv: List[str]):
     """
     from detectron2.engine import default_argument_parser
 
-    import focal_det2  # noqa: F401  registers the losses, head, schedules, meta-arch and data sets
     from focal_det2.engine import FocalTrainer, setup_cfg
 
     class TimedTrainer(FocalTrainer):

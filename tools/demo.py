@@ -30,17 +30,13 @@ import glob
 import math
 import os
 import sys
-import warnings
 from typing import List, Optional, Sequence
 
-# Third-party deprecation noise, hidden by message and module (every other warning still shows):
-# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
+import focal_det2  # noqa: E402,F401
+
+# isort: split
 
 import numpy as np  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
@@ -50,7 +46,6 @@ from detectron2.layers import nms  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2.config import load_config  # noqa: E402
 
 

@@ -30,21 +30,14 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from typing import Dict, List, Tuple
 
-# Deprecation noise, hidden by message and module (every other warning still shows): torch.jit
-# is deprecated in this torch but Detectron2's export needs it; fvcore/Detectron2 call
-# torch.jit.script at import and torch.meshgrid.
-warnings.filterwarnings(
-    "ignore",
-    r"`torch\.jit\.(script|trace|trace_method|save|load)` is deprecated",
-    FutureWarning,
-    r"torch\.jit\.",
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets. torch.jit
+# is deprecated in this torch but Detectron2's export needs it: its trace/save/load warnings too.
+import focal_det2  # noqa: E402
+
+focal_det2.hide_third_party_deprecations(export=True)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,7 +50,6 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-import focal_det2  # noqa: F401,E402  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2.config import load_config  # noqa: E402
 
 logger = logging.getLogger("focal_det2.export")

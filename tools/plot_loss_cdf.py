@@ -26,17 +26,13 @@ of the group's loss.
 
 import argparse
 import sys
-import warnings
 from typing import Dict, Sequence, Tuple
 
-# Third-party deprecation noise, hidden by message and module (every other warning still shows):
-# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
+import focal_det2  # noqa: E402,F401
+
+# isort: split
 
 import matplotlib  # noqa: E402
 
@@ -51,7 +47,6 @@ from detectron2.data.detection_utils import build_augmentation  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
-import focal_det2  # noqa: E402,F401  registers the losses, head, schedules, meta-arch and data sets
 from focal_det2.config import load_config  # noqa: E402
 from focal_det2.losses import functional  # noqa: E402
 

@@ -24,17 +24,13 @@ Every point is one anchor with one foreground class passed to
 
 import argparse
 import sys
-import warnings
 from typing import Callable, Dict, List, Tuple
 
-# Third-party deprecation noise, hidden by message and module (every other warning still shows):
-# torch.jit.script, called by fvcore and Detectron2 at import, and Detectron2's torch.meshgrid call.
-warnings.filterwarnings(
-    "ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r"torch\.jit\._script"
-)
-warnings.filterwarnings(
-    "ignore", r"torch\.meshgrid: in an upcoming release", UserWarning, r"torch\.functional"
-)
+# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
+# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
+import focal_det2  # noqa: E402,F401
+
+# isort: split
 
 import matplotlib  # noqa: E402
 

@@ -1,9 +1,23 @@
+import importlib.util
+import os
+
 from detectron2.utils.registry import Registry
 
 from ..config import check_class_weighting
 from ..registry import lookup
 
-__all__ = ["FOCAL_LOSS_REGISTRY", "build_focal_loss", "register_loss", "registered_losses"]
+__all__ = [
+    "EXTRA_LOSSES_ENV",
+    "FOCAL_LOSS_REGISTRY",
+    "build_focal_loss",
+    "load_extra_losses",
+    "register_loss",
+    "registered_losses",
+]
+
+# os.pathsep-separated files that register more losses (a loss outside the package), read by
+# :func:`load_extra_losses`: the test suites and benchmarks/bench_loss.py call it.
+EXTRA_LOSSES_ENV = "FOCAL_DET2_EXTRA_LOSSES"
 
 FOCAL_LOSS_REGISTRY = Registry("FOCAL_LOSS")
 FOCAL_LOSS_REGISTRY.__doc__ = """
@@ -45,6 +59,18 @@ def registered_losses() -> dict:
         for name, build in sorted(FOCAL_LOSS_REGISTRY)
         if hasattr(build, "loss_class")
     }
+
+
+def load_extra_losses():
+    """
+    Run each file named in ``FOCAL_DET2_EXTRA_LOSSES`` (``os.pathsep``-separated), so
+    that the losses it registers with :func:`register_loss` join the registry.
+    """
+    for path in filter(None, os.environ.get(EXTRA_LOSSES_ENV, "").split(os.pathsep)):
+        spec = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(path))[0], path
+        )
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 def build_focal_loss(cfg):

@@ -56,10 +56,11 @@ __all__ = [
     "focal_star_loss",
 ]
 
-# Elements per chunk of rows. On the CPU a chunk and its one to three scratch
-# buffers stay in L3; 2^19 was the best of 2^18..2^20 measured on 2 cores at
-# 200k x 80 (2^20 equal within noise; 2^18 10-20% slower from PyTorch's per-op
-# overhead). On a GPU chunks only bound the scratch memory.
+# Elements per chunk of rows. On the CPU the size trades cache residency against
+# per-op overhead: a chunk and its one to three scratch buffers should stay in L3,
+# while smaller chunks pay PyTorch's fixed cost per op more often.
+# benchmarks/bench_loss.py measures it (README, "The loss on the CPU"); re-run it
+# before changing this. On a GPU chunks only bound the scratch memory.
 CPU_CHUNK_ELEMENTS = 1 << 19
 LARGE_CHUNK_ELEMENTS = 1 << 22
 # Smallest chunk that takes its scratch space from the gradient (see _row_chunks):
@@ -352,8 +353,9 @@ def smoothed_focal_terms(
 def _slow_log1p(device: torch.device) -> bool:
     """
     True where ATen's ``log1p`` costs many times ``log``: CPUs on which
-    PyTorch dispatches AVX-512 kernels (``bench_loss.py``'s op table: 9.2 ns
-    against 0.75 ns per element; under AVX2, 0.90 against 0.74).
+    PyTorch dispatches AVX-512 kernels. The per-element costs are measured
+    by ``benchmarks/bench_loss.py`` (its elementwise-op line) and quoted, with
+    their commit, in README's "The loss on the CPU".
     """
     return device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability()
 
