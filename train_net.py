@@ -7,9 +7,9 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
 """
 
-# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
-# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
-import focal_det2  # noqa: F401
+# First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
+# with the deprecation noise of importing fvcore and Detectron2 hidden.
+import focal_det2
 
 # isort: split
 
@@ -17,11 +17,12 @@ from detectron2.engine import default_argument_parser, launch
 
 from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg
 
+focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)
+
 
 def main(args):
-    cfg = setup_cfg(
-        args
-    )  # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
+    # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
+    cfg = setup_cfg(args)
     if args.eval_only:
         model = FocalTrainer.build_model(cfg)
         load_for_evaluation(cfg, model)  # and the class weights stored in it, not recounted

@@ -113,7 +113,15 @@ IMPLS = {**_our_impls(), **PEERS}
 
 
 def _measured_by_default(name: str) -> bool:
-    """Ours at the default backend, and the _eager/_compile variants of BACKEND_VARIANTS_MEASURED."""
+    """
+    Ours at the default backend, and the _eager/_compile variants of BACKEND_VARIANTS_MEASURED.
+    Losses that select anchors by their predicted boxes (ohem) are left out: their NMS over
+    random boxes, not the loss kernel, takes the time (``--impls ours_ohem`` measures them).
+    """
+    from focal_det2.losses import registered_losses
+
+    if name in OURS and registered_losses()[OURS[name]].needs_boxes:
+        return False
     if name in OURS and name != f"ours_{OURS[name]}":
         return OURS[name] in BACKEND_VARIANTS_MEASURED
     return True

@@ -1,27 +1,29 @@
 """focal_det2: the focal-loss family as swappable Detectron2 components.
 
 Importing the package registers the losses, the head, the gamma schedules,
-the FocalRetinaNet meta-architecture and the embedded digits data sets; it
-first hides two third-party deprecation warnings that importing fvcore and
-Detectron2 prints (:func:`focal_det2.quiet.hide_third_party_deprecations`), so
-scripts import it before Detectron2.
+the FocalRetinaNet meta-architecture and the embedded digits data sets. The
+deprecation warnings that importing fvcore and Detectron2 prints are hidden
+while the package imports them, and only then: the process's warning filters
+are left as they were. Scripts that want the same quiet at run time call
+:func:`hide_third_party_deprecations` (train_net.py and the tools do).
 """
+
+import warnings
 
 from .quiet import hide_third_party_deprecations
 
-# Before the imports below import fvcore and Detectron2, which call torch.jit.script at import.
-hide_third_party_deprecations()
-
-from . import data  # noqa: E402,F401  registers digits_train / digits_val
-from .config import add_focal_config  # noqa: E402
-from .losses import FOCAL_LOSS_REGISTRY, build_focal_loss  # noqa: E402
-from .modeling import (  # noqa: E402
-    FOCAL_HEAD_REGISTRY,
-    FocalRetinaNet,
-    FocalRetinaNetHead,
-    build_focal_head,
-)
-from .schedules import GAMMA_SCHEDULE_REGISTRY, build_gamma_schedule  # noqa: E402
+with warnings.catch_warnings():  # restores the caller's filters
+    hide_third_party_deprecations()  # fvcore and Detectron2 call torch.jit.script at import
+    from . import data  # noqa: F401  registers digits_train / digits_val
+    from .config import add_focal_config
+    from .losses import FOCAL_LOSS_REGISTRY, build_focal_loss
+    from .modeling import (
+        FOCAL_HEAD_REGISTRY,
+        FocalRetinaNet,
+        FocalRetinaNetHead,
+        build_focal_head,
+    )
+    from .schedules import GAMMA_SCHEDULE_REGISTRY, build_gamma_schedule
 
 __version__ = "0.1.0"
 __all__ = [

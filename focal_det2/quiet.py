@@ -1,8 +1,10 @@
 """
 Third-party deprecation noise that focal_det2's scripts hide. Imports only
 :mod:`warnings`: ``focal_det2/__init__.py`` calls
-:func:`hide_third_party_deprecations` before it imports fvcore or Detectron2,
-whose imports call ``torch.jit.script``.
+:func:`hide_third_party_deprecations` inside ``warnings.catch_warnings()``
+while it imports fvcore and Detectron2 (whose imports call
+``torch.jit.script``), so importing the package changes no filter; the
+scripts call it again to keep Detectron2's run-time noise out of their logs.
 """
 
 import warnings

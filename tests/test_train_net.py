@@ -128,3 +128,19 @@ def test_warning_filters_are_precise():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert "(raised by us)" in done.stderr and done.stderr.count("Warning") == 2, done.stderr
+
+
+def test_importing_the_package_leaves_the_warning_filters_as_they_were():
+    """The import-time deprecation noise is hidden inside warnings.catch_warnings(): a library sets no filter."""
+    code = (
+        "import warnings; before = list(warnings.filters)\n"
+        "import focal_det2\n"
+        "assert warnings.filters == before, warnings.filters[:3]\n"
+        "focal_det2.hide_third_party_deprecations()\n"
+        "assert warnings.filters != before\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Warning" not in done.stderr, done.stderr  # and the import printed no noise

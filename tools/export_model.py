@@ -32,9 +32,9 @@ import os
 import sys
 from typing import Dict, List, Tuple
 
-# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
-# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets. torch.jit
-# is deprecated in this torch but Detectron2's export needs it: its trace/save/load warnings too.
+# First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
+# with the deprecation noise of importing fvcore and Detectron2 hidden; hidden at run time too.
+# torch.jit is deprecated in this torch but Detectron2's export needs it: its trace/save/load too.
 import focal_det2  # noqa: E402
 
 focal_det2.hide_third_party_deprecations(export=True)

@@ -28,9 +28,11 @@ import argparse
 import sys
 from typing import Dict, Sequence, Tuple
 
-# First: importing focal_det2 hides third-party deprecation noise before Detectron2 is imported
-# (focal_det2.quiet), and registers the losses, head, schedules, meta-arch and data sets.
-import focal_det2  # noqa: E402,F401
+# First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
+# with the deprecation noise of importing fvcore and Detectron2 hidden; hidden at run time too.
+import focal_det2  # noqa: E402
+
+focal_det2.hide_third_party_deprecations()
 
 # isort: split
 
