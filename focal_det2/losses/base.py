@@ -168,6 +168,17 @@ class DenseClassificationLoss:
         """The same loss as :meth:`loss` by its definition (:mod:`.functional`), which tests hold it to."""
         raise NotImplementedError
 
+    def weighting(self, class_alpha: Optional[Tensor]) -> dict:
+        """
+        The keyword arguments ``alpha``, ``class_alpha`` and ``label_smoothing``
+        that the kernels of :mod:`.fused` and the formulas of :mod:`.functional` take.
+        """
+        return {
+            "alpha": self.alpha,
+            "class_alpha": class_alpha,
+            "label_smoothing": self.label_smoothing,
+        }
+
     @classmethod
     def add_config(cls, cfg):
         """Add this loss's own config keys, if any, to ``cfg.MODEL.FOCAL`` (called by ``add_focal_config``)."""

@@ -18,19 +18,7 @@ class SigmoidCrossEntropyLoss(DenseClassificationLoss):
     supports_label_smoothing = True
 
     def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_cross_entropy(
-            logits,
-            labels,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
-        )
+        return fused.sigmoid_cross_entropy(logits, labels, **self.weighting(class_alpha))
 
     def reference(self, logits, labels, *, gamma, class_alpha):
-        return functional.sigmoid_cross_entropy(
-            logits,
-            labels,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
-        )
+        return functional.sigmoid_cross_entropy(logits, labels, **self.weighting(class_alpha))

@@ -14,21 +14,9 @@ class SigmoidFocalLoss(DenseClassificationLoss):
     supports_label_smoothing = True
 
     def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.sigmoid_focal_loss(
-            logits,
-            labels,
-            gamma=gamma,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
-        )
+        return fused.sigmoid_focal_loss(logits, labels, gamma=gamma, **self.weighting(class_alpha))
 
     def reference(self, logits, labels, *, gamma, class_alpha):
         return functional.sigmoid_focal_loss(
-            logits,
-            labels,
-            gamma=gamma,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
+            logits, labels, gamma=gamma, **self.weighting(class_alpha)
         )

@@ -52,21 +52,9 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
         return SoftmaxScores()
 
     def loss(self, logits, labels, *, gamma, class_alpha):
-        return fused.softmax_focal_loss(
-            logits,
-            labels,
-            gamma=gamma,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
-        )
+        return fused.softmax_focal_loss(logits, labels, gamma=gamma, **self.weighting(class_alpha))
 
     def reference(self, logits, labels, *, gamma, class_alpha):
         return functional.softmax_focal_loss(
-            logits,
-            labels,
-            gamma=gamma,
-            alpha=self.alpha,
-            class_alpha=class_alpha,
-            label_smoothing=self.label_smoothing,
+            logits, labels, gamma=gamma, **self.weighting(class_alpha)
         )
