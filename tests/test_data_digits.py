@@ -246,6 +246,13 @@ def test_registering_a_name_again_with_other_data_raises(registered):
         ({"digits_per_image": (5, 2)}, "digits_per_image"),
         ({"digits_per_image": 3}, "digits_per_image"),
         ({"seed": -1}, "seed"),
+        ({"imbalance_factor": 0.5}, "imbalance_factor"),
+        ({"imbalance_factor": 0}, "imbalance_factor"),
+        ({"imbalance_factor": -10}, "imbalance_factor"),
+        ({"imbalance_factor": float("inf")}, "imbalance_factor"),
+        ({"imbalance_factor": float("nan")}, "imbalance_factor"),
+        ({"imbalance_factor": "100"}, "imbalance_factor"),
+        ({"imbalance_factor": True}, "imbalance_factor"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, argument):
@@ -310,6 +317,7 @@ def test_canvas_splits_are_registered_and_differ_from_128_px_only_in_size():
         digits_per_image=(3, 8),
         digit_size=(12, 40),
         seed=0,
+        imbalance_factor=None,
     )
     assert _canvas_params("digits_val")["num_images"] == 300
 
@@ -391,3 +399,88 @@ def test_canvas_split_is_generated_once_and_reused(dataset_root):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
         digits_module._REGISTERED.pop(name, None)
+
+
+# --- long-tailed splits ---------------------------------------------------------------
+
+
+def _class_counts(json_file):
+    with open(json_file) as f:
+        annotations = json.load(f)["annotations"]
+    return np.bincount([a["category_id"] - 1 for a in annotations], minlength=10)
+
+
+def test_default_splits_are_unchanged_by_the_long_tail_option(tmp_path):
+    """imbalance_factor=None draws what the generator drew before it had the option."""
+    train = [
+        (1, 1137, [78, 0, 30, 36]),
+        (1, 920, [67, 79, 21, 25]),
+        (1, 470, [37, 22, 23, 29]),
+        (1, 540, [38, 60, 19, 23]),
+        (1, 69, [88, 25, 26, 37]),
+        (1, 129, [79, 28, 18, 32]),
+        (1, 26, [67, 37, 10, 12]),
+        (1, 304, [46, 44, 27, 34]),
+        (2, 1174, [8, 30, 23, 32]),
+        (2, 725, [4, 81, 18, 23]),
+        (2, 741, [97, 37, 17, 22]),
+    ]
+    with open(_generate(tmp_path, num_images=2)) as f:
+        annotations = json.load(f)["annotations"]
+    assert [(a["image_id"], a["source_index"], a["bbox"]) for a in annotations] == train
+
+
+@pytest.mark.parametrize("factor", [100, 10, 1, 2.5])
+def test_longtail_shares_decay_exponentially(factor):
+    shares = digits_module.longtail_shares(factor)
+    assert shares.shape == (10,) and shares.sum() == pytest.approx(1.0)
+    # p_c = p_0 * f^(-c/9): a constant ratio f^(-1/9) between neighbours, p_0 / p_9 = f
+    np.testing.assert_allclose(shares[1:] / shares[:-1], factor ** (-1 / 9), rtol=1e-12)
+    assert shares[0] / shares[9] == pytest.approx(factor)
+
+
+@pytest.mark.parametrize("factor, num_images", [(100, 600), (10, 200)])
+def test_longtail_train_counts_follow_the_decay(tmp_path, factor, num_images):
+    counts = _class_counts(_generate(tmp_path, num_images=num_images, imbalance_factor=factor))
+    target = digits_module.longtail_shares(factor) * counts.sum()
+    # by quota: every class within 2 digits of its share (the rarest: 13 of 600 images' 3,300)
+    assert np.abs(counts - target).max() <= 2, (counts, target)
+    assert (np.diff(counts) < 0).all(), counts  # digit 0 the most frequent, 9 the least
+    assert counts[0] / counts[9] == pytest.approx(factor, rel=0.2)
+
+
+def test_longtail_val_is_balanced(tmp_path):
+    counts = _class_counts(_generate(tmp_path, split="val", num_images=60, imbalance_factor=1))
+    assert counts.sum() > 300 and counts.max() - counts.min() <= 2, counts
+    # the uniform draw of digits_val follows its uneven pool instead (22-36 digits a class)
+    uneven = _class_counts(_generate(tmp_path / "uniform", split="val", num_images=60))
+    assert uneven.max() - uneven.min() > 10, uneven
+
+
+def test_longtail_split_is_deterministic_and_draws_from_its_pool(tmp_path):
+    first = _file_bytes(Path(_generate(tmp_path / "a", imbalance_factor=100)).parent)
+    second = _file_bytes(Path(_generate(tmp_path / "b", imbalance_factor=100)).parent)
+    other = _file_bytes(Path(_generate(tmp_path / "c", imbalance_factor=10)).parent)
+    assert first == second
+    assert other[Path("annotations.json")] != first[Path("annotations.json")]
+    with open(_generate(tmp_path / "val", split="val", num_images=30, imbalance_factor=1)) as f:
+        annotations = json.load(f)["annotations"]
+    pool, labels = set(source_indices("val").tolist()), load_digits().target
+    assert all(a["source_index"] in pool for a in annotations)
+    assert all(a["category_id"] == labels[a["source_index"]] + 1 for a in annotations)
+
+
+def test_longtail_splits_are_registered():
+    assert digits_module.LONGTAIL_FACTORS == (100, 10)
+    for factor in (100, 10):
+        name = f"digits_train_lt{factor}"
+        assert name in DatasetCatalog.list()
+        # digits_train's parameters with a tail: same seed, pool, digits per image and sizes
+        assert _canvas_params(name) == _canvas_params("digits_train", imbalance_factor=factor)
+        assert f"_n2000_s128_k3-8_d12-40_lt{factor}_seed0_" in MetadataCatalog.get(name).json_file
+    assert _canvas_params("digits_val_lt") == _canvas_params("digits_val", imbalance_factor=1)
+    assert (
+        "digits_val_n300_s128_k3-8_d12-40_lt1_seed0_"
+        in MetadataCatalog.get("digits_val_lt").json_file
+    )
+    assert MetadataCatalog.get("digits_val_lt").thing_classes == [str(d) for d in range(10)]

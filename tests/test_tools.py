@@ -918,3 +918,168 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
         match="row 'ce_a0.75' has no canvas; this is not the output of a preset with canvases",
     ):
         tool.sweep(str(other))
+
+
+# --- ablate: the long-tail presets ---------------------------------------------------------
+
+# row -> (loss, gamma, alpha, class weighting, CB beta, label smoothing); gamma None: not read
+LONGTAIL_SETTINGS = {
+    "ce_a0.75": ("cross_entropy", None, 0.75, "none", None, None),
+    "fl_g2_a0.25": ("sigmoid_focal", 2.0, 0.25, "none", None, None),
+    "fl_cb0.99": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.99, None),
+    "fl_cb0.999": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.999, None),
+    "fl_cb0.9999": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.9999, None),
+    "softmax_fl_cb0.999": ("softmax_focal", 2.0, 0.25, "effective_number", 0.999, None),
+    "fl_ls0.1": ("sigmoid_focal", 2.0, 0.25, "none", None, 0.1),
+}
+
+
+def test_ablate_longtail_presets_rows_and_groups():
+    ablate = load_tool("ablate")
+    assert ablate.LONGTAIL_ROWS == tuple(LONGTAIL_SETTINGS)
+    for name in ("longtail", "longtail10"):
+        preset = ablate.PRESETS[name]
+        assert [r.name for r in ablate.select_rows(None, preset)] == list(LONGTAIL_SETTINGS)
+        assert preset.seeds == (0, 1) and preset.iters == 1000
+        assert preset.cost.startswith("not run yet")
+    # the columns: the 3 rarest and the 3 most frequent digits of the long-tailed splits
+    from focal_det2.data import DIGIT_CLASSES, longtail_shares
+
+    assert list(longtail_shares(100).argsort()[::-1]) == list(range(10))  # digit 0 most frequent
+    assert [(g.key, g.classes) for g in ablate.LONGTAIL_GROUPS] == [
+        ("AP_rare", tuple(DIGIT_CLASSES[-3:])),
+        ("AP_frequent", tuple(DIGIT_CLASSES[:3])),
+    ]
+    # the Table 1 presets keep their rows
+    assert set(ablate.CLASS_IMBALANCE_ROWS).isdisjoint(ablate.TABLE1_ROWS)
+
+
+@pytest.mark.parametrize("row_name", list(LONGTAIL_SETTINGS))
+def test_ablate_longtail_row_config(row_name):
+    from detectron2.data import DatasetCatalog
+
+    from focal_det2.engine import check_cfg
+
+    ablate = load_tool("ablate")
+    defaults = get_cfg()
+    add_focal_config(defaults)
+    loss, gamma, alpha, weighting, beta, smoothing = LONGTAIL_SETTINGS[row_name]
+    assert ablate.row_problem(next(r for r in ablate.ROWS if r.name == row_name)) is None
+    for preset_name, factor in (("longtail", 100), ("longtail10", 10)):
+        preset = ablate.PRESETS[preset_name]
+        runs = ablate.plan(preset, ablate.select_rows(row_name, preset), "/out")
+        assert [r.seed for r in runs] == [0, 1]
+        for run in runs:
+            cfg = _run_cfg(run)
+            assert cfg.DATASETS.TRAIN == (f"digits_train_lt{factor}",)
+            assert cfg.DATASETS.TEST == ("digits_val_lt",)
+            assert all(n in DatasetCatalog.list() for n in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+            assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS) == (
+                1000,
+                (800, 950),
+                100,
+            )
+            assert cfg.SEED == run.seed and run.out_dir == f"/out/{row_name}/seed{run.seed}"
+            assert (cfg.MODEL.FOCAL.LOSS, cfg.MODEL.FOCAL.ALPHA) == (loss, alpha)
+            assert gamma is None or cfg.MODEL.FOCAL.GAMMA == gamma
+            assert cfg.MODEL.FOCAL.CLASS_WEIGHTING == weighting
+            assert beta is None or cfg.MODEL.FOCAL.CB_BETA == beta
+            if smoothing is not None:
+                assert cfg.MODEL.FOCAL.LABEL_SMOOTHING == smoothing
+    check_cfg(cfg)  # the model builds from it
+
+
+def _bbox_result(ap, per_class):
+    """COCOEvaluator's results["bbox"]: the summary metrics and "AP-<class>" for every class."""
+    bbox = dict(AP=ap, AP50=ap, AP75=ap, APs=ap, APm=ap)
+    bbox.update({f"AP-{c}": v for c, v in zip("0123456789", per_class)})
+    return bbox
+
+
+def test_ablate_rare_and_frequent_ap_from_per_class_results(tmp_path):
+    ablate = load_tool("ablate")
+    nan = float("nan")
+    bbox = _bbox_result(50.0, [90.0, 80.0, 70.0, 60.0, 50.0, nan, 40.0, 30.0, 20.0, 10.0])
+    per_class = ablate.per_class_ap(bbox)
+    assert per_class == {
+        "0": 90.0,
+        "1": 80.0,
+        "2": 70.0,
+        "3": 60.0,
+        "4": 50.0,
+        "5": None,
+        "6": 40.0,
+        "7": 30.0,
+        "8": 20.0,
+        "9": 10.0,
+    }
+    rare, frequent = ablate.LONGTAIL_GROUPS
+    assert ablate.group_ap(per_class, rare.classes) == pytest.approx((30 + 20 + 10) / 3)
+    assert ablate.group_ap(per_class, frequent.classes) == pytest.approx((90 + 80 + 70) / 3)
+    assert ablate.group_ap(per_class, ("4", "5")) is None  # class 5 has no AP: no mean
+
+    # the tables: mean and sample std over seeds of each group, notes for a missing one
+    preset = ablate.replace(ablate.PRESETS["longtail"], iters=10)
+    runs = ablate.plan(preset, ablate.select_rows("fl_cb0.999,ce_a0.75", preset), "/out")
+    timing = {"train_seconds": 10.0, "eval_seconds": 1.0, "iterations": 10, "detections": 5}
+    seed1 = [91.0, 81.0, 71.0, 0.0, 0.0, 0.0, 0.0, 40.0, 20.0, 12.0]
+    no_nine = [1.0] * 9 + [nan]
+    results = {}
+    for key, values in (
+        (("fl_cb0.999", 0), bbox),
+        (("fl_cb0.999", 1), _bbox_result(52.0, seed1)),
+        (("ce_a0.75", 0), _bbox_result(40.0, no_nine)),
+    ):
+        metrics = {k: values[k] for k in ablate.METRICS}
+        results[key] = {"metrics": metrics, "per_class_AP": ablate.per_class_ap(values), **timing}
+    ce_line, fl_line = ablate.summarize(runs, results, ablate.LONGTAIL_GROUPS)  # ROWS order
+    assert fl_line["row"] == "fl_cb0.999" and fl_line["seeds"] == 2
+    # rare: seed 0 (30 + 20 + 10) / 3 = 20, seed 1 (40 + 20 + 12) / 3 = 24
+    assert fl_line["AP_rare"] == pytest.approx(22.0)
+    assert fl_line["AP_rare_std"] == pytest.approx(np.sqrt(8.0))
+    # frequent: 80 and 81
+    assert fl_line["AP_frequent"] == pytest.approx(80.5)
+    assert ce_line["AP_rare"] is None and ce_line["AP_frequent"] == pytest.approx(1.0)
+
+    ablate.write_tables(str(tmp_path), "longtail", preset, runs, results)
+    markdown = (tmp_path / "results.md").read_text()
+    assert (
+        "| setting | AP | AP50 | AP75 | APs | APm | AP rarest 3 (7, 8, 9) | "
+        "AP most frequent 3 (0, 1, 2) | train s |" in markdown
+    )
+    assert "| 22.0 ± 2.8 | 80.5 ± 0.7 |" in markdown
+    assert "| CE, α=.75 | 40.0 | 40.0 | 40.0 | 40.0 | 40.0 | – | 1.0 |" in markdown
+    assert (
+        "- CE, α=.75, seed 0: AP_rare –: no AP for class 9: COCO gives none to a class "
+        "without ground-truth boxes in the test set" in markdown
+    )
+    with open(tmp_path / "runs.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert [line["AP_rare"] for line in lines] == ["", "20.0", "24.0"]
+    with open(tmp_path / "results.csv") as f:
+        assert [line["AP_frequent"] for line in csv.DictReader(f)] == ["1.0", "80.5"]
+
+
+def test_ablate_longtail_preset_trains_and_stores_per_class_ap(tmp_path, monkeypatch):
+    """One class-balanced run of 2 iterations on the tiny splits, through the real evaluation."""
+    ablate = load_tool("ablate")
+    tiny = ablate.PRESETS["tiny"]
+    monkeypatch.setitem(
+        ablate.PRESETS,
+        "longtail",
+        ablate.replace(ablate.PRESETS["longtail"], iters=2, seeds=(0,), opts=tiny.opts),
+    )
+    out = tmp_path / "longtail"
+    # every score kept, so that the 2-iteration model has detections and COCO per-class APs
+    extra = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20"]
+    ablate.main(["--preset", "longtail", "--rows", "fl_cb0.999", "--output-dir", str(out), *extra])
+    result = json.loads((out / "fl_cb0.999" / "seed0" / "result.json").read_text())
+    assert result["detections"] > 0
+    assert sorted(result["per_class_AP"]) == [str(d) for d in range(10)]
+    assert all(v is None or 0.0 <= v <= 100.0 for v in result["per_class_AP"].values())
+    with open(out / "results.csv") as f:
+        (line,) = list(csv.DictReader(f))
+    per_class = result["per_class_AP"]
+    expected = ablate.group_ap(per_class, ("7", "8", "9"))
+    assert (line["AP_rare"] == "") if expected is None else float(line["AP_rare"]) == expected
+    assert "AP rarest 3 (7, 8, 9)" in (out / "results.md").read_text()

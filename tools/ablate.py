@@ -9,6 +9,8 @@ and evaluated with the same budget, seeds and data, one fresh process per run.
     python tools/ablate.py --preset digits-full --jobs 8 MODEL.DEVICE cuda
     python tools/ablate.py --preset imbalance --jobs 8 MODEL.DEVICE cuda
     python tools/ablate.py --preset imbalance --canvases 512,768 --jobs 6 MODEL.DEVICE cuda
+    python tools/ablate.py --preset longtail --jobs 7 MODEL.DEVICE cuda
+    python tools/ablate.py --preset longtail10 --jobs 7 MODEL.DEVICE cuda
 
 Each row is a digits config of ``configs/digits`` plus key/value overrides,
 exactly what a user would type after ``train_net.py --config-file``; the
@@ -42,6 +44,13 @@ keys do not exist) are reported and left out when the preset picks them,
 and are an error when ``--rows`` asks for them. ``--canvases`` runs a subset
 of the canvases (the tables then show that subset; a last call without it
 tabulates everything finished).
+
+The long-tail presets (``longtail``: imbalance factor 100, ``longtail10``: 10)
+train on ``digits_train_lt<f>`` (digit 0 the most frequent class, digit 9 f
+times rarer) and evaluate on the balanced ``digits_val_lt``. Every run stores
+COCOEvaluator's per-class AP (``AP-<class>``) in ``result.json``; a preset with
+class groups adds a column per group to the tables, the mean AP of its classes
+(here the 3 rarest, 7-9, and the 3 most frequent, 0-2).
 """
 
 import argparse
@@ -229,12 +238,89 @@ ROWS = (
             0.25,
         ),
     ),
+    # ---- Issue 14, the long tail: FL (gamma 2, alpha .25) with class-balanced weights (Cui et
+    # al. 2019, class_balance.py) or label smoothing; softmax FL with class-balanced weights.
+    *(
+        Row(
+            f"fl_cb{beta}",
+            f"FL, γ=2, α=.25, class-balanced β={beta}",
+            "sigmoid_focal_R18_FPN_1x",
+            (
+                "MODEL.FOCAL.GAMMA",
+                2.0,
+                "MODEL.FOCAL.ALPHA",
+                0.25,
+                "MODEL.FOCAL.CLASS_WEIGHTING",
+                "effective_number",
+                "MODEL.FOCAL.CB_BETA",
+                beta,
+            ),
+        )
+        for beta in (0.99, 0.999, 0.9999)
+    ),
+    Row(
+        "softmax_fl_cb0.999",
+        "softmax FL, γ=2, α=.25, class-balanced β=0.999",
+        "softmax_focal_R18_FPN_1x",
+        (
+            "MODEL.FOCAL.GAMMA",
+            2.0,
+            "MODEL.FOCAL.ALPHA",
+            0.25,
+            "MODEL.FOCAL.CLASS_WEIGHTING",
+            "effective_number",
+            "MODEL.FOCAL.CB_BETA",
+            0.999,
+        ),
+    ),
+    Row(
+        "fl_ls0.1",
+        "FL, γ=2, α=.25, label smoothing 0.1",
+        "sigmoid_focal_R18_FPN_1x",
+        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25, "MODEL.FOCAL.LABEL_SMOOTHING", 0.1),
+    ),
 )
 
 
+# The rows that only the long-tail presets run (the last of ROWS).
+CLASS_IMBALANCE_ROWS = (
+    "fl_cb0.99",
+    "fl_cb0.999",
+    "fl_cb0.9999",
+    "softmax_fl_cb0.999",
+    "fl_ls0.1",
+)
 # The rows of the paper's Table 1(a)/(b) and the variants, as measured by the digits presets.
-TABLE1_ROWS = tuple(r.name for r in ROWS if not r.name.startswith("ohem"))
+TABLE1_ROWS = tuple(
+    r.name for r in ROWS if not r.name.startswith("ohem") and r.name not in CLASS_IMBALANCE_ROWS
+)
 OHEM_ROWS = tuple(r.name for r in ROWS if r.name.startswith("ohem"))
+# The long-tail presets: the best CE of digits-full and the paper's FL as baselines.
+LONGTAIL_ROWS = ("ce_a0.75", "fl_g2_a0.25", *CLASS_IMBALANCE_ROWS)
+
+
+@dataclass(frozen=True)
+class ClassGroup:
+    """
+    Classes whose APs a table averages into one column.
+
+    Attributes:
+        key (str): the column's name in the csv files.
+        label (str): the column's header in results.md.
+        classes (tuple[str]): class names (``thing_classes``), as COCOEvaluator
+            reports their AP: ``results["bbox"]["AP-<name>"]``.
+    """
+
+    key: str
+    label: str
+    classes: Tuple[str, ...]
+
+
+# Digit c is the c-th most frequent class of digits_train_lt<f> (focal_det2.data.longtail_shares).
+LONGTAIL_GROUPS = (
+    ClassGroup("AP_rare", "AP rarest 3 (7, 8, 9)", ("7", "8", "9")),
+    ClassGroup("AP_frequent", "AP most frequent 3 (0, 1, 2)", ("0", "1", "2")),
+)
 
 
 def digits_schedule() -> Tuple[int, Tuple[int, ...], int]:
@@ -261,6 +347,8 @@ class Preset:
             side (:meth:`Row.at_canvas`), with the same schedule at every side.
         row_canvases (tuple): (row name, tuple of sides) pairs: rows that run
             only at those of ``canvases``.
+        class_groups (tuple[ClassGroup]): groups of classes whose mean AP the
+            tables show in a column each, after :data:`METRICS`.
     """
 
     iters: int
@@ -270,6 +358,7 @@ class Preset:
     cost: str = ""
     canvases: Tuple[int, ...] = ()
     row_canvases: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    class_groups: Tuple[ClassGroup, ...] = ()
 
     def expand(self, rows: Sequence[Row]) -> List[Row]:
         """
@@ -301,6 +390,25 @@ class Preset:
             "SOLVER.CHECKPOINT_PERIOD",
             n + 1,  # > MAX_ITER: only model_final.pth is written
         ]
+
+
+def longtail_preset(factor: int) -> Preset:
+    """
+    The long-tail ablation: :data:`LONGTAIL_ROWS` trained on ``digits_train_lt<factor>``
+    and evaluated on the balanced ``digits_val_lt``, with the digits configs' budget
+    (1,000 iterations of batch 8), 2 seeds, and the AP of the rarest and most frequent
+    classes (:data:`LONGTAIL_GROUPS`).
+    """
+    return Preset(
+        iters=1000,
+        seeds=(0, 1),
+        opts=("DATASETS.TRAIN", (f"digits_train_lt{factor}",), "DATASETS.TEST", ("digits_val_lt",)),
+        rows=LONGTAIL_ROWS,
+        class_groups=LONGTAIL_GROUPS,
+        cost="not run yet: 14 runs (7 rows x 2 seeds) of 1,000 iterations at 128 px, the digits-full budget: estimated about 8 min "
+        "a run on 2 idle cores (digits-full's rate), about 2 hours in all; about 5-10 min on one "
+        "GPU with --jobs 7 (digits-full: 22 runs in 9 min on one H100 with --jobs 11)",
+    )
 
 
 PRESETS: Dict[str, Preset] = {
@@ -350,6 +458,10 @@ PRESETS: Dict[str, Preset] = {
         "the issue reports 110 s per 512 px run of 600 iterations with 6 at once on a GPU; "
         "768 px runs cost about 2.25x a 512 px run (pixels); out of reach on 2 CPU cores",
     ),
+    # Issue 14, the long tail: class frequencies decaying exponentially from digit 0 to digit 9,
+    # 100x (longtail) or 10x (longtail10) apart; evaluated on balanced classes.
+    "longtail": longtail_preset(100),
+    "longtail10": longtail_preset(10),
 }
 
 
@@ -588,6 +700,7 @@ def train_one(argv: List[str]):
     result = {
         "argv": argv,
         "metrics": metrics,
+        "per_class_AP": per_class_ap(bbox),
         "detections": detections,
         "notes": _why_missing(metrics, detections, cfg),
         "train_seconds": round(total - TimedTrainer.eval_seconds, 1),
@@ -626,10 +739,59 @@ def _why_missing(metrics: Dict[str, Optional[float]], detections: int, cfg) -> D
     }
 
 
-def _notes(result: dict) -> str:
+def per_class_ap(bbox: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """
+    Args:
+        bbox (dict): COCOEvaluator's ``results["bbox"]``, with ``"AP-<class name>"``
+            for every class (none when the model made no detection).
+
+    Returns:
+        dict: class name -> its AP, None where COCO gives NaN (no ground truth of that class).
+    """
+    return {k[len("AP-") :]: _finite_or_none(v) for k, v in bbox.items() if k.startswith("AP-")}
+
+
+def group_ap(per_class: Dict[str, Optional[float]], classes: Sequence[str]) -> Optional[float]:
+    """The mean AP of ``classes`` (names in ``per_class``), None unless each has a value."""
+    values = [per_class.get(name) for name in classes]
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def run_metrics(
+    result: dict, class_groups: Sequence[ClassGroup] = ()
+) -> Dict[str, Optional[float]]:
+    """The :data:`METRICS` of a run's ``result``, then the mean AP of each class group."""
+    per_class = result.get("per_class_AP", {})
+    groups = {g.key: group_ap(per_class, g.classes) for g in class_groups}
+    return {**{k: result["metrics"][k] for k in METRICS}, **groups}
+
+
+def _group_notes(result: dict, class_groups: Sequence[ClassGroup]) -> Dict[str, str]:
+    """For each class group without a value in ``result``, why."""
+    notes = {}
+    for group in class_groups:
+        per_class = result.get("per_class_AP")
+        missing = [name for name in group.classes if (per_class or {}).get(name) is None]
+        if not missing:
+            continue
+        if per_class is None:
+            why = "the run's result.json has no per-class AP (trained before ablate.py stored it)"
+        elif result.get("detections") == 0 and "AP" in result.get("notes", {}):
+            why = result["notes"]["AP"]  # no detections at all
+        else:
+            why = (
+                f"no AP for class {', '.join(missing)}: COCO gives none to a class without "
+                "ground-truth boxes in the test set"
+            )
+        notes[group.key] = why
+    return notes
+
+
+def _notes(result: dict, class_groups: Sequence[ClassGroup] = ()) -> str:
     """'AP, AP50: why' for the metrics of ``result`` without a value, '' if none."""
     by_reason = {}
-    for key, why in result.get("notes", {}).items():
+    notes = {**result.get("notes", {}), **_group_notes(result, class_groups)}
+    for key, why in notes.items():
         by_reason.setdefault(why, []).append(key)
     return "; ".join(f"{', '.join(keys)} –: {why}" for why, keys in by_reason.items())
 
@@ -646,8 +808,15 @@ def _mean_std(values: Sequence[Optional[float]]):
     return statistics.fmean(values), std
 
 
-def summarize(runs: Sequence[Run], results: Dict[Tuple[str, int], dict]) -> List[dict]:
-    """One dict per row with finished runs: mean and std over seeds of each metric and train seconds."""
+def summarize(
+    runs: Sequence[Run],
+    results: Dict[Tuple[str, int], dict],
+    class_groups: Sequence[ClassGroup] = (),
+) -> List[dict]:
+    """
+    One dict per row with finished runs: mean and std over seeds of each metric
+    (:func:`run_metrics`, with the mean AP of each of ``class_groups``) and train seconds.
+    """
     table = []
     for row in dict.fromkeys(r.row for r in runs):
         done = [
@@ -658,8 +827,9 @@ def summarize(runs: Sequence[Run], results: Dict[Tuple[str, int], dict]) -> List
         if not done:
             continue
         line = {"row": row.name, "label": row.label, "canvas": row.canvas, "seeds": len(done)}
-        for key in METRICS:
-            line[key], line[f"{key}_std"] = _mean_std([d["metrics"][key] for d in done])
+        metrics = [run_metrics(d, class_groups) for d in done]
+        for key in metrics[0]:
+            line[key], line[f"{key}_std"] = _mean_std([m[key] for m in metrics])
         line["train_s"], line["train_s_std"] = _mean_std([d["train_seconds"] for d in done])
         line["paper_AP"], line["paper_AP50"], line["paper_AP75"] = row.paper or (None, None, None)
         table.append(line)
@@ -739,12 +909,15 @@ def write_tables(
     """
     Writes runs.csv, results.csv and results.md (made by ``command``) into
     ``output_dir``; results.md lists the rows ``left_out`` and, for a preset
-    with canvases, the table by canvas with the measured ``imbalance``.
+    with canvases, the table by canvas with the measured ``imbalance``. A
+    preset's class groups add a column each after :data:`METRICS`.
     """
+    groups = preset.class_groups
+    metrics = [*METRICS, *(g.key for g in groups)]
     with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["row", "seed", *METRICS, "train_s", "eval_s", "iterations", "canvas", "setting"]
+            ["row", "seed", *metrics, "train_s", "eval_s", "iterations", "canvas", "setting"]
         )
         for run in runs:
             res = results.get((run.row.name, run.seed))
@@ -753,7 +926,7 @@ def write_tables(
                     [
                         run.row.name,
                         run.seed,
-                        *(res["metrics"][k] for k in METRICS),
+                        *run_metrics(res, groups).values(),
                         res["train_seconds"],
                         res["eval_seconds"],
                         res["iterations"],
@@ -761,7 +934,7 @@ def write_tables(
                         run.row.setting,
                     ]
                 )
-    table = summarize(runs, results)
+    table = summarize(runs, results, groups)
     if table:
         with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
@@ -777,8 +950,10 @@ def write_tables(
         f"COCO-style AP on the test set, in %; trained at commit {commits}.",
         "",
         *([f"    {command}", ""] if command else []),
-        "| setting | AP | AP50 | AP75 | APs | APm | train s | paper AP / AP50 / AP75 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | "
+        + " | ".join([*METRICS, *(g.label for g in groups)])
+        + " | train s | paper AP / AP50 / AP75 |",
+        "|" + " --- |" * (len(metrics) + 3),
     ]
     for line in table:
         paper = (
@@ -786,14 +961,14 @@ def write_tables(
             if line["paper_AP"] is None
             else f"{line['paper_AP']:.1f} / {line['paper_AP50']:.1f} / {line['paper_AP75']:.1f}"
         )
-        cells = [_fmt(line[k], line[f"{k}_std"]) for k in METRICS]
+        cells = [_fmt(line[k], line[f"{k}_std"]) for k in metrics]
         lines.append(
             f"| {line['label']} | "
             + " | ".join(cells)
             + f" | {_fmt(line['train_s'], digits=0)} | {paper} |"
         )
     notes = [
-        (run, _notes(results[(run.row.name, run.seed)]))
+        (run, _notes(results[(run.row.name, run.seed)], groups))
         for run in runs
         if (run.row.name, run.seed) in results
     ]
@@ -921,7 +1096,7 @@ def main(argv=None):
         if result is None:
             pending.append((i, run))
             continue
-        note = _notes(result)
+        note = _notes(result, preset.class_groups)
         print(
             f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: done, AP {_fmt(result['metrics']['AP'])}"
             + (f" ({note})" if note else "")
@@ -938,7 +1113,7 @@ def main(argv=None):
             flush=True,
         )
         result = train_run(run, verbose=args.verbose, threads=threads)
-        note = _notes(result)
+        note = _notes(result, preset.class_groups)
         print(
             f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
             f"{result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s evaluation"

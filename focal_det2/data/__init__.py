@@ -3,11 +3,13 @@
 from .digits import (
     CANVAS_SIZES,
     DIGIT_CLASSES,
+    LONGTAIL_FACTORS,
     SPLITS,
     canvas_dataset_name,
     digits_root,
     ensure_generated,
     generate_digits,
+    longtail_shares,
     register_all_digits,
     register_digits,
     source_indices,
@@ -16,14 +18,18 @@ from .digits import (
 __all__ = [
     "CANVAS_SIZES",
     "DIGIT_CLASSES",
+    "LONGTAIL_FACTORS",
     "SPLITS",
     "canvas_dataset_name",
     "digits_root",
     "ensure_generated",
     "generate_digits",
+    "longtail_shares",
     "register_all_digits",
     "register_digits",
     "source_indices",
 ]
 
-register_all_digits()  # registers digits_train, digits_val, their _tiny versions and digits_{train,val}_s<side>
+# Registers digits_train, digits_val, their _tiny versions, digits_{train,val}_s<side>,
+# digits_train_lt{100,10} and digits_val_lt.
+register_all_digits()

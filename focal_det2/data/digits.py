@@ -19,11 +19,19 @@ and cached under :func:`digits_root`. :data:`CANVAS_SIZES` lists the canvas
 sides of the registered ``digits_{train,val}_s<side>`` splits: the same
 digits at the same sizes, 3-8 per image, with only the canvas growing, so each
 object sits in more background.
+
+Long-tailed splits (``imbalance_factor`` f): the class of each digit follows
+``n_c = n_0 * f^(-c / (K - 1))``, digit c being the c-th most frequent class
+(digit 0 the most frequent, digit 9 the least, n_0 / n_9 = f); f = 1 gives
+balanced classes. ``digits_train_lt100`` and ``digits_train_lt10`` train on
+such a tail, ``digits_val_lt`` is their balanced val split
+(:data:`LONGTAIL_FACTORS`).
 """
 
 import functools
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -36,7 +44,9 @@ __all__ = [
     "SPLITS",
     "DIGIT_CLASSES",
     "CANVAS_SIZES",
+    "LONGTAIL_FACTORS",
     "canvas_dataset_name",
+    "longtail_shares",
     "source_indices",
     "digits_root",
     "generate_digits",
@@ -72,11 +82,23 @@ CANVAS_SIZES = (128, 256, 512, 768)
 # Images per split of the full-size data sets, at every canvas size.
 _NUM_IMAGES = {"train": 2000, "val": 300}
 
+# Imbalance factors of the registered long-tailed train splits digits_train_lt<f>.
+LONGTAIL_FACTORS = (100, 10)
+
 _BUILTIN = {
     "digits_train": dict(split="train", num_images=_NUM_IMAGES["train"]),
     "digits_val": dict(split="val", num_images=_NUM_IMAGES["val"]),
     "digits_train_tiny": dict(split="train", num_images=16),
     "digits_val_tiny": dict(split="val", num_images=8),
+    **{
+        f"digits_train_lt{f}": dict(
+            split="train", num_images=_NUM_IMAGES["train"], imbalance_factor=f
+        )
+        for f in LONGTAIL_FACTORS
+    },
+    # digits_val draws its sources uniformly from the val pool, whose classes are uneven
+    # (22-36 digits a class): the long-tail benchmark evaluates on exactly balanced classes.
+    "digits_val_lt": dict(split="val", num_images=_NUM_IMAGES["val"], imbalance_factor=1),
 }
 
 
@@ -162,22 +184,89 @@ def _check_pair(name, value, low, high):
         )
 
 
-def _check_args(split, num_images, image_size, digits_per_image, digit_size, seed):
+def _check_factor(name, value):
+    ok = (
+        value is None
+        or isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 1
+    )
+    if not ok:
+        raise ValueError(f"{name} must be None or a finite number >= 1, got {value!r}")
+
+
+def _check_args(
+    split, num_images, image_size, digits_per_image, digit_size, seed, imbalance_factor
+):
     _check_choice("split", split, SPLITS)
     _check_int("num_images", num_images, 1)
     _check_int("image_size", image_size, 8)
     _check_pair("digits_per_image", digits_per_image, 0, 1000)
     _check_pair("digit_size", digit_size, 4, image_size)
     _check_int("seed", seed, 0)
+    _check_factor("imbalance_factor", imbalance_factor)
 
 
-def _cache_name(split, num_images, image_size, digits_per_image, digit_size, seed):
+def _cache_name(
+    split, num_images, image_size, digits_per_image, digit_size, seed, imbalance_factor
+):
     """The sub-folder name of a split; it encodes every generation parameter."""
+    tail = "" if imbalance_factor is None else f"_lt{imbalance_factor:g}"
     return (
         f"digits_{split}_n{num_images}_s{image_size}"
         f"_k{digits_per_image[0]}-{digits_per_image[1]}"
-        f"_d{digit_size[0]}-{digit_size[1]}_seed{seed}_v{_FORMAT_VERSION}"
+        f"_d{digit_size[0]}-{digit_size[1]}{tail}_seed{seed}_v{_FORMAT_VERSION}"
     )
+
+
+def longtail_shares(imbalance_factor):
+    """
+    The class shares of a long-tailed split.
+
+    Args:
+        imbalance_factor (float): f >= 1, the ratio of the most to the least frequent class.
+
+    Returns:
+        ndarray: (K,) float64 shares summing to 1, ``p_c ∝ f^(-c / (K - 1))`` for digit c:
+            digit 0 the most frequent, digit K - 1 = 9 the least, p_0 / p_9 = f.
+    """
+    _check_factor("imbalance_factor", imbalance_factor)
+    num_classes = len(DIGIT_CLASSES)
+    shares = float(imbalance_factor) ** (-np.arange(num_classes) / (num_classes - 1))
+    return shares / shares.sum()
+
+
+class _LongTailSources:
+    """
+    Picks source digits whose classes follow :func:`longtail_shares` by quota: after k
+    digits, class c has been picked about ``p_c * k`` times. Each digit goes to the class
+    whose count lags its quota most, plus a uniform jitter in [0, 1) so that classes close
+    to their quota take turns in a random order; the source digit is then drawn uniformly
+    from the pool's digits of that class. Counts carry over between the images of a split.
+    """
+
+    def __init__(self, pool, labels, imbalance_factor):
+        self.shares = longtail_shares(imbalance_factor)
+        self.by_class = [pool[labels[pool] == c] for c in range(len(self.shares))]
+        self.counts = np.zeros(len(self.shares), np.int64)
+
+    def __call__(self, rng, count):
+        jitter = rng.random((count, len(self.shares)))
+        classes = []
+        for u in jitter:
+            lag = self.shares * (self.counts.sum() + 1) - self.counts
+            c = int(np.argmax(lag + u))
+            self.counts[c] += 1
+            classes.append(c)
+        sizes = np.array([len(self.by_class[c]) for c in classes], np.int64)
+        picks = rng.integers(0, sizes)
+        return [int(self.by_class[c][i]) for c, i in zip(classes, picks.tolist())]
+
+
+def _uniform_sources(pool):
+    """Picks source digits uniformly from ``pool``: the class shares are the pool's."""
+    return lambda rng, count: rng.choice(pool, size=count).tolist()
 
 
 def _iou(a, b):
@@ -213,10 +302,11 @@ def _scaled_digit(image, side):
     return patch, (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-def _render_image(rng, pool, image_size, digits_per_image, digit_size):
+def _render_image(rng, pick_sources, image_size, digits_per_image, digit_size):
     """
     Draws one canvas. The random numbers of its digits (source, side,
-    brightness, every candidate position) are drawn up front, one call each.
+    brightness, every candidate position) are drawn up front, one call each;
+    ``pick_sources(rng, count)`` returns the ``count`` source indices.
 
     Returns:
         image (ndarray): (H, W) uint8 grayscale image.
@@ -224,7 +314,7 @@ def _render_image(rng, pool, image_size, digits_per_image, digit_size):
             every placed digit.
     """
     count = rng.integers(digits_per_image[0], digits_per_image[1] + 1)
-    indices = rng.choice(pool, size=count).tolist()
+    indices = pick_sources(rng, count)
     sides = np.rint(np.exp(rng.uniform(*np.log(digit_size), size=count))).astype(int)
     peaks = (rng.uniform(*_BRIGHTNESS, size=count) * (255 - _BACKGROUND)).tolist()
     tries = rng.integers(0, image_size - sides[:, None, None] + 1, size=(count, _MAX_TRIES, 2))
@@ -268,6 +358,7 @@ def generate_digits(
     digits_per_image=(3, 8),
     digit_size=(12, 40),
     seed=0,
+    imbalance_factor=None,
 ):
     """
     Writes a COCO-format detection data set of handwritten digits.
@@ -292,11 +383,19 @@ def generate_digits(
         digit_size (tuple[int, int]): inclusive range of the side in pixels a
             digit is scaled to, drawn log-uniformly; at most ``image_size``.
         seed (int): seed of the generator, >= 0.
+        imbalance_factor (float or None): None: each source digit is drawn
+            uniformly from the split's pool, so the class shares are the pool's
+            (the splits without a tail). A number f >= 1: the classes follow
+            :func:`longtail_shares` (digit 0 the most frequent, digit 9 f times
+            rarer), by quota over the digits drawn so far (every class within
+            about 2 digits of its share, see ``_LongTailSources``); f = 1 gives
+            balanced classes. A digit dropped for want of a place is not replaced,
+            so the realised counts can fall a little below the quota.
 
     Returns:
         str: path of ``annotations.json``.
     """
-    _check_args(split, num_images, image_size, digits_per_image, digit_size, seed)
+    _check_args(split, num_images, image_size, digits_per_image, digit_size, seed, imbalance_factor)
     json_file = os.path.join(out_dir, "annotations.json")
     if os.path.exists(json_file):
         return json_file
@@ -304,9 +403,14 @@ def generate_digits(
     labels = _source_digits()[1]
     pool = source_indices(split)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
+    pick_sources = (
+        _uniform_sources(pool)
+        if imbalance_factor is None
+        else _LongTailSources(pool, labels, imbalance_factor)
+    )
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        gray, objects = _render_image(rng, pool, image_size, digits_per_image, digit_size)
+        gray, objects = _render_image(rng, pick_sources, image_size, digits_per_image, digit_size)
         file_name = f"{image_id:06d}.png"
         _atomic_write(os.path.join(out_dir, "images", file_name), _png_bytes(gray))
         images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
@@ -334,6 +438,7 @@ def generate_digits(
                 digits_per_image=list(digits_per_image),
                 digit_size=list(digit_size),
                 seed=seed,
+                imbalance_factor=imbalance_factor,
             ),
         ),
         licenses=[],
@@ -359,6 +464,7 @@ def register_digits(
     digits_per_image=(3, 8),
     digit_size=(12, 40),
     seed=0,
+    imbalance_factor=None,
 ):
     """
     Registers a digits data set in Detectron2's ``DatasetCatalog`` and
@@ -376,10 +482,10 @@ def register_digits(
 
     Args:
         name (str): the data set name.
-        split, num_images, image_size, digits_per_image, digit_size, seed:
+        split, num_images, image_size, digits_per_image, digit_size, seed, imbalance_factor:
             as in :func:`generate_digits`.
     """
-    _check_args(split, num_images, image_size, digits_per_image, digit_size, seed)
+    _check_args(split, num_images, image_size, digits_per_image, digit_size, seed, imbalance_factor)
     params = dict(
         split=split,
         num_images=num_images,
@@ -387,6 +493,7 @@ def register_digits(
         digits_per_image=tuple(digits_per_image),
         digit_size=tuple(digit_size),
         seed=seed,
+        imbalance_factor=imbalance_factor,
     )
     out_dir = str(digits_root() / _cache_name(**params))
     if name in DatasetCatalog.list():
@@ -430,7 +537,10 @@ def register_all_digits():
     """
     Registers the built-in splits: ``digits_train`` (2,000 images),
     ``digits_val`` (300), and ``digits_train_tiny`` (16) / ``digits_val_tiny``
-    (8) for tests and smoke runs; all 128 x 128. Then, for every side S in
+    (8) for tests and smoke runs; the long-tailed ``digits_train_lt100`` and
+    ``digits_train_lt10`` (2,000 images, imbalance factor 100 and 10) and their
+    balanced val split ``digits_val_lt`` (300 images, factor 1); all 128 x 128.
+    Then, for every side S in
     :data:`CANVAS_SIZES`, ``digits_train_sS`` (2,000 images) and
     ``digits_val_sS`` (300): the parameters of ``digits_train`` /
     ``digits_val`` with ``image_size=S`` and nothing else changed (same seed,
