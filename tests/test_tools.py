@@ -763,6 +763,19 @@ def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
     assert calls[2][0] == (128, 256)
 
 
+def test_ablate_seeds_option_selects_a_subset(capsys):
+    ablate = load_tool("ablate")
+    assert ablate.select_seeds("1, 0", ablate.PRESETS["longtail"]) == (0, 1)
+    with pytest.raises(
+        ValueError, match=r"--seeds must be comma-separated seeds from \(0, 1\), got '2'"
+    ):
+        ablate.select_seeds("2", ablate.PRESETS["longtail"])
+    ablate.main(["--preset", "longtail", "--seeds", "1", "--list", "--rows", "fl_ls0.1,ce_a0.75"])
+    out = capsys.readouterr().out
+    assert "preset longtail: 2 runs;" in out
+    assert "fl_ls0.1 seed 1:" in out and "seed 0:" not in out
+
+
 def test_ablate_canvases_option_selects_a_subset(capsys):
     ablate = load_tool("ablate")
     preset = ablate.PRESETS["imbalance"]

@@ -43,7 +43,7 @@ by canvas to ``results.md``. Rows whose loss is not registered (or whose
 keys do not exist) are reported and left out when the preset picks them,
 and are an error when ``--rows`` asks for them. ``--canvases`` runs a subset
 of the canvases (the tables then show that subset; a last call without it
-tabulates everything finished).
+tabulates everything finished); ``--seeds`` likewise runs a subset of the seeds.
 
 The long-tail presets (``longtail``: imbalance factor 100, ``longtail10``: 10)
 train on ``digits_train_lt<f>`` (digit 0 the most frequent class, digit 9 f
@@ -543,15 +543,25 @@ def select_canvases(text: str, preset_name: str, preset: Preset) -> Tuple[int, .
         raise ValueError(
             f"--canvases: preset {preset_name!r} has no canvases; presets with canvases: {with_canvases}"
         )
+    return _subset(text, preset.canvases, "--canvases", "sides")
+
+
+def select_seeds(text: str, preset: Preset) -> Tuple[int, ...]:
+    """The seeds of ``--seeds`` (comma-separated), which must be among the seeds of ``preset``."""
+    return _subset(text, preset.seeds, "--seeds", "seeds")
+
+
+def _subset(text: str, allowed: Sequence[int], option: str, what: str) -> Tuple[int, ...]:
+    """The sorted integers of comma-separated ``text``; an error naming ``option`` unless a non-empty subset of ``allowed``."""
     try:
-        sides = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+        values = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
     except ValueError:
-        sides = ()
-    if not sides or not set(sides) <= set(preset.canvases):
+        values = ()
+    if not values or not set(values) <= set(allowed):
         raise ValueError(
-            f"--canvases must be comma-separated sides from {preset.canvases}, got {text!r}"
+            f"{option} must be comma-separated {what} from {tuple(allowed)}, got {text!r}"
         )
-    return sides
+    return values
 
 
 def row_problem(row: Row) -> Optional[str]:
@@ -1045,6 +1055,11 @@ def get_parser():
         "(presets with canvases; default: all of them)",
     )
     parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds, a subset of the preset's (default: all of them; "
+        "a last call without it tabulates every seed finished)",
+    )
+    parser.add_argument(
         "--list", action="store_true", help="print the runs and their commands, train nothing"
     )
     parser.add_argument(
@@ -1074,6 +1089,8 @@ def main(argv=None):
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.canvases:
         preset = replace(preset, canvases=select_canvases(args.canvases, args.preset, preset))
+    if args.seeds:
+        preset = replace(preset, seeds=select_seeds(args.seeds, preset))
     rows, left_out = drop_rows_that_cannot_run(
         select_rows(args.rows, preset), asked=bool(args.rows)
     )
