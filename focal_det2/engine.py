@@ -298,7 +298,7 @@ class FocalTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-            # N processes with all cores' threads each oversubscribe the CPU (8x slower, measured).
+            # N processes with all cores' threads each would oversubscribe the CPU.
             threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
             torch.set_num_threads(threads)
             logger.info(f"{comm.get_local_size()} processes on the CPU: {threads} threads each.")

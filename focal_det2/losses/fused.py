@@ -14,8 +14,8 @@ logits is read once and the gradient is written once:
   written straight into one logits-sized tensor, kept by the autograd
   Function and scaled in place by the incoming gradient in backward. A second
   backward through a retained graph recomputes it from the saved logits.
-  (Recomputing it in every backward instead costs the transcendental
-  functions twice: 1.8x slower, measured.)
+  (Recomputing it in every backward instead would take the transcendental
+  functions twice.)
 * Nothing else grows with the logits: a chunk's scratch buffers are gradient
   rows not written yet (those after the chunk, see :func:`_row_chunks`), and
   per-anchor weights and sums are taken chunk by chunk. On the CPU the extra
@@ -25,10 +25,11 @@ logits is read once and the gradient is written once:
   ignored anchors (label -1) get zero loss and zero gradient.
 * Everything is written with ``exp(-|x|)`` and ``log(1 + exp(-|x|))``,
   never ``log(p)``, so float32 logits in [-100, 100] give a finite loss and
-  gradient. ``exp`` is taken as ``exp2``, 2x faster on the CPU; on CPUs
-  where PyTorch dispatches AVX-512 kernels ATen's ``log1p`` costs 10x
+  gradient. ``exp`` is taken as ``exp2``, faster on the CPU; on CPUs where
+  PyTorch dispatches AVX-512 kernels ATen's ``log1p`` costs many times
   ``log``, and ``log(1 + t)`` is then taken from ``log`` with an exact
-  correction (:func:`_log1p_exp_neg_abs`).
+  correction (:func:`_log1p_exp_neg_abs`). ``benchmarks/bench_loss.py``
+  measures these per-element costs (its op table; README "The loss on the CPU").
 
 Backends (:mod:`.backends`, chosen and logged once per device type): CUDA tensors
 take the Triton kernels of :mod:`focal_det2.losses.triton_kernels` (one
@@ -263,7 +264,7 @@ def sigmoid_focal_terms(
     with ``softplus(z) = max(z, 0) + log1p(exp(-|z|))`` and, for gamma other
     than 0, 1 and 2, ``sigmoid(z)^gamma = exp(gamma * (min(z, 0) - log1p(exp(-|z|))))``:
     finite for any finite ``z``. ``exp(-|z|)`` is taken as ``exp2(-|z| log2(e))``,
-    twice as fast as ``exp`` on the CPU, and ``s + g (1 - s)`` as ``lerp(s, 1, g)``.
+    faster than ``exp`` on the CPU, and ``s + g (1 - s)`` as ``lerp(s, 1, g)``.
 
     Args:
         z (Tensor): logits, any shape.
