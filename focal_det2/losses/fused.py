@@ -327,18 +327,17 @@ def smoothed_focal_terms(
         psi(z)  = u^gamma * BCE(z, delta),  u = 1 - p_t = (1 - delta) s + delta (1 - s),
         psi'(z) = u^gamma * ((s - delta) + gamma * BCE(z, delta) * (1 - 2 delta) * s (1 - s) / u),
 
-    with ``s = sigmoid(z)`` and ``BCE(z, delta) = log1p(exp(-|z|)) + (1 -
-    delta) max(z, 0) + delta max(-z, 0)``: no cancellation, and ``u >= delta``
+    with ``s = sigmoid(z)`` and ``BCE(z, delta) = log1p(exp(-|z|)) + max(z, 0)
+    - delta z`` (every term >= 0 but the last, at most ``delta |z|``), and ``u >= delta``
     keeps ``1 / u`` finite at gamma 0. At delta 0 this is ``phi`` of
     :func:`sigmoid_focal_terms`. Fresh tensors (label smoothing is off the
     hot path); arguments as in :func:`sigmoid_focal_terms`.
     """
     e = torch.abs(z).mul_(-_LOG2_E).exp2_()  # exp(-|z|)
-    bce = _log1p_exp_neg_abs(z, out=None, tmp=None)
-    bce.add_(torch.clamp_min(z, 0), alpha=1 - delta).add_(torch.clamp_max(z, 0), alpha=-delta)
-    r = e.add(1).reciprocal_()
-    s = torch.where(z >= 0, r, e * r)  # sigmoid(z)
-    s_neg = torch.where(z >= 0, e * r, r)  # sigmoid(-z), without cancellation
+    # BCE(z, delta) = log1p(e) + max(z, 0) - delta z
+    bce = _log1p_(e.clone(), tmp=None).add_(torch.clamp_min(z, 0)).sub_(z, alpha=delta)
+    s = torch.sigmoid(z)
+    s_neg = torch.sigmoid(torch.neg(z, out=e))  # sigmoid(-z): 1 - s without cancellation
     u = torch.lerp(s_neg, s, 1 - delta)  # delta s_neg + (1 - delta) s
     modulator = _times(u.pow(gamma), weight)  # 0^0 = 1
     loss = bce * modulator
@@ -372,8 +371,12 @@ def _log1p_exp_neg_abs(z: Tensor, out: Optional[Tensor], tmp: Optional[Tensor]) 
     relative to the result: float32 precision for any ``t`` in (0, 1], also
     where ``1 + t`` rounds to 1.
     """
-    t = torch.abs(z, out=out).mul_(-_LOG2_E).exp2_()
-    if not _slow_log1p(z.device):
+    return _log1p_(torch.abs(z, out=out).mul_(-_LOG2_E).exp2_(), tmp)
+
+
+def _log1p_(t: Tensor, tmp: Optional[Tensor]) -> Tensor:
+    """``log(1 + t)`` in place, ``t`` in (0, 1], as :func:`_log1p_exp_neg_abs` takes it."""
+    if not _slow_log1p(t.device):
         return t.log1p_()
     v = torch.add(t, 1, out=tmp).sub_(1)
     return t.sub_(v).add_(v.add_(1).log_())
@@ -741,7 +744,7 @@ def _uniform_softmax_terms(
     exp(x_j - max x)``, ``m`` the first column of the largest logit, ``S_m =
     sum_{j != m} e_j``, ``Z = 1 + S_m`` and ``S_j = Z - e_j`` (>= 1) for ``j != m``:
 
-        log p_j = (x_j - max x) - log1p(S_m),  log(1 - p_j) = -log1p(e_j / S_j),
+        log p_j = (x_j - max x) - log1p(S_m),  log(1 - p_j) = log(S_j) - log1p(S_m),
         FL_j = -(1 - p_j)^gamma log p_j,
         G_j = w_j (1 - p_j)^gamma (gamma p_j log(p_j) / S_j - 1 / Z),
         d/dx_i = Z G_i - e_i sum_j G_j,
@@ -761,8 +764,9 @@ def _uniform_softmax_terms(
     s_top = e.scatter(1, top, 0.0).sum(dim=1, keepdim=True)
     z = s_top + 1
     others = torch.sub(z, e).scatter_(1, top, s_top).clamp_min_(torch.finfo(x.dtype).tiny)
-    log_p = (x - x_max).sub_(torch.log1p(s_top))
-    log_1m_p = torch.log1p(e / others).neg_()
+    log_z = torch.log1p(s_top)  # (R, 1)
+    log_p = (x - x_max).sub_(log_z)
+    log_1m_p = torch.log(others).sub_(log_z)  # log(S_j / Z); log, not log1p: slow on AVX-512
     modulator = torch.exp(gamma * log_1m_p) if gamma >= _TINY_GAMMA else torch.ones_like(x)
     weighted = modulator.mul_(weight)
     loss = (weighted * log_p).sum().neg_()
