@@ -954,7 +954,7 @@ def test_ablate_longtail_presets_rows_and_groups():
         preset = ablate.PRESETS[name]
         assert [r.name for r in ablate.select_rows(None, preset)] == list(LONGTAIL_SETTINGS)
         assert preset.seeds == (0, 1) and preset.iters == 1000
-        assert preset.cost.startswith("not run yet")
+        assert preset.cost.startswith("14 runs")
     # the columns: the 3 rarest and the 3 most frequent digits of the long-tailed splits
     from focal_det2.data import DIGIT_CLASSES, longtail_shares
 
