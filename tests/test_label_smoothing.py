@@ -218,6 +218,28 @@ def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch):
     torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", SMOOTHED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_kernels_match_the_reference(name, dtype):
+    """The compiled Triton kernels (the default on CUDA) on a GPU, against the float64 reference."""
+    backends._reset_backend()
+    loss = smoothed(name, 0.1, 8, class_alpha=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
+    logits, labels = batch(loss.num_logits, 8, n=5000, dtype=torch.float32)
+    logits = logits.to(dtype)
+    x = logits.cuda().requires_grad_()
+    value = loss(x, labels.cuda())
+    value.backward()
+    x_ref = logits.double().requires_grad_()
+    ref = loss.reference_loss(x_ref, labels)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # half-precision gradients
+    torch.testing.assert_close(value.cpu().double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        x.grad.cpu().double(), x_ref.grad, rtol=tol, atol=tol * x_ref.grad.abs().max().item()
+    )
+
+
 # ----------------------------------------------------------------------------- config and model
 
 
