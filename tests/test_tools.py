@@ -776,6 +776,14 @@ def test_ablate_seeds_option_selects_a_subset(capsys):
     assert "fl_ls0.1 seed 1:" in out and "seed 0:" not in out
 
 
+def test_ablate_tables_option_tabulates_without_training(tmp_path, capsys, monkeypatch):
+    ablate = load_tool("ablate")
+    monkeypatch.setattr(ablate, "train_run", lambda *a, **k: pytest.fail("--tables trained a run"))
+    ablate.main(["--preset", "tiny", "--tables", "--output-dir", str(tmp_path)])
+    assert "0 of 2 runs finished" in capsys.readouterr().out
+    assert (tmp_path / "results.md").exists() and (tmp_path / "runs.csv").exists()
+
+
 def test_ablate_canvases_option_selects_a_subset(capsys):
     ablate = load_tool("ablate")
     preset = ablate.PRESETS["imbalance"]

@@ -43,7 +43,8 @@ by canvas to ``results.md``. Rows whose loss is not registered (or whose
 keys do not exist) are reported and left out when the preset picks them,
 and are an error when ``--rows`` asks for them. ``--canvases`` runs a subset
 of the canvases (the tables then show that subset; a last call without it
-tabulates everything finished); ``--seeds`` likewise runs a subset of the seeds.
+tabulates everything finished; ``--tables`` tabulates the finished runs
+without training the others); ``--seeds`` likewise runs a subset of the seeds.
 
 The long-tail presets (``longtail``: imbalance factor 100, ``longtail10``: 10)
 train on ``digits_train_lt<f>`` (digit 0 the most frequent class, digit 9 f
@@ -1064,6 +1065,11 @@ def get_parser():
         "--list", action="store_true", help="print the runs and their commands, train nothing"
     )
     parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="write the tables of the finished runs (results.md, results.csv, runs.csv), train nothing",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show the runs' logs instead of writing stdout.log"
     )
     parser.add_argument(
@@ -1121,6 +1127,9 @@ def main(argv=None):
         )
         results[(run.row.name, run.seed)] = result
     write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
+    if args.tables:
+        print(f"{len(results)} of {len(runs)} runs finished; tables: {output_dir}/results.md")
+        return
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
