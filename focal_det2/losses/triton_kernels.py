@@ -70,76 +70,37 @@ def _log1p(a):
 
 
 @triton.jit
-def _focal_terms(
-    z,
-    e,
-    w,
-    sign,
-    gamma,
-    out_ptr,
-    grad_loss_ptr,
-    start,
-    pid,
-    mask,
-    BLOCK: tl.constexpr,
-    GRAD: tl.constexpr,
-):
-    """The hard-target branch of :func:`_sigmoid_kernel`: ``phi`` and ``phi'`` at ``z``, ``e = exp(-|z|)``."""
+def _focal_terms(z, e, w, gamma):
+    """
+    The hard-target terms of :func:`_sigmoid_kernel` at ``z`` (``e = exp(-|z|)``):
+    ``w phi(z)`` and ``w phi'(z)``.
+    """
     log1p_e = _log1p_unit(e)
     softplus = tl.maximum(z, 0.0) + log1p_e
     # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
     modulator = tl.exp2((gamma * 1.4426950408889634) * (tl.minimum(z, 0.0) - log1p_e))
     wm = w * modulator
-    if GRAD:
-        r = tl.fdiv(1.0, 1.0 + e)
-        s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
-        s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
-        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
-        grad = wm * (s + gamma * softplus * s_neg) * (sign * grad_loss)
-        tl.store(
-            out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask
-        )
-    else:
-        tl.store(out_ptr + pid, tl.sum(wm * softplus, axis=0))
+    r = tl.fdiv(1.0, 1.0 + e)
+    s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
+    s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
+    return wm * softplus, wm * (s + gamma * softplus * s_neg)
 
 
 @triton.jit
-def _smoothed_terms(
-    z,
-    e,
-    w,
-    sign,
-    gamma,
-    delta,
-    out_ptr,
-    grad_loss_ptr,
-    start,
-    pid,
-    mask,
-    BLOCK: tl.constexpr,
-    GRAD: tl.constexpr,
-):
-    """The SMOOTH branch of :func:`_sigmoid_kernel`: ``psi`` and ``psi'`` at ``z``, ``e = exp(-|z|)``."""
+def _smoothed_terms(z, e, w, gamma, delta):
+    """
+    The SMOOTH terms of :func:`_sigmoid_kernel` at ``z`` (``e = exp(-|z|)``):
+    ``w psi(z)`` and ``w psi'(z)``.
+    """
     bce = _log1p_unit(e) + (1.0 - delta) * tl.maximum(z, 0.0) + delta * tl.maximum(-z, 0.0)
     r = tl.fdiv(1.0, 1.0 + e)
     s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
     s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z)
     u = (1.0 - delta) * s + delta * s_neg  # 1 - p_t >= min(delta, 1 - delta) > 0
     wm = w * tl.exp2(gamma * tl.log2(u))
-    if GRAD:
-        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
-        bend = (
-            gamma
-            * (1.0 - 2.0 * delta)
-            * bce
-            * tl.fdiv(s * s_neg, tl.maximum(u, 1.1754943508222875e-38))
-        )
-        grad = wm * ((s - delta) + bend) * (sign * grad_loss)
-        tl.store(
-            out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask
-        )
-    else:
-        tl.store(out_ptr + pid, tl.sum(wm * bce, axis=0))
+    ratio = tl.fdiv(s * s_neg, tl.maximum(u, 1.1754943508222875e-38))
+    bend = gamma * (1.0 - 2.0 * delta) * bce * ratio
+    return wm * bce, wm * ((s - delta) + bend)
 
 
 @triton.jit
@@ -207,11 +168,17 @@ def _sigmoid_kernel(
     z = sign * x + shift
     e = tl.exp2(-tl.abs(z) * 1.4426950408889634)  # exp(-|z|), in (0, 1]
     if SMOOTH:
-        _smoothed_terms(
-            z, e, w, sign, gamma, delta, out_ptr, grad_loss_ptr, start, pid, mask, BLOCK, GRAD
+        loss, slope = _smoothed_terms(z, e, w, gamma, delta)
+    else:
+        loss, slope = _focal_terms(z, e, w, gamma)
+    if GRAD:
+        grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+        grad = slope * (sign * grad_loss)
+        tl.store(
+            out_ptr + start + tl.arange(0, BLOCK), grad.to(out_ptr.dtype.element_ty), mask=mask
         )
     else:
-        _focal_terms(z, e, w, sign, gamma, out_ptr, grad_loss_ptr, start, pid, mask, BLOCK, GRAD)
+        tl.store(out_ptr + pid, tl.sum(loss, axis=0))
 
 
 @triton.jit
