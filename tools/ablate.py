@@ -127,6 +127,14 @@ class Row:
         )
 
 
+# The long-tail rows' options: FL's gamma and alpha, and class-balanced weights at beta.
+_G2_A25 = ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25)
+
+
+def _class_balanced(beta: float) -> tuple:
+    return ("MODEL.FOCAL.CLASS_WEIGHTING", "effective_number", "MODEL.FOCAL.CB_BETA", beta)
+
+
 ROWS = (
     # Table 1(a): alpha-balanced CE (gamma 0).
     Row(
@@ -246,16 +254,7 @@ ROWS = (
             f"fl_cb{beta}",
             f"FL, γ=2, α=.25, class-balanced β={beta}",
             "sigmoid_focal_R18_FPN_1x",
-            (
-                "MODEL.FOCAL.GAMMA",
-                2.0,
-                "MODEL.FOCAL.ALPHA",
-                0.25,
-                "MODEL.FOCAL.CLASS_WEIGHTING",
-                "effective_number",
-                "MODEL.FOCAL.CB_BETA",
-                beta,
-            ),
+            _G2_A25 + _class_balanced(beta),
         )
         for beta in (0.99, 0.999, 0.9999)
     ),
@@ -263,22 +262,13 @@ ROWS = (
         "softmax_fl_cb0.999",
         "softmax FL, γ=2, α=.25, class-balanced β=0.999",
         "softmax_focal_R18_FPN_1x",
-        (
-            "MODEL.FOCAL.GAMMA",
-            2.0,
-            "MODEL.FOCAL.ALPHA",
-            0.25,
-            "MODEL.FOCAL.CLASS_WEIGHTING",
-            "effective_number",
-            "MODEL.FOCAL.CB_BETA",
-            0.999,
-        ),
+        _G2_A25 + _class_balanced(0.999),
     ),
     Row(
         "fl_ls0.1",
         "FL, γ=2, α=.25, label smoothing 0.1",
         "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25, "MODEL.FOCAL.LABEL_SMOOTHING", 0.1),
+        _G2_A25 + ("MODEL.FOCAL.LABEL_SMOOTHING", 0.1),
     ),
 )
 
