@@ -127,7 +127,7 @@ class Row:
         )
 
 
-# The long-tail rows' options: FL's gamma and alpha, and class-balanced weights at beta.
+# Rows' shared options: gamma 2 and alpha .25, and class-balanced weights at beta.
 _G2_A25 = ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25)
 
 
@@ -177,7 +177,7 @@ ROWS = (
         "fl_g2_a0.25",
         "FL, γ=2, α=.25",
         "sigmoid_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25),
+        _G2_A25,
         paper=(34.0, 52.5, 36.5),
     ),
     Row(
@@ -192,7 +192,7 @@ ROWS = (
         "softmax_fl_g2",
         "softmax FL, γ=2, α=.25",
         "softmax_focal_R18_FPN_1x",
-        ("MODEL.FOCAL.GAMMA", 2.0, "MODEL.FOCAL.ALPHA", 0.25),
+        _G2_A25,
     ),
     Row(
         "fl_star_g2_b1",
