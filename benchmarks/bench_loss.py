@@ -115,8 +115,9 @@ IMPLS = {**_our_impls(), **PEERS}
 def _measured_by_default(name: str) -> bool:
     """
     Ours at the default backend, and the _eager/_compile variants of BACKEND_VARIANTS_MEASURED.
-    Losses that select anchors by their predicted boxes (ohem) are left out: their NMS over
-    random boxes, not the loss kernel, takes the time (``--impls ours_ohem`` measures them).
+    Losses that select anchors by their predicted boxes (ohem) are left out: their time is
+    the selection (per-anchor losses, a sort, NMS over random boxes), not a loss kernel
+    (``--impls ours_ohem`` measures them).
     """
     from focal_det2.losses import registered_losses
 

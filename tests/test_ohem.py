@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import build_loss
+from torchvision.ops import nms
 
 from focal_det2.losses.ohem import anchor_losses
 
@@ -110,6 +111,80 @@ def test_nms_drops_the_easier_of_two_overlapping_anchors():
     assert kept.tolist() == [-1, K, K]
     kept = ohem(batch=2, nms=1.0).select(logits, labels, boxes=boxes, num_images=1)
     assert kept.tolist() == [K, K, -1]  # without NMS: the two hardest
+
+
+def grid_boxes(n, start=0):
+    """n disjoint 10 x 10 boxes (no two overlap), the i-th at row/column ``start + i``."""
+    i = torch.arange(start, start + n, dtype=torch.float32)
+    x, y = (i % 50) * 20, (i // 50) * 20
+    return torch.stack([x, y, x + 10, y + 10], dim=1)
+
+
+def background_ranked(n):
+    """n background anchors, anchor i harder than anchor i + 1 (its loss falls with i)."""
+    logits = torch.full((n, K), -10.0, dtype=F64)
+    logits[:, 0] = 5.0 - 0.05 * torch.arange(n, dtype=F64)
+    return logits, torch.full((n,), K)
+
+
+def test_nms_looks_past_the_hardest_anchors_when_they_overlap():
+    # The 20 hardest anchors predict one box: NMS keeps the first of them, then the next 3
+    # apart, whatever prefix of the ranking it looks at first.
+    logits, labels = background_ranked(100)
+    boxes = torch.cat([grid_boxes(1).expand(20, 4), grid_boxes(80, start=1)])
+    kept = ohem(batch=4, nms=0.5).select(logits, labels, boxes=boxes, num_images=1) >= 0
+    assert kept.nonzero().squeeze(1).tolist() == [0, 20, 21, 22]
+
+
+def test_nms_with_a_ratio_finds_easy_positives_at_the_end_of_the_ranking():
+    # 60 hard background anchors, then 3 easy positives; positive 61 predicts the box of
+    # background anchor 0, which is harder, so NMS removes it.
+    logits, labels = background_ranked(63)
+    logits[60:] = torch.tensor([8.0, -8, -8], dtype=F64)
+    labels[60:] = 0
+    boxes = grid_boxes(63)
+    boxes[61] = boxes[0]
+    kept = ohem(batch=8, nms=0.5, pos_fraction=0.25).select(
+        logits, labels, boxes=boxes, num_images=1
+    )
+    assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 60, 62]
+
+
+def test_nms_with_a_ratio_looks_past_overlapping_negatives():
+    # Two hard positives, then 32 background anchors predicting one box: NMS keeps the first
+    # of those, and the ratio's other 5 negatives come from further down the ranking.
+    logits, labels = background_ranked(80)
+    logits[:2] = torch.tensor([-20.0, -10, -10], dtype=F64)
+    labels[:2] = 0
+    boxes = grid_boxes(80)
+    boxes[2:34] = boxes[2]
+    kept = ohem(batch=8, nms=0.5, pos_fraction=0.25).select(
+        logits, labels, boxes=boxes, num_images=1
+    )
+    assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 34, 35, 36, 37, 38]
+
+
+@pytest.mark.parametrize("pos_fraction", [0.0, 0.25])
+def test_nms_minibatch_is_that_of_nms_over_every_anchor(pos_fraction):
+    g = torch.Generator().manual_seed(6)
+    n, batch = 3000, 16
+    logits, labels = random_problem(n=n, seed=6)
+    labels[labels.clamp_min(0) < K] = K  # mostly background, like a detector's anchors
+    labels[torch.randperm(n, generator=g)[:60]] = torch.randint(0, K, (60,), generator=g)
+    centres = torch.rand(n, 2, generator=g) * 200  # boxes crowd: NMS keeps about 1 in 20
+    boxes = torch.cat([centres, centres + 30], dim=1)
+    kept = ohem(batch=batch, nms=0.5, pos_fraction=pos_fraction).select(
+        logits, labels, boxes=boxes, num_images=1
+    )
+    losses = written_out_losses(logits, labels, 0.25)
+    valid = (labels >= 0).nonzero().squeeze(1)
+    ranked = valid[nms(boxes[valid], losses[valid].float(), 0.5)]  # NMS over every anchor
+    if pos_fraction:
+        positives, negatives = ranked[labels[ranked] < K], ranked[labels[ranked] == K]
+        want = torch.cat([positives[:4], negatives[:12]])  # 16 x 0.25 positives, 3 negatives each
+    else:
+        want = ranked[:batch]
+    assert sorted((kept >= 0).nonzero().squeeze(1).tolist()) == sorted(want.tolist())
 
 
 def test_positive_fraction_keeps_one_positive_per_three_negatives():
