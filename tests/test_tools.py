@@ -619,14 +619,17 @@ def test_ablate_imbalance_preset_config_of_every_row_and_canvas():
     assert not left_out
     ohem_runs = [r for r in runs if r.row.setting in ohem]
     assert {(r.row.setting, r.row.canvas, r.seed) for r in ohem_runs} == {
-        (s, 768, k) for s in ohem for k in (0, 1)
+        (s, c, k) for s in ohem for c in (512, 768) for k in (0, 1)
     }
     for run in ohem_runs:
         cfg = _run_cfg(run)
-        assert cfg.MODEL.FOCAL.LOSS == "ohem" and cfg.DATASETS.TRAIN == ("digits_train_s768",)
+        side = run.row.canvas
+        assert cfg.MODEL.FOCAL.LOSS == "ohem" and cfg.DATASETS.TRAIN == (f"digits_train_s{side}",)
         assert (cfg.MODEL.FOCAL.OHEM.BATCH_PER_IMAGE, cfg.MODEL.FOCAL.OHEM.NMS_THRESH) == (128, 0.5)
         assert cfg.MODEL.FOCAL.ALPHA == 0.75
-    assert [_run_cfg(r).MODEL.FOCAL.OHEM.POS_FRACTION for r in ohem_runs] == [0.0, 0.0, 0.25, 0.25]
+    assert [_run_cfg(r).MODEL.FOCAL.OHEM.POS_FRACTION for r in ohem_runs] == [
+        0.25 if "1to3" in r.row.setting else 0.0 for r in ohem_runs
+    ]
 
 
 def test_ablate_other_presets_keep_their_rows():
@@ -675,7 +678,7 @@ def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys)
         ["--preset", "imbalance", "--rows", "ohem*", "--list", "--output-dir", str(tmp_path)]
     )
     out = capsys.readouterr().out
-    assert "Rows left out" not in out and "preset imbalance: 4 runs;" in out
+    assert "Rows left out" not in out and "preset imbalance: 8 runs;" in out
 
 
 def _fake_result(ap, seed):
@@ -813,10 +816,11 @@ def test_ablate_canvases_option_selects_a_subset(capsys):
     assert (
         "s256/ce_a0.75 seed 0:" in out and "s512/fl_g2_a0.25 seed 1:" in out and "s768/" not in out
     )
-    # OHEM rows run at 768 px only, whatever the canvases chosen
-    restricted = ablate.replace(preset, canvases=(128, 256))
+    # OHEM rows run at 512 and 768 px only, whatever the canvases chosen
+    restricted = ablate.replace(preset, canvases=(128, 256, 512))
     ohem = [r for r in ablate.ROWS if r.name in ablate.OHEM_ROWS]
-    assert restricted.expand(ohem) == [] and [r.canvas for r in preset.expand(ohem)] == [768, 768]
+    assert [r.canvas for r in restricted.expand(ohem)] == [512, 512]
+    assert [r.canvas for r in preset.expand(ohem)] == [512, 512, 768, 768]
 
 
 # --- plot_imbalance ------------------------------------------------------------------
