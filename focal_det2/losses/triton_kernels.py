@@ -38,9 +38,10 @@ __all__ = ["sigmoid_family", "softmax_family"]
 # elements per program. The softmax kernel takes SOFTMAX_ELEMENTS / next_pow2(C)
 # rows per program, one warp each: Triton lays a (rows, 128) block out one row
 # per warp instruction, and with more warps it would spread a row over several
-# warps, whose row reductions then go through shared memory.
+# warps, whose row reductions then go through shared memory. Both chosen by a
+# launch sweep on the GPU (README "Performance" says which and what it gave).
 SIGMOID_BLOCK, SIGMOID_WARPS = 4096, 8
-SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 1024, 1
+SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 512, 1
 
 
 @triton.jit
