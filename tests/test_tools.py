@@ -951,6 +951,7 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
 LONGTAIL_SETTINGS = {
     "ce_a0.75": ("cross_entropy", None, 0.75, "none", None, None),
     "fl_g2_a0.25": ("sigmoid_focal", 2.0, 0.25, "none", None, None),
+    "softmax_fl_g2": ("softmax_focal", 2.0, 0.25, "none", None, None),
     "fl_cb0.99": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.99, None),
     "fl_cb0.999": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.999, None),
     "fl_cb0.9999": ("sigmoid_focal", 2.0, 0.25, "effective_number", 0.9999, None),
@@ -966,7 +967,7 @@ def test_ablate_longtail_presets_rows_and_groups():
         preset = ablate.PRESETS[name]
         assert [r.name for r in ablate.select_rows(None, preset)] == list(LONGTAIL_SETTINGS)
         assert preset.seeds == (0, 1) and preset.iters == 1000
-        assert preset.cost.startswith("14 runs")
+        assert preset.cost.startswith("16 runs")
     # the columns: the 3 rarest and the 3 most frequent digits of the long-tailed splits
     from focal_det2.data import DIGIT_CLASSES, longtail_shares
 
