@@ -945,6 +945,49 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
         tool.sweep(str(other))
 
 
+def _keep_runs(folder, keep):
+    """Leaves only the lines of folder/runs.csv for which keep(line) holds."""
+    with open(folder / "runs.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    with open(folder / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+        writer.writeheader()
+        writer.writerows(line for line in lines if keep(line))
+
+
+def test_plot_imbalance_reads_several_folders_as_one(tmp_path, capsys):
+    tool = load_tool("plot_imbalance")
+    whole = tool.sweep(str(_synthetic_sweep(tmp_path / "whole")))
+    # the same runs, made in three calls: 128 px; 256-768 px seed 0; 256-768 px seed 1
+    small = _synthetic_sweep(tmp_path / "small", canvases=(128,))
+    seed0 = _synthetic_sweep(tmp_path / "seed0", canvases=(256, 512, 768))
+    seed1 = _synthetic_sweep(tmp_path / "seed1", canvases=(256, 512, 768))
+    _keep_runs(seed0, lambda line: line["seed"] == "0")
+    _keep_runs(seed1, lambda line: line["seed"] == "1")
+    out = tmp_path / "merged.png"
+    tool.main([str(small), str(seed0), str(seed1), "--output", str(out), "--dpi", "20"])
+    merged = tool.sweep(str(small), str(seed0), str(seed1))
+    assert [p[0] for p in merged["ce_a0.75"]] == [p[0] for p in whole["ce_a0.75"]]
+    assert [len(p[4]) for p in merged["ce_a0.75"]] == [2, 2, 2, 2]  # each canvas has both seeds
+    assert merged["ohem_b128_nms0.5"] == [(3600.0, 50.0, 50.0, 50.0, [50.0])]
+    assert out.exists()
+    # a run in two folders with two results is named with both folders
+    other = _synthetic_sweep(tmp_path / "other", canvases=(128, 256))  # other APs at 256 px
+    with pytest.raises(
+        ValueError, match=r"run \('ce_a0.75', 256, 0\) is in both .*seed0 and .*other"
+    ):
+        tool.sweep(str(seed0), str(other))
+    # a canvas measured differently in two folders
+    data = json.loads((other / "imbalance.json").read_text())
+    data["canvases"]["256"]["negatives_per_positive"] = 1.0
+    (other / "imbalance.json").write_text(json.dumps(data))
+    _keep_runs(other, lambda line: line["seed"] == "1")
+    with pytest.raises(
+        ValueError, match=r"the imbalance of canvas 256 is in both .*seed0 and .*other"
+    ):
+        tool.sweep(str(seed0), str(other))
+
+
 # --- ablate: the long-tail presets ---------------------------------------------------------
 
 # row -> (loss, gamma, alpha, class weighting, CB beta, label smoothing); gamma None: not read

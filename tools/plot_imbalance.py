@@ -4,11 +4,15 @@ AP against the foreground/background imbalance: the ``imbalance`` preset of
 ``tools/ablate.py``, one line per loss.
 
     python tools/plot_imbalance.py output/ablation/imbalance --output docs/imbalance_sweep.png
+    python tools/plot_imbalance.py out/cpu out/gpu --output sweep.png   # runs made apart
 
 Reads the preset's output folder: ``runs.csv`` (AP of every run, with its
 canvas and setting) and ``imbalance.json`` (per canvas, the negatives per
 positive anchor measured by ``tools/imbalance.py`` from the model's own
-``label_anchors`` on the train split). The x axis is that ratio (log scale),
+``label_anchors`` on the train split). Several folders (canvases, rows or
+seeds run in separate calls or on other machines) are read as one: a run
+(setting, canvas, seed) in two of them, or a canvas measured differently,
+is an error naming both. The x axis is that ratio (log scale),
 with the canvas sides on the top axis; each line joins a setting's mean AP
 over seeds, the bar spans the lowest to the highest seed and the small
 markers are the seeds themselves. A setting run at one canvas only (OHEM)
@@ -26,7 +30,7 @@ import csv
 import json
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -62,17 +66,17 @@ def read_imbalance(folder: str) -> Dict[int, float]:
     return {int(side): float(m["negatives_per_positive"]) for side, m in canvases.items()}
 
 
-def read_runs(folder: str) -> Dict[str, Dict[int, List[float]]]:
+def read_runs(folder: str) -> Dict[Tuple[str, int, int], float]:
     """
     Returns:
-        dict: setting -> canvas side -> AP of each seed that has one, from ``folder/runs.csv``.
+        dict: (setting, canvas side, seed) -> AP, of each run that has one, from ``folder/runs.csv``.
     """
     path = os.path.join(folder, RUNS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist: no run of the imbalance preset has finished there"
         )
-    series = {}
+    runs = {}
     with open(path, newline="") as f:
         for line in csv.DictReader(f):
             if not line.get("canvas"):
@@ -81,25 +85,42 @@ def read_runs(folder: str) -> Dict[str, Dict[int, List[float]]]:
                     "this is not the output of a preset with canvases (--preset imbalance)"
                 )
             if line["AP"] not in ("", "None"):
-                series.setdefault(line["setting"], {}).setdefault(int(line["canvas"]), []).append(
-                    float(line["AP"])
+                runs[(line["setting"], int(line["canvas"]), int(line["seed"]))] = float(line["AP"])
+    return runs
+
+
+def _merged(folders: Sequence[str], read, what: str) -> Dict:
+    """``read(folder)`` of every folder in one dict; a key in two folders must hold the same value."""
+    merged, source = {}, {}
+    for folder in folders:
+        for key, value in read(folder).items():
+            if key in merged and merged[key] != value:
+                raise ValueError(
+                    f"{what} {key} is in both {source[key]} and {folder}, with "
+                    f"{merged[key]} and {value}: pass folders whose runs do not overlap"
                 )
-    return series
+            merged[key], source[key] = value, folder
+    return merged
 
 
-def sweep(folder: str) -> Dict[str, List[Tuple[float, float, float, float, List[float]]]]:
+def sweep(*folders: str) -> Dict[str, List[Tuple[float, float, float, float, List[float]]]]:
     """
     Returns:
         dict: setting -> list of (negatives per positive, mean AP, lowest AP,
-            highest AP, AP of each seed), sorted by imbalance.
+            highest AP, AP of each seed), sorted by imbalance, over the runs of
+            every folder.
     """
-    ratio = read_imbalance(folder)
+    ratio = _merged(folders, read_imbalance, "the imbalance of canvas")
+    by_setting = {}
+    for (setting, side, _seed), ap in sorted(_merged(folders, read_runs, "run").items()):
+        by_setting.setdefault(setting, {}).setdefault(side, []).append(ap)
     result = {}
-    for setting, by_canvas in read_runs(folder).items():
+    for setting, by_canvas in by_setting.items():
         missing = sorted(set(by_canvas) - set(ratio))
         if missing:
+            files = ", ".join(os.path.join(f, IMBALANCE_FILE) for f in folders)
             raise ValueError(
-                f"{os.path.join(folder, IMBALANCE_FILE)} has no measurement for canvas {missing} "
+                f"{files} has no measurement for canvas {missing} "
                 f"of {setting!r}; measured: {sorted(ratio)}"
             )
         points = [
@@ -109,9 +130,11 @@ def sweep(folder: str) -> Dict[str, List[Tuple[float, float, float, float, List[
     return result
 
 
-def plot(folder: str, output: str, width: float = 8.0, height: float = 5.0, dpi: int = 100) -> Dict:
-    """Draws the sweep of ``folder`` into ``output`` and returns :func:`sweep`'s result."""
-    data = sweep(folder)
+def plot(
+    folders: Sequence[str], output: str, width: float = 8.0, height: float = 5.0, dpi: int = 100
+) -> Dict:
+    """Draws the sweep of ``folders`` into ``output`` and returns :func:`sweep`'s result."""
+    data = sweep(*folders)
     labels = _labels()
     fig, ax = plt.subplots(figsize=(width, height), dpi=dpi, layout="constrained")
     for setting, points in data.items():
@@ -129,7 +152,7 @@ def plot(folder: str, output: str, width: float = 8.0, height: float = 5.0, dpi:
                 color=line.get_color(),
                 alpha=0.6,
             )
-    ratio = read_imbalance(folder)
+    ratio = _merged(folders, read_imbalance, "the imbalance of canvas")
     ax.set_xscale("log")
     ax.set(
         xlabel="negative anchors per positive anchor (model's label_anchors, train split)",
@@ -155,7 +178,9 @@ def get_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("folder", help="output folder of `tools/ablate.py --preset imbalance`")
+    parser.add_argument(
+        "folders", nargs="+", help="output folders of `tools/ablate.py --preset imbalance`"
+    )
     add_figure_arguments(parser, "docs/imbalance_sweep.png", height=5.0)
     return parser
 
@@ -163,7 +188,7 @@ def get_parser():
 def main(argv=None) -> Dict:
     """Draws the figure, prints one line per setting and point, and returns :func:`sweep`'s result."""
     args = get_parser().parse_args(argv)
-    data = plot(args.folder, args.output, args.width, args.height, args.dpi)
+    data = plot(args.folders, args.output, args.width, args.height, args.dpi)
     print(f"{args.output}:")
     for setting, points in data.items():
         for x, mean, low, high, seeds in points:
