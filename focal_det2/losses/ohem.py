@@ -195,12 +195,12 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         minibatch is decided: the same minibatch as NMS over every anchor,
         without its cost (about R x survivors box comparisons, for R anchors).
         """
-        rank = -torch.arange(len(order), dtype=torch.float32, device=order.device)
+        # Scores falling with the position make NMS keep ``order``'s ranking, ties included.
+        scores = -torch.arange(len(order), dtype=torch.float32, device=order.device)
         m = 4 * self.batch_per_image
         while True:
             head = order[:m]
-            # Scores -rank make NMS keep ``order``'s ranking, ties between losses included.
-            kept = head[nms(boxes[head].float(), rank[:m], self.nms_thresh)]
+            kept = head[nms(boxes[head].float(), scores[:m], self.nms_thresh)]
             if m >= len(order) or self._decided(kept, labels, order[m:]):
                 return kept
             m *= 4
