@@ -955,7 +955,7 @@ def _keep_runs(folder, keep):
         writer.writerows(line for line in lines if keep(line))
 
 
-def test_plot_imbalance_reads_several_folders_as_one(tmp_path, capsys):
+def test_plot_imbalance_reads_several_folders_as_one(tmp_path):
     tool = load_tool("plot_imbalance")
     whole = tool.sweep(str(_synthetic_sweep(tmp_path / "whole")))
     # the same runs, made in three calls: 128 px; 256-768 px seed 0; 256-768 px seed 1
