@@ -110,7 +110,11 @@ def sweep(*folders: str) -> Dict[str, List[Tuple[float, float, float, float, Lis
             highest AP, AP of each seed), sorted by imbalance, over the runs of
             every folder.
     """
-    ratio = _merged(folders, read_imbalance, "the imbalance of canvas")
+    return _points(folders, _merged(folders, read_imbalance, "the imbalance of canvas"))
+
+
+def _points(folders: Sequence[str], ratio: Dict[int, float]) -> Dict:
+    """:func:`sweep` of ``folders``, given their merged imbalance ``ratio`` (canvas -> ratio)."""
     by_setting = {}
     for (setting, side, _seed), ap in sorted(_merged(folders, read_runs, "run").items()):
         by_setting.setdefault(setting, {}).setdefault(side, []).append(ap)
@@ -134,7 +138,8 @@ def plot(
     folders: Sequence[str], output: str, width: float = 8.0, height: float = 5.0, dpi: int = 100
 ) -> Dict:
     """Draws the sweep of ``folders`` into ``output`` and returns :func:`sweep`'s result."""
-    data = sweep(*folders)
+    ratio = _merged(folders, read_imbalance, "the imbalance of canvas")
+    data = _points(folders, ratio)
     labels = _labels()
     fig, ax = plt.subplots(figsize=(width, height), dpi=dpi, layout="constrained")
     for setting, points in data.items():
@@ -152,7 +157,6 @@ def plot(
                 color=line.get_color(),
                 alpha=0.6,
             )
-    ratio = _merged(folders, read_imbalance, "the imbalance of canvas")
     ax.set_xscale("log")
     ax.set(
         xlabel="negative anchors per positive anchor (model's label_anchors, train split)",

@@ -178,9 +178,14 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         num_pos, num_neg = self._quota(len(positives))
         return torch.cat([positives[:num_pos], negatives[: min(len(negatives), num_neg)]])
 
+    @property
+    def _max_positives(self) -> int:
+        """The most positives the ratio lets into a minibatch: ``floor(f * BATCH_PER_IMAGE)``."""
+        return math.floor(self.batch_per_image * self.pos_fraction)
+
     def _quota(self, num_positives: int) -> Tuple[int, int]:
         """Positives and negatives the ratio asks for when ``num_positives`` survive."""
-        num_pos = min(num_positives, math.floor(self.batch_per_image * self.pos_fraction))
+        num_pos = min(num_positives, self._max_positives)
         return num_pos, round(num_pos * (1 - self.pos_fraction) / self.pos_fraction)
 
     def _survivors(self, order: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
@@ -210,8 +215,7 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         if self.pos_fraction == 0:
             return len(kept) >= self.batch_per_image
         num_pos = int((labels[kept] < self.num_classes).sum())
-        short = num_pos < math.floor(self.batch_per_image * self.pos_fraction)
-        if short and bool((labels[rest] < self.num_classes).any()):
+        if num_pos < self._max_positives and bool((labels[rest] < self.num_classes).any()):
             return False  # a positive later in the ranking may still enter the minibatch
         return len(kept) - num_pos >= self._quota(num_pos)[1]
 
