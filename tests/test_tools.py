@@ -681,14 +681,15 @@ def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys)
     assert "Rows left out" not in out and "preset imbalance: 8 runs;" in out
 
 
-def _fake_result(ap, seed):
+def _fake_result(ap, seed, detections=None):
     metrics = dict(AP=ap, AP50=ap, AP75=ap, APs=ap, APm=ap)
-    return {
+    result = {
         "metrics": metrics,
         "train_seconds": 10.0 + seed,
         "eval_seconds": 1.0,
         "iterations": 600,
     }
+    return result if detections is None else {**result, "detections": detections}
 
 
 def test_ablate_imbalance_table_by_canvas(tmp_path):
@@ -698,7 +699,8 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     results = {
         ("s128/ce_a0.75", 0): _fake_result(80.0, 0),
         ("s128/ce_a0.75", 1): _fake_result(82.0, 1),
-        ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0),
+        ("s768/ce_a0.75", 0): _fake_result(None, 0, detections=0),
+        ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0, detections=3000),
     }
     imbalance = {
         side: {"negatives_per_positive": 100.0 * side / 128, "ignored_per_image": side / 2}
@@ -717,10 +719,14 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     assert "- ohem_b128_nms0.5: MODEL.FOCAL.LOSS 'ohem' is not registered" in markdown
     with open(tmp_path / "runs.csv") as f:
         lines = list(csv.DictReader(f))
-    assert [(line["row"], line["canvas"], line["setting"]) for line in lines] == [
-        ("s128/ce_a0.75", "128", "ce_a0.75"),
-        ("s128/ce_a0.75", "128", "ce_a0.75"),
-        ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25"),
+    assert [
+        (line["row"], line["canvas"], line["setting"], line["AP"], line["detections"])
+        for line in lines
+    ] == [
+        ("s128/ce_a0.75", "128", "ce_a0.75", "80.0", ""),  # a result without the count
+        ("s128/ce_a0.75", "128", "ce_a0.75", "82.0", ""),
+        ("s768/ce_a0.75", "768", "ce_a0.75", "", "0"),
+        ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25", "70.0", "3000"),
     ]
 
 
@@ -917,6 +923,30 @@ def test_plot_imbalance_on_a_synthetic_folder(tmp_path, capsys):
     ]  # a seed without AP is left out
     printed = capsys.readouterr().out
     assert "  ce_a0.75: 3,600 negatives per positive, AP 21.0 (2 seeds, 20.0-22.0)" in printed
+
+
+def test_plot_imbalance_counts_a_run_without_detections_as_ap_0(tmp_path, capsys):
+    tool = load_tool("plot_imbalance")
+    folder = _synthetic_sweep(tmp_path / "sweep", canvases=(128, 768))
+    with open(folder / "runs.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    for line in lines:
+        line["detections"] = "3000"
+        if line["row"] == "s768/ce_a0.75" and line["seed"] == "1":
+            line["AP"], line["detections"] = "", "0"  # nothing scored above the threshold
+    # no AP but detections (or no count, from an older ablate.py): left out, as before
+    assert any(line["AP"] == "" and line["detections"] == "3000" for line in lines)
+    with open(folder / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(lines[0]))
+        writer.writeheader()
+        writer.writerows(lines)
+    out = tmp_path / "sweep.png"
+    data = tool.main([str(folder), "--output", str(out), "--dpi", "20"])
+    assert data["ce_a0.75"][-1] == (3600.0, 30.0, 0.0, 60.0, [60.0, 0.0])
+    assert data["ohem_b128_nms0.5"] == [(3600.0, 50.0, 50.0, 50.0, [50.0])]
+    assert "  ce_a0.75: 3,600 negatives per positive, AP 30.0 (2 seeds, 0.0-60.0)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_plot_imbalance_errors_name_the_file(tmp_path):

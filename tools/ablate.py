@@ -24,7 +24,8 @@ own directory ``<output-dir>/<row>/seed<k>/``. A run whose ``result.json``
 exists is not trained again, so an interrupted ablation resumes where it
 stopped. After each run the tables are rewritten:
 
-- ``runs.csv``: one line per (row, seed);
+- ``runs.csv``: one line per (row, seed), with the number of detections
+  the evaluation received;
 - ``results.csv`` and ``results.md``: one line per row, the mean over seeds
   and, with several seeds, the sample standard deviation.
 
@@ -923,7 +924,17 @@ def write_tables(
     with open(os.path.join(output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
-            ["row", "seed", *metrics, "train_s", "eval_s", "iterations", "canvas", "setting"]
+            [
+                "row",
+                "seed",
+                *metrics,
+                "train_s",
+                "eval_s",
+                "iterations",
+                "canvas",
+                "setting",
+                "detections",
+            ]
         )
         for run in runs:
             res = results.get((run.row.name, run.seed))
@@ -938,6 +949,7 @@ def write_tables(
                         res["iterations"],
                         "" if run.row.canvas is None else run.row.canvas,
                         run.row.setting,
+                        res.get("detections", ""),  # absent from results of older commits
                     ]
                 )
     table = summarize(runs, results, groups)

@@ -16,7 +16,9 @@ is an error naming both. The x axis is that ratio (log scale),
 with the canvas sides on the top axis; each line joins a setting's mean AP
 over seeds, the bar spans the lowest to the highest seed and the small
 markers are the seeds themselves. A setting run at one canvas only (OHEM)
-is a single point.
+is a single point. A run whose evaluation received no detection (every
+score below ``MODEL.RETINANET.SCORE_THRESH_TEST``: Detectron2 reports no AP,
+``runs.csv`` has ``detections`` 0) counts as AP 0, drawn as an x.
 
 The paper's COCO operating point is not marked: the paper gives about 100k
 anchors per image and calls the imbalance "e.g. 1:1000" by way of example,
@@ -69,7 +71,10 @@ def read_imbalance(folder: str) -> Dict[int, float]:
 def read_runs(folder: str) -> Dict[Tuple[str, int, int], float]:
     """
     Returns:
-        dict: (setting, canvas side, seed) -> AP, of each run that has one, from ``folder/runs.csv``.
+        dict: (setting, canvas side, seed) -> AP, of each run that has one, from
+        ``folder/runs.csv``. A run whose evaluation received no detection at all
+        (every score below ``MODEL.RETINANET.SCORE_THRESH_TEST``; Detectron2's
+        COCOEvaluator then reports no AP) has AP 0: it recalls nothing.
     """
     path = os.path.join(folder, RUNS_FILE)
     if not os.path.isfile(path):
@@ -84,8 +89,11 @@ def read_runs(folder: str) -> Dict[Tuple[str, int, int], float]:
                     f"{path}: row {line['row']!r} has no canvas; "
                     "this is not the output of a preset with canvases (--preset imbalance)"
                 )
+            key = (line["setting"], int(line["canvas"]), int(line["seed"]))
             if line["AP"] not in ("", "None"):
-                runs[(line["setting"], int(line["canvas"]), int(line["seed"]))] = float(line["AP"])
+                runs[key] = float(line["AP"])
+            elif line.get("detections") == "0":
+                runs[key] = 0.0  # nothing detected: recall 0 at every IoU, COCO's AP is 0
     return runs
 
 
@@ -148,15 +156,17 @@ def plot(
         spread = np.array([np.subtract(mean, low), np.subtract(high, mean)])  # (2, points)
         ax.errorbar(x, mean, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=4, lw=1)
         for xi, values in zip(x, seeds):
-            ax.plot(
-                [xi] * len(values),
-                values,
-                ls="none",
-                marker=".",
-                ms=5,
-                color=line.get_color(),
-                alpha=0.6,
-            )
+            for zero, marker in ((False, "."), (True, "x")):
+                ys = [v for v in values if (v == 0) == zero]
+                ax.plot(
+                    [xi] * len(ys),
+                    ys,
+                    ls="none",
+                    marker=marker,
+                    ms=5,
+                    color=line.get_color(),
+                    alpha=0.6,
+                )
     ax.set_xscale("log")
     ax.set(
         xlabel="negative anchors per positive anchor (model's label_anchors, train split)",
@@ -172,7 +182,10 @@ def plot(
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
     fig.supxlabel(
-        "line: mean over seeds; bar: lowest to highest seed; dots: seeds", fontsize=8, color="0.35"
+        "line: mean over seeds; bar: lowest to highest seed; dots: seeds; "
+        "x: a seed with AP 0 (no detection scored above the test threshold counts as 0)",
+        fontsize=8,
+        color="0.35",
     )
     save_figure(fig, output, dpi)
     return data
