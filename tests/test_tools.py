@@ -700,6 +700,8 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
         ("s128/ce_a0.75", 0): _fake_result(80.0, 0),
         ("s128/ce_a0.75", 1): _fake_result(82.0, 1),
         ("s768/ce_a0.75", 0): _fake_result(None, 0, detections=0),
+        ("s128/fl_g2_a0.25", 0): _fake_result(60.0, 0, detections=3000),
+        ("s128/fl_g2_a0.25", 1): _fake_result(None, 1, detections=0),
         ("s768/fl_g2_a0.25", 0): _fake_result(70.0, 0, detections=3000),
     }
     imbalance = {
@@ -714,8 +716,8 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     assert "| | 128 px | 256 px | 512 px | 768 px |" in markdown
     assert "| negatives per positive anchor | 100 | 200 | 400 | 600 |" in markdown
     assert "| ignored anchors per image | 64.0 | 128.0 | 256.0 | 384.0 |" in markdown
-    assert "| AP, CE, α=.75 | 81.0 ± 1.4 | – | – | – |" in markdown
-    assert "| AP, FL, γ=2, α=.25 | – | – | – | 70.0 |" in markdown
+    assert "| AP, CE, α=.75 | 81.0 ± 1.4 | – | – | no AP |" in markdown
+    assert "| AP, FL, γ=2, α=.25 | 60.0 (1 of 2 seeds) | – | – | 70.0 |" in markdown
     assert "- ohem_b128_nms0.5: MODEL.FOCAL.LOSS 'ohem' is not registered" in markdown
     with open(tmp_path / "runs.csv") as f:
         lines = list(csv.DictReader(f))
@@ -725,6 +727,8 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     ] == [
         ("s128/ce_a0.75", "128", "ce_a0.75", "80.0", ""),  # a result without the count
         ("s128/ce_a0.75", "128", "ce_a0.75", "82.0", ""),
+        ("s128/fl_g2_a0.25", "128", "fl_g2_a0.25", "60.0", "3000"),
+        ("s128/fl_g2_a0.25", "128", "fl_g2_a0.25", "", "0"),
         ("s768/ce_a0.75", "768", "ce_a0.75", "", "0"),
         ("s768/fl_g2_a0.25", "768", "fl_g2_a0.25", "70.0", "3000"),
     ]

@@ -873,7 +873,7 @@ def canvas_table(
     Markdown lines of the table by canvas: one column per canvas side, the
     measured imbalance first (negatives per positive anchor, ignored anchors
     per image, from ``imbalance``: side -> :func:`imbalance.measure_imbalance`),
-    then the AP of each setting (mean ± sample std over seeds; "–": not run yet).
+    then the AP of each setting (:func:`_ap_cell`).
     """
     sides = sorted({run.row.canvas for run in runs})
     imbalance = imbalance or {}
@@ -891,16 +891,30 @@ def canvas_table(
             for side in sides
         ]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    by_cell = {
-        (line["row"].split("/")[-1], line["canvas"]): line for line in summarize(runs, results)
-    }
+    aps = {}  # (setting, side) -> AP of each finished seed
+    for run in runs:
+        result = results.get((run.row.name, run.seed))
+        if result is not None:
+            aps.setdefault((run.row.setting, run.row.canvas), []).append(result["metrics"]["AP"])
     for setting in dict.fromkeys(run.row.setting for run in runs):
-        cells = []
-        for side in sides:
-            line = by_cell.get((setting, side))
-            cells.append(_fmt(line["AP"], line["AP_std"]) if line else "–")
+        cells = [_ap_cell(aps.get((setting, side), [])) for side in sides]
         lines.append(f"| AP, {labels.get(setting, setting)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _ap_cell(aps: Sequence[Optional[float]]) -> str:
+    """
+    Mean ± sample std of the finished seeds' ``aps``: "–" if none finished,
+    "no AP" if none has a value (the notes say why); seeds without a value
+    are counted, not averaged.
+    """
+    if not aps:
+        return "–"
+    values = [ap for ap in aps if ap is not None]
+    if not values:
+        return "no AP"
+    cell = _fmt(*_mean_std(values))
+    return cell if len(values) == len(aps) else f"{cell} ({len(values)} of {len(aps)} seeds)"
 
 
 def write_tables(
@@ -996,8 +1010,9 @@ def write_tables(
     if preset.canvases:
         lines += [
             "",
-            "By canvas (AP: mean ± sample std over seeds; –: not run yet); the imbalance is measured "
-            "by `tools/imbalance.py` on the train split (`imbalance.json`):",
+            "By canvas (AP: mean ± sample std over seeds; –: not run yet; no AP: finished "
+            "without one, see above); the imbalance is measured by `tools/imbalance.py` on the "
+            "train split (`imbalance.json`):",
             "",
             *canvas_table(runs, results, imbalance),
         ]
