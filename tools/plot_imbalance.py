@@ -156,16 +156,18 @@ def plot(
         spread = np.array([np.subtract(mean, low), np.subtract(high, mean)])  # (2, points)
         ax.errorbar(x, mean, yerr=spread, fmt="none", ecolor=line.get_color(), capsize=4, lw=1)
         for xi, values in zip(x, seeds):
-            for zero, marker in ((False, "."), (True, "x")):
+            for zero, marker, size in ((False, ".", 5), (True, "x", 12)):
                 ys = [v for v in values if (v == 0) == zero]
                 ax.plot(
                     [xi] * len(ys),
                     ys,
                     ls="none",
                     marker=marker,
-                    ms=5,
-                    color=line.get_color(),
+                    ms=size,
+                    mew=2,
+                    color="black" if zero else line.get_color(),
                     alpha=0.6,
+                    zorder=3,
                 )
     ax.set_xscale("log")
     ax.set(
