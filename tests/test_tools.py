@@ -932,18 +932,17 @@ def test_plot_imbalance_on_a_synthetic_folder(tmp_path, capsys):
 def test_plot_imbalance_counts_a_run_without_detections_as_ap_0(tmp_path, capsys):
     tool = load_tool("plot_imbalance")
     folder = _synthetic_sweep(tmp_path / "sweep", canvases=(128, 768))
-    with open(folder / "runs.csv", newline="") as f:
-        lines = list(csv.DictReader(f))
-    for line in lines:
-        line["detections"] = "3000"
-        if line["row"] == "s768/ce_a0.75" and line["seed"] == "1":
-            line["AP"], line["detections"] = "", "0"  # nothing scored above the threshold
-    # no AP but detections (or no count, from an older ablate.py): left out, as before
-    assert any(line["AP"] == "" and line["detections"] == "3000" for line in lines)
-    with open(folder / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(lines[0]))
-        writer.writeheader()
-        writer.writerows(lines)
+
+    def count_detections(lines):
+        for line in lines:
+            line["detections"] = "3000"
+            if line["row"] == "s768/ce_a0.75" and line["seed"] == "1":
+                line["AP"], line["detections"] = "", "0"  # nothing scored above the threshold
+        # no AP but detections (or no count, from an older ablate.py): left out, as before
+        assert any(line["AP"] == "" and line["detections"] == "3000" for line in lines)
+        return lines
+
+    _rewrite_runs(folder, count_detections)
     out = tmp_path / "sweep.png"
     data = tool.main([str(folder), "--output", str(out), "--dpi", "20"])
     assert data["ce_a0.75"][-1] == (3600.0, 30.0, 0.0, 60.0, [60.0, 0.0])
@@ -979,14 +978,19 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
         tool.sweep(str(other))
 
 
-def _keep_runs(folder, keep):
-    """Leaves only the lines of folder/runs.csv for which keep(line) holds."""
+def _rewrite_runs(folder, edit):
+    """Replaces the lines of folder/runs.csv (dicts, as csv.DictReader reads them) by edit(lines)."""
     with open(folder / "runs.csv", newline="") as f:
-        lines = list(csv.DictReader(f))
+        lines = edit(list(csv.DictReader(f)))
     with open(folder / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(lines[0]))
         writer.writeheader()
-        writer.writerows(line for line in lines if keep(line))
+        writer.writerows(lines)
+
+
+def _keep_runs(folder, keep):
+    """Leaves only the lines of folder/runs.csv for which keep(line) holds."""
+    _rewrite_runs(folder, lambda lines: [line for line in lines if keep(line)])
 
 
 def test_plot_imbalance_reads_several_folders_as_one(tmp_path):
