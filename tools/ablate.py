@@ -450,10 +450,9 @@ PRESETS: Dict[str, Preset] = {
         rows=("ce_a0.75", "fl_g1_a0.25", "fl_g2_a0.25", "softmax_fl_g2", *OHEM_ROWS),
         row_canvases=tuple((name, (512, 768)) for name in OHEM_ROWS),
         cost="40 runs (4 rows x 4 canvases x 2 seeds, OHEM 2 rows x 2 canvases x 2 seeds); measured on "
-        "2 CPU cores one at a time: about 2 min a 128 px run, 340 s a 256 px run; a 512 px run took "
-        "40-67 min with 2-4 runs sharing the cores (README); the issue reports 110 s per 512 px run "
-        "with 6 at once on a GPU; 768 px runs cost about 2.25x a 512 px run (pixels), out of reach "
-        "on 2 CPU cores",
+        "2 CPU cores one at a time: about 2 min a 128 px run, 340 s a 256 px run, 21-24 min a 512 px "
+        "run alone (40-67 min with 2-4 runs sharing the cores) and about 58 min a 768 px run alone "
+        "(README); the issue reports 110 s per 512 px run with 6 at once on a GPU",
     ),
     # Issue 14, the long tail: class frequencies decaying exponentially from digit 0 to digit 9,
     # 100x (longtail) or 10x (longtail10) apart; evaluated on balanced classes.
