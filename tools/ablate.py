@@ -442,7 +442,7 @@ PRESETS: Dict[str, Preset] = {
     # so only the background per object grows. One schedule at every canvas (600 iterations of batch 8, LR
     # steps 480 and 570, warm-up 60: Base-Digits.yaml's proportions), so every run sees the same number of
     # images and objects and the canvas is the only difference between columns. OHEM at the two largest
-    # canvases, where the imbalance is COCO-like (512 px: what 2 CPU cores can still run).
+    # canvases, where the imbalance is COCO-like.
     "imbalance": Preset(
         iters=600,
         seeds=(0, 1),
@@ -450,7 +450,7 @@ PRESETS: Dict[str, Preset] = {
         rows=("ce_a0.75", "fl_g1_a0.25", "fl_g2_a0.25", "softmax_fl_g2", *OHEM_ROWS),
         row_canvases=tuple((name, (512, 768)) for name in OHEM_ROWS),
         cost="40 runs (4 rows x 4 canvases x 2 seeds, OHEM 2 rows x 2 canvases x 2 seeds); measured on "
-        "2 CPU cores one at a time: about 2 min a 128 px run, 340 s a 256 px run, 21-24 min a 512 px "
+        "2 CPU cores one at a time: about 2 min a 128 px run, 340 s a 256 px run, 20-24 min a 512 px "
         "run alone (40-67 min with 2-4 runs sharing the cores) and about 58 min a 768 px run alone "
         "(README); the issue reports 110 s per 512 px run with 6 at once on a GPU",
     ),
