@@ -82,6 +82,18 @@ def test_counting_the_tiny_digits_set():
     ]
 
 
+def test_crowd_annotations_are_not_counted():
+    """Training ignores crowd boxes, so the weights do not count them."""
+    records = _tiny_records()
+    expected = count_instances(["digits_train_tiny"], 10)
+    crowd = [
+        {**r, "annotations": [*r["annotations"], {**r["annotations"][0], "iscrowd": 1}]}
+        for r in records
+    ]
+    _register("cb_with_crowd", crowd, MetadataCatalog.get("digits_train_tiny").thing_classes)
+    assert count_instances(["cb_with_crowd"], 10) == expected
+
+
 def test_a_class_without_instances_is_an_error_naming_it():
     records = [
         {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 3]}
@@ -187,6 +199,14 @@ def test_default_model_has_no_new_state_and_trains_unweighted():
     cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
     weighted = build_model(cfg)
     assert weighted.state_dict().keys() == model.state_dict().keys()
+    image = {"image": torch.zeros(3, 64, 64), "instances": _instances()}
+    with EventStorage(0):
+        losses = model([image])  # trains without any weights set
+    assert torch.isfinite(losses["loss_cls"]) and model.focal_loss.class_weights is None
+    weighted.load_state_dict(model.state_dict())  # the same parameters, every weight 1
+    weighted.focal_loss.set_class_weights([1.0] * cfg.MODEL.RETINANET.NUM_CLASSES)
+    with EventStorage(0):
+        assert torch.equal(weighted([image])["loss_cls"], losses["loss_cls"])
 
 
 def test_training_without_weights_set_is_an_error():

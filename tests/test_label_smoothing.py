@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LOSSES, build_loss, digits_cfg, reference_loss_cls, tiny_cfg, use_triton
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
+from focal_det2 import add_focal_config, build_focal_loss
 from focal_det2.engine import FocalTrainer
 from focal_det2.losses import backends, functional, fused, registered_losses, triton_kernels
 
@@ -30,6 +32,19 @@ def eager(monkeypatch):
 
 def smoothed(name, eps, num_classes=3, **values):
     return build_loss(name, num_classes, opts=(KEY, eps), **values)
+
+
+def precision_of(backend_name):
+    """
+    The logits' dtype and a relative tolerance for a backend: float64 on the
+    eager path; float32 on Triton, whose kernels compute in float32 (float64
+    logits would take the eager path there, and the test would not run them).
+    """
+    return (torch.float32, 1e-6) if backend_name == "triton" else (F64, 1e-12)
+
+
+def assert_backend_runs(backend_name, logits):
+    assert fused._use_triton(logits) == (backend_name == "triton")
 
 
 def batch(num_logits, num_classes, n=64, scale=4.0, dtype=F64, seed=0):
@@ -76,9 +91,11 @@ def test_softmax_reference_at_gamma_0_is_torch_cross_entropy_with_label_smoothin
 def test_zero_logits_closed_form(name, gamma, backend_name):
     """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss is written out by hand."""
     eps, k, alpha = 0.2, 3, 0.25
+    dtype, rel = precision_of(backend_name)
     loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha)
     labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
-    logits = torch.zeros(4, loss.num_logits, dtype=F64)
+    logits = torch.zeros(4, loss.num_logits, dtype=dtype)
+    assert_backend_runs(backend_name, logits)
     if name == "softmax_focal":
         c = k + 1
         term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
@@ -92,13 +109,14 @@ def test_zero_logits_closed_form(name, gamma, backend_name):
         a_neg = alpha * t_neg + (1 - alpha) * (1 - t_neg)
         positives, negatives = 2, 3 * k - 2
         expected = (positives * a_pos + negatives * a_neg) * 0.5**g * math.log(2)
-    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-12)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=rel)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
 def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
     """Without alpha and gamma, the loss is cross entropy on the smoothed target: d/dx = p - t = 0 at p = t."""
     eps, k = 0.2, 3
+    dtype, rel = precision_of(backend_name)
     loss = smoothed(name, eps, k, gamma=0.0, alpha=-1)
     labels = torch.tensor([1, 3, 0])
     if name == "softmax_focal":
@@ -107,19 +125,23 @@ def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
     else:
         t = F.one_hot(labels, k + 1)[:, :k].to(F64) * (1 - eps) + eps / 2
         logits = torch.logit(t)
-    logits.requires_grad_()
+    logits = logits.to(dtype).requires_grad_()
+    assert_backend_runs(backend_name, logits)
     loss(logits, labels).backward()
-    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=1e-12, rtol=0)
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=rel, rtol=0)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_vanishing_smoothing_is_the_hard_loss(name, gamma, backend_name):
     """The smoothed kernels are a different code path; as eps -> 0 they meet the hard-target one."""
-    logits, labels = batch(smoothed(name, 0.0).num_logits, 3, dtype=F64)
+    dtype, _ = precision_of(backend_name)
+    eps = 1e-9 if dtype == F64 else 1e-6  # 1 - eps / 2 still differs from 1 in float32
+    logits, labels = batch(smoothed(name, 0.0).num_logits, 3, dtype=dtype)
+    assert_backend_runs(backend_name, logits)
     hard = build_loss(name, 3, gamma=gamma)(logits, labels)
-    soft = smoothed(name, 1e-9, gamma=gamma)(logits, labels)
-    torch.testing.assert_close(soft, hard, rtol=1e-7, atol=0)
+    soft = smoothed(name, eps, gamma=gamma)(logits, labels)
+    torch.testing.assert_close(soft, hard, rtol=1e-7 if dtype == F64 else 1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -244,9 +266,18 @@ def test_cuda_kernels_match_the_reference(name, dtype):
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "abc", True])
-def test_bad_values_raise_naming_the_key(value):
+@pytest.mark.parametrize("how", ["command line", "python"])
+def test_bad_values_raise_naming_the_key(value, how):
+    """From the command line yacs refuses a non-float itself (naming the key); set in Python, the loss does."""
+    if how == "command line":
+        with pytest.raises((ValueError, TypeError), match=KEY):
+            build_loss("sigmoid_focal", 3, opts=(KEY, value))
+        return
+    cfg = get_cfg()
+    add_focal_config(cfg)
+    cfg.MODEL.FOCAL.LABEL_SMOOTHING = value  # no yacs type check on attribute assignment
     with pytest.raises((ValueError, TypeError), match=KEY):
-        build_loss("sigmoid_focal", 3, opts=(KEY, value))
+        build_focal_loss(cfg)
 
 
 @pytest.mark.parametrize("name", NOT_SMOOTHED)
