@@ -17,12 +17,26 @@ from test_tools import load_tool
 FIELDS = {"pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
 
 
+def closed_form_scores(loss, x):
+    """
+    (R, K) scores written out: softmax without the background column; FL*'s
+    sigmoid(gamma x + beta) at gamma 1.5, beta 0.5; sigmoid for the others.
+    """
+    if loss == "softmax_focal":
+        e = x.exp()
+        return e[:, :-1] / e.sum(dim=1, keepdim=True)
+    if loss == "focal_star":
+        x = 1.5 * x + 0.5
+    return 1 / (1 + (-x).exp())
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_score_module_equals_the_loss_scores_and_holds_no_state(loss):
     focal_loss = build_loss(loss, num_classes=3, gamma=1.5, beta=0.5)
     logits = torch.randn(7, focal_loss.num_logits, generator=torch.Generator().manual_seed(0))
     module = focal_loss.score_module()
-    assert module(logits).shape == (7, 3)
+    expected = closed_form_scores(loss, logits.double())
+    torch.testing.assert_close(module(logits).double(), expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(module(logits), focal_loss.scores(logits), rtol=0, atol=0)
     assert not module.state_dict() and not list(module.parameters())
     torch.testing.assert_close(

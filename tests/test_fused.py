@@ -88,10 +88,38 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
+@pytest.fixture
+def paths(monkeypatch):
+    """
+    The logits' dtype of every call of the eager families (``"eager"``) and of
+    the Triton launches (``"triton"``): which code computed the loss.
+    """
+    ran = {"eager": [], "triton": []}
+
+    def spy(module, fn, path):
+        real = getattr(module, fn)
+
+        def recorded(logits, *args, **kwargs):
+            ran[path].append(logits.dtype)
+            return real(logits, *args, **kwargs)
+
+        monkeypatch.setattr(module, fn, recorded)
+
+    spy(fused, "_sigmoid_family", "eager")
+    spy(fused, "_softmax_family", "eager")
+    try:
+        from focal_det2.losses import triton_kernels
+    except ImportError:  # no Triton: nothing can launch
+        return ran
+    spy(triton_kernels, "_sigmoid_launch", "triton")
+    spy(triton_kernels, "_softmax_launch", "triton")
+    return ran
+
+
 @pytest.fixture(
     params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"]
 )
-def chunking(request, monkeypatch):
+def chunking(request, monkeypatch, paths):
     """
     Runs a test with the eager path's default chunk sizes (one chunk, fresh
     scratch space), with chunks of 3 rows and fresh scratch space, with
@@ -115,6 +143,12 @@ def chunking(request, monkeypatch):
             monkeypatch.setattr(
                 triton_kernels, "SOFTMAX_ELEMENTS", 4 * 8
             )  # 4 rows of next_pow2(K + 1) = 8
+    yield
+    if request.param.startswith("triton"):  # float32 on the kernels, float64 on the eager path
+        assert all(d != F64 for d in paths["triton"]) and all(d == F64 for d in paths["eager"])
+        assert paths["triton"] or paths["eager"]
+    else:
+        assert paths["eager"] and not paths["triton"]
 
 
 # ----------------------------------------------------------------------------- equal to the reference
@@ -261,6 +295,25 @@ def test_tiny_gamma_matches_reference(name, gamma, dtype, backend_name):
     assert torch.isfinite(value) and torch.all(torch.isfinite(grad))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", LOSSES)
+def test_half_precision_logits_on_the_eager_path(name, dtype, paths):
+    """
+    float16 / bfloat16 logits (SOLVER.AMP) on the CPU: math in float32, the
+    loss summed in float32, the gradient in the logits' dtype and within its
+    rounding of the float64 reference on the same (rounded) logits.
+    """
+    logits, labels = batch(name, dtype=dtype, seed=17)
+    value, grad = value_and_grad(FAST[name], logits, labels, **kwargs_of(name))
+    ref_value, ref_grad = value_and_grad(REFERENCE[name], logits.to(F64), labels, **kwargs_of(name))
+    assert paths["eager"] == [torch.float32] and not paths["triton"]
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-6, atol=0)
+    eps = torch.finfo(dtype).eps
+    atol = eps * ref_grad.abs().max().item()
+    torch.testing.assert_close(grad.to(F64), ref_grad, rtol=eps, atol=atol)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -344,7 +397,7 @@ def test_registered_losses_call_the_fast_path(name, monkeypatch):
 # ----------------------------------------------------------------------------- backend choice
 
 
-def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog):
+def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog, paths):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     caplog.set_level(logging.INFO, logger=backends.__name__)
@@ -352,7 +405,7 @@ def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
     assert_matches_reference("sigmoid_focal", logits, labels, gamma=1.0)
     assert backends.backend("cpu") == "eager"
-    assert compiled == []
+    assert compiled == [] and paths["eager"] and not paths["triton"]
     messages = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
     assert len(messages) == 1 and "on cpu: eager" in messages[0] and "default" in messages[0]
 

@@ -198,13 +198,19 @@ def test_scheduled_gamma_is_logged_and_used(iteration):
     assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_loss_uses_scheduled_gamma():
-    # At iteration 0 of a 0 -> 2 ramp the loss is the gamma-0 loss, i.e. CE.
+@pytest.mark.parametrize(
+    "iteration, constant",
+    [(0, dict(loss="cross_entropy")), (50, dict(gamma=1.0)), (100, dict(gamma=2.0))],
+    ids=["CE at 0", "gamma 1 at 50", "gamma 2 at 100"],
+)
+def test_a_ramp_is_the_constant_gamma_model_of_its_iteration(iteration, constant):
+    """A 0 -> 2 ramp over 100 iterations trains as CE at 0, FL gamma 1 at 50 and gamma 2 from 100."""
     ramp = build(gamma_schedule__name="linear", gamma_schedule__iters=100, alpha=0.5)
-    ce = build(loss="cross_entropy", alpha=0.5)
-    ce.load_state_dict(ramp.state_dict())
+    fixed = build(alpha=0.5, **constant)
+    fixed.load_state_dict(ramp.state_dict())
     torch.testing.assert_close(
-        train_losses(ramp, batch())[0]["loss_cls"], train_losses(ce, batch())[0]["loss_cls"]
+        train_losses(ramp, batch(), start_iter=iteration)[0]["loss_cls"],
+        train_losses(fixed, batch(), start_iter=iteration)[0]["loss_cls"],
     )
 
 
