@@ -36,9 +36,10 @@ def smoothed(name, eps, num_classes=3, **values):
 
 def precision_of(backend_name):
     """
-    The logits' dtype and a relative tolerance for a backend: float64 on the
-    eager path; float32 on Triton, whose kernels compute in float32 (float64
-    logits would take the eager path there, and the test would not run them).
+    The logits' dtype and a tolerance (relative, or absolute near 0) for a
+    backend: float64 on the eager path; float32 on Triton, whose kernels
+    compute in float32 (float64 logits would take the eager path there, and
+    the test would not run them).
     """
     return (torch.float32, 1e-6) if backend_name == "triton" else (F64, 1e-12)
 
@@ -91,7 +92,7 @@ def test_softmax_reference_at_gamma_0_is_torch_cross_entropy_with_label_smoothin
 def test_zero_logits_closed_form(name, gamma, backend_name):
     """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss is written out by hand."""
     eps, k, alpha = 0.2, 3, 0.25
-    dtype, rel = precision_of(backend_name)
+    dtype, tol = precision_of(backend_name)
     loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha)
     labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
     logits = torch.zeros(4, loss.num_logits, dtype=dtype)
@@ -109,14 +110,14 @@ def test_zero_logits_closed_form(name, gamma, backend_name):
         a_neg = alpha * t_neg + (1 - alpha) * (1 - t_neg)
         positives, negatives = 2, 3 * k - 2
         expected = (positives * a_pos + negatives * a_neg) * 0.5**g * math.log(2)
-    assert loss(logits, labels).item() == pytest.approx(expected, rel=rel)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=tol)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
 def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
     """Without alpha and gamma, the loss is cross entropy on the smoothed target: d/dx = p - t = 0 at p = t."""
     eps, k = 0.2, 3
-    dtype, rel = precision_of(backend_name)
+    dtype, tol = precision_of(backend_name)
     loss = smoothed(name, eps, k, gamma=0.0, alpha=-1)
     labels = torch.tensor([1, 3, 0])
     if name == "softmax_focal":
@@ -128,7 +129,7 @@ def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
     logits = logits.to(dtype).requires_grad_()
     assert_backend_runs(backend_name, logits)
     loss(logits, labels).backward()
-    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=rel, rtol=0)
+    torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
