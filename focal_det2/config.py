@@ -132,7 +132,8 @@ def check_finite(cfg, prefix: str = ""):
             continue
         for number in _floats(value):
             if math.isnan(number) or (math.isinf(number) and name not in INFINITY_ALLOWED):
-                raise ValueError(f"{name}={value} is not finite; it must be a finite number.")
+                allowed = "a number or inf" if name in INFINITY_ALLOWED else "a finite number"
+                raise ValueError(f"{name}={value} is not finite; it must be {allowed}.")
 
 
 def check_class_weighting(cfg):

@@ -48,10 +48,10 @@ class GammaSchedule:
             iters (int): ramp length (GAMMA_SCHEDULE.ITERS).
             steps (sequence[int]): iterations at which gamma rises (GAMMA_SCHEDULE.STEPS).
         """
+        self.end, self.start, self.iters, self.steps = end, start, iters, tuple(steps)
+        self._check()  # first: a schedule that does not read START says so
         if start < 0:
             raise ValueError(f"{_KEY}.START={start} must be >= 0.")
-        self.end, self.start, self.iters, self.steps = end, start, iters, tuple(steps)
-        self._check()
 
     @classmethod
     def from_config(cls, cfg):

@@ -117,7 +117,10 @@ def test_class_beyond_num_classes_names_the_key(coco, tmp_path):
     assert "MODEL.RETINANET.NUM_CLASSES=2" in message and "0..1" in message
 
 
-@pytest.mark.parametrize("w, h", [(0, 10), (10, 0), (10, -3), (float("nan"), 10)])
+NO_AREA = [(0, 10), (10, 0), (10, -3), (float("nan"), 10), (10, float("nan"))]
+
+
+@pytest.mark.parametrize("w, h", NO_AREA)
 def test_box_without_positive_size(coco, tmp_path, w, h):
     name, json_file, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h)]})
     with pytest.raises(ValueError) as error:
@@ -127,13 +130,14 @@ def test_box_without_positive_size(coco, tmp_path, w, h):
     assert "annotation 1" in message and "must be > 0" in message
 
 
-def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog):
-    name, _, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, 10, 0)]})
+@pytest.mark.parametrize("w, h", NO_AREA)
+def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog, w, h):
+    name, _, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h)]})
     cfg = _cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "drop", "SOLVER.IMS_PER_BATCH", 2)
     with caplog.at_level("WARNING"):
         batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
-    assert "dropped 1 boxes with width or height <= 0" in caplog.text
+    assert "dropped 1 boxes with width or height <= 0 or NaN" in caplog.text
 
 
 def test_unknown_degenerate_boxes_option_names_the_key(coco, tmp_path):
@@ -383,6 +387,11 @@ def test_infinity_where_detectron2_means_it():
     cfg = tiny_cfg()
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = float("inf")  # the L-inf norm
     build_model(cfg)
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = float("nan")
+    with pytest.raises(
+        ValueError, match=r"NORM_TYPE=nan is not finite; it must be a number or inf"
+    ):
+        build_model(cfg)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from conftest import LOSSES, head_logits, reference_loss_cls, tiny_cfg
+from conftest import LOSSES, build_loss, head_logits, reference_loss_cls, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+
+from focal_det2.modeling.meta_arch import FocalRetinaNet
 
 NUM_CLASSES = 10
 
@@ -239,3 +241,15 @@ def test_same_seed_gives_retinanet_initial_weights():
     ref, ours = build("RetinaNet").state_dict(), build().state_dict()
     assert ref.keys() == ours.keys()
     assert all(torch.equal(ref[k], ours[k]) for k in ref)
+
+
+def test_a_loss_of_another_class_count_is_refused_naming_the_key():
+    """Direct construction (from_config takes both from one key) with a 3-class loss in a 2-class model."""
+    cfg = tiny_cfg()
+    cfg.MODEL.RETINANET.NUM_CLASSES = 2
+    args = FocalRetinaNet.from_config(cfg)
+    args["focal_loss"] = build_loss("sigmoid_focal", 3)
+    with pytest.raises(
+        ValueError, match="has 3 classes, the model 2; both must be MODEL.RETINANET"
+    ):
+        FocalRetinaNet(**args)

@@ -233,7 +233,8 @@ def test_bad_ohem_keys_are_named(key, value, message):
 def test_nms_without_boxes_is_named():
     logits, labels = random_problem(n=6)
     with pytest.raises(
-        ValueError, match=r"ohem with NMS_THRESH=0.5 needs boxes of shape \(6, 4\), got None"
+        ValueError,
+        match=r"MODEL.FOCAL.OHEM.NMS_THRESH=0.5 needs boxes of shape \(6, 4\), got None.*NMS_THRESH 1",
     ):
         ohem(nms=0.5)(logits, labels)
     with pytest.raises(ValueError, match="do not split into num_images=4"):

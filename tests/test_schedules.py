@@ -170,6 +170,7 @@ def test_step_needs_increasing_steps(steps):
     "name, kwargs, key",
     [
         ("constant", {"start": 0.5}, "START"),
+        ("constant", {"start": -0.5}, "START=-0.5 is not read by ConstantGamma; leave it at 0.0"),
         ("constant", {"iters": 10}, "ITERS"),
         ("constant", {"steps": [5]}, "STEPS"),
         ("linear", {"iters": 10, "steps": [5]}, "STEPS"),

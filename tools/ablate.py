@@ -438,11 +438,12 @@ PRESETS: Dict[str, Preset] = {
         cost="about 3 min per run on 2 idle cores, 22 runs: 70 min in all (estimated); "
         "about 9 min on one H100 with --jobs 11 (measured)",
     ),
-    # Issue 11: when does focal loss matter? The same digits (12-40 px, 3-8 per image) on growing canvases,
-    # so only the background per object grows. One schedule at every canvas (600 iterations of batch 8, LR
-    # steps 480 and 570, warm-up 60: Base-Digits.yaml's proportions), so every run sees the same number of
-    # images and objects and the canvas is the only difference between columns. OHEM at the two largest
-    # canvases, where the imbalance is COCO-like.
+    # Issue 11: when does focal loss matter? Digits drawn alike (12-40 px, 3-8 per image) on growing
+    # canvases, so only the background per object grows. One schedule at every canvas (600
+    # iterations of batch 8, LR steps 480 and 570, warm-up 60: Base-Digits.yaml's proportions), so
+    # every run sees the same number of images and about the same number of objects (5.5 per image)
+    # and the canvas is the only difference between columns. OHEM at the two largest canvases,
+    # where the imbalance is COCO-like.
     "imbalance": Preset(
         iters=600,
         seeds=(0, 1),

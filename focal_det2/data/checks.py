@@ -57,6 +57,12 @@ def _box_size(bbox, mode):
     return bbox[2], bbox[3]
 
 
+def _has_area(bbox, mode) -> bool:
+    """Whether a box's width and height are both > 0 (False for NaN)."""
+    width, height = _box_size(bbox, mode)
+    return width > 0 and height > 0
+
+
 def check_degenerate_boxes_option(value: str):
     """Raise if ``value`` is not an allowed DATALOADER.DEGENERATE_BOXES."""
     if value not in DEGENERATE_BOXES:
@@ -104,22 +110,20 @@ def check_dataset_dicts(
                     f"(MODEL.RETINANET.NUM_CLASSES={num_classes}; the data set has "
                     f"{len(meta.get('thing_classes', []))} thing_classes)."
                 )
-            width, height = _box_size(ann["bbox"], ann["bbox_mode"])
-            if not (width > 0 and height > 0) and degenerate_boxes == "error":
+            if degenerate_boxes == "error" and not _has_area(ann["bbox"], ann["bbox_mode"]):
+                width, height = _box_size(ann["bbox"], ann["bbox_mode"])
                 raise ValueError(
                     f"{_source(dataset_name)}: {_image(record)}, annotation {index}: bbox {list(ann['bbox'])} "
                     f"({BoxMode(ann['bbox_mode']).name}) has width {width} and height {height}; "
                     "both must be > 0 (or set DATALOADER.DEGENERATE_BOXES drop)."
                 )
         if degenerate_boxes == "drop" and "annotations" in record:
-            kept = [
-                a for a in record["annotations"] if min(_box_size(a["bbox"], a["bbox_mode"])) > 0
-            ]
+            kept = [a for a in record["annotations"] if _has_area(a["bbox"], a["bbox_mode"])]
             dropped += len(record["annotations"]) - len(kept)
             record["annotations"] = kept
     if dropped:
         logger.warning(
-            f"{_source(dataset_name)}: dropped {dropped} boxes with width or height <= 0 "
+            f"{_source(dataset_name)}: dropped {dropped} boxes with width or height <= 0 or NaN "
             "(DATALOADER.DEGENERATE_BOXES drop)."
         )
 

@@ -16,9 +16,12 @@ Each annotation records its source digit under the extra key
 
 Data sets registered with :func:`register_digits` are generated on first use
 and cached under :func:`digits_root`. :data:`CANVAS_SIZES` lists the canvas
-sides of the registered ``digits_{train,val}_s<side>`` splits: the same
-digits at the same sizes, 3-8 per image, with only the canvas growing, so each
-object sits in more background.
+sides of the registered ``digits_{train,val}_s<side>`` splits: digits drawn
+alike (the same source pools and seed, 12-40 px, 3-8 per image), with only the
+canvas growing, so each object sits in more background. The images themselves
+differ between canvases (placement draws from the same random stream, which
+then advances differently): the objects follow the same distribution, they
+are not the same objects.
 
 Long-tailed splits (``imbalance_factor`` f): the class of each digit follows
 ``n_c = n_0 * f^(-c / (K - 1))``, digit c being the c-th most frequent class

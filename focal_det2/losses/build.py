@@ -77,7 +77,9 @@ def build_focal_loss(cfg):
     """
     Build the loss named by ``cfg.MODEL.FOCAL.LOSS``. Calling it with
     ``(logits, labels)`` returns the sum over valid anchors at
-    ``MODEL.FOCAL.GAMMA``; ``gamma=`` overrides the gamma.
+    ``MODEL.FOCAL.GAMMA``; ``gamma=`` overrides the gamma. Losses that select
+    anchors by their predicted boxes (``needs_boxes``: ``ohem`` with NMS)
+    also take ``boxes=`` and ``num_images=`` and sum over the anchors they keep.
     """
     check_class_weighting(cfg)
     return lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")(cfg)

@@ -10,8 +10,9 @@ __all__ = ["SigmoidCrossEntropyLoss"]
 @register_loss("cross_entropy")
 class SigmoidCrossEntropyLoss(DenseClassificationLoss):
     """
-    alpha-balanced sigmoid CE, the paper's baseline; ignores gamma:
-    see :func:`functional.sigmoid_cross_entropy`.
+    alpha-balanced sigmoid CE, the paper's baseline; does not read gamma
+    (MODEL.FOCAL.GAMMA is still checked, as for every loss): see
+    :func:`functional.sigmoid_cross_entropy`.
     """
 
     uses_gamma = False

@@ -6,7 +6,8 @@ with values ``0..K-1`` (foreground class), ``K`` (background) or ``-1``
 (ignored), and returns the loss summed over the valid anchors. They are
 written with log-sigmoid / log-softmax, never ``log(p)``, so float32 logits
 in [-100, 100] give a finite loss and gradient; ``(1 - p_t)^gamma`` is
-evaluated as ``exp(gamma * log(1 - p_t))`` for the same reason.
+evaluated as ``exp(gamma * log(1 - p_t))`` for the same reason (with label
+smoothing as a power of ``1 - p_t``, which is then at least eps/2 > 0).
 
 With ``label_smoothing`` eps > 0, the sigmoid losses take the smoothed
 binary targets ``t = 1 - eps/2`` (the anchor's class) and ``eps/2`` (every

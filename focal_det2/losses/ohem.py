@@ -36,9 +36,10 @@ def anchor_losses(
     Each anchor's alpha-balanced sigmoid CE summed over its classes, with no
     gradient and no one-hot target:
 
-        l_i = sum_k (1 - a_k) softplus(x_ik) + [label_i < K] (a_c softplus(-x_ic) - (1 - a_c) softplus(x_ic)),
+        l_i = sum_k n_k softplus(x_ik) + [label_i < K] (p_c softplus(-x_ic) - n_c softplus(x_ic)),
 
-    ``c = label_i``, ``a_k`` = CLASS_ALPHA[k] or ALPHA (1 and 1 for ALPHA -1);
+    ``c = label_i``, ``p_k = a_k`` and ``n_k = 1 - a_k`` with ``a_k`` = CLASS_ALPHA[k]
+    or ALPHA (``p_k = n_k = 1`` for ALPHA -1);
     ``-inf`` for ignored anchors, so that they are never selected.
 
     Args:
@@ -72,7 +73,7 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
     """
     OHEM over alpha-balanced sigmoid CE (the loss, its reference and its scores
     are :class:`SigmoidCrossEntropyLoss`'s, on the kept anchors); see the module
-    docstring. Ignores gamma.
+    docstring. Does not read gamma (MODEL.FOCAL.GAMMA is still checked, as for every loss).
     """
 
     # Hard examples are ranked by the hard-target CE (:func:`anchor_losses`), as in the paper.
@@ -151,7 +152,9 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         if self.needs_boxes and (boxes is None or boxes.shape != (n, 4)):
             got = None if boxes is None else tuple(boxes.shape)
             raise ValueError(
-                f"ohem with NMS_THRESH={self.nms_thresh} needs boxes of shape ({n}, 4), got {got}."
+                f"ohem with MODEL.FOCAL.OHEM.NMS_THRESH={self.nms_thresh} needs boxes of shape "
+                f"({n}, 4), got {got}: pass the anchors' predicted boxes, or set NMS_THRESH 1 "
+                "(no NMS)."
             )
         if n == 0:
             return labels

@@ -56,7 +56,8 @@ class FocalRetinaNet(RetinaNet):
         super().__init__(**kwargs)
         if focal_loss.num_classes != self.num_classes:
             raise ValueError(
-                f"the loss has {focal_loss.num_classes} classes, the model {self.num_classes}."
+                f"the loss has {focal_loss.num_classes} classes, the model {self.num_classes}; "
+                "both must be MODEL.RETINANET.NUM_CLASSES."
             )
         if not focal_loss.uses_gamma and not isinstance(gamma_schedule, ConstantGamma):
             raise ValueError(
