@@ -1,8 +1,9 @@
-"""Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas."""
+"""Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas, alpha-balanced CE written with torch ops."""
 
 import os
 
 import torch
+import torch.nn.functional as TF
 
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors through Triton's interpreter (read when a kernel is defined).
@@ -94,6 +95,41 @@ def reference(
         name, logits, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=opts
     )
     return loss.reference_loss(logits, labels, gamma=gamma, **selection)
+
+
+def alpha_weighted_bce(logits, labels, *, alpha, class_alpha):
+    """sum of alpha_t * BCE(x, one-hot) over valid anchors, written out with torch ops."""
+    valid = labels >= 0
+    x, y = logits[valid], labels[valid]
+    target = TF.one_hot(y, logits.shape[1] + 1)[:, :-1].to(logits)
+    if class_alpha:
+        a = torch.tensor(class_alpha, dtype=logits.dtype).expand_as(x)
+    else:
+        a = torch.full_like(x, alpha)
+    weight = (
+        torch.ones_like(x)
+        if alpha == -1 and not class_alpha
+        else target * a + (1 - target) * (1 - a)
+    )
+    return (weight * TF.binary_cross_entropy_with_logits(x, target, reduction="none")).sum()
+
+
+def alpha_weighted_softmax_ce(logits, labels, *, alpha, class_alpha):
+    """sum of alpha_t * CE(softmax(x), label) over valid anchors, alpha_t as in DESIGN.md."""
+    valid = labels >= 0
+    x, y = logits[valid], labels[valid]
+    num_classes = logits.shape[1] - 1
+    if class_alpha:
+        fg = torch.tensor(class_alpha, dtype=torch.float64)
+    else:
+        fg = torch.full((num_classes,), 1.0 if alpha == -1 else alpha, dtype=torch.float64)
+    weights = torch.cat(
+        [fg, torch.tensor([1.0 if alpha == -1 else 1 - alpha], dtype=torch.float64)]
+    )
+    return (weights[y] * TF.cross_entropy(x, y, reduction="none")).sum()
+
+
+TORCH_CE = {"sigmoid_focal": alpha_weighted_bce, "softmax_focal": alpha_weighted_softmax_ce}
 
 
 def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):

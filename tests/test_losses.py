@@ -6,11 +6,12 @@ by ``focal_det2.build_focal_loss(cfg)`` ("api") and the reference formulas in
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import FOCUSING_LOSSES, LOSSES, build_loss, num_logits_of, reference
+from conftest import FOCUSING_LOSSES, LOSSES, TORCH_CE, build_loss, num_logits_of, reference
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
 SIGMOID_LOSSES = [
@@ -230,41 +231,20 @@ def test_gradcheck_float64(impl, name, gamma, class_alpha):
 # ----------------------------------------------------------------------------- FL vs CE
 
 
-def torch_alpha_weighted_ce(name, logits, labels, alpha=0.25):
-    """
-    Per-anchor (N,) alpha-balanced cross entropy written with torch alone (0 for
-    ignored anchors): sigmoid, sum_k w_k BCE(x_k, t_k) with w = alpha on the
-    one-hot target and 1 - alpha elsewhere; softmax, alpha_y * (-log softmax(x)_y)
-    with alpha_K = 1 - alpha for the background.
-    """
-    valid = labels >= 0
-    k = num_classes_of(name, logits)
-    ce = logits.new_zeros(len(labels))
-    if name == "softmax_focal":
-        weights = torch.tensor([alpha] * k + [1 - alpha], dtype=logits.dtype)
-        ce[valid] = TF.cross_entropy(logits[valid], labels[valid], weight=weights, reduction="none")
-    else:
-        targets = TF.one_hot(labels[valid], k + 1)[:, :k].to(logits.dtype)
-        weights = alpha * targets + (1 - alpha) * (1 - targets)
-        bce = TF.binary_cross_entropy_with_logits(
-            logits[valid], targets, weight=weights, reduction="none"
-        )
-        ce[valid] = bce.sum(dim=1)
-    return ce
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
 def test_focal_loss_at_most_torch_cross_entropy_per_anchor(name, impl):
     """FL = (1 - p_t)^gamma * CE <= CE, against torch's own CE, not our loss at gamma 0."""
     logits, labels = random_batch(name, num_anchors=16, num_classes=3, scale=3.0, seed=3)
-    ce = torch_alpha_weighted_ce(name, logits, labels)
-    assert compute(impl, name, logits, labels, gamma=2.0) <= ce.sum()
+    torch_ce = partial(TORCH_CE[name], alpha=0.25, class_alpha=())
+    assert compute(impl, name, logits, labels, gamma=2.0) <= torch_ce(logits, labels)
     for i in range(len(labels)):
-        fl_i = compute(impl, name, logits[i : i + 1], labels[i : i + 1], gamma=2.0)
-        assert fl_i <= ce[i], i
+        row = slice(i, i + 1)
+        fl_i = compute(impl, name, logits[row], labels[row], gamma=2.0)
+        ce_i = torch_ce(logits[row], labels[row])
+        assert fl_i <= ce_i, i
         if labels[i] >= 0:  # strictly less where p_t < 1: the test can tell FL from CE
-            assert fl_i < ce[i], i
+            assert fl_i < ce_i, i
 
 
 @pytest.mark.parametrize("impl", IMPLS)

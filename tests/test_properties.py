@@ -8,8 +8,15 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as TF
-from conftest import LOSSES, build_loss, num_logits_of, reference
+from conftest import (
+    LOSSES,
+    TORCH_CE,
+    alpha_weighted_bce,
+    alpha_weighted_softmax_ce,
+    build_loss,
+    num_logits_of,
+    reference,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,39 +63,6 @@ def problems(draw, name, *, min_gamma=0.0, max_gamma=5.0, min_beta=-2.0):
         logits=torch.tensor(flat, dtype=F64).reshape(num_rows, columns),
         labels=torch.tensor(labels, dtype=torch.int64),
     )
-
-
-def alpha_weighted_bce(logits, labels, *, alpha, class_alpha):
-    """sum of alpha_t * BCE(x, one-hot) over valid anchors, written out with torch ops."""
-    valid = labels >= 0
-    x, y = logits[valid], labels[valid]
-    target = TF.one_hot(y, logits.shape[1] + 1)[:, :-1].to(logits)
-    if class_alpha:
-        a = torch.tensor(class_alpha, dtype=logits.dtype).expand_as(x)
-    else:
-        a = torch.full_like(x, alpha)
-    weight = (
-        torch.ones_like(x)
-        if alpha == -1 and not class_alpha
-        else target * a + (1 - target) * (1 - a)
-    )
-    return (weight * TF.binary_cross_entropy_with_logits(x, target, reduction="none")).sum()
-
-
-def alpha_weighted_softmax_ce(logits, labels, *, alpha, class_alpha):
-    """sum of alpha_t * CE(softmax(x), label) over valid anchors, alpha_t as in DESIGN.md."""
-    valid = labels >= 0
-    x, y = logits[valid], labels[valid]
-    num_classes = logits.shape[1] - 1
-    if class_alpha:
-        fg = torch.tensor(class_alpha, dtype=F64)
-    else:
-        fg = torch.full((num_classes,), 1.0 if alpha == -1 else alpha, dtype=F64)
-    weights = torch.cat([fg, torch.tensor([1.0 if alpha == -1 else 1 - alpha], dtype=F64)])
-    return (weights[y] * TF.cross_entropy(x, y, reduction="none")).sum()
-
-
-TORCH_CE = {"sigmoid_focal": alpha_weighted_bce, "softmax_focal": alpha_weighted_softmax_ce}
 
 
 def alphas_of(problem):
