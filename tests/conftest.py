@@ -12,7 +12,7 @@ import pytest
 from detectron2.config import get_cfg
 
 import focal_det2
-from focal_det2.losses import backends, registered_losses
+from focal_det2.losses import backends, fused, registered_losses
 from focal_det2.losses.build import load_extra_losses
 
 # Files that register more losses before the suites read the registry (a user's new loss;
@@ -269,3 +269,31 @@ def backend_name(request, monkeypatch):
     backends._reset_backend()
     yield request.param
     backends._reset_backend()
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """
+    The logits' dtype of every call of the eager families (``"eager"``) and of
+    the Triton launches (``"triton"``): which code computed the loss.
+    """
+    ran = {"eager": [], "triton": []}
+
+    def spy(module, fn, path):
+        real = getattr(module, fn)
+
+        def recorded(logits, *args, **kwargs):
+            ran[path].append(logits.dtype)
+            return real(logits, *args, **kwargs)
+
+        monkeypatch.setattr(module, fn, recorded)
+
+    spy(fused, "_sigmoid_family", "eager")
+    spy(fused, "_softmax_family", "eager")
+    try:
+        from focal_det2.losses import triton_kernels
+    except ImportError:  # no Triton: nothing can launch
+        return ran
+    spy(triton_kernels, "_sigmoid_launch", "triton")
+    spy(triton_kernels, "_softmax_launch", "triton")
+    return ran

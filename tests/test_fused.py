@@ -88,34 +88,6 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture
-def paths(monkeypatch):
-    """
-    The logits' dtype of every call of the eager families (``"eager"``) and of
-    the Triton launches (``"triton"``): which code computed the loss.
-    """
-    ran = {"eager": [], "triton": []}
-
-    def spy(module, fn, path):
-        real = getattr(module, fn)
-
-        def recorded(logits, *args, **kwargs):
-            ran[path].append(logits.dtype)
-            return real(logits, *args, **kwargs)
-
-        monkeypatch.setattr(module, fn, recorded)
-
-    spy(fused, "_sigmoid_family", "eager")
-    spy(fused, "_softmax_family", "eager")
-    try:
-        from focal_det2.losses import triton_kernels
-    except ImportError:  # no Triton: nothing can launch
-        return ran
-    spy(triton_kernels, "_sigmoid_launch", "triton")
-    spy(triton_kernels, "_softmax_launch", "triton")
-    return ran
-
-
 @pytest.fixture(
     params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"]
 )

@@ -44,8 +44,10 @@ def precision_of(backend_name):
     return (torch.float32, 1e-6) if backend_name == "triton" else (F64, 1e-12)
 
 
-def assert_backend_runs(backend_name, logits):
-    assert fused._use_triton(logits) == (backend_name == "triton")
+def assert_ran_on(backend_name, paths):
+    """The loss ran on the backend's own code (the ``paths`` fixture records it), and only there."""
+    other = "eager" if backend_name == "triton" else "triton"
+    assert paths[backend_name] and not paths[other]
 
 
 def batch(num_logits, num_classes, n=64, scale=4.0, dtype=F64, seed=0):
@@ -89,14 +91,13 @@ def test_softmax_reference_at_gamma_0_is_torch_cross_entropy_with_label_smoothin
 
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_zero_logits_closed_form(name, gamma, backend_name):
+def test_zero_logits_closed_form(name, gamma, backend_name, paths):
     """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss is written out by hand."""
     eps, k, alpha = 0.2, 3, 0.25
     dtype, tol = precision_of(backend_name)
     loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha)
     labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
     logits = torch.zeros(4, loss.num_logits, dtype=dtype)
-    assert_backend_runs(backend_name, logits)
     if name == "softmax_focal":
         c = k + 1
         term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
@@ -111,10 +112,11 @@ def test_zero_logits_closed_form(name, gamma, backend_name):
         positives, negatives = 2, 3 * k - 2
         expected = (positives * a_pos + negatives * a_neg) * 0.5**g * math.log(2)
     assert loss(logits, labels).item() == pytest.approx(expected, rel=tol)
+    assert_ran_on(backend_name, paths)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
-def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
+def test_gradient_vanishes_at_the_smoothed_target(name, backend_name, paths):
     """Without alpha and gamma, the loss is cross entropy on the smoothed target: d/dx = p - t = 0 at p = t."""
     eps, k = 0.2, 3
     dtype, tol = precision_of(backend_name)
@@ -127,21 +129,21 @@ def test_gradient_vanishes_at_the_smoothed_target(name, backend_name):
         t = F.one_hot(labels, k + 1)[:, :k].to(F64) * (1 - eps) + eps / 2
         logits = torch.logit(t)
     logits = logits.to(dtype).requires_grad_()
-    assert_backend_runs(backend_name, logits)
     loss(logits, labels).backward()
+    assert_ran_on(backend_name, paths)
     torch.testing.assert_close(logits.grad, torch.zeros_like(logits), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
-def test_vanishing_smoothing_is_the_hard_loss(name, gamma, backend_name):
+def test_vanishing_smoothing_is_the_hard_loss(name, gamma, backend_name, paths):
     """The smoothed kernels are a different code path; as eps -> 0 they meet the hard-target one."""
     dtype, _ = precision_of(backend_name)
     eps = 1e-9 if dtype == F64 else 1e-6  # 1 - eps / 2 still differs from 1 in float32
     logits, labels = batch(smoothed(name, 0.0).num_logits, 3, dtype=dtype)
-    assert_backend_runs(backend_name, logits)
     hard = build_loss(name, 3, gamma=gamma)(logits, labels)
     soft = smoothed(name, eps, gamma=gamma)(logits, labels)
+    assert_ran_on(backend_name, paths)
     torch.testing.assert_close(soft, hard, rtol=1e-7 if dtype == F64 else 1e-5, atol=0)
 
 
@@ -157,7 +159,7 @@ def test_vanishing_smoothing_is_the_hard_loss(name, gamma, backend_name):
     indirect=["backend_name"],
 )
 def test_fast_path_equals_reference_in_value_and_gradient(
-    name, gamma, alpha, class_alpha, dtype, backend_name
+    name, gamma, alpha, class_alpha, dtype, backend_name, paths
 ):
     loss = smoothed(name, 0.1, gamma=gamma, alpha=alpha, class_alpha=class_alpha)
     logits, labels = batch(loss.num_logits, 3, n=300, dtype=dtype)
@@ -168,6 +170,7 @@ def test_fast_path_equals_reference_in_value_and_gradient(
         value.backward()
         grads.append((value, x.grad))
     (value, grad), (ref, ref_grad) = grads
+    assert_ran_on(backend_name, paths)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(value, ref, **tol)
     torch.testing.assert_close(grad, ref_grad, **tol)
@@ -184,7 +187,7 @@ def test_gradcheck_float64(name, gamma, eager):
 
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
+def test_extreme_logits_are_finite_and_match(name, gamma, backend_name, paths):
     loss = smoothed(name, 0.1, gamma=gamma)
     logits, labels = batch(loss.num_logits, 3, n=200, dtype=torch.float32)
     logits = logits.sign() * 100.0  # sigmoid and softmax saturate in float32
@@ -192,6 +195,7 @@ def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
     value = loss(x, labels)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
+    assert_ran_on(backend_name, paths)
     x64 = logits.double().requires_grad_()
     ref = loss.reference_loss(x64, labels)
     ref.backward()
@@ -200,7 +204,7 @@ def test_extreme_logits_are_finite_and_match(name, gamma, backend_name):
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
-def test_zero_smoothing_is_bit_identical(name, backend_name):
+def test_zero_smoothing_is_bit_identical(name, backend_name, paths):
     """LABEL_SMOOTHING 0 (the default) runs the hard-target kernels: the same bits as without the key."""
     logits, labels = batch(build_loss(name, 3).num_logits, 3, dtype=torch.float32)
     values = []
@@ -209,12 +213,13 @@ def test_zero_smoothing_is_bit_identical(name, backend_name):
         value = loss(x, labels)
         value.backward()
         values.append((value, x.grad))
+    assert_ran_on(backend_name, paths)
     assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("split", ["eager chunks", "triton blocks"])
-def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch):
+def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch, paths):
     """
     Chunks of a few rows (eager), and Triton programs of 64 elements (sigmoid,
     starting inside rows) or 4 rows (softmax): every row's smoothed terms are
@@ -233,6 +238,7 @@ def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch):
     x = logits.clone().requires_grad_()
     value = loss(x, labels)
     value.backward()
+    assert_ran_on("eager" if split == "eager chunks" else "triton", paths)
     x_ref = logits.double().requires_grad_()
     ref = loss.reference_loss(x_ref, labels)
     ref.backward()
