@@ -15,10 +15,12 @@ from conftest import LOSSES, UNIT_OPTS, digits_cfg, reference_loss_cls, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from focal_det2 import build_focal_loss
+from focal_det2.data.checks import check_dataset_dicts
 from focal_det2.engine import FocalTrainer
 
 SIZE = 64
@@ -128,6 +130,24 @@ def test_box_without_positive_size(coco, tmp_path, w, h):
     message = str(error.value)
     assert str(json_file) in message and "image id 3 (" in message and "003.png" in message
     assert "annotation 1" in message and "must be > 0" in message
+
+
+def test_xyxy_box_size_is_its_corners_difference(coco):
+    """
+    A box in XYXY_ABS mode has width x1 - x0 and height y1 - y0: [30, 30, 20, 50] (valid as
+    XYWH) has width -10 and raises; [4, 4, 24, 24] passes. Guards the mutant that reads
+    every box as XYWH.
+    """
+    name, _, _ = coco({1: GOOD})
+    (record,) = DatasetCatalog.get(name)
+    ann = dict(record["annotations"][0], bbox_mode=BoxMode.XYXY_ABS)
+    good = dict(record, annotations=[dict(ann, bbox=[4, 4, 24, 24])])
+    check_dataset_dicts([good], dataset_name=name, num_classes=2)
+    bad = dict(record, annotations=[dict(ann, bbox=[30, 30, 20, 50])])
+    with pytest.raises(
+        ValueError, match=r"\(XYXY_ABS\) has width -10 and height 20; both must be > 0"
+    ):
+        check_dataset_dicts([bad], dataset_name=name, num_classes=2)
 
 
 @pytest.mark.parametrize("w, h", NO_AREA)
