@@ -142,6 +142,35 @@ def test_digits_per_image_and_size_ranges(tmp_path):
     assert max(max(a["bbox"][2:]) for a in dataset["annotations"]) <= 20
 
 
+def _iou_xywh(a, b):
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(w, 0) * max(h, 0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def test_placed_digits_overlap_by_iou_at_most_0_3(tmp_path):
+    """
+    On crowded canvases (8 digits of 24-32 px on 64 px) no two boxes of an image overlap by
+    IoU > 0.3 (computed here from the XYWH boxes), and some pair comes close to the limit.
+    Guards mutants of the placement check: another _MAX_IOU, an IoU whose union does not
+    subtract the intersection, a new box compared with the last placed one only.
+    """
+    dataset, _, boxes = _read_dataset(
+        _generate(
+            tmp_path, num_images=10, image_size=64, digits_per_image=(8, 8), digit_size=(24, 32)
+        )
+    )
+    ious = [
+        _iou_xywh(a, b)
+        for image_boxes in boxes.values()
+        for i, a in enumerate(image_boxes)
+        for b in image_boxes[:i]
+    ]
+    assert len(dataset["annotations"]) > 50 and max(ious) <= 0.3
+    assert max(ious) > 0.25  # the limit is reached, so the check is exercised
+
+
 def test_train_and_val_pools_are_disjoint():
     train, val = source_indices("train"), source_indices("val")
     assert len(val) == 300 and len(train) == 1797 - 300
@@ -428,6 +457,29 @@ def test_default_splits_are_unchanged_by_the_long_tail_option(tmp_path):
     with open(_generate(tmp_path, num_images=2)) as f:
         annotations = json.load(f)["annotations"]
     assert [(a["image_id"], a["source_index"], a["bbox"]) for a in annotations] == train
+
+
+def test_val_split_draws_its_own_random_stream(tmp_path):
+    """
+    The val split's first images, pinned: its random stream is seeded with (seed, split), so
+    with the same seed it does not repeat the train split's counts, sizes and positions.
+    Guards the mutant that seeds both splits alike (the train split alone is pinned above).
+    """
+    val = [
+        (1, 1621, [113, 53, 6, 13]),
+        (1, 1787, [90, 95, 12, 16]),
+        (1, 1024, [91, 11, 26, 31]),
+        (1, 583, [114, 62, 9, 12]),
+        (1, 1475, [65, 55, 23, 29]),
+        (1, 487, [67, 16, 20, 25]),
+        (2, 1552, [36, 21, 22, 28]),
+        (2, 1403, [75, 63, 36, 39]),
+        (2, 1417, [2, 101, 13, 15]),
+        (2, 1697, [62, 5, 15, 19]),
+    ]
+    with open(_generate(tmp_path, split="val", num_images=2)) as f:
+        annotations = json.load(f)["annotations"]
+    assert [(a["image_id"], a["source_index"], a["bbox"]) for a in annotations] == val
 
 
 @pytest.mark.parametrize("factor", [100, 10, 1, 2.5])
