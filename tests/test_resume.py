@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import digits_cfg
-from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase, hooks, launch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -229,6 +235,37 @@ def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
     whole = _image_ids(FocalTrainer.build_train_loader(cfg), start_iter + 4)
     resumed = _image_ids(FocalTrainer.build_train_loader(cfg, start_iter=start_iter), 4)
     assert resumed == whole[start_iter:]
+
+
+def test_train_loader_from_iteration_0_is_detectron2s_seeded_stream():
+    """
+    Not resumed, the loader yields the batches of Detectron2's own train loader with a
+    ``TrainingSampler(seed=SEED)``: the resume test above compares the loader with itself, so
+    this guards the mutants that shift or reseed both alike (a remainder one too large, the
+    sampler seeded with SEED + 1).
+    """
+    cfg = digits_cfg(
+        opts=[
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "DATALOADER.ASPECT_RATIO_GROUPING",
+            False,
+            "SOLVER.IMS_PER_BATCH",
+            3,
+            "INPUT.MIN_SIZE_TRAIN",
+            (32,),
+            "INPUT.MAX_SIZE_TRAIN",
+            32,
+        ]
+    )
+    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
+    detectron2_loader = build_detection_train_loader(
+        cfg,
+        dataset=dataset,
+        mapper=DatasetMapper(cfg, is_train=True),
+        sampler=TrainingSampler(len(dataset), seed=cfg.SEED),
+    )
+    assert _image_ids(FocalTrainer.build_train_loader(cfg), 6) == _image_ids(detectron2_loader, 6)
 
 
 # ----------------------------------------------------------------------------- 2 processes
