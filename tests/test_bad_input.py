@@ -462,6 +462,30 @@ def test_empty_last_checkpoint_is_named(tmp_path, content):
         trainer.resume_or_load(resume=True)
 
 
+def test_missing_checkpoint_file_is_named_before_anything_is_written(tmp_path, loggers):
+    """
+    A MODEL.WEIGHTS file, or the file last_checkpoint names, that does not exist raises
+    FileNotFoundError naming it, and OUTPUT_DIR is left as it was. Guards the mutants that
+    drop either existence check in checkpoint_to_load.
+    """
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    missing = run / "model_0000009.pth"
+    before = _snapshot(run)
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"MODEL.WEIGHTS={missing}: the file does not exist")
+    ):
+        setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", missing))
+    assert _snapshot(run) == before
+    (run / "last_checkpoint").write_text("model_0000009.pth")
+    before = _snapshot(run)
+    expected = f"{run / 'last_checkpoint'} names 'model_0000009.pth', but {missing} does not exist"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        setup_cfg(_args("--config-file", config, "--resume"))
+    assert _snapshot(run) == before
+
+
 def test_zero_byte_checkpoint_is_named(tmp_path, loggers):
     from focal_det2.engine import setup_cfg
 
