@@ -42,6 +42,24 @@ def test_beta_0_gives_equal_weights():
 
 
 @pytest.mark.parametrize(
+    "counts, beta, message",
+    [
+        ([1, 5], 1.0, r"MODEL.FOCAL.CB_BETA=1.0 must be in \[0, 1\)"),
+        ([1, 5], -0.1, r"MODEL.FOCAL.CB_BETA=-0.1 must be in \[0, 1\)"),
+        ([0, 5], 0.99, r"class counts \[0, 5\] must be >= 1 each"),
+        ([], 0.99, r"class counts \[\] must be >= 1 each"),
+    ],
+)
+def test_weights_reject_beta_outside_0_1_and_counts_below_1(counts, beta, message):
+    """
+    effective_number_weights itself raises (beta 1 or a count 0 would divide 0 by 0 or by 0);
+    the config check and ClassWeights.count's own check shadow these in the tests above.
+    """
+    with pytest.raises(ValueError, match=message):
+        effective_number_weights(counts, beta)
+
+
+@pytest.mark.parametrize(
     "key, value", [("CLASS_WEIGHTING", "inverse"), ("CB_BETA", 1.0), ("CB_BETA", -0.1)]
 )
 def test_bad_keys_raise_naming_them(key, value):
@@ -92,6 +110,20 @@ def test_crowd_annotations_are_not_counted():
     ]
     _register("cb_with_crowd", crowd, MetadataCatalog.get("digits_train_tiny").thing_classes)
     assert count_instances(["cb_with_crowd"], 10) == expected
+
+
+def test_a_category_id_outside_the_classes_is_an_error_naming_it():
+    """count_instances raises for category_id K (one past the last class), naming the data set."""
+    records = [
+        {**r, "annotations": [{**a, "category_id": 10} for a in r["annotations"]]}
+        for r in _tiny_records()
+    ]
+    _register("cb_class_ten", records)
+    with pytest.raises(
+        ValueError,
+        match=r"data set 'cb_class_ten', image \d+: category_id 10 outside \[0, 10\)",
+    ):
+        count_instances(["cb_class_ten"], 10)
 
 
 def test_a_class_without_instances_is_an_error_naming_it():
