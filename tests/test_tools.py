@@ -559,7 +559,12 @@ def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
     assert stored["anchors_per_image"] == _anchors_per_image(128) == 3069
     table = capsys.readouterr().out
     assert "| canvas | images | objects / image | anchors / image |" in table
-    assert f"| 128 px | 4 | {stored['objects_per_image']:.2f} | 3,069 |" in table
+    # the whole line, so that a column filled from another key fails
+    assert (
+        f"| 128 px | 4 | {stored['objects_per_image']:.2f} | 3,069 "
+        f"| {stored['positive_per_image']:.1f} | {stored['negative_per_image']:,.0f} "
+        f"| {stored['ignored_per_image']:.1f} | {stored['negatives_per_positive']:,.0f} |"
+    ) in table.splitlines()
 
 
 # --- ablate: the imbalance preset ----------------------------------------------------------
