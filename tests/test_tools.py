@@ -934,6 +934,41 @@ def test_plot_imbalance_on_a_synthetic_folder(tmp_path, capsys):
     assert "  ce_a0.75: 3,600 negatives per positive, AP 21.0 (2 seeds, 20.0-22.0)" in printed
 
 
+def test_plot_imbalance_draws_the_mean_line_and_the_seed_range(tmp_path, monkeypatch):
+    """
+    The figure itself: each setting's line joins its mean AP over seeds at each canvas's
+    negatives per positive, and its error bar spans the lowest to the highest seed. A third
+    seed (AP 89 at 128 px: mean 251/3, median 82) tells the mean from the median. Guards the
+    mutants that draw the line from another column or average with the median.
+    """
+    tool = load_tool("plot_imbalance")
+    folder = _synthetic_sweep(tmp_path / "sweep")
+    with open(folder / "runs.csv", "a", newline="") as f:
+        csv.writer(f).writerow(
+            ["s128/ce_a0.75", 2, 89.0, "", "", "", "", 1, 1, 600, 128, "ce_a0.75"]
+        )
+    figures = []
+    save = tool.save_figure
+    monkeypatch.setattr(
+        tool, "save_figure", lambda fig, *args: (figures.append(fig), save(fig, *args))
+    )
+    data = tool.plot([str(folder)], str(tmp_path / "sweep.png"), dpi=20)
+    assert data["ce_a0.75"][0][:4] == pytest.approx((100.0, 251 / 3, 80.0, 89.0))
+    (ax,) = [a for a in figures[0].axes if a.get_legend() is not None]
+    lines = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    labels = tool._labels()
+    bars = [c for c in ax.containers if c.get_label() is not None]
+    assert len(lines) == len(data) == len(bars) == 3
+    for (setting, points), bar in zip(data.items(), bars):
+        line = lines[labels[setting]]
+        assert list(line.get_xdata()) == [p[0] for p in points]
+        assert list(line.get_ydata()) == pytest.approx([np.mean(p[4]) for p in points])
+        np.testing.assert_allclose(
+            np.array(bar.lines[2][0].get_segments()),
+            [[[p[0], min(p[4])], [p[0], max(p[4])]] for p in points],
+        )
+
+
 def test_plot_imbalance_counts_a_run_without_detections_as_ap_0(tmp_path, capsys):
     tool = load_tool("plot_imbalance")
     folder = _synthetic_sweep(tmp_path / "sweep", canvases=(128, 768))
