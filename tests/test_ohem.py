@@ -113,6 +113,17 @@ def test_nms_drops_the_easier_of_two_overlapping_anchors():
     assert kept.tolist() == [K, K, -1]  # without NMS: the two hardest
 
 
+@pytest.mark.parametrize("nms, kept_labels", [(0.5, [-1, K, K]), (0.7, [K, K, -1])])
+def test_nms_removes_an_overlap_above_nms_thresh_only(nms, kept_labels):
+    # Anchors 0 and 1 predict boxes of IoU 0.6 (60 / 100); 1 is harder, 2 is apart and easiest.
+    # NMS_THRESH 0.5 removes anchor 0, so the minibatch of 2 takes anchor 2; 0.7 keeps both.
+    logits = torch.tensor([[1.0, -3, -3], [3.0, -3, -3], [0.5, -3, -3]], dtype=F64)
+    labels = torch.full((3,), K)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 6], [50.0, 50, 60, 60]])
+    kept = ohem(batch=2, nms=nms).select(logits, labels, boxes=boxes, num_images=1)
+    assert kept.tolist() == kept_labels
+
+
 def grid_boxes(n, start=0):
     """n disjoint 10 x 10 boxes (no two overlap), the i-th at row/column ``start + i``."""
     i = torch.arange(start, start + n, dtype=torch.float32)
