@@ -175,6 +175,21 @@ def test_nms_with_a_ratio_looks_past_overlapping_negatives():
     assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 34, 35, 36, 37, 38]
 
 
+def test_nms_with_a_ratio_takes_every_negative_of_its_quota():
+    # Two hard positives, then 26 background anchors predicting one box and 4 apart: the
+    # first NMS prefix (the hardest 32 = 4 x 8) keeps 5 negatives, one short of the ratio's 6
+    # (3 per positive), so the minibatch must look further down the ranking for the sixth.
+    logits, labels = background_ranked(80)
+    logits[:2] = torch.tensor([-20.0, -10, -10], dtype=F64)
+    labels[:2] = 0
+    boxes = grid_boxes(80)
+    boxes[2:28] = boxes[2]
+    kept = ohem(batch=8, nms=0.5, pos_fraction=0.25).select(
+        logits, labels, boxes=boxes, num_images=1
+    )
+    assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 28, 29, 30, 31, 32]
+
+
 @pytest.mark.parametrize("pos_fraction", [0.0, 0.25])
 def test_nms_minibatch_is_that_of_nms_over_every_anchor(pos_fraction):
     g = torch.Generator().manual_seed(6)
