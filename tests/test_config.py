@@ -1,9 +1,10 @@
 """MODEL.FOCAL config nodes and the build-time checks that name a bad key."""
 
+import ast
 import re
 
 import pytest
-from conftest import LOSSES, tiny_cfg
+from conftest import LOSSES, REPO, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -42,6 +43,31 @@ def test_add_focal_config_adds_schedule_key_with_default(key, default):
     value = cfg.MODEL.FOCAL.GAMMA_SCHEDULE[key]
     assert value == default
     assert type(value) is type(default)
+
+
+def _readme_defaults():
+    """(key, default) of each row of the README's "Config keys" table."""
+    text = (REPO / "README.md").read_text()
+    table = text.split("## Config keys", 1)[1].split("\n\n")[2]
+    rows = re.findall(r"^\| `([A-Z0-9_.]+)` \| `([^`]*)` \|", table, flags=re.M)
+    assert len(rows) >= 19, table  # a broken parse must not leave the test with no cases
+    return [(key, ast.literal_eval(default)) for key, default in rows]
+
+
+@pytest.mark.parametrize("key, default", _readme_defaults())
+def test_add_focal_config_default_is_the_readme_tables(key, default):
+    """
+    Each key of the README's "Config keys" table (LABEL_SMOOTHING, OHEM's,
+    SYNC_NORMALIZER and DATALOADER.DEGENERATE_BOXES included, which DEFAULTS
+    leaves out) has the default written there, of the same type.
+    """
+    cfg = get_cfg()
+    focal_det2.add_focal_config(cfg)
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    assert node == default
+    assert type(node) is type(default)
 
 
 def test_add_focal_config_leaves_detectron2_defaults_alone():
