@@ -185,17 +185,17 @@ BAD = [
     (
         "retinanet-gamma",
         {"MODEL.RETINANET.FOCAL_LOSS_GAMMA": 3.0},
-        ["MODEL.RETINANET.FOCAL_LOSS_GAMMA", "MODEL.FOCAL.GAMMA"],
+        ["MODEL.RETINANET.FOCAL_LOSS_GAMMA=3.0", "leave it at 2.0", "MODEL.FOCAL.GAMMA"],
     ),
     (
         "retinanet-alpha",
         {"MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.5},
-        ["MODEL.RETINANET.FOCAL_LOSS_ALPHA", "MODEL.FOCAL.ALPHA"],
+        ["MODEL.RETINANET.FOCAL_LOSS_ALPHA=0.5", "leave it at 0.25", "MODEL.FOCAL.ALPHA"],
     ),
     (
         "retinanet-prior",
         {"MODEL.RETINANET.PRIOR_PROB": 0.02},
-        ["MODEL.RETINANET.PRIOR_PROB", "MODEL.FOCAL.PRIOR_PROB"],
+        ["MODEL.RETINANET.PRIOR_PROB=0.02", "leave it at 0.01", "MODEL.FOCAL.PRIOR_PROB"],
     ),
     (
         "focal-star-gamma-0",
