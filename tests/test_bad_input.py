@@ -394,11 +394,16 @@ def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
         ("MODEL.FOCAL.GAMMA_SCHEDULE.START", float("nan")),
         ("SOLVER.BASE_LR", float("nan")),
         ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, float("inf"), 2.0]]),
+        ("MODEL.RETINANET.BBOX_REG_WEIGHTS", (1.0, 1.0, float("nan"), 1.0)),  # a tuple key
     ],
 )
 def test_non_finite_float_keys_are_named(key, value):
     cfg = tiny_cfg()
     cfg.merge_from_list([key, value])
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    assert type(node) is type(value)  # a list stays a list, a tuple a tuple
     with pytest.raises(ValueError, match=re.escape(key) + r"=.* is not finite"):
         build_model(cfg)
 
