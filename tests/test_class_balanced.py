@@ -71,6 +71,22 @@ def test_bad_keys_raise_naming_them(key, value):
         assert "effective_number" in str(info.value)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9999])
+def test_cb_beta_in_0_1_is_accepted(beta):
+    """CB_BETA's range is [0, 1): 0 (equal weights) builds, as do values inside."""
+    loss = build_loss(
+        "sigmoid_focal",
+        opts=[
+            *UNIT_OPTS,
+            "MODEL.FOCAL.CLASS_WEIGHTING",
+            "effective_number",
+            "MODEL.FOCAL.CB_BETA",
+            beta,
+        ],
+    )
+    assert loss.num_classes == 3
+
+
 # ----------------------------------------------------------------------------- counting
 
 
