@@ -160,8 +160,8 @@ def test_step_needs_steps():
         schedule("step", steps=[])
 
 
-@pytest.mark.parametrize("steps", [[20, 10], [10, 10], [10, 30, 20]])
-def test_step_needs_increasing_steps(steps):
+@pytest.mark.parametrize("steps", [[20, 10], [10, 10], [10, 30, 20], [0, 10], [-5, 10]])
+def test_step_needs_positive_increasing_steps(steps):
     with _raises_naming(f"{KEY}.STEPS"):
         schedule("step", steps=steps)
 
