@@ -103,14 +103,16 @@ def test_detections_equal_retinanet(pair):
         torch.testing.assert_close(ours.pred_boxes.tensor, ref.pred_boxes.tensor)
 
 
+@pytest.mark.parametrize("prior", [0.01, 0.2])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_classifier_width_and_prior(loss):
-    model = build(loss=loss)
+def test_classifier_width_and_prior(loss, prior):
+    """The bias gives every class MODEL.FOCAL.PRIOR_PROB, the default 0.01 or another value."""
+    model = build(loss=loss, prior_prob=prior)
     num_anchors = model.anchor_generator.num_cell_anchors[0]
     num_logits = NUM_CLASSES + 1 if loss == "softmax_focal" else NUM_CLASSES
     assert model.head.cls_score.out_channels == num_anchors * num_logits
-    # The bias alone gives every class the prior 0.01; softmax classes share it.
-    prior = 0.01 / NUM_CLASSES if loss == "softmax_focal" else 0.01
+    # The bias alone gives every class the prior; softmax classes share it.
+    prior = prior / NUM_CLASSES if loss == "softmax_focal" else prior
     with torch.no_grad():
         scores = model.focal_loss.scores(model.head.cls_score.bias.view(num_anchors, num_logits))
     torch.testing.assert_close(scores, torch.full_like(scores, prior))
