@@ -48,14 +48,19 @@ def train_losses(model, inputs, start_iter=0):
     return losses, storage
 
 
-@pytest.fixture(scope="module")
-def pair():
+def make_pair():
     """Detectron2's RetinaNet and FocalRetinaNet (sigmoid loss) with the same weights."""
     ref = build("RetinaNet")
     ours = build()
     incompatible = ours.load_state_dict(ref.state_dict(), strict=True)
     assert not incompatible.missing_keys and not incompatible.unexpected_keys
     return ref, ours
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """:func:`make_pair`, shared by the tests of this module."""
+    return make_pair()
 
 
 def test_state_dict_keys_and_shapes_equal_retinanet(pair):
@@ -73,6 +78,36 @@ def test_training_losses_equal_retinanet(pair):
     ref, ours = pair
     ref_losses, _ = train_losses(ref, batch(with_empty=True))
     our_losses, _ = train_losses(ours, batch(with_empty=True))
+    assert ref_losses.keys() == our_losses.keys()
+    for key in ref_losses:
+        torch.testing.assert_close(our_losses[key], ref_losses[key], rtol=1e-6, atol=0)
+
+
+def batch_of_classes(classes):
+    """Two 96x128 images, each with one box per class in ``classes`` (none if empty)."""
+    g = torch.Generator().manual_seed(2)
+    inputs = []
+    for _ in range(2):
+        inst = Instances((96, 128))
+        boxes = [[10.0 + 40 * i, 10, 40 + 40 * i, 50] for i in range(len(classes))]
+        inst.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+        inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+        image = torch.randint(0, 255, (3, 96, 128), generator=g).float()
+        inputs.append({"image": image, "instances": inst, "height": 96, "width": 128})
+    return inputs
+
+
+@pytest.mark.parametrize("classes", [[], [0, 9]], ids=["no boxes", "classes 0 and 9"])
+def test_training_losses_equal_retinanet_without_boxes_and_for_class_0(classes):
+    """
+    RetinaNet's normaliser counts at least 1 foreground anchor (a batch
+    without boxes divides by 0.9 ema + 0.1, not 0.9 ema), and class 0's
+    anchors are foreground (counted, and their boxes regressed). A fresh
+    pair: the shared one's moving averages stay those the other tests expect.
+    """
+    ref, ours = make_pair()
+    ref_losses, _ = train_losses(ref, batch_of_classes(classes))
+    our_losses, _ = train_losses(ours, batch_of_classes(classes))
     assert ref_losses.keys() == our_losses.keys()
     for key in ref_losses:
         torch.testing.assert_close(our_losses[key], ref_losses[key], rtol=1e-6, atol=0)
