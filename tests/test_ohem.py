@@ -226,7 +226,14 @@ def test_positive_fraction_keeps_one_positive_per_three_negatives():
 
 @pytest.mark.parametrize(
     "batch, pos_fraction, num_pos, num_neg",
-    [(16, 0.25, 4, 12), (10, 0.25, 2, 6), (12, 0.3, 3, 7), (10, 0.3, 3, 7), (15, 0.3, 4, 9)],
+    [
+        (16, 0.25, 4, 12),
+        (10, 0.25, 2, 6),
+        (12, 0.3, 3, 7),
+        (10, 0.3, 3, 7),
+        (15, 0.3, 4, 9),
+        (100, 0.29, 29, 71),
+    ],
 )
 def test_positive_fraction_quota_is_floor_f_b_positives_and_the_rounded_ratio(
     batch, pos_fraction, num_pos, num_neg
@@ -235,9 +242,9 @@ def test_positive_fraction_quota_is_floor_f_b_positives_and_the_rounded_ratio(
     Plenty of both kinds: floor(f B) positives (2.5 -> 2, 3.6 -> 3) and
     (1 - f) / f times as many negatives, rounded to the nearest integer
     (4 x 0.7 / 0.3 = 9.33 -> 9; 3 x 0.7 / 0.3 is 6.999... in floating point
-    and must give 7, not 6).
+    and must give 7, not 6; 100 x 0.29 is 28.999... and must give 29).
     """
-    logits, labels = random_problem(n=200, seed=3)
+    logits, labels = random_problem(n=1000, seed=3)
     kept = ohem(batch=batch, pos_fraction=pos_fraction).select(
         logits, labels, boxes=None, num_images=1
     )

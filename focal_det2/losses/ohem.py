@@ -183,8 +183,11 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
 
     @property
     def _max_positives(self) -> int:
-        """The most positives the ratio lets into a minibatch: ``floor(f * BATCH_PER_IMAGE)``."""
-        return math.floor(self.batch_per_image * self.pos_fraction)
+        """
+        The most positives the ratio lets into a minibatch: ``floor(f * BATCH_PER_IMAGE)``,
+        with the product rounded to 9 decimals first: in binary 100 x 0.29 is 28.999...
+        """
+        return math.floor(round(self.batch_per_image * self.pos_fraction, 9))
 
     def _quota(self, num_positives: int) -> Tuple[int, int]:
         """Positives and negatives the ratio asks for when ``num_positives`` survive."""
