@@ -161,33 +161,27 @@ def test_nms_with_a_ratio_finds_easy_positives_at_the_end_of_the_ranking():
     assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 5, 60, 62]
 
 
-def test_nms_with_a_ratio_looks_past_overlapping_negatives():
-    # Two hard positives, then 32 background anchors predicting one box: NMS keeps the first
-    # of those, and the ratio's other 5 negatives come from further down the ranking.
+@pytest.mark.parametrize(
+    "same_box_until, expected",
+    [(34, [0, 1, 2, 34, 35, 36, 37, 38]), (28, [0, 1, 2, 28, 29, 30, 31, 32])],
+    ids=["past the first prefix", "one negative short in the first prefix"],
+)
+def test_nms_with_a_ratio_takes_every_negative_of_its_quota(same_box_until, expected):
+    """
+    Two hard positives, then background anchors 2 to ``same_box_until`` - 1 predicting one
+    box: NMS keeps the first of those, and the ratio's other 5 negatives (3 per positive) come
+    from further down the ranking. With 26 such anchors the first NMS prefix (the hardest
+    32 = 4 x 8) holds 5 negatives, one short of the ratio's 6, so the search must look past it.
+    """
     logits, labels = background_ranked(80)
     logits[:2] = torch.tensor([-20.0, -10, -10], dtype=F64)
     labels[:2] = 0
     boxes = grid_boxes(80)
-    boxes[2:34] = boxes[2]
+    boxes[2:same_box_until] = boxes[2]
     kept = ohem(batch=8, nms=0.5, pos_fraction=0.25).select(
         logits, labels, boxes=boxes, num_images=1
     )
-    assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 34, 35, 36, 37, 38]
-
-
-def test_nms_with_a_ratio_takes_every_negative_of_its_quota():
-    # Two hard positives, then 26 background anchors predicting one box and 4 apart: the
-    # first NMS prefix (the hardest 32 = 4 x 8) keeps 5 negatives, one short of the ratio's 6
-    # (3 per positive), so the minibatch must look further down the ranking for the sixth.
-    logits, labels = background_ranked(80)
-    logits[:2] = torch.tensor([-20.0, -10, -10], dtype=F64)
-    labels[:2] = 0
-    boxes = grid_boxes(80)
-    boxes[2:28] = boxes[2]
-    kept = ohem(batch=8, nms=0.5, pos_fraction=0.25).select(
-        logits, labels, boxes=boxes, num_images=1
-    )
-    assert (kept >= 0).nonzero().squeeze(1).tolist() == [0, 1, 2, 28, 29, 30, 31, 32]
+    assert (kept >= 0).nonzero().squeeze(1).tolist() == expected
 
 
 @pytest.mark.parametrize("pos_fraction", [0.0, 0.25])
