@@ -132,6 +132,14 @@ def alpha_weighted_softmax_ce(logits, labels, *, alpha, class_alpha):
 TORCH_CE = {"sigmoid_focal": alpha_weighted_bce, "softmax_focal": alpha_weighted_softmax_ce}
 
 
+def cfg_value(cfg, key):
+    """The value of a dotted config key, ``cfg_value(cfg, "MODEL.FOCAL.GAMMA")``."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def digits_cfg(config="sigmoid_focal_R18_FPN_1x", output_dir=None, opts=()):
     """
     A config loaded from ``configs/digits/<config>.yaml`` exactly as

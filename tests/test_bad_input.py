@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import LOSSES, UNIT_OPTS, digits_cfg, reference_loss_cls, tiny_cfg
+from conftest import LOSSES, UNIT_OPTS, cfg_value, digits_cfg, reference_loss_cls, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -400,10 +400,7 @@ def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
 def test_non_finite_float_keys_are_named(key, value):
     cfg = tiny_cfg()
     cfg.merge_from_list([key, value])
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    assert type(node) is type(value)  # a list stays a list, a tuple a tuple
+    assert type(cfg_value(cfg, key)) is type(value)  # a list stays a list, a tuple a tuple
     with pytest.raises(ValueError, match=re.escape(key) + r"=.* is not finite"):
         build_model(cfg)
 

@@ -4,7 +4,7 @@ import ast
 import re
 
 import pytest
-from conftest import LOSSES, REPO, tiny_cfg
+from conftest import LOSSES, REPO, cfg_value, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -63,11 +63,9 @@ def test_add_focal_config_default_is_the_readme_tables(key, default):
     """
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    assert node == default
-    assert type(node) is type(default)
+    value = cfg_value(cfg, key)
+    assert value == default
+    assert type(value) is type(default)
 
 
 def test_add_focal_config_leaves_detectron2_defaults_alone():
@@ -129,11 +127,8 @@ def test_retinanet_keys_may_change_for_detectron2_retinanet():
 
 
 def _set(cfg, key, value):
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    parent, leaf = key.rsplit(".", 1)
+    cfg_value(cfg, parent)[leaf] = value
 
 
 BAD = [
