@@ -227,6 +227,8 @@ def test_positive_fraction_keeps_one_positive_per_three_negatives():
         (10, 0.3, 3, 7),
         (15, 0.3, 4, 9),
         (100, 0.29, 29, 71),
+        (8, 0.4, 3, 5),
+        (3, 0.8, 2, 1),
     ],
 )
 def test_positive_fraction_quota_is_floor_f_b_positives_and_the_rounded_ratio(
@@ -234,9 +236,11 @@ def test_positive_fraction_quota_is_floor_f_b_positives_and_the_rounded_ratio(
 ):
     """
     Plenty of both kinds: floor(f B) positives (2.5 -> 2, 3.6 -> 3) and
-    (1 - f) / f times as many negatives, rounded to the nearest integer
+    (1 - f) / f times as many negatives, rounded to the nearest integer, halves up
     (4 x 0.7 / 0.3 = 9.33 -> 9; 3 x 0.7 / 0.3 is 6.999... in floating point
-    and must give 7, not 6; 100 x 0.29 is 28.999... and must give 29).
+    and must give 7, not 6; 100 x 0.29 is 28.999... and must give 29; the ties
+    3 x 0.6 / 0.4 = 4.5 and 2 x 0.2 / 0.8 = 0.5 give 5 and 1, where Python's
+    round, halves to even, gives 4 and 0).
     """
     logits, labels = random_problem(n=1000, seed=3)
     kept = ohem(batch=batch, pos_fraction=pos_fraction).select(

@@ -190,9 +190,14 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         return math.floor(round(self.batch_per_image * self.pos_fraction, 9))
 
     def _quota(self, num_positives: int) -> Tuple[int, int]:
-        """Positives and negatives the ratio asks for when ``num_positives`` survive."""
+        """
+        Positives and negatives the ratio asks for when ``num_positives`` survive:
+        ``P = min(num_positives, floor(f B))`` and ``P (1 - f) / f`` negatives, rounded
+        half up after rounding to 9 decimals (3 x 0.6 / 0.4 is 4.4999... in binary: 5).
+        """
         num_pos = min(num_positives, self._max_positives)
-        return num_pos, round(num_pos * (1 - self.pos_fraction) / self.pos_fraction)
+        ratio = num_pos * (1 - self.pos_fraction) / self.pos_fraction
+        return num_pos, math.floor(round(ratio, 9) + 0.5)
 
     def _survivors(self, order: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
         """
