@@ -394,6 +394,24 @@ def test_backend_env_eager_takes_the_eager_path(monkeypatch):
     assert backends.select_backend("cuda") == ("eager", "FOCAL_DET2_BACKEND=eager")
 
 
+def test_backend_env_value_is_read_without_surrounding_whitespace(monkeypatch):
+    monkeypatch.setenv(backends.BACKEND_ENV, " eager\n")
+    assert backends.select_backend("cpu") == ("eager", "FOCAL_DET2_BACKEND=eager")
+
+
+def test_compile_backend_compiles_each_kernel_once(monkeypatch):
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+
+    def kernel(x):
+        return x + 1
+
+    first = backends.compiled(kernel, "cpu")
+    assert backends.compiled(kernel, "cpu") is first and compiled == [kernel]
+    assert first(1) == 2
+
+
 def test_backend_env_triton_runs_the_kernels(monkeypatch):
     use_triton(monkeypatch)
     from focal_det2.losses import triton_kernels
