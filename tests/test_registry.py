@@ -10,7 +10,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
+from detectron2.utils.registry import Registry
+
+from focal_det2.registry import lookup
 
 TOY_LOSS = '''
 """A throwaway loss: twice alpha-balanced sigmoid CE, with a config key of its own."""
@@ -78,3 +82,22 @@ def test_the_suites_catch_a_fast_path_that_departs_from_its_reference(tmp_path):
     proc = run_suites_with(tmp_path, 2.001, SUITES[:2])
     passed, failed = counts(proc.stdout)
     assert proc.returncode != 0 and failed >= 6, proc.stdout[-3000:]  # 2.001 vs 2: 5e-4 off
+
+
+def test_lookup_names_the_key_and_the_valid_names_in_order():
+    registry = Registry("TOY")
+
+    @registry.register()
+    def zeta():
+        pass
+
+    @registry.register()
+    def alpha():
+        pass
+
+    assert lookup(registry, "zeta", "MODEL.TOY.NAME") is zeta
+    with pytest.raises(ValueError) as error:
+        lookup(registry, "beta", "MODEL.TOY.NAME")
+    assert str(error.value) == (
+        "MODEL.TOY.NAME='beta' is not registered; valid names: ['alpha', 'zeta']"
+    )
