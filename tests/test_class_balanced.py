@@ -339,3 +339,35 @@ def test_evaluating_a_checkpoint_without_weights_leaves_the_loss_unweighted(tmp_
     assert evaluated.focal_loss.class_weights is None
     for a, b in zip(model.state_dict().values(), evaluated.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1.0, 1.0], "class weights: 2 values, NUM_CLASSES=3 needed."),
+        ([1.0] * 4, "class weights: 4 values, NUM_CLASSES=3 needed."),
+        ([1.0, 0.0, 1.0], "class weights [1.0, 0.0, 1.0] must be finite and > 0."),
+        ([1.0, 1.0, -0.5], "class weights [1.0, 1.0, -0.5] must be finite and > 0."),
+        ([1.0, float("inf"), 1.0], "class weights [1.0, inf, 1.0] must be finite and > 0."),
+        ([float("nan"), 1.0, 1.0], "class weights [nan, 1.0, 1.0] must be finite and > 0."),
+    ],
+)
+def test_bad_class_weights_raise_and_leave_the_loss_unweighted(weights, message):
+    loss = build_loss("sigmoid_focal", 3)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loss.set_class_weights(weights)
+    assert loss.class_weights is None
+
+
+def test_class_alpha_and_weights_take_the_logits_dtype_on_every_call():
+    """The cached CLASS_ALPHA and class-weight tensors are per dtype: float64, then float32, then float64."""
+    logits, labels = _batch(3, 3)
+    logits = logits.detach()
+    loss = build_loss("sigmoid_focal", 3, class_alpha=(0.2, 0.5, 0.8))
+    loss.set_class_weights(WEIGHTS)
+    for dtype in (torch.float64, torch.float32, torch.float64):
+        fresh = build_loss("sigmoid_focal", 3, class_alpha=(0.2, 0.5, 0.8))
+        fresh.set_class_weights(WEIGHTS)
+        got = loss(logits.to(dtype), labels)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, fresh(logits.to(dtype), labels), rtol=0, atol=0)
