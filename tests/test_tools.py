@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -79,6 +80,8 @@ def test_loss_curves_values_are_the_closed_forms():
     )
     star = 1 / (1 + np.exp(-(4 * np.array([-2.0, 0.0, 3.0]) + 0)))
     np.testing.assert_allclose(curves["FL*, γ = 4, β = 0"][0], -np.log(star) / 4, rtol=1e-10)
+    star = 1 / (1 + np.exp(-(2 * np.array([-2.0, 0.0, 3.0]) + 1)))
+    np.testing.assert_allclose(curves["FL*, γ = 2, β = 1"][0], -np.log(star) / 2, rtol=1e-10)
 
 
 # --- plot_training -------------------------------------------------------------------
@@ -133,6 +136,20 @@ def test_plot_training_reads_training_records_only(tmp_path):
     assert series["focal_gamma"][0].tolist() == [19, 0.38]
 
 
+def test_plot_training_labels_must_match_the_runs(tmp_path):
+    _synthetic_metrics(tmp_path / "metrics.json", gamma_ramp=False)
+    runs, output = [str(tmp_path), str(tmp_path / "metrics.json")], tmp_path / "curves.png"
+    with pytest.raises(ValueError, match="--labels: 1 labels for 2 runs"):
+        load_tool("plot_training").plot(runs, str(output), labels=["a"])
+    assert not output.exists()
+
+
+def test_plot_training_default_labels_drop_the_folder_the_runs_share():
+    short_names = load_tool("plot_training")._short_names
+    assert short_names(["/o/runs/a/seed0", "/o/runs/b/seed0"]) == ["a/seed0", "b/seed0"]
+    assert short_names(["/o/runs/a/seed0"]) == ["seed0"]
+
+
 # --- plot_loss_cdf -------------------------------------------------------------------
 
 
@@ -181,6 +198,27 @@ def test_normalized_cdf_and_share_of_hardest():
     cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))
     np.testing.assert_allclose(cdf, [0.0, 0.1, 0.4, 1.0])
     assert tool.share_of_hardest(cdf, 0.25) == pytest.approx(0.6)
+
+
+def test_share_of_hardest_counts_at_least_one_anchor():
+    tool = load_tool("plot_loss_cdf")
+    cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))  # [0, 0.1, 0.4, 1]
+    assert tool.share_of_hardest(cdf, 0.01) == pytest.approx(0.6)  # the hardest one, not none
+    assert tool.share_of_hardest(cdf, 0.5) == pytest.approx(0.9)
+    assert tool.share_of_hardest(cdf, 1.0) == 1.0
+
+
+def test_check_against_functional_catches_one_wrong_anchor_of_either_group():
+    tool = load_tool("plot_loss_cdf")
+    logits = torch.randn(30, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(30) % 4  # K = 3: 3 is background
+    losses = tool.per_anchor_focal_loss(logits, labels, 2.0)
+    tool.check_against_functional(logits, labels, losses, 2.0)
+    for anchor in (1, 3):  # a positive, a negative
+        wrong = losses.clone()
+        wrong[anchor] *= 1.001
+        with pytest.raises(AssertionError):
+            tool.check_against_functional(logits, labels, wrong, 2.0)
 
 
 def test_plot_loss_cdf_rejects_a_softmax_model(trained):
@@ -307,6 +345,29 @@ def test_demo_draws_one_label_per_box_and_prints_counts(tmp_path, trained, capsy
         iou = pairwise_iou(kept.pred_boxes, kept.pred_boxes).fill_diagonal_(0)
         assert iou.max() <= cfg.MODEL.RETINANET.NMS_THRESH_TEST
         assert line == f"{record['file_name']}: {len(kept)} detections (score >= 0.0) -> {out}"
+
+
+def test_demo_montage_tiles_row_by_row_with_white_gaps():
+    demo = load_tool("demo")
+    images = [np.full((2, 3, 3), value, np.uint8) for value in (10, 20, 30)]
+    expected = np.full((2 * 2 + 1, 2 * 3 + 1, 3), 255, np.uint8)
+    expected[0:2, 0:3], expected[0:2, 4:7], expected[3:5, 0:3] = 10, 20, 30
+    np.testing.assert_array_equal(demo.montage(images, columns=2, gap=1), expected)
+    # fewer images than columns: no empty columns
+    np.testing.assert_array_equal(demo.montage(images[:1], columns=4), images[0])
+    with pytest.raises(ValueError, match="--montage needs images of one size"):
+        demo.montage([images[0], np.zeros((3, 3, 3), np.uint8)], columns=2)
+
+
+def test_demo_inputs_are_sorted_globs_and_a_pattern_matching_nothing_raises(tmp_path):
+    demo = load_tool("demo")
+    for name in ["b.png", "a.png", "c.jpg"]:
+        (tmp_path / name).write_bytes(b"")
+    paths = demo.input_images([str(tmp_path / "*.png"), str(tmp_path / "c.jpg")], None, 1)
+    assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png"), str(tmp_path / "c.jpg")]
+    pattern = str(tmp_path / "*.gif")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--input {pattern!r} matches no file")):
+        demo.input_images([pattern], None, 8)
 
 
 # --- ablate --------------------------------------------------------------------------
