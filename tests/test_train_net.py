@@ -1,13 +1,18 @@
 """The stock Detectron2 machinery on every config: load, train, evaluate, CLI."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
+import torch
 from conftest import LOSSES, REPO, digits_cfg
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser
 
 import focal_det2
 from focal_det2.engine import FocalTrainer
@@ -144,3 +149,66 @@ def test_importing_the_package_leaves_the_warning_filters_as_they_were():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Warning" not in done.stderr, done.stderr  # and the import printed no noise
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_hidden_warnings_are_exactly_the_third_party_ones(export):
+    """In process: the (message, category, module) triples hide_third_party_deprecations hides."""
+
+    def shown(message, category, module):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            focal_det2.hide_third_party_deprecations(export=export)
+            warnings.warn_explicit(message, category, "x.py", 1, module=module)
+        return len(caught) == 1
+
+    jit = "`torch.jit.{}` is deprecated. Please switch to `torch.compile` or `torch.export`."
+    meshgrid = (
+        "torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument."
+    )
+    assert not shown(jit.format("script"), FutureWarning, "torch.jit._script")
+    assert not shown(meshgrid, UserWarning, "torch.functional")
+    # the export's calls: hidden only with export=True
+    for name, module in [
+        ("trace", "torch.jit._trace"),
+        ("trace_method", "torch.jit._trace"),
+        ("save", "torch.jit._serialization"),
+        ("load", "torch.jit._serialization"),
+    ]:
+        assert shown(jit.format(name), FutureWarning, module) != export, name
+    # the same messages raised by us, or of another category, show
+    assert shown(jit.format("script"), FutureWarning, "focal_det2.engine")
+    assert shown(jit.format("script"), DeprecationWarning, "torch.jit._script")
+    assert shown(meshgrid, UserWarning, "focal_det2.engine")
+    assert shown(meshgrid, FutureWarning, "torch.functional")
+
+
+def test_train_net_eval_only_evaluates_the_checkpoints_weights(tmp_path, monkeypatch):
+    """train_net.main with --eval-only hands FocalTrainer.test the model with MODEL.WEIGHTS loaded."""
+    spec = importlib.util.spec_from_file_location("train_net_main", REPO / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    cfg = digits_cfg(output_dir=tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.dump())
+    model = FocalTrainer.build_model(cfg)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(0.5)  # no initialisation gives this
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("constant")
+    evaluated = []
+    monkeypatch.setattr(
+        FocalTrainer, "test", classmethod(lambda cls, cfg, model: evaluated.append(model) or {})
+    )
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            str(config),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "constant.pth"),
+        ]
+    )
+    assert train_net.main(args) == {}
+    (model,) = evaluated
+    assert all(bool((p == 0.5).all()) for p in model.parameters())
