@@ -118,9 +118,12 @@ def test_export_tool_end_to_end(method, tmp_path, capsys):
     assert report["detections"] == (100, 100)
     assert report["agree"] and report["classes_equal"]
     assert report["max_box_diff"] <= tool.TOLERANCE and report["max_score_diff"] <= tool.TOLERANCE
-    assert (
-        f"(torchscript, {method}): 100 eager / 100 exported detections" in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert f"(torchscript, {method}): 100 eager / 100 exported detections" in out
+    assert out.rstrip().endswith("-> agree")
+    # the file is the one the method writes: scripting takes the list of image dicts, tracing one tensor
+    code = torch.jit.load(report["path"]).code
+    assert ("inputs: List[Dict[str, Tensor]]" in code) == (method == "scripting"), code
 
 
 def test_export_tool_reports_disagreement():
@@ -142,3 +145,52 @@ def test_export_tool_reports_disagreement():
     report = tool.agreement(expected, other)
     assert not report["agree"] and report["max_score_diff"] == pytest.approx(0.1)
     assert not tool.agreement(expected, expected[:1])["agree"]
+
+
+def _detections(boxes, scores, classes):
+    return Instances(
+        (32, 32),
+        pred_boxes=Boxes(torch.tensor(boxes, dtype=torch.float64)),
+        scores=torch.tensor(scores, dtype=torch.float64),
+        pred_classes=torch.tensor(classes, dtype=torch.int64),
+    )
+
+
+def test_export_tool_agreement_needs_equal_classes_and_boxes_within_the_tolerance():
+    tool = load_tool("export_model")
+    boxes, tol = [[0.0, 0, 10, 10], [5, 5, 20, 20]], tool.TOLERANCE
+    expected = _detections(boxes, [0.5, 0.0], [1, 2])
+    report = tool.agreement(expected, _detections(boxes, [0.5, 0.0], [1, 3]))
+    assert report == {
+        "detections": (2, 2),
+        "classes_equal": False,
+        "max_box_diff": 0.0,
+        "max_score_diff": 0.0,
+        "agree": False,
+    }
+    moved = tool.agreement(
+        expected, _detections([[0.0, 0, 10, 10], [5, 5, 20, 20.5]], [0.5, 0.0], [1, 2])
+    )
+    assert moved["classes_equal"] and moved["max_box_diff"] == 0.5 and not moved["agree"]
+    # a score difference of exactly TOLERANCE agrees, twice it does not (exact in float64;
+    # Boxes holds float32)
+    at = tool.agreement(expected, _detections(boxes, [0.5, tol], [1, 2]))
+    assert at["max_score_diff"] == tol and at["agree"]
+    over = tool.agreement(expected, _detections(boxes, [0.5, 2 * tol], [1, 2]))
+    assert over["max_score_diff"] == 2 * tol and not over["agree"]
+    none = _detections([], [], [])
+    assert tool.agreement(none, none) == {
+        "detections": (0, 0),
+        "classes_equal": True,
+        "max_box_diff": 0.0,
+        "max_score_diff": 0.0,
+        "agree": True,
+    }
+
+
+def test_export_tool_refuses_an_unknown_export_method(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"--export-method 'onnx': must be one of \['scripting', 'tracing'\]\."
+    ):
+        load_tool("export_model").export(tiny_cfg(), "onnx", str(tmp_path))
+    assert not (tmp_path / "model.ts").exists()
