@@ -11,7 +11,15 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import FOCUSING_LOSSES, LOSSES, TORCH_CE, build_loss, num_logits_of, reference
+from conftest import (
+    FOCUSING_LOSSES,
+    LOSSES,
+    TORCH_CE,
+    UNIT_OPTS,
+    build_loss,
+    num_logits_of,
+    reference,
+)
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
 SIGMOID_LOSSES = [
@@ -554,6 +562,18 @@ def test_build_focal_loss_reads_the_configured_gamma():
     p = sigmoid(0.7)
     out = build_loss("sigmoid_focal", 1, gamma=3.0)(logits, labels)
     assert out.item() == pytest.approx(-0.25 * (1 - p) ** 3 * math.log(p), rel=1e-9)
+
+
+def test_repr_gives_the_settings_and_label_smoothing_only_when_set():
+    loss = build_loss("sigmoid_focal", 3, gamma=1.5, alpha=-1.0, class_alpha=(0.2, 0.5, 0.8))
+    assert repr(loss) == (
+        "SigmoidFocalLoss(num_classes=3, gamma=1.5, alpha=-1.0, class_alpha=[0.2, 0.5, 0.8])"
+    )
+    smoothed = build_loss("cross_entropy", 2, opts=(*UNIT_OPTS, "MODEL.FOCAL.LABEL_SMOOTHING", 0.1))
+    assert repr(smoothed) == (
+        "SigmoidCrossEntropyLoss(num_classes=2, gamma=2.0, alpha=0.25, class_alpha=[], "
+        "label_smoothing=0.1)"
+    )
 
 
 # ----------------------------------------------------------------------------- bias init, scores
