@@ -29,6 +29,14 @@ from .cross_entropy import SigmoidCrossEntropyLoss
 __all__ = ["OHEMLoss", "anchor_losses"]
 
 
+def _snap(x: float) -> float:
+    """
+    ``x`` rounded to 9 decimals, so that a quota meant to be whole or a half is one before
+    it is rounded to an integer: in binary 100 x 0.29 is 28.999... and 3 x 0.6 / 0.4 4.4999...
+    """
+    return round(x, 9)
+
+
 def anchor_losses(
     logits: Tensor, labels: Tensor, alpha: float, class_alpha: Optional[Tensor]
 ) -> Tensor:
@@ -183,21 +191,18 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
 
     @property
     def _max_positives(self) -> int:
-        """
-        The most positives the ratio lets into a minibatch: ``floor(f * BATCH_PER_IMAGE)``,
-        with the product rounded to 9 decimals first: in binary 100 x 0.29 is 28.999...
-        """
-        return math.floor(round(self.batch_per_image * self.pos_fraction, 9))
+        """The most positives the ratio lets into a minibatch: ``floor(f * BATCH_PER_IMAGE)``."""
+        return math.floor(_snap(self.batch_per_image * self.pos_fraction))
 
     def _quota(self, num_positives: int) -> Tuple[int, int]:
         """
         Positives and negatives the ratio asks for when ``num_positives`` survive:
         ``P = min(num_positives, floor(f B))`` and ``P (1 - f) / f`` negatives, rounded
-        half up after rounding to 9 decimals (3 x 0.6 / 0.4 is 4.4999... in binary: 5).
+        half up (3 x 0.6 / 0.4 = 4.5 gives 5).
         """
         num_pos = min(num_positives, self._max_positives)
-        ratio = num_pos * (1 - self.pos_fraction) / self.pos_fraction
-        return num_pos, math.floor(round(ratio, 9) + 0.5)
+        num_neg = _snap(num_pos * (1 - self.pos_fraction) / self.pos_fraction)
+        return num_pos, math.floor(num_neg + 0.5)
 
     def _survivors(self, order: Tensor, labels: Tensor, boxes: Tensor) -> Tensor:
         """
