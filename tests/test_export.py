@@ -126,27 +126,6 @@ def test_export_tool_end_to_end(method, tmp_path, capsys):
     assert ("inputs: List[Dict[str, Tensor]]" in code) == (method == "scripting"), code
 
 
-def test_export_tool_reports_disagreement():
-    tool = load_tool("export_model")
-    boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]]))
-    expected = Instances(
-        (32, 32),
-        pred_boxes=boxes,
-        scores=torch.tensor([0.9, 0.5]),
-        pred_classes=torch.tensor([1, 2]),
-    )
-    assert tool.agreement(expected, expected)["agree"]
-    other = Instances(
-        (32, 32),
-        pred_boxes=boxes,
-        scores=torch.tensor([0.9, 0.4]),
-        pred_classes=torch.tensor([1, 2]),
-    )
-    report = tool.agreement(expected, other)
-    assert not report["agree"] and report["max_score_diff"] == pytest.approx(0.1)
-    assert not tool.agreement(expected, expected[:1])["agree"]
-
-
 def _detections(boxes, scores, classes):
     return Instances(
         (32, 32),
@@ -154,6 +133,16 @@ def _detections(boxes, scores, classes):
         scores=torch.tensor(scores, dtype=torch.float64),
         pred_classes=torch.tensor(classes, dtype=torch.int64),
     )
+
+
+def test_export_tool_reports_disagreement():
+    tool = load_tool("export_model")
+    boxes = [[0.0, 0, 10, 10], [5, 5, 20, 20]]
+    expected = _detections(boxes, [0.9, 0.5], [1, 2])
+    assert tool.agreement(expected, expected)["agree"]
+    report = tool.agreement(expected, _detections(boxes, [0.9, 0.4], [1, 2]))
+    assert not report["agree"] and report["max_score_diff"] == pytest.approx(0.1)
+    assert not tool.agreement(expected, expected[:1])["agree"]
 
 
 def test_export_tool_agreement_needs_equal_classes_and_boxes_within_the_tolerance():
