@@ -576,6 +576,14 @@ def test_repr_gives_the_settings_and_label_smoothing_only_when_set():
     )
 
 
+def test_focal_star_repr_and_its_scores_repr_give_beta():
+    loss = build_loss("focal_star", 2, gamma=1.5, beta=-0.3)
+    assert repr(loss) == (
+        "FocalStarLoss(num_classes=2, gamma=1.5, alpha=0.25, class_alpha=[], beta=-0.3)"
+    )
+    assert repr(loss.score_module()) == "FocalStarScores(gamma=1.5, beta=-0.3)"
+
+
 # ----------------------------------------------------------------------------- bias init, scores
 
 
