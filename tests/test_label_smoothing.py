@@ -116,6 +116,31 @@ def test_zero_logits_closed_form(name, gamma, backend_name, paths):
 
 
 @pytest.mark.parametrize("name", SMOOTHED)
+def test_zero_logits_closed_form_with_class_alpha_and_alpha_minus_1(name, backend_name, paths):
+    """CLASS_ALPHA weighs each class also where ALPHA is -1 (no alpha): the loss and its definition."""
+    eps, k, gamma, class_alpha = 0.2, 3, 2.0, (0.1, 0.5, 0.9)
+    dtype, tol = precision_of(backend_name)
+    loss = smoothed(name, eps, k, gamma=gamma, alpha=-1, class_alpha=class_alpha)
+    labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
+    logits = torch.zeros(4, loss.num_logits, dtype=dtype)
+    if name == "softmax_focal":
+        c = k + 1
+        term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
+        a = [*class_alpha, 1.0]  # background weighs 1 at alpha -1
+        expected = sum((1 - eps) * a[y] * term + eps / c * sum(a) * term for y in (0, 2, 3))
+    else:
+        g = 0.0 if name == "cross_entropy" else gamma
+        expected = 0.0
+        for y in (0, 2, 3):
+            for j, a in enumerate(class_alpha):
+                t = 1 - eps / 2 if j == y else eps / 2
+                expected += (a * t + (1 - a) * (1 - t)) * 0.5**g * math.log(2)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=tol)
+    assert_ran_on(backend_name, paths)
+    assert loss.reference_loss(logits.to(F64), labels).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
 def test_gradient_vanishes_at_the_smoothed_target(name, backend_name, paths):
     """Without alpha and gamma, the loss is cross entropy on the smoothed target: d/dx = p - t = 0 at p = t."""
     eps, k = 0.2, 3
