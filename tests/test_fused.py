@@ -208,6 +208,16 @@ def test_chunks_cover_the_rows_and_scratch_rows_are_free(num_anchors, spare):
         assert all(c[2] is None for c in chunks[len(chunks) - sum(c[2] is None for c in chunks) :])
 
 
+def test_chunk_sums_are_added_in_float64():
+    # float32 chunk sums 2^25 and three 1s: added in float32, each 1 is below half the spacing
+    # of floats at 2^25 (4) and may be lost; in float64 the total is exact.
+    sums = [torch.tensor(2.0**25), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0)]
+    total = fused._sum(sums, torch.empty(0))
+    assert total.dtype == F64 and total.item() == 2**25 + 3
+    none = fused._sum([], torch.empty(0))  # no chunks: 0, also in float64
+    assert none.dtype == F64 and none.item() == 0.0
+
+
 # ----------------------------------------------------------------------------- ignored, empty, extreme
 
 
