@@ -102,6 +102,17 @@ def test_gamma_zero_is_finite_for_extreme_logits(name, device):
         torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-2, atol=1e-30)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_empty_half_precision_batch_gives_a_float32_zero(name, dtype, device):
+    # As for a non-empty batch: the loss in float32, the (empty) gradient in the logits' dtype.
+    cols = NUM_CLASSES + 1 if name == "softmax_focal" else NUM_CLASSES
+    logits = torch.zeros(0, cols, dtype=dtype)
+    value, grad = run(name, logits, torch.zeros(0, dtype=torch.long), device, **kwargs_of(name))
+    assert value.dtype == torch.float32 and value.item() == 0.0
+    assert grad.dtype == dtype and grad.shape == (0, cols)
+
+
 def test_gamma_is_a_runtime_argument_of_the_kernels():
     # A schedule changes gamma every iteration: as a tl.constexpr it would recompile each time.
     import inspect
