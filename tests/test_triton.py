@@ -102,6 +102,22 @@ def test_gamma_zero_is_finite_for_extreme_logits(name, device):
         torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-2, atol=1e-30)
 
 
+def test_softmax_gamma_zero_is_finite_where_p_t_rounds_to_1(device):
+    # One logit at +100, the others at -100, labelled with its column: log(1 - p_t) is -inf in
+    # float32, and at gamma 0 the modulator must be 1, not exp(0 * -inf).
+    cols = NUM_CLASSES + 1
+    logits = torch.full((2, cols), -100.0)
+    logits[:, 0] = 100.0
+    logits[1, -1] = 100.0
+    labels = torch.tensor([0, NUM_CLASSES])
+    kwargs = kwargs_of("softmax_focal", gamma=0.0)
+    value, grad = run("softmax_focal", logits, labels, device, **kwargs)
+    ref_value, ref_grad = reference("softmax_focal", logits, labels, **kwargs)
+    assert torch.isfinite(value) and torch.all(torch.isfinite(grad))
+    torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-5, atol=1e-30)
+
+
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_empty_half_precision_batch_gives_a_float32_zero(name, dtype, device):
