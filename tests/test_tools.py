@@ -527,6 +527,65 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
 
 
+def _timed_result(ap, train_seconds):
+    """A result.json of ablate.py: every metric ``ap`` but AP50 (``ap`` + 1), 1 s of evaluation."""
+    return {
+        "metrics": dict(AP=ap, AP50=ap + 1.0, AP75=ap, APs=ap, APm=ap),
+        "train_seconds": train_seconds,
+        "eval_seconds": 1.0,
+        "iterations": 10,
+    }
+
+
+def test_ablate_tables_of_three_seeds_mean_sample_std_and_train_seconds(tmp_path):
+    """
+    Three seeds with AP 10, 20, 60 (mean 30, median 20, sample std sqrt(700) = 26.5,
+    population std 21.6) and 30, 60, 90 s of training (1 s of evaluation each); a row
+    without a finished run has no line.
+    """
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=10, seeds=(0, 1, 2))
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.25,ce_a0.50", preset), "/out")
+    results = {
+        ("ce_a0.25", seed): _timed_result(ap, train_s)
+        for seed, ap, train_s in ((0, 10.0, 30.0), (1, 20.0, 60.0), (2, 60.0, 90.0))
+    }
+    (line,) = ablate.summarize(runs, results)
+    assert line["row"] == "ce_a0.25" and line["seeds"] == 3
+    assert line["AP"] == pytest.approx(30.0) and line["AP_std"] == pytest.approx(np.sqrt(700.0))
+    assert line["AP50"] == pytest.approx(31.0)
+    assert line["train_s"] == pytest.approx(60.0) and line["train_s_std"] == pytest.approx(30.0)
+
+    ablate.write_tables(str(tmp_path), "x", preset, runs, results)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0].startswith(
+        "Preset `x`: 10 iterations per run, seeds 0, 1, 2 (mean ± sample std over seeds); "
+    )
+    header, rule, row = lines[2:5]
+    assert header == (
+        "| setting | AP | AP50 | AP75 | APs | APm | train s | paper AP / AP50 / AP75 |"
+    )
+    assert rule == "|" + " --- |" * 8  # one per column of the header
+    assert row == (
+        "| CE, α=.25 | 30.0 ± 26.5 | 31.0 ± 26.5 | 30.0 ± 26.5 | 30.0 ± 26.5 | 30.0 ± 26.5 "
+        "| 60 | 10.8 / 16.0 / 11.7 |"
+    )
+    with open(tmp_path / "runs.csv") as f:
+        runs_csv = list(csv.DictReader(f))
+    assert [(r["seed"], r["AP"], r["train_s"], r["eval_s"]) for r in runs_csv] == [
+        ("0", "10.0", "30.0", "1.0"),
+        ("1", "20.0", "60.0", "1.0"),
+        ("2", "60.0", "90.0", "1.0"),
+    ]
+    # one seed: the mean alone, and the first line says no spread
+    one = ablate.Preset(iters=10)
+    (run,) = ablate.plan(one, ablate.select_rows("ce_a0.25", one), "/out")
+    ablate.write_tables(str(tmp_path), "x", one, [run], {("ce_a0.25", 0): results[("ce_a0.25", 0)]})
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0].startswith("Preset `x`: 10 iterations per run, seeds 0; COCO-style AP")
+    assert lines[4] == "| CE, α=.25 | 10.0 | 11.0 | 10.0 | 10.0 | 10.0 | 30 | 10.8 / 16.0 / 11.7 |"
+
+
 # --- imbalance -----------------------------------------------------------------------
 
 
