@@ -586,6 +586,50 @@ def test_ablate_tables_of_three_seeds_mean_sample_std_and_train_seconds(tmp_path
     assert lines[4] == "| CE, α=.25 | 10.0 | 11.0 | 10.0 | 10.0 | 10.0 | 30 | 10.8 / 16.0 / 11.7 |"
 
 
+def test_ablate_budget_of_a_two_iteration_preset():
+    """
+    Base-Digits.yaml's 1,000 iterations, steps 800 and 950 and warm-up 100, at 2 iterations:
+    both steps round to 2, not below MAX_ITER, so none; the warm-up rounds to 0, kept at 1;
+    checkpoints only after MAX_ITER. A half-budget key of a 1-iteration preset is 1, not 0.
+    """
+    ablate = load_tool("ablate")
+    assert ablate.digits_schedule() == (1000, (800, 950), 100)
+    assert ablate.Preset(iters=2).budget_opts() == [
+        "SOLVER.MAX_ITER",
+        2,
+        "SOLVER.STEPS",
+        (),
+        "SOLVER.WARMUP_ITERS",
+        1,
+        "SOLVER.CHECKPOINT_PERIOD",
+        3,
+    ]
+    one = ablate.Preset(iters=1)
+    (run,) = ablate.plan(one, ablate.select_rows("soft_gamma_0to2", one), "/out")
+    argv = run.argv()
+    assert argv[argv.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "1"
+
+
+def test_ablate_rows_canvases_and_seeds_of_hand_made_presets():
+    ablate = load_tool("ablate")
+    # a preset without rows runs every row
+    assert ablate.select_rows(None, ablate.Preset(iters=2)) == list(ablate.ROWS)
+    # canvases smallest first, whatever order the preset gives them in
+    row = ablate.ROWS[0]
+    expanded = ablate.Preset(iters=2, canvases=(256, 128)).expand([row])
+    assert [(r.name, r.canvas) for r in expanded] == [
+        ("s128/ce_a0.25", 128),
+        ("s256/ce_a0.25", 256),
+    ]
+    # empty items are skipped, and nothing at all is an error
+    preset = ablate.PRESETS["longtail"]
+    assert ablate.select_seeds("1,,0,", preset) == (0, 1)
+    with pytest.raises(
+        ValueError, match=r"--seeds must be comma-separated seeds from \(0, 1\), got ','"
+    ):
+        ablate.select_seeds(",", preset)
+
+
 # --- imbalance -----------------------------------------------------------------------
 
 
