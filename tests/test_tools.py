@@ -630,6 +630,90 @@ def test_ablate_rows_canvases_and_seeds_of_hand_made_presets():
         ablate.select_seeds(",", preset)
 
 
+def test_ablate_reads_back_a_run_whose_folder_was_moved(tmp_path):
+    """Only OUTPUT_DIR may differ from the preset's command line: the result is read back."""
+    ablate = load_tool("ablate")
+    preset = ablate.PRESETS["digits-small"]
+    (run,) = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), str(tmp_path))
+    os.makedirs(run.out_dir)
+    argv = run.argv()
+    assert argv[-2:] == ["OUTPUT_DIR", run.out_dir]
+    result = {"argv": argv[:-1] + ["/where/it/was/trained"], "metrics": {}}
+    with open(os.path.join(run.out_dir, "result.json"), "w") as f:
+        json.dump(result, f)
+    assert ablate.read_result(run) == result
+
+
+def test_ablate_threads_per_job(tmp_path, monkeypatch):
+    """--jobs 1 leaves the run's threads to torch; --jobs 2 gives each run half the cores."""
+    ablate = load_tool("ablate")
+    calls = []
+
+    def fake_train(run, verbose=False, threads=None):
+        calls.append((run.row.name, threads))
+        return _timed_result(1.0, 1.0)
+
+    monkeypatch.setattr(ablate, "train_run", fake_train)
+    given = {}
+    for jobs in ("1", "2"):
+        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path / jobs), "--jobs", jobs])
+        given[jobs], calls[:] = set(calls), []
+    half = max(1, (os.cpu_count() or 1) // 2)
+    assert given == {
+        "1": {("ce_a0.75", None), ("soft_gamma_0to2", None)},
+        "2": {("ce_a0.75", half), ("soft_gamma_0to2", half)},
+    }
+
+
+def test_ablate_notes_of_class_groups_without_a_value():
+    """
+    A run of an older ablate.py (no per-class AP), and a run without detections (COCO's
+    per-class APs absent, every metric None): each group says why, with the metrics.
+    """
+    ablate = load_tool("ablate")
+    groups = ablate.LONGTAIL_GROUPS
+    older = _timed_result(5.0, 1.0)
+    assert ablate._notes(older, groups) == (
+        "AP_rare, AP_frequent –: the run's result.json has no per-class AP "
+        "(trained before ablate.py stored it)"
+    )
+    why = "no detections on digits_val_lt: every score was below MODEL.RETINANET.SCORE_THRESH_TEST=0.05"
+    nothing = {
+        "metrics": dict.fromkeys(ablate.METRICS),
+        "per_class_AP": {},
+        "detections": 0,
+        "notes": dict.fromkeys(ablate.METRICS, why),
+    }
+    assert (
+        ablate._notes(nothing, groups) == f"AP, AP50, AP75, APs, APm, AP_rare, AP_frequent –: {why}"
+    )
+
+
+def test_ablate_canvas_table_averages_the_ap_column():
+    """The table by canvas shows AP (not AP50, which _timed_result sets 1 higher)."""
+    ablate = load_tool("ablate")
+    preset = ablate.replace(ablate.PRESETS["imbalance"], canvases=(128,))
+    runs = ablate.plan(preset, ablate.select_rows("ce_a0.75", preset), "/out")
+    results = {("s128/ce_a0.75", s): _timed_result(ap, 1.0) for s, ap in ((0, 40.0), (1, 44.0))}
+    imbalance = {128: {"negatives_per_positive": 99.6, "ignored_per_image": 3.3}}
+    assert ablate.canvas_table(runs, results, imbalance) == [
+        "| | 128 px |",
+        "| --- | ---: |",
+        "| negatives per positive anchor | 100 |",
+        "| ignored anchors per image | 3.3 |",
+        "| AP, CE, α=.75 | 42.0 ± 2.8 |",
+    ]
+
+
+def test_ablate_shell_join_double_quotes_only_plain_literals():
+    """('a',) is quoted as people type it; an argument with a quote and a $ keeps shlex's quoting."""
+    ablate = load_tool("ablate")
+    assert (
+        ablate._shell_join(["--x", "('a',)", "it's $HOME", "a b"])
+        == "--x \"('a',)\" 'it'\"'\"'s $HOME' 'a b'"
+    )
+
+
 # --- imbalance -----------------------------------------------------------------------
 
 
@@ -939,6 +1023,10 @@ def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
         ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]) == both
         and len(calls) == 2
     )
+    # a preset of fewer canvases gets its own measurements only, read from the file
+    fewer = ablate.Preset(iters=2, canvases=(128,))
+    assert list(ablate.preset_imbalance(str(tmp_path), fewer, ["MODEL.DEVICE", "cpu"])) == [128]
+    assert len(calls) == 2
     stored = json.loads((tmp_path / "imbalance.json").read_text())
     assert set(stored["canvases"]) == {"128", "256"} and stored["split"] == "train"
     ablate.preset_imbalance(str(tmp_path), preset, [])  # other options: everything measured again
