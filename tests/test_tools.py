@@ -815,6 +815,15 @@ def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
     ) in table.splitlines()
 
 
+def test_imbalance_canvases_skip_empty_items_and_need_one():
+    imbalance = load_tool("imbalance")
+    assert imbalance.parse_canvases("128,") == [128]
+    with pytest.raises(ValueError, match="--canvases must be comma-separated values from"):
+        imbalance.parse_canvases(",")
+    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'test'"):
+        imbalance.measure_canvases([128], "test")
+
+
 # --- ablate: the imbalance preset ----------------------------------------------------------
 
 
@@ -1316,6 +1325,32 @@ def test_plot_imbalance_reads_several_folders_as_one(tmp_path):
         ValueError, match=r"the imbalance of canvas 256 is in both .*seed0 and .*other"
     ):
         tool.sweep(str(seed0), str(other))
+
+
+def test_plot_imbalance_sorts_by_imbalance_and_reads_an_ap_of_none(tmp_path):
+    """
+    Points are sorted by the measured imbalance, not by canvas side (here 128 px is
+    measured the more imbalanced), and an AP written as "None" is no AP.
+    """
+    tool = load_tool("plot_imbalance")
+    folder = _synthetic_sweep(tmp_path / "sweep")
+    data = json.loads((folder / "imbalance.json").read_text())
+    data["canvases"]["128"]["negatives_per_positive"] = 90000.0
+    (folder / "imbalance.json").write_text(json.dumps(data))
+
+    def none_ap(lines):
+        for line in lines:
+            if line["row"] == "s768/ohem_b128_nms0.5" and line["seed"] == "1":
+                line["AP"] = "None"
+        return lines
+
+    _rewrite_runs(folder, none_ap)
+    sweep = tool.sweep(str(folder))
+    # ce_a0.75: AP 80 and 82 at 128 px, now the last point; 60 and 62 at 256 px, now the first
+    assert [p[0] for p in sweep["ce_a0.75"]] == [400.0, 1600.0, 3600.0, 90000.0]
+    assert sweep["ce_a0.75"][0][:4] == (400.0, 61.0, 60.0, 62.0)
+    assert sweep["ce_a0.75"][-1][:4] == (90000.0, 81.0, 80.0, 82.0)
+    assert sweep["ohem_b128_nms0.5"] == [(3600.0, 50.0, 50.0, 50.0, [50.0])]
 
 
 # --- ablate: the long-tail presets ---------------------------------------------------------
