@@ -1,15 +1,21 @@
 """
 The benchmark scripts run end to end on small inputs and write what their
 reports read. They are run as users run them (a subprocess per script,
-which starts its own subprocesses); timings are not checked here.
+which starts its own subprocesses); timings are not checked here. Their
+pure parts (waiting, a child's report, summaries, targets, tables) are also
+imported and checked on results made up by the tests.
 """
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
+import numpy as np
 import pytest
 from conftest import REPO
 from test_registry import TOY_LOSS
@@ -152,3 +158,58 @@ def test_bench_train_amp_needs_cuda():
         text=True,
     )
     assert proc.returncode != 0 and "--amp needs --device cuda" in proc.stderr
+
+
+# --- the scripts' pure parts, imported -------------------------------------------------
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module, with benchmarks/ importable as when the script runs."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wait_for_idle_cpu_returns_at_once_without_wait_or_when_idle_enough():
+    common = load_benchmark("common")
+    start = time.perf_counter()
+    assert math.isnan(common.wait_for_idle_cpu(0))
+    assert time.perf_counter() - start < 0.5
+    # every load is below a limit of 2 (200 %): one measurement of 1 s, not until the deadline
+    start = time.perf_counter()
+    busy = common.wait_for_idle_cpu(6.0, busy_limit=2.0)
+    assert 0.0 <= busy <= 1.0 and time.perf_counter() - start < 4.0
+
+
+def test_run_child_once_reads_the_last_line_and_raises_on_failure():
+    common = load_benchmark("common")
+    child = [sys.executable, "-c", "print('a warning'); print('{\"a\": 1}')"]
+    result = common.run_child_once(child, dict(os.environ))
+    assert result["a"] == 1 and 0.0 <= result["other_load"] <= 1.0
+    failing = [sys.executable, "-c", "import sys; print('{}'); sys.exit('boom')"]
+    with pytest.raises(RuntimeError, match="failed:\nboom"):
+        common.run_child_once(failing, dict(os.environ))
+
+
+def test_machine_info_takes_the_commit_from_the_environment(monkeypatch):
+    common = load_benchmark("common")
+    monkeypatch.setenv("FOCAL_DET2_COMMIT", "abc1234 (sent to the GPU)")
+    assert common.machine_info()["commit"] == "abc1234 (sent to the GPU)"
+
+
+def test_reset_peak_rss_lowers_the_peak_to_the_resident_size():
+    common = load_benchmark("common")
+    block = np.ones(128 << 20, np.uint8)  # 128 MB, every page written
+    del block
+    peak = common.rss_kb("VmHWM")
+    assert peak >= common.rss_kb("VmRSS") + (100 << 10)
+    if not common.reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak resident size")
+    assert common.rss_kb("VmHWM") < peak - (100 << 10)
+    with pytest.raises(RuntimeError, match="NoSuchField not in /proc/self/status"):
+        common.rss_kb("NoSuchField")
