@@ -213,3 +213,56 @@ def test_reset_peak_rss_lowers_the_peak_to_the_resident_size():
     assert common.rss_kb("VmHWM") < peak - (100 << 10)
     with pytest.raises(RuntimeError, match="NoSuchField not in /proc/self/status"):
         common.rss_kb("NoSuchField")
+
+
+def _train_run(model, s_per_iter, peak_mb, step_extra_mb=None, inputs="digits"):
+    """One result of bench_train's child, as far as summarize reads it."""
+    return {
+        "inputs": inputs,
+        "model": model,
+        "s_per_iter": s_per_iter,
+        "peak_mb": peak_mb,
+        "step_extra_mb": step_extra_mb,
+        "first_step_losses": {"loss_cls": 1.0, "loss_box_reg": 0.5},
+    }
+
+
+def test_bench_train_summary_medians_peaks_and_ratios():
+    """
+    Stock rounds of 1, 2 and 6 s/it (median 2, mean 3), focal rounds of 0.5, 0.4 and 0.3
+    (median 0.4): speed-up 5; the peaks are the highest round's; a model without a measured
+    peak has no peak ratio; an input with one model has no speed-up.
+    """
+    bench_train = load_benchmark("bench_train")
+    results = [
+        _train_run("stock", 1.0, 100.0, 5.0),
+        _train_run("focal", 0.5, 80.0),
+        _train_run("focal", 0.4, 90.0, 7.0),
+        _train_run("stock", 2.0, 120.0, 6.0),
+        _train_run("stock", 6.0, 110.0, 4.0),
+        _train_run("focal", 0.3, 70.0, 3.0),
+        _train_run("stock", 3.0, None, inputs="coco800"),
+    ]
+    stock, focal, coco = bench_train.summarize(results, ["digits", "coco800"])
+    assert (stock["s_per_iter"], stock["it_per_s"]) == (2.0, 0.5)
+    assert (focal["s_per_iter"], focal["it_per_s"]) == (0.4, 2.5)
+    assert (stock["peak_mb"], stock["step_extra_mb"]) == (120.0, 6.0)
+    assert (focal["peak_mb"], focal["step_extra_mb"]) == (90.0, 7.0)
+    assert focal["round_s_per_iter"] == [0.5, 0.4, 0.3]
+    assert focal["speedup_vs_stock"] == pytest.approx(5.0)
+    assert focal["peak_vs_stock"] == pytest.approx(0.75)
+    assert "speedup_vs_stock" not in stock
+    assert coco["model"] == "stock" and coco["peak_mb"] is None and "speedup_vs_stock" not in coco
+    # peaks not measured (a kernel without clear_refs): a speed-up, no peak ratio
+    unmeasured = [dict(r, peak_mb=None) for r in results[:2]]
+    _, focal = bench_train.summarize(unmeasured, ["digits"])
+    assert focal["speedup_vs_stock"] == pytest.approx(2.0) and "peak_vs_stock" not in focal
+
+
+def test_bench_train_default_iterations_and_device_check():
+    bench_train = load_benchmark("bench_train")
+    assert bench_train.default_iters("digits", "cpu") == 20
+    assert bench_train.default_iters("coco800", "cpu") == 5
+    assert bench_train.default_iters("coco800", "cuda:1") == 50
+    with pytest.raises(SystemExit, match=r"--device must be cpu or cuda\[:N\], got 'tpu'"):
+        bench_train.main(["--inputs", "digits", "--device", "tpu", "--max-wait", "0"])
