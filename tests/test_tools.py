@@ -461,15 +461,25 @@ def test_ablate_extra_opts_come_in_pairs_and_jobs_is_positive(tmp_path):
         ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--jobs", "0"])
 
 
-def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
-    ablate = load_tool("ablate")
+def _run_with_result(ablate, tmp_path, result_of):
+    """digits-small's CE alpha .25 run in tmp_path, with the result.json ``result_of(argv)`` gives."""
     preset = ablate.PRESETS["digits-small"]
     (run,) = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), str(tmp_path))
     os.makedirs(run.out_dir)
-    argv = run.argv()
-    argv[argv.index("SOLVER.MAX_ITER") + 1] = "9"
+    result = result_of(run.argv())
     with open(os.path.join(run.out_dir, "result.json"), "w") as f:
-        json.dump({"argv": argv}, f)
+        json.dump(result, f)
+    return run, result
+
+
+def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
+    ablate = load_tool("ablate")
+
+    def other_max_iter(argv):
+        argv[argv.index("SOLVER.MAX_ITER") + 1] = "9"
+        return {"argv": argv}
+
+    run, _ = _run_with_result(ablate, tmp_path, other_max_iter)
     with pytest.raises(RuntimeError, match="trained with other settings"):
         ablate.read_result(run)
 
@@ -633,14 +643,12 @@ def test_ablate_rows_canvases_and_seeds_of_hand_made_presets():
 def test_ablate_reads_back_a_run_whose_folder_was_moved(tmp_path):
     """Only OUTPUT_DIR may differ from the preset's command line: the result is read back."""
     ablate = load_tool("ablate")
-    preset = ablate.PRESETS["digits-small"]
-    (run,) = ablate.plan(preset, ablate.select_rows("ce_a0.25", preset), str(tmp_path))
-    os.makedirs(run.out_dir)
-    argv = run.argv()
-    assert argv[-2:] == ["OUTPUT_DIR", run.out_dir]
-    result = {"argv": argv[:-1] + ["/where/it/was/trained"], "metrics": {}}
-    with open(os.path.join(run.out_dir, "result.json"), "w") as f:
-        json.dump(result, f)
+
+    def moved(argv):
+        return {"argv": argv[:-1] + ["/where/it/was/trained"], "metrics": {}}
+
+    run, result = _run_with_result(ablate, tmp_path, moved)
+    assert run.argv()[-2:] == ["OUTPUT_DIR", run.out_dir]
     assert ablate.read_result(run) == result
 
 
