@@ -1,6 +1,8 @@
 """Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas, alpha-balanced CE written with torch ops."""
 
+import importlib.util
 import os
+import sys
 
 import torch
 import torch.nn.functional as TF
@@ -46,6 +48,17 @@ def tiny_cfg():
 
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def load_script(path):
+    """The script ``REPO / path`` as a module, with its folder importable as when the script runs."""
+    script = REPO / path
+    if str(script.parent) not in sys.path:
+        sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(f"{script.parent.name}_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Every registered loss: the suites iterate these, so that a new loss is tested for reference

@@ -6,7 +6,6 @@ pure parts (waiting, a child's report, summaries, targets, tables) are also
 imported and checked on results made up by the tests.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 from test_registry import TOY_LOSS
 
 
@@ -165,15 +164,8 @@ def test_bench_train_amp_needs_cuda():
 
 
 def load_benchmark(name):
-    """benchmarks/<name>.py as a module, with benchmarks/ importable as when the script runs."""
-    if str(REPO / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/<name>.py as a module."""
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_wait_for_idle_cpu_returns_at_once_without_wait_or_when_idle_enough():

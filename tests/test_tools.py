@@ -5,16 +5,14 @@ through ``main(argv)`` with the arguments a user would type.
 """
 
 import csv
-import importlib.util
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, digits_cfg
+from conftest import REPO, digits_cfg, load_script
 from detectron2.config import get_cfg
 from PIL import Image
 
@@ -25,13 +23,8 @@ from focal_det2.losses import functional
 
 
 def load_tool(name):
-    """tools/<name>.py as a module, with tools/ importable as when the script runs."""
-    if str(REPO / "tools") not in sys.path:
-        sys.path.insert(0, str(REPO / "tools"))
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """tools/<name>.py as a module."""
+    return load_script(f"tools/{name}.py")
 
 
 def png_size(path):

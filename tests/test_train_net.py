@@ -1,6 +1,5 @@
 """The stock Detectron2 machinery on every config: load, train, evaluate, CLI."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LOSSES, REPO, digits_cfg
+from conftest import LOSSES, REPO, digits_cfg, load_script
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
@@ -185,9 +184,7 @@ def test_hidden_warnings_are_exactly_the_third_party_ones(export):
 
 def test_train_net_eval_only_evaluates_the_checkpoints_weights(tmp_path, monkeypatch):
     """train_net.main with --eval-only hands FocalTrainer.test the model with MODEL.WEIGHTS loaded."""
-    spec = importlib.util.spec_from_file_location("train_net_main", REPO / "train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    train_net = load_script("train_net.py")
     cfg = digits_cfg(output_dir=tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(cfg.dump())
