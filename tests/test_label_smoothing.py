@@ -89,52 +89,38 @@ def test_softmax_reference_at_gamma_0_is_torch_cross_entropy_with_label_smoothin
     torch.testing.assert_close(ours, peer)
 
 
+# ALPHA, CLASS_ALPHA (K = 3) and the softmax background's alpha they give: 1 - ALPHA, or 1 at -1.
+ZERO_LOGIT_WEIGHTINGS = {
+    "alpha": (0.25, (), 0.75),
+    "class_alpha at alpha -1": (-1, (0.1, 0.5, 0.9), 1.0),
+}
+
+
 @pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_zero_logits_closed_form(name, gamma, backend_name, paths):
-    """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss is written out by hand."""
-    eps, k, alpha = 0.2, 3, 0.25
+@pytest.mark.parametrize("weighting", ZERO_LOGIT_WEIGHTINGS)
+def test_zero_logits_closed_form(name, gamma, weighting, backend_name, paths):
+    """At x = 0 every p is 1/2 (sigmoid) or 1/C (softmax): the loss and its definition, by hand."""
+    eps, k = 0.2, 3
+    alpha, class_alpha, a_background = ZERO_LOGIT_WEIGHTINGS[weighting]
+    a = list(class_alpha) or [alpha] * k  # each class's alpha
     dtype, tol = precision_of(backend_name)
-    loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha)
+    loss = smoothed(name, eps, k, gamma=gamma, alpha=alpha, class_alpha=class_alpha)
     labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
     logits = torch.zeros(4, loss.num_logits, dtype=dtype)
     if name == "softmax_focal":
         c = k + 1
         term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
-        a = [alpha] * k + [1 - alpha]
+        a = [*a, a_background]
         expected = sum((1 - eps) * a[y] * term + eps / c * sum(a) * term for y in (0, 2, 3))
     else:
         g = 0.0 if name == "cross_entropy" else gamma
-        t_pos, t_neg = 1 - eps / 2, eps / 2
         # BCE(0, t) = log 2 and 1 - p_t = 1/2 for any t: only alpha_t = a t + (1 - a)(1 - t) varies.
-        a_pos = alpha * t_pos + (1 - alpha) * (1 - t_pos)
-        a_neg = alpha * t_neg + (1 - alpha) * (1 - t_neg)
-        positives, negatives = 2, 3 * k - 2
-        expected = (positives * a_pos + negatives * a_neg) * 0.5**g * math.log(2)
-    assert loss(logits, labels).item() == pytest.approx(expected, rel=tol)
-    assert_ran_on(backend_name, paths)
-
-
-@pytest.mark.parametrize("name", SMOOTHED)
-def test_zero_logits_closed_form_with_class_alpha_and_alpha_minus_1(name, backend_name, paths):
-    """CLASS_ALPHA weighs each class also where ALPHA is -1 (no alpha): the loss and its definition."""
-    eps, k, gamma, class_alpha = 0.2, 3, 2.0, (0.1, 0.5, 0.9)
-    dtype, tol = precision_of(backend_name)
-    loss = smoothed(name, eps, k, gamma=gamma, alpha=-1, class_alpha=class_alpha)
-    labels = torch.tensor([0, 2, 3, -1])  # two positives, one background, one ignored
-    logits = torch.zeros(4, loss.num_logits, dtype=dtype)
-    if name == "softmax_focal":
-        c = k + 1
-        term = (1 - 1 / c) ** gamma * math.log(c)  # FL at every label
-        a = [*class_alpha, 1.0]  # background weighs 1 at alpha -1
-        expected = sum((1 - eps) * a[y] * term + eps / c * sum(a) * term for y in (0, 2, 3))
-    else:
-        g = 0.0 if name == "cross_entropy" else gamma
         expected = 0.0
         for y in (0, 2, 3):
-            for j, a in enumerate(class_alpha):
+            for j in range(k):
                 t = 1 - eps / 2 if j == y else eps / 2
-                expected += (a * t + (1 - a) * (1 - t)) * 0.5**g * math.log(2)
+                expected += (a[j] * t + (1 - a[j]) * (1 - t)) * 0.5**g * math.log(2)
     assert loss(logits, labels).item() == pytest.approx(expected, rel=tol)
     assert_ran_on(backend_name, paths)
     assert loss.reference_loss(logits.to(F64), labels).item() == pytest.approx(expected, rel=1e-12)
