@@ -530,14 +530,19 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     assert stamps == {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
 
 
-def _timed_result(ap, train_seconds):
-    """A result.json of ablate.py: every metric ``ap`` but AP50 (``ap`` + 1), 1 s of evaluation."""
-    return {
-        "metrics": dict(AP=ap, AP50=ap + 1.0, AP75=ap, APs=ap, APm=ap),
-        "train_seconds": train_seconds,
+def _fake_result(ap, seed=0, detections=None, *, ap50=None, train_seconds=None):
+    """
+    A result.json of ablate.py: every metric ``ap`` (AP50 ``ap50`` where given), 10 + ``seed``
+    s of training unless ``train_seconds`` is given, 1 s of evaluation.
+    """
+    metrics = dict(AP=ap, AP50=ap if ap50 is None else ap50, AP75=ap, APs=ap, APm=ap)
+    result = {
+        "metrics": metrics,
+        "train_seconds": 10.0 + seed if train_seconds is None else train_seconds,
         "eval_seconds": 1.0,
-        "iterations": 10,
+        "iterations": 600,
     }
+    return result if detections is None else {**result, "detections": detections}
 
 
 def test_ablate_tables_of_three_seeds_mean_sample_std_and_train_seconds(tmp_path):
@@ -550,7 +555,7 @@ def test_ablate_tables_of_three_seeds_mean_sample_std_and_train_seconds(tmp_path
     preset = ablate.Preset(iters=10, seeds=(0, 1, 2))
     runs = ablate.plan(preset, ablate.select_rows("ce_a0.25,ce_a0.50", preset), "/out")
     results = {
-        ("ce_a0.25", seed): _timed_result(ap, train_s)
+        ("ce_a0.25", seed): _fake_result(ap, ap50=ap + 1.0, train_seconds=train_s)
         for seed, ap, train_s in ((0, 10.0, 30.0), (1, 20.0, 60.0), (2, 60.0, 90.0))
     }
     (line,) = ablate.summarize(runs, results)
@@ -652,7 +657,7 @@ def test_ablate_threads_per_job(tmp_path, monkeypatch):
 
     def fake_train(run, verbose=False, threads=None):
         calls.append((run.row.name, threads))
-        return _timed_result(1.0, 1.0)
+        return _fake_result(1.0)
 
     monkeypatch.setattr(ablate, "train_run", fake_train)
     given = {}
@@ -673,7 +678,7 @@ def test_ablate_notes_of_class_groups_without_a_value():
     """
     ablate = load_tool("ablate")
     groups = ablate.LONGTAIL_GROUPS
-    older = _timed_result(5.0, 1.0)
+    older = _fake_result(5.0)
     assert ablate._notes(older, groups) == (
         "AP_rare, AP_frequent –: the run's result.json has no per-class AP "
         "(trained before ablate.py stored it)"
@@ -691,11 +696,13 @@ def test_ablate_notes_of_class_groups_without_a_value():
 
 
 def test_ablate_canvas_table_averages_the_ap_column():
-    """The table by canvas shows AP (not AP50, which _timed_result sets 1 higher)."""
+    """The table by canvas shows AP (not AP50, set 1 higher)."""
     ablate = load_tool("ablate")
     preset = ablate.replace(ablate.PRESETS["imbalance"], canvases=(128,))
     runs = ablate.plan(preset, ablate.select_rows("ce_a0.75", preset), "/out")
-    results = {("s128/ce_a0.75", s): _timed_result(ap, 1.0) for s, ap in ((0, 40.0), (1, 44.0))}
+    results = {
+        ("s128/ce_a0.75", s): _fake_result(ap, s, ap50=ap + 1.0) for s, ap in ((0, 40.0), (1, 44.0))
+    }
     imbalance = {128: {"negatives_per_positive": 99.6, "ignored_per_image": 3.3}}
     assert ablate.canvas_table(runs, results, imbalance) == [
         "| | 128 px |",
@@ -942,17 +949,6 @@ def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys)
     )
     out = capsys.readouterr().out
     assert "Rows left out" not in out and "preset imbalance: 8 runs;" in out
-
-
-def _fake_result(ap, seed, detections=None):
-    metrics = dict(AP=ap, AP50=ap, AP75=ap, APs=ap, APm=ap)
-    result = {
-        "metrics": metrics,
-        "train_seconds": 10.0 + seed,
-        "eval_seconds": 1.0,
-        "iterations": 600,
-    }
-    return result if detections is None else {**result, "detections": detections}
 
 
 def test_ablate_imbalance_table_by_canvas(tmp_path):
