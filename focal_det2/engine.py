@@ -273,6 +273,18 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
     return path
 
 
+@contextlib.contextmanager
+def _naming_checkpoint(path: str):
+    """Add a note naming the checkpoint ``path`` to any error raised inside: torch.load's
+    errors (a truncated file, say) do not name the file."""
+    try:
+        yield
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(f"while loading the checkpoint {path}")
+        raise
+
+
 class FocalTrainer(DefaultTrainer):
     """
     DefaultTrainer that evaluates with COCOEvaluator, runs multi-process on
@@ -324,13 +336,10 @@ class FocalTrainer(DefaultTrainer):
         checkpoint file (see :func:`checkpoint_to_load`), and the data order
         and scalar history continued on a resume.
         """
-        path = checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
-        try:
+        with _naming_checkpoint(
+            checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
+        ):
             super().resume_or_load(resume=resume)
-        except Exception as e:  # e.g. a truncated file: torch.load's errors do not name it
-            if hasattr(e, "add_note"):  # Python >= 3.11
-                e.add_note(f"while loading the checkpoint {path}")
-            raise
         if self.start_iter == 0:
             return
         if self.cfg.SEED < 0:
@@ -419,15 +428,19 @@ def load_for_evaluation(cfg, model):
     ``MODEL.FOCAL.CLASS_WEIGHTING`` on, the checkpoint's class weights into the
     model's loss (never counted here). A checkpoint without them (trained with
     ``none``, or a Detectron2 checkpoint) leaves the loss unweighted and says so:
-    inference scores do not depend on the loss or its weights.
+    inference scores do not depend on the loss or its weights. An error while
+    loading (a truncated file) carries a note that names the checkpoint.
     """
     checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    path = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume=False)
     if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        with _naming_checkpoint(path):
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         return
     weights = ClassWeights(_focal_loss_of(model), cfg)
     checkpointer.add_checkpointable(CHECKPOINT_KEY, weights)
-    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
+    with _naming_checkpoint(path):
+        checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
     if weights.source is None:
         logger.info(
             f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss stays unweighted, which "

@@ -508,16 +508,32 @@ def test_zero_byte_checkpoint_is_named(tmp_path, loggers):
         )
 
 
-def test_truncated_checkpoint_error_names_the_file(tmp_path):
+@pytest.mark.parametrize(
+    "load", ["resume", "eval_only", "eval_only_class_weighted"], ids=lambda load: load
+)
+def test_truncated_checkpoint_error_names_the_file(tmp_path, load):
+    """
+    A truncated checkpoint fails in torch.load, whose error does not name the file: the
+    trainer's --resume and --eval-only's load_for_evaluation (its plain load and the one
+    that also reads class weights) add a note that does.
+    """
+    from focal_det2.engine import load_for_evaluation
+
     run, _ = _trained_run_dir(tmp_path)
-    data = (run / "model_final.pth").read_bytes()
-    (run / "model_final.pth").write_bytes(data[: len(data) // 2])
-    trainer = FocalTrainer(digits_cfg(output_dir=run))
+    checkpoint = run / "model_final.pth"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception) as error:
-        trainer.resume_or_load(resume=True)
-    assert f"while loading the checkpoint {run / 'model_final.pth'}" in getattr(
-        error.value, "__notes__", []
-    )
+        if load == "resume":
+            FocalTrainer(digits_cfg(output_dir=run)).resume_or_load(resume=True)
+        else:
+            weighting = "effective_number" if load == "eval_only_class_weighted" else "none"
+            cfg = digits_cfg(
+                output_dir=tmp_path / "eval",
+                opts=["MODEL.WEIGHTS", str(checkpoint), "MODEL.FOCAL.CLASS_WEIGHTING", weighting],
+            )
+            load_for_evaluation(cfg, build_model(cfg))
+    assert f"while loading the checkpoint {checkpoint}" in getattr(error.value, "__notes__", [])
 
 
 def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):
