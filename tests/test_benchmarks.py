@@ -278,7 +278,7 @@ def _loss_run(impl, setting, fwd_bwd_ms, extra_peak_mb=None, n=200000, logits_mb
 
 def test_bench_loss_targets_at_their_thresholds():
     """
-    Every ratio exactly at its threshold: 5x and 2x faster than fvcore_jit and 20x the
+    Every ratio exactly at its threshold: 5x and 3x faster than fvcore_jit and 20x the
     bandwidth bound are met, softmax 1x faster than naive is not (> 1x); memory within 1 %
     over one logits-sized tensor is met, 3 % over is not. Results at another N are ignored.
     """
@@ -287,7 +287,7 @@ def test_bench_loss_targets_at_their_thresholds():
         _loss_run("fvcore_jit", "default", 50.0),
         _loss_run("ours_sigmoid_focal", "default", 10.0, extra_peak_mb=100.5),
         _loss_run("ours_cross_entropy", "default", 12.5, extra_peak_mb=103.0),
-        _loss_run("fvcore_jit", "tamed", 20.0),
+        _loss_run("fvcore_jit", "tamed", 30.0),
         _loss_run("ours_sigmoid_focal", "tamed", 10.0),
         _loss_run("bandwidth", "tamed", 0.5),
         _loss_run("naive_softmax", "default", 10.0),
@@ -303,7 +303,7 @@ def test_bench_loss_targets_at_their_thresholds():
     assert bench_loss.check_targets(results, 200000) == [
         ("default: ours_sigmoid_focal fwd+bwd 5.0x faster than fvcore_jit (>= 5x)", True),
         (f"default: ours_sigmoid_focal extra peak 1.005x logits {allowed}", True),
-        ("tamed: ours_sigmoid_focal fwd+bwd 2.0x faster than fvcore_jit (>= 2x)", True),
+        ("tamed: ours_sigmoid_focal fwd+bwd 3.0x faster than fvcore_jit (>= 3x)", True),
         ("tamed: ours_sigmoid_focal fwd+bwd 20.0x the bandwidth bound (<= 20x)", True),
         ("default: ours_cross_entropy fwd+bwd 4.0x faster than fvcore_jit (>= 5x)", False),
         (f"default: ours_cross_entropy extra peak 1.030x logits {allowed}", False),
