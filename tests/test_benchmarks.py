@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, load_script
 from test_registry import TOY_LOSS
 
@@ -404,3 +405,52 @@ def test_bench_loss_retries_a_disturbed_run_and_keeps_the_least_disturbed(monkey
     loads[:] = [0.3, 0.1, 0.0]  # 10 % of the CPU is quiet enough
     best = bench_loss.run_in_subprocess("bandwidth", 1000, "default", args)
     assert best["other_load"] == 0.1 and best["attempts"] == 2
+
+
+def test_pack_offline_deps_is_self_contained(tmp_path):
+    """
+    scripts/pack_offline_deps.sh (without its PyPI download) packs Detectron2's pure-Python
+    dependencies with no compiled file: with site-packages off (``python -S``) and only the
+    packed folder plus what a torch install brings (typing_extensions) on the path, fvcore's
+    config, iopath, hydra and the rest import from the packed folder. Without the folder they
+    do not (the check can fail).
+    """
+    deps, torch_deps = tmp_path / "deps", tmp_path / "torch_deps"
+    env = dict(os.environ, SKIP_WHEEL="1")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "pack_offline_deps.sh"), str(deps)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (deps / "detectron2" / "__init__.py").is_file()
+    assert not [p for p in deps.rglob("*") if p.suffix == ".so" or p.name == "__pycache__"]
+    torch_deps.mkdir()
+    (torch_deps / "typing_extensions.py").symlink_to(sys.modules["typing_extensions"].__file__)
+    modules = "yacs.config, yaml, iopath.common.file_io, omegaconf, hydra, termcolor, tabulate, "
+    modules += "tqdm, portalocker, cloudpickle, antlr4, packaging.version, fvcore.common.config"
+    check = f"import {modules}; import fvcore; print(fvcore.__file__)"
+    for path, expect_ok in ((f"{deps}{os.pathsep}{torch_deps}", True), (str(torch_deps), False)):
+        proc = subprocess.run(
+            [sys.executable, "-S", "-c", check],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=path),
+        )
+        assert (proc.returncode == 0) == expect_ok, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would measure")
+def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
+    """scripts/gpu_measure.sh on a machine without CUDA says so and measures nothing."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_measure.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "no CUDA device: these measurements need one" in proc.stdout
+    assert "the machine check failed (see above); nothing measured" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_measure.log"]

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every GPU measurement README's "Performance" quotes, in one run on a CUDA machine:
+#
+#   1. the CUDA tests: the Triton kernels compiled, on CUDA tensors, against the reference
+#      formulas, and the memory test (tests/test_triton.py, test_fused.py, test_label_smoothing.py);
+#   2. benchmarks/bench_loss.py --device cuda: N = 400k and 2M, float32 and bfloat16;
+#   3. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each.
+#
+#   bash scripts/gpu_measure.sh [RESULTS_DIR]     # default benchmarks/results
+#
+# PYTHON (default .venv/bin/python where it exists, else python3) runs everything; on a machine
+# without network, PYTHONPATH names the folder scripts/pack_offline_deps.sh made. Each step's
+# output goes to RESULTS_DIR/gpu_measure.log as well; a failed step does not stop the others, and
+# the script exits non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+results=${1:-benchmarks/results}
+python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+mkdir -p "$results"
+log=$results/gpu_measure.log
+: >"$log"
+failed=()
+
+step() {
+  local name=$1
+  shift
+  echo "== $name: $*" | tee -a "$log"
+  local start=$SECONDS
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+  ((rc == 0)) || failed+=("$name")
+}
+
+step machine "$python" -c 'import torch, triton, detectron2, fvcore, pycocotools
+assert torch.cuda.is_available(), "no CUDA device: these measurements need one"
+print(torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(),
+      "CPU", torch.backends.cpu.get_cpu_capability())'
+if [[ ${failed[*]-} == machine ]]; then
+  echo "gpu_measure.sh: the machine check failed (see above); nothing measured" >&2
+  exit 1
+fi
+step cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py \
+  tests/test_label_smoothing.py -k cuda
+step bench_loss "$python" benchmarks/bench_loss.py --device cuda --out "$results/bench_loss_cuda.json"
+step bench_train "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 \
+  --iters 30 --out "$results/bench_train_cuda.json"
+step bench_train_amp "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 \
+  --iters 30 --amp --out "$results/bench_train_cuda_amp.json"
+
+if ((${#failed[@]})); then
+  echo "gpu_measure.sh: failed: ${failed[*]} (log: $log)" >&2
+  exit 1
+fi
+echo "gpu_measure.sh: every step passed (log: $log)"
