@@ -3,7 +3,7 @@
 # that has Python with CUDA torch, torchvision and Triton but no network (a lent or air-gapped
 # box):
 #
-#   bash scripts/pack_offline_deps.sh DEST [PYTHON_VERSION]
+#   bash scripts/pack_offline_deps.sh DEST [PYTHON_VERSION]      # e.g. DEST = .deps (git-ignored)
 #   # copy DEST (and the checkout) to the GPU machine, then there:
 #   PYTHONPATH=DEST bash scripts/gpu_measure.sh
 #
