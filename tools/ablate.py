@@ -567,14 +567,10 @@ def row_problem(row: Row) -> Optional[str]:
     ``MODEL.FOCAL.LOSS`` is not in ``FOCAL_LOSS_REGISTRY``, or one of its keys
     does not exist in the config (Detectron2's defaults plus ``add_focal_config``).
     """
-    from detectron2.config import get_cfg
-
-    from focal_det2 import add_focal_config
+    from focal_det2.config import load_config
     from focal_det2.losses import FOCAL_LOSS_REGISTRY
 
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "digits", f"{row.config}.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "digits", f"{row.config}.yaml"))
     loss = dict(zip(row.opts[::2], row.opts[1::2])).get("MODEL.FOCAL.LOSS", cfg.MODEL.FOCAL.LOSS)
     names = sorted(name for name, _ in FOCAL_LOSS_REGISTRY)
     if loss not in names:

@@ -76,14 +76,11 @@ def canvas_cfg(side: int, config_file: str = DEFAULT_CONFIG, opts: Sequence = ()
     ``config_file`` (relative to the repository) with :func:`canvas_opts` and
     then ``opts`` merged, as train_net.py would load it, on the CPU.
     """
-    from detectron2.config import get_cfg
+    from focal_det2.config import load_config
 
-    from focal_det2 import add_focal_config
-
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, config_file))
-    cfg.merge_from_list(canvas_opts(side) + ["MODEL.DEVICE", "cpu"] + list(opts))
+    cfg = load_config(
+        os.path.join(REPO, config_file), canvas_opts(side) + ["MODEL.DEVICE", "cpu"] + list(opts)
+    )
     cfg.freeze()
     return cfg
 
