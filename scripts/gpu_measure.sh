@@ -6,20 +6,32 @@
 #   2. benchmarks/bench_loss.py --device cuda: N = 400k and 2M, float32 and bfloat16;
 #   3. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each.
 #
-#   bash scripts/gpu_measure.sh [RESULTS_DIR]     # default benchmarks/results
+#   bash scripts/gpu_measure.sh [RESULTS_DIR [STEP...]]   # default benchmarks/results, every step
+#
+# STEPs, in this order by default: cuda_tests bench_loss bench_train bench_train_amp (about 10 min
+# in all; name some to split the run, e.g. where one command may run only so long).
 #
 # PYTHON (default .venv/bin/python where it exists, else python3) runs everything; on a machine
 # without network, PYTHONPATH names the folder scripts/pack_offline_deps.sh made. Each step's
-# output goes to RESULTS_DIR/gpu_measure.log as well; a failed step does not stop the others, and
-# the script exits non-zero if any failed.
+# output is added to RESULTS_DIR/gpu_measure.log as well; a failed step does not stop the others,
+# and the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 results=${1:-benchmarks/results}
+all_steps=(cuda_tests bench_loss bench_train bench_train_amp)
+steps=("${@:2}")
+((${#steps[@]})) || steps=("${all_steps[@]}")
+for name in "${steps[@]}"; do
+  if [[ " ${all_steps[*]} " != *" $name "* ]]; then
+    echo "gpu_measure.sh: unknown step '$name'; steps are: ${all_steps[*]}" >&2
+    exit 2
+  fi
+done
 python=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 mkdir -p "$results"
 log=$results/gpu_measure.log
-: >"$log"
+echo "== gpu_measure.sh at $(date -u '+%F %T') UTC: ${steps[*]}" >>"$log"
 failed=()
 
 step() {
@@ -41,13 +53,22 @@ if [[ ${failed[*]-} == machine ]]; then
   echo "gpu_measure.sh: the machine check failed (see above); nothing measured" >&2
   exit 1
 fi
-step cuda_tests "$python" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py \
-  tests/test_label_smoothing.py -k cuda
-step bench_loss "$python" benchmarks/bench_loss.py --device cuda --out "$results/bench_loss_cuda.json"
-step bench_train "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 \
-  --iters 30 --out "$results/bench_train_cuda.json"
-step bench_train_amp "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 \
-  --iters 30 --amp --out "$results/bench_train_cuda_amp.json"
+cuda_tests() {
+  "$python" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py \
+    tests/test_label_smoothing.py -k cuda
+}
+bench_loss() { "$python" benchmarks/bench_loss.py --device cuda --out "$results/bench_loss_cuda.json"; }
+bench_train() {
+  "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 \
+    --out "$results/bench_train_cuda.json"
+}
+bench_train_amp() {
+  "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 --amp \
+    --out "$results/bench_train_cuda_amp.json"
+}
+for name in "${steps[@]}"; do
+  step "$name" "$name"
+done
 
 if ((${#failed[@]})); then
   echo "gpu_measure.sh: failed: ${failed[*]} (log: $log)" >&2

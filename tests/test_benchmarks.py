@@ -444,13 +444,24 @@ def test_pack_offline_deps_is_self_contained(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would measure")
 def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
-    """scripts/gpu_measure.sh on a machine without CUDA says so and measures nothing."""
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu_measure.sh"), str(tmp_path)],
-        capture_output=True,
-        text=True,
+    """
+    scripts/gpu_measure.sh on a machine without CUDA says so and measures nothing; an unknown
+    step is refused, with the steps there are, before anything is written.
+    """
+
+    def run(*args):
+        script = str(REPO / "scripts" / "gpu_measure.sh")
+        return subprocess.run(["bash", script, *args], capture_output=True, text=True)
+
+    proc = run(str(tmp_path / "results"), "bench_loss", "bench_los")
+    assert proc.returncode == 2
+    expected = (
+        "unknown step 'bench_los'; steps are: cuda_tests bench_loss bench_train bench_train_amp"
     )
+    assert expected in proc.stderr
+    assert not (tmp_path / "results").exists()
+    proc = run(str(tmp_path / "results"), "bench_loss")
     assert proc.returncode == 1
     assert "no CUDA device: these measurements need one" in proc.stdout
     assert "the machine check failed (see above); nothing measured" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_measure.log"]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["gpu_measure.log"]
