@@ -430,15 +430,24 @@ def test_pack_offline_deps_is_self_contained(tmp_path):
     (torch_deps / "typing_extensions.py").symlink_to(sys.modules["typing_extensions"].__file__)
     modules = "yacs.config, yaml, iopath.common.file_io, omegaconf, hydra, termcolor, tabulate, "
     modules += "tqdm, portalocker, cloudpickle, antlr4, packaging.version, fvcore.common.config"
-    check = f"import {modules}; import fvcore; print(fvcore.__file__)"
-    for path, expect_ok in ((f"{deps}{os.pathsep}{torch_deps}", True), (str(torch_deps), False)):
-        proc = subprocess.run(
-            [sys.executable, "-S", "-c", check],
+
+    def imports(*path):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-S",
+                "-c",
+                f"import {modules}; import fvcore; print(fvcore.__file__)",
+            ],
             capture_output=True,
             text=True,
-            env=dict(os.environ, PYTHONPATH=path),
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, path))),
         )
-        assert (proc.returncode == 0) == expect_ok, proc.stderr[-2000:]
+
+    proc = imports(deps, torch_deps)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(deps / "fvcore" / "__init__.py")
+    proc = imports(torch_deps)
     assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
 
 
