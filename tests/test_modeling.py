@@ -3,10 +3,12 @@
 import pytest
 import torch
 from conftest import LOSSES, build_loss, head_logits, reference_loss_cls, tiny_cfg
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from focal_det2.modeling.head import FocalRetinaNetHead
 from focal_det2.modeling.meta_arch import FocalRetinaNet
 
 NUM_CLASSES = 10
@@ -290,3 +292,77 @@ def test_a_loss_of_another_class_count_is_refused_naming_the_key():
         ValueError, match="has 3 classes, the model 2; both must be MODEL.RETINANET"
     ):
         FocalRetinaNet(**args)
+
+
+def test_logged_num_pos_anchors_is_the_foreground_count_per_image():
+    """
+    Pins the ``num_pos_anchors`` scalar to RetinaNet's meaning: the batch's
+    foreground anchors (label in 0..K-1) divided by the number of images.
+    Guards the mutant that logs the batch total (``/ len(gt_labels)`` dropped).
+    """
+    model = build()
+    inputs = batch(with_empty=True)
+    _, labels = head_logits(model, inputs)
+    foreground = int(((labels >= 0) & (labels != NUM_CLASSES)).sum())
+    assert foreground > 0
+    _, storage = train_losses(model, inputs)
+    assert storage.history("num_pos_anchors").latest() == foreground / len(inputs)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_focal", "softmax_focal"])  # K and K + 1 logits
+def test_anchor_logits_are_the_head_logits_and_anchor_labels(loss):
+    """
+    Pins ``FocalRetinaNet.anchor_logits`` (what tools/plot_loss_cdf.py reads) to the
+    head's (N, R, num_logits) logits and the matcher's labels, for K and K + 1 logits.
+    Guards the mutant that splits the head's output into ``num_classes`` columns
+    instead of ``num_logits`` (the same for sigmoid losses, wrong for softmax).
+    """
+    model = build(loss=loss).eval()
+    inputs = batch()
+    expected_logits, expected_labels = head_logits(model, inputs)
+    logits, labels = model.anchor_logits(inputs)
+    assert logits.shape == expected_logits.shape == (2, logits.shape[1], model.num_logits)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    assert torch.equal(labels, expected_labels)
+
+
+def test_sync_normalizer_in_one_process_is_the_plain_normalizer():
+    """
+    With MODEL.FOCAL.SYNC_NORMALIZER on and no process group (one process), a
+    training step needs no all_reduce and reports the plain loss: the reference
+    formula over 0.9 * 100 + 0.1 * foreground. Guards the mutant that drops
+    ``or comm.get_world_size() == 1`` (an all_reduce without a process group raises).
+    """
+    model = build(sync_normalizer=True)
+    assert model.sync_normalizer
+    inputs = batch()
+    expected = reference_loss_cls(model, inputs, "sigmoid_focal", gamma=2.0, alpha=0.25)
+    losses, _ = train_losses(model, inputs)
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_head_built_alone_takes_the_schedule_start_gamma():
+    """
+    ``FocalRetinaNetHead(cfg, input_shape)`` without the model builds the loss and the
+    gamma schedule from ``cfg``: an FL* head under a ramp from START 0.5 gives the prior
+    at gamma 0.5, sigmoid(0.5 b + beta) = 0.01. Guards the mutant in ``from_config``
+    that passes ``init_gamma=None`` (the prior at the loss's gamma 2 instead).
+    """
+    cfg = tiny_cfg()
+    for key, value in [
+        ("LOSS", "focal_star"),
+        ("GAMMA", 2.0),
+        ("STAR_BETA", 1.0),
+        ("GAMMA_SCHEDULE.NAME", "linear"),
+        ("GAMMA_SCHEDULE.START", 0.5),
+        ("GAMMA_SCHEDULE.ITERS", 100),
+    ]:
+        cfg.merge_from_list([f"MODEL.FOCAL.{key}", value])
+    shapes = [ShapeSpec(channels=64, stride=s) for s in (8, 16, 32, 64, 128)]
+    head = FocalRetinaNetHead(cfg, shapes)
+    bias = head.cls_score.bias.detach().double()
+    anchors = cfg.MODEL.ANCHOR_GENERATOR  # one size list: every level has the same anchors
+    assert bias.numel() == len(anchors.SIZES[0]) * len(anchors.ASPECT_RATIOS[0]) * NUM_CLASSES
+    torch.testing.assert_close(
+        (0.5 * bias + 1.0).sigmoid(), torch.full_like(bias, 0.01), rtol=1e-6, atol=0
+    )
