@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import focal_det2
+from focal_det2.config import load_config
 
 DEFAULTS = {
     "LOSS": "sigmoid_focal",
@@ -113,6 +114,16 @@ def test_alpha_minus_1_and_bounds_are_accepted(alpha):
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.ALPHA = alpha
     assert build_model(cfg).focal_loss.alpha == alpha
+
+
+def test_class_alpha_bounds_0_and_1_are_accepted():
+    """
+    CLASS_ALPHA's range is [0, 1], both ends included (a class weighed only on its
+    negatives, or only on its positives). Guards the mutants ``0 < a`` and ``a < 1``.
+    """
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.CLASS_ALPHA = [0.0, 1.0] + [0.25] * 8
+    assert build_model(cfg).focal_loss.class_alpha == (0.0, 1.0) + (0.25,) * 8
 
 
 def test_retinanet_keys_may_change_for_detectron2_retinanet():
@@ -228,3 +239,34 @@ def test_bad_config_raises_naming_the_key(values, expected):
         build_model(cfg)
     for text in expected[1:]:
         assert text in str(info.value)
+
+
+# ----------------------------------------------------------------------------- load_config
+
+DIGITS_CONFIG = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
+
+
+def test_load_config_applies_the_overrides_after_the_file():
+    """
+    ``load_config(file, opts)`` is the file's config with the key, value pairs of ``opts``
+    on top, as train_net.py's command line. Guards the mutant that drops
+    ``cfg.merge_from_list(opts)`` (the file's own values would stay).
+    """
+    plain = load_config(DIGITS_CONFIG)
+    assert plain.MODEL.FOCAL.GAMMA == 2.0 and plain.SOLVER.MAX_ITER != 7
+    cfg = load_config(DIGITS_CONFIG, ["MODEL.FOCAL.GAMMA", "1.5", "SOLVER.MAX_ITER", "7"])
+    assert cfg.MODEL.FOCAL.GAMMA == 1.5 and cfg.SOLVER.MAX_ITER == 7
+    assert cfg.MODEL.META_ARCHITECTURE == plain.MODEL.META_ARCHITECTURE == "FocalRetinaNet"
+
+
+def test_load_config_needing_weights_refuses_an_empty_model_weights():
+    """
+    ``need_weights=True`` (the tools that run a trained model) raises, naming MODEL.WEIGHTS,
+    when it is empty, and accepts it once set; without it an empty MODEL.WEIGHTS loads.
+    Guards the mutant that drops the ``need_weights`` check.
+    """
+    assert load_config(DIGITS_CONFIG).MODEL.WEIGHTS == ""
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        load_config(DIGITS_CONFIG, need_weights=True)
+    cfg = load_config(DIGITS_CONFIG, ["MODEL.WEIGHTS", "model.pth"], need_weights=True)
+    assert cfg.MODEL.WEIGHTS == "model.pth"
