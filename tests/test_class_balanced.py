@@ -60,7 +60,9 @@ def test_weights_reject_beta_outside_0_1_and_counts_below_1(counts, beta, messag
 
 
 @pytest.mark.parametrize(
-    "key, value", [("CLASS_WEIGHTING", "inverse"), ("CB_BETA", 1.0), ("CB_BETA", -0.1)]
+    "key, value",
+    # CB_BETA False: a bool, refused though it equals 0 (guards dropping the bool check)
+    [("CLASS_WEIGHTING", "inverse"), ("CB_BETA", 1.0), ("CB_BETA", -0.1), ("CB_BETA", False)],
 )
 def test_bad_keys_raise_naming_them(key, value):
     cfg = tiny_cfg()
@@ -158,6 +160,75 @@ def test_a_class_without_instances_is_an_error_naming_it():
     assert loss.class_weights is None
 
 
+def test_count_reads_every_training_data_set():
+    """
+    ``ClassWeights.count`` counts every data set of DATASETS.TRAIN: the tiny digits set
+    listed twice counts each instance twice, and the weights are the effective-number
+    weights of those counts. Guards the mutant that counts the first data set only.
+    """
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("digits_train_tiny", "digits_train_tiny")
+    cfg.MODEL.FOCAL.CB_BETA = 0.9
+    loss = build_loss("sigmoid_focal", 10)
+    weights = ClassWeights(loss, cfg)
+    weights.count()
+    once = count_instances(["digits_train_tiny"], 10)
+    assert weights.counts == [2 * n for n in once]
+    expected = effective_number_weights([2 * n for n in once], 0.9).tolist()
+    assert list(loss.class_weights) == pytest.approx(expected, rel=1e-12)
+    assert weights.state_dict()["datasets"] == ["digits_train_tiny", "digits_train_tiny"]
+
+
+def test_thing_classes_of_another_length_are_not_used_as_names():
+    """
+    Metadata whose thing_classes do not have K names (here 3 for K = 10) give no class
+    names: the error for a class without instances says ``class 3 has no instance``
+    with no name. Guards the mutant that drops ``len(names) == num_classes``
+    (an IndexError for class 3, or the wrong names).
+    """
+    records = [
+        {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 3]}
+        for r in _tiny_records()
+    ]
+    _register("cb_three_names", records, ["zero", "one", "two"])
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("cb_three_names",)
+    with pytest.raises(ValueError, match=re.escape("class 3 has no instance")):
+        ClassWeights(build_loss("sigmoid_focal", 10), cfg).count()
+
+
+def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
+    """
+    Loading class weights counted with another CB_BETA sets them on the loss and warns,
+    naming both betas; the same beta loads without a warning. Guards the mutant that
+    inverts ``state["beta"] != self.beta`` (a warning on every matching resume, none
+    on a mismatch).
+    """
+    import logging
+
+    from focal_det2 import class_balance
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    class_balance.logger.addHandler(handler)
+    try:
+        cfg = tiny_cfg()
+        cfg.MODEL.FOCAL.CB_BETA = 0.99
+        state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": []}
+        loss = build_loss("sigmoid_focal", 3)
+        ClassWeights(loss, cfg).load_state_dict(state)
+        assert loss.class_weights == (0.5, 2.0, 0.5)
+        assert len(records) == 1
+        message = records[0].getMessage()
+        assert "MODEL.FOCAL.CB_BETA=0.99" in message and "beta 0.9;" in message
+        records.clear()
+        ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.99})
+        assert records == []
+    finally:
+        class_balance.logger.removeHandler(handler)
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -189,6 +260,23 @@ def test_weighted_loss_is_the_per_anchor_sum(name):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert not torch.allclose(got, loss(logits, labels))  # the weights change it
+
+
+def test_new_class_weights_replace_the_cached_ones():
+    """
+    Weights set again (a resume's checkpoint over counted ones) are the ones the next call
+    uses: the loss equals a fresh loss with only the new weights, bit for bit. Guards the
+    mutant that keeps the per-dtype weight cache in ``set_class_weights``.
+    """
+    logits, labels = _batch(3, 3)
+    logits = logits.detach()
+    loss = build_loss("sigmoid_focal", 3)
+    loss.set_class_weights(WEIGHTS)
+    loss(logits, labels)  # caches WEIGHTS as a float64 tensor
+    loss.set_class_weights((4.0, 1.0, 3.0))
+    fresh = build_loss("sigmoid_focal", 3)
+    fresh.set_class_weights((4.0, 1.0, 3.0))
+    torch.testing.assert_close(loss(logits, labels), fresh(logits, labels), rtol=0, atol=0)
 
 
 def test_weighted_sigmoid_focal_loss_written_out():
@@ -325,6 +413,24 @@ def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
     model = FocalTrainer.build_model(eval_cfg)
     load_for_evaluation(eval_cfg, model)
     assert list(model.focal_loss.class_weights) == stored["weights"]
+
+
+def test_class_weighting_with_detectron2_retinanet_is_refused_naming_the_keys():
+    """
+    Detectron2's RetinaNet has no ``focal_loss`` to weigh: with CLASS_WEIGHTING on,
+    ``load_for_evaluation`` raises naming CLASS_WEIGHTING and META_ARCHITECTURE.
+    Guards the mutant that drops the ``loss is None`` check of ``_focal_loss_of``
+    (ClassWeights of None, no error until it is used).
+    """
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
+    model = build_model(cfg)
+    message = (
+        "MODEL.FOCAL.CLASS_WEIGHTING needs MODEL.META_ARCHITECTURE FocalRetinaNet, got RetinaNet"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_for_evaluation(cfg, model)
 
 
 def test_evaluating_a_checkpoint_without_weights_leaves_the_loss_unweighted(tmp_path):
