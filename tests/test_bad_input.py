@@ -21,7 +21,7 @@ from PIL import Image
 
 from focal_det2 import build_focal_loss
 from focal_det2.data.checks import check_dataset_dicts
-from focal_det2.engine import FocalTrainer
+from focal_det2.engine import FocalTrainer, checkpoint_to_load
 
 SIZE = 64
 
@@ -203,6 +203,21 @@ def test_unreadable_image_file(coco, tmp_path):
         ValueError, match=re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read")
     ):
         next(iter(loader))
+
+
+def test_training_sets_with_other_classes_are_refused(coco, tmp_path):
+    """
+    Several DATASETS.TRAIN must share thing_classes (their contiguous ids mean the same
+    classes): sets with classes (class1, class2) and (class1, class3) raise Detectron2's
+    metadata error when the loader is built; two sets with the same classes build.
+    Guards the mutant that drops ``check_metadata_consistency`` in build_train_loader.
+    """
+    first, _, _ = coco({1: GOOD}, categories=(1, 2))
+    same, _, _ = coco({1: GOOD}, categories=(1, 2))
+    other, _, _ = coco({1: GOOD}, categories=(1, 3))
+    FocalTrainer.build_train_loader(_cfg(first, tmp_path, "DATASETS.TRAIN", (first, same)))
+    with pytest.raises(ValueError, match="different metadata 'thing_classes'"):
+        FocalTrainer.build_train_loader(_cfg(first, tmp_path, "DATASETS.TRAIN", (first, other)))
 
 
 @pytest.mark.parametrize("filter_empty", [True, False])
@@ -430,6 +445,45 @@ def test_labels_of_another_dtype_are_named(loss, dtype):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+def test_logits_of_another_width_are_named(loss):
+    """
+    Logits with one column too many or too few raise, naming the (N, num_logits) shape the
+    loss expects. Guards the mutant that checks only ``logits.dim() != 2``.
+    """
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
+    focal_loss = build_focal_loss(cfg)
+    width = focal_loss.num_logits
+    labels = torch.tensor([0, 3])
+    for bad in (width - 1, width + 1):
+        with pytest.raises(
+            ValueError, match=re.escape(f"expects logits of shape (N, {width}), got (2, {bad})")
+        ):
+            focal_loss(torch.zeros(2, bad), labels)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_labels_of_another_length_are_named(loss, num_labels):
+    """
+    One label per logits row: a labels vector of another length raises, naming both
+    lengths. Guards the mutant that drops the ``labels.shape != logits.shape[:1]`` check.
+    """
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = loss
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
+    focal_loss = build_focal_loss(cfg)
+    labels = torch.tensor([0, 3, 1])[:num_labels]
+    with pytest.raises(
+        ValueError, match=re.escape(f"labels must have shape (2,), got ({num_labels},)")
+    ):
+        focal_loss(torch.zeros(2, focal_loss.num_logits), labels)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize(
     "gamma, error",
     [
@@ -453,6 +507,20 @@ def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
         error, match=re.escape(f"gamma={gamma!r}" if error is TypeError else f"gamma={gamma}")
     ):
         focal_loss(*args, gamma=gamma)
+
+
+@pytest.mark.parametrize(
+    "url", ["detectron2://ImageNetPretrained/MSRA/R-50.pkl", "https://example.com/model.pth"]
+)
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_url_in_model_weights_is_loaded_as_given(tmp_path, url, resume):
+    """
+    MODEL.WEIGHTS that is a URL (the model zoo's ``detectron2://`` ImageNet weights) is
+    not a local file: ``checkpoint_to_load`` returns it unchanged (Detectron2 downloads
+    it), with or without --resume when there is no last_checkpoint. Guards the mutant
+    that drops ``"://" in weights`` (a FileNotFoundError for every URL).
+    """
+    assert checkpoint_to_load(str(tmp_path), url, resume) == url
 
 
 @pytest.mark.parametrize("content", ["", "\n"])
