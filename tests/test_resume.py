@@ -6,6 +6,7 @@ scalars, and with 2 processes (GLOO, CPU).
 """
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase, hooks, launch
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
 
 from focal_det2.data import ensure_generated
-from focal_det2.engine import FocalTrainer
+from focal_det2.engine import FocalTrainer, ScalarHistory
 from focal_det2.modeling import FocalRetinaNet
 
 # Stopped after more iterations than the writers' 20-iteration median window
@@ -207,6 +209,34 @@ def test_digits_augmentations_are_deterministic():
         outputs[0]["instances"].gt_boxes.tensor, outputs[1]["instances"].gt_boxes.tensor
     )
     assert outputs[0]["image"].shape[1:] == (record["height"], record["width"])
+
+
+def test_scalar_history_keeps_exactly_the_last_window_iterations():
+    """
+    ``ScalarHistory(window_size=3)`` checkpoints each scalar's values of the last 3
+    iterations (iteration > last - 3), and a fresh hook puts exactly those back into a
+    resumed run's storage. Guards the mutant ``>=`` for ``>`` (a window of 4 iterations).
+    """
+    before = EventStorage(0)
+    for it in range(10):
+        before.iter = it
+        before.put_scalar("loss_cls", float(it) / 2)
+        if it % 2:
+            before.put_scalar("odd", float(it))
+    hook = ScalarHistory(window_size=3)
+    hook.trainer = SimpleNamespace(storage=before)
+    state = hook.state_dict()
+    assert state == {
+        "scalars": {"loss_cls": [(3.5, 7), (4.0, 8), (4.5, 9)], "odd": [(7.0, 7), (9.0, 9)]}
+    }
+
+    resumed = ScalarHistory(window_size=3)
+    resumed.load_state_dict(state)
+    resumed.trainer = SimpleNamespace(storage=EventStorage(10))
+    resumed.before_train()
+    histories = resumed.trainer.storage.histories()
+    assert histories["loss_cls"].values() == [(3.5, 7), (4.0, 8), (4.5, 9)]
+    assert histories["odd"].values() == [(7.0, 7), (9.0, 9)]
 
 
 def _image_ids(loader, count):
