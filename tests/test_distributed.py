@@ -78,6 +78,22 @@ def _foreground_count(model, images):
     return round(storage.history("num_pos_anchors").latest() * len(images))
 
 
+def _synced_normalizer_without_boxes(model, images):
+    """The synced moving average after one fresh step on ``images`` with their boxes removed."""
+    empty = []
+    for image in images:
+        instances = image["instances"]
+        empty.append(
+            {**image, "instances": instances[torch.zeros(len(instances), dtype=torch.bool)]}
+        )
+    model.sync_normalizer = True
+    if hasattr(model, "loss_normalizer"):
+        del model.loss_normalizer
+    with EventStorage(0), torch.no_grad():
+        model(empty)
+    return model.loss_normalizer
+
+
 def _worker(weights, batch_file, out_dir, warm_count):
     """Run in each process of a launch: gradients of this process's share, then a short training run."""
     torch.set_num_threads(1)  # 2 processes on 2 cores
@@ -87,6 +103,7 @@ def _worker(weights, batch_file, out_dir, warm_count):
     images = torch.load(batch_file, weights_only=False)
     share = len(images) // world
     grads = _gradients(model, images[rank * share : (rank + 1) * share], warm_count)
+    grads["True-fresh-empty-normalizer"] = _synced_normalizer_without_boxes(model, images[:share])
     torch.save(grads, out_dir / f"grads_world{world}_rank{rank}.pt")
 
     cfg = _cfg(out_dir / "train", ["SOLVER.MAX_ITER", 2, "MODEL.FOCAL.SYNC_NORMALIZER", True])
@@ -153,6 +170,17 @@ def test_each_process_normalizes_by_the_closed_form(gradients):
         assert rank["False-fresh-normalizer"] == pytest.approx(0.9 * 100 + 0.1 * own, rel=1e-12)
         assert rank["True-warm-normalizer"] == pytest.approx(0.9 * warm + 0.1 * batch, rel=1e-12)
         assert rank["False-warm-normalizer"] == pytest.approx(0.9 * warm / 2 + 0.1 * own, rel=1e-12)
+
+
+def test_synced_normalizer_without_foreground_counts_one_anchor(gradients):
+    """
+    With SYNC_NORMALIZER and no foreground anchor in any process, the synced count is
+    taken as 1, as RetinaNet's: every process's fresh moving average is 0.9 * 100 + 0.1 * 1.
+    Guards the mutant that drops ``max(total, 1)`` in the synced path (0.9 * 100).
+    """
+    _, ranks, _ = gradients
+    for rank in ranks:
+        assert rank["True-fresh-empty-normalizer"] == pytest.approx(0.9 * 100 + 0.1, rel=1e-12)
 
 
 @pytest.mark.parametrize("ema", ["fresh", "warm"])
