@@ -6,6 +6,7 @@ scalars, and with 2 processes (GLOO, CPU).
 """
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +26,12 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 from focal_det2.data import ensure_generated
-from focal_det2.engine import FocalTrainer, ScalarHistory
+from focal_det2.engine import (
+    FocalTrainer,
+    ResumableTrainingSampler,
+    ResumableTrainLoader,
+    ScalarHistory,
+)
 from focal_det2.modeling import FocalRetinaNet
 
 # Stopped after more iterations than the writers' 20-iteration median window
@@ -209,6 +215,24 @@ def test_digits_augmentations_are_deterministic():
         outputs[0]["instances"].gt_boxes.tensor, outputs[1]["instances"].gt_boxes.tensor
     )
     assert outputs[0]["image"].shape[1:] == (record["height"], record["width"])
+
+
+def test_negative_skip_and_start_iter_are_refused_naming_them():
+    """
+    ``ResumableTrainingSampler(skip=-1)`` and ``ResumableTrainLoader(start_iter=-1)``
+    raise at once, naming the argument, and so does setting ``start_iter`` to -1 later.
+    Guards the mutants that drop the ``skip < 0`` and ``value < 0`` checks (islice's
+    error on first iteration, or ``skip=-2`` named instead of start_iter).
+    """
+    with pytest.raises(ValueError, match=re.escape("skip=-1 must be >= 0")):
+        ResumableTrainingSampler(10, skip=-1, seed=0)
+    cfg = digits_cfg()
+    with pytest.raises(ValueError, match=re.escape("start_iter=-1 must be >= 0")):
+        ResumableTrainLoader(cfg, [], None, start_iter=-1)
+    loader = ResumableTrainLoader(cfg, [], None)
+    with pytest.raises(ValueError, match=re.escape("start_iter=-3 must be >= 0")):
+        loader.start_iter = -3
+    assert loader.start_iter == 0
 
 
 def test_scalar_history_keeps_exactly_the_last_window_iterations():
