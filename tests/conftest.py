@@ -1,6 +1,8 @@
 """Shared test helpers: tiny CPU configs for FocalRetinaNet, the loss built from a config, the reference formulas, alpha-balanced CE written with torch ops."""
 
+import contextlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -48,6 +50,23 @@ def tiny_cfg():
 
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def logged(logger, level=logging.WARNING):
+    """
+    The records ``logger`` emits at ``level`` or above inside the block, taken by a handler
+    on the logger itself: pytest's caplog sees only what propagates, and Detectron2's
+    ``setup_logger`` (run by ``default_setup``) turns propagation off for the package logger.
+    """
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def load_script(path):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import LOSSES, UNIT_OPTS, build_loss, digits_cfg, tiny_cfg
+from conftest import LOSSES, UNIT_OPTS, build_loss, digits_cfg, logged, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
@@ -204,29 +204,21 @@ def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
     inverts ``state["beta"] != self.beta`` (a warning on every matching resume, none
     on a mismatch).
     """
-    import logging
-
     from focal_det2 import class_balance
 
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    class_balance.logger.addHandler(handler)
-    try:
-        cfg = tiny_cfg()
-        cfg.MODEL.FOCAL.CB_BETA = 0.99
-        state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": []}
-        loss = build_loss("sigmoid_focal", 3)
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.CB_BETA = 0.99
+    state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": []}
+    loss = build_loss("sigmoid_focal", 3)
+    with logged(class_balance.logger) as records:
         ClassWeights(loss, cfg).load_state_dict(state)
-        assert loss.class_weights == (0.5, 2.0, 0.5)
-        assert len(records) == 1
-        message = records[0].getMessage()
-        assert "MODEL.FOCAL.CB_BETA=0.99" in message and "beta 0.9;" in message
-        records.clear()
+    assert loss.class_weights == (0.5, 2.0, 0.5)
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "MODEL.FOCAL.CB_BETA=0.99" in message and "beta 0.9;" in message
+    with logged(class_balance.logger) as records:
         ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.99})
-        assert records == []
-    finally:
-        class_balance.logger.removeHandler(handler)
+    assert records == []
 
 
 # ----------------------------------------------------------------------------- the loss

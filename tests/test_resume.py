@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import digits_cfg
+from conftest import digits_cfg, logged
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -454,3 +454,25 @@ def test_ddp_replacement_is_undone_on_exit_and_on_error():
     with pytest.raises(_Interrupted), ddp_device_ids_by_device():
         raise _Interrupted
     assert defaults.create_ddp_model is original
+
+
+@pytest.mark.parametrize("seed", [-1, 0])
+def test_resume_with_a_random_seed_warns_of_a_new_data_order(tmp_path, seed):
+    """
+    With SEED < 0 the resumed run draws a new shared random seed, so it cannot continue the
+    checkpoint's data order, and ``resume_or_load`` says so; with a fixed SEED it does not.
+    Guards the mutants that drop the warning or test ``SEED <= 0``.
+    """
+    from focal_det2 import engine
+
+    cfg = digits_cfg(output_dir=tmp_path)
+    cfg.SEED = seed
+    saved = engine.FocalTrainer(cfg)
+    saved.iter = 2
+    saved.checkpointer.save("model_0000002")  # and last_checkpoint, as a run at iteration 2
+    trainer = engine.FocalTrainer(cfg)
+    with logged(engine.logger) as records:
+        trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+    warned = [r.getMessage() for r in records]
+    assert warned == (["SEED < 0: the resumed run draws a new data order."] if seed < 0 else [])
