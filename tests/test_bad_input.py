@@ -11,7 +11,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import LOSSES, UNIT_OPTS, cfg_value, digits_cfg, reference_loss_cls, tiny_cfg
+from conftest import (
+    LOSSES,
+    build_loss,
+    cfg_value,
+    digits_cfg,
+    reference_loss_cls,
+    tiny_cfg,
+)
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
@@ -19,7 +26,6 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from focal_det2 import build_focal_loss
 from focal_det2.data.checks import check_dataset_dicts
 from focal_det2.engine import FocalTrainer, checkpoint_to_load
 
@@ -252,11 +258,7 @@ def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("bad", [-2, 4, 100])
 def test_labels_outside_minus_one_to_k_raise(loss, bad):
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 3)
     logits = torch.zeros(4, focal_loss.num_logits)
     with pytest.raises(ValueError, match=re.escape("labels must be in [-1, 3]")):
         focal_loss(logits, torch.tensor([0, 3, -1, bad]))
@@ -266,10 +268,7 @@ def test_labels_outside_minus_one_to_k_raise(loss, bad):
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("num_anchors", [0, 5])
 def test_every_anchor_ignored_gives_zero_loss_on_the_graph(loss, num_anchors):
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 10)
     logits = torch.randn(num_anchors, focal_loss.num_logits, requires_grad=True)
     value = focal_loss(logits, torch.full((num_anchors,), -1))
     assert value.shape == () and value.item() == 0.0
@@ -434,10 +433,7 @@ def test_infinity_where_detectron2_means_it():
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int32])
 def test_labels_of_another_dtype_are_named(loss, dtype):
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 10)
     with pytest.raises(
         TypeError, match=re.escape("labels must be an int64 tensor") + ".*" + re.escape(str(dtype))
     ):
@@ -450,11 +446,7 @@ def test_logits_of_another_width_are_named(loss):
     Logits with one column too many or too few raise, naming the (N, num_logits) shape the
     loss expects. Guards the mutant that checks only ``logits.dim() != 2``.
     """
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 3)
     width = focal_loss.num_logits
     labels = torch.tensor([0, 3])
     for bad in (width - 1, width + 1):
@@ -471,11 +463,7 @@ def test_labels_of_another_length_are_named(loss, num_labels):
     One label per logits row: a labels vector of another length raises, naming both
     lengths. Guards the mutant that drops the ``labels.shape != logits.shape[:1]`` check.
     """
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 3)
     labels = torch.tensor([0, 3, 1])[:num_labels]
     with pytest.raises(
         ValueError, match=re.escape(f"labels must have shape (2,), got ({num_labels},)")
@@ -495,10 +483,7 @@ def test_labels_of_another_length_are_named(loss, num_labels):
     ],
 )
 def test_gamma_override_must_be_a_finite_number(loss, gamma, error):
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.LOSS = loss
-    cfg.merge_from_list(list(UNIT_OPTS))  # (logits, labels) only: no boxes for OHEM's NMS
-    focal_loss = build_focal_loss(cfg)
+    focal_loss = build_loss(loss, 10)
     args = (torch.zeros(2, focal_loss.num_logits), torch.tensor([0, 1]))
     if error is None:
         focal_loss(*args, gamma=gamma)
