@@ -7,6 +7,7 @@ run writes anything.
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 
@@ -42,6 +43,7 @@ __all__ = [
     "ScalarHistory",
     "checkpoint_to_load",
     "ddp_device_ids_by_device",
+    "drop_metrics_from",
     "load_for_evaluation",
     "setup_cfg",
 ]
@@ -353,6 +355,8 @@ class FocalTrainer(DefaultTrainer):
         self.data_loader.start_iter = (
             self.start_iter
         )  # DefaultTrainer.data_loader: ours, not yet iterated
+        if comm.is_main_process():
+            drop_metrics_from(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -408,6 +412,35 @@ class FocalTrainer(DefaultTrainer):
             )  # a lazily generated data set writes its json on first load
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def drop_metrics_from(path: str, iteration: int):
+    """
+    Remove the records of ``iteration`` and later from Detectron2's
+    ``metrics.json`` at ``path`` (one JSON object per line, with an
+    ``"iteration"`` key), if the file exists. A run killed between two
+    checkpoints has written iterations that its resume trains again; without
+    this, the resumed run's records follow them and the file holds those
+    iterations twice. A last line without its newline (cut short by the kill)
+    is dropped too. The file is rewritten in place, so that the JSONWriter,
+    which has it open for appending, appends after the kept records.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, "r+") as f:
+        lines = f.readlines()
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] = ""  # cut short by the kill: not a record
+        kept = [line for line in lines if line and json.loads(line)["iteration"] < iteration]
+        if len(kept) == len(lines):
+            return
+        f.seek(0)
+        f.writelines(kept)
+        f.truncate()
+    logger.info(
+        f"{path}: dropped {len(lines) - len(kept)} records of iterations >= {iteration}, "
+        "written after the checkpoint the run resumes from."
+    )
 
 
 def _focal_loss_of(model):

@@ -2,7 +2,8 @@
 Exact resume: a run stopped after iteration k and continued with --resume
 ends with the weights and metrics.json values of an uninterrupted run, bit
 for bit: with 1 process past the 20-iteration window of the smoothed
-scalars, and with 2 processes (GLOO, CPU).
+scalars and killed two iterations after its checkpoint, and with 2
+processes (GLOO, CPU).
 """
 
 import json
@@ -31,13 +32,15 @@ from focal_det2.engine import (
     ResumableTrainingSampler,
     ResumableTrainLoader,
     ScalarHistory,
+    drop_metrics_from,
 )
 from focal_det2.modeling import FocalRetinaNet
 
-# Stopped after more iterations than the writers' 20-iteration median window
-# (Detectron2's default), so the resumed medians need the checkpointed history.
+# Checkpointed after more iterations than the writers' 20-iteration median window
+# (Detectron2's default), so the resumed medians need the checkpointed history; killed
+# 2 iterations later, after metrics.json has their records, which the resume trains again.
 WINDOW = 20
-MAX_ITER, STOP_AFTER = 25, 22
+MAX_ITER, STOP_AFTER, KILLED_AFTER = 25, 22, 24
 # Wall-clock metrics differ between any two runs.
 TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
 
@@ -122,7 +125,9 @@ def _metrics(output_dir):
 def runs(tmp_path_factory):
     whole, parts = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("parts")
     uninterrupted = _train(_cfg(whole))
-    _train(_cfg(parts), stop_after=STOP_AFTER)
+    _train(_cfg(parts), stop_after=KILLED_AFTER)
+    # the killed run wrote records past its checkpoint, which the resume trains again
+    assert [r["iteration"] for r in _metrics(parts)] == list(range(KILLED_AFTER))
     resumed = _train(_cfg(parts), resume=True)
     return uninterrupted, resumed, whole, parts
 
@@ -164,6 +169,20 @@ def test_resume_writes_the_same_metrics(runs):
     # gamma(i) = 2 i / MAX_ITER, logged unsmoothed.
     assert gammas == pytest.approx([2.0 * i / MAX_ITER for i in range(MAX_ITER)])
     _assert_same_metrics(got, expected)
+
+
+def test_drop_metrics_from_keeps_earlier_records_and_the_open_writer_appends(tmp_path):
+    """The records of iterations >= 2 and a last line cut short go; the writer appends after."""
+    path = tmp_path / "metrics.json"
+    records = [{"iteration": i, "loss": i / 10} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iteration": 4, "lo')
+    writer = open(path, "a")  # as Detectron2's JSONWriter holds it
+    drop_metrics_from(str(path), 2)
+    writer.write(json.dumps({"iteration": 2, "loss": 0.5}) + "\n")
+    writer.close()
+    got = [json.loads(line) for line in path.read_text().splitlines()]
+    assert got == records[:2] + [{"iteration": 2, "loss": 0.5}]
+    drop_metrics_from(str(tmp_path / "absent.json"), 0)  # no file: nothing to do
 
 
 def test_the_window_matters_after_the_resume(runs):
