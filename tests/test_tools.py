@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO, digits_cfg, load_script
 from detectron2.config import get_cfg
+from detectron2.engine.hooks import PeriodicCheckpointer
 from PIL import Image
 
 from focal_det2 import add_focal_config
@@ -452,6 +453,8 @@ def test_ablate_extra_opts_come_in_pairs_and_jobs_is_positive(tmp_path):
         ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "MODEL.DEVICE"])
     with pytest.raises(ValueError, match="--jobs must be >= 1"):
         ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--jobs", "0"])
+    with pytest.raises(ValueError, match="--checkpoint-period must be >= 1, got 0"):
+        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--checkpoint-period", "0"])
 
 
 def _run_with_result(ablate, tmp_path, result_of):
@@ -463,6 +466,87 @@ def _run_with_result(ablate, tmp_path, result_of):
     with open(os.path.join(run.out_dir, "result.json"), "w") as f:
         json.dump(result, f)
     return run, result
+
+
+def test_ablate_resumes_only_an_attempt_with_a_checkpoint_and_the_same_settings(tmp_path):
+    """run.json with the run's settings (OUTPUT_DIR aside) and a last_checkpoint: resumed."""
+    ablate = load_tool("ablate")
+    run, _ = _run_with_result(ablate, tmp_path, lambda argv: {})
+    marker, checkpoint = (
+        os.path.join(run.out_dir, "run.json"),
+        os.path.join(run.out_dir, "last_checkpoint"),
+    )
+
+    def attempt(argv, with_checkpoint=True):
+        with open(marker, "w") as f:
+            json.dump({"argv": argv}, f)
+        if os.path.exists(checkpoint):
+            os.remove(checkpoint)
+        if with_checkpoint:
+            with open(checkpoint, "w") as f:
+                f.write("model_0000049.pth")
+        return ablate.resumable(run)
+
+    argv = run.argv()
+    assert attempt(argv)
+    assert attempt(argv[:-1] + ["/where/it/was/trained"])  # the folder was moved
+    assert not attempt(argv, with_checkpoint=False)  # killed before its first checkpoint
+    other = list(argv)
+    other[other.index("SOLVER.MAX_ITER") + 1] = "9"
+    assert not attempt(other)
+    os.remove(marker)  # an attempt of an ablate.py without run.json
+    assert not ablate.resumable(run)
+
+
+def test_ablate_run_interrupted_after_its_checkpoint_resumes_from_it(tmp_path):
+    """
+    A tiny run with --checkpoint-period 1 keeps only model_final.pth; killed during its
+    evaluation (result.json not yet written), the next call resumes from that checkpoint,
+    trains no iteration and writes the same result.
+    """
+    ablate = load_tool("ablate")
+    out = tmp_path / "ablation"
+    args = ["--preset", "tiny", "--rows", "ce_a0.75", "--output-dir", str(out)]
+    ablate.main(args + ["--checkpoint-period", "1"])
+    run_dir = out / "ce_a0.75" / "seed0"
+    first = json.loads((run_dir / "result.json").read_text())
+    assert first["resumed_from_iteration"] == 0
+    log = (run_dir / "stdout.log").read_text()
+    assert "model_0000000.pth" in log and "model_0000001.pth" in log  # saved every iteration
+    assert sorted(p.name for p in run_dir.glob("*.pth")) == ["model_final.pth"]  # then deleted
+    weights = torch.load(run_dir / "model_final.pth", weights_only=False)["model"]
+
+    (run_dir / "result.json").unlink()
+    ablate.main(args)
+    second = json.loads((run_dir / "result.json").read_text())
+    assert second["resumed_from_iteration"] == 2 and second["iterations"] == 2
+    assert second["metrics"] == first["metrics"] and second["detections"] == first["detections"]
+    assert second["argv"] == first["argv"]
+    resumed = torch.load(run_dir / "model_final.pth", weights_only=False)["model"]
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    assert (run_dir / "stdout.log").read_text().startswith(log)  # the log goes on
+
+
+def test_ablate_runs_keep_only_their_latest_periodic_checkpoint(tmp_path):
+    """A run's PeriodicCheckpointer deletes a checkpoint when it saves the next (model_final stays)."""
+    ablate = load_tool("ablate")
+    cfg = digits_cfg(output_dir=tmp_path, opts=["SOLVER.CHECKPOINT_PERIOD", 1])
+    trainer = FocalTrainer(cfg)
+    (checkpointer,) = [
+        h
+        for h in ablate.keep_latest_checkpoint(trainer.build_hooks())
+        if isinstance(h, PeriodicCheckpointer)
+    ]
+    checkpointer.max_iter = cfg.SOLVER.MAX_ITER  # 3, as before_train sets it
+    saved = []
+    for iteration in range(3):
+        checkpointer.step(iteration)
+        saved.append(sorted(p.name for p in tmp_path.glob("*.pth")))
+    assert saved == [
+        ["model_0000000.pth"],
+        ["model_0000001.pth"],
+        ["model_0000002.pth", "model_final.pth"],
+    ]
 
 
 def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
@@ -520,7 +604,7 @@ def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, 
     # a second call trains nothing: finished runs are read back
     stamps = {name: (d / "result.json").stat().st_mtime_ns for name, d in runs.items()}
 
-    def no_training(run, verbose=False, threads=None):
+    def no_training(run, verbose=False, threads=None, checkpoint_period=None):
         raise AssertionError(f"retrained {run.row.name}")
 
     monkeypatch.setattr(ablate, "train_run", no_training)
@@ -650,24 +734,28 @@ def test_ablate_reads_back_a_run_whose_folder_was_moved(tmp_path):
     assert ablate.read_result(run) == result
 
 
-def test_ablate_threads_per_job(tmp_path, monkeypatch):
-    """--jobs 1 leaves the run's threads to torch; --jobs 2 gives each run half the cores."""
+def test_ablate_threads_per_job_and_checkpoint_period(tmp_path, monkeypatch):
+    """
+    --jobs 1 leaves the run's threads to torch; --jobs 2 gives each run half the cores.
+    --checkpoint-period reaches every run.
+    """
     ablate = load_tool("ablate")
     calls = []
 
-    def fake_train(run, verbose=False, threads=None):
-        calls.append((run.row.name, threads))
+    def fake_train(run, verbose=False, threads=None, checkpoint_period=None):
+        calls.append((run.row.name, threads, checkpoint_period))
         return _fake_result(1.0)
 
     monkeypatch.setattr(ablate, "train_run", fake_train)
     given = {}
-    for jobs in ("1", "2"):
-        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path / jobs), "--jobs", jobs])
+    for jobs, period in (("1", []), ("2", ["--checkpoint-period", "50"])):
+        out = ["--output-dir", str(tmp_path / jobs)]
+        ablate.main(["--preset", "tiny", *out, "--jobs", jobs, *period])
         given[jobs], calls[:] = set(calls), []
     half = max(1, (os.cpu_count() or 1) // 2)
     assert given == {
-        "1": {("ce_a0.75", None), ("soft_gamma_0to2", None)},
-        "2": {("ce_a0.75", half), ("soft_gamma_0to2", half)},
+        "1": {("ce_a0.75", None, None), ("soft_gamma_0to2", None, None)},
+        "2": {("ce_a0.75", half, 50), ("soft_gamma_0to2", half, 50)},
     }
 
 

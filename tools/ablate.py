@@ -22,7 +22,12 @@ trains with :class:`focal_det2.engine.FocalTrainer`, evaluates with
 COCOEvaluator on the preset's test set and writes ``result.json`` into its
 own directory ``<output-dir>/<row>/seed<k>/``. A run whose ``result.json``
 exists is not trained again, so an interrupted ablation resumes where it
-stopped. After each run the tables are rewritten:
+stopped. With ``--checkpoint-period P`` every run also checkpoints every P
+iterations, and a run interrupted after a checkpoint continues from it
+(``--resume``: the same result as an uninterrupted run; its ``result.json``
+says the iteration it resumed from, and its training seconds count from
+there); without it, an interrupted run trains again from the start. After
+each run the tables are rewritten:
 
 - ``runs.csv``: one line per (row, seed), with the number of detections
   the evaluation received;
@@ -61,6 +66,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -84,6 +90,7 @@ from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # n
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 RESULT_FILE = "result.json"
+RUN_FILE = "run.json"  # the settings of the attempt a run directory holds
 IMBALANCE_FILE = "imbalance.json"
 
 
@@ -634,18 +641,48 @@ def read_result(run: Run) -> Optional[dict]:
     return result
 
 
-def train_run(run: Run, verbose: bool = False, threads: Optional[int] = None) -> dict:
+def resumable(run: Run) -> bool:
+    """
+    Whether ``run.out_dir`` holds an interrupted attempt of ``run`` to resume:
+    a checkpoint (Detectron2's ``last_checkpoint``) and ``run.json`` with
+    ``run``'s settings (only OUTPUT_DIR may differ).
+    """
+    marker = os.path.join(run.out_dir, RUN_FILE)
+    if not (
+        os.path.exists(os.path.join(run.out_dir, "last_checkpoint")) and os.path.exists(marker)
+    ):
+        return False
+    with open(marker) as f:
+        return json.load(f)["argv"][:-2] == run.argv()[:-2]
+
+
+def train_run(
+    run: Run,
+    verbose: bool = False,
+    threads: Optional[int] = None,
+    checkpoint_period: Optional[int] = None,
+) -> dict:
     """
     Trains and evaluates ``run`` in a fresh process and returns its result.
-    A directory left by an interrupted attempt is cleared first. ``threads``
-    sets OMP_NUM_THREADS of the process unless the environment sets it.
+    An interrupted attempt with a checkpoint (:func:`resumable`) is resumed
+    from it (``--resume``: the same result as an uninterrupted run); any
+    other directory left by an attempt is cleared first. ``threads`` sets
+    OMP_NUM_THREADS of the process unless the environment sets it;
+    ``checkpoint_period`` (iterations) makes the run checkpoint that often.
     """
-    if os.path.isdir(run.out_dir):
-        shutil.rmtree(run.out_dir)
-    os.makedirs(run.out_dir)
-    cmd = [sys.executable, os.path.abspath(__file__), "--train-one"] + run.argv()
+    resume = resumable(run)
+    if not resume:
+        if os.path.isdir(run.out_dir):
+            shutil.rmtree(run.out_dir)
+        os.makedirs(run.out_dir)
+        with open(os.path.join(run.out_dir, RUN_FILE), "w") as f:
+            json.dump({"argv": run.argv()}, f, indent=1)
+    flags = ["--resume"] if resume else []
+    if checkpoint_period is not None:
+        flags += ["--checkpoint-period", str(checkpoint_period)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--train-one", *flags] + run.argv()
     log_path = os.path.join(run.out_dir, "stdout.log")
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resume else "w") as log:
         streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
         env = dict(os.environ)
         # The child's sys.path[0] is tools/: without this it imports whichever focal_det2 is
@@ -664,18 +701,33 @@ def train_run(run: Run, verbose: bool = False, threads: Optional[int] = None) ->
     return read_result(run)
 
 
-def train_one(argv: List[str]):
+def keep_latest_checkpoint(trainer_hooks: List) -> List:
+    """``trainer_hooks`` with their PeriodicCheckpointer deleting each checkpoint once the next is saved."""
+    from detectron2.engine import hooks
+
+    for hook in trainer_hooks:
+        if isinstance(hook, hooks.PeriodicCheckpointer):
+            hook.max_to_keep = 1
+    return trainer_hooks
+
+
+def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional[int] = None):
     """
     Entry point of a run's process: train_net.py's parser, config and
-    trainer; writes ``OUTPUT_DIR/result.json`` with the bbox metrics and the
-    seconds spent training (evaluation excluded) and evaluating.
+    trainer on the run's arguments ``argv``; writes ``OUTPUT_DIR/result.json``
+    with the bbox metrics, the seconds spent training (evaluation excluded)
+    and evaluating, and the iteration it resumed from. With ``resume``,
+    continues from the last checkpoint in OUTPUT_DIR. With
+    ``checkpoint_period``, checkpoints every that many iterations, keeping
+    the latest, and deletes those checkpoints once the result is written
+    (``model_final.pth`` stays).
     """
     from detectron2.engine import default_argument_parser
 
     from focal_det2.engine import FocalTrainer, setup_cfg
 
     class TimedTrainer(FocalTrainer):
-        """FocalTrainer that remembers its last evaluation and its duration."""
+        """FocalTrainer that remembers its last evaluation and its duration, and keeps one periodic checkpoint."""
 
         eval_seconds = 0.0
         eval_results = None
@@ -688,10 +740,16 @@ def train_one(argv: List[str]):
             cls.eval_results = results
             return results
 
+        def build_hooks(self):
+            return keep_latest_checkpoint(super().build_hooks())
+
     args = default_argument_parser().parse_args(argv)
+    if checkpoint_period is not None:
+        args.opts = args.opts + ["SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period)]
     cfg = setup_cfg(args)
     trainer = TimedTrainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume)
+    resumed_from = trainer.start_iter
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
@@ -709,12 +767,16 @@ def train_one(argv: List[str]):
         "train_seconds": round(total - TimedTrainer.eval_seconds, 1),
         "eval_seconds": round(TimedTrainer.eval_seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
+        "resumed_from_iteration": resumed_from,
         "commit": _git_commit(),
     }
     path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)  # the file marks a finished run
+    for name in os.listdir(cfg.OUTPUT_DIR):
+        if re.fullmatch(r"model_\d{7}\.pth", name):  # periodic checkpoints; model_final.pth stays
+            os.remove(os.path.join(cfg.OUTPUT_DIR, name))
 
 
 def _count_detections(path: str) -> int:
@@ -1093,6 +1155,12 @@ def get_parser():
         "--jobs", type=int, default=1, help="runs trained at once, each in its own process"
     )
     parser.add_argument(
+        "--checkpoint-period",
+        type=int,
+        help="checkpoint each run every this many iterations, so that an interrupted run "
+        "resumes from its last checkpoint (default: none, an interrupted run trains again)",
+    )
+    parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         help="key value pairs added to every run, as after train_net.py's --config-file",
@@ -1100,10 +1168,24 @@ def get_parser():
     return parser
 
 
+def _train_one_args(argv: List[str]) -> Tuple[List[str], bool, Optional[int]]:
+    """
+    ``[--resume] [--checkpoint-period P] --config-file ...``, as :func:`train_run`
+    calls ``--train-one``: the run's arguments (from ``--config-file`` on),
+    ``resume`` and ``checkpoint_period``.
+    """
+    start = argv.index("--config-file")
+    parser = argparse.ArgumentParser(prog="ablate.py --train-one")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--checkpoint-period", type=int)
+    flags = parser.parse_args(argv[:start])
+    return argv[start:], flags.resume, flags.checkpoint_period
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--train-one"]:
-        return train_one(argv[1:])
+        return train_one(*_train_one_args(argv[1:]))
     args = get_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     output_dir = os.path.abspath(
@@ -1111,6 +1193,8 @@ def main(argv=None):
     )
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.checkpoint_period is not None and args.checkpoint_period < 1:
+        raise ValueError(f"--checkpoint-period must be >= 1, got {args.checkpoint_period}")
     if args.canvases:
         preset = replace(preset, canvases=select_canvases(args.canvases, args.preset, preset))
     if args.seeds:
@@ -1156,7 +1240,9 @@ def main(argv=None):
             f"  python train_net.py {_shell_join(run.argv())}",
             flush=True,
         )
-        result = train_run(run, verbose=args.verbose, threads=threads)
+        result = train_run(
+            run, verbose=args.verbose, threads=threads, checkpoint_period=args.checkpoint_period
+        )
         note = _notes(result, preset.class_groups)
         print(
             f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: AP {_fmt(result['metrics']['AP'])}, "
