@@ -125,6 +125,17 @@ def test_class_beyond_num_classes_names_the_key(coco, tmp_path):
     assert "MODEL.RETINANET.NUM_CLASSES=2" in message and "0..1" in message
 
 
+def test_negative_class_is_outside_the_classes(coco):
+    """A record from a custom loader with contiguous class -1: the same error as for K and beyond."""
+    name, _, _ = coco({1: GOOD})
+    (record,) = DatasetCatalog.get(name)
+    bad = dict(record, annotations=[dict(record["annotations"][0], category_id=-1)])
+    with pytest.raises(
+        ValueError, match=r"annotation 0: class -1 is outside the model's classes 0\.\.1"
+    ):
+        check_dataset_dicts([bad], dataset_name=name, num_classes=2)
+
+
 NO_AREA = [(0, 10), (10, 0), (10, -3), (float("nan"), 10), (10, float("nan"))]
 
 
