@@ -424,6 +424,16 @@ def test_compile_backend_compiles_each_kernel_once(monkeypatch):
     assert first(1) == 2
 
 
+def test_float64_logits_under_triton_take_the_eager_kernels_uncompiled(monkeypatch):
+    """The triton backend runs float64 logits through the chunk kernels themselves, not torch.compile."""
+    use_triton(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    logits, labels = batch("sigmoid_focal", seed=12)
+    assert_matches_reference("sigmoid_focal", logits.double(), labels, gamma=2.0)
+    assert backends.backend("cpu") == "triton" and compiled == []
+
+
 def test_backend_env_triton_runs_the_kernels(monkeypatch):
     use_triton(monkeypatch)
     from focal_det2.losses import triton_kernels
