@@ -505,8 +505,10 @@ def test_unknown_backend_env_value_raises(monkeypatch):
         backends.select_backend()
 
 
-def test_former_compile_env_raises_naming_its_replacement(monkeypatch):
-    monkeypatch.setenv("FOCAL_DET2_COMPILE", "1")
+@pytest.mark.parametrize("value", ["1", "0", ""])
+def test_former_compile_env_raises_naming_its_replacement(monkeypatch, value):
+    """Set at all (even empty), FOCAL_DET2_COMPILE is refused: it is no longer read."""
+    monkeypatch.setenv("FOCAL_DET2_COMPILE", value)
     with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=compile"):
         backends.select_backend()
 

@@ -138,6 +138,21 @@ def background_ranked(n):
     return logits, torch.full((n,), K)
 
 
+@pytest.mark.parametrize("pos_fraction", [0.0, 0.25])
+def test_nms_with_fewer_survivors_than_the_minibatch_keeps_them_all(pos_fraction):
+    """
+    3 anchors, hardest first: negatives 0 and 2 predict one box, positive 1 is apart. NMS
+    keeps 0 and 1, fewer than BATCH_PER_IMAGE 128 (and than the ratio's 3 negatives for 1
+    positive): the minibatch is both, once NMS has seen every anchor.
+    """
+    logits, labels = background_ranked(3)
+    labels[1] = 0  # logit 4.95 for its class: an easy positive, ranked last
+    boxes = torch.cat([grid_boxes(1), grid_boxes(1, start=1), grid_boxes(1)])
+    loss = ohem(batch=128, nms=0.5, pos_fraction=pos_fraction)
+    kept = loss.select(logits, labels, boxes=boxes, num_images=1)
+    assert kept.tolist() == [K, 0, -1]
+
+
 def test_nms_looks_past_the_hardest_anchors_when_they_overlap():
     # The 20 hardest anchors predict one box: NMS keeps the first of them, then the next 3
     # apart, whatever prefix of the ranking it looks at first.
@@ -289,5 +304,7 @@ def test_nms_without_boxes_is_named():
         match=r"MODEL.FOCAL.OHEM.NMS_THRESH=0.5 needs boxes of shape \(6, 4\), got None.*NMS_THRESH 1",
     ):
         ohem(nms=0.5)(logits, labels)
+    with pytest.raises(ValueError, match=r"needs boxes of shape \(6, 4\), got \(5, 4\)"):
+        ohem(nms=0.5)(logits, labels, boxes=torch.zeros(5, 4))
     with pytest.raises(ValueError, match="do not split into num_images=4"):
         ohem()(logits, labels, num_images=4)
