@@ -335,13 +335,16 @@ class FocalTrainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """
         :meth:`DefaultTrainer.resume_or_load`, with errors that name the
-        checkpoint file (see :func:`checkpoint_to_load`), and the data order
-        and scalar history continued on a resume.
+        checkpoint file (see :func:`checkpoint_to_load`), and on a resume the
+        data order and scalar history continued and the metrics.json records
+        of the iterations it trains again dropped (:func:`drop_metrics_from`).
         """
         with _naming_checkpoint(
             checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
         ):
             super().resume_or_load(resume=resume)
+        if resume and comm.is_main_process():
+            drop_metrics_from(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
         if self.start_iter == 0:
             return
         if self.cfg.SEED < 0:
@@ -355,8 +358,6 @@ class FocalTrainer(DefaultTrainer):
         self.data_loader.start_iter = (
             self.start_iter
         )  # DefaultTrainer.data_loader: ours, not yet iterated
-        if comm.is_main_process():
-            drop_metrics_from(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -417,30 +418,48 @@ class FocalTrainer(DefaultTrainer):
 def drop_metrics_from(path: str, iteration: int):
     """
     Remove the records of ``iteration`` and later from Detectron2's
-    ``metrics.json`` at ``path`` (one JSON object per line, with an
-    ``"iteration"`` key), if the file exists. A run killed between two
-    checkpoints has written iterations that its resume trains again; without
-    this, the resumed run's records follow them and the file holds those
-    iterations twice. A last line without its newline (cut short by the kill)
-    is dropped too. The file is rewritten in place, so that the JSONWriter,
-    which has it open for appending, appends after the kept records.
+    ``metrics.json``. A run killed between two checkpoints has written
+    records of iterations that its resume trains again; without this, the
+    resumed run's records follow them and the file holds those iterations
+    twice. A last line without its newline (cut short by the kill) goes too.
+    The file is rewritten in place, so that the JSONWriter, which has it
+    open for appending, appends after the kept records.
+
+    Args:
+        path (str): the file, one JSON object with an ``"iteration"`` key per
+            line; nothing is done if it does not exist.
+        iteration (int): the first iteration the resumed run trains.
     """
     if not os.path.exists(path):
         return
     with open(path, "r+") as f:
         lines = f.readlines()
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] = ""  # cut short by the kill: not a record
-        kept = [line for line in lines if line and json.loads(line)["iteration"] < iteration]
+        complete = lines if not lines or lines[-1].endswith("\n") else lines[:-1]
+        kept = [
+            line
+            for number, line in enumerate(complete, 1)
+            if _iteration(line, path, number) < iteration
+        ]
         if len(kept) == len(lines):
             return
         f.seek(0)
         f.writelines(kept)
         f.truncate()
     logger.info(
-        f"{path}: dropped {len(lines) - len(kept)} records of iterations >= {iteration}, "
-        "written after the checkpoint the run resumes from."
+        f"{path}: dropped the records of iterations >= {iteration} ({len(complete) - len(kept)}), "
+        f"written after the checkpoint the run resumes from{'' if complete is lines else ', and a cut-off last line'}."
     )
+
+
+def _iteration(line: str, path: str, number: int) -> int:
+    """The ``"iteration"`` of line ``number`` of the metrics file ``path``; an error naming both otherwise."""
+    try:
+        return int(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path}, line {number}: not a metrics record with an iteration ({e}); "
+            "fix or remove the line to resume."
+        ) from e
 
 
 def _focal_loss_of(model):

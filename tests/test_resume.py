@@ -185,6 +185,21 @@ def test_drop_metrics_from_keeps_earlier_records_and_the_open_writer_appends(tmp
     drop_metrics_from(str(tmp_path / "absent.json"), 0)  # no file: nothing to do
 
 
+def test_drop_metrics_from_names_the_file_and_line_of_a_bad_record(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 0}\n{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.json, line 2: not a metrics record"):
+        drop_metrics_from(str(path), 0)
+
+
+def test_resume_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
+    """--resume without a checkpoint trains from iteration 0: the killed attempt's records go."""
+    (tmp_path / "metrics.json").write_text('{"iteration": 0}\n{"iteration": 1}\n')
+    trainer = FocalTrainer(_cfg(tmp_path))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 0 and (tmp_path / "metrics.json").read_text() == ""
+
+
 def test_the_window_matters_after_the_resume(runs):
     """
     What makes the resume test above sensitive to the history: the loss

@@ -468,63 +468,130 @@ def _run_with_result(ablate, tmp_path, result_of):
     return run, result
 
 
-def test_ablate_resumes_only_an_attempt_with_a_checkpoint_and_the_same_settings(tmp_path):
-    """run.json with the run's settings (OUTPUT_DIR aside) and a last_checkpoint: resumed."""
+def test_ablate_resumes_only_an_attempt_with_its_checkpoint_and_the_same_settings(tmp_path):
+    """run.json with the run's settings (OUTPUT_DIR aside) and the checkpoint last_checkpoint names."""
     ablate = load_tool("ablate")
     run, _ = _run_with_result(ablate, tmp_path, lambda argv: {})
-    marker, checkpoint = (
+    marker, tag = (
         os.path.join(run.out_dir, "run.json"),
         os.path.join(run.out_dir, "last_checkpoint"),
     )
+    checkpoint = os.path.join(run.out_dir, "model_0000049.pth")
 
-    def attempt(argv, with_checkpoint=True):
+    def attempt(argv, tagged=True, saved=True):
+        for path in (marker, tag, checkpoint):
+            if os.path.exists(path):
+                os.remove(path)
         with open(marker, "w") as f:
-            json.dump({"argv": argv}, f)
-        if os.path.exists(checkpoint):
-            os.remove(checkpoint)
-        if with_checkpoint:
-            with open(checkpoint, "w") as f:
+            json.dump({"argv": argv, "commit": "abc", "checkpoint_period": 50}, f)
+        if tagged:
+            with open(tag, "w") as f:
                 f.write("model_0000049.pth")
-        return ablate.resumable(run)
+        if saved:
+            open(checkpoint, "w").close()
+        return ablate.interrupted_attempt(run)
 
     argv = run.argv()
-    assert attempt(argv)
+    assert attempt(argv) == {"argv": argv, "commit": "abc", "checkpoint_period": 50}
     assert attempt(argv[:-1] + ["/where/it/was/trained"])  # the folder was moved
-    assert not attempt(argv, with_checkpoint=False)  # killed before its first checkpoint
+    assert attempt(argv, tagged=False, saved=False) is None  # killed before its first checkpoint
+    assert attempt(argv, saved=False) is None  # its checkpoint deleted since
     other = list(argv)
     other[other.index("SOLVER.MAX_ITER") + 1] = "9"
-    assert not attempt(other)
+    assert attempt(other) is None
     os.remove(marker)  # an attempt of an ablate.py without run.json
-    assert not ablate.resumable(run)
+    assert ablate.interrupted_attempt(run) is None
 
 
-def test_ablate_run_interrupted_after_its_checkpoint_resumes_from_it(tmp_path):
+def test_training_clock_adds_the_seconds_of_the_checkpoint_and_leaves_out_evaluation():
+    ablate = load_tool("ablate")
+    evaluated = [0.0]
+    clock = ablate.TrainingClock(lambda: evaluated[0])
+    clock.load_state_dict({"seconds": 100.0})  # the earlier attempts, up to the checkpoint
+    clock.start()
+    assert 100.0 <= clock.seconds() < 101.0
+    evaluated[0] = 30.0
+    assert 70.0 <= clock.state_dict()["seconds"] < 71.0
+
+
+# Loaded by the run's process through PYTHONPATH: it dies right after saving the checkpoint of
+# iteration 1, as a killed job would (no after_train, no result).
+KILL_AFTER_SECOND_CHECKPOINT = """
+import os
+from fvcore.common.checkpoint import PeriodicCheckpointer
+
+_step = PeriodicCheckpointer.step
+
+
+def _step_then_die(self, iteration, **kwargs):
+    _step(self, iteration, **kwargs)
+    if iteration == 1:
+        os._exit(137)
+
+
+PeriodicCheckpointer.step = _step_then_die
+"""
+TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
+
+
+def _metrics_records(run_dir):
+    lines = (run_dir / "metrics.json").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+def test_ablate_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
     """
-    A tiny run with --checkpoint-period 1 keeps only model_final.pth; killed during its
-    evaluation (result.json not yet written), the next call resumes from that checkpoint,
-    trains no iteration and writes the same result.
+    A tiny run of 3 iterations with --checkpoint-period 1, its process killed after the
+    checkpoint of iteration 1 (that of iteration 0 deleted by then): rerun without the
+    option, it resumes at iteration 2 (keeping the attempt's period) and ends with an
+    uninterrupted run's weights, metrics.json and result, its training seconds counting the
+    first attempt's; then killed during its final evaluation (no result.json), it resumes
+    from model_final.pth and trains nothing.
     """
     ablate = load_tool("ablate")
-    out = tmp_path / "ablation"
-    args = ["--preset", "tiny", "--rows", "ce_a0.75", "--output-dir", str(out)]
-    ablate.main(args + ["--checkpoint-period", "1"])
-    run_dir = out / "ce_a0.75" / "seed0"
-    first = json.loads((run_dir / "result.json").read_text())
-    assert first["resumed_from_iteration"] == 0
-    log = (run_dir / "stdout.log").read_text()
-    assert "model_0000000.pth" in log and "model_0000001.pth" in log  # saved every iteration
-    assert sorted(p.name for p in run_dir.glob("*.pth")) == ["model_final.pth"]  # then deleted
-    weights = torch.load(run_dir / "model_final.pth", weights_only=False)["model"]
+    args, iters = ["--preset", "tiny", "--rows", "ce_a0.75"], ["SOLVER.MAX_ITER", "3"]
+    ablate.main(args + ["--output-dir", str(tmp_path / "whole")] + iters)
+    whole = tmp_path / "whole" / "ce_a0.75" / "seed0"
+    expected = json.loads((whole / "result.json").read_text())
+    assert expected["resumed_from_iteration"] == 0 and "started_at_commit" not in expected
 
-    (run_dir / "result.json").unlink()
-    ablate.main(args)
-    second = json.loads((run_dir / "result.json").read_text())
-    assert second["resumed_from_iteration"] == 2 and second["iterations"] == 2
-    assert second["metrics"] == first["metrics"] and second["detections"] == first["detections"]
-    assert second["argv"] == first["argv"]
-    resumed = torch.load(run_dir / "model_final.pth", weights_only=False)["model"]
-    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
-    assert (run_dir / "stdout.log").read_text().startswith(log)  # the log goes on
+    killer = tmp_path / "killer"
+    killer.mkdir()
+    (killer / "sitecustomize.py").write_text(KILL_AFTER_SECOND_CHECKPOINT)
+    path = os.pathsep.join(filter(None, [str(killer), os.environ.get("PYTHONPATH")]))
+    out = ["--output-dir", str(tmp_path / "parts")]
+    with monkeypatch.context() as m:
+        m.setenv("PYTHONPATH", path)
+        with pytest.raises(RuntimeError, match=r"failed \(exit 137\)"):
+            ablate.main(args + out + ["--checkpoint-period", "1"] + iters)
+    parts = tmp_path / "parts" / "ce_a0.75" / "seed0"
+    assert (parts / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert sorted(p.name for p in parts.glob("*.pth")) == ["model_0000001.pth"]
+    assert not (parts / "result.json").exists()
+    first = torch.load(parts / "model_0000001.pth", weights_only=False)[ablate.CLOCK_KEY]["seconds"]
+
+    ablate.main(args + out + iters)
+    result = json.loads((parts / "result.json").read_text())
+    assert result["resumed_from_iteration"] == 2 and result["started_at_commit"]
+    assert result["train_seconds"] >= first > 0
+    assert result["argv"][:-1] == expected["argv"][:-1]  # OUTPUT_DIR aside
+    for key in ("metrics", "per_class_AP", "detections", "notes", "iterations"):
+        assert result[key] == expected[key], key
+    got = torch.load(parts / "model_final.pth", weights_only=False)["model"]
+    want = torch.load(whole / "model_final.pth", weights_only=False)["model"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert _metrics_records(parts) == _metrics_records(whole)
+    assert "CHECKPOINT_PERIOD: 1\n" in (parts / "config.yaml").read_text()  # the attempt's period
+    assert sorted(p.name for p in parts.glob("*.pth")) == ["model_final.pth"]
+    assert "[ablate.py] resuming the interrupted attempt" in (parts / "stdout.log").read_text()
+
+    (parts / "result.json").unlink()
+    ablate.main(args + out + iters)
+    again = json.loads((parts / "result.json").read_text())
+    assert again["resumed_from_iteration"] == 3
+    assert again["metrics"] == result["metrics"] and again["detections"] == result["detections"]
 
 
 def test_ablate_runs_keep_only_their_latest_periodic_checkpoint(tmp_path):

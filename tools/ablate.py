@@ -75,7 +75,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
 # with the deprecation noise of importing fvcore and Detectron2 hidden; hidden at run time too.
@@ -90,7 +90,8 @@ from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # n
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 RESULT_FILE = "result.json"
-RUN_FILE = "run.json"  # the settings of the attempt a run directory holds
+RUN_FILE = "run.json"  # the settings, commit and checkpoint period of a run directory's attempt
+CLOCK_KEY = "ablate_train_seconds"  # checkpoint key of a run's TrainingClock
 IMBALANCE_FILE = "imbalance.json"
 
 
@@ -621,6 +622,18 @@ def _left_out_lines(left_out: Dict[str, str]) -> List[str]:
     return lines
 
 
+def _settings(argv: Sequence[str]) -> List[str]:
+    """A run's train_net.py arguments without OUTPUT_DIR (last), which may differ if its folder was moved."""
+    return list(argv[:-2])
+
+
+def _write_json(path: str, obj):
+    """Write ``obj`` to ``path`` whole or not at all (a temporary file, renamed)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def read_result(run: Run) -> Optional[dict]:
     """
     The stored result of ``run``, or None if it has not finished. Raises if
@@ -631,29 +644,34 @@ def read_result(run: Run) -> Optional[dict]:
         return None
     with open(path) as f:
         result = json.load(f)
-    expected = run.argv()[:-2]  # OUTPUT_DIR may differ if the directory was moved
-    if result["argv"][:-2] != expected:
+    expected = _settings(run.argv())
+    if _settings(result["argv"]) != expected:
         raise RuntimeError(
-            f"{path} was trained with other settings:\n  {_shell_join(result['argv'][:-2])}\n"
+            f"{path} was trained with other settings:\n  {_shell_join(_settings(result['argv']))}\n"
             f"this preset asks for\n  {_shell_join(expected)}\n"
             "Use another --output-dir, or delete that run's directory to retrain it."
         )
     return result
 
 
-def resumable(run: Run) -> bool:
+def interrupted_attempt(run: Run) -> Optional[dict]:
     """
-    Whether ``run.out_dir`` holds an interrupted attempt of ``run`` to resume:
-    a checkpoint (Detectron2's ``last_checkpoint``) and ``run.json`` with
-    ``run``'s settings (only OUTPUT_DIR may differ).
+    The ``run.json`` of an interrupted attempt of ``run`` that can be
+    resumed, or None: ``run.out_dir`` holds ``run.json`` with ``run``'s
+    settings (only OUTPUT_DIR may differ) and the checkpoint that
+    Detectron2's ``last_checkpoint`` names.
     """
     marker = os.path.join(run.out_dir, RUN_FILE)
-    if not (
-        os.path.exists(os.path.join(run.out_dir, "last_checkpoint")) and os.path.exists(marker)
-    ):
-        return False
+    tag = os.path.join(run.out_dir, "last_checkpoint")
+    if not (os.path.exists(marker) and os.path.exists(tag)):
+        return None
+    with open(tag) as f:
+        checkpoint = os.path.join(run.out_dir, f.read().strip())
     with open(marker) as f:
-        return json.load(f)["argv"][:-2] == run.argv()[:-2]
+        attempt = json.load(f)
+    if _settings(attempt["argv"]) != _settings(run.argv()) or not os.path.isfile(checkpoint):
+        return None
+    return attempt
 
 
 def train_run(
@@ -664,25 +682,33 @@ def train_run(
 ) -> dict:
     """
     Trains and evaluates ``run`` in a fresh process and returns its result.
-    An interrupted attempt with a checkpoint (:func:`resumable`) is resumed
-    from it (``--resume``: the same result as an uninterrupted run); any
-    other directory left by an attempt is cleared first. ``threads`` sets
-    OMP_NUM_THREADS of the process unless the environment sets it;
-    ``checkpoint_period`` (iterations) makes the run checkpoint that often.
+    An interrupted attempt with a checkpoint (:func:`interrupted_attempt`)
+    is resumed from it (``--resume``: the same weights and metrics as an
+    uninterrupted run), with that attempt's checkpoint period unless
+    ``checkpoint_period`` is given; any other directory left by an attempt
+    is cleared first. ``threads`` sets OMP_NUM_THREADS of the process
+    unless the environment sets it; ``checkpoint_period`` (iterations)
+    makes the run checkpoint that often.
     """
-    resume = resumable(run)
+    attempt = interrupted_attempt(run)
+    resume = attempt is not None
     if not resume:
         if os.path.isdir(run.out_dir):
             shutil.rmtree(run.out_dir)
         os.makedirs(run.out_dir)
-        with open(os.path.join(run.out_dir, RUN_FILE), "w") as f:
-            json.dump({"argv": run.argv()}, f, indent=1)
-    flags = ["--resume"] if resume else []
+        attempt = {"argv": run.argv(), "commit": _git_commit(), "checkpoint_period": None}
     if checkpoint_period is not None:
-        flags += ["--checkpoint-period", str(checkpoint_period)]
+        attempt["checkpoint_period"] = checkpoint_period
+    _write_json(os.path.join(run.out_dir, RUN_FILE), attempt)
+    flags = ["--resume"] if resume else []
+    if attempt["checkpoint_period"] is not None:
+        flags += ["--checkpoint-period", str(attempt["checkpoint_period"])]
     cmd = [sys.executable, os.path.abspath(__file__), "--train-one", *flags] + run.argv()
     log_path = os.path.join(run.out_dir, "stdout.log")
     with open(log_path, "a" if resume else "w") as log:
+        if resume:
+            log.write(f"\n[ablate.py] resuming the interrupted attempt at commit {_git_commit()}\n")
+            log.flush()
         streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
         env = dict(os.environ)
         # The child's sys.path[0] is tools/: without this it imports whichever focal_det2 is
@@ -692,11 +718,13 @@ def train_run(
             env.setdefault("OMP_NUM_THREADS", str(threads))
         proc = subprocess.run(cmd, cwd=REPO, env=env, **streams)
     if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-30:])
+        tail = ""
+        if not verbose:  # with --verbose the log went to the console
+            with open(log_path) as f:
+                tail = "\n" + "".join(f.readlines()[-30:])
         raise RuntimeError(
             f"run {run.row.name} seed {run.seed} failed (exit {proc.returncode}); "
-            f"log: {log_path}\n{tail}"
+            f"log: {log_path}{tail}"
         )
     return read_result(run)
 
@@ -711,26 +739,63 @@ def keep_latest_checkpoint(trainer_hooks: List) -> List:
     return trainer_hooks
 
 
+class TrainingClock:
+    """
+    Seconds a run has spent training, evaluation excluded, over all its
+    attempts: a checkpointable (checkpoint key :data:`CLOCK_KEY`) whose
+    state is the seconds up to the checkpoint, so that a resumed attempt
+    adds the earlier attempts' time up to the checkpoint it resumes from,
+    which is what an uninterrupted run would have spent.
+    """
+
+    def __init__(self, eval_seconds: Callable[[], float]):
+        """
+        Args:
+            eval_seconds: returns the seconds this attempt has spent evaluating so far.
+        """
+        self._eval_seconds = eval_seconds
+        self.earlier = 0.0
+        self.start()
+
+    def start(self):
+        """Count this attempt's training from now."""
+        self._start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self._start - self._eval_seconds()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict):
+        self.earlier = state["seconds"]
+
+
 def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional[int] = None):
     """
     Entry point of a run's process: train_net.py's parser, config and
     trainer on the run's arguments ``argv``; writes ``OUTPUT_DIR/result.json``
-    with the bbox metrics, the seconds spent training (evaluation excluded)
-    and evaluating, and the iteration it resumed from. With ``resume``,
-    continues from the last checkpoint in OUTPUT_DIR. With
-    ``checkpoint_period``, checkpoints every that many iterations, keeping
-    the latest, and deletes those checkpoints once the result is written
-    (``model_final.pth`` stays).
+    with the bbox metrics, the seconds spent training (evaluation excluded,
+    earlier attempts included, see :class:`TrainingClock`) and evaluating,
+    and the iteration it resumed from. With ``resume``, continues from the
+    last checkpoint in OUTPUT_DIR. With ``checkpoint_period``, checkpoints
+    every that many iterations, keeping the latest, and deletes those
+    checkpoints once the result is written (``model_final.pth`` stays).
     """
     from detectron2.engine import default_argument_parser
 
     from focal_det2.engine import FocalTrainer, setup_cfg
 
     class TimedTrainer(FocalTrainer):
-        """FocalTrainer that remembers its last evaluation and its duration, and keeps one periodic checkpoint."""
+        """FocalTrainer that times its training, remembers its last evaluation and its duration, and keeps one periodic checkpoint."""
 
         eval_seconds = 0.0
         eval_results = None
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.clock = TrainingClock(lambda: TimedTrainer.eval_seconds)
+            self.checkpointer.add_checkpointable(CLOCK_KEY, self.clock)
 
         @classmethod
         def test(cls, cfg, model, evaluators=None):
@@ -749,10 +814,8 @@ def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional
     cfg = setup_cfg(args)
     trainer = TimedTrainer(cfg)
     trainer.resume_or_load(resume=resume)
-    resumed_from = trainer.start_iter
-    start = time.perf_counter()
+    trainer.clock.start()
     trainer.train()
-    total = time.perf_counter() - start
     bbox = TimedTrainer.eval_results.get("bbox", {})
     metrics = {k: _finite_or_none(bbox.get(k)) for k in METRICS}
     detections = _count_detections(
@@ -764,18 +827,19 @@ def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional
         "per_class_AP": per_class_ap(bbox),
         "detections": detections,
         "notes": _why_missing(metrics, detections, cfg),
-        "train_seconds": round(total - TimedTrainer.eval_seconds, 1),
+        "train_seconds": round(trainer.clock.seconds(), 1),
         "eval_seconds": round(TimedTrainer.eval_seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
-        "resumed_from_iteration": resumed_from,
+        "resumed_from_iteration": trainer.start_iter,
         "commit": _git_commit(),
     }
-    path = os.path.join(cfg.OUTPUT_DIR, RESULT_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)  # the file marks a finished run
+    marker = os.path.join(cfg.OUTPUT_DIR, RUN_FILE)
+    if trainer.start_iter and os.path.exists(marker):
+        with open(marker) as f:
+            result["started_at_commit"] = json.load(f).get("commit")
+    _write_json(os.path.join(cfg.OUTPUT_DIR, RESULT_FILE), result)  # the file marks a finished run
     for name in os.listdir(cfg.OUTPUT_DIR):
-        if re.fullmatch(r"model_\d{7}\.pth", name):  # periodic checkpoints; model_final.pth stays
+        if re.fullmatch(r"model_\d{7,}\.pth", name):  # periodic checkpoints; model_final.pth stays
             os.remove(os.path.join(cfg.OUTPUT_DIR, name))
 
 
@@ -1107,17 +1171,8 @@ def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ())
         )
         measured.update(measure_canvases(missing, "train", None, opts=opts))
         print(format_table(measured), flush=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(
-                {
-                    "split": "train",
-                    "opts": opts,
-                    "canvases": {str(k): v for k, v in sorted(measured.items())},
-                },
-                f,
-                indent=1,
-            )
-        os.replace(path + ".tmp", path)
+        canvases = {str(k): v for k, v in sorted(measured.items())}
+        _write_json(path, {"split": "train", "opts": opts, "canvases": canvases})
     return {side: measured[side] for side in preset.canvases}
 
 
