@@ -701,7 +701,7 @@ def train_run(
         attempt["checkpoint_period"] = checkpoint_period
     _write_json(os.path.join(run.out_dir, RUN_FILE), attempt)
     flags = ["--resume"] if resume else []
-    if attempt["checkpoint_period"] is not None:
+    if attempt.get("checkpoint_period") is not None:
         flags += ["--checkpoint-period", str(attempt["checkpoint_period"])]
     cmd = [sys.executable, os.path.abspath(__file__), "--train-one", *flags] + run.argv()
     log_path = os.path.join(run.out_dir, "stdout.log")
