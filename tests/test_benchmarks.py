@@ -474,3 +474,52 @@ def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
     assert "no CUDA device: these measurements need one" in proc.stdout
     assert "the machine check failed (see above); nothing measured" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["gpu_measure.log"]
+
+
+def test_kernel_sass_counts_each_kernels_instructions_for_sm90(tmp_path):
+    """
+    benchmarks/kernel_sass.py compiles the four Triton kernels for sm_90 on this machine (no
+    GPU) and counts their SASS: every kernel, its opcodes adding up to its count, per logit
+    the count x threads / logits of a program (sigmoid: 256 threads, 4096 logits).
+    """
+    triton = pytest.importorskip("triton")
+    # (not imported here: the script turns Triton's interpreter off for its own process)
+    nvdisasm = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"
+    )
+    if not os.path.exists(nvdisasm):
+        pytest.skip(f"no nvdisasm in this Triton ({nvdisasm})")
+    out = tmp_path / "sass.json"
+    stdout = run_script("kernel_sass.py", "--dtypes", "float32", "--out", str(out))
+    assert "| sigmoid forward | float32 |" in stdout
+    saved = json.loads(out.read_text())
+    assert saved["config"]["arch"] == 90 and saved["config"]["K"] == 80
+    results = {r["kernel"]: r for r in saved["results"]}
+    assert sorted(results) == [
+        "sigmoid backward",
+        "sigmoid forward",
+        "softmax backward",
+        "softmax forward",
+    ]
+    for r in results.values():
+        assert r["dtype"] == "float32" and r["instructions"] == sum(r["by_opcode"].values())
+        assert r["by_opcode"].get("MUFU", 0) > 0 and "NOP" not in r["by_opcode"]
+    forward = results["sigmoid forward"]
+    assert forward["per_logit"] == pytest.approx(forward["instructions"] * 256 / 4096, abs=0.01)
+    # the backward writes the gradient: it stores, the forward's partial sum aside, and does more
+    assert results["sigmoid backward"]["instructions"] > forward["instructions"]
+    assert results["sigmoid backward"]["by_opcode"].get("STG", 0) > forward["by_opcode"].get(
+        "STG", 0
+    )
+
+
+def test_kernel_sass_names_a_kernel_whose_arguments_changed():
+    pytest.importorskip("triton")
+    code = (
+        "import sys; sys.argv = ['kernel_sass.py']; sys.path.insert(0, 'benchmarks'); "
+        "import kernel_sass as t; k, sig, const, threads, n = t.sigmoid_kernel(80, 'fp32', False); "
+        "sig.pop('delta'); t.sass_opcodes(k, sig, const, 8, 90)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "_sigmoid_kernel takes" in proc.stderr and "update its signature" in proc.stderr
