@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -67,6 +68,17 @@ def logged(logger, level=logging.WARNING):
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+# Wall-clock metrics differ between any two runs.
+TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
+
+
+def metrics_records(output_dir):
+    """The records of ``output_dir/metrics.json`` (one dict per line), without :data:`TIMING_KEYS`."""
+    with open(output_dir / "metrics.json") as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 def load_script(path):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import digits_cfg, logged
+from conftest import digits_cfg, logged, metrics_records
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -41,8 +41,6 @@ from focal_det2.modeling import FocalRetinaNet
 # 2 iterations later, after metrics.json has their records, which the resume trains again.
 WINDOW = 20
 MAX_ITER, STOP_AFTER, KILLED_AFTER = 25, 22, 24
-# Wall-clock metrics differ between any two runs.
-TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
 
 
 class _Interrupted(Exception):
@@ -115,19 +113,13 @@ def _train(cfg, *, resume=False, stop_after=None):
     return trainer
 
 
-def _metrics(output_dir):
-    with open(output_dir / "metrics.json") as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     whole, parts = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("parts")
     uninterrupted = _train(_cfg(whole))
     _train(_cfg(parts), stop_after=KILLED_AFTER)
     # the killed run wrote records past its checkpoint, which the resume trains again
-    assert [r["iteration"] for r in _metrics(parts)] == list(range(KILLED_AFTER))
+    assert [r["iteration"] for r in metrics_records(parts)] == list(range(KILLED_AFTER))
     resumed = _train(_cfg(parts), resume=True)
     return uninterrupted, resumed, whole, parts
 
@@ -164,7 +156,7 @@ def test_resume_writes_the_same_metrics(runs):
     after a resume would lose the iterations before the last 3).
     """
     _, _, whole, parts = runs
-    expected, got = _metrics(whole), _metrics(parts)
+    expected, got = metrics_records(whole), metrics_records(parts)
     gammas = [r["focal_gamma"] for r in expected]
     # gamma(i) = 2 i / MAX_ITER, logged unsmoothed.
     assert gammas == pytest.approx([2.0 * i / MAX_ITER for i in range(MAX_ITER)])
@@ -209,7 +201,7 @@ def test_the_window_matters_after_the_resume(runs):
     uninterrupted, _, whole, _ = runs
     raw = [v for v, _ in uninterrupted.storage.history("loss_cls").values()]
     assert len(raw) == MAX_ITER
-    written = _metrics(whole)[STOP_AFTER]["loss_cls"]
+    written = metrics_records(whole)[STOP_AFTER]["loss_cls"]
     assert written == pytest.approx(float(np.median(raw[STOP_AFTER + 1 - WINDOW : STOP_AFTER + 1])))
     assert written != pytest.approx(raw[STOP_AFTER])
 
@@ -424,7 +416,7 @@ def test_two_processes_resume_to_the_same_weights(two_process_runs):
 def test_two_processes_resume_to_the_same_metrics(two_process_runs):
     _, out_dir = two_process_runs
     _assert_same_metrics(
-        _metrics(out_dir / "parts"), _metrics(out_dir / "whole"), TWO_PROCESS_MAX_ITER
+        metrics_records(out_dir / "parts"), metrics_records(out_dir / "whole"), TWO_PROCESS_MAX_ITER
     )
 
 

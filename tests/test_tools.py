@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, digits_cfg, load_script
+from conftest import REPO, digits_cfg, load_script, metrics_records
 from detectron2.config import get_cfg
 from detectron2.engine.hooks import PeriodicCheckpointer
 from PIL import Image
@@ -531,12 +531,6 @@ def _step_then_die(self, iteration, **kwargs):
 
 PeriodicCheckpointer.step = _step_then_die
 """
-TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
-
-
-def _metrics_records(run_dir):
-    lines = (run_dir / "metrics.json").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
 
 
 def test_ablate_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
@@ -582,7 +576,7 @@ def test_ablate_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resul
     got = torch.load(parts / "model_final.pth", weights_only=False)["model"]
     want = torch.load(whole / "model_final.pth", weights_only=False)["model"]
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert _metrics_records(parts) == _metrics_records(whole)
+    assert metrics_records(parts) == metrics_records(whole)
     assert "CHECKPOINT_PERIOD: 1\n" in (parts / "config.yaml").read_text()  # the attempt's period
     assert sorted(p.name for p in parts.glob("*.pth")) == ["model_final.pth"]
     assert "[ablate.py] resuming the interrupted attempt" in (parts / "stdout.log").read_text()

@@ -25,9 +25,11 @@ exists is not trained again, so an interrupted ablation resumes where it
 stopped. With ``--checkpoint-period P`` every run also checkpoints every P
 iterations, and a run interrupted after a checkpoint continues from it
 (``--resume``: the same result as an uninterrupted run; its ``result.json``
-says the iteration it resumed from, and its training seconds count from
-there); without it, an interrupted run trains again from the start. After
-each run the tables are rewritten:
+says the iteration it resumed from, and its training seconds add the
+earlier attempts' up to that checkpoint); without it a run writes only
+``model_final.pth``, so only a run interrupted during its final evaluation
+resumes and any other trains again from the start. After each run the
+tables are rewritten:
 
 - ``runs.csv``: one line per (row, seed), with the number of detections
   the evaluation received;
@@ -1213,7 +1215,8 @@ def get_parser():
         "--checkpoint-period",
         type=int,
         help="checkpoint each run every this many iterations, so that an interrupted run "
-        "resumes from its last checkpoint (default: none, an interrupted run trains again)",
+        "resumes from its last checkpoint (default: the interrupted attempt's, else none: only "
+        "model_final.pth, and an interrupted run trains again)",
     )
     parser.add_argument(
         "opts",
