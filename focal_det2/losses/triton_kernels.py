@@ -47,20 +47,22 @@ SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 512, 1
 @triton.jit
 def _log1p_unit(a):
     """
-    log(1 + a) for 0 <= a <= 1, to float32 precision, from FMAs and one fast
-    division: the series ``2 atanh(w) = 2 (w + w^3/3 + ... + w^13/13)``,
-    ``w = a / (2 + a) <= 1/3`` (truncation below 1.5e-8 relative).
+    log(1 + a) for 0 <= a <= 1, to float32 precision, from FMAs alone (no
+    division): ``a q(a)``, with ``q`` the degree-9 polynomial that
+    interpolates ``log(1 + a) / a`` at the Chebyshev nodes of [0, 1]
+    (relative truncation error below 5.3e-9, against float32's 6e-8).
     """
-    w = tl.fdiv(a, 2.0 + a)
-    w2 = w * w
-    series = 1.0 / 13.0
-    series = series * w2 + 1.0 / 11.0
-    series = series * w2 + 1.0 / 9.0
-    series = series * w2 + 1.0 / 7.0
-    series = series * w2 + 1.0 / 5.0
-    series = series * w2 + 1.0 / 3.0
-    series = series * w2 + 1.0
-    return 2.0 * w * series
+    q = -0.0031760570184319597
+    q = q * a + 0.019542527261014101
+    q = q * a - 0.056373612830107328
+    q = q * a + 0.10543623795419526
+    q = q * a - 0.15269667074363288
+    q = q * a + 0.19663274257204805
+    q = q * a - 0.24951616262872074
+    q = q * a + 0.33329710498917749
+    q = q * a - 0.49999892648063279
+    q = q * a + 0.99999999465629198
+    return a * q
 
 
 @triton.jit
@@ -262,8 +264,9 @@ def _softmax_kernel(
     x_max = tl.where(row_mask, x_max, 0.0)
     e = tl.exp2((x - x_max[:, None]) * 1.4426950408889634)  # 0 at masked columns
     is_y = cols[None, :] == y[:, None]
-    e_y = tl.sum(tl.where(is_y, e, 0.0), axis=1)
-    x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
+    # The label's logit read again (a cache hit), not picked out of the row by a row reduction.
+    x_y = tl.load(x_ptr + row0 * C + r * C + y, mask=row_mask, other=0.0).to(tl.float32)
+    e_y = tl.exp2((x_y - x_max) * 1.4426950408889634)
     others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
     log_pt = tl.where(
         row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0
