@@ -73,6 +73,18 @@ def _log1p(a):
 
 
 @triton.jit
+def _sigmoids(z, e, log1p_e):
+    """
+    ``sigmoid(z)`` and ``sigmoid(-z) = 1 - sigmoid(z)``, without cancellation, from
+    ``e = exp(-|z|)`` and ``log1p_e = log(1 + e)``: ``1 / (1 + e) = 2^(-log2(1 + e))``, an
+    exp2 of the logarithm already taken instead of a division, and ``e / (1 + e)``.
+    """
+    r = tl.exp2(log1p_e * -1.4426950408889634)
+    er = e * r
+    return tl.where(z >= 0, r, er), tl.where(z >= 0, er, r)
+
+
+@triton.jit
 def _focal_terms(z, e, w, gamma):
     """
     The hard-target terms of :func:`_sigmoid_kernel` at ``z`` (``e = exp(-|z|)``):
@@ -83,9 +95,7 @@ def _focal_terms(z, e, w, gamma):
     # sigmoid(z)^gamma = exp(gamma log sigmoid(z)), log sigmoid(z) = min(z, 0) - log(1 + e^-|z|): finite.
     modulator = tl.exp2((gamma * 1.4426950408889634) * (tl.minimum(z, 0.0) - log1p_e))
     wm = w * modulator
-    r = tl.fdiv(1.0, 1.0 + e)
-    s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
-    s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z) = 1 - sigmoid(z), without cancellation
+    s, s_neg = _sigmoids(z, e, log1p_e)
     return wm * softplus, wm * (s + gamma * softplus * s_neg)
 
 
@@ -95,10 +105,9 @@ def _smoothed_terms(z, e, w, gamma, delta):
     The SMOOTH terms of :func:`_sigmoid_kernel` at ``z`` (``e = exp(-|z|)``):
     ``w psi(z)`` and ``w psi'(z)``.
     """
-    bce = _log1p_unit(e) + (1.0 - delta) * tl.maximum(z, 0.0) + delta * tl.maximum(-z, 0.0)
-    r = tl.fdiv(1.0, 1.0 + e)
-    s = tl.where(z >= 0, r, e * r)  # sigmoid(z)
-    s_neg = tl.where(z >= 0, e * r, r)  # sigmoid(-z)
+    log1p_e = _log1p_unit(e)
+    bce = log1p_e + (1.0 - delta) * tl.maximum(z, 0.0) + delta * tl.maximum(-z, 0.0)
+    s, s_neg = _sigmoids(z, e, log1p_e)
     u = (1.0 - delta) * s + delta * s_neg  # 1 - p_t >= min(delta, 1 - delta) > 0
     wm = w * tl.exp2(gamma * tl.log2(u))
     ratio = tl.fdiv(s * s_neg, tl.maximum(u, 1.1754943508222875e-38))
