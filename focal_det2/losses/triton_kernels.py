@@ -17,9 +17,9 @@ One kernel per loss family, each launched twice per training step:
 So a forward + backward reads the logits twice and writes the gradient
 once; the only logits-sized allocation is the gradient. The math is float32
 whatever the logits' dtype (float32, float16, bfloat16), with ``log1p``
-written out (:func:`_log1p`), because Triton's ``log`` is the GPU's fast
-approximate one, whose absolute error would swamp ``log(1 + e)`` for small
-``e``. Gamma is a runtime argument, so a gamma schedule never recompiles; at
+written out (:func:`_log1p`): Triton has none, and ``log(1 + e)`` rounds
+``1 + e`` first, which loses ``e`` below 6e-8 whole (the loss of a negative
+at a logit below -16.6) and digits of every small ``e``. Gamma is a runtime argument, so a gamma schedule never recompiles; at
 gamma = 0 no term raises 0 to a negative power (the gradient is written with
 ``sigmoid(z)^gamma``, never ``(1 - p_t)^(gamma - 1)``).
 """
@@ -67,8 +67,8 @@ def _log1p_unit(a):
 
 @triton.jit
 def _log1p(a):
-    """log(1 + a) for a >= 0: :func:`_log1p_unit` up to 1; above, ``log(1 + a) >= log 2``,
-    where the fast ``log``'s absolute error is small relative to the result."""
+    """log(1 + a) for a >= 0: :func:`_log1p_unit` up to 1; above, ``log(1 + a)``, whose
+    rounding of ``1 + a`` (6e-8 relative) is small against the result, ``>= log 2``."""
     return tl.where(a <= 1.0, _log1p_unit(tl.minimum(a, 1.0)), tl.log(1.0 + a))
 
 
