@@ -34,6 +34,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import machine_info  # noqa: E402
+
 from focal_det2.losses import triton_kernels as tk  # noqa: E402
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -155,7 +157,12 @@ def main(argv=None):
             f"| {ops.get('MUFU', 0)} | {arithmetic} |"
         )
     if args.out:
-        config = {"arch": args.arch, "K": args.k, "triton": triton.__version__}
+        config = {
+            "arch": args.arch,
+            "K": args.k,
+            "triton": triton.__version__,
+            "commit": machine_info()["commit"],
+        }
         with open(args.out, "w") as f:
             json.dump({"config": config, "results": results}, f, indent=1)
     return results

@@ -494,6 +494,7 @@ def test_kernel_sass_counts_each_kernels_instructions_for_sm90(tmp_path):
     assert "| sigmoid forward | float32 |" in stdout
     saved = json.loads(out.read_text())
     assert saved["config"]["arch"] == 90 and saved["config"]["K"] == 80
+    assert saved["config"]["commit"] and saved["config"]["triton"] == triton.__version__
     results = {r["kernel"]: r for r in saved["results"]}
     assert sorted(results) == [
         "sigmoid backward",
