@@ -8,6 +8,8 @@ from detectron2.config import get_cfg
 
 __all__ = [
     "CLASS_WEIGHTINGS",
+    "DEFAULT_CB_BETA",
+    "DEFAULT_GAMMA",
     "add_focal_config",
     "check_class_weighting",
     "check_finite",
@@ -17,6 +19,9 @@ __all__ = [
 
 # Values of MODEL.FOCAL.CLASS_WEIGHTING.
 CLASS_WEIGHTINGS = ("none", "effective_number")
+# Defaults of the keys that a loss may leave unread (losses.build.check_keys_read).
+DEFAULT_GAMMA = 2.0
+DEFAULT_CB_BETA = 0.999
 
 
 def add_focal_config(cfg):
@@ -32,7 +37,7 @@ def add_focal_config(cfg):
     # "sigmoid_focal" | "softmax_focal" | "focal_star" | "cross_entropy" | "ohem".
     cfg.MODEL.FOCAL.LOSS = "sigmoid_focal"
     # Focusing parameter gamma (>= 0); the gamma schedule's end value.
-    cfg.MODEL.FOCAL.GAMMA = 2.0
+    cfg.MODEL.FOCAL.GAMMA = DEFAULT_GAMMA
     # Foreground weight alpha_t (background weighs 1 - ALPHA); -1 turns weighting off.
     cfg.MODEL.FOCAL.ALPHA = 0.25
     # Optional per-class alpha in [0, 1], length NUM_CLASSES; replaces ALPHA class by class.
@@ -41,7 +46,7 @@ def add_focal_config(cfg):
     # CVPR 2019: w_c = (1 - CB_BETA) / (1 - CB_BETA^n_c), mean 1 over the classes).
     cfg.MODEL.FOCAL.CLASS_WEIGHTING = "none"
     # beta of the effective number of samples (1 - beta^n) / (1 - beta), in [0, 1); 0: equal weights.
-    cfg.MODEL.FOCAL.CB_BETA = 0.999
+    cfg.MODEL.FOCAL.CB_BETA = DEFAULT_CB_BETA
     # Label smoothing eps in [0, 1) for the losses that implement it (sigmoid_focal, cross_entropy,
     # softmax_focal): sigmoid targets 1 - eps/2 and eps/2, softmax (1 - eps) onehot + eps / (K + 1).
     cfg.MODEL.FOCAL.LABEL_SMOOTHING = 0.0

@@ -18,7 +18,7 @@ from detectron2.config import get_cfg
 
 import focal_det2
 from focal_det2.losses import backends, fused, registered_losses
-from focal_det2.losses.build import load_extra_losses
+from focal_det2.losses.build import load_extra_losses, loss_keys
 
 # Files that register more losses before the suites read the registry (a user's new loss;
 # tests/test_registry.py's throwaway loss): FOCAL_DET2_EXTRA_LOSSES, os.pathsep-separated paths.
@@ -103,19 +103,32 @@ FOCUSING_LOSSES = [
 UNIT_OPTS = ("MODEL.FOCAL.OHEM.NMS_THRESH", 1.0)
 
 
+def _keys_read(name, opts):
+    """``opts`` (key, value, ...) without the pairs of keys that another loss than ``name`` owns
+    (a loss's own keys left at their defaults, as build_focal_loss requires)."""
+    own = loss_keys(registered_losses()[name])
+    others = {key for cls in registered_losses().values() for key in loss_keys(cls)} - set(own)
+    pairs = zip(opts[::2], opts[1::2])
+    return [item for key, value in pairs if key not in others for item in (key, value)]
+
+
 def build_loss(
     name, num_classes=3, *, gamma=2.0, alpha=0.25, class_alpha=(), beta=1.0, opts=UNIT_OPTS
 ):
-    """``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values and ``opts``."""
+    """
+    ``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values and ``opts``;
+    ``beta`` and the keys of ``opts`` that only other losses read are set only where the loss
+    reads them, and ``gamma`` only for losses with a gamma.
+    """
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.MODEL.FOCAL.LOSS = name
-    cfg.MODEL.FOCAL.GAMMA = gamma
+    if registered_losses()[name].uses_gamma:
+        cfg.MODEL.FOCAL.GAMMA = gamma
     cfg.MODEL.FOCAL.ALPHA = alpha
     cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
-    cfg.MODEL.FOCAL.STAR_BETA = beta
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(_keys_read(name, ["MODEL.FOCAL.STAR_BETA", beta, *opts]))
     return focal_det2.build_focal_loss(cfg)
 
 

@@ -227,6 +227,38 @@ BAD = [
         },
         ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME"],
     ),
+    # Keys the chosen loss would not read, moved from their defaults.
+    (
+        "star-beta-for-sigmoid-focal",
+        {"MODEL.FOCAL.STAR_BETA": 3.0},
+        [
+            "MODEL.FOCAL.STAR_BETA=3.0 is read by MODEL.FOCAL.LOSS focal_star, not by sigmoid_focal",
+            "leave it at 1.0",
+        ],
+    ),
+    (
+        "ohem-key-for-cross-entropy",
+        {"MODEL.FOCAL.LOSS": "cross_entropy", "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": 7},
+        ["MODEL.FOCAL.OHEM.BATCH_PER_IMAGE=7 is read by MODEL.FOCAL.LOSS ohem", "leave it at 128"],
+    ),
+    (
+        "gamma-for-cross-entropy",
+        {"MODEL.FOCAL.LOSS": "cross_entropy", "MODEL.FOCAL.GAMMA": 5.0},
+        ["MODEL.FOCAL.GAMMA=5.0: MODEL.FOCAL.LOSS cross_entropy has no gamma", "2.0 or 0"],
+    ),
+    (
+        "gamma-for-ohem",
+        {"MODEL.FOCAL.LOSS": "ohem", "MODEL.FOCAL.GAMMA": 1.0},
+        ["MODEL.FOCAL.GAMMA=1.0: MODEL.FOCAL.LOSS ohem has no gamma"],
+    ),
+    (
+        "cb-beta-without-class-weights",
+        {"MODEL.FOCAL.CB_BETA": 0.9},
+        [
+            "MODEL.FOCAL.CB_BETA=0.9 is read only with class weights",
+            "MODEL.FOCAL.CLASS_WEIGHTING effective_number",
+        ],
+    ),
 ]
 
 
@@ -239,6 +271,24 @@ def test_bad_config_raises_naming_the_key(values, expected):
         build_model(cfg)
     for text in expected[1:]:
         assert text in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"MODEL.FOCAL.LOSS": "focal_star", "MODEL.FOCAL.STAR_BETA": 3.0},
+        {"MODEL.FOCAL.LOSS": "ohem", "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": 7},
+        {"MODEL.FOCAL.LOSS": "cross_entropy", "MODEL.FOCAL.GAMMA": 0.0},
+        {"MODEL.FOCAL.CLASS_WEIGHTING": "effective_number", "MODEL.FOCAL.CB_BETA": 0.9},
+    ],
+    ids=["star-beta", "ohem-batch", "cross-entropy-gamma-0", "cb-beta"],
+)
+def test_keys_the_loss_reads_may_change(values):
+    # the other side of the unread-key checks above: the same keys where the loss reads them
+    cfg = tiny_cfg()
+    for key, value in values.items():
+        _set(cfg, key, value)
+    assert type(build_model(cfg)).__name__ == "FocalRetinaNet"
 
 
 # ----------------------------------------------------------------------------- load_config

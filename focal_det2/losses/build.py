@@ -1,15 +1,18 @@
 import importlib.util
 import os
 
+from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
-from ..config import check_class_weighting
+from ..config import DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting
 from ..registry import lookup
 
 __all__ = [
     "EXTRA_LOSSES_ENV",
     "FOCAL_LOSS_REGISTRY",
     "build_focal_loss",
+    "check_keys_read",
+    "loss_keys",
     "load_extra_losses",
     "register_loss",
     "registered_losses",
@@ -73,6 +76,62 @@ def load_extra_losses():
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+def loss_keys(loss_class) -> dict:
+    """{full key: default} of the keys that ``loss_class.add_config`` adds to ``MODEL.FOCAL``."""
+    cfg = CN({"MODEL": CN({"FOCAL": CN()})})
+    loss_class.add_config(cfg)
+
+    def leaves(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, CN):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    return dict(leaves(cfg.MODEL.FOCAL, "MODEL.FOCAL."))
+
+
+def _value(cfg, key: str):
+    """The value of the dotted ``key`` in ``cfg``, or None if ``cfg`` lacks it."""
+    node = cfg
+    for part in key.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_keys_read(cfg, loss_class):
+    """
+    Raise, naming the key, for a ``MODEL.FOCAL`` key that ``cfg`` moves from
+    its default although ``loss_class`` would not read it: another loss's own
+    key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem), ``GAMMA`` for a loss
+    without gamma (0 is allowed too), ``CB_BETA`` without ``CLASS_WEIGHTING``.
+    """
+    name = getattr(loss_class, "name", loss_class.__name__)
+    own = loss_keys(loss_class)
+    for other_name, other in registered_losses().items():
+        for key, default in loss_keys(other).items():
+            value = _value(cfg, key)
+            if key not in own and value is not None and value != default:
+                raise ValueError(
+                    f"{key}={value} is read by MODEL.FOCAL.LOSS {other_name}, not by {name}; "
+                    f"leave it at {default}, or set MODEL.FOCAL.LOSS {other_name}."
+                )
+    gamma = cfg.MODEL.FOCAL.GAMMA
+    if not loss_class.uses_gamma and gamma not in (DEFAULT_GAMMA, 0.0):
+        raise ValueError(
+            f"MODEL.FOCAL.GAMMA={gamma}: MODEL.FOCAL.LOSS {name} has no gamma (it is gamma 0); "
+            f"leave it at {DEFAULT_GAMMA} or 0, or choose a focal loss."
+        )
+    beta = cfg.MODEL.FOCAL.CB_BETA
+    if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none" and beta != DEFAULT_CB_BETA:
+        raise ValueError(
+            f"MODEL.FOCAL.CB_BETA={beta} is read only with class weights; leave it at "
+            f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
+        )
+
+
 def build_focal_loss(cfg):
     """
     Build the loss named by ``cfg.MODEL.FOCAL.LOSS``. Calling it with
@@ -80,6 +139,10 @@ def build_focal_loss(cfg):
     ``MODEL.FOCAL.GAMMA``; ``gamma=`` overrides the gamma. Losses that select
     anchors by their predicted boxes (``needs_boxes``: ``ohem`` with NMS)
     also take ``boxes=`` and ``num_images=`` and sum over the anchors they keep.
+    A key the loss would not read is an error (:func:`check_keys_read`).
     """
     check_class_weighting(cfg)
-    return lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")(cfg)
+    build = lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")
+    if hasattr(build, "loss_class"):
+        check_keys_read(cfg, build.loss_class)
+    return build(cfg)

@@ -10,8 +10,8 @@ __all__ = ["SigmoidCrossEntropyLoss"]
 @register_loss("cross_entropy")
 class SigmoidCrossEntropyLoss(DenseClassificationLoss):
     """
-    alpha-balanced sigmoid CE, the paper's baseline; does not read gamma
-    (MODEL.FOCAL.GAMMA is still checked, as for every loss): see
+    alpha-balanced sigmoid CE, the paper's baseline; has no gamma
+    (MODEL.FOCAL.GAMMA must stay at its default or 0): see
     :func:`functional.sigmoid_cross_entropy`.
     """
 

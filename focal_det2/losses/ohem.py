@@ -81,7 +81,7 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
     """
     OHEM over alpha-balanced sigmoid CE (the loss, its reference and its scores
     are :class:`SigmoidCrossEntropyLoss`'s, on the kept anchors); see the module
-    docstring. Does not read gamma (MODEL.FOCAL.GAMMA is still checked, as for every loss).
+    docstring. Has no gamma (MODEL.FOCAL.GAMMA must stay at its default or 0).
     """
 
     # Hard examples are ranked by the hard-target CE (:func:`anchor_losses`), as in the paper.
