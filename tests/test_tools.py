@@ -130,6 +130,13 @@ def test_plot_training_reads_training_records_only(tmp_path):
     assert series["focal_gamma"][0].tolist() == [19, 0.38]
 
 
+def test_plot_training_names_the_file_and_line_of_a_bad_record(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 19, "loss_cls": 1.0}\n{"iteration": 39, "loss_c\n')
+    with pytest.raises(ValueError, match=f"{path}, line 2: not a JSON record"):
+        load_tool("plot_training").read_series(str(path), ["loss_cls"])
+
+
 def test_plot_training_labels_must_match_the_runs(tmp_path):
     _synthetic_metrics(tmp_path / "metrics.json", gamma_ramp=False)
     runs, output = [str(tmp_path), str(tmp_path / "metrics.json")], tmp_path / "curves.png"
@@ -213,6 +220,14 @@ def test_check_against_functional_catches_one_wrong_anchor_of_either_group():
         wrong[anchor] *= 1.001
         with pytest.raises(AssertionError):
             tool.check_against_functional(logits, labels, wrong, 2.0)
+
+
+def test_plot_loss_cdf_without_a_dataset_names_the_key(trained):
+    config_file, weights, _ = trained
+    with pytest.raises(ValueError, match="DATASETS.TEST is empty: pass --dataset NAME"):
+        load_tool("plot_loss_cdf").main(
+            ["--config-file", config_file, "MODEL.WEIGHTS", weights, "DATASETS.TEST", "()"]
+        )
 
 
 def test_plot_loss_cdf_rejects_a_softmax_model(trained):
@@ -349,8 +364,8 @@ def test_demo_montage_tiles_row_by_row_with_white_gaps():
     np.testing.assert_array_equal(demo.montage(images, columns=2, gap=1), expected)
     # fewer images than columns: no empty columns
     np.testing.assert_array_equal(demo.montage(images[:1], columns=4), images[0])
-    with pytest.raises(ValueError, match="--montage needs images of one size"):
-        demo.montage([images[0], np.zeros((3, 3, 3), np.uint8)], columns=2)
+    with pytest.raises(ValueError, match="one size: image 2 is 4x3 px, the first 3x2"):
+        demo.montage([images[0], np.zeros((3, 4, 3), np.uint8)], columns=2)
 
 
 def test_demo_inputs_are_sorted_globs_and_a_pattern_matching_nothing_raises(tmp_path):
@@ -400,6 +415,17 @@ def test_ablate_rows_filter():
     assert names == ["ce_a0.25", "ce_a0.50", "ce_a0.75", "fl_g2_a0.25"]
     with pytest.raises(ValueError, match="matches no row"):
         ablate.select_rows("nope", preset)
+
+
+def test_ablate_records_the_commit_a_copy_of_the_tree_is_told(monkeypatch):
+    # On a GPU machine the tree arrives without its repository: run.json and result.json
+    # record FOCAL_DET2_COMMIT there, as the benchmarks do; here, git's own description.
+    ablate = load_tool("ablate")
+    monkeypatch.delenv("FOCAL_DET2_COMMIT", raising=False)
+    described = ablate._git_commit()
+    assert described and described != "unknown"
+    monkeypatch.setenv("FOCAL_DET2_COMMIT", "abc1234 (sent to the GPU)")
+    assert ablate._git_commit() == "abc1234 (sent to the GPU)"
 
 
 def test_ablate_notes_say_why_a_metric_has_no_value(tmp_path):

@@ -974,7 +974,13 @@ def _fmt(mean, std=None, digits=1):
 
 
 def _git_commit() -> str:
-    """``git describe --always --dirty`` of the repository ("-dirty": uncommitted changes)."""
+    """
+    ``git describe --always --dirty`` of the repository ("-dirty": uncommitted changes), or
+    ``FOCAL_DET2_COMMIT`` where set: a copy of the tree sent to another machine (a GPU's) has
+    no repository and is told its commit, as the benchmarks are.
+    """
+    if os.environ.get("FOCAL_DET2_COMMIT"):
+        return os.environ["FOCAL_DET2_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],

@@ -119,7 +119,10 @@ def montage(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndar
     )
     for i, image in enumerate(images):
         if image.shape[:2] != (height, width):
-            raise ValueError("--montage needs images of one size")
+            raise ValueError(
+                f"--montage needs images of one size: image {i + 1} is "
+                f"{image.shape[1]}x{image.shape[0]} px, the first {width}x{height}"
+            )
         r, c = divmod(i, columns)
         grid[
             r * (height + gap) : r * (height + gap) + height,

@@ -35,10 +35,12 @@ focal_det2.hide_third_party_deprecations()
 
 # isort: split
 
+from focal_det2.data import CANVAS_SIZES, canvas_dataset_name  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "digits", "sigmoid_focal_R18_FPN_1x.yaml")
-# The canvas sides of the registered digits_{train,val}_s<side> splits (focal_det2.data.CANVAS_SIZES).
-CANVASES = (128, 256, 512, 768)
+# The canvas sides of the registered digits_{train,val}_s<side> splits.
+CANVASES = CANVAS_SIZES
 
 
 def canvas_opts(side: int) -> List:
@@ -57,9 +59,9 @@ def canvas_opts(side: int) -> List:
         raise ValueError(f"canvas side must be one of {CANVASES}, got {side!r}")
     return [
         "DATASETS.TRAIN",
-        (f"digits_train_s{side}",),
+        (canvas_dataset_name("train", side),),
         "DATASETS.TEST",
-        (f"digits_val_s{side}",),
+        (canvas_dataset_name("val", side),),
         "INPUT.MIN_SIZE_TRAIN",
         (side,),
         "INPUT.MAX_SIZE_TRAIN",

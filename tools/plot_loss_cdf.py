@@ -219,6 +219,8 @@ def main(argv=None) -> Dict[str, int]:
     cfg = load_config(args.config_file, args.opts, need_weights=True)
     check_sigmoid_model(cfg)
     cfg.freeze()
+    if not (args.dataset or cfg.DATASETS.TEST):
+        raise ValueError("DATASETS.TEST is empty: pass --dataset NAME, or set DATASETS.TEST")
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     gammas = [float(g) for g in args.gammas.split(",")]
     logits, labels = anchor_logits(cfg, dataset, args.num_images)

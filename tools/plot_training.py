@@ -47,11 +47,14 @@ def read_series(path: str, keys: Sequence[str]) -> Dict[str, np.ndarray]:
     """
     series = {k: [] for k in keys}
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e})") from e
             for key in keys:
                 if key in record and "iteration" in record:
                     series[key].append((record["iteration"], record[key]))
