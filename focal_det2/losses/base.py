@@ -37,8 +37,10 @@ class SigmoidScores(nn.Module):
 class DenseClassificationLoss:
     """
     Base of the registered losses: alpha/class-alpha handling, argument
-    checks and the call interface. Subclasses define :meth:`loss`,
-    :meth:`scores`, :meth:`init_bias` and :attr:`num_logits`.
+    checks and the call interface. Subclasses define :meth:`loss` and
+    :meth:`reference`, and override :attr:`num_logits`, :meth:`init_bias`
+    and :meth:`score_module` where the sigmoid defaults do not fit
+    (README "Adding a loss").
     """
 
     uses_gamma = True
@@ -285,14 +287,17 @@ class DenseClassificationLoss:
             total = total + (weights[c] - 1) * loss_c
         return total
 
+    @staticmethod
+    def _cached_on(values, cache: dict, like: Tensor) -> Tensor:
+        """``values`` as a tensor on ``like``'s device and dtype, kept in ``cache`` for both."""
+        key = (like.device, like.dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def _class_weights_on(self, like: Tensor) -> Tensor:
         """The class weights as a (K,) tensor on ``like``'s device and dtype, cached."""
-        key = (like.device, like.dtype)
-        if key not in self._class_weights_cache:
-            self._class_weights_cache[key] = torch.tensor(
-                self.class_weights, dtype=like.dtype, device=like.device
-            )
-        return self._class_weights_cache[key]
+        return self._cached_on(self.class_weights, self._class_weights_cache, like)
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:
@@ -321,12 +326,7 @@ class DenseClassificationLoss:
         """CLASS_ALPHA as a (K,) tensor on ``like``'s device and dtype, cached."""
         if not self.class_alpha:
             return None
-        key = (like.device, like.dtype)
-        if key not in self._class_alpha_cache:
-            self._class_alpha_cache[key] = torch.tensor(
-                self.class_alpha, dtype=like.dtype, device=like.device
-            )
-        return self._class_alpha_cache[key]
+        return self._cached_on(self.class_alpha, self._class_alpha_cache, like)
 
     def __repr__(self):
         return (
