@@ -231,6 +231,8 @@ def test_plot_loss_cdf_without_a_dataset_names_the_key(trained):
 
 
 def test_plot_loss_cdf_rejects_a_softmax_model(trained):
+    # the losses it takes are found by their scores, not listed: OHEM's are CE's sigmoid
+    assert load_tool("plot_loss_cdf").sigmoid_losses() == ["cross_entropy", "ohem", "sigmoid_focal"]
     config_file, weights, _ = trained
     with pytest.raises(ValueError, match="MODEL.FOCAL.LOSS='softmax_focal'"):
         load_tool("plot_loss_cdf").main(

@@ -11,7 +11,9 @@ test set), resized as at test time. Anchors are labelled by the model's own
 ``label_anchors`` (its anchor generator and IoU matcher), so positives,
 negatives and ignored anchors are exactly those training sees; ignored
 anchors are dropped. As in the paper, the trained logits are kept fixed and
-only the gamma used to score them varies.
+only the gamma used to score them varies. The model's loss must score each
+of its K logits by a sigmoid (:func:`sigmoid_losses`: sigmoid_focal,
+cross_entropy, ohem).
 
 The loss of an anchor is the sigmoid FL of its row of K logits, summed over
 the K classes, without the alpha_t weight (it would only rescale each
@@ -50,19 +52,23 @@ from detectron2.modeling import build_model  # noqa: E402
 from plotting import add_figure_arguments, one_thread, save_figure  # noqa: E402  (tools/, beside this script)
 
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.losses import functional  # noqa: E402
+from focal_det2.losses import DenseClassificationLoss, functional, registered_losses  # noqa: E402
 
-# Losses whose logits are those of K independent sigmoids.
-SIGMOID_LOSSES = ("sigmoid_focal", "cross_entropy")
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
+
+
+def sigmoid_losses() -> list:
+    """The registered losses whose scores are a sigmoid of each of K logits (the default ``score_module``)."""
+    default = DenseClassificationLoss.score_module
+    return [name for name, cls in registered_losses().items() if cls.score_module is default]
 
 
 def check_sigmoid_model(cfg):
     """Raise unless the model of ``cfg`` was trained with a loss on K sigmoid logits."""
-    if cfg.MODEL.FOCAL.LOSS not in SIGMOID_LOSSES:
+    if cfg.MODEL.FOCAL.LOSS not in sigmoid_losses():
         raise ValueError(
             f"MODEL.FOCAL.LOSS={cfg.MODEL.FOCAL.LOSS!r}: the figure scores sigmoid logits; "
-            f"use a model trained with one of {SIGMOID_LOSSES}"
+            f"use a model trained with one of {sigmoid_losses()}"
         )
 
 
