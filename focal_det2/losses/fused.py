@@ -471,17 +471,25 @@ def _chunk_bounds(pos_rows: Tensor, chunks: List[Chunk]) -> List[int]:
     return [0] + torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
 
 
-def _sigmoid_alphas(alpha: float, class_alpha: Optional[Tensor], like: Tensor):
+def sigmoid_alphas(alpha: float, class_alpha: Optional[Tensor], like: Tensor, delta: float = 0.0):
     """
     Weights of positives and negatives: ``(a, 1 - a)`` with ``a`` a (K,) tensor
-    for ``class_alpha``, else floats; ``(1.0, 1.0)`` for ``alpha == -1``.
+    for ``class_alpha`` (on ``like``'s device and dtype), else floats;
+    ``(1.0, 1.0)`` for ``alpha == -1``. With label smoothing (targets ``1 -
+    delta`` and ``delta``), ``alpha_t = a t + (1 - a)(1 - t)`` at them:
+    ``((1 - delta) a_pos + delta a_neg, (1 - delta) a_neg + delta a_pos)``.
+    The eager kernels and the Triton launch both take their weights from here.
     """
     if class_alpha is not None:
         a = class_alpha.to(like)
-        return a, 1 - a
-    if alpha < 0:
-        return 1.0, 1.0
-    return alpha, 1.0 - alpha
+        a_pos, a_neg = a, 1 - a
+    elif alpha < 0:
+        a_pos, a_neg = 1.0, 1.0
+    else:
+        a_pos, a_neg = alpha, 1.0 - alpha
+    if delta:
+        a_pos, a_neg = a_pos * (1 - delta) + a_neg * delta, a_neg * (1 - delta) + a_pos * delta
+    return a_pos, a_neg
 
 
 def _sigmoid_family(
@@ -513,9 +521,7 @@ def _sigmoid_family(
     k = logits.shape[1]
     delta = label_smoothing / 2
     pos_rows, pos_cls = _foreground(labels, k)
-    a_pos, a_neg = _sigmoid_alphas(alpha, class_alpha, logits)
-    if delta:
-        a_pos, a_neg = a_pos * (1 - delta) + a_neg * delta, a_neg * (1 - delta) + a_pos * delta
+    a_pos, a_neg = sigmoid_alphas(alpha, class_alpha, logits, delta)
     count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
     eager = backends.backend(logits.device.type) == "eager"
     spare = count if want_grad and eager and not delta else 0

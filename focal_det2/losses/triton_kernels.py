@@ -30,6 +30,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import fused
+
 __all__ = ["sigmoid_family", "softmax_family"]
 
 # exp(x) is taken as exp2(x log2(e)), log2(e) = 1.4426950408889634, written out in the
@@ -145,14 +147,15 @@ def _sigmoid_kernel(
         phi'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z)),
 
     and ``w`` is the positive or negative weight of class k (times
-    ``factor``), 0 for ignored rows. Without GRAD, ``out[pid]`` is the sum
+    ``factor``; a (2, K) table with CLASS_ALPHA, negatives' row first), 0
+    for ignored rows. Without GRAD, ``out[pid]`` is the sum
     of the block's terms; with GRAD, ``out`` is the (N, K) gradient
     ``w s scale phi'(z) * grad_loss``. A program takes BLOCK consecutive
     elements; index math within it is 32-bit.
 
     With SMOOTH (label smoothing, soft target ``delta = eps / 2`` of a
-    negative), ``phi`` is fvcore's soft-target focal term (the class alphas
-    mixed as ``(1 - delta) w + delta (1 - w)``; the scalar weights come mixed):
+    negative), ``phi`` is fvcore's soft-target focal term (the weights come
+    mixed for the soft targets, :func:`fused.sigmoid_alphas`):
 
         psi(z)  = u^gamma BCE(z, delta),  u = (1 - delta) sigmoid(z) + delta sigmoid(-z),
         psi'(z) = u^gamma ((sigmoid(z) - delta) + gamma BCE(z, delta) (1 - 2 delta) sigmoid(z) sigmoid(-z) / u).
@@ -168,11 +171,8 @@ def _sigmoid_kernel(
     x = tl.load(x_ptr + start + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
     pos = label == col
     if CLASS_ALPHA:
-        a = tl.load(alpha_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        w = tl.where(pos, a, 1.0 - a)
-        if SMOOTH:
-            w = (1.0 - delta) * w + delta * (1.0 - w)
-        w = w * factor
+        # (2, K) table: the negatives' weight of each class, then the positives'
+        w = tl.load(alpha_ptr + tl.where(pos, K, 0) + col, mask=mask, other=0.0) * factor
     else:
         w = tl.where(pos, pos_weight, neg_weight)
     w = tl.where(label >= 0, w, 0.0)
@@ -312,17 +312,13 @@ def _softmax_kernel(
 def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, k = logits.shape
     numel = n * k
-    gamma, scale, shift, factor, alpha, class_alpha, delta = params
-    if class_alpha is None:
-        pos_weight, neg_weight = (1.0, 1.0) if alpha < 0 else (alpha, 1.0 - alpha)
-        pos_weight, neg_weight = (
-            (1 - delta) * pos_weight + delta * neg_weight,
-            (1 - delta) * neg_weight + delta * pos_weight,
-        )
-        alpha_table = logits  # unread
-    else:
+    gamma, scale, shift, factor, pos_weight, neg_weight, delta = params
+    class_alpha = isinstance(pos_weight, Tensor)
+    if class_alpha:
+        alpha_table = torch.stack([neg_weight, pos_weight]).contiguous()
         pos_weight = neg_weight = 0.0
-        alpha_table = class_alpha
+    else:
+        alpha_table = logits  # unread
     grid = (triton.cdiv(numel, SIGMOID_BLOCK),)
     _sigmoid_kernel[grid](
         logits,
@@ -340,7 +336,7 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         delta,
         K=k,
         BLOCK=SIGMOID_BLOCK,
-        CLASS_ALPHA=class_alpha is not None,
+        CLASS_ALPHA=class_alpha,
         GRAD=grad,
         SMOOTH=delta > 0,
         num_warps=SIGMOID_WARPS,
@@ -439,16 +435,17 @@ def sigmoid_family(
     Returns:
         Tensor: scalar, float32 or wider.
     """
-    if class_alpha is not None:
-        class_alpha = class_alpha.to(device=logits.device, dtype=torch.float32).contiguous()
+    delta = float(label_smoothing) / 2
+    like = logits.new_empty((), dtype=torch.float32)
+    pos_weight, neg_weight = fused.sigmoid_alphas(float(alpha), class_alpha, like, delta)
     params = (
         float(gamma),
         float(scale),
         float(shift),
         float(factor),
-        float(alpha),
-        class_alpha,
-        float(label_smoothing) / 2,
+        pos_weight,
+        neg_weight,
+        delta,
     )
     return _apply(_sigmoid_launch, logits, labels, params)
 
