@@ -22,6 +22,8 @@ from conftest import (
 )
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
+from focal_det2.losses import functional
+
 SIGMOID_LOSSES = [
     name for name in LOSSES if num_logits_of(name, 3) == 3
 ]  # K logits, no background column
@@ -680,3 +682,25 @@ def test_gamma_override_is_checked(name, bad):
     logits = torch.zeros(2, 4 if name == "softmax_focal" else 3)
     with pytest.raises(ValueError, match=f"gamma={bad}"):
         loss(logits, torch.tensor([0, 3]), gamma=bad)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("class_alpha", [None, (0.2, 0.5, 0.9)])
+def test_sigmoid_focal_terms_are_the_valid_anchors_one_row_losses(label_smoothing, class_alpha):
+    # reduction="none" (tools/plot_loss_cdf.py's per-anchor loss): row i of the (M, K) terms is
+    # the i-th valid anchor's loss alone; ignored anchors have no row; the terms sum to the loss.
+    logits = torch.randn(9, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, -1, 2, 3, 3, -1, 1, 0])
+    kwargs = dict(gamma=2.0, alpha=0.25, label_smoothing=label_smoothing)
+    if class_alpha is not None:
+        kwargs["class_alpha"] = torch.tensor(class_alpha, dtype=F64)
+    terms = functional.sigmoid_focal_loss(logits, labels, reduction="none", **kwargs)
+    valid = (labels >= 0).nonzero().flatten().tolist()
+    assert terms.shape == (len(valid), 3)
+    for row, i in enumerate(valid):
+        one = functional.sigmoid_focal_loss(logits[i : i + 1], labels[i : i + 1], **kwargs)
+        torch.testing.assert_close(terms[row].sum(), one, rtol=1e-12, atol=0)
+    total = functional.sigmoid_focal_loss(logits, labels, **kwargs)
+    torch.testing.assert_close(terms.sum(), total, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="reduction='mean': it must be 'sum' or 'none'"):
+        functional.sigmoid_focal_loss(logits, labels, reduction="mean", **kwargs)

@@ -113,6 +113,7 @@ def sigmoid_focal_loss(
     alpha: float = 0.25,
     class_alpha: Optional[Tensor] = None,
     label_smoothing: float = 0.0,
+    reduction: str = "sum",
 ) -> Tensor:
     """
     The paper's focal loss, eq. (5), on K independent sigmoids:
@@ -137,17 +138,24 @@ def sigmoid_focal_loss(
         alpha (float): foreground weight in [0, 1], or -1 for none.
         class_alpha (Tensor or None): (K,) per-class foreground weights.
         label_smoothing (float): eps in [0, 1).
+        reduction (str): "sum", or "none" for the terms themselves.
 
     Returns:
-        Tensor: scalar, the sum over valid anchors and classes.
+        Tensor: scalar, the sum over valid anchors and classes; with
+            ``reduction="none"``, (M, K): the terms of the M anchors whose
+            label is not -1, in order.
     """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: it must be 'sum' or 'none'.")
     x, target = _valid_targets(logits, labels)
     if label_smoothing:
-        return _smoothed_sigmoid_focal(x, target, gamma, alpha, class_alpha, label_smoothing)
-    x_t = torch.where(target, x, -x)
-    modulator = torch.exp(gamma * F.logsigmoid(-x_t))
-    loss = -modulator * F.logsigmoid(x_t)
-    return (sigmoid_alpha_t(target, alpha, class_alpha, loss.dtype) * loss).sum()
+        loss = _smoothed_sigmoid_focal(x, target, gamma, alpha, class_alpha, label_smoothing)
+    else:
+        x_t = torch.where(target, x, -x)
+        modulator = torch.exp(gamma * F.logsigmoid(-x_t))
+        loss = -modulator * F.logsigmoid(x_t)
+        loss = sigmoid_alpha_t(target, alpha, class_alpha, loss.dtype) * loss
+    return loss.sum() if reduction == "sum" else loss
 
 
 def _smoothed_targets(target: Tensor, label_smoothing: float, dtype: torch.dtype) -> Tensor:
@@ -157,15 +165,15 @@ def _smoothed_targets(target: Tensor, label_smoothing: float, dtype: torch.dtype
 
 
 def _smoothed_sigmoid_focal(x, target, gamma, alpha, class_alpha, label_smoothing) -> Tensor:
-    """:func:`sigmoid_focal_loss` with label smoothing, on the valid anchors ((M, K) ``x`` and ``target``)."""
+    """The (M, K) terms of :func:`sigmoid_focal_loss` with label smoothing, on the valid anchors' ``x`` and ``target``."""
     t = _smoothed_targets(target, label_smoothing, x.dtype)
     bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     one_minus_pt = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t  # no cancellation
     loss = bce * one_minus_pt.pow(gamma)
     if class_alpha is None and alpha < 0:
-        return loss.sum()
+        return loss
     a = torch.as_tensor(alpha if class_alpha is None else class_alpha, dtype=x.dtype).to(x.device)
-    return ((a * t + (1 - a) * (1 - t)) * loss).sum()
+    return (a * t + (1 - a) * (1 - t)) * loss
 
 
 def sigmoid_cross_entropy(
