@@ -60,28 +60,12 @@ COCO_SIZE, COCO_IMAGES, COCO_BOXES = (800, 1216), 2, 7
 
 
 def _cfg(inputs: str, device: str, amp: bool = False):
-    from detectron2.config import get_cfg
+    from focal_det2.config import load_config
 
-    from focal_det2 import add_focal_config
-
-    cfg = get_cfg()
-    add_focal_config(cfg)
-    cfg.merge_from_file(str(REPO / INPUTS[inputs]))
     # LR 0: the SGD step does the same arithmetic, and the weights stay fixed, so every
     # iteration does the same work (and random R-50 weights under FrozenBN do not diverge).
-    cfg.merge_from_list(
-        [
-            "MODEL.DEVICE",
-            device,
-            "MODEL.WEIGHTS",
-            "",
-            "SOLVER.BASE_LR",
-            0.0,
-            "SOLVER.AMP.ENABLED",
-            amp,
-        ]
-    )
-    return cfg
+    opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "SOLVER.BASE_LR", 0.0]
+    return load_config(str(REPO / INPUTS[inputs]), opts + ["SOLVER.AMP.ENABLED", amp])
 
 
 def _batch(inputs: str, cfg):
