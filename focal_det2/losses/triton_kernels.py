@@ -19,9 +19,10 @@ once; the only logits-sized allocation is the gradient. The math is float32
 whatever the logits' dtype (float32, float16, bfloat16), with ``log1p``
 written out (:func:`_log1p`): Triton has none, and ``log(1 + e)`` rounds
 ``1 + e`` first, which loses ``e`` below 6e-8 whole (the loss of a negative
-at a logit below -16.6) and digits of every small ``e``. Gamma is a runtime argument, so a gamma schedule never recompiles; at
-gamma = 0 no term raises 0 to a negative power (the gradient is written with
-``sigmoid(z)^gamma``, never ``(1 - p_t)^(gamma - 1)``).
+at a logit below -16.6) and digits of every small ``e``. Gamma is a runtime
+argument, so a gamma schedule never recompiles; at gamma = 0 no term raises
+0 to a negative power (the gradient is written with ``sigmoid(z)^gamma``,
+never ``(1 - p_t)^(gamma - 1)``).
 """
 
 import torch
@@ -312,13 +313,12 @@ def _softmax_kernel(
 def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, k = logits.shape
     numel = n * k
-    gamma, scale, shift, factor, pos_weight, neg_weight, delta = params
-    class_alpha = isinstance(pos_weight, Tensor)
+    gamma, scale, shift, factor, weights, delta = params
+    class_alpha = isinstance(weights, Tensor)
     if class_alpha:
-        alpha_table = torch.stack([neg_weight, pos_weight]).contiguous()
-        pos_weight = neg_weight = 0.0
+        alpha_table, pos_weight, neg_weight = weights, 0.0, 0.0
     else:
-        alpha_table = logits  # unread
+        alpha_table, (pos_weight, neg_weight) = logits, weights  # the table is unread
     grid = (triton.cdiv(numel, SIGMOID_BLOCK),)
     _sigmoid_kernel[grid](
         logits,
@@ -436,17 +436,13 @@ def sigmoid_family(
         Tensor: scalar, float32 or wider.
     """
     delta = float(label_smoothing) / 2
-    like = logits.new_empty((), dtype=torch.float32)
+    like = None if class_alpha is None else logits.new_empty((), dtype=torch.float32)
     pos_weight, neg_weight = fused.sigmoid_alphas(float(alpha), class_alpha, like, delta)
-    params = (
-        float(gamma),
-        float(scale),
-        float(shift),
-        float(factor),
-        pos_weight,
-        neg_weight,
-        delta,
-    )
+    if class_alpha is None:
+        weights = (float(pos_weight), float(neg_weight))
+    else:  # the (2, K) table of _sigmoid_kernel's CLASS_ALPHA: negatives' weights first
+        weights = torch.stack([neg_weight, pos_weight]).contiguous()
+    params = (float(gamma), float(scale), float(shift), float(factor), weights, delta)
     return _apply(_sigmoid_launch, logits, labels, params)
 
 
