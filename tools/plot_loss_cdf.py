@@ -18,10 +18,10 @@ cross_entropy, ohem).
 The loss of an anchor is the sigmoid FL of its row of K logits, summed over
 the K classes, without the alpha_t weight (it would only rescale each
 group): the terms of :func:`focal_det2.losses.functional.sigmoid_focal_loss`
-(``reduction="none"``), the definition the losses are tested against. Within each group the losses
-are sorted, divided by their sum and accumulated: a curve at (f, c) means
-the fraction f of the anchors with the lowest loss carries the fraction c
-of the group's loss.
+(``reduction="none"``), the definition the losses are tested against.
+Within each group the losses are sorted, divided by their sum and
+accumulated: a curve at (f, c) means the fraction f of the anchors with the
+lowest loss carries the fraction c of the group's loss.
 """
 
 import argparse
