@@ -18,7 +18,7 @@ from detectron2.config import get_cfg
 
 import focal_det2
 from focal_det2.losses import backends, fused, registered_losses
-from focal_det2.losses.build import load_extra_losses, loss_keys
+from focal_det2.losses.build import load_extra_losses, other_losses_keys
 
 # Files that register more losses before the suites read the registry (a user's new loss;
 # tests/test_registry.py's throwaway loss): FOCAL_DET2_EXTRA_LOSSES, os.pathsep-separated paths.
@@ -106,8 +106,7 @@ UNIT_OPTS = ("MODEL.FOCAL.OHEM.NMS_THRESH", 1.0)
 def _keys_read(name, opts):
     """``opts`` (key, value, ...) without the pairs of keys that another loss than ``name`` owns
     (a loss's own keys left at their defaults, as build_focal_loss requires)."""
-    own = loss_keys(registered_losses()[name])
-    others = {key for cls in registered_losses().values() for key in loss_keys(cls)} - set(own)
+    others = other_losses_keys(registered_losses()[name])
     pairs = zip(opts[::2], opts[1::2])
     return [item for key, value in pairs if key not in others for item in (key, value)]
 

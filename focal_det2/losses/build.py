@@ -13,6 +13,7 @@ __all__ = [
     "build_focal_loss",
     "check_keys_read",
     "loss_keys",
+    "other_losses_keys",
     "load_extra_losses",
     "register_loss",
     "registered_losses",
@@ -91,6 +92,20 @@ def loss_keys(loss_class) -> dict:
     return dict(leaves(cfg.MODEL.FOCAL, "MODEL.FOCAL."))
 
 
+def other_losses_keys(loss_class) -> dict:
+    """
+    {full key: (default, loss name)} of the keys that other registered losses add to
+    ``MODEL.FOCAL`` and ``loss_class`` does not: the keys it would not read.
+    """
+    own = loss_keys(loss_class)
+    return {
+        key: (default, name)
+        for name, other in registered_losses().items()
+        for key, default in loss_keys(other).items()
+        if key not in own
+    }
+
+
 def _value(cfg, key: str):
     """The value of the dotted ``key`` in ``cfg``, or None if ``cfg`` lacks it."""
     node = cfg
@@ -109,15 +124,13 @@ def check_keys_read(cfg, loss_class):
     without gamma (0 is allowed too), ``CB_BETA`` without ``CLASS_WEIGHTING``.
     """
     name = getattr(loss_class, "name", loss_class.__name__)
-    own = loss_keys(loss_class)
-    for other_name, other in registered_losses().items():
-        for key, default in loss_keys(other).items():
-            value = _value(cfg, key)
-            if key not in own and value is not None and value != default:
-                raise ValueError(
-                    f"{key}={value} is read by MODEL.FOCAL.LOSS {other_name}, not by {name}; "
-                    f"leave it at {default}, or set MODEL.FOCAL.LOSS {other_name}."
-                )
+    for key, (default, other_name) in other_losses_keys(loss_class).items():
+        value = _value(cfg, key)
+        if value is not None and value != default:
+            raise ValueError(
+                f"{key}={value} is read by MODEL.FOCAL.LOSS {other_name}, not by {name}; "
+                f"leave it at {default}, or set MODEL.FOCAL.LOSS {other_name}."
+            )
     gamma = cfg.MODEL.FOCAL.GAMMA
     if not loss_class.uses_gamma and gamma not in (DEFAULT_GAMMA, 0.0):
         raise ValueError(

@@ -436,12 +436,14 @@ def sigmoid_family(
         Tensor: scalar, float32 or wider.
     """
     delta = float(label_smoothing) / 2
-    like = None if class_alpha is None else logits.new_empty((), dtype=torch.float32)
-    pos_weight, neg_weight = fused.sigmoid_alphas(float(alpha), class_alpha, like, delta)
+    if class_alpha is not None:
+        class_alpha = class_alpha.to(device=logits.device, dtype=torch.float32)
+    # class_alpha is its own "like": the weights stay on its device and dtype
+    pos_weight, neg_weight = fused.sigmoid_alphas(float(alpha), class_alpha, class_alpha, delta)
     if class_alpha is None:
         weights = (float(pos_weight), float(neg_weight))
     else:  # the (2, K) table of _sigmoid_kernel's CLASS_ALPHA: negatives' weights first
-        weights = torch.stack([neg_weight, pos_weight]).contiguous()
+        weights = torch.stack([neg_weight, pos_weight])
     params = (float(gamma), float(scale), float(shift), float(factor), weights, delta)
     return _apply(_sigmoid_launch, logits, labels, params)
 
