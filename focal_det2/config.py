@@ -8,6 +8,7 @@ from detectron2.config import get_cfg
 
 __all__ = [
     "CLASS_WEIGHTINGS",
+    "DEFAULT_ALPHA",
     "DEFAULT_CB_BETA",
     "DEFAULT_GAMMA",
     "add_focal_config",
@@ -21,6 +22,7 @@ __all__ = [
 CLASS_WEIGHTINGS = ("none", "effective_number")
 # Defaults of the keys that a loss may leave unread (losses.build.check_keys_read).
 DEFAULT_GAMMA = 2.0
+DEFAULT_ALPHA = 0.25
 DEFAULT_CB_BETA = 0.999
 
 
@@ -39,7 +41,7 @@ def add_focal_config(cfg):
     # Focusing parameter gamma (>= 0); the gamma schedule's end value.
     cfg.MODEL.FOCAL.GAMMA = DEFAULT_GAMMA
     # Foreground weight alpha_t (background weighs 1 - ALPHA); -1 turns weighting off.
-    cfg.MODEL.FOCAL.ALPHA = 0.25
+    cfg.MODEL.FOCAL.ALPHA = DEFAULT_ALPHA
     # Optional per-class alpha in [0, 1], length NUM_CLASSES; replaces ALPHA class by class.
     cfg.MODEL.FOCAL.CLASS_ALPHA = []
     # Per-class loss weights counted from DATASETS.TRAIN: "none" | "effective_number" (Cui et al.,

@@ -117,15 +117,18 @@ def build_loss(
     """
     ``focal_det2.build_focal_loss`` on a config with the given MODEL.FOCAL values and ``opts``;
     ``beta`` and the keys of ``opts`` that only other losses read are set only where the loss
-    reads them, and ``gamma`` only for losses with a gamma.
+    reads them, ``gamma`` only for losses with a gamma, and ``alpha`` beside ``class_alpha``
+    only for losses that read both.
     """
     cfg = get_cfg()
     focal_det2.add_focal_config(cfg)
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.MODEL.FOCAL.LOSS = name
-    if registered_losses()[name].uses_gamma:
+    loss_class = registered_losses()[name]
+    if loss_class.uses_gamma:
         cfg.MODEL.FOCAL.GAMMA = gamma
-    cfg.MODEL.FOCAL.ALPHA = alpha
+    if not class_alpha or loss_class.reads_alpha_with_class_alpha:
+        cfg.MODEL.FOCAL.ALPHA = alpha
     cfg.MODEL.FOCAL.CLASS_ALPHA = list(class_alpha)
     cfg.merge_from_list(_keys_read(name, ["MODEL.FOCAL.STAR_BETA", beta, *opts]))
     return focal_det2.build_focal_loss(cfg)

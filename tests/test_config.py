@@ -259,6 +259,15 @@ BAD = [
             "MODEL.FOCAL.CLASS_WEIGHTING effective_number",
         ],
     ),
+    (
+        "alpha-beside-class-alpha",
+        {"MODEL.FOCAL.ALPHA": 0.5, "MODEL.FOCAL.CLASS_ALPHA": [0.25] * 10},
+        [
+            "MODEL.FOCAL.ALPHA=0.5 is not read by MODEL.FOCAL.LOSS sigmoid_focal when "
+            "MODEL.FOCAL.CLASS_ALPHA is set",
+            "leave it at 0.25",
+        ],
+    ),
 ]
 
 
@@ -280,8 +289,13 @@ def test_bad_config_raises_naming_the_key(values, expected):
         {"MODEL.FOCAL.LOSS": "ohem", "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": 7},
         {"MODEL.FOCAL.LOSS": "cross_entropy", "MODEL.FOCAL.GAMMA": 0.0},
         {"MODEL.FOCAL.CLASS_WEIGHTING": "effective_number", "MODEL.FOCAL.CB_BETA": 0.9},
+        {
+            "MODEL.FOCAL.LOSS": "softmax_focal",
+            "MODEL.FOCAL.ALPHA": 0.5,
+            "MODEL.FOCAL.CLASS_ALPHA": [0.25] * 10,
+        },
     ],
-    ids=["star-beta", "ohem-batch", "cross-entropy-gamma-0", "cb-beta"],
+    ids=["star-beta", "ohem-batch", "cross-entropy-gamma-0", "cb-beta", "softmax-alpha"],
 )
 def test_keys_the_loss_reads_may_change(values):
     # the other side of the unread-key checks above: the same keys where the loss reads them

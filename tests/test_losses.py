@@ -416,8 +416,10 @@ def test_sigmoid_class_alpha_weighs_positives_and_negatives_per_class(impl, name
         + (1 - ca[0]) * unweighted(-0.5)  # anchor 1, background
         + (1 - ca[1]) * unweighted(1.0)
     )
-    # ALPHA (0.9) must be ignored once CLASS_ALPHA is given.
-    out = compute(impl, name, logits, labels, gamma=g, alpha=0.9, class_alpha=ca, beta=b)
+    # CLASS_ALPHA replaces ALPHA: the formulas ignore alpha (0.9), and a config refuses ALPHA
+    # moved from its default beside CLASS_ALPHA (tests/test_config.py).
+    alpha = 0.25 if impl == "api" else 0.9
+    out = compute(impl, name, logits, labels, gamma=g, alpha=alpha, class_alpha=ca, beta=b)
     assert out.item() == pytest.approx(expected, rel=1e-9)
 
 
@@ -567,9 +569,9 @@ def test_build_focal_loss_reads_the_configured_gamma():
 
 
 def test_repr_gives_the_settings_and_label_smoothing_only_when_set():
-    loss = build_loss("sigmoid_focal", 3, gamma=1.5, alpha=-1.0, class_alpha=(0.2, 0.5, 0.8))
+    loss = build_loss("softmax_focal", 3, gamma=1.5, alpha=-1.0, class_alpha=(0.2, 0.5, 0.8))
     assert repr(loss) == (
-        "SigmoidFocalLoss(num_classes=3, gamma=1.5, alpha=-1.0, class_alpha=[0.2, 0.5, 0.8])"
+        "SoftmaxFocalLoss(num_classes=3, gamma=1.5, alpha=-1.0, class_alpha=[0.2, 0.5, 0.8])"
     )
     smoothed = build_loss("cross_entropy", 2, opts=(*UNIT_OPTS, "MODEL.FOCAL.LABEL_SMOOTHING", 0.1))
     assert repr(smoothed) == (

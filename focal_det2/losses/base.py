@@ -47,6 +47,9 @@ class DenseClassificationLoss:
     # True for losses whose :meth:`loss` and :meth:`reference` read :attr:`label_smoothing`
     # (MODEL.FOCAL.LABEL_SMOOTHING); other losses refuse a value other than 0.
     supports_label_smoothing = False
+    # True for losses that read ALPHA beside CLASS_ALPHA (softmax_focal weighs its background
+    # 1 - ALPHA); the sigmoid losses do not, and refuse ALPHA moved from its default then.
+    reads_alpha_with_class_alpha = False
 
     @configurable
     def __init__(

@@ -4,7 +4,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
-from ..config import DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting
+from ..config import DEFAULT_ALPHA, DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting
 from ..registry import lookup
 
 __all__ = [
@@ -121,7 +121,8 @@ def check_keys_read(cfg, loss_class):
     Raise, naming the key, for a ``MODEL.FOCAL`` key that ``cfg`` moves from
     its default although ``loss_class`` would not read it: another loss's own
     key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem), ``GAMMA`` for a loss
-    without gamma (0 is allowed too), ``CB_BETA`` without ``CLASS_WEIGHTING``.
+    without gamma (0 is allowed too), ``CB_BETA`` without ``CLASS_WEIGHTING``,
+    ``ALPHA`` beside ``CLASS_ALPHA`` for a loss that reads only the latter.
     """
     name = getattr(loss_class, "name", loss_class.__name__)
     for key, (default, other_name) in other_losses_keys(loss_class).items():
@@ -143,6 +144,14 @@ def check_keys_read(cfg, loss_class):
             f"MODEL.FOCAL.CB_BETA={beta} is read only with class weights; leave it at "
             f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
         )
+    alpha = cfg.MODEL.FOCAL.ALPHA
+    if cfg.MODEL.FOCAL.CLASS_ALPHA and not loss_class.reads_alpha_with_class_alpha:
+        if alpha != DEFAULT_ALPHA:
+            raise ValueError(
+                f"MODEL.FOCAL.ALPHA={alpha} is not read by MODEL.FOCAL.LOSS {name} when "
+                f"MODEL.FOCAL.CLASS_ALPHA is set (CLASS_ALPHA replaces it class by class); "
+                f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
+            )
 
 
 def build_focal_loss(cfg):

@@ -34,6 +34,7 @@ class SoftmaxFocalLoss(DenseClassificationLoss):
     """
 
     supports_label_smoothing = True
+    reads_alpha_with_class_alpha = True
 
     @property
     def num_logits(self):
