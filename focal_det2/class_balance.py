@@ -21,6 +21,8 @@ from detectron2.engine import HookBase
 from tabulate import tabulate
 from torch import Tensor
 
+from .data.checks import has_area
+
 __all__ = [
     "CHECKPOINT_KEY",
     "ClassWeights",
@@ -63,7 +65,8 @@ def _class_names(dataset_names: Sequence[str], num_classes: int) -> List[str]:
 def count_instances(dataset_names: Sequence[str], num_classes: int) -> List[int]:
     """
     Instances of each class in the data sets, as Detectron2's ``DatasetCatalog`` loads
-    them (crowd annotations, which training ignores, not counted).
+    them: the boxes training sees (crowd annotations, which training ignores, and boxes
+    without area, which ``DATALOADER.DEGENERATE_BOXES drop`` drops, not counted).
 
     Args:
         dataset_names (sequence[str]): registered data sets (DATASETS.TRAIN).
@@ -76,7 +79,7 @@ def count_instances(dataset_names: Sequence[str], num_classes: int) -> List[int]
     for name in dataset_names:
         for record in DatasetCatalog.get(name):
             for ann in record.get("annotations", ()):
-                if ann.get("iscrowd", 0):
+                if ann.get("iscrowd", 0) or not has_area(ann["bbox"], ann["bbox_mode"]):
                     continue
                 c = ann["category_id"]
                 if not 0 <= c < num_classes:

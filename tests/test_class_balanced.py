@@ -12,6 +12,7 @@ from conftest import LOSSES, UNIT_OPTS, build_loss, digits_cfg, logged, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
 from focal_det2.class_balance import ClassWeights, count_instances, effective_number_weights
@@ -128,6 +129,19 @@ def test_crowd_annotations_are_not_counted():
     ]
     _register("cb_with_crowd", crowd, MetadataCatalog.get("digits_train_tiny").thing_classes)
     assert count_instances(["cb_with_crowd"], 10) == expected
+
+
+def test_boxes_without_area_are_not_counted():
+    """DATALOADER.DEGENERATE_BOXES drop trains without boxes of zero width, so the weights do not count them."""
+    records = _tiny_records()
+    expected = count_instances(["digits_train_tiny"], 10)
+    flat = [
+        {**r, "annotations": [*r["annotations"], {**r["annotations"][0], "bbox": [5, 5, 0, 3]}]}
+        for r in records
+    ]
+    assert flat[0]["annotations"][0]["bbox_mode"] == BoxMode.XYWH_ABS
+    _register("cb_with_flat_boxes", flat, MetadataCatalog.get("digits_train_tiny").thing_classes)
+    assert count_instances(["cb_with_flat_boxes"], 10) == expected
 
 
 def test_a_category_id_outside_the_classes_is_an_error_naming_it():

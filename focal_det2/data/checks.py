@@ -28,6 +28,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
+    "has_area",
     "load_checked_dataset_dicts",
     "check_dataset_dicts",
     "check_degenerate_boxes_option",
@@ -57,7 +58,7 @@ def _box_size(bbox, mode):
     return bbox[2], bbox[3]
 
 
-def _has_area(bbox, mode) -> bool:
+def has_area(bbox, mode) -> bool:
     """Whether a box's width and height are both > 0 (False for NaN)."""
     width, height = _box_size(bbox, mode)
     return width > 0 and height > 0
@@ -110,7 +111,7 @@ def check_dataset_dicts(
                     f"(MODEL.RETINANET.NUM_CLASSES={num_classes}; the data set has "
                     f"{len(meta.get('thing_classes', []))} thing_classes)."
                 )
-            if degenerate_boxes == "error" and not _has_area(ann["bbox"], ann["bbox_mode"]):
+            if degenerate_boxes == "error" and not has_area(ann["bbox"], ann["bbox_mode"]):
                 width, height = _box_size(ann["bbox"], ann["bbox_mode"])
                 raise ValueError(
                     f"{_source(dataset_name)}: {_image(record)}, annotation {index}: bbox {list(ann['bbox'])} "
@@ -118,7 +119,7 @@ def check_dataset_dicts(
                     "both must be > 0 (or set DATALOADER.DEGENERATE_BOXES drop)."
                 )
         if degenerate_boxes == "drop" and "annotations" in record:
-            kept = [a for a in record["annotations"] if _has_area(a["bbox"], a["bbox_mode"])]
+            kept = [a for a in record["annotations"] if has_area(a["bbox"], a["bbox_mode"])]
             dropped += len(record["annotations"]) - len(kept)
             record["annotations"] = kept
     if dropped:
