@@ -537,3 +537,18 @@ def test_log1p_of_exp_neg_abs_is_exact_to_rounding_either_way(slow_log1p, dtype,
     eps = torch.finfo(dtype).eps
     error = (got.to(F64) - want).abs() / (want * eps * (2 + z.to(F64).abs() * 1.4427))
     assert error.max() <= 1, f"{error.max():.2f}x the allowed rounding at z = {z[error.argmax()]}"
+
+
+@pytest.mark.parametrize("slow_log1p", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_softplus_is_exact_to_rounding_either_way(slow_log1p, dtype, monkeypatch):
+    # OHEM's per-anchor losses: max(x, 0) + log(1 + e^-|x|) with the log1p of either dispatch,
+    # against float64 log1p(exp(x)) (ATen's softplus returns x above 20, dropping e^-x).
+    monkeypatch.setattr(fused, "_slow_log1p", lambda device: slow_log1p)
+    limit = 87.0 if dtype == torch.float32 else 120.0  # exp(-|x|) stays a normal number
+    x = torch.linspace(-limit, limit, 4001, dtype=F64)
+    want = torch.log1p(torch.exp(x))
+    got = fused.softplus(x.to(dtype)).to(F64)
+    # as above: exp2's rounded argument costs |x| log2(e) eps relative
+    error = (got - want).abs() / (want * torch.finfo(dtype).eps * (2 + x.abs() * 1.4427))
+    assert error.max() <= 1, f"{error.max():.2f}x the allowed rounding at x = {x[error.argmax()]}"

@@ -55,6 +55,8 @@ __all__ = [
     "sigmoid_cross_entropy",
     "softmax_focal_loss",
     "focal_star_loss",
+    "sigmoid_alphas",
+    "softplus",
 ]
 
 # Elements per chunk of rows. On the CPU the size trades cache residency against
@@ -372,6 +374,15 @@ def _log1p_exp_neg_abs(z: Tensor, out: Optional[Tensor], tmp: Optional[Tensor]) 
     where ``1 + t`` rounds to 1.
     """
     return _log1p_(torch.abs(z, out=out).mul_(-_LOG2_E).exp2_(), tmp)
+
+
+def softplus(x: Tensor) -> Tensor:
+    """
+    ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` as a fresh tensor, with the
+    ``log1p`` of :func:`_log1p_exp_neg_abs` (ATen's ``softplus`` is as slow as its
+    ``log1p`` under AVX-512 dispatch).
+    """
+    return _log1p_exp_neg_abs(x, out=None, tmp=None).add_(x.clamp_min(0))
 
 
 def _log1p_(t: Tensor, tmp: Optional[Tensor]) -> Tensor:

@@ -61,7 +61,7 @@ def anchor_losses(
         x = logits.float() if logits.dtype != torch.float64 else logits
         k = x.shape[1]
         a_pos, a_neg = fused.sigmoid_alphas(alpha, class_alpha, x)
-        softplus = fused._log1p_exp_neg_abs(x, out=None, tmp=None).add_(x.clamp_min(0))
+        softplus = fused.softplus(x)
         losses = (
             (softplus * a_neg).sum(dim=1)
             if isinstance(a_neg, Tensor)
