@@ -1,6 +1,8 @@
 """Config nodes of focal_det2 and the checks that name a bad key."""
 
+import contextlib
 import math
+import re
 from typing import Sequence
 
 from detectron2.config import CfgNode as CN
@@ -81,6 +83,39 @@ def add_focal_config(cfg):
     cfg.DATALOADER.DEGENERATE_BOXES = "error"
 
 
+# yacs's error for a value of another type than the key's default.
+_TYPE_MISMATCH = re.compile(
+    r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+    r"for config key: (\S+)$",
+    re.DOTALL,
+)
+
+
+@contextlib.contextmanager
+def _naming_type_mismatch(source: str):
+    """
+    Re-raise yacs's type-mismatch error as one that says what the key holds and how to write
+    it: an int for a float key (``MODEL.FOCAL.ALPHA -1``) is refused by yacs, which keeps
+    each key's type, so it must be written ``-1.0``.
+    """
+    try:
+        yield
+    except ValueError as e:
+        found = _TYPE_MISMATCH.match(str(e))
+        if not found:
+            raise
+        want, got, default, value, key = found.groups()
+        fix = f": write {float(value)}" if (want, got) == ("float", "int") else ""
+        raise ValueError(
+            f"{key}={value} {source} is {_a(got)}, but {key} holds {_a(want)} "
+            f"(its default is {default}){fix}."
+        ) from e
+
+
+def _a(type_name: str) -> str:
+    return ("an " if type_name[0] in "aeiou" else "a ") + type_name
+
+
 def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = False):
     """
     Detectron2's config with the ``MODEL.FOCAL`` node, merged with a YAML file
@@ -93,8 +128,10 @@ def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = F
     """
     cfg = get_cfg()
     add_focal_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    with _naming_type_mismatch(f"in {config_file} or its _BASE_"):
+        cfg.merge_from_file(config_file)
+    with _naming_type_mismatch("on the command line"):
+        cfg.merge_from_list(list(opts))
     if need_weights and not cfg.MODEL.WEIGHTS:
         raise ValueError(
             "MODEL.WEIGHTS is empty: pass a trained model, e.g. MODEL.WEIGHTS output/.../model_final.pth"

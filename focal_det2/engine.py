@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -41,6 +42,7 @@ __all__ = [
     "ResumableTrainLoader",
     "ResumableTrainingSampler",
     "ScalarHistory",
+    "check_output_dir_free",
     "checkpoint_to_load",
     "ddp_device_ids_by_device",
     "drop_metrics_from",
@@ -275,6 +277,33 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
     return path
 
 
+# Files of a training run in OUTPUT_DIR that a new run would overwrite or append to.
+_RUN_FILE = re.compile(r"last_checkpoint|model_final\.pth|model_\d{7}\.pth|metrics\.json")
+
+
+def check_output_dir_free(output_dir: str):
+    """
+    Raise ``FileExistsError``, naming the folder and what it holds, if
+    ``output_dir`` holds a training run: a ``last_checkpoint``, Detectron2's
+    ``model_final.pth`` or ``model_<iteration>.pth``, or a non-empty
+    ``metrics.json``. A new run (not ``--resume``) would overwrite the
+    checkpoints and append its metrics to the old ones; Detectron2 does so silently.
+    """
+    if not os.path.isdir(output_dir):
+        return
+    found = sorted(
+        name
+        for name in os.listdir(output_dir)
+        if _RUN_FILE.fullmatch(name) and os.path.getsize(os.path.join(output_dir, name)) > 0
+    )
+    if found:
+        raise FileExistsError(
+            f"OUTPUT_DIR {output_dir} holds a training run ({', '.join(found)}), which a new run "
+            "would overwrite. Pass --resume to continue it (a larger SOLVER.MAX_ITER extends a "
+            "finished run), set OUTPUT_DIR to another folder, or delete this one."
+        )
+
+
 @contextlib.contextmanager
 def _naming_checkpoint(path: str):
     """Add a note naming the checkpoint ``path`` to any error raised inside: torch.load's
@@ -473,6 +502,43 @@ def _focal_loss_of(model):
     return loss
 
 
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps the incompatible keys of its last load in :attr:`incompatible`."""
+
+    incompatible = None
+
+    def _log_incompatible_keys(self, incompatible):
+        self.incompatible = incompatible
+        super()._log_incompatible_keys(incompatible)
+
+
+def _check_fits(path: str, incompatible):
+    """
+    Raise, naming the checkpoint and the tensors, if a load for evaluation left parameters
+    of the model at their initialisation: Detectron2 skips a tensor of another shape (a
+    softmax_focal checkpoint has K + 1 logits per anchor, a sigmoid one K) with a warning.
+    """
+    if incompatible is None:
+        return
+    shapes = [
+        f"{name} is {tuple(ckpt)} in the checkpoint but {tuple(model)} in the model"
+        for name, ckpt, model in incompatible.incorrect_shapes
+    ]
+    skipped = {name for name, _, _ in incompatible.incorrect_shapes}
+    missing = [name for name in incompatible.missing_keys if name not in skipped]
+    if shapes or missing:
+        raise ValueError(
+            f"{path} does not fit the model of this config: "
+            + "; ".join(
+                shapes + ([f"missing from the checkpoint: {', '.join(missing)}"] if missing else [])
+            )
+            + ". Evaluating would score with those tensors at their random initialisation. Use "
+            "the config the checkpoint was trained with (its run's config.yaml): the same "
+            "MODEL.FOCAL.LOSS (softmax_focal has NUM_CLASSES + 1 logits per anchor), "
+            "NUM_CLASSES and backbone."
+        )
+
+
 def load_for_evaluation(cfg, model):
     """
     Load ``cfg.MODEL.WEIGHTS`` into ``model`` for evaluation, as
@@ -481,18 +547,23 @@ def load_for_evaluation(cfg, model):
     model's loss (never counted here). A checkpoint without them (trained with
     ``none``, or a Detectron2 checkpoint) leaves the loss unweighted and says so:
     inference scores do not depend on the loss or its weights. An error while
-    loading (a truncated file) carries a note that names the checkpoint.
+    loading (a truncated file) carries a note that names the checkpoint. A checkpoint
+    that leaves model tensors at their initialisation (another shape, or missing: one
+    trained with another loss or NUM_CLASSES) is an error naming them, where Detectron2
+    warns and evaluates a partly random model.
     """
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = _RecordingCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     path = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume=False)
     if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
         with _naming_checkpoint(path):
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        _check_fits(path, checkpointer.incompatible)
         return
     weights = ClassWeights(_focal_loss_of(model), cfg)
     checkpointer.add_checkpointable(CHECKPOINT_KEY, weights)
     with _naming_checkpoint(path):
         checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
+    _check_fits(path, checkpointer.incompatible)
     if weights.source is None:
         logger.info(
             f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss stays unweighted, which "
@@ -537,6 +608,8 @@ def setup_cfg(args):
     config sets MODEL.WEIGHTS to that file and OUTPUT_DIR to
     ``OUTPUT_DIR/eval/<checkpoint name>``, so that the evaluation writes its
     config.yaml, log.txt and inference/ there, not over the training run's.
+    A training run without ``--resume`` refuses an OUTPUT_DIR that holds
+    another run (:func:`check_output_dir_free`).
     """
     cfg = load_config(args.config_file, args.opts)
     eval_only, resume = getattr(args, "eval_only", False), getattr(args, "resume", False)
@@ -553,6 +626,8 @@ def setup_cfg(args):
         cfg.MODEL.WEIGHTS = checkpoint
         cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval", name)
     check_cfg(cfg)
+    if not eval_only and not resume:
+        check_output_dir_free(cfg.OUTPUT_DIR)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")

@@ -377,6 +377,47 @@ def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, messa
     assert _snapshot(run) == before
 
 
+def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, loggers):
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    before = _snapshot(run)
+    with pytest.raises(FileExistsError) as info:
+        setup_cfg(_args("--config-file", config, "MODEL.FOCAL.LOSS", "softmax_focal"))
+    assert str(info.value).startswith(
+        f"OUTPUT_DIR {run} holds a training run (last_checkpoint, model_final.pth)"
+    )
+    assert "Pass --resume to continue it" in str(info.value)
+    assert _snapshot(run) == before
+    # another folder trains
+    cfg = setup_cfg(_args("--config-file", config, "OUTPUT_DIR", tmp_path / "other"))
+    assert cfg.OUTPUT_DIR == str(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    "files, refused",
+    [
+        ({"metrics.json": '{"iteration": 19}\n'}, True),  # killed before its first checkpoint
+        ({"model_0000019.pth": "x"}, True),
+        ({"last_checkpoint": "model_0000019.pth"}, True),
+        ({"metrics.json": "", "config.yaml": "x", "log.txt": "x"}, False),  # stopped at once
+        ({"weights.pth": "x", "model_best.pth": "x"}, False),  # not names Detectron2 writes
+    ],
+    ids=["metrics", "periodic-checkpoint", "last-checkpoint", "no-iteration", "other-files"],
+)
+def test_the_files_that_make_a_folder_a_run(tmp_path, files, refused):
+    from focal_det2.engine import check_output_dir_free
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if refused:
+        with pytest.raises(FileExistsError, match=re.escape(f"({next(iter(files))})")):
+            check_output_dir_free(str(tmp_path))
+    else:
+        check_output_dir_free(str(tmp_path))
+    check_output_dir_free(str(tmp_path / "missing"))
+
+
 def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, loggers):
     from focal_det2.engine import setup_cfg
 
@@ -598,6 +639,41 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path, load):
             )
             load_for_evaluation(cfg, build_model(cfg))
     assert f"while loading the checkpoint {checkpoint}" in getattr(error.value, "__notes__", [])
+
+
+@pytest.mark.parametrize("weighting", ["none", "effective_number"])
+def test_evaluating_a_checkpoint_of_another_loss_is_an_error_naming_the_tensors(
+    tmp_path, weighting
+):
+    """
+    A sigmoid_focal checkpoint (K logits per anchor) evaluated with softmax_focal (K + 1):
+    Detectron2 skips the classifier with a warning and would evaluate it random.
+    """
+    from focal_det2.engine import load_for_evaluation
+
+    run, _ = _trained_run_dir(tmp_path)
+    checkpoint = run / "model_final.pth"
+    cfg = digits_cfg(
+        output_dir=tmp_path / "eval",
+        opts=[
+            *("MODEL.WEIGHTS", str(checkpoint), "MODEL.FOCAL.LOSS", "softmax_focal"),
+            *("MODEL.FOCAL.CLASS_WEIGHTING", weighting),
+        ],
+    )
+    model = build_model(cfg)
+    anchors = model.anchor_generator.num_cell_anchors[0]
+    with pytest.raises(ValueError) as error:
+        load_for_evaluation(cfg, model)
+    message = str(error.value)
+    assert message.startswith(
+        f"{checkpoint} does not fit the model of this config: head.cls_score.weight is "
+        f"({anchors * 10}, 64, 3, 3) in the checkpoint but ({anchors * 11}, 64, 3, 3) in the model"
+    ), message
+    assert "head.cls_score.bias is" in message and "MODEL.FOCAL.LOSS (softmax_focal" in message
+    # with the loss it was trained with, it loads
+    opts = ["MODEL.WEIGHTS", str(checkpoint), "MODEL.FOCAL.CLASS_WEIGHTING", weighting]
+    trained_cfg = digits_cfg(output_dir=tmp_path / "eval", opts=opts)
+    load_for_evaluation(trained_cfg, build_model(trained_cfg))
 
 
 def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):

@@ -334,3 +334,41 @@ def test_load_config_needing_weights_refuses_an_empty_model_weights():
         load_config(DIGITS_CONFIG, need_weights=True)
     cfg = load_config(DIGITS_CONFIG, ["MODEL.WEIGHTS", "model.pth"], need_weights=True)
     assert cfg.MODEL.WEIGHTS == "model.pth"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "MODEL.FOCAL.ALPHA",
+            "-1",
+            "MODEL.FOCAL.ALPHA=-1 on the command line is an int, but MODEL.FOCAL.ALPHA holds a "
+            "float (its default is 0.25): write -1.0.",
+        ),
+        (
+            "MODEL.FOCAL.GAMMA",
+            "abc",
+            "MODEL.FOCAL.GAMMA=abc on the command line is a str, but MODEL.FOCAL.GAMMA holds a "
+            "float (its default is 2.0).",
+        ),
+        (
+            "SOLVER.MAX_ITER",
+            "1.5",
+            "SOLVER.MAX_ITER=1.5 on the command line is a float, but SOLVER.MAX_ITER holds an int",
+        ),
+    ],
+    ids=["int-for-float", "str-for-float", "float-for-int"],
+)
+def test_a_value_of_the_wrong_type_names_the_key_and_how_to_write_it(key, value, message):
+    # yacs keeps each key's type and refuses GAMMA 1 or ALPHA -1 as written in the paper
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(DIGITS_CONFIG, [key, value])
+
+
+def test_a_value_of_the_wrong_type_in_a_file_names_the_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f'_BASE_: "{DIGITS_CONFIG}"\nMODEL:\n  FOCAL:\n    GAMMA: 1\n')
+    with pytest.raises(
+        ValueError, match=re.escape(f"MODEL.FOCAL.GAMMA=1 in {config} or its _BASE_ is an int")
+    ):
+        load_config(str(config))

@@ -811,6 +811,7 @@ def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional
             return keep_latest_checkpoint(super().build_hooks())
 
     args = default_argument_parser().parse_args(argv)
+    args.resume = resume  # setup_cfg checks the checkpoint a resume loads, and OUTPUT_DIR otherwise
     if checkpoint_period is not None:
         args.opts = args.opts + ["SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period)]
     cfg = setup_cfg(args)
