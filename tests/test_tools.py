@@ -302,6 +302,29 @@ def test_demo_inputs_with_one_name_are_all_written(tmp_path, trained):
     ]
 
 
+def test_demo_refuses_to_write_among_the_input_images(tmp_path):
+    # --output an input's folder: 000004.png would replace the input itself, and 000005.jpg's
+    # drawing (000005.png) a file of the user's
+    demo = load_tool("demo")
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    for name in ["000004.png", "000005.jpg", "000005.png", "sub/a.png"]:
+        (folder / name).write_bytes(b"mine")
+    for inputs in (["000004.png"], ["000005.jpg"], ["sub/a.png", "000005.jpg"]):
+        paths = [str(folder / name) for name in inputs]
+        with pytest.raises(ValueError) as info:
+            demo.output_paths(paths, str(folder))
+        assert str(info.value).startswith(f"--output {folder} would write {folder}") and (
+            "choose an --output folder that holds no input image." in str(info.value)
+        ), inputs
+    paths = [str(folder / "000004.png"), str(folder / "sub" / "a.png")]
+    assert demo.output_paths(paths, str(tmp_path / "drawn")) == [
+        str(tmp_path / "drawn" / "000004.png"),
+        str(tmp_path / "drawn" / "sub" / "a.png"),
+    ]
+    assert {p.read_bytes() for p in folder.rglob("*.*")} == {b"mine"}
+
+
 def test_demo_top_class_per_box():
     from detectron2.structures import Boxes, Instances
 

@@ -14,7 +14,8 @@ Each image is written as a PNG, ``scale`` times its size, at its path
 relative to the inputs' common folder under ``--output`` (``dir1/a.png`` and
 ``dir2/a.png`` become ``<output>/dir1/a.png`` and ``<output>/dir2/a.png``;
 ``a.png`` and ``a.jpg`` of one folder ``a.png.png`` and ``a.jpg.png``), so no
-output replaces another. ``--montage`` also tiles them into one PNG. Class
+output replaces another; nothing is written into a folder of input images.
+``--montage`` also tiles them into one PNG. Class
 names come from the data set's metadata (``--dataset``, else the config's
 first test set).
 
@@ -69,6 +70,8 @@ def output_paths(paths: Sequence[str], output: str) -> List[str]:
     Where each input image is written: its path relative to the inputs'
     common folder, under ``output``, as PNG. The extension is kept
     (``a.jpg.png``) where two inputs of one folder share a name without it.
+    An output into a folder of input images (``output`` an input's folder),
+    where it could replace an input or a user's file, is an error naming it.
     """
     absolute = [os.path.abspath(p) for p in paths]
     common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
@@ -77,6 +80,13 @@ def output_paths(paths: Sequence[str], output: str) -> List[str]:
     for path, stem in zip(absolute, stems):
         name = path if stems.count(stem) > 1 else stem
         outs.append(os.path.join(output, os.path.relpath(name, common) + ".png"))
+    folders = {os.path.dirname(p) for p in absolute}
+    for out in outs:
+        if os.path.dirname(os.path.abspath(out)) in folders:
+            raise ValueError(
+                f"--output {output} would write {out} among the input images, over an input or "
+                "a file of yours; choose an --output folder that holds no input image."
+            )
     return outs
 
 
@@ -160,8 +170,11 @@ def main(argv=None) -> List[str]:
     metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
     predictor = DefaultPredictor(cfg)
     paths = input_images(args.input or (), args.dataset, args.num_images)
+    outs = output_paths(paths, args.output)
+    if args.montage and os.path.abspath(args.montage) in map(os.path.abspath, paths):
+        raise ValueError(f"--montage {args.montage} is an input image; choose another file.")
     written, drawn = [], []
-    for path, out in zip(paths, output_paths(paths, args.output)):
+    for path, out in zip(paths, outs):
         image, count = draw(predictor, path, metadata, args.scale)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         Image.fromarray(image).save(out)
