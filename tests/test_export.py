@@ -177,6 +177,30 @@ def test_export_tool_agreement_needs_equal_classes_and_boxes_within_the_toleranc
     }
 
 
+def test_export_tool_exit_status_tells_nothing_compared_from_agreement():
+    tool = load_tool("export_model")
+    boxes = [[0.0, 0, 10, 10], [5, 5, 20, 20]]
+    expected, none = _detections(boxes, [0.9, 0.5], [1, 2]), _detections([], [], [])
+    assert tool.exit_status(tool.agreement(expected, expected)) == 0
+    assert tool.exit_status(tool.agreement(expected, expected[:1])) == 1
+    assert tool.exit_status(tool.agreement(expected, none)) == 1
+    assert tool.exit_status(tool.agreement(none, none)) == 2  # no detection: nothing compared
+
+
+def test_export_tool_says_when_nothing_was_compared(tmp_path, capsys):
+    tool = load_tool("export_model")
+    config = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
+    report = tool.main(
+        [
+            *("--config-file", config, "--output", str(tmp_path)),
+            *("DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64"),
+            *("MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"),  # a sigmoid score never exceeds 1
+        ]
+    )
+    assert report["detections"] == (0, 0) and tool.exit_status(report) == 2
+    assert "Nothing was compared: no detection on the sample at " in capsys.readouterr().out
+
+
 def test_export_tool_refuses_an_unknown_export_method(tmp_path):
     with pytest.raises(
         ValueError, match=r"--export-method 'onnx': must be one of \['scripting', 'tracing'\]\."

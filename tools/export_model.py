@@ -23,7 +23,9 @@ image of the config's first test set. Both the eager model and the file
 reloaded with ``torch.jit.load`` run on it; the report gives the number of
 detections of each, whether their classes are equal and the largest
 absolute difference of their boxes and scores. Writes ``<output>/model.ts``;
-the exit status is 1 when the two disagree.
+the exit status is 1 when the two disagree, and 2 when neither detects anything on
+the sample (nothing compared: lower MODEL.RETINANET.SCORE_THRESH_TEST, which the
+exported model keeps, or pass another ``--sample-image``).
 """
 
 import argparse
@@ -213,6 +215,13 @@ def get_parser():
     return parser
 
 
+def exit_status(report: Dict[str, object]) -> int:
+    """0 if the exported model agrees with the eager one, 1 if not, 2 if nothing was compared (no detections)."""
+    if not report["agree"]:
+        return 1
+    return 2 if report["detections"] == (0, 0) else 0
+
+
 def main(argv=None) -> Dict[str, object]:
     """Exports, prints the agreement report and returns it (with the model's ``path``)."""
     args = get_parser().parse_args(argv)
@@ -227,9 +236,15 @@ def main(argv=None) -> Dict[str, object]:
         f"classes equal: {report['classes_equal']}, max |box diff| {report['max_box_diff']}, "
         f"max |score diff| {report['max_score_diff']} -> {'agree' if report['agree'] else 'DISAGREE'}"
     )
+    if exit_status(report) == 2:
+        print(
+            "Nothing was compared: no detection on the sample at MODEL.RETINANET.SCORE_THRESH_TEST="
+            f"{cfg.MODEL.RETINANET.SCORE_THRESH_TEST}. Export again with a lower threshold (the "
+            "exported model keeps it; 0.0 keeps every top-k detection) or another --sample-image."
+        )
     return {"path": path, **report}
 
 
 if __name__ == "__main__":
     setup_logger(name="focal_det2")  # the schemas and warnings on the console
-    sys.exit(0 if main(sys.argv[1:])["agree"] else 1)
+    sys.exit(exit_status(main(sys.argv[1:])))
