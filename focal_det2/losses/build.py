@@ -145,13 +145,13 @@ def check_keys_read(cfg, loss_class):
             f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
         )
     alpha = cfg.MODEL.FOCAL.ALPHA
-    if cfg.MODEL.FOCAL.CLASS_ALPHA and not loss_class.reads_alpha_with_class_alpha:
-        if alpha != DEFAULT_ALPHA:
-            raise ValueError(
-                f"MODEL.FOCAL.ALPHA={alpha} is not read by MODEL.FOCAL.LOSS {name} when "
-                f"MODEL.FOCAL.CLASS_ALPHA is set (CLASS_ALPHA replaces it class by class); "
-                f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
-            )
+    unread = cfg.MODEL.FOCAL.CLASS_ALPHA and not loss_class.reads_alpha_with_class_alpha
+    if unread and alpha != DEFAULT_ALPHA:
+        raise ValueError(
+            f"MODEL.FOCAL.ALPHA={alpha} is not read by MODEL.FOCAL.LOSS {name} when "
+            f"MODEL.FOCAL.CLASS_ALPHA is set (CLASS_ALPHA replaces it class by class); "
+            f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
+        )
 
 
 def build_focal_loss(cfg):
