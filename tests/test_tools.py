@@ -323,6 +323,13 @@ def test_demo_refuses_to_write_among_the_input_images(tmp_path):
         str(tmp_path / "drawn" / "sub" / "a.png"),
     ]
     assert {p.read_bytes() for p in folder.rglob("*.*")} == {b"mine"}
+    # --montage an input image: refused before the model is loaded (MODEL.WEIGHTS need not exist)
+    config = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
+    image = str(folder / "000004.png")
+    argv = ["--config-file", config, "--input", image, "--output", str(tmp_path / "drawn")]
+    with pytest.raises(ValueError, match=re.escape(f"--montage {image} is an input image")):
+        demo.main([*argv, "--montage", image, "MODEL.WEIGHTS", str(tmp_path / "none.pth")])
+    assert (folder / "000004.png").read_bytes() == b"mine"
 
 
 def test_demo_top_class_per_box():

@@ -168,11 +168,11 @@ def main(argv=None) -> List[str]:
     cfg.freeze()
     names = [args.dataset] if args.dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
-    predictor = DefaultPredictor(cfg)
     paths = input_images(args.input or (), args.dataset, args.num_images)
     outs = output_paths(paths, args.output)
     if args.montage and os.path.abspath(args.montage) in map(os.path.abspath, paths):
         raise ValueError(f"--montage {args.montage} is an input image; choose another file.")
+    predictor = DefaultPredictor(cfg)
     written, drawn = [], []
     for path, out in zip(paths, outs):
         image, count = draw(predictor, path, metadata, args.scale)
