@@ -368,12 +368,20 @@ class FocalTrainer(DefaultTrainer):
         data order and scalar history continued and the metrics.json records
         of the iterations it trains again dropped (:func:`drop_metrics_from`).
         """
-        with _naming_checkpoint(
-            checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
-        ):
+        checkpoint = checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
+        with _naming_checkpoint(checkpoint):
             super().resume_or_load(resume=resume)
         if resume and comm.is_main_process():
-            drop_metrics_from(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
+            # A larger MAX_ITER extends a finished run, whose final evaluation is not done again.
+            extends = (
+                os.path.basename(checkpoint) == "model_final.pth"
+                and self.cfg.SOLVER.MAX_ITER > self.start_iter
+            )
+            drop_metrics_from(
+                os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
+                self.start_iter,
+                keep_final_evaluation=extends,
+            )
         if self.start_iter == 0:
             return
         if self.cfg.SEED < 0:
@@ -444,7 +452,7 @@ class FocalTrainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
-def drop_metrics_from(path: str, iteration: int):
+def drop_metrics_from(path: str, iteration: int, keep_final_evaluation: bool = False):
     """
     Remove the records of ``iteration`` and later from Detectron2's
     ``metrics.json``. A run killed between two checkpoints has written
@@ -458,17 +466,24 @@ def drop_metrics_from(path: str, iteration: int):
         path (str): the file, one JSON object with an ``"iteration"`` key per
             line; nothing is done if it does not exist.
         iteration (int): the first iteration the resumed run trains.
+        keep_final_evaluation (bool): the resume extends a finished run
+            (from ``model_final.pth`` to a larger MAX_ITER): the first record
+            of ``iteration`` stays if it is an evaluation's (no ``total_loss``),
+            the finished run's final evaluation, which Detectron2 writes at
+            iteration MAX_ITER, the resume's first.
     """
     if not os.path.exists(path):
         return
     with open(path, "r+") as f:
         lines = f.readlines()
         complete = lines if not lines or lines[-1].endswith("\n") else lines[:-1]
-        kept = [
-            line
-            for number, line in enumerate(complete, 1)
-            if _iteration(line, path, number) < iteration
-        ]
+        records = [(_iteration(line, path, n), line) for n, line in enumerate(complete, 1)]
+        kept = [line for i, line in records if i < iteration]
+        first = next((line for i, line in records if i == iteration), None)
+        evaluation = (
+            keep_final_evaluation and first is not None and "total_loss" not in json.loads(first)
+        )
+        kept += [first] if evaluation else []
         if len(kept) == len(lines):
             return
         f.seek(0)
@@ -476,7 +491,9 @@ def drop_metrics_from(path: str, iteration: int):
         f.truncate()
     logger.info(
         f"{path}: dropped the records of iterations >= {iteration} ({len(complete) - len(kept)}), "
-        f"written after the checkpoint the run resumes from{'' if complete is lines else ', and a cut-off last line'}."
+        f"written after the checkpoint the run resumes from"
+        f"{', but the final evaluation of the run it extends' if evaluation else ''}"
+        f"{'' if complete is lines else ', and a cut-off last line'}."
     )
 
 

@@ -177,6 +177,24 @@ def test_drop_metrics_from_keeps_earlier_records_and_the_open_writer_appends(tmp
     drop_metrics_from(str(tmp_path / "absent.json"), 0)  # no file: nothing to do
 
 
+@pytest.mark.parametrize("killed_attempt", [False, True])
+def test_drop_metrics_from_keeps_the_final_evaluation_of_an_extended_run(tmp_path, killed_attempt):
+    """A finished 3-iteration run's evaluation (at iteration 3) stays; an extension's records go."""
+    path = tmp_path / "metrics.json"
+    run = [{"iteration": i, "total_loss": 1.0} for i in range(3)] + [
+        {"iteration": 3, "bbox/AP": 50.0}
+    ]
+    attempt = [{"iteration": i, "total_loss": 0.5} for i in (3, 4)] if killed_attempt else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in run + attempt))
+    drop_metrics_from(str(path), 3, keep_final_evaluation=True)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == run
+    drop_metrics_from(str(path), 3)  # resuming the finished run itself evaluates it again
+    assert [json.loads(line) for line in path.read_text().splitlines()] == run[:3]
+    path.write_text("".join(json.dumps(r) + "\n" for r in run[:3] + attempt))
+    drop_metrics_from(str(path), 3, keep_final_evaluation=True)  # killed in its final evaluation
+    assert [json.loads(line) for line in path.read_text().splitlines()] == run[:3]
+
+
 def test_drop_metrics_from_names_the_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text('{"iteration": 0}\n{"loss": 1.0}\n')
