@@ -288,6 +288,12 @@ def test_each_image_gets_its_own_minibatch():
         ("NMS_THRESH", 0.0, "MODEL.FOCAL.OHEM.NMS_THRESH=0.0 must be in (0, 1]"),
         ("NMS_THRESH", 1.5, "MODEL.FOCAL.OHEM.NMS_THRESH=1.5 must be in (0, 1]"),
         ("POS_FRACTION", 1.0, "MODEL.FOCAL.OHEM.POS_FRACTION=1.0 must be in [0, 1)"),
+        # 0.005 x 128 = 0.64: no positive, and so no negative, would enter a minibatch
+        (
+            "POS_FRACTION",
+            0.005,
+            "MODEL.FOCAL.OHEM.POS_FRACTION=0.005 with BATCH_PER_IMAGE=128 lets",
+        ),
     ],
 )
 def test_bad_ohem_keys_are_named(key, value, message):
@@ -295,6 +301,11 @@ def test_bad_ohem_keys_are_named(key, value, message):
         ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     ):
         build_loss("ohem", K, opts=[f"MODEL.FOCAL.OHEM.{key}", value])
+
+
+def test_the_smallest_ratio_that_admits_one_positive_is_accepted():
+    loss = build_loss("ohem", K, opts=["MODEL.FOCAL.OHEM.POS_FRACTION", 1 / 128])
+    assert loss._quota(5) == (1, 127)
 
 
 def test_nms_without_boxes_is_named():

@@ -124,6 +124,13 @@ class OHEMLoss(SigmoidCrossEntropyLoss):
         self.batch_per_image = batch_per_image
         self.nms_thresh = nms_thresh
         self.pos_fraction = pos_fraction
+        if pos_fraction > 0 and self._max_positives == 0:
+            raise ValueError(
+                f"MODEL.FOCAL.OHEM.POS_FRACTION={pos_fraction} with BATCH_PER_IMAGE={batch_per_image} "
+                "lets floor(POS_FRACTION * BATCH_PER_IMAGE) = 0 positives, and so no negatives, into a "
+                "minibatch: the loss would be 0. Raise either so that their product is >= 1, or set "
+                "POS_FRACTION 0 (no ratio)."
+            )
 
     @classmethod
     def from_config(cls, cfg):
