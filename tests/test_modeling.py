@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import LOSSES, build_loss, head_logits, reference_loss_cls, tiny_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_model
+from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -292,6 +292,28 @@ def test_a_loss_of_another_class_count_is_refused_naming_the_key():
         ValueError, match="has 3 classes, the model 2; both must be MODEL.RETINANET"
     ):
         FocalRetinaNet(**args)
+
+
+def test_from_config_passes_every_argument_of_retinanets_but_its_loss_parameters():
+    """Catches a key Detectron2's RetinaNet.from_config adds that ours would not pass on."""
+    cfg = tiny_cfg()
+    with torch.device("meta"):
+        theirs, ours = RetinaNet.from_config(cfg), FocalRetinaNet.from_config(cfg)
+    loss_parameters = {"focal_loss_alpha", "focal_loss_gamma"}
+    assert set(theirs) - loss_parameters <= set(ours) and not loss_parameters & set(ours)
+    shared = set(theirs) - loss_parameters - {"backbone", "head", "anchor_generator"}
+    plain = lambda args: {k: getattr(args[k], "__dict__", args[k]) for k in shared}  # noqa: E731
+    assert plain(ours) == plain(theirs)  # Box2BoxTransform and Matcher by their attributes
+
+
+def test_retinanets_loss_parameters_are_refused_and_not_left_on_the_model():
+    cfg = tiny_cfg()
+    with torch.device("meta"):
+        args = FocalRetinaNet.from_config(cfg)
+        model = FocalRetinaNet(**args)
+        assert not hasattr(model, "focal_loss_gamma") and not hasattr(model, "focal_loss_alpha")
+        with pytest.raises(ValueError, match=r"does not read RetinaNet's \['focal_loss_gamma'\]"):
+            FocalRetinaNet(**args, focal_loss_gamma=3.0)
 
 
 def test_logged_num_pos_anchors_is_the_foreground_count_per_image():

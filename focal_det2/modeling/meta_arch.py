@@ -51,9 +51,18 @@ class FocalRetinaNet(RetinaNet):
                 the moving average (MODEL.FOCAL.SYNC_NORMALIZER).
             class_weighting (str): MODEL.FOCAL.CLASS_WEIGHTING; other than "none", training
                 needs the loss's class weights set (FocalTrainer counts or loads them).
-            kwargs: arguments of :class:`RetinaNet`.
+            kwargs: arguments of :class:`RetinaNet` but its loss's ``focal_loss_alpha`` and
+                ``focal_loss_gamma``, which ``focal_loss`` and ``gamma_schedule`` replace.
         """
+        replaced = sorted(set(kwargs) & {"focal_loss_alpha", "focal_loss_gamma"})
+        if replaced:
+            raise ValueError(
+                f"FocalRetinaNet does not read RetinaNet's {replaced}: pass focal_loss "
+                "(MODEL.FOCAL.ALPHA, MODEL.FOCAL.GAMMA) and gamma_schedule instead."
+            )
         super().__init__(**kwargs)
+        # RetinaNet's defaults, which nothing here reads: code written for RetinaNet must not either.
+        del self.focal_loss_alpha, self.focal_loss_gamma
         if focal_loss.num_classes != self.num_classes:
             raise ValueError(
                 f"the loss has {focal_loss.num_classes} classes, the model {self.num_classes}; "
@@ -79,7 +88,8 @@ class FocalRetinaNet(RetinaNet):
         """
         RetinaNet's arguments, with our head, loss and gamma schedule, each
         built once. ``RetinaNet.from_config`` is not called: it builds a
-        ``RetinaNetHead`` unconditionally, which this model would throw away.
+        ``RetinaNetHead`` unconditionally, which this model would throw away
+        (a test checks that the two give the same RetinaNet arguments).
         The backbone and the head are built in RetinaNet's order, so that
         with the same seed the sigmoid model starts from RetinaNet's weights.
         """
