@@ -179,6 +179,30 @@ def test_plot_loss_cdf_on_trained_model(tmp_path, trained):
     assert 0 < 20 * counts["positive"] < counts["negative"]
 
 
+@pytest.mark.parametrize("tool", ["demo", "export_model", "plot_loss_cdf"])
+def test_tools_refuse_a_checkpoint_of_another_loss(tmp_path, tool):
+    """
+    A sigmoid_focal checkpoint (K logits per anchor) under a softmax_focal config (K + 1):
+    Detectron2 would skip the classifier with a warning and draw, export or plot a random
+    one; each tool loads through load_for_evaluation, which names the tensor.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    DetectionCheckpointer(build_model(digits_cfg()), save_dir=str(tmp_path)).save("sigmoid")
+    opts = ["MODEL.WEIGHTS", str(tmp_path / "sigmoid.pth"), "MODEL.FOCAL.LOSS", "softmax_focal"]
+    cfg = digits_cfg(output_dir=tmp_path, opts=opts)
+    module = load_tool(tool)
+    with pytest.raises(ValueError, match=r"does not fit the model of this config: head.cls_score"):
+        if tool == "demo":
+            module.CheckedPredictor(cfg)
+        elif tool == "export_model":
+            module.export(cfg, "scripting", str(tmp_path / "export"))
+        else:
+            module.anchor_logits(cfg, "digits_val_tiny", num_images=1)
+    assert not (tmp_path / "export").exists()
+
+
 def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(trained):
     config_file, weights, _ = trained
     tool = load_tool("plot_loss_cdf")

@@ -50,6 +50,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from focal_det2.config import load_config  # noqa: E402
+from focal_det2.engine import load_for_evaluation  # noqa: E402
 
 
 def input_images(inputs: Sequence[str], dataset: Optional[str], num_images: int) -> List[str]:
@@ -161,6 +162,21 @@ def get_parser():
     return parser
 
 
+class CheckedPredictor(DefaultPredictor):
+    """
+    :class:`DefaultPredictor` whose model loads ``MODEL.WEIGHTS`` through
+    :func:`~focal_det2.engine.load_for_evaluation`: a checkpoint that does not fit the
+    model (another loss's classifier) is an error, not a warning and random scores.
+    """
+
+    def __init__(self, cfg):
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        super().__init__(unloaded)
+        load_for_evaluation(cfg, self.model)
+
+
 def main(argv=None) -> List[str]:
     args = get_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts, need_weights=True)
@@ -172,7 +188,7 @@ def main(argv=None) -> List[str]:
     outs = output_paths(paths, args.output)
     if args.montage and os.path.abspath(args.montage) in map(os.path.abspath, paths):
         raise ValueError(f"--montage {args.montage} is an input image; choose another file.")
-    predictor = DefaultPredictor(cfg)
+    predictor = CheckedPredictor(cfg)
     written, drawn = [], []
     for path, out in zip(paths, outs):
         image, count = draw(predictor, path, metadata, args.scale)

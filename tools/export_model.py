@@ -43,7 +43,6 @@ focal_det2.hide_third_party_deprecations(export=True)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import build_detection_test_loader, detection_utils  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.export import TracingAdapter, scripting_with_instances  # noqa: E402
@@ -53,6 +52,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from focal_det2.config import load_config  # noqa: E402
+from focal_det2.engine import load_for_evaluation  # noqa: E402
 
 logger = logging.getLogger("focal_det2.export")
 
@@ -183,7 +183,7 @@ def export(
             f"--export-method {export_method!r}: must be one of {list(EXPORT_METHODS)}."
         )
     model = build_model(cfg)
-    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS)
+    load_for_evaluation(cfg, model)  # a checkpoint that does not fit the model is an error
     model.eval()
     image = sample_image(cfg, sample)
     os.makedirs(output, exist_ok=True)

@@ -42,13 +42,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.data.detection_utils import build_augmentation  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from plotting import add_figure_arguments, save_figure  # noqa: E402  (tools/, beside this script)
 
 from focal_det2.config import load_config  # noqa: E402
+from focal_det2.engine import load_for_evaluation  # noqa: E402
 from focal_det2.losses import DenseClassificationLoss, functional, registered_losses  # noqa: E402
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
@@ -82,7 +82,7 @@ def anchor_logits(
         Tensor: (M,) int64 labels: 0..K-1 foreground class, K background.
     """
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_for_evaluation(cfg, model)  # a checkpoint that does not fit the model is an error
     model.eval()
     # Training's mapper (it keeps the annotations) with the test-time resize.
     mapper = DatasetMapper(
