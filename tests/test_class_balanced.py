@@ -337,7 +337,7 @@ def test_class_weighting_none_is_bit_identical(name):
 def test_default_model_has_no_new_state_and_trains_unweighted():
     cfg = tiny_cfg()
     model = build_model(cfg)
-    assert model.class_weighting == "none" and model.focal_loss.class_weights is None
+    assert model.focal_loss.class_weighting == "none" and model.focal_loss.class_weights is None
     cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
     weighted = build_model(cfg)
     assert weighted.state_dict().keys() == model.state_dict().keys()
@@ -349,6 +349,17 @@ def test_default_model_has_no_new_state_and_trains_unweighted():
     weighted.focal_loss.set_class_weights([1.0] * cfg.MODEL.RETINANET.NUM_CLASSES)
     with EventStorage(0):
         assert torch.equal(weighted([image])["loss_cls"], losses["loss_cls"])
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
+def test_a_loss_built_alone_with_weighting_on_needs_its_weights(name):
+    """build_focal_loss used without our model or trainer: never silently unweighted."""
+    loss = build_loss(name, 3, opts=["MODEL.FOCAL.CLASS_WEIGHTING", "effective_number"])
+    logits, labels = _batch(loss.num_logits, 3)
+    with pytest.raises(RuntimeError, match=r"CLASS_WEIGHTING=effective_number: the loss has no"):
+        loss(logits, labels)
+    loss.set_class_weights([1.0] * 3)
+    assert torch.isfinite(loss(logits, labels))
 
 
 def test_training_without_weights_set_is_an_error():

@@ -14,6 +14,8 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
+from ..config import CLASS_WEIGHTINGS
+
 __all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
 
 
@@ -60,6 +62,7 @@ class DenseClassificationLoss:
         alpha: float = 0.25,
         class_alpha: Sequence[float] = (),
         label_smoothing: float = 0.0,
+        class_weighting: str = "none",
     ):
         """
         Args:
@@ -70,6 +73,8 @@ class DenseClassificationLoss:
                 (MODEL.FOCAL.CLASS_ALPHA).
             label_smoothing (float): eps in [0, 1), for losses that
                 :attr:`supports_label_smoothing` (MODEL.FOCAL.LABEL_SMOOTHING).
+            class_weighting (str): MODEL.FOCAL.CLASS_WEIGHTING; other than "none", the loss
+                needs its class weights (:meth:`set_class_weights`) before it is called.
         """
         self.num_classes = num_classes
         self.check_gamma(gamma, "MODEL.FOCAL.GAMMA")
@@ -86,6 +91,11 @@ class DenseClassificationLoss:
                 f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1]."
             )
         self.check_label_smoothing(label_smoothing)
+        if class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(
+                f"MODEL.FOCAL.CLASS_WEIGHTING={class_weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
+            )
+        self.class_weighting = class_weighting
         self.gamma = gamma
         self.alpha = alpha
         self.class_alpha = class_alpha
@@ -102,6 +112,7 @@ class DenseClassificationLoss:
             "alpha": cfg.MODEL.FOCAL.ALPHA,
             "class_alpha": cfg.MODEL.FOCAL.CLASS_ALPHA,
             "label_smoothing": cfg.MODEL.FOCAL.LABEL_SMOOTHING,
+            "class_weighting": cfg.MODEL.FOCAL.CLASS_WEIGHTING,
         }
 
     @classmethod
@@ -240,6 +251,13 @@ class DenseClassificationLoss:
     def _on_selected(self, fn, logits, labels, gamma, boxes, num_images) -> Tensor:
         """``fn`` (:meth:`loss` or :meth:`reference`) on checked inputs and the anchors :meth:`select` keeps."""
         self._check_inputs(logits, labels)
+        if self.class_weighting != "none" and self.class_weights is None:
+            raise RuntimeError(
+                f"MODEL.FOCAL.CLASS_WEIGHTING={self.class_weighting}: the loss has no class "
+                "weights. FocalTrainer counts them before training (or loads them on --resume); "
+                "otherwise count them with focal_det2.class_balance.ClassWeights(loss, cfg).count() "
+                "or set them with loss.set_class_weights(weights)."
+            )
         if gamma is None:
             gamma = self.gamma
         else:

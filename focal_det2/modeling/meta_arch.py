@@ -40,7 +40,6 @@ class FocalRetinaNet(RetinaNet):
         focal_loss: DenseClassificationLoss,
         gamma_schedule: GammaSchedule,
         sync_normalizer: bool = False,
-        class_weighting: str = "none",
         **kwargs,
     ):
         """
@@ -49,8 +48,6 @@ class FocalRetinaNet(RetinaNet):
             gamma_schedule (GammaSchedule): gamma as a function of the iteration.
             sync_normalizer (bool): sum the foreground count over processes before
                 the moving average (MODEL.FOCAL.SYNC_NORMALIZER).
-            class_weighting (str): MODEL.FOCAL.CLASS_WEIGHTING; other than "none", training
-                needs the loss's class weights set (FocalTrainer counts or loads them).
             kwargs: arguments of :class:`RetinaNet` but its loss's ``focal_loss_alpha`` and
                 ``focal_loss_gamma``, which ``focal_loss`` and ``gamma_schedule`` replace.
         """
@@ -77,7 +74,6 @@ class FocalRetinaNet(RetinaNet):
         self.focal_loss = focal_loss
         self.gamma_schedule = gamma_schedule
         self.sync_normalizer = sync_normalizer
-        self.class_weighting = class_weighting
         # What inference needs of the loss, in TorchScript-able form: the classifier's
         # width and the scores (a module without parameters or state_dict entries).
         self.num_logits = focal_loss.num_logits
@@ -126,7 +122,6 @@ class FocalRetinaNet(RetinaNet):
             "focal_loss": focal_loss,
             "gamma_schedule": gamma_schedule,
             "sync_normalizer": cfg.MODEL.FOCAL.SYNC_NORMALIZER,
-            "class_weighting": cfg.MODEL.FOCAL.CLASS_WEIGHTING,
         }
 
     def forward_training(self, images, features, predictions, gt_instances):
@@ -188,12 +183,6 @@ class FocalRetinaNet(RetinaNet):
         term is ``self.focal_loss`` at the scheduled gamma, which is logged as
         the scalar ``focal_gamma``.
         """
-        if self.class_weighting != "none" and self.focal_loss.class_weights is None:
-            raise RuntimeError(
-                f"MODEL.FOCAL.CLASS_WEIGHTING={self.class_weighting}: the loss has no class weights. "
-                "FocalTrainer counts them before training (or loads them on --resume); with another "
-                "trainer, call focal_det2.class_balance.ClassWeights(model.focal_loss, cfg).count()."
-            )
         storage = get_event_storage()
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
