@@ -130,6 +130,12 @@ class ClassWeights:
                 f"MODEL.FOCAL.CB_BETA={self.beta}, but the checkpoint's class weights were counted "
                 f"with beta {state.get('beta')}; the checkpoint's weights are used."
             )
+        if state.get("datasets") is not None and list(state["datasets"]) != self.datasets:
+            logger.warning(
+                f"DATASETS.TRAIN={self.datasets}, but the checkpoint's class weights were counted "
+                f"on {list(state['datasets'])}; the checkpoint's weights are used (train without "
+                "--resume to count the new sets)."
+            )
         logger.info("Class weights from the checkpoint (not recounted):\n" + self.table())
 
     def count(self):

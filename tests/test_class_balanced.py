@@ -222,7 +222,8 @@ def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
 
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.CB_BETA = 0.99
-    state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": []}
+    datasets = list(cfg.DATASETS.TRAIN)
+    state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": datasets}
     loss = build_loss("sigmoid_focal", 3)
     with logged(class_balance.logger) as records:
         ClassWeights(loss, cfg).load_state_dict(state)
@@ -232,6 +233,22 @@ def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
     assert "MODEL.FOCAL.CB_BETA=0.99" in message and "beta 0.9;" in message
     with logged(class_balance.logger) as records:
         ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.99})
+    assert records == []
+
+
+def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
+    from focal_det2 import class_balance
+
+    cfg = tiny_cfg()
+    state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": cfg.MODEL.FOCAL.CB_BETA}
+    loss = build_loss("sigmoid_focal", 3)
+    with logged(class_balance.logger) as records:
+        ClassWeights(loss, cfg).load_state_dict({**state, "datasets": ["other_train"]})
+    assert loss.class_weights == (0.5, 2.0, 0.5) and len(records) == 1
+    assert f"DATASETS.TRAIN={list(cfg.DATASETS.TRAIN)}, but" in records[0].getMessage()
+    assert "counted on ['other_train']" in records[0].getMessage()
+    with logged(class_balance.logger) as records:
+        ClassWeights(loss, cfg).load_state_dict({**state, "datasets": list(cfg.DATASETS.TRAIN)})
     assert records == []
 
 
