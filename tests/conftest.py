@@ -153,6 +153,7 @@ def reference(
     loss = loss_for(
         name, logits, gamma=gamma, alpha=alpha, class_alpha=class_alpha, beta=beta, opts=opts
     )
+    gamma = gamma if loss.uses_gamma else None  # a loss without gamma refuses another one
     return loss.reference_loss(logits, labels, gamma=gamma, **selection)
 
 

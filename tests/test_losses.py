@@ -552,12 +552,16 @@ def test_gamma_override_is_honoured(name):
     assert not torch.allclose(overridden, at_2(logits, labels))
 
 
-def test_cross_entropy_ignores_gamma():
+def test_cross_entropy_takes_gamma_0_or_its_own_and_refuses_others():
+    """The model passes the scheduled (constant) gamma to every loss; another one is an error."""
     logits, labels = random_batch("cross_entropy", num_anchors=8, seed=11)
     loss = build_loss("cross_entropy", 3)
-    torch.testing.assert_close(
-        loss(logits, labels, gamma=0.5), loss(logits, labels), rtol=1e-12, atol=0
-    )
+    assert torch.equal(loss(logits, labels, gamma=0.0), loss(logits, labels))
+    assert torch.equal(loss(logits, labels, gamma=loss.gamma), loss(logits, labels))
+    with pytest.raises(
+        ValueError, match=r"gamma=0.5: cross_entropy has no gamma \(it is gamma 0\)"
+    ):
+        loss(logits, labels, gamma=0.5)
 
 
 def test_build_focal_loss_reads_the_configured_gamma():

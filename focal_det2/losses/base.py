@@ -262,6 +262,11 @@ class DenseClassificationLoss:
             gamma = self.gamma
         else:
             self.check_gamma(gamma, "gamma")
+            if not self.uses_gamma and gamma not in (self.gamma, 0.0):
+                raise ValueError(
+                    f"gamma={gamma}: {getattr(self, 'name', type(self).__name__)} has no gamma "
+                    f"(it is gamma 0); leave gamma out, or pass {self.gamma} or 0."
+                )
         selected = self.select(logits, labels, boxes=boxes, num_images=num_images)
         class_alpha = self._class_alpha_on(logits)
         total = fn(logits, selected, gamma=gamma, class_alpha=class_alpha)
