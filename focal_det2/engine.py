@@ -159,6 +159,16 @@ class ResumableTrainLoader:
                     "its data order; only 'TrainingSampler' continues it."
                 )
             return build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper)
+        if (
+            start_iter
+            and cfg.DATALOADER.ASPECT_RATIO_GROUPING
+            and _mixes_orientations(self.dataset)
+        ):
+            logger.warning(
+                "DATALOADER.ASPECT_RATIO_GROUPING with landscape and portrait images: the resumed "
+                "run's batches differ from an uninterrupted run's (the partly filled batch of each "
+                "group at the checkpoint is not restored). Set it False for an exact resume."
+            )
         # A loader with W workers deals batches round-robin from the workers, in
         # rounds of W; the sampler skips whole rounds, the loader the remainder.
         per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
@@ -173,6 +183,17 @@ class ResumableTrainLoader:
         )
         remainder = start_iter - skipped_rounds * workers
         return itertools.islice(loader, remainder, None)
+
+
+def _mixes_orientations(dataset) -> bool:
+    """
+    Whether Detectron2's aspect-ratio grouping (landscape ``width > height`` apart from the
+    rest) puts the records of ``dataset`` in both groups; True where a record lacks its size.
+    """
+    landscape = {
+        d["width"] > d["height"] if "width" in d and "height" in d else None for d in dataset
+    }
+    return len(landscape) > 1 or None in landscape
 
 
 class _AttributeState:
@@ -329,7 +350,9 @@ class FocalTrainer(DefaultTrainer):
     ``"loss_normalizer"``, not in the model's state_dict) and the recent
     scalar history, and continues the data order where it stopped.
     Random augmentations are drawn afresh after a resume (the digits
-    configs have none).
+    configs have none), and with ``DATALOADER.ASPECT_RATIO_GROUPING`` on
+    data that mixes landscape and portrait images (COCO) the batches
+    differ after the resume; a warning says so.
 
     With ``MODEL.FOCAL.CLASS_WEIGHTING`` other than ``none``, :attr:`class_weights`
     (checkpoint key ``"class_weights"``) holds the loss's class weights: read from the

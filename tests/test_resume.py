@@ -335,6 +335,18 @@ def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
     assert resumed == whole[start_iter:]
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_resumed_loader_warns_when_grouping_mixes_orientations(mixed, caplog):
+    """A landscape image among the square digits: grouped batches cannot resume exactly."""
+    cfg = digits_cfg(opts=["DATALOADER.ASPECT_RATIO_GROUPING", True])
+    loader = FocalTrainer.build_train_loader(cfg, start_iter=2)
+    loader.dataset[0] = {**loader.dataset[0], "height": loader.dataset[0]["width"] - mixed}
+    with caplog.at_level("WARNING", logger="focal_det2.engine"):
+        loader._build()
+    warned = [r for r in caplog.records if "ASPECT_RATIO_GROUPING with landscape and" in r.message]
+    assert len(warned) == int(mixed)
+
+
 def test_train_loader_from_iteration_0_is_detectron2s_seeded_stream():
     """
     Not resumed, the loader yields the batches of Detectron2's own train loader with a
