@@ -30,7 +30,8 @@ DEFAULT_CB_BETA = 0.999
 
 def add_focal_config(cfg):
     """
-    Add the ``MODEL.FOCAL`` node to ``cfg`` in place. Detectron2's global
+    Add the ``MODEL.FOCAL`` node (with each registered loss's own keys) and
+    ``DATALOADER.DEGENERATE_BOXES`` to ``cfg`` in place. Detectron2's global
     defaults are left untouched.
 
     Args:
