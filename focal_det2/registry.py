@@ -1,6 +1,6 @@
 """Registry helpers shared by the loss, head and gamma-schedule registries."""
 
-__all__ = ["lookup"]
+__all__ = ["lookup", "register_as"]
 
 
 def lookup(registry, name, key):
@@ -16,3 +16,27 @@ def lookup(registry, name, key):
     if name not in names:
         raise ValueError(f"{key}={name!r} is not registered; valid names: {names}")
     return registry.get(name)
+
+
+def register_as(registry, name: str):
+    """
+    Class decorator: registers in ``registry`` a builder ``name(cfg) -> cls(cfg)``, so
+    that the config value is ``name`` (lower case, where ``@registry.register()`` takes the
+    class's name). The builder's ``built_class`` is ``cls``.
+
+    Args:
+        registry (Registry): a Detectron2/fvcore registry.
+        name (str): the registry name, the value of the config key that chooses it.
+    """
+
+    def register(cls):
+        def build(cfg):
+            return cls(cfg)
+
+        build.__name__ = build.__qualname__ = name
+        build.__doc__ = f"Build :class:`{cls.__name__}` from a config."
+        build.built_class = cls
+        registry.register(build)
+        return cls
+
+    return register

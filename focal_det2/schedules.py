@@ -11,7 +11,7 @@ from typing import Sequence
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
-from .registry import lookup
+from .registry import lookup, register_as
 
 __all__ = ["GAMMA_SCHEDULE_REGISTRY", "build_gamma_schedule", "GammaSchedule"]
 
@@ -27,6 +27,11 @@ _KEY = "MODEL.FOCAL.GAMMA_SCHEDULE"
 
 
 def build_gamma_schedule(cfg):
+    """
+    The :class:`GammaSchedule` named by ``MODEL.FOCAL.GAMMA_SCHEDULE.NAME``, from
+    ``MODEL.FOCAL.GAMMA`` and the ``GAMMA_SCHEDULE`` keys; a name that is not registered, or
+    a key the schedule does not read, is an error naming the key.
+    """
     name = cfg.MODEL.FOCAL.GAMMA_SCHEDULE.NAME
     return lookup(GAMMA_SCHEDULE_REGISTRY, name, f"{_KEY}.NAME")(cfg)
 
@@ -90,6 +95,7 @@ class GammaSchedule:
         return f"{type(self).__name__}(start={self.start}, end={self.end}, iters={self.iters}, steps={list(self.steps)})"
 
 
+@register_as(GAMMA_SCHEDULE_REGISTRY, "constant")
 class ConstantGamma(GammaSchedule):
     """gamma(it) = GAMMA."""
 
@@ -109,6 +115,7 @@ class _RampGamma(GammaSchedule):
         self._require_unset(STEPS=(list(self.steps), []))
 
 
+@register_as(GAMMA_SCHEDULE_REGISTRY, "linear")
 class LinearGamma(_RampGamma):
     """f(it) = min(it / ITERS, 1)."""
 
@@ -116,6 +123,7 @@ class LinearGamma(_RampGamma):
         return min(iteration / self.iters, 1.0)
 
 
+@register_as(GAMMA_SCHEDULE_REGISTRY, "cosine")
 class CosineGamma(_RampGamma):
     """f(it) = (1 - cos(pi * min(it / ITERS, 1))) / 2."""
 
@@ -123,6 +131,7 @@ class CosineGamma(_RampGamma):
         return (1 - math.cos(math.pi * min(iteration / self.iters, 1.0))) / 2
 
 
+@register_as(GAMMA_SCHEDULE_REGISTRY, "step")
 class StepGamma(GammaSchedule):
     """f(it) = (number of STEPS <= it) / len(STEPS)."""
 
@@ -139,24 +148,3 @@ class StepGamma(GammaSchedule):
 
     def progress(self, iteration):
         return sum(s <= iteration for s in self.steps) / len(self.steps)
-
-
-# Registry names are the values of MODEL.FOCAL.GAMMA_SCHEDULE.NAME.
-@GAMMA_SCHEDULE_REGISTRY.register()
-def constant(cfg):
-    return ConstantGamma(cfg)
-
-
-@GAMMA_SCHEDULE_REGISTRY.register()
-def linear(cfg):
-    return LinearGamma(cfg)
-
-
-@GAMMA_SCHEDULE_REGISTRY.register()
-def cosine(cfg):
-    return CosineGamma(cfg)
-
-
-@GAMMA_SCHEDULE_REGISTRY.register()
-def step(cfg):
-    return StepGamma(cfg)

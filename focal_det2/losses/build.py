@@ -5,7 +5,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
 from ..config import DEFAULT_ALPHA, DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting
-from ..registry import lookup
+from ..registry import lookup, register_as
 
 __all__ = [
     "EXTRA_LOSSES_ENV",
@@ -36,22 +36,13 @@ loss class with :func:`register_loss`.
 def register_loss(name: str):
     """
     Class decorator: registers a :class:`DenseClassificationLoss` subclass as
-    ``MODEL.FOCAL.LOSS name``. The registry entry, named ``name``, builds the
-    loss from a config; the class is its ``loss_class`` and gets ``name``.
+    ``MODEL.FOCAL.LOSS name`` (:func:`~focal_det2.registry.register_as`); the class
+    gets ``name``.
     """
 
     def register(cls):
-        def build(cfg):
-            return cls(cfg)
-
-        build.__name__ = build.__qualname__ = name
-        build.__doc__ = (
-            f"Build :class:`{cls.__name__}` from a config (``MODEL.FOCAL.LOSS {name}``)."
-        )
-        build.loss_class = cls
         cls.name = name
-        FOCAL_LOSS_REGISTRY.register(build)
-        return cls
+        return register_as(FOCAL_LOSS_REGISTRY, name)(cls)
 
     return register
 
@@ -59,9 +50,9 @@ def register_loss(name: str):
 def registered_losses() -> dict:
     """{name: loss class} of every loss registered with :func:`register_loss`, in name order."""
     return {
-        name: build.loss_class
+        name: build.built_class
         for name, build in sorted(FOCAL_LOSS_REGISTRY)
-        if hasattr(build, "loss_class")
+        if hasattr(build, "built_class")
     }
 
 
@@ -165,6 +156,6 @@ def build_focal_loss(cfg):
     """
     check_class_weighting(cfg)
     build = lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")
-    if hasattr(build, "loss_class"):
-        check_keys_read(cfg, build.loss_class)
+    if hasattr(build, "built_class"):
+        check_keys_read(cfg, build.built_class)
     return build(cfg)
