@@ -1046,7 +1046,7 @@ def test_imbalance_canvases_skip_empty_items_and_need_one():
     assert imbalance.parse_canvases("128,") == [128]
     with pytest.raises(ValueError, match="--canvases must be comma-separated values from"):
         imbalance.parse_canvases(",")
-    with pytest.raises(ValueError, match="split must be 'train' or 'val', got 'test'"):
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val'\), got 'test'"):
         imbalance.measure_canvases([128], "test")
 
 

@@ -197,11 +197,9 @@ def measure_canvases(
     """
     from focal_det2.data import ensure_generated
 
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     results = {}
     for side in canvases:
-        dataset = f"digits_{split}_s{side}"
+        dataset = canvas_dataset_name(split, side)  # checks both
         ensure_generated(dataset)
         results[side] = dict(
             canvas=side,
