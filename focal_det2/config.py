@@ -17,6 +17,7 @@ __all__ = [
     "check_class_weighting",
     "check_finite",
     "check_retinanet_keys_unused",
+    "flat_keys",
     "load_config",
 ]
 
@@ -159,6 +160,23 @@ def _floats(value):
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _floats(item)
+
+
+def flat_keys(node, prefix: str = "") -> dict:
+    """
+    {full key: value} of the leaves of a config node.
+
+    Args:
+        node (CfgNode): a config, or one of its nodes whose full name is ``prefix``.
+        prefix (str): the node's name followed by ".", "" for the whole config.
+    """
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, CN):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def check_finite(cfg, prefix: str = ""):

@@ -14,6 +14,7 @@ import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
@@ -30,7 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .class_balance import CHECKPOINT_KEY, ClassWeights, CountClassWeights
-from .config import check_finite, load_config
+from .config import add_focal_config, check_finite, flat_keys, load_config
 from .data.checks import (
     CheckedDatasetMapper,
     check_degenerate_boxes_option,
@@ -631,7 +632,26 @@ def check_cfg(cfg):
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
     with torch.device("meta"):
-        META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
+        model = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
+    if getattr(model, "focal_loss", None) is None:
+        _check_focal_node_unset(cfg)
+
+
+def _check_focal_node_unset(cfg):
+    """Raise, naming them, for MODEL.FOCAL keys moved from their defaults: this model reads none."""
+    defaults = get_cfg()
+    add_focal_config(defaults)
+    default = flat_keys(defaults.MODEL.FOCAL, "MODEL.FOCAL.")
+    changed = [
+        f"{key}={value}"
+        for key, value in flat_keys(cfg.MODEL.FOCAL, "MODEL.FOCAL.").items()
+        if value != default[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} does not "
+            "read MODEL.FOCAL. Leave it at its defaults, or set META_ARCHITECTURE FocalRetinaNet."
+        )
 
 
 def setup_cfg(args):

@@ -372,3 +372,20 @@ def test_a_value_of_the_wrong_type_in_a_file_names_the_file(tmp_path):
         ValueError, match=re.escape(f"MODEL.FOCAL.GAMMA=1 in {config} or its _BASE_ is an int")
     ):
         load_config(str(config))
+
+
+def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
+    """Detectron2's RetinaNet reads no MODEL.FOCAL key: a moved one would be silently ignored."""
+    from focal_det2.engine import check_cfg
+
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    check_cfg(cfg)  # every MODEL.FOCAL key at its default
+    cfg.MODEL.FOCAL.LOSS = "softmax_focal"
+    cfg.MODEL.FOCAL.OHEM.BATCH_PER_IMAGE = 64
+    expected = (
+        "MODEL.FOCAL.LOSS=softmax_focal, MODEL.FOCAL.OHEM.BATCH_PER_IMAGE=64: "
+        "MODEL.META_ARCHITECTURE=RetinaNet does not read MODEL.FOCAL."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_cfg(cfg)

@@ -4,7 +4,13 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
-from ..config import DEFAULT_ALPHA, DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting
+from ..config import (
+    DEFAULT_ALPHA,
+    DEFAULT_CB_BETA,
+    DEFAULT_GAMMA,
+    check_class_weighting,
+    flat_keys,
+)
 from ..registry import lookup, register_as
 
 __all__ = [
@@ -72,15 +78,7 @@ def loss_keys(loss_class) -> dict:
     """{full key: default} of the keys that ``loss_class.add_config`` adds to ``MODEL.FOCAL``."""
     cfg = CN({"MODEL": CN({"FOCAL": CN()})})
     loss_class.add_config(cfg)
-
-    def leaves(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, CN):
-                yield from leaves(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-
-    return dict(leaves(cfg.MODEL.FOCAL, "MODEL.FOCAL."))
+    return flat_keys(cfg.MODEL.FOCAL, "MODEL.FOCAL.")
 
 
 def other_losses_keys(loss_class) -> dict:
