@@ -62,7 +62,9 @@ def _class_names(dataset_names: Sequence[str], num_classes: int) -> List[str]:
     return list(names) if names and len(names) == num_classes else [""] * num_classes
 
 
-def count_instances(dataset_names: Sequence[str], num_classes: int) -> List[int]:
+def count_instances(
+    dataset_names: Sequence[str], num_classes: int, dataset_dicts: Optional[List[dict]] = None
+) -> List[int]:
     """
     Instances of each class in the data sets, as Detectron2's ``DatasetCatalog`` loads
     them: the boxes training sees (crowd annotations, which training ignores, and boxes
@@ -71,13 +73,19 @@ def count_instances(dataset_names: Sequence[str], num_classes: int) -> List[int]
     Args:
         dataset_names (sequence[str]): registered data sets (DATASETS.TRAIN).
         num_classes (int): K; every ``category_id`` must be in [0, K).
+        dataset_dicts (list[dict] or None): the records of all of them, already loaded (the
+            trainer's); None loads them through ``DatasetCatalog``.
 
     Returns:
         list[int]: K counts.
     """
     counts = [0] * num_classes
-    for name in dataset_names:
-        for record in DatasetCatalog.get(name):
+    if dataset_dicts is None:
+        sources = ((name, DatasetCatalog.get(name)) for name in dataset_names)
+    else:
+        sources = [(", ".join(dataset_names), dataset_dicts)]
+    for name, records in sources:
+        for record in records:
             for ann in record.get("annotations", ()):
                 if ann.get("iscrowd", 0) or not has_area(ann["bbox"], ann["bbox_mode"]):
                     continue
@@ -138,10 +146,13 @@ class ClassWeights:
             )
         logger.info("Class weights from the checkpoint (not recounted):\n" + self.table())
 
-    def count(self):
-        """Count DATASETS.TRAIN, set the loss's weights and log them; raises for a class with no instance."""
+    def count(self, dataset_dicts: Optional[List[dict]] = None):
+        """
+        Count DATASETS.TRAIN, set the loss's weights and log them; raises for a class with
+        no instance. ``dataset_dicts``: its records, already loaded (see :func:`count_instances`).
+        """
         num_classes = self.loss.num_classes
-        counts = count_instances(self.datasets, num_classes)
+        counts = count_instances(self.datasets, num_classes, dataset_dicts)
         names = _class_names(self.datasets, num_classes)
         missing = [
             f"{c} ({names[c]!r})" if names[c] else str(c) for c, n in enumerate(counts) if n == 0
@@ -172,7 +183,15 @@ class CountClassWeights(HookBase):
     iteration, unless the checkpoint the trainer resumed from held them.
     """
 
+    def __init__(self, dataset_dicts: Optional[List[dict]] = None):
+        """
+        Args:
+            dataset_dicts (list[dict] or None): DATASETS.TRAIN's records as the trainer
+                loaded them, counted instead of loading them again; None loads them.
+        """
+        self.dataset_dicts = dataset_dicts
+
     def before_train(self):
         weights = self.trainer.class_weights
         if weights.loss.class_weights is None:
-            weights.count()
+            weights.count(self.dataset_dicts)

@@ -382,7 +382,10 @@ class FocalTrainer(DefaultTrainer):
     def build_hooks(self):
         hooks = [ScalarHistory()] + super().build_hooks()
         if self.cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
-            hooks.insert(0, CountClassWeights())  # reads self.class_weights in before_train
+            # reads self.class_weights in before_train; counts the records the loader holds
+            loader = self.data_loader
+            loaded = loader.dataset if isinstance(loader, ResumableTrainLoader) else None
+            hooks.insert(0, CountClassWeights(loaded))
         return hooks
 
     def resume_or_load(self, resume=True):

@@ -400,6 +400,32 @@ def _instances():
 # ----------------------------------------------------------------------------- checkpoint
 
 
+def test_trainer_counts_the_records_its_loader_holds(tmp_path):
+    """
+    The training set is loaded once: the count reads the loader's records. Registered
+    again without class 0 after the loader loaded it, a second load would raise.
+    """
+    from focal_det2.class_balance import CountClassWeights
+
+    records = _tiny_records()
+    classes = MetadataCatalog.get("digits_train_tiny").thing_classes
+    _register("cb_loaded", records, classes)
+    opts = [
+        "DATASETS.TRAIN", ("cb_loaded",), "DATASETS.TEST", (),
+        "MODEL.FOCAL.CLASS_WEIGHTING", "effective_number",
+    ]  # fmt: skip
+    trainer = FocalTrainer(digits_cfg(output_dir=tmp_path, opts=opts))
+    without_zero = [
+        {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 0]}
+        for r in records
+    ]
+    _register("cb_loaded", without_zero, classes)
+    hook = next(h for h in trainer._hooks if isinstance(h, CountClassWeights))
+    hook.before_train()
+    assert trainer.class_weights.counts == count_instances(["cb_loaded"], 10, records)
+    assert trainer.class_weights.counts[0] > 0
+
+
 def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
     """
     Train 2 iterations on a registered copy of the tiny digits set, then register it again
