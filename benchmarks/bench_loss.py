@@ -75,10 +75,9 @@ def _our_impls() -> dict:
     ``ours_<loss>`` (default backend), ``_eager`` and ``_compile`` for every registered loss,
     and each one's loss name in :data:`OURS`.
     """
+    # registered: the package's losses and FOCAL_DET2_EXTRA_LOSSES's, as the tests read them
     from focal_det2.losses import build_focal_loss, registered_losses
-    from focal_det2.losses.build import load_extra_losses
 
-    load_extra_losses()  # FOCAL_DET2_EXTRA_LOSSES: losses outside the package, as the tests read them
     impls = {}
     for loss in registered_losses():
         softmax = build_focal_loss(_loss_cfg(loss)).num_logits == NUM_CLASSES + 1

@@ -1,7 +1,8 @@
 """focal_det2: the focal-loss family as swappable Detectron2 components.
 
-Importing the package registers the losses, the head, the gamma schedules,
-the FocalRetinaNet meta-architecture and the embedded digits data sets. The
+Importing the package registers the losses (those of ``losses/`` and the files
+named in ``FOCAL_DET2_EXTRA_LOSSES``), the head, the gamma schedules, the
+FocalRetinaNet meta-architecture and the embedded digits data sets. The
 deprecation warnings that importing fvcore and Detectron2 prints are hidden
 while the package imports them, and only then: the process's warning filters
 are left as they were. Scripts that want the same quiet at run time call
@@ -17,6 +18,7 @@ with warnings.catch_warnings():  # restores the caller's filters
     from . import data  # noqa: F401  registers digits_train / digits_val
     from .config import add_focal_config
     from .losses import FOCAL_LOSS_REGISTRY, build_focal_loss
+    from .losses.build import load_extra_losses
     from .modeling import (
         FOCAL_HEAD_REGISTRY,
         FocalRetinaNet,
@@ -24,6 +26,8 @@ with warnings.catch_warnings():  # restores the caller's filters
         build_focal_head,
     )
     from .schedules import GAMMA_SCHEDULE_REGISTRY, build_gamma_schedule
+
+    load_extra_losses()  # FOCAL_DET2_EXTRA_LOSSES: loss files outside the package
 
 __version__ = "0.1.0"
 __all__ = [

@@ -3,7 +3,7 @@
 __all__ = ["lookup", "register_as"]
 
 
-def lookup(registry, name, key):
+def lookup(registry, name, key, hint: str = ""):
     """
     ``registry.get(name)`` with an error that names the config key and the valid names.
 
@@ -11,10 +11,12 @@ def lookup(registry, name, key):
         registry (Registry): a Detectron2/fvcore registry.
         name (str): the requested name.
         key (str): the config key that holds ``name``.
+        hint (str): appended to the error, e.g. how a name gets registered.
     """
     names = sorted(n for n, _ in registry)
     if name not in names:
-        raise ValueError(f"{key}={name!r} is not registered; valid names: {names}")
+        message = f"{key}={name!r} is not registered; valid names: {names}"
+        raise ValueError(f"{message}. {hint}" if hint else message)
     return registry.get(name)
 
 

@@ -101,3 +101,70 @@ def test_lookup_names_the_key_and_the_valid_names_in_order():
     assert str(error.value) == (
         "MODEL.TOY.NAME='beta' is not registered; valid names: ['alpha', 'zeta']"
     )
+
+
+def test_a_loss_file_in_the_losses_folder_and_an_extra_file_register_on_import(tmp_path):
+    """
+    In a fresh process, ``import focal_det2`` registers a loss that is only a new file of
+    ``focal_det2/losses/`` (a copy of the package here) and one named in
+    FOCAL_DET2_EXTRA_LOSSES, with no other edit: what train_net.py and every tool see.
+    """
+    import os
+    import shutil
+
+    package = tmp_path / "focal_det2"
+    shutil.copytree(REPO / "focal_det2", package, ignore=shutil.ignore_patterns("__pycache__"))
+    toy = textwrap.dedent(TOY_LOSS).replace("FAST_FACTOR", "2.0")
+    (package / "losses" / "toy_double_ce.py").write_text(toy)
+    extra = tmp_path / "elsewhere.py"
+    extra.write_text(
+        toy.replace('"toy_double_ce"', '"toy_elsewhere"').replace("class ToyDoubleCE", "class Toy2")
+    )
+    code = (
+        "import focal_det2; from focal_det2.losses import registered_losses as r; "
+        "print(focal_det2.__file__, sorted(r()))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FOCAL_DET2_EXTRA_LOSSES": str(extra)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(str(package)), proc.stdout
+    assert "'toy_double_ce'" in proc.stdout and "'toy_elsewhere'" in proc.stdout
+
+
+def test_extra_loss_files_run_once_and_their_errors_name_them(tmp_path, monkeypatch):
+    import builtins
+
+    from focal_det2.losses import build
+
+    monkeypatch.setattr(build, "_extra_loaded", set())
+    counter = tmp_path / "counter.py"
+    counter.write_text("import builtins\nbuiltins.focal_det2_runs += 1\n")
+    monkeypatch.setattr(builtins, "focal_det2_runs", 0, raising=False)
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(counter))
+    build.load_extra_losses()
+    build.load_extra_losses()  # as conftest or a tool importing focal_det2 again would
+    assert builtins.focal_det2_runs == 1
+    relative = tmp_path / "relative.py"
+    relative.write_text("from .base import DenseClassificationLoss\n")  # as inside the package
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(relative))
+    with pytest.raises(ImportError) as error:
+        build.load_extra_losses()
+    note = " ".join(getattr(error.value, "__notes__", []))
+    assert f"while running {relative}, named by FOCAL_DET2_EXTRA_LOSSES" in note
+    assert "from focal_det2.losses import register_loss" in note
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(tmp_path / "missing.py"))
+    with pytest.raises(FileNotFoundError, match=r"FOCAL_DET2_EXTRA_LOSSES names .*missing.py"):
+        build.load_extra_losses()
+
+
+def test_an_unregistered_loss_name_says_how_a_loss_registers():
+    from conftest import tiny_cfg
+
+    from focal_det2 import build_focal_loss
+
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = "poly_focal"
+    with pytest.raises(ValueError, match=r"'poly_focal' is not registered.*focal_det2/losses/"):
+        build_focal_loss(cfg)

@@ -25,9 +25,10 @@ __all__ = [
     "registered_losses",
 ]
 
-# os.pathsep-separated files that register more losses (a loss outside the package), read by
-# :func:`load_extra_losses`: the test suites and benchmarks/bench_loss.py call it.
+# os.pathsep-separated files that register more losses (a loss outside the package), run by
+# :func:`load_extra_losses` when focal_det2 is imported.
 EXTRA_LOSSES_ENV = "FOCAL_DET2_EXTRA_LOSSES"
+_extra_loaded = set()  # the files load_extra_losses has run
 
 FOCAL_LOSS_REGISTRY = Registry("FOCAL_LOSS")
 FOCAL_LOSS_REGISTRY.__doc__ = """
@@ -64,14 +65,29 @@ def registered_losses() -> dict:
 
 def load_extra_losses():
     """
-    Run each file named in ``FOCAL_DET2_EXTRA_LOSSES`` (``os.pathsep``-separated), so
-    that the losses it registers with :func:`register_loss` join the registry.
+    Run each file named in ``FOCAL_DET2_EXTRA_LOSSES`` (``os.pathsep``-separated) once,
+    so that the losses it registers with :func:`register_loss` join the registry;
+    ``import focal_det2`` calls it. An error in a file carries a note naming it.
     """
     for path in filter(None, os.environ.get(EXTRA_LOSSES_ENV, "").split(os.pathsep)):
+        path = os.path.abspath(path)
+        if path in _extra_loaded:
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{EXTRA_LOSSES_ENV} names {path}, which is not a file.")
         spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
         )
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        try:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        except Exception as e:
+            e.add_note(
+                f"while running {path}, named by {EXTRA_LOSSES_ENV}; a loss file outside the "
+                "package imports it by name (from focal_det2.losses import register_loss), "
+                "not relatively."
+            )
+            raise
+        _extra_loaded.add(path)
 
 
 def loss_keys(loss_class) -> dict:
@@ -153,7 +169,13 @@ def build_focal_loss(cfg):
     A key the loss would not read is an error (:func:`check_keys_read`).
     """
     check_class_weighting(cfg)
-    build = lookup(FOCAL_LOSS_REGISTRY, cfg.MODEL.FOCAL.LOSS, "MODEL.FOCAL.LOSS")
+    build = lookup(
+        FOCAL_LOSS_REGISTRY,
+        cfg.MODEL.FOCAL.LOSS,
+        "MODEL.FOCAL.LOSS",
+        hint=f"A loss registers when its file runs: a module of focal_det2/losses/, or a file "
+        f"named in {EXTRA_LOSSES_ENV}.",
+    )
     if hasattr(build, "built_class"):
         check_keys_read(cfg, build.built_class)
     return build(cfg)
