@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # restores the caller's filters
     )
     from .schedules import GAMMA_SCHEDULE_REGISTRY, build_gamma_schedule
 
-    load_extra_losses()  # FOCAL_DET2_EXTRA_LOSSES: loss files outside the package
+load_extra_losses()  # FOCAL_DET2_EXTRA_LOSSES: loss files outside the package, run as they are
 
 __version__ = "0.1.0"
 __all__ = [

@@ -106,13 +106,15 @@ class ClassWeights:
     counts, beta and data sets they came from; ``load_state_dict`` sets them on the loss.
     """
 
-    def __init__(self, loss, cfg):
+    def __init__(self, loss, cfg, training: bool = True):
         """
         Args:
             loss (DenseClassificationLoss): the loss whose weights these are.
             cfg (CfgNode): MODEL.FOCAL.CB_BETA, DATASETS.TRAIN, MODEL.RETINANET.NUM_CLASSES.
+            training (bool): False for an evaluation, which loads the weights without the
+                warnings about weights counted with another CB_BETA or DATASETS.TRAIN.
         """
-        self.loss = loss
+        self.loss, self.training = loss, training
         self.beta = float(cfg.MODEL.FOCAL.CB_BETA)
         self.datasets = list(cfg.DATASETS.TRAIN)
         self.counts: Optional[List[int]] = None
@@ -133,15 +135,16 @@ class ClassWeights:
             return
         self.loss.set_class_weights(state["weights"])
         self.counts, self.source = state.get("counts"), "checkpoint"
-        if state.get("beta") != self.beta:
+        if self.training and state.get("beta") != self.beta:
             logger.warning(
                 f"MODEL.FOCAL.CB_BETA={self.beta}, but the checkpoint's class weights were counted "
                 f"with beta {state.get('beta')}; the checkpoint's weights are used."
             )
-        if state.get("datasets") is not None and list(state["datasets"]) != self.datasets:
+        datasets = state.get("datasets")
+        if self.training and datasets is not None and list(datasets) != self.datasets:
             logger.warning(
                 f"DATASETS.TRAIN={self.datasets}, but the checkpoint's class weights were counted "
-                f"on {list(state['datasets'])}; the checkpoint's weights are used (train without "
+                f"on {list(datasets)}; the checkpoint's weights are used (train without "
                 "--resume to count the new sets)."
             )
         logger.info("Class weights from the checkpoint (not recounted):\n" + self.table())

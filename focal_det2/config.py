@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "add_focal_config",
     "check_class_weighting",
+    "check_class_weighting_name",
     "check_finite",
     "check_retinanet_keys_unused",
     "flat_keys",
@@ -199,13 +200,18 @@ def check_finite(cfg, prefix: str = ""):
                 raise ValueError(f"{name}={value} is not finite; it must be {allowed}.")
 
 
-def check_class_weighting(cfg):
-    """Raise, naming the key and what is allowed, for a bad CLASS_WEIGHTING or CB_BETA."""
-    weighting, beta = cfg.MODEL.FOCAL.CLASS_WEIGHTING, cfg.MODEL.FOCAL.CB_BETA
+def check_class_weighting_name(weighting):
+    """Raise, naming the key and what is allowed, for a CLASS_WEIGHTING not in :data:`CLASS_WEIGHTINGS`."""
     if weighting not in CLASS_WEIGHTINGS:
         raise ValueError(
             f"MODEL.FOCAL.CLASS_WEIGHTING={weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
         )
+
+
+def check_class_weighting(cfg):
+    """Raise, naming the key and what is allowed, for a bad CLASS_WEIGHTING or CB_BETA."""
+    weighting, beta = cfg.MODEL.FOCAL.CLASS_WEIGHTING, cfg.MODEL.FOCAL.CB_BETA
+    check_class_weighting_name(weighting)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
         raise ValueError(f"MODEL.FOCAL.CB_BETA={beta!r} must be a number in [0, 1).")
 

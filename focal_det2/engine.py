@@ -160,15 +160,13 @@ class ResumableTrainLoader:
                     "its data order; only 'TrainingSampler' continues it."
                 )
             return build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper)
-        if (
-            start_iter
-            and cfg.DATALOADER.ASPECT_RATIO_GROUPING
-            and _mixes_orientations(self.dataset)
-        ):
+        mixed = start_iter and cfg.DATALOADER.ASPECT_RATIO_GROUPING and _orientations(self.dataset)
+        if mixed:
             logger.warning(
-                "DATALOADER.ASPECT_RATIO_GROUPING with landscape and portrait images: the resumed "
-                "run's batches differ from an uninterrupted run's (the partly filled batch of each "
-                "group at the checkpoint is not restored). Set it False for an exact resume."
+                f"DATALOADER.ASPECT_RATIO_GROUPING with {mixed}: the resumed run's batches differ "
+                "from an uninterrupted run's where the images are of both orientations (the partly "
+                "filled batch of each group at the checkpoint is not restored). Set it False for "
+                "an exact resume."
             )
         # A loader with W workers deals batches round-robin from the workers, in
         # rounds of W; the sampler skips whole rounds, the loader the remainder.
@@ -186,15 +184,18 @@ class ResumableTrainLoader:
         return itertools.islice(loader, remainder, None)
 
 
-def _mixes_orientations(dataset) -> bool:
+def _orientations(dataset) -> str:
     """
-    Whether Detectron2's aspect-ratio grouping (landscape ``width > height`` apart from the
-    rest) puts the records of ``dataset`` in both groups; True where a record lacks its size.
+    "" if Detectron2's aspect-ratio grouping (landscape ``width > height`` apart from the
+    rest) puts every record of ``dataset`` in one group; otherwise what makes it two groups
+    or may: "landscape and portrait images", or "records without width and height".
     """
     landscape = {
         d["width"] > d["height"] if "width" in d and "height" in d else None for d in dataset
     }
-    return len(landscape) > 1 or None in landscape
+    if None in landscape:
+        return "records without width and height"
+    return "landscape and portrait images" if len(landscape) > 1 else ""
 
 
 class _AttributeState:
@@ -401,7 +402,8 @@ class FocalTrainer(DefaultTrainer):
         if resume and comm.is_main_process():
             # A larger MAX_ITER extends a finished run, whose final evaluation is not done again.
             extends = (
-                os.path.basename(checkpoint) == "model_final.pth"
+                self.start_iter > 0
+                and os.path.basename(checkpoint) == "model_final.pth"
                 and self.cfg.SOLVER.MAX_ITER > self.start_iter
             )
             drop_metrics_from(
@@ -494,10 +496,12 @@ def drop_metrics_from(path: str, iteration: int, keep_final_evaluation: bool = F
             line; nothing is done if it does not exist.
         iteration (int): the first iteration the resumed run trains.
         keep_final_evaluation (bool): the resume extends a finished run
-            (from ``model_final.pth`` to a larger MAX_ITER): the first record
-            of ``iteration`` stays if it is an evaluation's (no ``total_loss``),
-            the finished run's final evaluation, which Detectron2 writes at
-            iteration MAX_ITER, the resume's first.
+            (from ``model_final.pth`` to a larger MAX_ITER): the evaluation
+            records (no ``total_loss``) that come first among those of
+            ``iteration`` and later stay, if at ``iteration`` or the next: the
+            finished run's final evaluation, which Detectron2 writes at
+            iteration MAX_ITER, the resume's first (MAX_ITER + 1 where a resume
+            of the finished run evaluated it again).
     """
     if not os.path.exists(path):
         return
@@ -506,11 +510,12 @@ def drop_metrics_from(path: str, iteration: int, keep_final_evaluation: bool = F
         complete = lines if not lines or lines[-1].endswith("\n") else lines[:-1]
         records = [(_iteration(line, path, n), line) for n, line in enumerate(complete, 1)]
         kept = [line for i, line in records if i < iteration]
-        first = next((line for i, line in records if i == iteration), None)
-        evaluation = (
-            keep_final_evaluation and first is not None and "total_loss" not in json.loads(first)
-        )
-        kept += [first] if evaluation else []
+        evaluations = []
+        for i, line in (r for r in records if r[0] >= iteration):
+            if not keep_final_evaluation or i > iteration + 1 or "total_loss" in json.loads(line):
+                break
+            evaluations.append(line)
+        kept += evaluations
         if len(kept) == len(lines):
             return
         f.seek(0)
@@ -519,7 +524,7 @@ def drop_metrics_from(path: str, iteration: int, keep_final_evaluation: bool = F
     logger.info(
         f"{path}: dropped the records of iterations >= {iteration} ({len(complete) - len(kept)}), "
         f"written after the checkpoint the run resumes from"
-        f"{', but the final evaluation of the run it extends' if evaluation else ''}"
+        f"{', but the final evaluation of the run it extends' if evaluations else ''}"
         f"{'' if complete is lines else ', and a cut-off last line'}."
     )
 
@@ -570,17 +575,24 @@ def _check_fits(path: str, incompatible):
     ]
     skipped = {name for name, _, _ in incompatible.incorrect_shapes}
     missing = [name for name in incompatible.missing_keys if name not in skipped]
-    if shapes or missing:
-        raise ValueError(
-            f"{path} does not fit the model of this config: "
-            + "; ".join(
-                shapes + ([f"missing from the checkpoint: {', '.join(missing)}"] if missing else [])
-            )
-            + ". Evaluating would score with those tensors at their random initialisation. Use "
-            "the config the checkpoint was trained with (its run's config.yaml): the same "
+    if not shapes and not missing:
+        return
+    if shapes:
+        fix = (
+            "Use the config the checkpoint was trained with (its run's config.yaml): the same "
             "MODEL.FOCAL.LOSS (softmax_focal has NUM_CLASSES + 1 logits per anchor), "
             "NUM_CLASSES and backbone."
         )
+    else:
+        fix = (
+            "Pass a trained detector's checkpoint, not a backbone's (such as the ImageNet "
+            "weights a COCO config trains from), or MODEL.WEIGHTS '' for a random model."
+        )
+    missing = [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
+    raise ValueError(
+        f"{path} does not fit the model of this config: {'; '.join(shapes + missing)}. "
+        f"Evaluating would score with those tensors at their random initialisation. {fix}"
+    )
 
 
 def load_for_evaluation(cfg, model):
@@ -589,7 +601,7 @@ def load_for_evaluation(cfg, model):
     ``DetectionCheckpointer.resume_or_load(weights, resume=False)`` does, and, with
     ``MODEL.FOCAL.CLASS_WEIGHTING`` on, the checkpoint's class weights into the
     model's loss (never counted here). A checkpoint without them (trained with
-    ``none``, or a Detectron2 checkpoint) leaves the loss unweighted and says so:
+    ``none``, or a Detectron2 checkpoint) leaves the loss without weights and says so:
     inference scores do not depend on the loss or its weights. An error while
     loading (a truncated file) carries a note that names the checkpoint. A checkpoint
     that leaves model tensors at their initialisation (another shape, or missing: one
@@ -603,15 +615,15 @@ def load_for_evaluation(cfg, model):
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         _check_fits(path, checkpointer.incompatible)
         return
-    weights = ClassWeights(_focal_loss_of(model), cfg)
+    weights = ClassWeights(_focal_loss_of(model), cfg, training=False)
     checkpointer.add_checkpointable(CHECKPOINT_KEY, weights)
     with _naming_checkpoint(path):
         checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
     _check_fits(path, checkpointer.incompatible)
     if weights.source is None:
         logger.info(
-            f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss stays unweighted, which "
-            "does not change inference scores."
+            f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss has none, which does not "
+            "change inference scores (inference does not call the loss)."
         )
 
 
@@ -636,12 +648,15 @@ def check_cfg(cfg):
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
     with torch.device("meta"):
         model = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
-    if getattr(model, "focal_loss", None) is None:
-        _check_focal_node_unset(cfg)
+    if type(model).__module__.startswith("detectron2."):
+        _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
 
 
 def _check_focal_node_unset(cfg):
-    """Raise, naming them, for MODEL.FOCAL keys moved from their defaults: this model reads none."""
+    """
+    Raise, naming them, for MODEL.FOCAL keys moved from their defaults: the config's
+    meta-architecture, one of Detectron2's own, reads none.
+    """
     defaults = get_cfg()
     add_focal_config(defaults)
     default = flat_keys(defaults.MODEL.FOCAL, "MODEL.FOCAL.")

@@ -676,6 +676,22 @@ def test_evaluating_a_checkpoint_of_another_loss_is_an_error_naming_the_tensors(
     load_for_evaluation(trained_cfg, build_model(trained_cfg))
 
 
+def test_evaluating_a_backbone_checkpoint_is_an_error_naming_what_to_pass(tmp_path):
+    """A checkpoint of the backbone only (as the ImageNet weights COCO configs train from)."""
+    from focal_det2.engine import load_for_evaluation
+
+    cfg = digits_cfg(output_dir=tmp_path)
+    state = build_model(cfg).state_dict()
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    torch.save({"model": backbone}, tmp_path / "backbone.pth")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "backbone.pth")
+    with pytest.raises(ValueError) as error:
+        load_for_evaluation(cfg, build_model(cfg))
+    message = str(error.value)
+    assert "does not fit the model of this config: missing from the checkpoint: head." in message
+    assert "Pass a trained detector's checkpoint, not a backbone's" in message
+
+
 def test_truncated_image_in_evaluation_names_id_and_file(coco, tmp_path):
     name, _, image_dir = coco({1: GOOD, 2: GOOD})
     data = (image_dir / "002.png").read_bytes()

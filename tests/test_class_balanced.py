@@ -250,6 +250,10 @@ def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
     with logged(class_balance.logger) as records:
         ClassWeights(loss, cfg).load_state_dict({**state, "datasets": list(cfg.DATASETS.TRAIN)})
     assert records == []
+    with logged(class_balance.logger) as records:  # an evaluation reads neither
+        other = {**state, "datasets": ["other_train"], "beta": 0.5}
+        ClassWeights(loss, cfg, training=False).load_state_dict(other)
+    assert records == [] and loss.class_weights == (0.5, 2.0, 0.5)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -386,6 +390,7 @@ def test_training_without_weights_set_is_an_error():
     image = {"image": torch.zeros(3, 64, 64), "instances": _instances()}
     with EventStorage(0), pytest.raises(RuntimeError, match="CLASS_WEIGHTING"):
         model([image])
+    assert not hasattr(model, "loss_normalizer")  # refused before the moving average moved
 
 
 def _instances():

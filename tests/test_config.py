@@ -389,3 +389,25 @@ def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_cfg(cfg)
+
+
+def test_a_model_of_ones_own_may_read_the_focal_node():
+    """A meta-architecture outside Detectron2 (here one that builds our loss itself) is not refused."""
+    from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+
+    from focal_det2 import build_focal_loss
+    from focal_det2.engine import check_cfg
+
+    class OwnDetector(RetinaNet):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.cls_loss = build_focal_loss(cfg)
+
+    META_ARCH_REGISTRY.register(OwnDetector)
+    try:
+        cfg = tiny_cfg()
+        cfg.MODEL.META_ARCHITECTURE = "OwnDetector"
+        cfg.MODEL.FOCAL.LOSS = "softmax_focal"
+        check_cfg(cfg)
+    finally:
+        META_ARCH_REGISTRY._obj_map.pop("OwnDetector")

@@ -552,16 +552,17 @@ def test_gamma_override_is_honoured(name):
     assert not torch.allclose(overridden, at_2(logits, labels))
 
 
-def test_cross_entropy_takes_gamma_0_or_its_own_and_refuses_others():
+@pytest.mark.parametrize("name", ["cross_entropy", "ohem"])
+def test_losses_without_gamma_take_gamma_0_or_their_own_and_refuse_others(name):
     """The model passes the scheduled (constant) gamma to every loss; another one is an error."""
-    logits, labels = random_batch("cross_entropy", num_anchors=8, seed=11)
-    loss = build_loss("cross_entropy", 3)
+    logits, labels = random_batch(name, num_anchors=8, seed=11)
+    loss = build_loss(name, 3, opts=["MODEL.FOCAL.OHEM.NMS_THRESH", 1.0])
     assert torch.equal(loss(logits, labels, gamma=0.0), loss(logits, labels))
     assert torch.equal(loss(logits, labels, gamma=loss.gamma), loss(logits, labels))
-    with pytest.raises(
-        ValueError, match=r"gamma=0.5: cross_entropy has no gamma \(it is gamma 0\)"
-    ):
+    with pytest.raises(ValueError, match=rf"gamma=0.5: {name} has no gamma \(it is gamma 0\)"):
         loss(logits, labels, gamma=0.5)
+    with pytest.raises(ValueError, match=r"gamma=0.5: .* has no gamma"):
+        loss.reference_loss(logits, labels, gamma=0.5)
 
 
 def test_build_focal_loss_reads_the_configured_gamma():

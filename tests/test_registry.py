@@ -159,6 +159,47 @@ def test_extra_loss_files_run_once_and_their_errors_name_them(tmp_path, monkeypa
         build.load_extra_losses()
 
 
+def test_an_extra_file_that_fails_halfway_loads_once_fixed(tmp_path, monkeypatch):
+    """The losses a failing file registered are unregistered: the fixed file loads in the same process."""
+    from focal_det2.losses import build, registered_losses
+
+    monkeypatch.setattr(build, "_extra_loaded", set())
+    toy = (
+        textwrap.dedent(TOY_LOSS)
+        .replace("FAST_FACTOR", "2.0")
+        .replace("toy_double_ce", "toy_halfway")
+    )
+    halfway = tmp_path / "halfway.py"
+    halfway.write_text(toy + "\nundefined_name\n")
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(halfway))
+    with pytest.raises(NameError) as error:
+        build.load_extra_losses()
+    assert getattr(error.value, "__notes__", []) == [
+        f"while running {halfway}, named by FOCAL_DET2_EXTRA_LOSSES"
+    ]
+    assert "toy_halfway" not in registered_losses()
+    halfway.write_text(toy)
+    try:
+        build.load_extra_losses()
+        assert "toy_halfway" in registered_losses()
+    finally:
+        build.FOCAL_LOSS_REGISTRY._obj_map.pop("toy_halfway", None)
+
+
+def test_a_loss_name_registered_twice_names_both_classes():
+    from focal_det2.losses import DenseClassificationLoss, register_loss
+
+    with pytest.raises(
+        ValueError,
+        match=r"'sigmoid_focal' of .*Again is already registered by "
+        r"focal_det2.losses.sigmoid_focal.SigmoidFocalLoss",
+    ):
+
+        @register_loss("sigmoid_focal")
+        class Again(DenseClassificationLoss):
+            pass
+
+
 def test_an_unregistered_loss_name_says_how_a_loss_registers():
     from conftest import tiny_cfg
 

@@ -193,6 +193,11 @@ def test_drop_metrics_from_keeps_the_final_evaluation_of_an_extended_run(tmp_pat
     path.write_text("".join(json.dumps(r) + "\n" for r in run[:3] + attempt))
     drop_metrics_from(str(path), 3, keep_final_evaluation=True)  # killed in its final evaluation
     assert [json.loads(line) for line in path.read_text().splitlines()] == run[:3]
+    # evaluated again by a resume of the finished run, which Detectron2 writes at MAX_ITER + 1
+    again = run[:3] + [{"iteration": 4, "bbox/AP": 50.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in again + attempt))
+    drop_metrics_from(str(path), 3, keep_final_evaluation=True)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == again
 
 
 def test_drop_metrics_from_names_the_file_and_line_of_a_bad_record(tmp_path):
@@ -335,16 +340,26 @@ def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
     assert resumed == whole[start_iter:]
 
 
-@pytest.mark.parametrize("mixed", [False, True])
-def test_resumed_loader_warns_when_grouping_mixes_orientations(mixed, caplog):
+@pytest.mark.parametrize(
+    "first, warning",
+    [
+        ({}, None),
+        ({"height": 127}, "with landscape and portrait images"),  # the others are 128 x 128
+        ({"height": None}, "with records without width and height"),
+    ],
+    ids=["square", "one landscape", "one without size"],
+)
+def test_resumed_loader_warns_when_grouping_mixes_orientations(first, warning, caplog):
     """A landscape image among the square digits: grouped batches cannot resume exactly."""
     cfg = digits_cfg(opts=["DATALOADER.ASPECT_RATIO_GROUPING", True])
     loader = FocalTrainer.build_train_loader(cfg, start_iter=2)
-    loader.dataset[0] = {**loader.dataset[0], "height": loader.dataset[0]["width"] - mixed}
+    record = {**loader.dataset[0], **first}
+    loader.dataset[0] = {k: v for k, v in record.items() if v is not None}
     with caplog.at_level("WARNING", logger="focal_det2.engine"):
         loader._build()
-    warned = [r for r in caplog.records if "ASPECT_RATIO_GROUPING with landscape and" in r.message]
-    assert len(warned) == int(mixed)
+    warned = [r.message for r in caplog.records if "ASPECT_RATIO_GROUPING" in r.message]
+    assert len(warned) == (warning is not None)
+    assert warning is None or warning in warned[0]
 
 
 def test_train_loader_from_iteration_0_is_detectron2s_seeded_stream():

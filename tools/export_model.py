@@ -170,9 +170,10 @@ def export(
     cfg, export_method: str, output: str, sample: str = None
 ) -> Tuple[str, Dict[str, object]]:
     """
-    Export the model of ``cfg`` (weights from MODEL.WEIGHTS, or freshly
-    initialised when empty) to ``<output>/model.ts`` and compare the reloaded
-    file with the eager model on the sample image.
+    Export the model of ``cfg`` (weights from MODEL.WEIGHTS, a trained model's:
+    one that does not fit the model is an error; freshly initialised when empty)
+    to ``<output>/model.ts`` and compare the reloaded file with the eager model on
+    the sample image.
 
     Returns:
         str: the path of the saved model.

@@ -14,7 +14,7 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..config import CLASS_WEIGHTINGS
+from ..config import check_class_weighting_name
 
 __all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
 
@@ -91,10 +91,7 @@ class DenseClassificationLoss:
                 f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1]."
             )
         self.check_label_smoothing(label_smoothing)
-        if class_weighting not in CLASS_WEIGHTINGS:
-            raise ValueError(
-                f"MODEL.FOCAL.CLASS_WEIGHTING={class_weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
-            )
+        check_class_weighting_name(class_weighting)
         self.class_weighting = class_weighting
         self.gamma = gamma
         self.alpha = alpha
@@ -251,13 +248,7 @@ class DenseClassificationLoss:
     def _on_selected(self, fn, logits, labels, gamma, boxes, num_images) -> Tensor:
         """``fn`` (:meth:`loss` or :meth:`reference`) on checked inputs and the anchors :meth:`select` keeps."""
         self._check_inputs(logits, labels)
-        if self.class_weighting != "none" and self.class_weights is None:
-            raise RuntimeError(
-                f"MODEL.FOCAL.CLASS_WEIGHTING={self.class_weighting}: the loss has no class "
-                "weights. FocalTrainer counts them before training (or loads them on --resume); "
-                "otherwise count them with focal_det2.class_balance.ClassWeights(loss, cfg).count() "
-                "or set them with loss.set_class_weights(weights)."
-            )
+        self.check_class_weights_set()
         if gamma is None:
             gamma = self.gamma
         else:
@@ -273,6 +264,16 @@ class DenseClassificationLoss:
         if self.class_weights is None:
             return total
         return self._class_weighted(fn, total, logits, selected, gamma, class_alpha)
+
+    def check_class_weights_set(self):
+        """Raise, naming CLASS_WEIGHTING and how to set them, if the loss needs class weights it lacks."""
+        if self.class_weighting != "none" and self.class_weights is None:
+            raise RuntimeError(
+                f"MODEL.FOCAL.CLASS_WEIGHTING={self.class_weighting}: the loss has no class "
+                "weights. FocalTrainer counts them before training (or loads them on --resume); "
+                "otherwise count them with focal_det2.class_balance.ClassWeights(loss, cfg).count() "
+                "or set them with loss.set_class_weights(weights)."
+            )
 
     def set_class_weights(self, weights: Optional[Sequence[float]]):
         """

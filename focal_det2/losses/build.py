@@ -48,6 +48,15 @@ def register_loss(name: str):
     """
 
     def register(cls):
+        if name in FOCAL_LOSS_REGISTRY:
+            other = FOCAL_LOSS_REGISTRY.get(name)
+            other = getattr(other, "built_class", other)
+            raise ValueError(
+                f"MODEL.FOCAL.LOSS name {name!r} of {cls.__module__}.{cls.__qualname__} is already "
+                f"registered by {other.__module__}.{other.__qualname__}: choose another name, or "
+                "load the file once (a module of focal_det2/losses/ is imported with the package; "
+                "do not also name it in FOCAL_DET2_EXTRA_LOSSES)."
+            )
         cls.name = name
         return register_as(FOCAL_LOSS_REGISTRY, name)(cls)
 
@@ -67,7 +76,9 @@ def load_extra_losses():
     """
     Run each file named in ``FOCAL_DET2_EXTRA_LOSSES`` (``os.pathsep``-separated) once,
     so that the losses it registers with :func:`register_loss` join the registry;
-    ``import focal_det2`` calls it. An error in a file carries a note naming it.
+    ``import focal_det2`` calls it. An error in a file carries a note naming it
+    (Python >= 3.11), and the losses it registered before the error are unregistered, so
+    that the fixed file loads in the same process.
     """
     for path in filter(None, os.environ.get(EXTRA_LOSSES_ENV, "").split(os.pathsep)):
         path = os.path.abspath(path)
@@ -78,14 +89,20 @@ def load_extra_losses():
         spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
         )
+        before = {name for name, _ in FOCAL_LOSS_REGISTRY}
         try:
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
         except Exception as e:
-            e.add_note(
-                f"while running {path}, named by {EXTRA_LOSSES_ENV}; a loss file outside the "
-                "package imports it by name (from focal_det2.losses import register_loss), "
-                "not relatively."
-            )
+            for name in {name for name, _ in FOCAL_LOSS_REGISTRY} - before:
+                FOCAL_LOSS_REGISTRY._obj_map.pop(name)  # fvcore's Registry has no unregister
+            note = f"while running {path}, named by {EXTRA_LOSSES_ENV}"
+            if isinstance(e, ImportError) and "relative import" in str(e):
+                note += (
+                    "; a loss file outside the package imports it by name "
+                    "(from focal_det2.losses import register_loss), not relatively"
+                )
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(note)
             raise
         _extra_loaded.add(path)
 

@@ -183,6 +183,7 @@ class FocalRetinaNet(RetinaNet):
         term is ``self.focal_loss`` at the scheduled gamma, which is logged as
         the scalar ``focal_gamma``.
         """
+        self.focal_loss.check_class_weights_set()  # before the normaliser's average moves
         storage = get_event_storage()
         gt_labels = torch.stack(gt_labels)  # (N, R)
         pos_mask = (gt_labels >= 0) & (gt_labels != self.num_classes)
