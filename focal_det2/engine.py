@@ -47,6 +47,7 @@ __all__ = [
     "checkpoint_to_load",
     "ddp_device_ids_by_device",
     "drop_metrics_from",
+    "extends_finished_run",
     "load_for_evaluation",
     "setup_cfg",
 ]
@@ -400,16 +401,12 @@ class FocalTrainer(DefaultTrainer):
         with _naming_checkpoint(checkpoint):
             super().resume_or_load(resume=resume)
         if resume and comm.is_main_process():
-            # A larger MAX_ITER extends a finished run, whose final evaluation is not done again.
-            extends = (
-                self.start_iter > 0
-                and os.path.basename(checkpoint) == "model_final.pth"
-                and self.cfg.SOLVER.MAX_ITER > self.start_iter
-            )
             drop_metrics_from(
                 os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
                 self.start_iter,
-                keep_final_evaluation=extends,
+                keep_final_evaluation=extends_finished_run(
+                    checkpoint, self.start_iter, self.cfg.SOLVER.MAX_ITER
+                ),
             )
         if self.start_iter == 0:
             return
@@ -479,6 +476,19 @@ class FocalTrainer(DefaultTrainer):
             )  # a lazily generated data set writes its json on first load
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def extends_finished_run(checkpoint: str, start_iter: int, max_iter: int) -> bool:
+    """
+    Whether a resume from ``checkpoint`` at ``start_iter`` extends a finished run to a
+    larger ``max_iter`` (SOLVER.MAX_ITER): its final evaluation is not done again then.
+    A run from MODEL.WEIGHTS (``start_iter`` 0) extends nothing, whatever the file's name.
+    """
+    return (
+        start_iter > 0
+        and os.path.basename(checkpoint) == "model_final.pth"
+        and max_iter > start_iter
+    )
 
 
 def drop_metrics_from(path: str, iteration: int, keep_final_evaluation: bool = False):

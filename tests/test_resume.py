@@ -200,6 +200,15 @@ def test_drop_metrics_from_keeps_the_final_evaluation_of_an_extended_run(tmp_pat
     assert [json.loads(line) for line in path.read_text().splitlines()] == again
 
 
+def test_only_a_resume_from_model_final_to_a_larger_max_iter_extends_a_finished_run():
+    from focal_det2.engine import extends_finished_run
+
+    assert extends_finished_run("out/model_final.pth", 600, 1000)
+    assert not extends_finished_run("out/model_final.pth", 600, 600)  # evaluates it again
+    assert not extends_finished_run("out/model_0000599.pth", 600, 1000)  # an interrupted run
+    assert not extends_finished_run("other/model_final.pth", 0, 1000)  # MODEL.WEIGHTS: a new run
+
+
 def test_drop_metrics_from_names_the_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text('{"iteration": 0}\n{"loss": 1.0}\n')
