@@ -316,6 +316,19 @@ def test_retinanets_loss_parameters_are_refused_and_not_left_on_the_model():
             FocalRetinaNet(**args, focal_loss_gamma=3.0)
 
 
+def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
+    """FL* divides by gamma: a ramp from 0 given to the constructor (not through its config) is refused."""
+    from focal_det2.schedules import LinearGamma
+
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.LOSS = "focal_star"
+    with torch.device("meta"):
+        args = FocalRetinaNet.from_config(cfg)
+        args["gamma_schedule"] = LinearGamma(end=2.0, start=0.0, iters=10)
+        with pytest.raises(ValueError, match=r"GAMMA_SCHEDULE.START=0.0: focal_star divides by"):
+            FocalRetinaNet(**args)
+
+
 def test_logged_num_pos_anchors_is_the_foreground_count_per_image():
     """
     Pins the ``num_pos_anchors`` scalar to RetinaNet's meaning: the batch's
