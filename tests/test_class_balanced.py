@@ -471,13 +471,19 @@ def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
     assert resumed.class_weights.source == "checkpoint"
     assert list(resumed.model.focal_loss.class_weights) == stored["weights"]
 
-    eval_cfg = digits_cfg(
-        output_dir=tmp_path / "eval",
-        opts=opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
-    )
+    eval_cfg_weights = ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
+    eval_cfg = digits_cfg(output_dir=tmp_path / "eval", opts=opts + eval_cfg_weights)
     model = FocalTrainer.build_model(eval_cfg)
     load_for_evaluation(eval_cfg, model)
     assert list(model.focal_loss.class_weights) == stored["weights"]
+    # evaluated with another training set and beta: inference reads neither, nothing to warn of
+    from focal_det2 import class_balance
+
+    other = ["DATASETS.TRAIN", ("digits_train_tiny",), "MODEL.FOCAL.CB_BETA", 0.9]
+    other_cfg = digits_cfg(output_dir=tmp_path / "eval", opts=opts + other + eval_cfg_weights)
+    with logged(class_balance.logger) as records:
+        load_for_evaluation(other_cfg, FocalTrainer.build_model(other_cfg))
+    assert records == []
 
 
 def test_class_weighting_with_detectron2_retinanet_is_refused_naming_the_keys():
