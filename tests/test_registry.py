@@ -157,6 +157,11 @@ def test_extra_loss_files_run_once_and_their_errors_name_them(tmp_path, monkeypa
     monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(tmp_path / "missing.py"))
     with pytest.raises(FileNotFoundError, match=r"FOCAL_DET2_EXTRA_LOSSES names .*missing.py"):
         build.load_extra_losses()
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(REPO / "focal_det2" / "losses" / "ohem.py"))
+    with pytest.raises(
+        ValueError, match=r"ohem.py, a module of focal_det2/losses/, which the pack"
+    ):
+        build.load_extra_losses()
 
 
 def test_an_extra_file_that_fails_halfway_loads_once_fixed(tmp_path, monkeypatch):

@@ -86,6 +86,11 @@ def load_extra_losses():
             continue
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{EXTRA_LOSSES_ENV} names {path}, which is not a file.")
+        if os.path.dirname(path) == os.path.dirname(os.path.abspath(__file__)):
+            raise ValueError(
+                f"{EXTRA_LOSSES_ENV} names {path}, a module of focal_det2/losses/, which the "
+                f"package imports itself: remove it from {EXTRA_LOSSES_ENV}."
+            )
         spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
         )
