@@ -169,12 +169,13 @@ def test_xyxy_box_size_is_its_corners_difference(coco):
 
 @pytest.mark.parametrize("w, h", NO_AREA)
 def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog, w, h):
-    name, _, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h)]})
+    degenerate = _box(30, 30, w, h)
+    name, _, _ = coco({1: GOOD + [degenerate], 3: [_box(8, 8, 16, 16), degenerate]})
     cfg = _cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "drop", "SOLVER.IMS_PER_BATCH", 2)
     with caplog.at_level("WARNING"):
         batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
-    assert "dropped 1 boxes with width or height <= 0 or NaN" in caplog.text
+    assert "dropped 2 boxes with width or height <= 0 or NaN" in caplog.text  # of both images
 
 
 def test_unknown_degenerate_boxes_option_names_the_key(coco, tmp_path):

@@ -250,6 +250,9 @@ def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
     with logged(class_balance.logger) as records:
         ClassWeights(loss, cfg).load_state_dict({**state, "datasets": list(cfg.DATASETS.TRAIN)})
     assert records == []
+    with logged(class_balance.logger) as records:  # a state that does not name its sets
+        ClassWeights(loss, cfg).load_state_dict(state)
+    assert records == []
     with logged(class_balance.logger) as records:  # an evaluation reads neither
         other = {**state, "datasets": ["other_train"], "beta": 0.5}
         ClassWeights(loss, cfg, training=False).load_state_dict(other)
@@ -469,7 +472,10 @@ def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
     assert resumed.start_iter == 2
     resumed.train()
     assert resumed.class_weights.source == "checkpoint"
+    assert resumed.class_weights.counts == counts  # the resumed run's log and checkpoint keep them
     assert list(resumed.model.focal_loss.class_weights) == stored["weights"]
+    restored = torch.load(tmp_path / "model_final.pth", weights_only=False)["class_weights"]
+    assert restored == stored
 
     eval_cfg_weights = ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
     eval_cfg = digits_cfg(output_dir=tmp_path / "eval", opts=opts + eval_cfg_weights)

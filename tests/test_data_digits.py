@@ -106,6 +106,8 @@ def test_pixels_outside_boxes_are_background(tmp_path):
             assert gray[y : y + h, x : x + w].max() > 150
         assert gray[~inside].max() < 80
         assert abs(np.median(gray[~inside]) - BACKGROUND) <= 1
+        # the generator's Gaussian noise (rounding to uint8 adds 1/12 to its variance)
+        assert abs(gray[~inside].std() - NOISE_STD) < 0.4
 
 
 @pytest.mark.parametrize("side", [4, 12, 23, 40])
@@ -244,6 +246,17 @@ def test_ensure_generated_writes_the_metadata_json(registered):
     meta = MetadataCatalog.get(registered)
     assert ensure_generated(registered) == meta.json_file
     assert os.path.isfile(meta.json_file)
+
+
+def test_the_trainers_evaluator_generates_a_split_not_yet_cached(registered, tmp_path):
+    from detectron2.config import get_cfg
+
+    from focal_det2.engine import FocalTrainer
+
+    json_file = MetadataCatalog.get(registered).json_file
+    assert not os.path.exists(json_file)
+    evaluator = FocalTrainer.build_evaluator(get_cfg(), registered, str(tmp_path / "eval"))
+    assert isinstance(evaluator, COCOEvaluator) and os.path.isfile(json_file)
 
 
 def test_coco_evaluator_scores_ground_truth_as_perfect(registered):

@@ -348,7 +348,8 @@ def test_logged_num_pos_anchors_is_the_foreground_count_per_image():
 def test_anchor_logits_are_the_head_logits_and_anchor_labels(loss):
     """
     Pins ``FocalRetinaNet.anchor_logits`` (what tools/plot_loss_cdf.py reads) to the
-    head's (N, R, num_logits) logits and the matcher's labels, for K and K + 1 logits.
+    head's (N, R, num_logits) logits and the matcher's labels, for K and K + 1 logits,
+    computed without an autograd graph.
     Guards the mutant that splits the head's output into ``num_classes`` columns
     instead of ``num_logits`` (the same for sigmoid losses, wrong for softmax).
     """
@@ -357,6 +358,7 @@ def test_anchor_logits_are_the_head_logits_and_anchor_labels(loss):
     expected_logits, expected_labels = head_logits(model, inputs)
     logits, labels = model.anchor_logits(inputs)
     assert logits.shape == expected_logits.shape == (2, logits.shape[1], model.num_logits)
+    assert not logits.requires_grad
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
     assert torch.equal(labels, expected_labels)
 

@@ -101,6 +101,8 @@ def test_lookup_names_the_key_and_the_valid_names_in_order():
     assert str(error.value) == (
         "MODEL.TOY.NAME='beta' is not registered; valid names: ['alpha', 'zeta']"
     )
+    with pytest.raises(ValueError, match="MODEL.TOY.NAME='Zeta' is not registered"):
+        lookup(registry, "Zeta", "MODEL.TOY.NAME")  # names are exact, as in Detectron2
 
 
 def test_a_loss_file_in_the_losses_folder_and_an_extra_file_register_on_import(tmp_path):

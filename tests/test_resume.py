@@ -7,7 +7,9 @@ processes (GLOO, CPU).
 """
 
 import json
+import logging
 import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -174,6 +176,10 @@ def test_drop_metrics_from_keeps_earlier_records_and_the_open_writer_appends(tmp
     writer.close()
     got = [json.loads(line) for line in path.read_text().splitlines()]
     assert got == records[:2] + [{"iteration": 2, "loss": 0.5}]
+    # every complete record kept: the cut-off line still goes
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iteration": 4, "lo')
+    drop_metrics_from(str(path), 4)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records)
     drop_metrics_from(str(tmp_path / "absent.json"), 0)  # no file: nothing to do
 
 
@@ -402,30 +408,67 @@ def test_train_loader_from_iteration_0_is_detectron2s_seeded_stream():
     assert _image_ids(FocalTrainer.build_train_loader(cfg), 6) == _image_ids(detectron2_loader, 6)
 
 
+def test_another_sampler_is_detectron2s_and_its_resume_warns(caplog):
+    """
+    DATALOADER.SAMPLER_TRAIN other than TrainingSampler: the loader is Detectron2's own, with
+    that sampler (here repeat-factor sampling, whose stream differs from TrainingSampler's);
+    resumed, it says that its data order restarts.
+    """
+    opts = ["DATALOADER.NUM_WORKERS", 0, "DATALOADER.ASPECT_RATIO_GROUPING", False]
+    opts += ["SOLVER.IMS_PER_BATCH", 3, "INPUT.MIN_SIZE_TRAIN", (32,), "INPUT.MAX_SIZE_TRAIN", 32]
+    plain = digits_cfg(opts=opts)
+    repeat = ["DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler"]
+    cfg = digits_cfg(opts=opts + repeat + ["DATALOADER.REPEAT_THRESHOLD", 1.0])
+    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
+    detectron2_loader = build_detection_train_loader(
+        cfg, dataset=dataset, mapper=DatasetMapper(cfg, is_train=True)
+    )
+    ours = _image_ids(FocalTrainer.build_train_loader(cfg), 6)
+    assert ours == _image_ids(detectron2_loader, 6)
+    assert ours != _image_ids(FocalTrainer.build_train_loader(plain), 6)
+    with caplog.at_level("WARNING", logger="focal_det2.engine"):
+        _image_ids(FocalTrainer.build_train_loader(cfg, start_iter=2), 1)
+    assert "SAMPLER_TRAIN=RepeatFactorTrainingSampler: the resumed run restarts" in caplog.text
+
+
 # ----------------------------------------------------------------------------- 2 processes
 
 TWO_PROCESS_MAX_ITER, TWO_PROCESS_STOP_AFTER = 6, 3
 
 
-def _two_process_cfg(output_dir):
+def _two_process_cfg(output_dir, sync_normalizer=True):
     return _cfg(
         output_dir,
         "SOLVER.IMS_PER_BATCH",
         4,  # 2 images a process
         "MODEL.FOCAL.SYNC_NORMALIZER",
-        True,  # what an exact multi-process resume needs
+        sync_normalizer,  # on: what an exact multi-process resume needs
         max_iter=TWO_PROCESS_MAX_ITER,
         stop_after=TWO_PROCESS_STOP_AFTER,
     )
 
 
 def _resume_worker(out_dir):
-    """Run in each process of a launch: an uninterrupted run, a stopped one, its resume."""
+    """
+    Run in each process of a launch: an uninterrupted run, a stopped one, its resume; then
+    the finished run's resume (in a copy) without the synced normaliser, for its warning.
+    """
     whole = _train(_two_process_cfg(out_dir / "whole"))
     _train(_two_process_cfg(out_dir / "parts"), stop_after=TWO_PROCESS_STOP_AFTER)
     comm.synchronize()  # process 0 has written the checkpoint
-    resumed = _train(_two_process_cfg(out_dir / "parts"), resume=True)
-    state = {}
+    with logged(logging.getLogger("focal_det2.engine")) as synced_warnings:
+        resumed = _train(_two_process_cfg(out_dir / "parts"), resume=True)
+    if comm.is_main_process():
+        shutil.copytree(out_dir / "parts", out_dir / "unsynced")  # the resume rewrites metrics
+    comm.synchronize()
+    with logged(logging.getLogger("focal_det2.engine")) as unsynced_warnings:
+        _Trainer(_two_process_cfg(out_dir / "unsynced", False)).resume_or_load(resume=True)
+    state = {
+        "warnings": {
+            "synced": [r.getMessage() for r in synced_warnings],
+            "unsynced": [r.getMessage() for r in unsynced_warnings],
+        }
+    }
     for name, trainer in (("whole", whole), ("resumed", resumed)):
         model = trainer.checkpointer.model  # without the DDP wrapper
         state[name] = {
@@ -467,6 +510,15 @@ def test_two_processes_resume_to_the_same_weights(two_process_runs):
     assert ranks[1]["resumed"]["loss_normalizer"] == ranks[0]["resumed"]["loss_normalizer"]
 
 
+def test_two_process_resume_warns_only_without_the_synced_normalizer(two_process_runs):
+    ranks, _ = two_process_runs
+    for rank in ranks:
+        said = {
+            k: any("SYNC_NORMALIZER is off" in m for m in v) for k, v in rank["warnings"].items()
+        }
+        assert said == {"synced": False, "unsynced": True}
+
+
 def test_two_processes_resume_to_the_same_metrics(two_process_runs):
     _, out_dir = two_process_runs
     _assert_same_metrics(
@@ -495,7 +547,6 @@ def test_resume_checks_the_training_data_once(runs, tmp_path, monkeypatch):
     Guards the old behaviour: DefaultTrainer built the train loader (loading and
     checking every record) and ``--resume`` built it again at the start iteration.
     """
-    import shutil
 
     import focal_det2.engine as engine
 

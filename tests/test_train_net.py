@@ -179,6 +179,8 @@ def test_hidden_warnings_are_exactly_the_third_party_ones(export):
     assert shown(jit.format("script"), DeprecationWarning, "torch.jit._script")
     assert shown(meshgrid, UserWarning, "focal_det2.engine")
     assert shown(meshgrid, FutureWarning, "torch.functional")
+    # torch's other meshgrid warnings show
+    assert shown("torch.meshgrid: indexing must be 'ij' or 'xy'", UserWarning, "torch.functional")
 
 
 def test_train_net_eval_only_evaluates_the_checkpoints_weights(tmp_path, monkeypatch):
