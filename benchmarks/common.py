@@ -33,11 +33,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _cpu_jiffies():
-    """(busy, total) CPU jiffies of the whole machine from /proc/stat; busy counts steal time."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]  # user .. softirq, steal
+def busy_and_total_jiffies(cpu_line: str):
+    """
+    (busy, total) jiffies of /proc/stat's ``cpu`` line: its first 8 fields (user, nice,
+    system, idle, iowait, irq, softirq, steal); busy is all but idle and iowait.
+    """
+    values = [int(v) for v in cpu_line.split()[1:9]]
     return sum(values) - values[3] - values[4], sum(values)
+
+
+def _cpu_jiffies():
+    """(busy, total) CPU jiffies of the whole machine; busy counts steal time."""
+    with open("/proc/stat") as f:
+        return busy_and_total_jiffies(f.readline())
 
 
 def _cpu_busy_fraction(interval: float = 1.0) -> float:

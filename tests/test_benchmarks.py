@@ -158,6 +158,13 @@ def test_wait_for_idle_cpu_returns_at_once_without_wait_or_when_idle_enough():
     assert 0.0 <= busy <= 1.0 and time.perf_counter() - start < 4.0
 
 
+def test_busy_jiffies_leave_out_idle_and_iowait():
+    common = load_benchmark("common")
+    # user nice system idle iowait irq softirq steal, then guest fields, not added
+    line = "cpu  10 20 30 400 50 6 7 8 90 100"
+    assert common.busy_and_total_jiffies(line) == (10 + 20 + 30 + 6 + 7 + 8, 531)
+
+
 def test_run_child_once_reads_the_last_line_and_raises_on_failure():
     common = load_benchmark("common")
     child = [sys.executable, "-c", "print('a warning'); print('{\"a\": 1}')"]

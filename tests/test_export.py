@@ -5,13 +5,17 @@ saved with ``torch.jit.save`` and reloaded gives the eager model's
 detections. And tools/export_model.py end to end on a tiny model.
 """
 
+import logging
+
+import numpy as np
 import pytest
 import torch
-from conftest import LOSSES, REPO, build_loss, tiny_cfg
+from conftest import LOSSES, REPO, build_loss, logged, tiny_cfg
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model, detector_postprocess
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.testing import convert_scripted_instances
+from PIL import Image
 from test_tools import load_tool
 
 FIELDS = {"pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
@@ -90,36 +94,48 @@ def test_traced_model_gives_the_eager_detections(loss, tmp_path):
     _assert_same_detections(expected, actual)
 
 
+def _landscape_png(path):
+    """A 96 x 160 (H x W) noise image: not square, so H and W cannot be swapped unseen."""
+    pixels = np.random.default_rng(0).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_export_sample_image_is_resized_as_at_test_time(tmp_path):
+    tool = load_tool("export_model")
+    cfg = tiny_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 128, 128  # the long side is 128
+    image = tool.sample_image(cfg, _landscape_png(tmp_path / "sample.png"))
+    assert image.shape == (3, 77, 128) and image.dtype == torch.uint8
+
+
 @pytest.mark.parametrize("method", ["scripting", "tracing"])
 def test_export_tool_end_to_end(method, tmp_path, capsys):
+    """On a landscape --sample-image, freshly initialised weights (with the warning)."""
     tool = load_tool("export_model")
     config = str(REPO / "configs" / "digits" / "focal_star_R18_FPN_1x.yaml")
-    report = tool.main(
-        [
-            "--config-file",
-            config,
-            "--format",
-            "torchscript",
-            "--export-method",
-            method,
-            "--output",
-            str(tmp_path),
-            "DATASETS.TEST",
-            "('digits_val_tiny',)",
-            "MODEL.FPN.OUT_CHANNELS",
-            "64",
-            "MODEL.RETINANET.SCORE_THRESH_TEST",
-            "0.0",
-        ]
-    )
+    with logged(logging.getLogger("focal_det2.export")) as warnings:
+        report = tool.main(
+            [
+                *("--config-file", config, "--format", "torchscript"),
+                *("--export-method", method, "--output", str(tmp_path)),
+                *("--sample-image", _landscape_png(tmp_path / "sample.png")),
+                *("DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64"),
+                *("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"),
+            ]
+        )
+    assert [w.getMessage() for w in warnings] == [
+        "MODEL.WEIGHTS is empty: exporting a freshly initialised model."
+    ]
     assert (
         report["path"] == str(tmp_path / "model.ts") and (tmp_path / "model.ts").stat().st_size > 0
     )
-    assert report["detections"] == (100, 100)
+    eager, exported = report["detections"]
+    assert eager == exported > 0  # up to DETECTIONS_PER_IMAGE; NMS of a random model decides
     assert report["agree"] and report["classes_equal"]
     assert report["max_box_diff"] <= tool.TOLERANCE and report["max_score_diff"] <= tool.TOLERANCE
     out = capsys.readouterr().out
-    assert f"(torchscript, {method}): 100 eager / 100 exported detections" in out
+    assert f"(torchscript, {method}): {eager} eager / {eager} exported detections" in out
     assert out.rstrip().endswith("-> agree")
     # the file is the one the method writes: scripting takes the list of image dicts, tracing one tensor
     code = torch.jit.load(report["path"]).code
@@ -167,6 +183,7 @@ def test_export_tool_agreement_needs_equal_classes_and_boxes_within_the_toleranc
     assert at["max_score_diff"] == tol and at["agree"]
     over = tool.agreement(expected, _detections(boxes, [0.5, 2 * tol], [1, 2]))
     assert over["max_score_diff"] == 2 * tol and not over["agree"]
+    assert not tool.agreement(expected, _detections(boxes, [0.5, 1e-3], [1, 2]))["agree"]
     none = _detections([], [], [])
     assert tool.agreement(none, none) == {
         "detections": (0, 0),

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -572,6 +573,43 @@ def test_ablate_resumes_only_an_attempt_with_its_checkpoint_and_the_same_setting
     assert ablate.interrupted_attempt(run) is None
 
 
+def test_ablate_attempt_resumes_or_starts_in_a_cleared_folder(tmp_path):
+    """
+    An attempt killed before its first checkpoint left files: the next attempt starts in an
+    emptied folder (train_net.py refuses an OUTPUT_DIR with metrics.json). An interrupted
+    attempt resumes in its folder, with its checkpoint period unless one is given.
+    """
+    ablate = load_tool("ablate")
+    run, _ = _run_with_result(ablate, tmp_path, lambda argv: {})
+    folder = Path(run.out_dir)
+    (folder / "metrics.json").write_text('{"iteration": 0}\n')
+    attempt, resume = ablate.start_attempt(run)
+    assert not resume and attempt["argv"] == run.argv() and attempt["checkpoint_period"] is None
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]
+    assert json.loads((folder / "run.json").read_text()) == attempt
+
+    (folder / "run.json").write_text(json.dumps({**attempt, "checkpoint_period": 50}))
+    (folder / "last_checkpoint").write_text("model_0000049.pth")
+    (folder / "model_0000049.pth").touch()
+    attempt, resume = ablate.start_attempt(run)
+    assert resume and attempt["checkpoint_period"] == 50
+    assert (folder / "model_0000049.pth").exists()
+    attempt, resume = ablate.start_attempt(run, checkpoint_period=20)
+    assert resume and json.loads((folder / "run.json").read_text())["checkpoint_period"] == 20
+
+
+def test_ablate_run_environment_leaves_a_users_thread_count(monkeypatch):
+    ablate = load_tool("ablate")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = ablate.run_environment(3)
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert env["PYTHONPATH"] == os.pathsep.join([str(REPO), "/elsewhere"])
+    assert "OMP_NUM_THREADS" not in ablate.run_environment()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert ablate.run_environment(3)["OMP_NUM_THREADS"] == "1"
+
+
 def test_training_clock_adds_the_seconds_of_the_checkpoint_and_leaves_out_evaluation():
     ablate = load_tool("ablate")
     evaluated = [0.0]
@@ -648,7 +686,9 @@ def test_ablate_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resul
     assert metrics_records(parts) == metrics_records(whole)
     assert "CHECKPOINT_PERIOD: 1\n" in (parts / "config.yaml").read_text()  # the attempt's period
     assert sorted(p.name for p in parts.glob("*.pth")) == ["model_final.pth"]
-    assert "[ablate.py] resuming the interrupted attempt" in (parts / "stdout.log").read_text()
+    log = (parts / "stdout.log").read_text()  # both attempts'
+    assert "[ablate.py] resuming the interrupted attempt" in log
+    assert "Starting training from iteration 0" in log and "from iteration 2" in log
 
     (parts / "result.json").unlink()
     ablate.main(args + out + iters)
@@ -869,11 +909,15 @@ def test_ablate_threads_per_job_and_checkpoint_period(tmp_path, monkeypatch):
     --jobs 1 leaves the run's threads to torch; --jobs 2 gives each run half the cores.
     --checkpoint-period reaches every run.
     """
+    import threading
+
     ablate = load_tool("ablate")
-    calls = []
+    calls, both_running = [], threading.Barrier(2, timeout=30)
 
     def fake_train(run, verbose=False, threads=None, checkpoint_period=None):
         calls.append((run.row.name, threads, checkpoint_period))
+        if threads is not None:
+            both_running.wait()  # --jobs 2 trains the two runs at once
         return _fake_result(1.0)
 
     monkeypatch.setattr(ablate, "train_run", fake_train)
@@ -965,21 +1009,32 @@ def tiny_canvas(tmp_path, monkeypatch):
     digits_module._REGISTERED.pop(name, None)
 
 
-def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_canvas):
+@pytest.mark.parametrize("resized", [False, True], ids=["canvas size", "resized, two sizes"])
+def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_canvas, resized):
+    """
+    Resized: training's input sizes are a random choice of two short sides, so the images
+    are resized and of two sizes, with anchors for each (RNG seeded alike for both paths).
+    """
     from conftest import head_logits
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
 
     imbalance = load_tool("imbalance")
-    cfg = imbalance.canvas_cfg(256)
+    resize = ["INPUT.MIN_SIZE_TRAIN", (160, 224), "INPUT.MAX_SIZE_TRAIN", 224]
+    cfg = imbalance.canvas_cfg(256, opts=resize if resized else ())
+    np.random.seed(3)
     measured = imbalance.measure_imbalance(cfg, tiny_canvas)
     assert measured["images"] == 3 and measured["dataset"] == tiny_canvas
-    assert measured["anchors_per_image"] == _anchors_per_image(256) == 12276
     # independently: training's DatasetMapper on the real images, the backbone on them and the
-    # model's label_anchors on all 3 at once
+    # model's label_anchors on each image
     model = build_model(cfg).eval()
+    np.random.seed(3)
     inputs = [DatasetMapper(cfg, is_train=True)(d) for d in DatasetCatalog.get(tiny_canvas)]
-    _, labels = head_logits(model, inputs)
+    if resized:
+        assert {x["image"].shape[1:] for x in inputs} == {(160, 160), (224, 224)}
+    else:
+        assert measured["anchors_per_image"] == _anchors_per_image(256) == 12276
+    labels = torch.cat([head_logits(model, [x])[1] for x in inputs], dim=1)
     K = cfg.MODEL.RETINANET.NUM_CLASSES
     expected = {
         "positive": ((labels >= 0) & (labels < K)).sum(),
@@ -1443,6 +1498,46 @@ def test_plot_imbalance_draws_the_mean_line_and_the_seed_range(tmp_path, monkeyp
             np.array(bar.lines[2][0].get_segments()),
             [[[p[0], min(p[4])], [p[0], max(p[4])]] for p in points],
         )
+
+
+def test_plot_imbalance_marks_the_canvases_and_seeds_of_ap_0(tmp_path, monkeypatch):
+    """
+    The top axis names each canvas at its measured imbalance (here 128 px is measured the
+    most imbalanced, so the order of sides is not that of the ticks); a seed with AP 0 is a
+    black x, every other seed a dot of its line's colour.
+    """
+    tool = load_tool("plot_imbalance")
+    folder = _synthetic_sweep(tmp_path / "sweep")
+    data = json.loads((folder / "imbalance.json").read_text())
+    data["canvases"]["128"]["negatives_per_positive"] = 90000.0
+    (folder / "imbalance.json").write_text(json.dumps(data))
+
+    def zero_ap(lines):
+        for line in lines:
+            if line["row"] == "s256/ce_a0.75" and line["seed"] == "1":
+                line["AP"] = "0.0"
+        return lines
+
+    _rewrite_runs(folder, zero_ap)
+    figures = []
+    save = tool.save_figure
+    monkeypatch.setattr(
+        tool, "save_figure", lambda fig, *args: (figures.append(fig), save(fig, *args))
+    )
+    tool.plot([str(folder)], str(tmp_path / "sweep.png"), dpi=20)
+    (ax,) = [a for a in figures[0].axes if a.get_legend() is not None]
+    (top,) = ax.child_axes
+    ticks = dict(zip(top.get_xticks(), (t.get_text() for t in top.get_xticklabels())))
+    assert ticks == {400.0: "256 px", 1600.0: "512 px", 3600.0: "768 px", 90000.0: "128 px"}
+    marks = [line for line in ax.lines if line.get_marker() in (".", "x") and len(line.get_ydata())]
+    crosses = [line for line in marks if line.get_marker() == "x"]
+    assert [(list(c.get_xdata()), list(c.get_ydata())) for c in crosses] == [([400.0], [0.0])]
+    assert crosses[0].get_color() == "black"
+    dots = [line for line in marks if line is not crosses[0]]
+    assert dots  # a point's seeds other than AP 0
+    for line in dots:
+        assert line.get_marker() == "." and line.get_color() != "black"
+        assert 0.0 not in line.get_ydata()
 
 
 def test_plot_imbalance_counts_a_run_without_detections_as_ap_0(tmp_path, capsys):

@@ -676,21 +676,12 @@ def interrupted_attempt(run: Run) -> Optional[dict]:
     return attempt
 
 
-def train_run(
-    run: Run,
-    verbose: bool = False,
-    threads: Optional[int] = None,
-    checkpoint_period: Optional[int] = None,
-) -> dict:
+def start_attempt(run: Run, checkpoint_period: Optional[int] = None) -> Tuple[dict, bool]:
     """
-    Trains and evaluates ``run`` in a fresh process and returns its result.
-    An interrupted attempt with a checkpoint (:func:`interrupted_attempt`)
-    is resumed from it (``--resume``: the same weights and metrics as an
-    uninterrupted run), with that attempt's checkpoint period unless
-    ``checkpoint_period`` is given; any other directory left by an attempt
-    is cleared first. ``threads`` sets OMP_NUM_THREADS of the process
-    unless the environment sets it; ``checkpoint_period`` (iterations)
-    makes the run checkpoint that often.
+    The attempt of ``run`` about to train, written to its ``run.json``, and whether it
+    resumes: an interrupted attempt (:func:`interrupted_attempt`) resumes, with its own
+    checkpoint period unless ``checkpoint_period`` is given; otherwise whatever an attempt
+    left in ``run.out_dir`` is cleared and a new attempt begins.
     """
     attempt = interrupted_attempt(run)
     resume = attempt is not None
@@ -702,6 +693,38 @@ def train_run(
     if checkpoint_period is not None:
         attempt["checkpoint_period"] = checkpoint_period
     _write_json(os.path.join(run.out_dir, RUN_FILE), attempt)
+    return attempt, resume
+
+
+def run_environment(threads: Optional[int] = None) -> dict:
+    """
+    The environment of a run's process: this one's, with this checkout first on
+    PYTHONPATH and OMP_NUM_THREADS ``threads`` unless the environment sets it.
+    """
+    env = dict(os.environ)
+    # The child's sys.path[0] is tools/: without this it imports whichever focal_det2 is
+    # installed (another checkout's, with another config schema), not this checkout's.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
+
+
+def train_run(
+    run: Run,
+    verbose: bool = False,
+    threads: Optional[int] = None,
+    checkpoint_period: Optional[int] = None,
+) -> dict:
+    """
+    Trains and evaluates ``run`` in a fresh process and returns its result.
+    An interrupted attempt is resumed (``--resume``: the same weights and
+    metrics as an uninterrupted run; see :func:`start_attempt`).
+    ``threads`` sets OMP_NUM_THREADS of the process unless the environment
+    sets it; ``checkpoint_period`` (iterations) makes the run checkpoint
+    that often.
+    """
+    attempt, resume = start_attempt(run, checkpoint_period)
     flags = ["--resume"] if resume else []
     if attempt.get("checkpoint_period") is not None:
         flags += ["--checkpoint-period", str(attempt["checkpoint_period"])]
@@ -712,13 +735,7 @@ def train_run(
             log.write(f"\n[ablate.py] resuming the interrupted attempt at commit {_git_commit()}\n")
             log.flush()
         streams = {} if verbose else {"stdout": log, "stderr": subprocess.STDOUT}
-        env = dict(os.environ)
-        # The child's sys.path[0] is tools/: without this it imports whichever focal_det2 is
-        # installed (another checkout's, with another config schema), not this checkout's.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-        if threads is not None:
-            env.setdefault("OMP_NUM_THREADS", str(threads))
-        proc = subprocess.run(cmd, cwd=REPO, env=env, **streams)
+        proc = subprocess.run(cmd, cwd=REPO, env=run_environment(threads), **streams)
     if proc.returncode != 0:
         tail = ""
         if not verbose:  # with --verbose the log went to the console
