@@ -274,22 +274,27 @@ WEIGHTS = (0.5, 2.0, 0.25)
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_weighted_loss_is_the_per_anchor_sum(name):
-    """Every loss: sum_i w_{label_i} loss(anchor i), background and ignored weigh 1, value and gradient."""
-    loss = build_loss(name, 3, alpha=0.3)
+@pytest.mark.parametrize("class_alpha", [(), (0.2, 0.5, 0.8)], ids=["ALPHA", "CLASS_ALPHA"])
+def test_weighted_loss_is_the_per_anchor_sum(name, class_alpha):
+    """
+    Every loss: sum_i w_{label_i} loss(anchor i), background and ignored weigh 1, value and
+    gradient; with CLASS_ALPHA, and at a scheduled gamma (the call's) for losses with gamma.
+    """
+    loss = build_loss(name, 3, alpha=0.3, class_alpha=class_alpha)
+    gamma = 0.5 if loss.uses_gamma else None  # not the configured 2
     logits, labels = _batch(loss.num_logits, 3)
     loss.set_class_weights(WEIGHTS)
-    got = loss(logits, labels)
+    got = loss(logits, labels, gamma)
     (grad,) = torch.autograd.grad(got, logits)
     loss.set_class_weights(None)
     expected = sum(
-        (WEIGHTS[y] if 0 <= y < 3 else 1.0) * loss(logits[i : i + 1], labels[i : i + 1])
+        (WEIGHTS[y] if 0 <= y < 3 else 1.0) * loss(logits[i : i + 1], labels[i : i + 1], gamma)
         for i, y in enumerate(labels.tolist())
     )
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
-    assert not torch.allclose(got, loss(logits, labels))  # the weights change it
+    assert not torch.allclose(got, loss(logits, labels, gamma))  # the weights change it
 
 
 def test_new_class_weights_replace_the_cached_ones():

@@ -161,6 +161,25 @@ def test_matches_reference_with_class_alpha(name, alpha, dtype, chunking):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", ["sigmoid_focal", "focal_star", "softmax_focal"])
+def test_matches_reference_with_class_alpha_at_gamma_1(name, dtype, backend_name):
+    """gamma = 1 has its own modulator (no power): CLASS_ALPHA still weighs each class."""
+    logits, labels = batch(name, dtype=dtype, seed=2)
+    class_alpha = torch.linspace(0.1, 0.9, NUM_CLASSES, dtype=dtype)
+    kwargs = kwargs_of(name, gamma=1.0, class_alpha=class_alpha)
+    assert_matches_reference(name, logits, labels, **kwargs)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_star_without_shift_matches_reference(gamma, backend_name):
+    """STAR_BETA 0: the logits scaled by gamma, not shifted."""
+    logits, labels = batch("focal_star", seed=18)
+    assert_matches_reference(
+        "focal_star", logits, labels, **kwargs_of("focal_star", gamma=gamma, beta=0.0)
+    )
+
+
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_float32_value_matches_float32_reference(name, gamma, backend_name):
@@ -337,6 +356,18 @@ def test_no_grad_and_non_contiguous_logits(name, backend_name):
     assert not wide.is_contiguous()
     v2, g2 = value_and_grad(FAST[name], wide, labels, **kwargs_of(name))
     assert v2 == value and torch.equal(g2, grad)
+    strided = torch.stack([labels, torch.full_like(labels, -1)], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    v3, g3 = value_and_grad(FAST[name], logits, strided, **kwargs_of(name))
+    assert v3 == value and torch.equal(g3, grad)
+
+
+def test_softmax_with_more_classes_than_a_block_of_rows(backend_name):
+    """LVIS-like width: 1203 classes + background, wider than Triton's block of 512 elements."""
+    g = torch.Generator().manual_seed(22)
+    logits = torch.randn(6, 1204, generator=g) * 3
+    labels = torch.tensor([-1, 0, 5, 1202, 1203, 700])
+    assert_matches_reference("softmax_focal", logits, labels, **kwargs_of("softmax_focal"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -414,14 +445,39 @@ def test_backend_env_value_is_read_without_surrounding_whitespace(monkeypatch):
 def test_compile_backend_compiles_each_kernel_once(monkeypatch):
     monkeypatch.setenv(backends.BACKEND_ENV, "compile")
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
 
     def kernel(x):
         return x + 1
 
     first = backends.compiled(kernel, "cpu")
-    assert backends.compiled(kernel, "cpu") is first and compiled == [kernel]
+    assert backends.compiled(kernel, "cpu") is first and compiled == [(kernel, {"dynamic": True})]
     assert first(1) == 2
+
+
+def test_compile_falls_back_to_eager_per_device_type(monkeypatch, caplog):
+    """A kernel that fails to compile on one device type stays compiled on the other."""
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
+
+    def compile_failing_on_cpu(fn, **kwargs):
+        def run(x):
+            if x.device.type == "cpu":
+                raise RuntimeError("no compiler (test)")
+            return fn(x) * 10  # "compiled": tells itself apart
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_failing_on_cpu)
+    monkeypatch.setattr(backends, "select_backend", lambda device_type: ("compile", "test"))
+
+    def kernel(x):
+        return x + 1
+
+    on_cpu, on_meta = backends.compiled(kernel, "cpu"), backends.compiled(kernel, "meta")
+    assert on_cpu is not on_meta
+    assert on_cpu(torch.tensor(1)).item() == 2  # failed, eager from now on
+    assert backends.backend("cpu") == "eager" and backends.backend("meta") == "compile"
+    assert "torch.compile failed (no compiler (test))" in caplog.text
 
 
 def test_float64_logits_under_triton_take_the_eager_kernels_uncompiled(monkeypatch):
@@ -456,6 +512,20 @@ def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatc
         match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu",
     ):
         backends.select_backend("cpu")
+
+
+@pytest.mark.parametrize("device_type", ["mps", "xpu"])
+def test_backend_env_triton_on_other_devices_raises(monkeypatch, device_type):
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match=f"run on CUDA tensors, these are on {device_type}"):
+        backends.select_backend(device_type)
+
+
+def test_backend_of_cuda_tensors_is_chosen_for_cuda():
+    """Chosen on first use for the tensors' device type: Triton for CUDA where it imports."""
+    if backends._triton_missing():
+        pytest.skip(backends._triton_missing())
+    assert backends.backend("cuda") == "triton" and backends.backend("cpu") == "eager"
 
 
 def test_backend_env_triton_without_triton_raises(monkeypatch):

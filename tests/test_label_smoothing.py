@@ -217,6 +217,42 @@ def test_extreme_logits_are_finite_and_match(name, gamma, backend_name, paths):
     torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_softmax_smoothing_of_confident_rows(gamma, backend_name, paths):
+    """
+    Rows whose top logit leads the others by 20 to 80 (a confident softmax in float32): the
+    other columns' probabilities are e^-20 to e^-80 and their smoothed terms' gradient is
+    of that size, which 1 - p taken by subtraction (1 - p_top rounds to 0) would swamp.
+    """
+    loss = smoothed("softmax_focal", 0.1, gamma=gamma)
+    lead = torch.tensor([20.0, 35.0, 50.0, 80.0])
+    logits = torch.zeros(8, 4)
+    logits[torch.arange(8), torch.arange(8) % 4] = lead.repeat(2)
+    labels = torch.tensor([0, 1, 2, 3, 1, 3, 0, 2])  # right (background: 3), then wrong
+    x = logits.clone().requires_grad_()
+    value = loss(x, labels)
+    value.backward()
+    assert_ran_on(backend_name, paths)
+    x64 = logits.double().requires_grad_()
+    ref = loss.reference_loss(x64, labels)
+    ref.backward()
+    torch.testing.assert_close(value, ref.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-37)
+
+
+@pytest.mark.parametrize("name", SMOOTHED)
+def test_smoothed_backward_scales_by_the_incoming_gradient(name, backend_name, paths):
+    loss = smoothed(name, 0.1, gamma=0.5)
+    logits, labels = batch(loss.num_logits, 3, dtype=torch.float32)
+    grads = []
+    for scale in (1.0, 0.25):
+        x = logits.clone().requires_grad_()
+        (loss(x, labels) * scale).backward()
+        grads.append(x.grad)
+    assert_ran_on(backend_name, paths)
+    torch.testing.assert_close(grads[1], grads[0] * 0.25, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("name", SMOOTHED)
 def test_zero_smoothing_is_bit_identical(name, backend_name, paths):
     """LABEL_SMOOTHING 0 (the default) runs the hard-target kernels: the same bits as without the key."""

@@ -163,13 +163,41 @@ def test_log1p_polynomial_is_float32_accurate_on_0_1(device):
 
 
 def test_gamma_is_a_runtime_argument_of_the_kernels():
-    # A schedule changes gamma every iteration: as a tl.constexpr it would recompile each time.
+    """
+    A schedule changes gamma every iteration: as a tl.constexpr it would recompile each time.
+    FL*'s gamma reaches the sigmoid kernel as scale, shift and factor; alpha and label
+    smoothing are runtime values too. Only shapes, block sizes and switches are constexpr.
+    """
     import inspect
 
-    for kernel in (triton_kernels._sigmoid_kernel, triton_kernels._softmax_kernel):
+    runtime = {
+        triton_kernels._sigmoid_kernel: {
+            "gamma", "scale", "shift", "factor", "pos_weight", "neg_weight", "delta"
+        },
+        triton_kernels._softmax_kernel: {"gamma", "smoothing"},
+    }  # fmt: skip
+    for kernel, names in runtime.items():
         params = inspect.signature(kernel.fn).parameters
-        assert params["gamma"].annotation is inspect.Parameter.empty
+        for name in names:
+            assert params[name].annotation is inspect.Parameter.empty, name
         assert "constexpr" in str(params["GRAD"].annotation)
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_gradient_is_written_in_the_logits_dtype(name, dtype, device, monkeypatch):
+    """The kernels' gradient buffer is half precision (half the memory), not cast afterwards."""
+    written, backward = [], triton_kernels._backward
+
+    def recorded(*args):
+        grad = backward(*args)
+        written.append(grad.dtype)
+        return grad
+
+    monkeypatch.setattr(triton_kernels, "_backward", recorded)
+    logits, labels = batch(name, num_anchors=50, seed=24)
+    run(name, logits.to(dtype), labels, device, **kwargs_of(name))
+    assert written == [dtype]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

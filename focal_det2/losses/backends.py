@@ -76,7 +76,7 @@ def select_backend(device_type: str = "cpu") -> Tuple[str, str]:
         missing = _triton_missing()
         if missing is not None:
             raise ValueError(f"{BACKEND_ENV}=triton: {missing}.")
-        if device_type != "cuda" and not _triton_interpreting():
+        if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreting()):
             raise ValueError(
                 f"{BACKEND_ENV}=triton: Triton kernels run on CUDA tensors, these are on {device_type} "
                 "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)."
@@ -112,9 +112,10 @@ def compiled(fn: Callable, device_type: str) -> Callable:
     """``fn`` itself, or its ``torch.compile``d version under the compile backend of ``device_type``."""
     if backend(device_type) != "compile":
         return fn
-    if fn not in _kernels:
-        _kernels[fn] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn, device_type)
-    return _kernels[fn]
+    key = (fn, device_type)  # each device type falls back to eager on its own
+    if key not in _kernels:
+        _kernels[key] = _with_eager_fallback(torch.compile(fn, dynamic=True), fn, device_type)
+    return _kernels[key]
 
 
 def _with_eager_fallback(compiled: Callable, eager: Callable, device_type: str) -> Callable:
