@@ -240,6 +240,7 @@ def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
     from focal_det2 import class_balance
 
     cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN = ("digits_train_tiny",)
     state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": cfg.MODEL.FOCAL.CB_BETA}
     loss = build_loss("sigmoid_focal", 3)
     with logged(class_balance.logger) as records:
