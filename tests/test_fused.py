@@ -194,8 +194,8 @@ def test_realistic_retinanet_batch(name, backend_name):
     # 80 classes, logits around the prior logit -4.6, ~1% foreground, ~5% ignored.
     g = torch.Generator().manual_seed(4)
     cols = 81 if name == "softmax_focal" else 80
-    logits = torch.randn(3000, cols, generator=g) * 2 - 4
-    u = torch.rand(3000, generator=g)
+    logits = torch.randn(1000, cols, generator=g) * 2 - 4
+    u = torch.rand(1000, generator=g)
     labels = torch.where(u < 0.06, -1, 80)
     labels[u < 0.01] = torch.randint(0, 80, (int((u < 0.01).sum()),), generator=g)
     assert_matches_reference(name, logits, labels, **kwargs_of(name))
