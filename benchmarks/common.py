@@ -10,6 +10,7 @@ import resource
 import subprocess
 import time
 from pathlib import Path
+from typing import Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def busy_and_total_jiffies(cpu_line: str):
+def busy_and_total_jiffies(cpu_line: str) -> Tuple[int, int]:
     """
-    (busy, total) jiffies of /proc/stat's ``cpu`` line: its first 8 fields (user, nice,
-    system, idle, iowait, irq, softirq, steal); busy is all but idle and iowait.
+    Args:
+        cpu_line (str): /proc/stat's ``cpu`` line; its first 8 fields are read (user, nice,
+            system, idle, iowait, irq, softirq, steal), the guest fields after them are not.
+
+    Returns:
+        tuple[int, int]: busy jiffies (all 8 but idle and iowait) and their total.
     """
     values = [int(v) for v in cpu_line.split()[1:9]]
     return sum(values) - values[3] - values[4], sum(values)

@@ -98,6 +98,7 @@ def test_boxes_lie_inside_images_with_coco_fields(tmp_path):
 
 def test_pixels_outside_boxes_are_background(tmp_path):
     dataset, images, boxes = _read_dataset(_generate(tmp_path, num_images=20))
+    noise = []
     for image_id, gray in images.items():
         inside = np.zeros(gray.shape, bool)
         for x, y, w, h in boxes[image_id]:
@@ -106,8 +107,10 @@ def test_pixels_outside_boxes_are_background(tmp_path):
             assert gray[y : y + h, x : x + w].max() > 150
         assert gray[~inside].max() < 80
         assert abs(np.median(gray[~inside]) - BACKGROUND) <= 1
-        # the generator's Gaussian noise (rounding to uint8 adds 1/12 to its variance)
-        assert abs(gray[~inside].std() - NOISE_STD) < 0.4
+        noise.append(gray[~inside].std())
+    # the generator's Gaussian noise: 4.09 (rounding to uint8 and faint ink just outside the
+    # tight boxes add a little); a level of 3.7 or 4.3 would fail
+    assert abs(np.median(noise) - NOISE_STD) < 0.15
 
 
 @pytest.mark.parametrize("side", [4, 12, 23, 40])

@@ -107,19 +107,28 @@ def test_export_sample_image_is_resized_as_at_test_time(tmp_path):
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 128, 128  # the long side is 128
     image = tool.sample_image(cfg, _landscape_png(tmp_path / "sample.png"))
     assert image.shape == (3, 77, 128) and image.dtype == torch.uint8
+    cfg.DATASETS.TEST = ()
+    with pytest.raises(ValueError, match="DATASETS.TEST is empty: pass --sample-image"):
+        tool.sample_image(cfg)
 
 
 @pytest.mark.parametrize("method", ["scripting", "tracing"])
 def test_export_tool_end_to_end(method, tmp_path, capsys):
-    """On a landscape --sample-image, freshly initialised weights (with the warning)."""
+    """
+    Freshly initialised weights (with the warning), seeded. Scripting on a landscape
+    --sample-image (its postprocessing must not swap H and W), tracing on the first image of
+    DATASETS.TEST.
+    """
     tool = load_tool("export_model")
     config = str(REPO / "configs" / "digits" / "focal_star_R18_FPN_1x.yaml")
+    sample = ["--sample-image", _landscape_png(tmp_path / "sample.png")]
+    torch.manual_seed(0)
     with logged(logging.getLogger("focal_det2.export")) as warnings:
         report = tool.main(
             [
                 *("--config-file", config, "--format", "torchscript"),
                 *("--export-method", method, "--output", str(tmp_path)),
-                *("--sample-image", _landscape_png(tmp_path / "sample.png")),
+                *(sample if method == "scripting" else []),
                 *("DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64"),
                 *("MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"),
             ]
@@ -130,12 +139,12 @@ def test_export_tool_end_to_end(method, tmp_path, capsys):
     assert (
         report["path"] == str(tmp_path / "model.ts") and (tmp_path / "model.ts").stat().st_size > 0
     )
-    eager, exported = report["detections"]
-    assert eager == exported > 0  # up to DETECTIONS_PER_IMAGE; NMS of a random model decides
+    # the freshly initialised model at seed 0, SCORE_THRESH_TEST 0: DETECTIONS_PER_IMAGE after NMS
+    assert report["detections"] == (100, 100)
     assert report["agree"] and report["classes_equal"]
     assert report["max_box_diff"] <= tool.TOLERANCE and report["max_score_diff"] <= tool.TOLERANCE
     out = capsys.readouterr().out
-    assert f"(torchscript, {method}): {eager} eager / {eager} exported detections" in out
+    assert f"(torchscript, {method}): 100 eager / 100 exported detections" in out
     assert out.rstrip().endswith("-> agree")
     # the file is the one the method writes: scripting takes the list of image dicts, tracing one tensor
     code = torch.jit.load(report["path"]).code

@@ -547,7 +547,6 @@ def test_resume_checks_the_training_data_once(runs, tmp_path, monkeypatch):
     Guards the old behaviour: DefaultTrainer built the train loader (loading and
     checking every record) and ``--resume`` built it again at the start iteration.
     """
-
     import focal_det2.engine as engine
 
     _, _, _, parts = runs

@@ -186,15 +186,17 @@ def test_gamma_is_a_runtime_argument_of_the_kernels():
 @pytest.mark.parametrize("name", ["sigmoid_focal", "softmax_focal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_gradient_is_written_in_the_logits_dtype(name, dtype, device, monkeypatch):
-    """The kernels' gradient buffer is half precision (half the memory), not cast afterwards."""
-    written, backward = [], triton_kernels._backward
+    """The buffer the kernels write the gradient into is half precision (half the memory)."""
+    written = []
+    for launch in ("_sigmoid_launch", "_softmax_launch"):
+        real = getattr(triton_kernels, launch)
 
-    def recorded(*args):
-        grad = backward(*args)
-        written.append(grad.dtype)
-        return grad
+        def recorded(logits, labels, out, grad_loss, params, grad, real=real):
+            if grad:
+                written.append(out.dtype)
+            return real(logits, labels, out, grad_loss, params, grad)
 
-    monkeypatch.setattr(triton_kernels, "_backward", recorded)
+        monkeypatch.setattr(triton_kernels, launch, recorded)
     logits, labels = batch(name, num_anchors=50, seed=24)
     run(name, logits.to(dtype), labels, device, **kwargs_of(name))
     assert written == [dtype]

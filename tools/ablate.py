@@ -678,10 +678,14 @@ def interrupted_attempt(run: Run) -> Optional[dict]:
 
 def start_attempt(run: Run, checkpoint_period: Optional[int] = None) -> Tuple[dict, bool]:
     """
-    The attempt of ``run`` about to train, written to its ``run.json``, and whether it
-    resumes: an interrupted attempt (:func:`interrupted_attempt`) resumes, with its own
-    checkpoint period unless ``checkpoint_period`` is given; otherwise whatever an attempt
-    left in ``run.out_dir`` is cleared and a new attempt begins.
+    Starts the attempt of ``run`` about to train: an interrupted attempt
+    (:func:`interrupted_attempt`) resumes, with its own checkpoint period unless
+    ``checkpoint_period`` is given; otherwise whatever an attempt left in ``run.out_dir``
+    is cleared and a new attempt begins. The attempt is written to ``run.json``.
+
+    Returns:
+        dict: the attempt (``argv``, ``commit``, ``checkpoint_period``).
+        bool: whether it resumes.
     """
     attempt = interrupted_attempt(run)
     resume = attempt is not None

@@ -79,7 +79,7 @@ def select_backend(device_type: str = "cpu") -> Tuple[str, str]:
         if device_type != "cuda" and not (device_type == "cpu" and _triton_interpreting()):
             raise ValueError(
                 f"{BACKEND_ENV}=triton: Triton kernels run on CUDA tensors, these are on {device_type} "
-                "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)."
+                "(TRITON_INTERPRET=1 runs them on CPU tensors only, slowly, for tests)."
             )
     return flag, f"{BACKEND_ENV}={flag}"
 
@@ -125,7 +125,9 @@ def _with_eager_fallback(compiled: Callable, eager: Callable, device_type: str) 
                 return compiled(*args, **kwargs)
             except Exception as e:  # no compiler, unsupported op, ...: run eagerly from now on
                 logger.warning(
-                    "focal_det2 fused losses: torch.compile failed (%s); using eager kernels.", e
+                    "focal_det2 fused losses on %s: torch.compile failed (%s); using eager kernels.",
+                    device_type,
+                    e,
                 )
                 _backends[device_type] = "eager"
         return eager(*args, **kwargs)
