@@ -1485,11 +1485,7 @@ def test_plot_imbalance_draws_the_mean_line_and_the_seed_range(tmp_path, monkeyp
         csv.writer(f).writerow(
             ["s128/ce_a0.75", 2, 89.0, "", "", "", "", 1, 1, 600, 128, "ce_a0.75"]
         )
-    figures = []
-    save = tool.save_figure
-    monkeypatch.setattr(
-        tool, "save_figure", lambda fig, *args: (figures.append(fig), save(fig, *args))
-    )
+    figures = _captured_figures(tool, monkeypatch)
     data = tool.plot([str(folder)], str(tmp_path / "sweep.png"), dpi=20)
     assert data["ce_a0.75"][0][:4] == pytest.approx((100.0, 251 / 3, 80.0, 89.0))
     (ax,) = [a for a in figures[0].axes if a.get_legend() is not None]
@@ -1514,23 +1510,9 @@ def test_plot_imbalance_marks_the_canvases_and_seeds_of_ap_0(tmp_path, monkeypat
     black x, every other seed a dot of its line's colour.
     """
     tool = load_tool("plot_imbalance")
-    folder = _synthetic_sweep(tmp_path / "sweep")
-    data = json.loads((folder / "imbalance.json").read_text())
-    data["canvases"]["128"]["negatives_per_positive"] = 90000.0
-    (folder / "imbalance.json").write_text(json.dumps(data))
-
-    def zero_ap(lines):
-        for line in lines:
-            if line["row"] == "s256/ce_a0.75" and line["seed"] == "1":
-                line["AP"] = "0.0"
-        return lines
-
-    _rewrite_runs(folder, zero_ap)
-    figures = []
-    save = tool.save_figure
-    monkeypatch.setattr(
-        tool, "save_figure", lambda fig, *args: (figures.append(fig), save(fig, *args))
-    )
+    folder = _sweep_with_128_px_most_imbalanced(tmp_path / "sweep")
+    _set_ap(folder, "s256/ce_a0.75", "1", "0.0")
+    figures = _captured_figures(tool, monkeypatch)
     tool.plot([str(folder)], str(tmp_path / "sweep.png"), dpi=20)
     (ax,) = [a for a in figures[0].axes if a.get_legend() is not None]
     (top,) = ax.child_axes
@@ -1605,6 +1587,36 @@ def _rewrite_runs(folder, edit):
         writer.writerows(lines)
 
 
+def _set_ap(folder, row, seed, ap):
+    """Writes ``ap`` (a string, as in the CSV) as the AP of ``row``'s ``seed`` in folder/runs.csv."""
+
+    def edit(lines):
+        for line in lines:
+            if line["row"] == row and line["seed"] == seed:
+                line["AP"] = ap
+        return lines
+
+    _rewrite_runs(folder, edit)
+
+
+def _sweep_with_128_px_most_imbalanced(folder):
+    """A synthetic sweep whose 128 px canvas is measured the most imbalanced (90,000 : 1)."""
+    folder = _synthetic_sweep(folder)
+    data = json.loads((folder / "imbalance.json").read_text())
+    data["canvases"]["128"]["negatives_per_positive"] = 90000.0
+    (folder / "imbalance.json").write_text(json.dumps(data))
+    return folder
+
+
+def _captured_figures(tool, monkeypatch):
+    """The figures the plotting ``tool`` saves from now on (still saved), in a list."""
+    figures, save = [], tool.save_figure
+    monkeypatch.setattr(
+        tool, "save_figure", lambda fig, *args: (figures.append(fig), save(fig, *args))
+    )
+    return figures
+
+
 def _keep_runs(folder, keep):
     """Leaves only the lines of folder/runs.csv for which keep(line) holds."""
     _rewrite_runs(folder, lambda lines: [line for line in lines if keep(line)])
@@ -1649,18 +1661,8 @@ def test_plot_imbalance_sorts_by_imbalance_and_reads_an_ap_of_none(tmp_path):
     measured the more imbalanced), and an AP written as "None" is no AP.
     """
     tool = load_tool("plot_imbalance")
-    folder = _synthetic_sweep(tmp_path / "sweep")
-    data = json.loads((folder / "imbalance.json").read_text())
-    data["canvases"]["128"]["negatives_per_positive"] = 90000.0
-    (folder / "imbalance.json").write_text(json.dumps(data))
-
-    def none_ap(lines):
-        for line in lines:
-            if line["row"] == "s768/ohem_b128_nms0.5" and line["seed"] == "1":
-                line["AP"] = "None"
-        return lines
-
-    _rewrite_runs(folder, none_ap)
+    folder = _sweep_with_128_px_most_imbalanced(tmp_path / "sweep")
+    _set_ap(folder, "s768/ohem_b128_nms0.5", "1", "None")
     sweep = tool.sweep(str(folder))
     # ce_a0.75: AP 80 and 82 at 128 px, now the last point; 60 and 62 at 256 px, now the first
     assert [p[0] for p in sweep["ce_a0.75"]] == [400.0, 1600.0, 3600.0, 90000.0]
