@@ -144,7 +144,7 @@ def _set(cfg, key, value):
 
 BAD = [
     # (id, {key: value}, text the message must contain)
-    ("gamma<0", {"MODEL.FOCAL.GAMMA": -0.5}, ["MODEL.FOCAL.GAMMA"]),
+    ("gamma<0", {"MODEL.FOCAL.GAMMA": -0.5}, ["MODEL.FOCAL.GAMMA=-0.5 must be >= 0"]),
     ("alpha>1", {"MODEL.FOCAL.ALPHA": 1.5}, ["MODEL.FOCAL.ALPHA"]),
     ("alpha<0", {"MODEL.FOCAL.ALPHA": -0.5}, ["MODEL.FOCAL.ALPHA"]),
     ("alpha=-2", {"MODEL.FOCAL.ALPHA": -2.0}, ["MODEL.FOCAL.ALPHA"]),
@@ -191,22 +191,31 @@ BAD = [
     (
         "retinanet-gamma",
         {"MODEL.RETINANET.FOCAL_LOSS_GAMMA": 3.0},
-        ["MODEL.RETINANET.FOCAL_LOSS_GAMMA=3.0", "leave it at 2.0", "MODEL.FOCAL.GAMMA"],
+        [
+            "MODEL.RETINANET.FOCAL_LOSS_GAMMA=3.0",
+            "leave it at 2.0 and set MODEL.FOCAL.GAMMA instead",
+        ],
     ),
     (
         "retinanet-alpha",
         {"MODEL.RETINANET.FOCAL_LOSS_ALPHA": 0.5},
-        ["MODEL.RETINANET.FOCAL_LOSS_ALPHA=0.5", "leave it at 0.25", "MODEL.FOCAL.ALPHA"],
+        [
+            "MODEL.RETINANET.FOCAL_LOSS_ALPHA=0.5",
+            "leave it at 0.25 and set MODEL.FOCAL.ALPHA instead",
+        ],
     ),
     (
         "retinanet-prior",
         {"MODEL.RETINANET.PRIOR_PROB": 0.02},
-        ["MODEL.RETINANET.PRIOR_PROB=0.02", "leave it at 0.01", "MODEL.FOCAL.PRIOR_PROB"],
+        [
+            "MODEL.RETINANET.PRIOR_PROB=0.02",
+            "leave it at 0.01 and set MODEL.FOCAL.PRIOR_PROB instead",
+        ],
     ),
     (
         "focal-star-gamma-0",
         {"MODEL.FOCAL.LOSS": "focal_star", "MODEL.FOCAL.GAMMA": 0.0},
-        ["MODEL.FOCAL.GAMMA"],
+        ["MODEL.FOCAL.GAMMA=0.0: focal_star divides by gamma"],
     ),
     (
         # FL* divides by gamma, and a linear ramp from START 0 reaches gamma 0 at iteration 0

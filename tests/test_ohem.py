@@ -266,9 +266,11 @@ def test_positive_fraction_quota_is_floor_f_b_positives_and_the_rounded_ratio(
 
 
 def test_positive_fraction_with_few_positives_keeps_the_ratio():
+    """2 positives: 6 negatives; the ignored anchors (label -1 < K) count as neither."""
     logits, labels = random_problem(n=50, seed=4)
-    labels[labels < K] = K  # background only, then 2 positives
+    labels[labels >= 0] = K  # background and ignored only, then 2 positives
     labels[:2] = torch.tensor([0, 1])
+    assert int((labels == -1).sum()) >= 5
     kept = ohem(batch=64, pos_fraction=0.25).select(logits, labels, boxes=None, num_images=1)
     assert int(((kept >= 0) & (kept < K)).sum()) == 2 and int((kept == K).sum()) == 6
 
