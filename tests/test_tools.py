@@ -56,12 +56,17 @@ def trained(tmp_path_factory):
 # --- plot_loss_curves --------------------------------------------------------------
 
 
-def test_plot_loss_curves_writes_png_of_requested_size(tmp_path):
+def test_plot_loss_curves_writes_png_of_requested_size(tmp_path, monkeypatch):
+    """Figure 1's panel draws CE against p_t: -log(p_t)."""
+    tool = load_tool("plot_loss_curves")
+    figures = _captured_figures(tool, monkeypatch)
     output = tmp_path / "curves.png"
-    load_tool("plot_loss_curves").main(
-        ["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"]
-    )
+    tool.main(["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"])
     assert png_size(output) == (300, 150)
+    left = figures[0].axes[0]
+    (ce,) = [line for line in left.lines if line.get_label().startswith("CE")]
+    p_t = ce.get_xdata()
+    np.testing.assert_allclose(ce.get_ydata(), -np.log(p_t), rtol=1e-6)
 
 
 def test_loss_curves_values_are_the_closed_forms():
@@ -120,6 +125,19 @@ def test_plot_training_draws_runs_and_scheduled_gamma(tmp_path, trained):
     )
     assert png_size(constant) == (1200, 400)
     assert tool.plot([str(trained_dir)], str(constant)) == ["loss_cls", "loss_box_reg"]
+
+
+def test_plot_training_legend_names_the_runs(tmp_path, monkeypatch):
+    """A run given as its folder or its metrics.json is named by its folder."""
+    for run in ("fl", "ce"):
+        (tmp_path / run).mkdir()
+        _synthetic_metrics(tmp_path / run / "metrics.json", gamma_ramp=False)
+    tool = load_tool("plot_training")
+    figures = _captured_figures(tool, monkeypatch)
+    runs = [str(tmp_path / "fl"), str(tmp_path / "ce" / "metrics.json")]
+    tool.plot(runs, str(tmp_path / "curves.png"), dpi=20)
+    legend = figures[0].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["fl", "ce"]
 
 
 def test_plot_training_reads_training_records_only(tmp_path):
@@ -208,15 +226,33 @@ def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(tra
     config_file, weights, _ = trained
     tool = load_tool("plot_loss_cdf")
     cfg = load_config(config_file, ["MODEL.WEIGHTS", weights])
+    from detectron2.data import DatasetCatalog
+
     logits, labels = tool.anchor_logits(cfg, "digits_val_tiny", num_images=2)
     K = cfg.MODEL.RETINANET.NUM_CLASSES
     assert logits.shape[1] == K and labels.min() >= 0 and labels.max() <= K
     assert 0 < (labels < K).sum() < (labels == K).sum()
+    # every object's class has its anchors (the matcher gives each box its best ones), class 0 too
+    images = DatasetCatalog.get("digits_val_tiny")[:2]
+    classes = {a["category_id"] for d in images for a in d["annotations"]}
+    assert 0 in classes and set(labels.unique().tolist()) == classes | {K}
     for gamma in (0.0, 1.5):
         losses = tool.per_anchor_focal_loss(logits, labels, gamma)
         torch.testing.assert_close(
             losses.sum(), functional.sigmoid_focal_loss(logits, labels, gamma=gamma, alpha=-1)
         )
+
+
+def test_loss_cdfs_split_positive_and_negative_anchors():
+    """Positives are the anchors of a class (0 included), negatives the background (K)."""
+    tool = load_tool("plot_loss_cdf")
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(12, 3, generator=g), torch.tensor([0, 1, 2] + [3] * 9)
+    cdfs = tool.loss_cdfs(logits, labels, [0.0, 2.0])
+    for gamma in (0.0, 2.0):
+        losses = tool.per_anchor_focal_loss(logits, labels, gamma).numpy()
+        np.testing.assert_allclose(cdfs["positive"][gamma], tool.normalized_cdf(losses[:3]))
+        np.testing.assert_allclose(cdfs["negative"][gamma], tool.normalized_cdf(losses[3:]))
 
 
 def test_normalized_cdf_and_share_of_hardest():
@@ -297,7 +333,9 @@ def test_demo_draws_dataset_images_and_montage(tmp_path, trained):
 
 def test_demo_confidence_threshold_is_applied(tmp_path, trained):
     image = os.path.join(str(trained[2]), "input.png")
-    Image.fromarray(np.full((128, 128, 3), 16, np.uint8)).save(image)
+    reddish = np.full((128, 128, 3), 16, np.uint8)
+    reddish[..., 0] = 60  # RGB: the output keeps the colours (no red and blue swapped)
+    Image.fromarray(reddish).save(image)
     every = _demo(tmp_path, trained, "every", 0.0, "--input", image)[0]
     none = _demo(tmp_path, trained, "none", 1.0, "--input", image)[0]
     plain = np.kron(np.asarray(Image.open(image)), np.ones((2, 2, 1), np.uint8))
