@@ -4,7 +4,6 @@ counts, the weighted loss of every registered loss, and the weights stored in th
 checkpoint and used by --resume and evaluation without counting again.
 """
 
-import math
 import re
 
 import pytest
@@ -547,19 +546,6 @@ def test_bad_class_weights_raise_and_leave_the_loss_unweighted(weights, message)
     with pytest.raises(ValueError, match=re.escape(message)):
         loss.set_class_weights(weights)
     assert loss.class_weights is None
-
-
-def test_float64_loss_uses_class_alpha_and_weights_at_float64_precision():
-    """0.3, 0.7 and 1.1 are not exact in float32: a float64 loss must not round them."""
-    loss = build_loss("sigmoid_focal", 2, gamma=0.0, class_alpha=(0.3, 0.7))
-    loss.set_class_weights((1.1, 1.0))
-    logits, labels = torch.tensor([[0.3, -0.2]], dtype=torch.float64), torch.tensor([0])
-
-    def log_sigmoid(x):
-        return -math.log1p(math.exp(-x))
-
-    expected = 1.1 * (-0.3 * log_sigmoid(0.3) - (1 - 0.7) * log_sigmoid(0.2))
-    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-13)
 
 
 def test_class_alpha_and_weights_take_the_logits_dtype_on_every_call():

@@ -171,6 +171,15 @@ def test_float64_loss_uses_alpha_at_float64_precision(impl, name):
     assert out.item() == pytest.approx(expected, rel=1e-13)
 
 
+def test_float64_loss_uses_class_alpha_and_weights_at_float64_precision():
+    """0.3, 0.7 and 1.1 are not exact in float32: a float64 loss must not round them either."""
+    loss = build_loss("sigmoid_focal", 2, gamma=0.0, class_alpha=(0.3, 0.7))
+    loss.set_class_weights((1.1, 1.0))
+    logits, labels = torch.tensor([[0.3, -0.2]], dtype=F64), torch.tensor([0])
+    expected = 1.1 * (-0.3 * math.log(sigmoid(0.3)) - (1 - 0.7) * math.log(1 - sigmoid(-0.2)))
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-13)
+
+
 # ----------------------------------------------------------------------------- fvcore agreement
 
 
