@@ -1097,9 +1097,6 @@ def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_can
 
 def test_imbalance_canvas_options_and_errors():
     imbalance = load_tool("imbalance")
-    from focal_det2.data import CANVAS_SIZES
-
-    assert imbalance.CANVASES == CANVAS_SIZES
     cfg = imbalance.canvas_cfg(512)
     assert cfg.DATASETS.TRAIN == ("digits_train_s512",) and cfg.DATASETS.TEST == (
         "digits_val_s512",

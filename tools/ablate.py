@@ -87,7 +87,7 @@ focal_det2.hide_third_party_deprecations()
 
 # isort: split
 
-from imbalance import CANVASES, canvas_opts, format_table, measure_canvases  # noqa: E402  (tools/, beside this script)
+from imbalance import canvas_opts, format_table, measure_canvases  # noqa: E402  (tools/, beside this script)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
@@ -457,7 +457,7 @@ PRESETS: Dict[str, Preset] = {
     "imbalance": Preset(
         iters=600,
         seeds=(0, 1),
-        canvases=CANVASES,
+        canvases=focal_det2.data.CANVAS_SIZES,
         rows=("ce_a0.75", "fl_g1_a0.25", "fl_g2_a0.25", "softmax_fl_g2", *OHEM_ROWS),
         row_canvases=tuple((name, (512, 768)) for name in OHEM_ROWS),
         cost="40 runs (4 rows x 4 canvases x 2 seeds, OHEM 2 rows x 2 canvases x 2 seeds); measured on "

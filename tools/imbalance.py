@@ -39,8 +39,6 @@ from focal_det2.data import CANVAS_SIZES, canvas_dataset_name  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join("configs", "digits", "sigmoid_focal_R18_FPN_1x.yaml")
-# The canvas sides of the registered digits_{train,val}_s<side> splits.
-CANVASES = CANVAS_SIZES
 
 
 def canvas_opts(side: int) -> List:
@@ -50,13 +48,13 @@ def canvas_opts(side: int) -> List:
     canvas, so images are not resized.
 
     Args:
-        side (int): canvas side in pixels, one of :data:`CANVASES`.
+        side (int): canvas side in pixels, one of :data:`focal_det2.data.CANVAS_SIZES`.
 
     Returns:
         list: key, value pairs as on train_net.py's command line.
     """
-    if side not in CANVASES:
-        raise ValueError(f"canvas side must be one of {CANVASES}, got {side!r}")
+    if side not in CANVAS_SIZES:
+        raise ValueError(f"canvas side must be one of {CANVAS_SIZES}, got {side!r}")
     return [
         "DATASETS.TRAIN",
         (canvas_dataset_name("train", side),),
@@ -182,7 +180,7 @@ def measure_imbalance(cfg, dataset: str, num_images: Optional[int] = None) -> Di
 
 
 def measure_canvases(
-    canvases: Sequence[int] = CANVASES,
+    canvases: Sequence[int] = CANVAS_SIZES,
     split: str = "train",
     num_images: Optional[int] = None,
     config_file: str = DEFAULT_CONFIG,
@@ -225,16 +223,18 @@ def format_table(measurements: Dict[int, Dict]) -> str:
 
 
 def parse_canvases(text: str) -> List[int]:
-    """'128,512' -> [128, 512]; each must be one of :data:`CANVASES`."""
+    """'128,512' -> [128, 512]; each must be one of :data:`focal_det2.data.CANVAS_SIZES`."""
     try:
         sides = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ValueError(
-            f"--canvases must be comma-separated integers from {CANVASES}, got {text!r}"
+            f"--canvases must be comma-separated integers from {CANVAS_SIZES}, got {text!r}"
         ) from None
-    bad = [s for s in sides if s not in CANVASES]
+    bad = [s for s in sides if s not in CANVAS_SIZES]
     if bad or not sides:
-        raise ValueError(f"--canvases must be comma-separated values from {CANVASES}, got {text!r}")
+        raise ValueError(
+            f"--canvases must be comma-separated values from {CANVAS_SIZES}, got {text!r}"
+        )
     return sides
 
 
@@ -243,7 +243,7 @@ def get_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--canvases", default=",".join(map(str, CANVASES)), help="comma-separated canvas sides"
+        "--canvases", default=",".join(map(str, CANVAS_SIZES)), help="comma-separated canvas sides"
     )
     parser.add_argument("--split", default="train", choices=("train", "val"))
     parser.add_argument(
