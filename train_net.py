@@ -5,6 +5,8 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
+    python train_net.py --config-file configs/lazy/sigmoid_focal_R_50_FPN_1x.py \
+        model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss   # a Python (LazyConfig) config
 """
 
 # First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
@@ -13,14 +15,18 @@ import focal_det2
 
 # isort: split
 
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, launch
 
-from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg
+from focal_det2.engine import FocalTrainer, load_fitting, load_for_evaluation, setup_cfg
+from focal_det2.lazy import lazy_test, lazy_train, setup_lazy_cfg
 
 focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)
 
 
 def main(args):
+    if args.config_file.endswith(".py"):
+        return lazy_main(args)
     # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
     cfg = setup_cfg(args)
     if args.eval_only:
@@ -30,6 +36,15 @@ def main(args):
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def lazy_main(args):
+    cfg = setup_lazy_cfg(args)
+    if args.eval_only:
+        model = instantiate(cfg.model).to(cfg.train.device)
+        load_fitting(model, cfg.train.init_checkpoint)  # raises if it leaves tensors random
+        return lazy_test(cfg, model)
+    return lazy_train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":

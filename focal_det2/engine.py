@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from typing import NamedTuple, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -40,8 +41,10 @@ from .data.checks import (
 
 __all__ = [
     "FocalTrainer",
+    "LAZY_KEYS",
     "ResumableTrainLoader",
     "ResumableTrainingSampler",
+    "RunKeys",
     "ScalarHistory",
     "check_output_dir_free",
     "checkpoint_to_load",
@@ -49,7 +52,9 @@ __all__ = [
     "drop_metrics_from",
     "extends_finished_run",
     "load_for_evaluation",
+    "load_fitting",
     "setup_cfg",
+    "YACS_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,7 +265,21 @@ class ScalarHistory(HookBase):
         self._loaded = {}
 
 
-def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
+class RunKeys(NamedTuple):
+    """The config keys of a run's checkpoint, output folder and length, which errors name."""
+
+    weights: str
+    output_dir: str
+    max_iter: str
+
+
+YACS_KEYS = RunKeys("MODEL.WEIGHTS", "OUTPUT_DIR", "SOLVER.MAX_ITER")
+LAZY_KEYS = RunKeys("train.init_checkpoint", "train.output_dir", "train.max_iter")
+
+
+def checkpoint_to_load(
+    output_dir: str, weights: str, resume: bool, keys: RunKeys = YACS_KEYS
+) -> str:
     """
     The checkpoint file a run loads, as Detectron2's checkpointer chooses it:
     with ``resume`` and a ``last_checkpoint`` file in ``output_dir``, the
@@ -273,6 +292,7 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
         output_dir (str): OUTPUT_DIR, where ``last_checkpoint`` lives.
         weights (str): MODEL.WEIGHTS, a path or a URL.
         resume (bool): ``--resume``.
+        keys (RunKeys): the config keys the errors name.
     """
     last = os.path.join(output_dir, "last_checkpoint")
     if resume and os.path.isfile(last):
@@ -281,7 +301,7 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
         if not name:
             raise ValueError(
                 f"{last} is empty; it must hold the file name of a checkpoint in {output_dir} "
-                "(e.g. model_final.pth). Write one there, or delete it to start from MODEL.WEIGHTS."
+                f"(e.g. model_final.pth). Write one there, or delete it to start from {keys.weights}."
             )
         path = os.path.join(output_dir, name)
         if not os.path.isfile(path):
@@ -293,7 +313,7 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
     else:
         if not weights or "://" in weights:
             return weights
-        path, source, fix = weights, f"MODEL.WEIGHTS={weights}", "pass a complete checkpoint"
+        path, source, fix = weights, f"{keys.weights}={weights}", "pass a complete checkpoint"
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{source}: the file does not exist.")
     if os.path.getsize(path) == 0:
@@ -305,7 +325,7 @@ def checkpoint_to_load(output_dir: str, weights: str, resume: bool) -> str:
 _RUN_FILE = re.compile(r"last_checkpoint|model_final\.pth|model_\d{7}\.pth|metrics\.json")
 
 
-def check_output_dir_free(output_dir: str):
+def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
     """
     Raise ``FileExistsError``, naming the folder and what it holds, if
     ``output_dir`` holds a training run: a ``last_checkpoint``, Detectron2's
@@ -322,9 +342,9 @@ def check_output_dir_free(output_dir: str):
     )
     if found:
         raise FileExistsError(
-            f"OUTPUT_DIR {output_dir} holds a training run ({', '.join(found)}), which a new run "
-            "would overwrite. Pass --resume to continue it (a larger SOLVER.MAX_ITER extends a "
-            "finished run), set OUTPUT_DIR to another folder, or delete this one."
+            f"{keys.output_dir} {output_dir} holds a training run ({', '.join(found)}), which a "
+            f"new run would overwrite. Pass --resume to continue it (a larger {keys.max_iter} "
+            f"extends a finished run), set {keys.output_dir} to another folder, or delete this one."
         )
 
 
@@ -605,6 +625,22 @@ def _check_fits(path: str, incompatible):
     )
 
 
+def load_fitting(model, path: str, checkpointables: Optional[dict] = None):
+    """
+    Load the checkpoint ``path`` (a file or a URL) into ``model``, and its entries
+    named by the keys of ``checkpointables`` into their values. An error while
+    loading (a truncated file) carries a note that names the checkpoint; a
+    checkpoint that leaves model tensors at their initialisation is an error
+    naming them (see :func:`_check_fits`).
+    """
+    checkpointer = _RecordingCheckpointer(model)
+    for key, value in (checkpointables or {}).items():
+        checkpointer.add_checkpointable(key, value)
+    with _naming_checkpoint(path):
+        checkpointer.load(path, checkpointables=list(checkpointables or ()))
+    _check_fits(path, checkpointer.incompatible)
+
+
 def load_for_evaluation(cfg, model):
     """
     Load ``cfg.MODEL.WEIGHTS`` into ``model`` for evaluation, as
@@ -618,18 +654,12 @@ def load_for_evaluation(cfg, model):
     trained with another loss or NUM_CLASSES) is an error naming them, where Detectron2
     warns and evaluates a partly random model.
     """
-    checkpointer = _RecordingCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     path = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume=False)
     if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
-        with _naming_checkpoint(path):
-            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-        _check_fits(path, checkpointer.incompatible)
+        load_fitting(model, path)
         return
     weights = ClassWeights(_focal_loss_of(model), cfg, training=False)
-    checkpointer.add_checkpointable(CHECKPOINT_KEY, weights)
-    with _naming_checkpoint(path):
-        checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[CHECKPOINT_KEY])
-    _check_fits(path, checkpointer.incompatible)
+    load_fitting(model, path, {CHECKPOINT_KEY: weights})
     if weights.source is None:
         logger.info(
             f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss has none, which does not "
