@@ -134,6 +134,7 @@ CPU_IMPLS = [
     for name in IMPLS
     if _measured_by_default(name) and not name.endswith("_eager") and name != "fvcore_compile"
 ]
+CUDA_DTYPES = ("float32", "float16", "bfloat16")  # --dtypes on the GPU; the CPU runs float32
 CUDA_IMPLS = [name for name in IMPLS if _measured_by_default(name) and name != "fvcore"]
 SIGMOID_TARGETS = ["ours_sigmoid_focal", "ours_cross_entropy", "ours_focal_star"]
 # The memory target counts tensors ("no more than one logits-sized tensor"); the
@@ -561,7 +562,7 @@ def cuda_main(args, impls, sizes):
         out.write_text(json.dumps(data, indent=1))
         return data
 
-    results = []
+    results, failed = [], []
     started = time.time()
     for dtype in args.dtypes.split(","):
         for n in sizes:
@@ -572,6 +573,7 @@ def cuda_main(args, impls, sizes):
                     Exception
                 ) as e:  # one failing peer (a compile error, say) must not lose the run
                     print(f"{name} {n} {dtype} failed: {type(e).__name__}: {e}"[:600], flush=True)
+                    failed.append(f"{name} {n} {dtype}")
                     continue
                 finally:
                     torch.cuda.empty_cache()
@@ -582,8 +584,13 @@ def cuda_main(args, impls, sizes):
                     f"fwd+bwd {r['fwd_bwd_ms']:8.3f} ms  extra {r['extra_mb']:7.1f} MB",
                     flush=True,
                 )
-    print(cuda_report(save(results)))
-    print(f"\nwrote {out}")
+    if results:  # a run that measured nothing leaves an earlier run's file as it was
+        print(cuda_report(save(results)))
+        print(f"\nwrote {out}")
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} of {len(failed) + len(results)} measurements failed: {', '.join(failed)}"
+        )
 
 
 # ----------------------------------------------------------------------------- parent
@@ -778,14 +785,19 @@ def main(argv=None):
         return
 
     impls = args.impls.split(",") if args.impls else (CUDA_IMPLS if cuda else CPU_IMPLS)
-    if cuda:
-        return cuda_main(args, impls, sizes)
-    if args.quick:
-        sizes, args.repeats = [20000], 5
-        impls = [i for i in impls if not i.endswith("_compile")]
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise SystemExit(f"unknown implementations {unknown}; allowed: {', '.join(IMPLS)}")
+    if args.quick:
+        sizes, args.repeats = [20000], 5
+        impls = [i for i in impls if not i.endswith("_compile")]
+    if not cuda and args.dtypes != parser.get_default("dtypes"):
+        raise SystemExit("--dtypes needs --device cuda: the CPU run measures float32 only")
+    if cuda:
+        bad = [d for d in args.dtypes.split(",") if d not in CUDA_DTYPES]
+        if bad:
+            raise SystemExit(f"--dtypes: unknown {bad}; allowed: {', '.join(CUDA_DTYPES)}")
+        return cuda_main(args, impls, sizes)
     settings = args.settings.split(",")
 
     wait_for_idle_cpu(args.max_wait)

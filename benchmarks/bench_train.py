@@ -166,6 +166,10 @@ def run_child(
         model, iter(lambda: batch, None), build_optimizer(cfg, model)
     )
     cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(
+            torch.device(device)
+        )  # cuda:N: the peaks and syncs below are of GPU N
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     result = {

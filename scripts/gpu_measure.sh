@@ -11,12 +11,15 @@
 # STEPs, in this order by default: cuda_tests bench_loss bench_train bench_train_amp (about 10 min
 # in all; name some to split the run, e.g. where one command may run only so long).
 #
-# PYTHON (default .venv/bin/python where it exists, else python3) runs everything; on a machine
-# without network, PYTHONPATH names the folder scripts/pack_offline_deps.sh made. Each step's
+# PYTHON (default .venv/bin/python where it exists, else python3) runs everything, with this
+# checkout first on PYTHONPATH; on a machine without network, PYTHONPATH names the folder
+# scripts/pack_offline_deps.sh made. Each step's
 # output is added to RESULTS_DIR/gpu_measure.log as well; a failed step does not stop the others,
 # and the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# The checkout itself is importable (focal_det2, for the benchmarks), also where it is not installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 results=${1:-benchmarks/results}
 all_steps=(cuda_tests bench_loss bench_train bench_train_amp)

@@ -9,7 +9,7 @@
 #
 # DEST receives Detectron2 (without its compiled _C extension, built for this Python: nothing
 # the focal_det2 models, tests or benchmarks run needs it), fvcore, iopath and the other pure-Python
-# packages they import, and pycocotools, the one compiled dependency, unpacked from PyPI's wheel
+# packages they import, pytest and its own (for the CUDA tests), and pycocotools, the one compiled dependency, unpacked from PyPI's wheel
 # for PYTHON_VERSION (default 3.12, the lent GPU machines' Python; needs PyPI here).
 # SKIP_WHEEL=1 skips that download.
 set -euo pipefail
@@ -23,13 +23,15 @@ python=.venv/bin/python
 # Pure-Python packages of Detectron2, fvcore and iopath that a CUDA torch install lacks (torch
 # brings typing_extensions; numpy and Pillow come with torchvision or the machine's Python).
 packages=(detectron2 fvcore iopath yacs yaml termcolor omegaconf hydra antlr4 portalocker tabulate
-  tqdm cloudpickle packaging)
+  tqdm cloudpickle packaging pytest _pytest py pluggy iniconfig pygments)
 site=$($python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p "$dest"
 for name in "${packages[@]}"; do
-  [[ -d $site/$name ]] || { echo "pack_offline_deps.sh: $site/$name is missing" >&2; exit 1; }
-  rm -rf "${dest:?}/$name"
-  cp -r "$site/$name" "$dest/$name"
+  src=$site/$name
+  [[ -d $src ]] || src=$site/$name.py  # a one-file module (pytest's py.py)
+  [[ -e $src ]] || { echo "pack_offline_deps.sh: $site/$name is missing" >&2; exit 1; }
+  rm -rf "${dest:?}/$(basename "$src")"
+  cp -r "$src" "$dest/"
 done
 # Compiled for this Python (and, for Detectron2's _C, this torch): the GPU machine's would differ.
 find "$dest" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +

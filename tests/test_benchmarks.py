@@ -414,7 +414,8 @@ def test_pack_offline_deps_is_self_contained(tmp_path):
     torch_deps.mkdir()
     (torch_deps / "typing_extensions.py").symlink_to(sys.modules["typing_extensions"].__file__)
     modules = "yacs.config, yaml, iopath.common.file_io, omegaconf, hydra, termcolor, tabulate, "
-    modules += "tqdm, portalocker, cloudpickle, antlr4, packaging.version, fvcore.common.config"
+    modules += "tqdm, portalocker, cloudpickle, antlr4, packaging.version, fvcore.common.config, "
+    modules += "pytest, _pytest.compat"  # the CUDA tests' runner
 
     def imports(*path):
         return subprocess.run(
@@ -509,3 +510,269 @@ def test_kernel_sass_names_a_kernel_whose_arguments_changed():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "_sigmoid_kernel takes" in proc.stderr and "update its signature" in proc.stderr
+
+
+# --- the GPU run's parts, checked on the CPU ---------------------------------------------
+
+
+def test_gpu_measure_runs_every_step_with_the_checkout_importable(tmp_path):
+    """
+    scripts/gpu_measure.sh's commands, recorded by a stand-in PYTHON that passes the machine
+    check and fails the AMP step: each step's command and output file, the checkout first on
+    PYTHONPATH (a GPU machine has focal_det2 not installed, only the packed folder on the
+    path), every step run despite the failure, and a non-zero exit naming the failed step.
+    """
+    calls, fake = tmp_path / "calls", tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'printf "%s|%s\\n" "$PYTHONPATH" "$(echo $*)" >> "$CALLS"  # one line a call\n'
+        '[[ "$*" == *--amp* ]] && exit 3\n'
+        "exit 0\n"
+    )
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), CALLS=str(calls), PYTHONPATH="/packed")
+    results = tmp_path / "R"
+    script = str(REPO / "scripts" / "gpu_measure.sh")
+    proc = subprocess.run(["bash", script, str(results)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "gpu_measure.sh: failed: bench_train_amp" in proc.stderr
+    lines = calls.read_text().splitlines()
+    assert {line.split("|")[0] for line in lines} == {f"{REPO}:/packed"}
+    assert "import torch, triton, detectron2, fvcore, pycocotools" in lines[0]
+    commands = [line.split("|", 1)[1].replace(f"{results}/", "") for line in lines[1:]]
+    assert commands == [
+        "-m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py "
+        "tests/test_label_smoothing.py -k cuda",
+        "benchmarks/bench_loss.py --device cuda --out bench_loss_cuda.json",
+        "benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 "
+        "--out bench_train_cuda.json",
+        "benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 --amp "
+        "--out bench_train_cuda_amp.json",
+    ]
+
+
+def test_benchmarks_import_the_checkout_it_is_not_installed_in(tmp_path):
+    """With site-packages off (``-S``, so no editable install) and the checkout on PYTHONPATH,
+    as gpu_measure.sh runs them, the benchmarks import focal_det2 from it."""
+    import sysconfig
+
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
+    saved = REPO / "benchmarks" / "results" / "bench_loss_cuda.json"
+    proc = subprocess.run(
+        [sys.executable, "-S", "benchmarks/bench_loss.py", "--report", str(saved)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=path),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", "import focal_det2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"]),
+    )
+    assert "No module named 'focal_det2'" in proc.stderr  # the check can fail
+
+
+def test_bench_loss_refuses_bad_arguments_before_measuring(tmp_path):
+    bench_loss = load_benchmark("bench_loss")
+    out = str(tmp_path / "out.json")
+    with pytest.raises(SystemExit, match=r"unknown implementations \['bandwdith'\]"):
+        bench_loss.main(["--device", "cuda", "--impls", "bandwdith", "--out", out])
+    with pytest.raises(
+        SystemExit, match=r"--dtypes: unknown \['float8'\]; allowed: float32, float16, bfloat16"
+    ):
+        bench_loss.main(["--device", "cuda", "--dtypes", "float32,float8", "--out", out])
+    with pytest.raises(SystemExit, match="--dtypes needs --device cuda"):
+        bench_loss.main(["--dtypes", "bfloat16", "--out", out])
+    assert not os.path.exists(out)
+
+
+def test_bench_loss_cuda_run_measures_every_size_and_dtype_and_fails_loudly(monkeypatch, tmp_path):
+    """
+    ``--device cuda`` with its defaults (N = 400k and 2M, float32 and bfloat16, 30 repeats, 2
+    warm-up calls), ``run_cuda_one`` replaced by a recorder: a failed measurement is reported
+    and makes the run exit non-zero, with what was measured saved; a run that measured nothing
+    leaves an earlier file as it was.
+    """
+    bench_loss = load_benchmark("bench_loss")
+    calls = []
+
+    def run_cuda_one(name, n, dtype, repeats, warmup):
+        calls.append((name, n, dtype, repeats, warmup))
+        if name != "bandwidth":
+            raise RuntimeError("no kernel")
+        return {
+            "impl": name,
+            "N": n,
+            "dtype": dtype,
+            "fwd_ms": 0.5,
+            "fwd_bwd_ms": 0.5,
+            "fwd_bwd_stream_ms": 0.5,
+            "extra_mb": 1.0,
+            "logits_mb": 1.0,
+        }
+
+    monkeypatch.setattr(bench_loss, "run_cuda_one", run_cuda_one)
+    out = tmp_path / "cuda.json"
+    argv = ["--device", "cuda", "--impls", "bandwidth,ours_sigmoid_focal", "--out", str(out)]
+    with pytest.raises(
+        SystemExit, match=r"^4 of 8 measurements failed: ours_sigmoid_focal 400000 float32, "
+    ):
+        bench_loss.main(argv)
+    grid = [(n, d) for d in ("float32", "bfloat16") for n in (400000, 2000000)]
+    assert calls == [
+        (name, n, d, 30, 2) for n, d in grid for name in ("bandwidth", "ours_sigmoid_focal")
+    ]
+    saved = json.loads(out.read_text())
+    assert saved["config"]["sizes"] == [400000, 2000000] and saved["config"]["repeats"] == 30
+    assert [(r["N"], r["dtype"]) for r in saved["results"]] == grid
+    out.write_text("earlier run")
+    with pytest.raises(SystemExit, match="4 of 4 measurements failed"):
+        bench_loss.main(["--device", "cuda", "--impls", "ours_sigmoid_focal", "--out", str(out)])
+    assert out.read_text() == "earlier run"
+
+
+@pytest.fixture
+def timed_as_on_cuda(monkeypatch):
+    """
+    ``torch.cuda``'s events, syncs and memory counters stood in for on the CPU, so that
+    ``run_cuda_one``'s own arithmetic runs here: the events' elapsed times are 1, 2 and 6 ms in
+    turn (then 6 ms), no memory is counted, and the inputs stay on the CPU.
+    """
+    bench_loss = load_benchmark("bench_loss")
+    elapsed = iter([1.0, 2.0, 6.0])
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(elapsed, 6.0)
+
+    for name, value in [
+        ("Event", Event),
+        ("synchronize", lambda: None),
+        ("memory_allocated", lambda: 0),
+        ("max_memory_allocated", lambda: 0),
+        ("reset_peak_memory_stats", lambda: None),
+        ("empty_cache", lambda: None),
+    ]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    make_inputs = bench_loss._make_inputs
+    monkeypatch.setattr(
+        bench_loss, "_make_inputs", lambda n, s, d, device: make_inputs(n, s, d, "cpu")
+    )
+    monkeypatch.setenv("FOCAL_DET2_BACKEND", "compile")  # a parent's choice, which must not leak
+    yield bench_loss
+    from focal_det2.losses import backends
+
+    backends._reset_backend()
+
+
+def test_bench_loss_cuda_measurement_arithmetic(timed_as_on_cuda):
+    """The median of the timed calls (2 ms of 1, 2, 6), the stream mean, the dtype's bytes."""
+    bench_loss = timed_as_on_cuda
+    r = bench_loss.run_cuda_one("bandwidth", 1000, "bfloat16", 3, 1)
+    assert r["fwd_bwd_ms"] == r["fwd_ms"] == 2.0
+    assert r["fwd_bwd_stream_ms"] == 2.0  # the next event pair, 6 ms, over 3 calls
+    assert r["logits_mb"] == r["extra_mb"] == 1000 * 80 * 2 / 2**20
+
+
+def test_bench_loss_cuda_measures_the_backend_each_implementation_names(timed_as_on_cuda):
+    bench_loss = timed_as_on_cuda
+    assert (
+        bench_loss.run_cuda_one("ours_sigmoid_focal_eager", 64, "float32", 1, 0)["backend"]
+        == "eager"
+    )
+    assert bench_loss.run_cuda_one("ours_sigmoid_focal", 64, "float32", 1, 0)["backend"] == "triton"
+
+
+def test_bench_loss_inputs_of_each_dtype_on_their_device():
+    bench_loss = load_benchmark("bench_loss")
+    logits, labels = bench_loss._make_inputs(16, False, torch.bfloat16, "meta")
+    assert logits.dtype == torch.bfloat16 and logits.requires_grad
+    assert logits.device.type == labels.device.type == "meta"
+
+
+def test_bench_loss_forward_backward_leaves_no_gradient():
+    """A kept gradient would sit in the memory counted before the next call: one logits tensor missed."""
+    bench_loss = load_benchmark("bench_loss")
+    logits, labels = bench_loss._make_inputs(64, False)
+    fwd, fwd_bwd = bench_loss._calls("ours_sigmoid_focal", logits, labels)
+    fwd_bwd()
+    assert logits.grad is None
+
+
+def test_bench_loss_gpu_table_reads_the_saved_run():
+    """The first row of README's GPU table, from the saved run: float32 columns first, each
+    ms with the back-to-back mean in brackets, then the extra MB."""
+    bench_loss = load_benchmark("bench_loss")
+    saved = json.loads((REPO / "benchmarks" / "results" / "bench_loss_cuda.json").read_text())
+    row = next(
+        line
+        for line in bench_loss.cuda_table(saved["results"]).splitlines()
+        if line.startswith("| ours_sigmoid_focal |")
+    )
+    assert row.startswith(
+        "| ours_sigmoid_focal | 0.383 (0.253) | 0.709 (0.627) | 0.444 (0.501) | 0.815 (0.581) |"
+    )
+
+
+def test_bench_train_child_command(monkeypatch, tmp_path):
+    """The GPU defaults (50 timed steps at 800 px, 10 warm-up steps) and --amp reach the child."""
+    bench_train = load_benchmark("bench_train")
+    cmds = []
+
+    def run_child_once(cmd, env):
+        cmds.append(cmd)
+        return {
+            "model": cmd[cmd.index("--child") + 1],
+            "inputs": "coco800",
+            "s_per_iter": 1.0,
+            "peak_mb": 1.0,
+            "step_extra_mb": None,
+            "first_step_losses": {},
+        }
+
+    monkeypatch.setattr(bench_train, "run_child_once", run_child_once)
+    args = SimpleNamespace(device="cuda", amp=True, iters=None, warmup=10, max_wait=0)
+    bench_train.run_in_subprocess("focal", "coco800", args)
+    assert cmds[-1][-7:] == ["--device", "cuda", "--iters", "50", "--warmup", "10", "--amp"]
+    bench_train.main(
+        [
+            "--device",
+            "cuda",
+            "--inputs",
+            "coco800",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path / "t.json"),
+        ]
+    )
+    assert all(cmd[-2:] == ["--warmup", "10"] for cmd in cmds[1:]) and len(cmds) == 3
+
+
+def test_one_thread_restores_the_thread_count():
+    plotting = load_script("tools/plotting.py")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with plotting.one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_make_lint_checks_and_never_rewrites():
+    proc = subprocess.run(["make", "-n", "lint"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ruff = [line.split("-m ", 1)[-1] for line in proc.stdout.splitlines() if "ruff" in line]
+    assert ruff == ["ruff check .", "ruff format --check ."]
