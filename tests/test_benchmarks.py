@@ -318,6 +318,14 @@ def test_bench_loss_cuda_targets_at_their_thresholds():
         run("ours_sigmoid_focal", 1.0, extra_mb=21.0),
         run("ours_softmax_focal", 1.25, extra_mb=22.0),
     ]
+    # bfloat16 has its own bound (half the bytes): 0.5 ms is 4.0x its 0.125 ms, not float32's 2x
+    bf16 = [
+        dict(run("bandwidth", 0.125), dtype="bfloat16"),
+        dict(run("ours_sigmoid_focal", 0.5, extra_mb=10.0, logits_mb=10.0), dtype="bfloat16"),
+    ]
+    assert ("400k bfloat16: ours_sigmoid_focal fwd+bwd 4.0x the copy bound (<= 4x)", True) in (
+        bench_loss.check_cuda_targets(results + bf16)
+    )
     assert bench_loss.check_cuda_targets(results) == [
         ("400k float32: ours_sigmoid_focal fwd+bwd 20.0x faster than fvcore_jit (>= 20x)", True),
         ("400k float32: ours_sigmoid_focal fwd+bwd 4.0x the copy bound (<= 4x)", True),
@@ -493,6 +501,14 @@ def test_kernel_sass_counts_each_kernels_instructions_for_sm90(tmp_path):
         assert r["by_opcode"].get("MUFU", 0) > 0 and "NOP" not in r["by_opcode"]
     forward = results["sigmoid forward"]
     assert forward["per_logit"] == pytest.approx(forward["instructions"] * 256 / 4096, abs=0.01)
+    # softmax: 4 rows of 81 logits a program (512 // 128 lanes), 32 x SOFTMAX_WARPS threads
+    from focal_det2.losses import triton_kernels as tk
+
+    softmax = results["softmax forward"]
+    threads, rows = 32 * tk.SOFTMAX_WARPS, tk.SOFTMAX_ELEMENTS // 128
+    assert softmax["per_logit"] == pytest.approx(
+        softmax["instructions"] * threads / (rows * 81), abs=0.01
+    )
     # the backward writes the gradient: it stores, the forward's partial sum aside, and does more
     assert results["sigmoid backward"]["instructions"] > forward["instructions"]
     assert results["sigmoid backward"]["by_opcode"].get("STG", 0) > forward["by_opcode"].get(
@@ -776,3 +792,38 @@ def test_make_lint_checks_and_never_rewrites():
     assert proc.returncode == 0, proc.stderr
     ruff = [line.split("-m ", 1)[-1] for line in proc.stdout.splitlines() if "ruff" in line]
     assert ruff == ["ruff check .", "ruff format --check ."]
+
+
+def test_run_child_once_subtracts_the_childs_own_cpu(monkeypatch):
+    """
+    Made-up counters: 300 busy jiffies of 400 (100 a second) while the child itself used
+    1.0 s of CPU: others used the remaining 2.0 s of 4.0 s, an other_load of 0.5.
+    """
+    common = load_benchmark("common")
+    jiffies = iter([(1000, 5000), (1300, 5400)])
+    usage = iter(
+        [SimpleNamespace(ru_utime=0.0, ru_stime=0.0), SimpleNamespace(ru_utime=0.75, ru_stime=0.25)]
+    )
+    monkeypatch.setattr(common, "_cpu_jiffies", lambda: next(jiffies))
+    monkeypatch.setattr(common.resource, "getrusage", lambda who: next(usage))
+    monkeypatch.setattr(common.os, "sysconf", lambda name: 100)
+    child = [sys.executable, "-c", "print('{}')"]
+    assert common.run_child_once(child, dict(os.environ))["other_load"] == 0.5
+
+
+def test_bench_loss_child_environment_per_setting_and_backend(monkeypatch):
+    """The tamed allocator only for "tamed"; each implementation's backend, never the parent's."""
+    bench_loss = load_benchmark("bench_loss")
+    envs = []
+    monkeypatch.setattr(bench_loss, "wait_for_idle_cpu", lambda max_wait: None)
+    monkeypatch.setattr(
+        bench_loss, "run_child_once", lambda cmd, env: envs.append(dict(env)) or {"other_load": 0.0}
+    )
+    monkeypatch.setenv("FOCAL_DET2_BACKEND", "eager")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    args = SimpleNamespace(retries=0, max_wait=0.0, repeats=1, warmup=0)
+    bench_loss.run_in_subprocess("ours_sigmoid_focal", 1000, "default", args)
+    bench_loss.run_in_subprocess("ours_sigmoid_focal_compile", 1000, "tamed", args)
+    default, tamed = envs
+    assert "MALLOC_MMAP_MAX_" not in default and "FOCAL_DET2_BACKEND" not in default
+    assert tamed["MALLOC_MMAP_MAX_"] == "0" and tamed["FOCAL_DET2_BACKEND"] == "compile"
