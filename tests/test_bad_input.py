@@ -721,3 +721,30 @@ def test_package_log_lines_reach_console_and_log_txt(tmp_path, loggers, capsys):
     assert "backend chosen (test)" in captured.out and "dropped 3 boxes (test)" in captured.out
     assert "dropped 3 boxes (test)" not in captured.err  # once, on Detectron2's console handler
     assert cfg.OUTPUT_DIR == str(tmp_path / "new")
+
+
+@pytest.mark.parametrize(
+    "name, values, error",
+    [
+        ("sigmoid_focal", {"alpha": True}, "MODEL.FOCAL.ALPHA=True must be a number, got bool"),
+        (
+            "sigmoid_focal",
+            {"class_alpha": (True, 0.5, 0.5)},
+            "MODEL.FOCAL.CLASS_ALPHA=True must be a number",
+        ),
+        (
+            "softmax_focal",
+            {"class_alpha": (0.5, float("nan"), 0.5)},
+            "MODEL.FOCAL.CLASS_ALPHA=nan must be finite",
+        ),
+        ("focal_star", {"beta": float("nan")}, "MODEL.FOCAL.STAR_BETA=nan must be finite"),
+    ],
+)
+def test_a_loss_built_alone_checks_its_numbers(name, values, error):
+    """
+    ``build_focal_loss`` without a model (as a LazyConfig or a user's own head builds it): a
+    bool ALPHA (True would be alpha 1, every negative weighed 0) or CLASS_ALPHA entry, and a
+    non-finite CLASS_ALPHA or STAR_BETA (a NaN loss), are errors naming the key.
+    """
+    with pytest.raises((TypeError, ValueError), match=re.escape(error)):
+        build_loss(name, 3, **values)

@@ -144,18 +144,21 @@ def test_boxes_without_area_are_not_counted():
     assert count_instances(["cb_with_flat_boxes"], 10) == expected
 
 
-def test_a_category_id_outside_the_classes_is_an_error_naming_it():
-    """count_instances raises for category_id K (one past the last class), naming the data set."""
+@pytest.mark.parametrize("category_id", [10, -1])
+def test_a_category_id_outside_the_classes_is_an_error_naming_it(category_id):
+    """count_instances raises for category_id K (one past the last class) or a negative one
+    (which would index the last class's count), naming the data set."""
     records = [
-        {**r, "annotations": [{**a, "category_id": 10} for a in r["annotations"]]}
+        {**r, "annotations": [{**a, "category_id": category_id} for a in r["annotations"]]}
         for r in _tiny_records()
     ]
-    _register("cb_class_ten", records)
+    name = f"cb_class_{category_id}"
+    _register(name, records)
     with pytest.raises(
         ValueError,
-        match=r"data set 'cb_class_ten', image \d+: category_id 10 outside \[0, 10\)",
+        match=rf"data set '{name}', image \d+: category_id {category_id} outside \[0, 10\)",
     ):
-        count_instances(["cb_class_ten"], 10)
+        count_instances([name], 10)
 
 
 def test_a_class_without_instances_is_an_error_naming_it():
@@ -296,6 +299,28 @@ def test_weighted_loss_is_the_per_anchor_sum(name, class_alpha):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert not torch.allclose(got, loss(logits, labels, gamma))  # the weights change it
+
+
+def test_ohem_weighs_the_anchors_it_keeps():
+    """
+    OHEM keeping 4 anchors of 12 (NMS off): sum over the kept anchors of w_{label} times the
+    anchor's own loss; the anchors it drops, foreground ones included, weigh nothing.
+    """
+    loss = build_loss(
+        "ohem", 3, opts=["MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 4, "MODEL.FOCAL.OHEM.NMS_THRESH", 1.0]
+    )
+    logits, labels = _batch(loss.num_logits, 3)
+    loss.set_class_weights(WEIGHTS)
+    kept = loss.select(logits, labels, boxes=None, num_images=1)
+    dropped_fg = ((labels >= 0) & (labels < 3) & (kept < 0)).sum()
+    assert (kept >= 0).sum() == 4 and dropped_fg > 0  # the weights of dropped anchors would count
+    expected = sum(
+        (WEIGHTS[y] if y < 3 else 1.0)
+        * loss.reference(logits[i : i + 1], kept[i : i + 1], gamma=0.0, class_alpha=None)
+        for i, y in enumerate(kept.tolist())
+        if y >= 0
+    )
+    torch.testing.assert_close(loss(logits, labels), expected)
 
 
 def test_new_class_weights_replace_the_cached_ones():

@@ -302,6 +302,8 @@ def test_registering_a_name_again_with_other_data_raises(registered):
         ({"imbalance_factor": float("nan")}, "imbalance_factor"),
         ({"imbalance_factor": "100"}, "imbalance_factor"),
         ({"imbalance_factor": True}, "imbalance_factor"),
+        ({"num_images": True}, "num_images"),
+        ({"seed": False}, "seed"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(tmp_path, kwargs, argument):
@@ -500,6 +502,47 @@ def test_val_split_draws_its_own_random_stream(tmp_path):
     with open(_generate(tmp_path, split="val", num_images=2)) as f:
         annotations = json.load(f)["annotations"]
     assert [(a["image_id"], a["source_index"], a["bbox"]) for a in annotations] == val
+
+
+def test_longtail_split_first_images(tmp_path):
+    """
+    The long-tailed train split's first two images, pinned (source digit, box, class): the
+    count tests hold within +-2 digits a class, which a draw that never picks a class's last
+    digit, or orders the classes without their random jitter, would still pass.
+    """
+    first = [
+        (1, 1181, [43, 32, 24, 29], 5),
+        (1, 726, [10, 10, 14, 28], 2),
+        (1, 848, [33, 73, 29, 37], 1),
+        (1, 730, [44, 58, 11, 14], 3),
+        (1, 915, [92, 63, 23, 29], 1),
+        (1, 407, [88, 6, 28, 37], 2),
+        (1, 1449, [22, 31, 30, 38], 7),
+        (1, 126, [84, 91, 10, 12], 1),
+        (2, 176, [33, 102, 10, 14], 6),
+        (2, 676, [66, 18, 30, 39], 1),
+        (2, 1678, [40, 100, 20, 27], 2),
+        (2, 1087, [43, 59, 30, 36], 4),
+    ]
+    with open(_generate(tmp_path, num_images=2, imbalance_factor=100)) as f:
+        annotations = json.load(f)["annotations"]
+    drawn = [(a["image_id"], a["source_index"], a["bbox"], a["category_id"]) for a in annotations]
+    assert drawn == first
+
+
+def test_cache_names_tell_fractional_factors_apart():
+    """Each generation parameter is in the folder name: factors 2.5 and 2 never share a cache."""
+    params = dict(
+        split="train",
+        num_images=6,
+        image_size=128,
+        digits_per_image=(3, 8),
+        digit_size=(12, 40),
+        seed=0,
+    )
+    names = {f: digits_module._cache_name(**params, imbalance_factor=f) for f in (2, 2.5, None)}
+    assert names[2.5] == "digits_train_n6_s128_k3-8_d12-40_lt2.5_seed0_v1"
+    assert len(set(names.values())) == 3
 
 
 @pytest.mark.parametrize("factor", [100, 10, 1, 2.5])

@@ -383,3 +383,23 @@ def test_smoothed_loss_trains_and_evaluates_through_the_stock_trainer(name, tmp_
     trainer.train()  # evaluates after the last iteration
     assert (tmp_path / "model_final.pth").exists()
     assert "bbox/AP" in (tmp_path / "metrics.json").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize("alpha", [-1, 0.25])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_class_alpha_replaces_alpha_minus_1_when_smoothing(alpha, eps, eager):
+    """
+    Called directly (the loss objects keep ALPHA at its default beside CLASS_ALPHA), the
+    sigmoid definition and kernels weigh by CLASS_ALPHA whatever ``alpha`` is, -1 included:
+    as with alpha 0.5, and not as the unweighted loss.
+    """
+    logits, labels = batch(3, 3, n=50)
+    class_alpha = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+
+    def loss(fn, a, ca=class_alpha):
+        return fn(logits, labels, gamma=2.0, alpha=a, class_alpha=ca, label_smoothing=eps)
+
+    expected = loss(functional.sigmoid_focal_loss, 0.5)
+    torch.testing.assert_close(loss(functional.sigmoid_focal_loss, alpha), expected)
+    torch.testing.assert_close(loss(fused.sigmoid_focal_loss, alpha), expected)
+    assert not torch.allclose(loss(functional.sigmoid_focal_loss, -1, None), expected)

@@ -1138,6 +1138,16 @@ def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
     ) in table.splitlines()
 
 
+def test_imbalance_output_in_the_working_folder(tmp_path, monkeypatch):
+    """``--output imbalance.json``, a bare file name: written into the working folder."""
+    imbalance = load_tool("imbalance")
+    monkeypatch.chdir(tmp_path)
+    imbalance.main(
+        ["--canvases", "128", "--split", "val", "--num-images", "1", "--output", "imbalance.json"]
+    )
+    assert json.loads((tmp_path / "imbalance.json").read_text())["128"]["images"] == 1
+
+
 def test_imbalance_canvases_skip_empty_items_and_need_one():
     imbalance = load_tool("imbalance")
     assert imbalance.parse_canvases("128,") == [128]
@@ -1524,6 +1534,7 @@ def test_plot_imbalance_draws_the_mean_line_and_the_seed_range(tmp_path, monkeyp
     data = tool.plot([str(folder)], str(tmp_path / "sweep.png"), dpi=20)
     assert data["ce_a0.75"][0][:4] == pytest.approx((100.0, 251 / 3, 80.0, 89.0))
     (ax,) = [a for a in figures[0].axes if a.get_legend() is not None]
+    assert ax.get_xscale() == "log"  # negatives per positive span 100x to 10,000x
     lines = dict(zip(*reversed(ax.get_legend_handles_labels())))
     labels = tool._labels()
     bars = [c for c in ax.containers if c.get_label() is not None]

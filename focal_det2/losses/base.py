@@ -78,8 +78,11 @@ class DenseClassificationLoss:
         """
         self.num_classes = num_classes
         self.check_gamma(gamma, "MODEL.FOCAL.GAMMA")
+        check_finite_number(alpha, "MODEL.FOCAL.ALPHA")
         if not (0.0 <= alpha <= 1.0 or alpha == -1):
             raise ValueError(f"MODEL.FOCAL.ALPHA={alpha} must be in [0, 1], or -1 to disable.")
+        for a in class_alpha:
+            check_finite_number(a, "MODEL.FOCAL.CLASS_ALPHA")
         class_alpha = tuple(float(a) for a in class_alpha)
         if class_alpha and len(class_alpha) != num_classes:
             raise ValueError(

@@ -56,6 +56,7 @@ class FocalStarLoss(DenseClassificationLoss):
             kwargs: see :class:`DenseClassificationLoss`.
         """
         super().__init__(**kwargs)
+        check_finite_number(beta, "MODEL.FOCAL.STAR_BETA")
         self.beta = beta
 
     @classmethod
