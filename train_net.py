@@ -5,7 +5,7 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
-    python train_net.py --config-file configs/lazy/sigmoid_focal_R_50_FPN_1x.py \
+    python train_net.py --config-file configs/lazy/focal_retinanet_R_50_FPN_1x.py \
         model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss   # a Python (LazyConfig) config
 """
 
@@ -19,13 +19,13 @@ from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, launch
 
 from focal_det2.engine import FocalTrainer, load_fitting, load_for_evaluation, setup_cfg
-from focal_det2.lazy import lazy_test, lazy_train, setup_lazy_cfg
+from focal_det2.lazy import is_lazy_config, lazy_test, lazy_train, setup_lazy_cfg
 
 focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)
 
 
 def main(args):
-    if args.config_file.endswith(".py"):
+    if is_lazy_config(args.config_file):
         return lazy_main(args)
     # with --eval-only: MODEL.WEIGHTS is the checkpoint, OUTPUT_DIR .../eval/<its name>
     cfg = setup_cfg(args)
@@ -39,6 +39,7 @@ def main(args):
 
 
 def lazy_main(args):
+    # a .py config, or the config.yaml a lazy run saved; with --eval-only, as for yacs above
     cfg = setup_lazy_cfg(args)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -46,10 +46,12 @@ __all__ = [
     "ResumableTrainingSampler",
     "RunKeys",
     "ScalarHistory",
+    "build_on_meta",
     "check_output_dir_free",
     "checkpoint_to_load",
     "ddp_device_ids_by_device",
     "drop_metrics_from",
+    "evaluation_output_dir",
     "extends_finished_run",
     "load_for_evaluation",
     "load_fitting",
@@ -266,15 +268,20 @@ class ScalarHistory(HookBase):
 
 
 class RunKeys(NamedTuple):
-    """The config keys of a run's checkpoint, output folder and length, which errors name."""
+    """The config keys of a run's checkpoint and output folder, as errors name them."""
 
     weights: str
     output_dir: str
-    max_iter: str
+    sep: str  # between a key and its value on train_net.py's command line
+    extend: str  # how a finished run is extended, "" where a resume cannot
 
 
-YACS_KEYS = RunKeys("MODEL.WEIGHTS", "OUTPUT_DIR", "SOLVER.MAX_ITER")
-LAZY_KEYS = RunKeys("train.init_checkpoint", "train.output_dir", "train.max_iter")
+YACS_KEYS = RunKeys(
+    "MODEL.WEIGHTS", "OUTPUT_DIR", " ", " (a larger SOLVER.MAX_ITER extends a finished run)"
+)
+# No extension advice: a LazyConfig lr_multiplier is a function of iteration / train.max_iter,
+# so a larger train.max_iter rescales the schedule of the iterations already trained.
+LAZY_KEYS = RunKeys("train.init_checkpoint", "train.output_dir", "=", "")
 
 
 def checkpoint_to_load(
@@ -343,8 +350,8 @@ def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
     if found:
         raise FileExistsError(
             f"{keys.output_dir} {output_dir} holds a training run ({', '.join(found)}), which a "
-            f"new run would overwrite. Pass --resume to continue it (a larger {keys.max_iter} "
-            f"extends a finished run), set {keys.output_dir} to another folder, or delete this one."
+            f"new run would overwrite. Pass --resume to continue it{keys.extend}, set "
+            f"{keys.output_dir} to another folder, or delete this one."
         )
 
 
@@ -686,9 +693,10 @@ def check_cfg(cfg):
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
-    with torch.device("meta"):
-        model = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
-    if type(model).__module__.startswith("detectron2."):
+    model = build_on_meta(
+        lambda: META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
+    )
+    if model is not None and type(model).__module__.startswith("detectron2."):
         _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
 
 
@@ -712,6 +720,51 @@ def _check_focal_node_unset(cfg):
         )
 
 
+def evaluation_output_dir(
+    checkpoint: str, output_dir: str, resume: bool, keys: RunKeys = YACS_KEYS
+) -> str:
+    """
+    Where ``--eval-only`` writes: ``output_dir/eval/<checkpoint name>``, beside
+    and not over the training run's files. Raises, naming the keys, where there
+    is no checkpoint to evaluate.
+
+    Args:
+        checkpoint (str): what :func:`checkpoint_to_load` chose ("" for none).
+        output_dir (str): the run's output folder (OUTPUT_DIR).
+        resume (bool): ``--resume``.
+        keys (RunKeys): the config keys the error names.
+    """
+    if not checkpoint:
+        raise ValueError(
+            f"--eval-only needs a trained model: {keys.weights} is empty"
+            + (f" and {output_dir} has no last_checkpoint" if resume else "")
+            + f". Pass {keys.weights}{keys.sep}<file>.pth (e.g. {keys.output_dir}/model_final.pth), "
+            f"or --resume to evaluate {keys.output_dir}'s last checkpoint."
+        )
+    return os.path.join(output_dir, "eval", os.path.splitext(os.path.basename(checkpoint))[0])
+
+
+def build_on_meta(build: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """
+    ``build()`` on the ``meta`` device: modules and shapes without memory,
+    weight initialisation or random draws, so that every check of the
+    constructors runs before a run writes anything. None, with a log line, for
+    a model whose constructor computes with tensors (Detectron2's ViT, MViT and
+    Swin backbones call ``.item()``), which the meta device cannot run; its
+    errors then come from the run's own build.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e):
+            raise
+        logger.warning(
+            f"The model is not checked before the run: it cannot be built on the meta device ({e})."
+        )
+        return None
+
+
 def setup_cfg(args):
     """
     Config from ``args.config_file`` and ``args.opts`` (key=value overrides),
@@ -733,16 +786,8 @@ def setup_cfg(args):
     eval_only, resume = getattr(args, "eval_only", False), getattr(args, "resume", False)
     checkpoint = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume)
     if eval_only:
-        if not checkpoint:
-            raise ValueError(
-                "--eval-only needs a trained model: MODEL.WEIGHTS is empty"
-                + (f" and {cfg.OUTPUT_DIR} has no last_checkpoint" if resume else "")
-                + ". Pass MODEL.WEIGHTS <file>.pth (e.g. OUTPUT_DIR/model_final.pth), or --resume "
-                "to evaluate OUTPUT_DIR's last checkpoint."
-            )
-        name = os.path.splitext(os.path.basename(checkpoint))[0]
+        cfg.OUTPUT_DIR = evaluation_output_dir(checkpoint, cfg.OUTPUT_DIR, resume)
         cfg.MODEL.WEIGHTS = checkpoint
-        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval", name)
     check_cfg(cfg)
     if not eval_only and not resume:
         check_output_dir_free(cfg.OUTPUT_DIR)

@@ -13,7 +13,7 @@ from detectron2.utils.registry import Registry
 
 from .registry import lookup, register_as
 
-__all__ = ["GAMMA_SCHEDULE_REGISTRY", "build_gamma_schedule", "GammaSchedule"]
+__all__ = ["GAMMA_SCHEDULE_REGISTRY", "build_gamma_schedule", "initial_gamma", "GammaSchedule"]
 
 GAMMA_SCHEDULE_REGISTRY = Registry("GAMMA_SCHEDULE")
 GAMMA_SCHEDULE_REGISTRY.__doc__ = """
@@ -148,3 +148,12 @@ class StepGamma(GammaSchedule):
 
     def progress(self, iteration):
         return sum(s <= iteration for s in self.steps) / len(self.steps)
+
+
+def initial_gamma(schedule: GammaSchedule) -> float:
+    """
+    gamma at iteration 0, for which the head derives its prior bias (FL*'s
+    depends on it): ``FocalRetinaNetHead``'s ``init_gamma``, which a LazyConfig
+    sets as ``L(initial_gamma)(schedule="${...gamma_schedule}")``.
+    """
+    return schedule(0)

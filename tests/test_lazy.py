@@ -2,19 +2,23 @@
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
-from conftest import REPO, load_script
+from conftest import REPO, load_script, logged
 from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import SimpleTrainer
 from detectron2.model_zoo import get_config
 from test_train_net import run_train_net
 
 import focal_det2  # noqa: F401  (registers the digits data sets)
-from focal_det2.lazy import setup_lazy_cfg
+from focal_det2 import engine, lazy
+from focal_det2.lazy import check_model, is_lazy_config, lazy_test, lazy_train, setup_lazy_cfg
 from focal_det2.losses import OHEMLoss, SoftmaxFocalLoss
 
 CONFIG = REPO / "configs" / "lazy" / "focal_retinanet_R_50_FPN_1x.py"
+SOFTMAX = "model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss"
 
 
 def digits_opts(output_dir, *extra):
@@ -75,7 +79,7 @@ def test_lazy_loss_and_schedule_swap_on_the_command_line():
     model = instantiate(
         load(
             "model.num_classes=10",
-            "model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss",
+            SOFTMAX,
             "model.focal_loss.gamma=1.5",
             "model.gamma_schedule._target_=focal_det2.schedules.LinearGamma",
             "model.gamma_schedule.iters=100",
@@ -92,38 +96,95 @@ def test_lazy_loss_and_schedule_swap_on_the_command_line():
     assert type(ohem.focal_loss) is OHEMLoss and ohem.head.cls_score.out_channels == 9 * 80
 
 
-def test_train_net_trains_and_evaluates_a_lazy_config(tmp_path):
-    swap = "model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss"
-    log = run_train_net("--config-file", CONFIG, *digits_opts(tmp_path, swap))
-    assert "Starting training from iteration 0" in log
+def test_lazy_head_bias_is_the_prior_at_the_schedules_first_gamma():
+    """FL* ramped from gamma 0.5: sigmoid(0.5 b + beta) = 0.01, b = (logit(0.01) - beta) / 0.5
+    (the bias for the loss's final gamma, 2, would start at p* = 0.40)."""
+    model = instantiate(
+        load(
+            "model.focal_loss._target_=focal_det2.losses.FocalStarLoss",
+            "model.focal_loss.beta=1.0",
+            "model.gamma_schedule._target_=focal_det2.schedules.LinearGamma",
+            "model.gamma_schedule.start=0.5",
+            "model.gamma_schedule.iters=100",
+        ).model
+    )
+    expected = (math.log(0.01 / 0.99) - 1.0) / 0.5
+    torch.testing.assert_close(
+        model.head.cls_score.bias, torch.full((9 * 80,), expected), rtol=1e-6, atol=0
+    )
+
+
+def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
+    opts = digits_opts(tmp_path, SOFTMAX, "train.eval_period=1", "train.checkpointer.period=1")
+    log = run_train_net("--config-file", CONFIG, *opts)
+    assert "Starting training from iteration 0" in log and "Total training time" in log
+    assert "Model:\nFocalRetinaNet(" in log  # focal_det2's own log lines are shown
     records = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
-    assert [r["iteration"] for r in records if "loss_cls" in r] == [0, 1]
-    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    # lr_multiplier: warm-up from 0.001 x lr at iteration 0, then lr (the schedule on 2 iterations)
+    assert [r["lr"] for r in records if "loss_cls" in r] == pytest.approx([1e-6, 1e-3])
+    # eval_period 1: after iteration 0 (not after the last, 1: the final evaluation is that one,
+    # recorded by Detectron2 at the iteration count, 2)
+    assert [r["iteration"] for r in records if "bbox/AP" in r] == [0, 2]
+    assert (tmp_path / "model_0000000.pth").is_file()  # checkpointer.period 1
+    weights = torch.load(tmp_path / "model_final.pth", weights_only=False)["model"]
+    assert weights["head.cls_score.bias"].shape == (9 * 11,)
+
     log = run_train_net(
-        "--config-file", CONFIG, "--resume", *digits_opts(tmp_path, swap, "train.max_iter=3")
+        "--config-file", CONFIG, "--resume", *digits_opts(tmp_path, SOFTMAX, "train.max_iter=3")
     )
     assert "Starting training from iteration 2" in log  # Detectron2's resume: the next iteration
-    weights = tmp_path / "model_final.pth"
-    assert torch.load(weights, weights_only=False)["model"]["head.cls_score.bias"].shape == (
-        9 * 11,
-    )
-    log = run_train_net(
-        "--config-file",
-        CONFIG,
-        "--eval-only",
-        *digits_opts(tmp_path, swap, f"train.init_checkpoint={weights}"),
-    )
+
+    # the run's own config.yaml (LazyConfig's YAML, every override in it) evaluates its last checkpoint
+    saved = tmp_path / "config.yaml"
+    assert is_lazy_config(str(saved))
+    log = run_train_net("--config-file", saved, "--eval-only", "--resume")
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     assert (tmp_path / "eval" / "model_final" / "config.yaml").is_file()  # not over the run's
 
 
+def test_is_lazy_config_tells_the_two_kinds_apart():
+    assert is_lazy_config(str(CONFIG))
+    assert not is_lazy_config(str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml"))
+    assert not is_lazy_config(str(REPO / "configs" / "missing.yaml"))  # yacs names the file
+
+
+def test_lazy_training_uses_amp_and_the_ddp_options_of_the_config(tmp_path, monkeypatch):
+    """``train.amp.enabled`` picks AMPTrainer (recorded here: its step needs CUDA), and
+    ``create_ddp_model`` gets ``train.ddp``."""
+    built, ddp = [], []
+
+    class RecordedAMPTrainer(SimpleTrainer):
+        def __init__(self, *a):
+            built.append("AMPTrainer")
+            super().__init__(*a)
+
+    monkeypatch.setattr(lazy, "AMPTrainer", RecordedAMPTrainer)
+    monkeypatch.setattr(lazy, "create_ddp_model", lambda model, **kw: ddp.append(kw) or model)
+    cfg = setup_lazy_cfg(
+        args(
+            tmp_path,
+            "train.amp.enabled=True",
+            "train.max_iter=1",
+            "train.ddp.fp16_compression=True",
+        )
+    )
+    del cfg.dataloader.evaluator  # no evaluation at the end
+    lazy_train(cfg)
+    assert built == ["AMPTrainer"]
+    assert ddp == [
+        {"broadcast_buffers": False, "find_unused_parameters": False, "fp16_compression": True}
+    ]
+
+
+def test_lazy_test_without_an_evaluator_evaluates_nothing():
+    cfg = load()
+    del cfg.dataloader.evaluator
+    assert lazy_test(cfg, model=None) is None
+
+
 def test_lazy_eval_only_refuses_a_checkpoint_of_another_loss(tmp_path):
     """The sigmoid model (K logits) from a softmax checkpoint (K + 1) would score with a random classifier."""
-    model = instantiate(
-        load(
-            "model.num_classes=10", "model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss"
-        ).model
-    )
+    model = instantiate(load("model.num_classes=10", SOFTMAX).model)
     weights = tmp_path / "softmax.pth"
     torch.save({"model": model.state_dict()}, weights)
     cmd = args(tmp_path / "out", f"train.init_checkpoint={weights}", eval_only=True)
@@ -136,17 +197,28 @@ def test_lazy_eval_only_refuses_a_checkpoint_of_another_loss(tmp_path):
 
 def test_lazy_setup_names_what_is_missing_or_taken(tmp_path):
     with pytest.raises(
-        ValueError, match=r"--eval-only needs a trained model: train.init_checkpoint is empty"
+        ValueError,
+        match=r"--eval-only needs a trained model: train.init_checkpoint is empty\. "
+        r"Pass train.init_checkpoint=<file>.pth \(e.g. train.output_dir/model_final.pth\)",
     ):
         setup_lazy_cfg(args(tmp_path, eval_only=True))
     with pytest.raises(
         FileNotFoundError, match=r"train.init_checkpoint=/nonexistent.pth: the file does not exist"
     ):
         setup_lazy_cfg(args(tmp_path, "train.init_checkpoint=/nonexistent.pth"))
+    (tmp_path / "last_checkpoint").write_text("")
+    with pytest.raises(
+        ValueError,
+        match=r"last_checkpoint is empty.* delete it to start from train.init_checkpoint\.",
+    ):
+        setup_lazy_cfg(args(tmp_path, resume=True))
+    (tmp_path / "last_checkpoint").unlink()
     (tmp_path / "model_final.pth").write_bytes(b"a run")
+    # no "a larger train.max_iter extends it": a lazy lr_multiplier scales with train.max_iter
     with pytest.raises(
         FileExistsError,
-        match=r"train.output_dir .* holds a training run \(model_final.pth\).*a larger train.max_iter",
+        match=r"train.output_dir .* holds a training run \(model_final.pth\), which a new run would "
+        r"overwrite. Pass --resume to continue it, set train.output_dir to another folder",
     ):
         setup_lazy_cfg(args(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth"]
@@ -161,3 +233,16 @@ def test_lazy_setup_checks_the_model_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"MODEL.FOCAL.ALPHA=1.5 must be in \[0, 1\]"):
         setup_lazy_cfg(args(tmp_path, "model.focal_loss.alpha=1.5"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_model_check_builds_on_the_meta_device():
+    """100 million classes: 8 TB of classifier on the CPU, none on the meta device."""
+    check_model(load("model.num_classes=100000000"))
+
+
+def test_a_model_the_meta_device_cannot_build_is_run_unchecked():
+    """Detectron2's ViTDet (its ViT calls .item() in __init__) still trains, with a warning."""
+    cfg = get_config("common/models/mask_rcnn_vitdet.py")
+    with logged(engine.logger) as records:
+        check_model(cfg)
+    assert ["cannot be built on the meta device" in r.getMessage() for r in records] == [True]

@@ -7,7 +7,7 @@ from detectron2.model_zoo import get_config
 
 from focal_det2.losses import SigmoidFocalLoss
 from focal_det2.modeling import FocalRetinaNet, FocalRetinaNetHead
-from focal_det2.schedules import ConstantGamma
+from focal_det2.schedules import ConstantGamma, initial_gamma
 
 model = get_config("common/models/retinanet.py").model
 model._target_ = FocalRetinaNet
@@ -17,3 +17,4 @@ model.gamma_schedule = L(ConstantGamma)(end="${..focal_loss.gamma}")
 model.head._target_ = FocalRetinaNetHead
 del model.head.num_classes  # the loss says how many logits an anchor has (K, or K + 1)
 model.head.loss = "${..focal_loss}"
+model.head.init_gamma = L(initial_gamma)(schedule="${...gamma_schedule}")  # the bias's gamma
