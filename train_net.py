@@ -7,6 +7,7 @@ Train and evaluate a focal_det2 model with Detectron2's stock machinery.
     python train_net.py --config-file ... --num-gpus 2 MODEL.FOCAL.LOSS softmax_focal
     python train_net.py --config-file configs/lazy/focal_retinanet_R_50_FPN_1x.py \
         model.focal_loss._target_=focal_det2.losses.SoftmaxFocalLoss   # a Python (LazyConfig) config
+    python train_net.py --config-file output/config.yaml --eval-only --resume  # a lazy run's own
 """
 
 # First: importing focal_det2 registers the losses, head, schedules, meta-arch and data sets,
@@ -15,11 +16,10 @@ import focal_det2
 
 # isort: split
 
-from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, launch
 
-from focal_det2.engine import FocalTrainer, load_fitting, load_for_evaluation, setup_cfg
-from focal_det2.lazy import is_lazy_config, lazy_test, lazy_train, setup_lazy_cfg
+from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg
+from focal_det2.lazy import is_lazy_config, lazy_evaluate, lazy_train, setup_lazy_cfg
 
 focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)
 
@@ -42,9 +42,7 @@ def lazy_main(args):
     # a .py config, or the config.yaml a lazy run saved; with --eval-only, as for yacs above
     cfg = setup_lazy_cfg(args)
     if args.eval_only:
-        model = instantiate(cfg.model).to(cfg.train.device)
-        load_fitting(model, cfg.train.init_checkpoint)  # raises if it leaves tensors random
-        return lazy_test(cfg, model)
+        return lazy_evaluate(cfg)
     return lazy_train(cfg, resume=args.resume)
 
 

@@ -732,7 +732,9 @@ def main(argv=None):
         "--device", default="cpu", choices=["cpu", "cuda"], help="where the losses run"
     )
     parser.add_argument(
-        "--dtypes", default="float32,bfloat16", help="logits dtypes on CUDA (the CPU runs float32)"
+        "--dtypes",
+        default=None,
+        help="logits dtypes on CUDA (default float32,bfloat16); the CPU runs float32 only",
     )
     parser.add_argument(
         "--impls",
@@ -791,9 +793,10 @@ def main(argv=None):
     if args.quick:
         sizes, args.repeats = [20000], 5
         impls = [i for i in impls if not i.endswith("_compile")]
-    if not cuda and args.dtypes != parser.get_default("dtypes"):
+    if not cuda and args.dtypes not in (None, "float32"):
         raise SystemExit("--dtypes needs --device cuda: the CPU run measures float32 only")
     if cuda:
+        args.dtypes = args.dtypes or "float32,bfloat16"
         bad = [d for d in args.dtypes.split(",") if d not in CUDA_DTYPES]
         if bad:
             raise SystemExit(f"--dtypes: unknown {bad}; allowed: {', '.join(CUDA_DTYPES)}")

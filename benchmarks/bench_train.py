@@ -166,10 +166,7 @@ def run_child(
         model, iter(lambda: batch, None), build_optimizer(cfg, model)
     )
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(
-            torch.device(device)
-        )  # cuda:N: the peaks and syncs below are of GPU N
+    select_gpu(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     result = {
@@ -214,6 +211,19 @@ def run_child(
 
 
 # ----------------------------------------------------------------------------- parent
+
+
+def select_gpu(device: str):
+    """
+    ``cuda:N``: GPU N becomes the current device, whose syncs and memory peaks
+    are measured; ``cuda`` keeps the current one (``set_device`` needs an
+    index); ``cpu`` changes nothing.
+    """
+    import torch
+
+    index = torch.device(device).index
+    if index is not None:
+        torch.cuda.set_device(index)
 
 
 def default_iters(inputs: str, device: str) -> int:

@@ -1,8 +1,10 @@
 """
 The trainer used by train_net.py: Detectron2's DefaultTrainer with COCO
 evaluation, multi-process training on CPUs, checked training data and an
-exact ``--resume``; and :func:`setup_cfg`, which checks a config before a
-run writes anything.
+exact ``--resume``; :func:`setup_cfg`, which checks a config before a run
+writes anything; and what the LazyConfig path (:mod:`.lazy`) shares with it:
+the checkpoint and output-folder checks (:class:`RunKeys` names the keys),
+:func:`load_fitting` and :func:`build_on_meta`.
 """
 
 import contextlib
@@ -40,8 +42,8 @@ from .data.checks import (
 )
 
 __all__ = [
+    "AttributeState",
     "FocalTrainer",
-    "LAZY_KEYS",
     "ResumableTrainLoader",
     "ResumableTrainingSampler",
     "RunKeys",
@@ -206,7 +208,7 @@ def _orientations(dataset) -> str:
     return "landscape and portrait images" if len(landscape) > 1 else ""
 
 
-class _AttributeState:
+class AttributeState:
     """
     A checkpointable (``state_dict`` / ``load_state_dict``) for plain
     attributes of an object, such as the loss normaliser EMA that
@@ -268,20 +270,24 @@ class ScalarHistory(HookBase):
 
 
 class RunKeys(NamedTuple):
-    """The config keys of a run's checkpoint and output folder, as errors name them."""
+    """How the errors about a run's checkpoint, output folder and model name their keys."""
 
-    weights: str
+    weights: str  # the checkpoint a run starts from
     output_dir: str
+    loss: str  # the classification loss
+    num_classes: str
     sep: str  # between a key and its value on train_net.py's command line
     extend: str  # how a finished run is extended, "" where a resume cannot
 
 
 YACS_KEYS = RunKeys(
-    "MODEL.WEIGHTS", "OUTPUT_DIR", " ", " (a larger SOLVER.MAX_ITER extends a finished run)"
+    "MODEL.WEIGHTS",
+    "OUTPUT_DIR",
+    "MODEL.FOCAL.LOSS",
+    "NUM_CLASSES",
+    " ",
+    " (a larger SOLVER.MAX_ITER extends a finished run)",
 )
-# No extension advice: a LazyConfig lr_multiplier is a function of iteration / train.max_iter,
-# so a larger train.max_iter rescales the schedule of the iterations already trained.
-LAZY_KEYS = RunKeys("train.init_checkpoint", "train.output_dir", "=", "")
 
 
 def checkpoint_to_load(
@@ -296,8 +302,8 @@ def checkpoint_to_load(
     that does not exist, and a local checkpoint file of 0 bytes.
 
     Args:
-        output_dir (str): OUTPUT_DIR, where ``last_checkpoint`` lives.
-        weights (str): MODEL.WEIGHTS, a path or a URL.
+        output_dir (str): the output folder (OUTPUT_DIR), where ``last_checkpoint`` lives.
+        weights (str): the checkpoint to start from (MODEL.WEIGHTS), a path or a URL.
         resume (bool): ``--resume``.
         keys (RunKeys): the config keys the errors name.
     """
@@ -402,7 +408,7 @@ class FocalTrainer(DefaultTrainer):
             super().__init__(cfg)
         # checkpointer.model is the model without its DDP wrapper.
         self.checkpointer.add_checkpointable(
-            "loss_normalizer", _AttributeState(self.checkpointer.model, "loss_normalizer")
+            "loss_normalizer", AttributeState(self.checkpointer.model, "loss_normalizer")
         )
         if cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
             self.class_weights = ClassWeights(_focal_loss_of(self.checkpointer.model), cfg)
@@ -598,7 +604,7 @@ class _RecordingCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
 
 
-def _check_fits(path: str, incompatible):
+def _check_fits(path: str, incompatible, keys: RunKeys):
     """
     Raise, naming the checkpoint and the tensors, if a load for evaluation left parameters
     of the model at their initialisation: Detectron2 skips a tensor of another shape (a
@@ -617,13 +623,13 @@ def _check_fits(path: str, incompatible):
     if shapes:
         fix = (
             "Use the config the checkpoint was trained with (its run's config.yaml): the same "
-            "MODEL.FOCAL.LOSS (softmax_focal has NUM_CLASSES + 1 logits per anchor), "
-            "NUM_CLASSES and backbone."
+            f"{keys.loss} (softmax_focal has {keys.num_classes} + 1 logits per anchor), "
+            f"{keys.num_classes} and backbone."
         )
     else:
         fix = (
             "Pass a trained detector's checkpoint, not a backbone's (such as the ImageNet "
-            "weights a COCO config trains from), or MODEL.WEIGHTS '' for a random model."
+            f"weights a COCO config trains from), or {keys.weights}{keys.sep}'' for a random model."
         )
     missing = [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
     raise ValueError(
@@ -632,20 +638,22 @@ def _check_fits(path: str, incompatible):
     )
 
 
-def load_fitting(model, path: str, checkpointables: Optional[dict] = None):
+def load_fitting(
+    model, path: str, checkpointables: Optional[dict] = None, keys: RunKeys = YACS_KEYS
+):
     """
     Load the checkpoint ``path`` (a file or a URL) into ``model``, and its entries
     named by the keys of ``checkpointables`` into their values. An error while
     loading (a truncated file) carries a note that names the checkpoint; a
     checkpoint that leaves model tensors at their initialisation is an error
-    naming them (see :func:`_check_fits`).
+    naming them (see :func:`_check_fits`) and the config ``keys`` to fix.
     """
     checkpointer = _RecordingCheckpointer(model)
     for key, value in (checkpointables or {}).items():
         checkpointer.add_checkpointable(key, value)
     with _naming_checkpoint(path):
         checkpointer.load(path, checkpointables=list(checkpointables or ()))
-    _check_fits(path, checkpointer.incompatible)
+    _check_fits(path, checkpointer.incompatible, keys)
 
 
 def load_for_evaluation(cfg, model):
@@ -683,20 +691,22 @@ def check_cfg(cfg):
     The model build's checks are spread over Detectron2's backbone, anchor
     generator and RetinaNet and over our loss, gamma schedule and head, and
     some need the backbone's output shapes; so the whole meta-architecture is
-    constructed, but on the ``meta`` device: modules and shapes without
-    memory, weight initialisation or random draws, then dropped. That costs
-    a small part of a real CPU build and leaves the run's own build (after
-    ``default_setup`` seeds it) the only one that allocates.
+    constructed, but on the ``meta`` device (:func:`build_on_meta`): modules
+    and shapes without memory, weight initialisation or random draws, then
+    dropped. That costs a small part of a real CPU build and leaves the run's
+    own build (after ``default_setup`` seeds it) the only one that allocates.
+    A model the meta device cannot build is left to the run's build, with a
+    warning; MODEL.FOCAL moved from its defaults under one of Detectron2's own
+    meta-architectures (which read none of it) is refused either way.
     """
     check_finite(cfg)
     check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
-    model = build_on_meta(
-        lambda: META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)(meta_cfg)
-    )
-    if model is not None and type(model).__module__.startswith("detectron2."):
+    meta_arch = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)
+    build_on_meta(lambda: meta_arch(meta_cfg))
+    if meta_arch.__module__.startswith("detectron2."):
         _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
 
 
@@ -757,7 +767,7 @@ def build_on_meta(build: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Mod
         with torch.device("meta"):
             return build()
     except (RuntimeError, NotImplementedError) as e:
-        if "meta" not in str(e):
+        if not re.search(r"\bmeta\b", str(e), re.IGNORECASE):  # "meta tensors", "'Meta' backend"
             raise
         logger.warning(
             f"The model is not checked before the run: it cannot be built on the meta device ({e})."

@@ -1,19 +1,23 @@
 """
 Training and evaluation from Detectron2's Python ("LazyConfig") configs,
 for ``train_net.py --config-file <file>.py`` (or the ``config.yaml`` a lazy
-run saved): the loop of Detectron2's ``tools/lazyconfig_train_net.py``, which
-its pip package does not ship, rebuilt from Detectron2's own trainers, hooks
-and evaluation. Where it differs from that tool, on purpose, it does what
+run saved): the loop of Detectron2's ``tools/lazyconfig_train_net.py`` (a
+script, not an API: some installs put it in a top-level ``tools`` package,
+others not at all), built from Detectron2's own trainers, hooks and
+evaluation. Where it differs from that script, on purpose, it does what
 ``train_net.py`` does for a yacs config: the config is checked before
-anything is written (an output folder that holds a run is refused without
-``--resume``, a checkpoint to load is named when it is missing or empty, the
-model is built on the ``meta`` device first); ``--eval-only`` writes to
-``train.output_dir/eval/<checkpoint name>``, evaluates ``last_checkpoint``
-with ``--resume`` and refuses a checkpoint that does not fit the model; and
-focal_det2's log lines reach the console and ``log.txt``.
-``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
+anything is written (an override of a key the config lacks is refused
+unless written ``+key=value``; an output folder that holds a run is refused
+without ``--resume``; a checkpoint to load is named when it is missing or
+empty; the model is built on the ``meta`` device first); ``--eval-only``
+writes to ``train.output_dir/eval/<checkpoint name>``, evaluates
+``last_checkpoint`` with ``--resume`` and refuses a checkpoint that does not
+fit the model; several processes train on the CPU; the loss normaliser's
+moving average is checkpointed; and focal_det2's log lines reach the console
+and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
+import difflib
 import logging
 import re
 
@@ -24,25 +28,62 @@ from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from omegaconf import DictConfig, OmegaConf
 
 from .engine import (
-    LAZY_KEYS,
+    AttributeState,
+    RunKeys,
     build_on_meta,
     check_output_dir_free,
     checkpoint_to_load,
     evaluation_output_dir,
+    load_fitting,
 )
 
-__all__ = ["check_model", "is_lazy_config", "lazy_test", "lazy_train", "setup_lazy_cfg"]
+__all__ = [
+    "LAZY_KEYS",
+    "check_model",
+    "check_override_keys",
+    "is_lazy_config",
+    "lazy_evaluate",
+    "lazy_test",
+    "lazy_train",
+    "setup_lazy_cfg",
+]
 
 logger = logging.getLogger(__name__)
+
+# No extension advice: a LazyConfig lr_multiplier is a function of iteration / train.max_iter,
+# so a larger train.max_iter rescales the schedule of the iterations already trained.
+LAZY_KEYS = RunKeys(
+    "train.init_checkpoint", "train.output_dir", "model.focal_loss", "model.num_classes", "=", ""
+)
+
+# The config node that sets what the constructors' errors name by its yacs key.
+LAZY_NAMES = {
+    "MODEL.FOCAL.GAMMA": "model.focal_loss.gamma",
+    "MODEL.FOCAL.ALPHA": "model.focal_loss.alpha",
+    "MODEL.FOCAL.CLASS_ALPHA": "model.focal_loss.class_alpha",
+    "MODEL.FOCAL.LABEL_SMOOTHING": "model.focal_loss.label_smoothing",
+    "MODEL.FOCAL.CLASS_WEIGHTING": "model.focal_loss.class_weighting",
+    "MODEL.FOCAL.STAR_BETA": "model.focal_loss.beta",
+    "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": "model.focal_loss.batch_per_image",
+    "MODEL.FOCAL.OHEM.NMS_THRESH": "model.focal_loss.nms_thresh",
+    "MODEL.FOCAL.OHEM.POS_FRACTION": "model.focal_loss.pos_fraction",
+    "MODEL.FOCAL.PRIOR_PROB": "model.head.prior_prob",
+    "MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "model.gamma_schedule._target_",
+    "MODEL.FOCAL.GAMMA_SCHEDULE.START": "model.gamma_schedule.start",
+    "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS": "model.gamma_schedule.iters",
+    "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS": "model.gamma_schedule.steps",
+    "MODEL.RETINANET.NUM_CLASSES": "model.num_classes",
+}
 
 
 def is_lazy_config(path: str) -> bool:
     """
     True for a LazyConfig file: Python (``.py``), or the YAML a lazy run saves
     as its ``config.yaml`` (top-level ``model`` and ``train`` nodes, lower
-    case); False for a yacs config (``MODEL``, ``_BASE_``, ...).
+    case); False for a yacs config (upper-case ``MODEL``, ``_BASE_``, ...).
     """
     if path.endswith(".py"):
         return True
@@ -51,7 +92,7 @@ def is_lazy_config(path: str) -> bool:
             top = {m.group(1) for m in map(re.compile(r"([A-Za-z_]\w*):").match, f) if m}
     except (OSError, UnicodeDecodeError):
         return False  # the yacs loader names the file and the problem
-    return {"model", "train"} <= top and "MODEL" not in top
+    return {"model", "train"} <= top
 
 
 def setup_lazy_cfg(args):
@@ -73,7 +114,9 @@ def setup_lazy_cfg(args):
         omegaconf.DictConfig: the config; for ``--eval-only``, ``train.init_checkpoint``
         is the checkpoint to evaluate and ``train.output_dir`` the evaluation's folder.
     """
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.load(args.config_file)
+    check_override_keys(cfg, args.opts)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
     out = cfg.train.output_dir
     checkpoint = checkpoint_to_load(out, cfg.train.init_checkpoint, args.resume, LAZY_KEYS)
     if args.eval_only:
@@ -87,28 +130,73 @@ def setup_lazy_cfg(args):
     return cfg
 
 
+def check_override_keys(cfg, overrides):
+    """
+    Raise, naming it and the keys it may stand for, for an override of a key
+    ``cfg`` lacks (a typo, which Detectron2 would add unread); a new key is
+    written ``+key=value`` (Hydra's syntax).
+    """
+    missing = object()
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.startswith(("+", "~")) or OmegaConf.select(cfg, key, default=missing) is not missing:
+            continue
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        siblings = (
+            [f"{parent}.{k}" if parent else k for k in node] if isinstance(node, DictConfig) else []
+        )
+        close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.9)
+        raise KeyError(
+            f"{override}: the config has no {key}"
+            + (f"; did you mean {' or '.join(close)}?" if close else ".")
+            + f" To add a new key, write +{override}."
+        )
+
+
 def check_model(cfg):
     """
-    Raise for a model config the run would reject: ``cfg.model`` is built on
-    the ``meta`` device (:func:`.engine.build_on_meta`), which runs every check
-    of its constructors; and a loss whose class weights a LazyConfig run cannot
-    count (they are counted by the yacs trainer) is refused.
+    Raise for a model config the run would reject: a loss whose class weights a
+    LazyConfig run cannot count (the yacs trainer counts them), and every check
+    of the constructors, which run as ``cfg.model`` is built on the ``meta``
+    device (:func:`.engine.build_on_meta`). Their errors name yacs keys
+    (MODEL.FOCAL.ALPHA); a note names the node this config sets instead
+    (``model.focal_loss.alpha``, :data:`LAZY_NAMES`).
     """
-    model = build_on_meta(lambda: instantiate(cfg.model))
-    loss = getattr(model, "focal_loss", None)
-    if loss is not None and loss.class_weighting != "none":
+    weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
+    if weighting != "none":
         raise ValueError(
-            f"model.focal_loss.class_weighting={loss.class_weighting}: class weights are counted "
-            "by the yacs trainer (train_net.py with a .yaml config); a LazyConfig run has no "
-            "such step. Leave it at 'none', or use a .yaml config with MODEL.FOCAL.CLASS_WEIGHTING."
+            f"model.focal_loss.class_weighting={weighting}: class weights are counted by the "
+            "yacs trainer (train_net.py with a .yaml config); a LazyConfig run has no such step. "
+            "Leave it at 'none', or use a .yaml config with MODEL.FOCAL.CLASS_WEIGHTING."
         )
+    try:
+        build_on_meta(lambda: instantiate(cfg.model))
+    except (ValueError, TypeError) as e:
+        named = [k for k in LAZY_NAMES if re.search(re.escape(k) + r"\b(?!\.)", str(e))]
+        if named:
+            e.add_note(
+                "In this LazyConfig: " + ", ".join(f"{k} is {LAZY_NAMES[k]}" for k in named) + "."
+            )
+        raise
+
+
+def lazy_evaluate(cfg):
+    """
+    ``--eval-only``: the model of ``cfg`` with ``train.init_checkpoint``
+    loaded (refused, naming the tensors and keys, where it does not fit the
+    model), evaluated by :func:`lazy_test`.
+    """
+    model = instantiate(cfg.model).to(cfg.train.device)
+    load_fitting(model, cfg.train.init_checkpoint, keys=LAZY_KEYS)
+    return lazy_test(cfg, model)
 
 
 def lazy_test(cfg, model):
     """
-    COCO evaluation of ``model`` on ``cfg.dataloader.test`` by
-    ``cfg.dataloader.evaluator``; a config without an evaluator is not
-    evaluated (as in Detectron2's tool).
+    Evaluation of ``model`` on ``cfg.dataloader.test`` by
+    ``cfg.dataloader.evaluator`` (COCO's, in configs/lazy/); a config without
+    an evaluator is not evaluated (as in Detectron2's script).
 
     Returns:
         dict or None: the evaluator's results, None without an evaluator.
@@ -141,9 +229,14 @@ def lazy_train(cfg, resume: bool = False):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **cfg.train.ddp)
+    ddp = dict(cfg.train.ddp)
+    if next(model.parameters()).device.type == "cpu":  # DDP takes device_ids for GPUs only
+        ddp.setdefault("device_ids", None)
+    unwrapped, model = model, create_ddp_model(model, **ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # the normaliser's moving average lives outside the model's state_dict
+    checkpointer.add_checkpointable("loss_normalizer", AttributeState(unwrapped, "loss_normalizer"))
     main = comm.is_main_process()
     trainer.register_hooks(
         [

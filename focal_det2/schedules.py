@@ -153,7 +153,8 @@ class StepGamma(GammaSchedule):
 def initial_gamma(schedule: GammaSchedule) -> float:
     """
     gamma at iteration 0, for which the head derives its prior bias (FL*'s
-    depends on it): ``FocalRetinaNetHead``'s ``init_gamma``, which a LazyConfig
-    sets as ``L(initial_gamma)(schedule="${...gamma_schedule}")``.
+    depends on it): ``FocalRetinaNetHead``'s ``init_gamma``, which the yacs
+    build passes and a LazyConfig sets as
+    ``L(initial_gamma)(schedule="${...gamma_schedule}")``.
     """
     return schedule(0)

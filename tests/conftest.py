@@ -69,6 +69,20 @@ def logged(logger, level=logging.WARNING):
         logger.removeHandler(handler)
 
 
+@pytest.fixture
+def loggers():
+    """Puts back the handlers and propagation of the loggers that default_setup and setup_cfg configure."""
+    names = ("detectron2", "fvcore", "focal_det2")
+    saved = {
+        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names
+    }
+    yield
+    for name, (handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
 # Wall-clock metrics differ between any two runs.
 TIMING_KEYS = {"time", "data_time", "rank_data_time", "eta_seconds"}
 

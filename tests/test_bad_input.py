@@ -316,22 +316,6 @@ def test_model_with_every_anchor_ignored_gives_zero_loss_on_the_graph(loss):
 # --- a rejected run writes nothing; every mistake names its key or file -----------------
 
 
-@pytest.fixture
-def loggers():
-    """Puts back the handlers and propagation of the loggers that default_setup and setup_cfg configure."""
-    import logging
-
-    names = ("detectron2", "fvcore", "focal_det2")
-    saved = {
-        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names
-    }
-    yield
-    for name, (handlers, propagate) in saved.items():
-        logger = logging.getLogger(name)
-        logger.handlers[:] = handlers
-        logger.propagate = propagate
-
-
 def _args(*argv):
     from detectron2.engine import default_argument_parser
 
@@ -388,7 +372,10 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, loggers):
     assert str(info.value).startswith(
         f"OUTPUT_DIR {run} holds a training run (last_checkpoint, model_final.pth)"
     )
-    assert "Pass --resume to continue it" in str(info.value)
+    assert (
+        "Pass --resume to continue it (a larger SOLVER.MAX_ITER extends a finished run), "
+        "set OUTPUT_DIR to another folder, or delete this one." in str(info.value)
+    )
     assert _snapshot(run) == before
     # another folder trains
     cfg = setup_cfg(_args("--config-file", config, "OUTPUT_DIR", tmp_path / "other"))
@@ -444,9 +431,13 @@ def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
     config = tmp_path / "config.yaml"
     config.write_text(digits_cfg(output_dir=tmp_path / "empty").dump())
     argv = ["--config-file", config, "--eval-only"] + (["--resume"] if resume else [])
-    with pytest.raises(
-        ValueError, match="--eval-only needs a trained model: MODEL.WEIGHTS is empty"
-    ):
+    folder = f" and {tmp_path / 'empty'} has no last_checkpoint" if resume else ""
+    expected = (
+        f"--eval-only needs a trained model: MODEL.WEIGHTS is empty{folder}. Pass MODEL.WEIGHTS "
+        "<file>.pth (e.g. OUTPUT_DIR/model_final.pth), or --resume to evaluate OUTPUT_DIR's last "
+        "checkpoint."
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
         setup_cfg(_args(*argv))
     assert not (tmp_path / "empty").exists()
 

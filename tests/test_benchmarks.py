@@ -440,6 +440,13 @@ def test_pack_offline_deps_is_self_contained(tmp_path):
 
     proc = imports(deps, torch_deps)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    pytest_runs = subprocess.run(
+        [sys.executable, "-S", "-m", "pytest", "--version"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (deps, torch_deps)))),
+    )
+    assert pytest_runs.returncode == 0 and "pytest" in pytest_runs.stdout + pytest_runs.stderr
     assert proc.stdout.strip() == str(deps / "fvcore" / "__init__.py")
     proc = imports(torch_deps)
     assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
@@ -773,6 +780,14 @@ def test_bench_train_child_command(monkeypatch, tmp_path):
         ]
     )
     assert all(cmd[-2:] == ["--warmup", "10"] for cmd in cmds[1:]) and len(cmds) == 3
+
+
+def test_bench_train_selects_the_gpu_its_device_names():
+    """``cuda`` keeps the current GPU (torch.cuda.set_device needs an index: it would raise
+    here, before any CUDA call); ``cpu`` selects none. ``cuda:N`` calls set_device(N)."""
+    bench_train = load_benchmark("bench_train")
+    bench_train.select_gpu("cuda")
+    bench_train.select_gpu("cpu")
 
 
 def test_one_thread_restores_the_thread_count():

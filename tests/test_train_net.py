@@ -210,26 +210,3 @@ def test_train_net_eval_only_evaluates_the_checkpoints_weights(tmp_path, monkeyp
     assert train_net.main(args) == {}
     (model,) = evaluated
     assert all(bool((p == 0.5).all()) for p in model.parameters())
-
-
-def test_train_net_passes_the_distributed_arguments_to_launch(monkeypatch):
-    """``python train_net.py --num-gpus 2 --num-machines 2 --machine-rank 1 --dist-url ...``:
-    Detectron2's ``launch`` (recorded here, not run) gets each of them, and main."""
-    import runpy
-
-    import detectron2.engine
-
-    calls = []
-    monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **kw: calls.append((a, kw)))
-    argv = ["train_net.py", "--config-file", "x.yaml", "--num-gpus", "2", "--num-machines", "2"]
-    argv += ["--machine-rank", "1", "--dist-url", "tcp://10.0.0.1:1234"]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(REPO / "train_net.py"), run_name="__main__")
-    (((main, num_gpus), kwargs),) = calls
-    assert main.__name__ == "main" and num_gpus == 2
-    assert {k: kwargs[k] for k in ("num_machines", "machine_rank", "dist_url")} == {
-        "num_machines": 2,
-        "machine_rank": 1,
-        "dist_url": "tcp://10.0.0.1:1234",
-    }
-    assert kwargs["args"][0].config_file == "x.yaml"

@@ -8,7 +8,7 @@ from detectron2.utils.registry import Registry
 
 from ..losses import DenseClassificationLoss, build_focal_loss
 from ..registry import lookup
-from ..schedules import build_gamma_schedule
+from ..schedules import build_gamma_schedule, initial_gamma
 
 __all__ = ["FOCAL_HEAD_REGISTRY", "build_focal_head", "FocalRetinaNetHead"]
 
@@ -96,5 +96,7 @@ class FocalRetinaNetHead(RetinaNetHead):
         del ret["num_classes"]
         ret["loss"] = build_focal_loss(cfg) if loss is None else loss
         ret["prior_prob"] = cfg.MODEL.FOCAL.PRIOR_PROB
-        ret["init_gamma"] = build_gamma_schedule(cfg)(0) if init_gamma is None else init_gamma
+        if init_gamma is None:
+            init_gamma = initial_gamma(build_gamma_schedule(cfg))
+        ret["init_gamma"] = init_gamma
         return ret

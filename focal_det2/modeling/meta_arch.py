@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..config import check_finite, check_retinanet_keys_unused
 from ..losses import DenseClassificationLoss, build_focal_loss
-from ..schedules import ConstantGamma, GammaSchedule, build_gamma_schedule
+from ..schedules import ConstantGamma, GammaSchedule, build_gamma_schedule, initial_gamma
 from .head import build_focal_head
 
 __all__ = ["FocalRetinaNet"]
@@ -97,7 +97,8 @@ class FocalRetinaNet(RetinaNet):
         feature_shapes = [shapes[f] for f in node.IN_FEATURES]
         focal_loss = build_focal_loss(cfg)
         gamma_schedule = build_gamma_schedule(cfg)
-        head = build_focal_head(cfg, feature_shapes, loss=focal_loss, init_gamma=gamma_schedule(0))
+        init_gamma = initial_gamma(gamma_schedule)
+        head = build_focal_head(cfg, feature_shapes, loss=focal_loss, init_gamma=init_gamma)
         logger.info(f"FocalRetinaNet: loss {focal_loss}, gamma schedule {gamma_schedule}.")
         return {
             "backbone": backbone,

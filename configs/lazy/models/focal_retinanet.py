@@ -12,8 +12,17 @@ from focal_det2.schedules import ConstantGamma, initial_gamma
 model = get_config("common/models/retinanet.py").model
 model._target_ = FocalRetinaNet
 del model.focal_loss_alpha, model.focal_loss_gamma  # the loss's gamma and alpha replace them
-model.focal_loss = L(SigmoidFocalLoss)(num_classes="${..num_classes}", gamma=2.0, alpha=0.25)
-model.gamma_schedule = L(ConstantGamma)(end="${..focal_loss.gamma}")
+# Every loss's arguments (a loss's own, such as FocalStarLoss's beta, are added as +key=value).
+model.focal_loss = L(SigmoidFocalLoss)(
+    num_classes="${..num_classes}",
+    gamma=2.0,
+    alpha=0.25,
+    class_alpha=[],
+    label_smoothing=0.0,
+    class_weighting="none",
+)
+# Every schedule's arguments: _target_=focal_det2.schedules.LinearGamma and iters=N make a ramp.
+model.gamma_schedule = L(ConstantGamma)(end="${..focal_loss.gamma}", start=0.0, iters=0, steps=[])
 model.head._target_ = FocalRetinaNetHead
 del model.head.num_classes  # the loss says how many logits an anchor has (K, or K + 1)
 model.head.loss = "${..focal_loss}"
