@@ -101,7 +101,7 @@ def setup_lazy_cfg(args):
     overrides), after Detectron2's ``default_setup`` and with focal_det2's
     logger writing to the console and ``train.output_dir/log.txt``. As
     :func:`.engine.setup_cfg` does for yacs, before anything is written: the
-    checkpoint a run loads (``train.init_checkpoint``, or with ``--resume`` the
+    overrides' keys (:func:`check_override_keys`); the checkpoint a run loads (``train.init_checkpoint``, or with ``--resume`` the
     output folder's ``last_checkpoint``) is checked; ``--eval-only`` refuses to
     run without one and writes to ``train.output_dir/eval/<checkpoint name>``;
     a training run without ``--resume`` refuses an output folder that holds
@@ -122,9 +122,9 @@ def setup_lazy_cfg(args):
     if args.eval_only:
         cfg.train.output_dir = evaluation_output_dir(checkpoint, out, args.resume, LAZY_KEYS)
         cfg.train.init_checkpoint = checkpoint
-    elif not args.resume:
-        check_output_dir_free(out, LAZY_KEYS)
     check_model(cfg)
+    if not args.eval_only and not args.resume:
+        check_output_dir_free(out, LAZY_KEYS)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focal_det2")
     return cfg

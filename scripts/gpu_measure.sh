@@ -13,9 +13,8 @@
 #
 # PYTHON (default .venv/bin/python where it exists, else python3) runs everything, with this
 # checkout first on PYTHONPATH; on a machine without network, PYTHONPATH names the folder
-# scripts/pack_offline_deps.sh made. Each step's
-# output is added to RESULTS_DIR/gpu_measure.log as well; a failed step does not stop the others,
-# and the script exits non-zero if any failed.
+# scripts/pack_offline_deps.sh made. Each step's output is added to RESULTS_DIR/gpu_measure.log
+# as well; a failed step does not stop the others, and the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The checkout itself is importable (focal_det2, for the benchmarks), also where it is not installed.

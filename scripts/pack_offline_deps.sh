@@ -9,8 +9,9 @@
 #
 # DEST receives Detectron2 (without its compiled _C extension, built for this Python: nothing
 # the focal_det2 models, tests or benchmarks run needs it), fvcore, iopath and the other pure-Python
-# packages they import, pytest and its own (for the CUDA tests), and pycocotools, the one compiled dependency, unpacked from PyPI's wheel
-# for PYTHON_VERSION (default 3.12, the lent GPU machines' Python; needs PyPI here).
+# packages they import, pytest and its own (for the CUDA tests), and pycocotools, the one compiled
+# dependency, unpacked from PyPI's wheel for PYTHON_VERSION (default 3.12, the lent GPU machines'
+# Python; needs PyPI here).
 # SKIP_WHEEL=1 skips that download.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -143,6 +143,7 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
     saved = tmp_path / "config.yaml"
     assert is_lazy_config(str(saved))
     log = run_train_net("--config-file", saved, "--eval-only", "--resume")
+    assert f"Loading from {tmp_path / 'model_final.pth'}" in log  # what last_checkpoint names
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
     assert (tmp_path / "eval" / "model_final" / "config.yaml").is_file()  # not over the run's
 
