@@ -28,6 +28,7 @@ from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
@@ -51,6 +52,7 @@ __all__ = [
     "build_on_meta",
     "check_output_dir_free",
     "checkpoint_to_load",
+    "create_ddp_model_by_device",
     "ddp_device_ids_by_device",
     "drop_metrics_from",
     "evaluation_output_dir",
@@ -78,22 +80,27 @@ def ddp_device_ids_by_device():
     ``__init__`` takes no argument for it and offers no method to override
     between building and wrapping the model, so short of copying
     ``DefaultTrainer.__init__`` the call can only be changed here. Within
-    this context a CPU model is wrapped with ``device_ids=None`` and a CUDA
-    model exactly as Detectron2 does; the original function is put back on
+    this context it is :func:`create_ddp_model_by_device` (which the
+    LazyConfig trainer calls directly); the original function is put back on
     exit, also on an error.
     """
     create_ddp_model = d2_defaults.create_ddp_model
-
-    def create_by_device(model, **kwargs):
-        if next(model.parameters()).device.type == "cpu":
-            kwargs.setdefault("device_ids", None)
-        return create_ddp_model(model, **kwargs)
-
-    d2_defaults.create_ddp_model = create_by_device
+    d2_defaults.create_ddp_model = create_ddp_model_by_device
     try:
         yield
     finally:
         d2_defaults.create_ddp_model = create_ddp_model
+
+
+def create_ddp_model_by_device(model, **kwargs):
+    """
+    Detectron2's ``create_ddp_model``, with ``device_ids=None`` for a CPU model
+    (DistributedDataParallel takes ``device_ids`` for GPU modules only); a CUDA
+    model is wrapped exactly as Detectron2 does.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
 
 
 class ResumableTrainingSampler(TrainingSampler):

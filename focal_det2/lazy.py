@@ -23,7 +23,7 @@ import re
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -36,6 +36,7 @@ from .engine import (
     build_on_meta,
     check_output_dir_free,
     checkpoint_to_load,
+    create_ddp_model_by_device,
     evaluation_output_dir,
     load_fitting,
 )
@@ -229,10 +230,7 @@ def lazy_train(cfg, resume: bool = False):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = instantiate(cfg.dataloader.train)
-    ddp = dict(cfg.train.ddp)
-    if next(model.parameters()).device.type == "cpu":  # DDP takes device_ids for GPUs only
-        ddp.setdefault("device_ids", None)
-    unwrapped, model = model, create_ddp_model(model, **ddp)
+    unwrapped, model = model, create_ddp_model_by_device(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     # the normaliser's moving average lives outside the model's state_dict
