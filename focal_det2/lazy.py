@@ -44,6 +44,7 @@ from .engine import (
 __all__ = [
     "LAZY_KEYS",
     "check_model",
+    "check_nodes",
     "check_override_keys",
     "is_lazy_config",
     "lazy_evaluate",
@@ -83,7 +84,7 @@ LAZY_NAMES = {
 def is_lazy_config(path: str) -> bool:
     """
     True for a LazyConfig file: Python (``.py``), or the YAML a lazy run saves
-    as its ``config.yaml`` (top-level ``model`` and ``train`` nodes, lower
+    as its ``config.yaml`` (a top-level ``model`` or ``train`` node, lower
     case); False for a yacs config (upper-case ``MODEL``, ``_BASE_``, ...).
     """
     if path.endswith(".py"):
@@ -93,7 +94,7 @@ def is_lazy_config(path: str) -> bool:
             top = {m.group(1) for m in map(re.compile(r"([A-Za-z_]\w*):").match, f) if m}
     except (OSError, UnicodeDecodeError):
         return False  # the yacs loader names the file and the problem
-    return {"model", "train"} <= top
+    return bool({"model", "train"} & top)  # (a yacs key is upper case)
 
 
 def setup_lazy_cfg(args):
@@ -102,8 +103,10 @@ def setup_lazy_cfg(args):
     overrides), after Detectron2's ``default_setup`` and with focal_det2's
     logger writing to the console and ``train.output_dir/log.txt``. As
     :func:`.engine.setup_cfg` does for yacs, before anything is written: the
-    overrides' keys (:func:`check_override_keys`); the checkpoint a run loads (``train.init_checkpoint``, or with ``--resume`` the
-    output folder's ``last_checkpoint``) is checked; ``--eval-only`` refuses to
+    overrides' keys (:func:`check_override_keys`) and the nodes the run reads
+    (:func:`check_nodes`) are checked; so is the checkpoint a run loads
+    (``train.init_checkpoint``, or with ``--resume`` the output folder's
+    ``last_checkpoint``); ``--eval-only`` refuses to
     run without one and writes to ``train.output_dir/eval/<checkpoint name>``;
     a training run without ``--resume`` refuses an output folder that holds
     another run; and the model is checked (:func:`check_model`).
@@ -118,6 +121,7 @@ def setup_lazy_cfg(args):
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_nodes(cfg, args.config_file, args.eval_only)
     out = cfg.train.output_dir
     checkpoint = checkpoint_to_load(out, cfg.train.init_checkpoint, args.resume, LAZY_KEYS)
     if args.eval_only:
@@ -129,6 +133,31 @@ def setup_lazy_cfg(args):
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focal_det2")
     return cfg
+
+
+def check_nodes(cfg, config_file, eval_only):
+    """
+    Raise, naming ``config_file`` and the nodes, where ``cfg`` lacks a node
+    the run reads: ``model``, ``dataloader``, the ``train`` keys and, with a
+    ``dataloader.evaluator``, ``dataloader.test``; to train, also
+    ``dataloader.train``, ``optimizer`` and ``lr_multiplier``.
+    """
+    train = ["output_dir", "init_checkpoint", "device"]
+    if not eval_only:
+        train += ["max_iter", "amp.enabled", "ddp", "checkpointer", "eval_period", "log_period"]
+    needed = ["model", "dataloader", *(f"train.{key}" for key in train)]
+    if OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None:
+        needed.append("dataloader.test")
+    if not eval_only:
+        needed += ["dataloader.train", "optimizer", "lr_multiplier"]
+    absent = object()
+    missing = [key for key in needed if OmegaConf.select(cfg, key, default=absent) is absent]
+    if missing:
+        raise ValueError(
+            f"{config_file} lacks {', '.join(missing)}: a LazyConfig run reads them. "
+            "configs/lazy/focal_retinanet_R_50_FPN_1x.py has them all (its train node is "
+            "Detectron2's common/train.py)."
+        )
 
 
 def check_override_keys(cfg, overrides):

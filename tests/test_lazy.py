@@ -2,7 +2,11 @@
 
 import argparse
 import json
+import logging
 import math
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,14 @@ from test_train_net import run_train_net
 
 import focal_det2  # noqa: F401  (registers the digits data sets)
 from focal_det2 import engine
-from focal_det2.lazy import check_model, is_lazy_config, lazy_test, lazy_train, setup_lazy_cfg
+from focal_det2.lazy import (
+    check_model,
+    check_nodes,
+    is_lazy_config,
+    lazy_test,
+    lazy_train,
+    setup_lazy_cfg,
+)
 from focal_det2.losses import OHEMLoss, SoftmaxFocalLoss
 
 # default_setup configures Detectron2's and focal_det2's loggers; each test puts them back
@@ -57,6 +68,30 @@ def args(output_dir, *extra, resume=False, eval_only=False):
     return argparse.Namespace(
         config_file=str(CONFIG), opts=opts, resume=resume, eval_only=eval_only, num_gpus=1
     )
+
+
+def run_two_machines(*args):
+    """``train_net.py *args`` as machine rank 1 (in the background) and rank 0; rank 0's log."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    machine = ["--num-machines", 2, "--dist-url", f"tcp://127.0.0.1:{port}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train_net.py"),
+        *map(str, [*machine, "--machine-rank", 1, *args]),
+    ]
+    with subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as rank1:
+        try:
+            log = run_train_net(*machine, "--machine-rank", 0, *args)
+        except BaseException:
+            rank1.kill()  # else it waits for rank 0 until the process group's timeout
+            raise
+        rank1_log = rank1.communicate(timeout=600)[0]
+    assert rank1.returncode == 0, rank1_log[-3000:]
+    return log
 
 
 def test_lazy_config_is_detectron2s_lazy_retinanet_with_the_same_weights():
@@ -119,11 +154,15 @@ def test_lazy_head_bias_is_the_prior_at_the_schedules_first_gamma():
 def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
     """
     Trained in two processes on the CPU (GLOO; Detectron2's create_ddp_model would give the
-    CPU model device_ids, which DistributedDataParallel refuses), resumed and evaluated in one.
+    CPU model device_ids, which DistributedDataParallel refuses), then resumed and evaluated
+    in this process (train_net.py's lazy_main).
+    The two processes are two "machines" of one process each, joined by --dist-url: the
+    --num-machines and --machine-rank flags reach Detectron2's launch (with every machine at
+    rank 0, both host the process group and the second fails on the taken port).
     """
     opts = digits_opts(tmp_path, SOFTMAX, "train.eval_period=1", "train.checkpointer.period=1")
     opts += ["dataloader.train.total_batch_size=4"]  # 2 images a process
-    log = run_train_net("--config-file", CONFIG, "--num-gpus", 2, *opts)
+    log = run_two_machines("--config-file", CONFIG, *opts)
     assert "World size: 2" in log
     assert "Starting training from iteration 0" in log and "Total training time" in log
     assert "Model:\nFocalRetinaNet(" in log  # focal_det2's own log lines are shown, and kept
@@ -140,22 +179,33 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
     # the normaliser's moving average (from 100, Detectron2's start), for an exact resume
     assert final["loss_normalizer"]["loss_normalizer"] != 100
 
-    log = run_train_net(
-        "--config-file", CONFIG, "--resume", *digits_opts(tmp_path, SOFTMAX, "train.max_iter=3")
-    )
-    assert "Starting training from iteration 2" in log  # Detectron2's resume: the next iteration
+    # resumed and evaluated in this process (train_net.py's lazy_main)
+    train_net = load_script("train_net.py")
+    with logged(logging.getLogger("detectron2"), logging.INFO) as records:
+        train_net.lazy_main(args(tmp_path, SOFTMAX, "train.max_iter=3", resume=True))
+    # Detectron2's resume: the next iteration
+    assert "Starting training from iteration 2" in [r.getMessage() for r in records]
 
     # the run's own config.yaml (LazyConfig's YAML, every override in it) evaluates its last checkpoint
     saved = tmp_path / "config.yaml"
     assert is_lazy_config(str(saved))
-    log = run_train_net("--config-file", saved, "--eval-only", "--resume")
-    assert f"Loading from {tmp_path / 'model_final.pth'}" in log  # what last_checkpoint names
-    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    cmd = argparse.Namespace(
+        config_file=str(saved), opts=[], resume=True, eval_only=True, num_gpus=1
+    )
+    with logged(logging.getLogger("fvcore"), logging.INFO) as records:
+        results = train_net.lazy_main(cmd)
+    # what last_checkpoint names
+    loaded = f"[Checkpointer] Loading from {tmp_path / 'model_final.pth'} ..."
+    assert loaded in [r.getMessage() for r in records]
+    assert list(results["bbox"])[:6] == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
     assert (tmp_path / "eval" / "model_final" / "config.yaml").is_file()  # not over the run's
 
 
-def test_is_lazy_config_tells_the_two_kinds_apart():
+def test_is_lazy_config_tells_the_two_kinds_apart(tmp_path):
     assert is_lazy_config(str(CONFIG))
+    hand_written = tmp_path / "model_only.yaml"  # a lowercase node: never a yacs key
+    hand_written.write_text("model:\n  num_classes: 10\n")
+    assert is_lazy_config(str(hand_written))
     assert not is_lazy_config(str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml"))
     assert not is_lazy_config(str(REPO / "configs" / "missing.yaml"))  # yacs names the file
 
@@ -216,6 +266,45 @@ def test_lazy_setup_names_what_is_missing_or_taken(tmp_path):
     ):
         setup_lazy_cfg(args(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth"]
+
+
+def test_lazy_setup_names_the_nodes_a_config_lacks(tmp_path):
+    """A hand-written YAML with a model alone; a .py config without optimizer and lr_multiplier
+    trains no model, but evaluates one."""
+    hand_written = tmp_path / "model_only.yaml"
+    hand_written.write_text("model:\n  num_classes: 10\n")
+    cmd = argparse.Namespace(
+        config_file=str(hand_written), opts=[], resume=False, eval_only=False, num_gpus=1
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"model_only.yaml lacks dataloader, train.output_dir, train.init_checkpoint, "
+        r"train.device, train.max_iter, train.amp.enabled, train.ddp, train.checkpointer, "
+        r"train.eval_period, train.log_period, dataloader.train, optimizer, lr_multiplier: "
+        r"a LazyConfig run reads them\. configs/lazy/focal_retinanet_R_50_FPN_1x.py has them all",
+    ):
+        setup_lazy_cfg(cmd)
+    partial = tmp_path / "partial.py"
+    partial.write_text(
+        f"from detectron2.config import LazyConfig\n"
+        f"cfg = LazyConfig.load({str(CONFIG)!r})\n"
+        "model, dataloader, train = cfg.model, cfg.dataloader, cfg.train\n"
+    )
+    opts = [o for o in digits_opts(tmp_path / "out") if not o.startswith("optimizer.")]
+    cmd.config_file, cmd.opts = str(partial), opts
+    with pytest.raises(ValueError, match=r"partial.py lacks optimizer, lr_multiplier: "):
+        setup_lazy_cfg(cmd)
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": instantiate(load("model.num_classes=10").model).state_dict()}, weights)
+    cmd.opts += [f"train.init_checkpoint={weights}"]
+    cmd.eval_only = True
+    assert setup_lazy_cfg(cmd).train.init_checkpoint == str(weights)
+    cfg = load()
+    del cfg.dataloader.test
+    with pytest.raises(ValueError, match=r"x.py lacks dataloader.test: "):
+        check_nodes(cfg, "x.py", eval_only=True)
+    del cfg.dataloader.evaluator
+    check_nodes(cfg, "x.py", eval_only=True)  # no dataloader.test is read without an evaluator
 
 
 def test_lazy_setup_checks_the_model_before_writing(tmp_path):
