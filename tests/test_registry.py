@@ -49,40 +49,40 @@ SUITES = [
 ]
 
 
-def run_suites_with(tmp_path, fast_factor, suites):
-    path = tmp_path / f"toy_loss_{str(fast_factor).replace('.', '_')}.py"
-    path.write_text(textwrap.dedent(TOY_LOSS).replace("FAST_FACTOR", repr(fast_factor)))
-    env = {**__import__("os").environ, "FOCAL_DET2_EXTRA_LOSSES": str(path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "toy_double_ce",
-        *suites,
-    ]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+def toy_loss(name, fast_factor):
+    """TOY_LOSS registered as ``name``, its fast path ``fast_factor`` x CE (2.0: the reference)."""
+    toy = textwrap.dedent(TOY_LOSS).replace("FAST_FACTOR", repr(fast_factor))
+    return toy.replace('"toy_double_ce"', f'"{name}"').replace("ToyDoubleCE", f"Toy_{name}")
 
 
-def counts(stdout):
-    found = dict((kind, int(n)) for n, kind in re.findall(r"(\d+) (passed|failed)", stdout))
-    return found.get("passed", 0), found.get("failed", 0)
+def outcomes(stdout):
+    """``{test id: "PASSED" | "FAILED" | "ERROR"}`` from pytest's ``-rA`` summary."""
+    found = re.findall(r"^(PASSED|FAILED|ERROR) (.+?)(?: - .*)?$", stdout, re.M)
+    return {test: outcome for outcome, test in found}
 
 
-def test_a_registered_loss_file_is_tested_by_the_suites(tmp_path):
-    proc = run_suites_with(tmp_path, 2.0, SUITES)
-    passed, failed = counts(proc.stdout)
-    assert proc.returncode == 0 and failed == 0, proc.stdout[-3000:]
-    assert passed >= 30, proc.stdout[-2000:]  # reference equality, gradients, bad input, training
-
-
-def test_the_suites_catch_a_fast_path_that_departs_from_its_reference(tmp_path):
-    proc = run_suites_with(tmp_path, 2.001, SUITES[:2])
-    passed, failed = counts(proc.stdout)
-    assert proc.returncode != 0 and failed >= 6, proc.stdout[-3000:]  # 2.001 vs 2: 5e-4 off
+def test_a_registered_loss_file_is_tested_by_the_suites_which_catch_a_wrong_one(tmp_path):
+    """
+    One pytest run of the suites with two loss files, each named in FOCAL_DET2_EXTRA_LOSSES:
+    ``toy_double_ce`` passes every test of every suite (reference equality, gradients, bad
+    input, training), and ``toy_departing``, whose fast path is 2.001 x CE against a reference
+    of 2 x CE (5e-4 off), fails the reference checks of test_losses and test_properties.
+    """
+    files = []
+    for name, factor in (("toy_double_ce", 2.0), ("toy_departing", 2.001)):
+        files.append(tmp_path / f"{name}.py")
+        files[-1].write_text(toy_loss(name, factor))
+    env = {**os.environ, "FOCAL_DET2_EXTRA_LOSSES": os.pathsep.join(map(str, files))}
+    keywords = "toy_double_ce or (toy_departing and (test_losses or test_properties))"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", keywords]
+    proc = subprocess.run([*cmd, *SUITES], cwd=REPO, env=env, capture_output=True, text=True)
+    found = outcomes(proc.stdout)
+    right = {t: o for t, o in found.items() if "toy_double_ce" in t}
+    wrong = {t: o for t, o in found.items() if "toy_departing" in t}
+    assert set(right.values()) == {"PASSED"}, proc.stdout[-3000:]
+    assert len(right) >= 30, proc.stdout[-2000:]
+    assert {t.split("::")[0] for t in right} == set(SUITES), proc.stdout[-2000:]
+    assert list(wrong.values()).count("FAILED") >= 6, proc.stdout[-3000:]
 
 
 def test_lookup_names_the_key_and_the_valid_names_in_order():
@@ -112,17 +112,13 @@ def test_a_loss_file_in_the_losses_folder_and_an_extra_file_register_on_import(t
     ``focal_det2/losses/`` (a copy of the package here) and one named in
     FOCAL_DET2_EXTRA_LOSSES, with no other edit: what train_net.py and every tool see.
     """
-    import os
     import shutil
 
     package = tmp_path / "focal_det2"
     shutil.copytree(REPO / "focal_det2", package, ignore=shutil.ignore_patterns("__pycache__"))
-    toy = textwrap.dedent(TOY_LOSS).replace("FAST_FACTOR", "2.0")
-    (package / "losses" / "toy_double_ce.py").write_text(toy)
+    (package / "losses" / "toy_double_ce.py").write_text(toy_loss("toy_double_ce", 2.0))
     extra = tmp_path / "elsewhere.py"
-    extra.write_text(
-        toy.replace('"toy_double_ce"', '"toy_elsewhere"').replace("class ToyDoubleCE", "class Toy2")
-    )
+    extra.write_text(toy_loss("toy_elsewhere", 2.0))
     code = (
         "import focal_det2; from focal_det2.losses import registered_losses as r; "
         "print(focal_det2.__file__, sorted(r()))"
