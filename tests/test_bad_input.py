@@ -123,6 +123,7 @@ def test_class_beyond_num_classes_names_the_key(coco, tmp_path):
     assert str(json_file) in message and "image id 1" in message and "001.png" in message
     assert "class 2 (category_id 3 in the json)" in message
     assert "MODEL.RETINANET.NUM_CLASSES=2" in message and "0..1" in message
+    assert "3 thing_classes" in message  # the data set's count, against the key's 2
 
 
 def test_negative_class_is_outside_the_classes(coco):
@@ -139,9 +140,10 @@ def test_negative_class_is_outside_the_classes(coco):
 NO_AREA = [(0, 10), (10, 0), (10, -3), (float("nan"), 10), (10, float("nan"))]
 
 
+@pytest.mark.parametrize("crowd", [0, 1], ids=["box", "crowd box"])
 @pytest.mark.parametrize("w, h", NO_AREA)
-def test_box_without_positive_size(coco, tmp_path, w, h):
-    name, json_file, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h)]})
+def test_box_without_positive_size(coco, tmp_path, w, h, crowd):
+    name, json_file, _ = coco({1: GOOD, 3: [_box(8, 8, 16, 16), _box(30, 30, w, h, crowd=crowd)]})
     with pytest.raises(ValueError) as error:
         FocalTrainer.build_train_loader(_cfg(name, tmp_path))
     message = str(error.value)
@@ -165,6 +167,13 @@ def test_xyxy_box_size_is_its_corners_difference(coco):
         ValueError, match=r"\(XYXY_ABS\) has width -10 and height 20; both must be > 0"
     ):
         check_dataset_dicts([bad], dataset_name=name, num_classes=2)
+    # XYXY_REL too: corners in [0, 1], the width x1 - x0
+    relative = dict(ann, bbox_mode=BoxMode.XYXY_REL)
+    good = dict(record, annotations=[dict(relative, bbox=[0.1, 0.1, 0.4, 0.3])])
+    check_dataset_dicts([good], dataset_name=name, num_classes=2)
+    bad = dict(record, annotations=[dict(relative, bbox=[0.5, 0.5, 0.2, 0.9])])
+    with pytest.raises(ValueError, match=r"\(XYXY_REL\) has width -0.3.* both must be > 0"):
+        check_dataset_dicts([bad], dataset_name=name, num_classes=2)
 
 
 @pytest.mark.parametrize("w, h", NO_AREA)
@@ -176,6 +185,14 @@ def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog, w, h):
         batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
     assert "dropped 2 boxes with width or height <= 0 or NaN" in caplog.text  # of both images
+
+
+def test_drop_without_degenerate_boxes_says_nothing(coco, tmp_path, caplog):
+    name, _, _ = coco({1: GOOD, 2: GOOD})
+    cfg = _cfg(name, tmp_path, "DATALOADER.DEGENERATE_BOXES", "drop")
+    with caplog.at_level("WARNING"):
+        FocalTrainer.build_train_loader(cfg)
+    assert "dropped" not in caplog.text
 
 
 def test_unknown_degenerate_boxes_option_names_the_key(coco, tmp_path):
@@ -414,6 +431,7 @@ def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, l
     weights = run / "model_final.pth"
     cfg = setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", weights))
     assert cfg.OUTPUT_DIR == str(run / "eval" / "model_final") and cfg.MODEL.WEIGHTS == str(weights)
+    assert cfg.is_frozen()  # as Detectron2's own setup returns it
     assert (run / "eval" / "model_final" / "config.yaml").exists()
     assert {p: b for p, b in _snapshot(run).items() if p.parts[0] != "eval"} == before
     # --resume --eval-only evaluates the checkpoint last_checkpoint names
@@ -460,6 +478,15 @@ def test_non_finite_float_keys_are_named(key, value):
     cfg.merge_from_list([key, value])
     assert type(cfg_value(cfg, key)) is type(value)  # a list stays a list, a tuple a tuple
     with pytest.raises(ValueError, match=re.escape(key) + r"=.* is not finite"):
+        build_model(cfg)
+
+
+def test_nan_where_infinity_is_not_allowed_asks_for_a_finite_number():
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.GAMMA = float("nan")
+    with pytest.raises(
+        ValueError, match=r"MODEL.FOCAL.GAMMA=nan is not finite; it must be a finite number"
+    ):
         build_model(cfg)
 
 
@@ -577,6 +604,12 @@ def test_missing_checkpoint_file_is_named_before_anything_is_written(tmp_path, l
     ):
         setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", missing))
     assert _snapshot(run) == before
+    fresh = tmp_path / "fresh"  # a new run from those weights: refused before its folder is made
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"MODEL.WEIGHTS={missing}: the file does not exist")
+    ):
+        setup_cfg(_args("--config-file", config, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", fresh))
+    assert not fresh.exists()
     (run / "last_checkpoint").write_text("model_0000009.pth")
     before = _snapshot(run)
     expected = f"{run / 'last_checkpoint'} names 'model_0000009.pth', but {missing} does not exist"
@@ -662,10 +695,28 @@ def test_evaluating_a_checkpoint_of_another_loss_is_an_error_naming_the_tensors(
         f"({anchors * 10}, 64, 3, 3) in the checkpoint but ({anchors * 11}, 64, 3, 3) in the model"
     ), message
     assert "head.cls_score.bias is" in message and "MODEL.FOCAL.LOSS (softmax_focal" in message
+    assert "missing from the checkpoint" not in message  # in it, at another shape
     # with the loss it was trained with, it loads
     opts = ["MODEL.WEIGHTS", str(checkpoint), "MODEL.FOCAL.CLASS_WEIGHTING", weighting]
     trained_cfg = digits_cfg(output_dir=tmp_path / "eval", opts=opts)
     load_for_evaluation(trained_cfg, build_model(trained_cfg))
+
+
+def test_evaluation_loads_model_weights_not_the_last_checkpoint(tmp_path):
+    """load_for_evaluation (demo, export, plot_loss_cdf) loads MODEL.WEIGHTS even where
+    OUTPUT_DIR's last_checkpoint names another file (a run that went on training)."""
+    from focal_det2.engine import load_for_evaluation
+
+    run, _ = _trained_run_dir(tmp_path)
+    cfg = digits_cfg(output_dir=run, opts=["MODEL.WEIGHTS", str(run / "model_final.pth")])
+    later = build_model(cfg).state_dict()
+    later["head.cls_score.bias"] = torch.full_like(later["head.cls_score.bias"], 7.0)
+    torch.save({"model": later, "iteration": 9}, run / "model_0000009.pth")
+    (run / "last_checkpoint").write_text("model_0000009.pth")
+    model = build_model(cfg)
+    load_for_evaluation(cfg, model)
+    final = torch.load(run / "model_final.pth", weights_only=False)["model"]
+    assert torch.equal(model.head.cls_score.bias, final["head.cls_score.bias"])
 
 
 def test_evaluating_a_backbone_checkpoint_is_an_error_naming_what_to_pass(tmp_path):

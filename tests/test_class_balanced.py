@@ -66,12 +66,18 @@ def test_weights_reject_beta_outside_0_1_and_counts_below_1(counts, beta, messag
     [("CLASS_WEIGHTING", "inverse"), ("CB_BETA", 1.0), ("CB_BETA", -0.1), ("CB_BETA", False)],
 )
 def test_bad_keys_raise_naming_them(key, value):
+    """Under the weighting that reads CB_BETA: the range check's own message (with
+    CLASS_WEIGHTING none, any CB_BETA moved from its default is refused as unread)."""
     cfg = tiny_cfg()
+    if key == "CB_BETA":
+        cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
     cfg.MODEL.FOCAL[key] = value
     with pytest.raises(ValueError, match=f"MODEL.FOCAL.{key}") as info:
         build_model(cfg)
     if key == "CLASS_WEIGHTING":
         assert "effective_number" in str(info.value)
+    else:
+        assert str(info.value) == f"MODEL.FOCAL.CB_BETA={value!r} must be a number in [0, 1)."
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9999])

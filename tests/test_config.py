@@ -4,7 +4,7 @@ import ast
 import re
 
 import pytest
-from conftest import LOSSES, REPO, cfg_value, tiny_cfg
+from conftest import LOSSES, REPO, cfg_value, logged, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -398,6 +398,46 @@ def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         check_cfg(cfg)
+
+
+def test_the_check_builds_a_cuda_config_without_changing_it():
+    """check_cfg builds on the meta device, from a copy set to the CPU (a CUDA config is checked
+    on a machine without one): the run's config keeps its device and stays frozen."""
+    from focal_det2.engine import check_cfg
+
+    cfg = tiny_cfg()
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.freeze()
+    check_cfg(cfg)
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.is_frozen()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        NotImplementedError(
+            "Could not run 'aten::_local_scalar_dense' with arguments from the 'Meta' backend."
+        ),
+        RuntimeError("Tensor.item() cannot be called on meta tensors"),
+    ],
+    ids=["Meta backend", "meta tensors"],
+)
+def test_build_on_meta_leaves_a_model_it_cannot_build_to_the_run(error):
+    """Either of PyTorch's meta-device errors: None and a warning; any other error is raised."""
+    from focal_det2 import engine
+
+    def build():
+        raise error
+
+    with logged(engine.logger) as records:
+        assert engine.build_on_meta(build) is None
+    assert ["cannot be built on the meta device" in r.getMessage() for r in records] == [True]
+
+    def broken():
+        raise type(error)("a constructor's own error")
+
+    with pytest.raises(type(error), match="a constructor's own error"):
+        engine.build_on_meta(broken)
 
 
 def test_a_model_of_ones_own_may_read_the_focal_node():

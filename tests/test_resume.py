@@ -217,17 +217,23 @@ def test_only_a_resume_from_model_final_to_a_larger_max_iter_extends_a_finished_
 
 def test_drop_metrics_from_names_the_file_and_line_of_a_bad_record(tmp_path):
     path = tmp_path / "metrics.json"
-    path.write_text('{"iteration": 0}\n{"loss": 1.0}\n')
-    with pytest.raises(ValueError, match=r"metrics.json, line 2: not a metrics record"):
-        drop_metrics_from(str(path), 0)
+    for bad in ('{"loss": 1.0}', "{not json", '{"iteration": "two"}', '{"iteration": null}'):
+        path.write_text('{"iteration": 0}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=r"metrics.json, line 2: not a metrics record"):
+            drop_metrics_from(str(path), 0)
 
 
 def test_resume_before_the_first_checkpoint_starts_metrics_afresh(tmp_path):
-    """--resume without a checkpoint trains from iteration 0: the killed attempt's records go."""
+    """
+    --resume without a checkpoint trains from iteration 0: the killed attempt's records go, and
+    nothing is said of a resumed data order (SEED < 0 draws one anyway, from iteration 0).
+    """
     (tmp_path / "metrics.json").write_text('{"iteration": 0}\n{"iteration": 1}\n')
-    trainer = FocalTrainer(_cfg(tmp_path))
-    trainer.resume_or_load(resume=True)
+    trainer = FocalTrainer(_cfg(tmp_path, "SEED", -1))
+    with logged(logging.getLogger("focal_det2.engine")) as warnings:
+        trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 0 and (tmp_path / "metrics.json").read_text() == ""
+    assert [w.getMessage() for w in warnings] == []
 
 
 def test_the_window_matters_after_the_resume(runs):
@@ -367,14 +373,16 @@ def test_train_loader_resumes_the_data_order(workers, grouping, start_iter):
 def test_resumed_loader_warns_when_grouping_mixes_orientations(first, warning, caplog):
     """A landscape image among the square digits: grouped batches cannot resume exactly."""
     cfg = digits_cfg(opts=["DATALOADER.ASPECT_RATIO_GROUPING", True])
-    loader = FocalTrainer.build_train_loader(cfg, start_iter=2)
-    record = {**loader.dataset[0], **first}
-    loader.dataset[0] = {k: v for k, v in record.items() if v is not None}
-    with caplog.at_level("WARNING", logger="focal_det2.engine"):
-        loader._build()
-    warned = [r.message for r in caplog.records if "ASPECT_RATIO_GROUPING" in r.message]
-    assert len(warned) == (warning is not None)
-    assert warning is None or warning in warned[0]
+    for start_iter in (2, 0):  # not resumed (0), there is no order to continue: no warning
+        loader = FocalTrainer.build_train_loader(cfg, start_iter=start_iter)
+        record = {**loader.dataset[0], **first}
+        loader.dataset[0] = {k: v for k, v in record.items() if v is not None}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="focal_det2.engine"):
+            loader._build()
+        warned = [r.message for r in caplog.records if "ASPECT_RATIO_GROUPING" in r.message]
+        assert len(warned) == (warning is not None and start_iter > 0), start_iter
+        assert not warned or warning in warned[0]
 
 
 def test_train_loader_from_iteration_0_is_detectron2s_seeded_stream():
@@ -423,7 +431,9 @@ def test_another_sampler_is_detectron2s_and_its_resume_warns():
     detectron2_loader = build_detection_train_loader(
         cfg, dataset=dataset, mapper=DatasetMapper(cfg, is_train=True)
     )
-    ours = _image_ids(FocalTrainer.build_train_loader(cfg), 6)
+    with logged(logging.getLogger("focal_det2.engine")) as warnings:
+        ours = _image_ids(FocalTrainer.build_train_loader(cfg), 6)
+    assert [w.getMessage() for w in warnings] == []  # not resumed: nothing restarts
     assert ours == _image_ids(detectron2_loader, 6)
     assert ours != _image_ids(FocalTrainer.build_train_loader(plain), 6)
     with logged(logging.getLogger("focal_det2.engine")) as warnings:

@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import focal_det2
+from focal_det2 import schedules
 
 KEY = "MODEL.FOCAL.GAMMA_SCHEDULE"
 
@@ -188,3 +189,19 @@ def test_unknown_name_lists_the_valid_names():
         schedule("exponential")
     for valid in ["constant", "linear", "cosine", "step"]:
         assert valid in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "schedule, first",
+    [
+        (schedules.ConstantGamma(end=2.0), 2.0),
+        (schedules.LinearGamma(end=1.0, start=3.0, iters=10), 3.0),  # a falling ramp
+        (schedules.CosineGamma(end=2.0, start=0.5, iters=10), 0.5),
+        (schedules.StepGamma(end=0.5, start=2.0, steps=[5]), 2.0),
+    ],
+    ids=["constant", "linear down", "cosine up", "step down"],
+)
+def test_initial_gamma_is_the_schedules_gamma_at_iteration_0(schedule, first):
+    """The gamma the head's prior is derived at: iteration 0's, not the smallest (a falling
+    ramp ends below its start)."""
+    assert schedules.initial_gamma(schedule) == schedule(0) == first
