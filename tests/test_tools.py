@@ -9,6 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -495,6 +496,8 @@ def test_ablate_rows_filter():
     preset = ablate.PRESETS["digits-small"]
     names = [r.name for r in ablate.select_rows("ce_*,fl_g2_a0.25", preset)]
     assert names == ["ce_a0.25", "ce_a0.50", "ce_a0.75", "fl_g2_a0.25"]
+    spaced = [r.name for r in ablate.select_rows(" ce_*, fl_g2_a0.25 ", preset)]
+    assert spaced == names  # as typed after a comma
     with pytest.raises(ValueError, match="matches no row"):
         ablate.select_rows("nope", preset)
 
@@ -537,6 +540,9 @@ def test_ablate_notes_say_why_a_metric_has_no_value(tmp_path):
         "APs –: digits_val has no small (area < 32² px) ground-truth boxes" in markdown
     )
     assert "CE, α=.50, seed 0:" not in markdown
+    assert ablate._why_missing(dict(metrics, APm=None), 7, cfg)["APm"] == (
+        "digits_val has no medium (area 32²-96² px) ground-truth boxes"
+    )
 
 
 def test_ablate_summary_mean_and_spread_over_seeds():
@@ -872,11 +878,13 @@ def test_ablate_tables_of_three_seeds_mean_sample_std_and_train_seconds(tmp_path
     )
     with open(tmp_path / "runs.csv") as f:
         runs_csv = list(csv.DictReader(f))
-    assert [(r["seed"], r["AP"], r["train_s"], r["eval_s"]) for r in runs_csv] == [
-        ("0", "10.0", "30.0", "1.0"),
-        ("1", "20.0", "60.0", "1.0"),
-        ("2", "60.0", "90.0", "1.0"),
+    # the iterations each run trained (its result's 600), not the preset's 10
+    assert [(r["seed"], r["AP"], r["train_s"], r["eval_s"], r["iterations"]) for r in runs_csv] == [
+        ("0", "10.0", "30.0", "1.0", "600"),
+        ("1", "20.0", "60.0", "1.0", "600"),
+        ("2", "60.0", "90.0", "1.0", "600"),
     ]
+    assert lines[0].endswith("trained at commit `unknown`.")  # three runs, one commit, named once
     # one seed: the mean alone, and the first line says no spread
     one = ablate.Preset(iters=10)
     (run,) = ablate.plan(one, ablate.select_rows("ce_a0.25", one), "/out")
@@ -904,6 +912,9 @@ def test_ablate_budget_of_a_two_iteration_preset():
         "SOLVER.CHECKPOINT_PERIOD",
         3,
     ]
+    # 15 iterations: the warm-up 100 x 15 / 1000 = 1.5 rounds to 2 (not floored to 1)
+    fifteen = ablate.Preset(iters=15).budget_opts()
+    assert fifteen[fifteen.index("SOLVER.WARMUP_ITERS") + 1] == 2
     one = ablate.Preset(iters=1)
     (run,) = ablate.plan(one, ablate.select_rows("soft_gamma_0to2", one), "/out")
     argv = run.argv()
@@ -917,13 +928,14 @@ def test_ablate_rows_canvases_and_seeds_of_hand_made_presets():
     # canvases smallest first, whatever order the preset gives them in
     row = ablate.ROWS[0]
     expanded = ablate.Preset(iters=2, canvases=(256, 128)).expand([row])
-    assert [(r.name, r.canvas) for r in expanded] == [
-        ("s128/ce_a0.25", 128),
-        ("s256/ce_a0.25", 256),
+    assert [(r.name, r.canvas, r.label) for r in expanded] == [
+        ("s128/ce_a0.25", 128, f"{row.label}, 128 px"),
+        ("s256/ce_a0.25", 256, f"{row.label}, 256 px"),
     ]
     # empty items are skipped, and nothing at all is an error
     preset = ablate.PRESETS["longtail"]
     assert ablate.select_seeds("1,,0,", preset) == (0, 1)
+    assert ablate.select_seeds("0,1,1", preset) == (0, 1)  # a seed given twice runs once
     with pytest.raises(
         ValueError, match=r"--seeds must be comma-separated seeds from \(0, 1\), got ','"
     ):
@@ -1138,6 +1150,18 @@ def test_imbalance_main_prints_and_writes_the_table(tmp_path, capsys):
     ) in table.splitlines()
 
 
+def test_imbalance_main_passes_its_overrides_and_tables_canvases_in_order(tmp_path, capsys):
+    """Trailing KEY VALUE overrides reach the measurement (one aspect ratio: a third of the
+    3,069 anchors), the table lists canvases smallest first, the split defaults to train."""
+    imbalance = load_tool("imbalance")
+    ratios = ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]"]
+    measured = imbalance.main(["--canvases", "128", "--split", "val", "--num-images", "1", *ratios])
+    assert measured[128]["anchors_per_image"] == 3069 / 3
+    table = imbalance.format_table({256: measured[128], 128: measured[128]}).splitlines()
+    assert [line.split(" |")[0] for line in table[2:]] == ["| 128 px", "| 256 px"]
+    assert imbalance.get_parser().parse_args([]).split == "train"
+
+
 def test_imbalance_output_in_the_working_folder(tmp_path, monkeypatch):
     """``--output imbalance.json``, a bare file name: written into the working folder."""
     imbalance = load_tool("imbalance")
@@ -1303,6 +1327,14 @@ def test_ablate_imbalance_table_by_canvas(tmp_path):
     assert "| AP, CE, α=.75 | 81.0 ± 1.4 | – | – | no AP |" in markdown
     assert "| AP, FL, γ=2, α=.25 | 60.0 (1 of 2 seeds) | – | – | 70.0 |" in markdown
     assert "- ohem_b128_nms0.5: MODEL.FOCAL.LOSS 'ohem' is not registered" in markdown
+    with open(tmp_path / "results.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [(line["row"], line["canvas"]) for line in summary] == [
+        ("s128/ce_a0.75", "128"),
+        ("s128/fl_g2_a0.25", "128"),
+        ("s768/ce_a0.75", "768"),
+        ("s768/fl_g2_a0.25", "768"),
+    ]
     with open(tmp_path / "runs.csv") as f:
         lines = list(csv.DictReader(f))
     assert [
@@ -1362,6 +1394,100 @@ def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
     assert set(stored["canvases"]) == {"128", "256"} and stored["split"] == "train"
     ablate.preset_imbalance(str(tmp_path), preset, [])  # other options: everything measured again
     assert calls[2][0] == (128, 256)
+
+
+def test_ablate_main_measures_with_its_overrides_and_keeps_the_imbalance_table(
+    tmp_path, monkeypatch
+):
+    """
+    Through main, with trailing overrides: the imbalance is measured with them, the tables
+    written after the training keep the imbalance rows, and results.md records main's own
+    arguments as the command (not the process's sys.argv).
+    """
+    ablate = load_tool("ablate")
+    measured = []
+
+    def measure(canvases, split, num_images, opts=()):
+        measured.append(list(opts))
+        keys = ("images", "objects_per_image", "anchors_per_image", "positive_per_image")
+        return {
+            side: dict(
+                dict.fromkeys(keys, 1.0),
+                negatives_per_positive=123.0,
+                ignored_per_image=4.0,
+                negative_per_image=123.0,
+            )
+            for side in canvases
+        }
+
+    monkeypatch.setattr(ablate, "measure_canvases", measure)
+    monkeypatch.setattr(ablate, "train_run", lambda run, **kwargs: _fake_result(50.0))
+    argv = ["--preset", "imbalance", "--rows", "ce_a0.75", "--canvases", "128", "--seeds", "0"]
+    argv += ["--output-dir", str(tmp_path), "MODEL.ANCHOR_GENERATOR.ANGLES", "[[0]]"]
+    ablate.main(argv)
+    assert measured == [["MODEL.ANCHOR_GENERATOR.ANGLES", "[[0]]"]]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| negatives per positive anchor | 123 |" in markdown
+    assert f"    python tools/ablate.py {ablate._shell_join(argv)}" in markdown.splitlines()
+
+
+def test_ablate_main_refuses_rows_asked_for_that_cannot_run(monkeypatch):
+    ablate = load_tool("ablate")
+    monkeypatch.setattr(
+        ablate, "row_problem", lambda row: "why" if row.name == "ce_a0.75" else None
+    )
+    with pytest.raises(
+        ValueError, match=r"--rows asks for rows that cannot run .*\n  ce_a0.75: why"
+    ):
+        ablate.main(["--preset", "tiny", "--rows", "ce_a0.75", "--list"])
+
+
+def test_ablate_failed_run_names_its_log_and_shows_its_tail(tmp_path, monkeypatch):
+    """Not verbose, the run's output went to stdout.log: the error ends with its last lines;
+    verbose, it went to the console and the error names the log alone."""
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=2)
+    (run,) = ablate.plan(preset, ablate.select_rows("ce_a0.75", preset), str(tmp_path))
+
+    def failing(cmd, cwd, env, stdout=None, stderr=None):
+        if stdout is not None:
+            stdout.write("Traceback: the run's own error\n")
+        return SimpleNamespace(returncode=3)
+
+    monkeypatch.setenv("FOCAL_DET2_COMMIT", "abc1234")  # no git call to stand in for
+    monkeypatch.setattr(ablate.subprocess, "run", failing)
+    with pytest.raises(RuntimeError) as error:
+        ablate.train_run(run)
+    log = os.path.join(run.out_dir, "stdout.log")
+    assert f"failed (exit 3); log: {log}\n" in str(error.value)
+    assert str(error.value).endswith("Traceback: the run's own error\n")
+    with pytest.raises(RuntimeError) as error:
+        ablate.train_run(run, verbose=True)
+    assert str(error.value).endswith(f"failed (exit 3); log: {log}")
+
+
+def test_ablate_console_line_of_a_finished_run_notes_its_class_groups(
+    tmp_path, monkeypatch, capsys
+):
+    """A long-tail run read back without per-class AP: its console line says why its group APs
+    are missing, as results.md does."""
+    ablate = load_tool("ablate")
+    monkeypatch.setattr(ablate, "read_result", lambda run: _fake_result(5.0))
+    ablate.main(
+        [
+            "--preset",
+            "longtail",
+            "--rows",
+            "ce_a0.75",
+            "--seeds",
+            "0",
+            "--tables",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "ce_a0.75 seed 0: done, AP 5.0 (AP_rare, AP_frequent –: the run's result.json" in out
 
 
 def test_ablate_seeds_option_selects_a_subset(capsys):
