@@ -299,6 +299,9 @@ def test_lazy_setup_names_the_nodes_a_config_lacks(tmp_path):
     cmd.opts += [f"train.init_checkpoint={weights}"]
     cmd.eval_only = True
     assert setup_lazy_cfg(cmd).train.init_checkpoint == str(weights)
+    # a node set to None is there (Detectron2's checkpointer starts from scratch on None)
+    null = setup_lazy_cfg(args(tmp_path / "null", "train.init_checkpoint=null"))
+    assert null.train.init_checkpoint is None
     cfg = load()
     del cfg.dataloader.test
     with pytest.raises(ValueError, match=r"x.py lacks dataloader.test: "):
