@@ -207,6 +207,27 @@ def test_cache_hit_does_not_rewrite(tmp_path):
     assert (os.stat(json_file).st_mtime_ns, os.stat(image).st_mtime_ns) == stamps
 
 
+def test_an_interrupted_generation_is_redone(tmp_path):
+    """Images written but no annotations.json (killed before the json): generated again."""
+    json_file = _generate(tmp_path)
+    expected = _read_dataset(json_file)
+    os.remove(json_file)
+    assert _generate(tmp_path) == json_file
+    written = _read_dataset(json_file)
+    assert written[0] == expected[0] and written[2] == expected[2]
+    assert all(np.array_equal(written[1][i], image) for i, image in expected[1].items())
+    info = json.loads(Path(json_file).read_text())["info"]["parameters"]
+    assert info["digit_size"] == [12, 40] and info["digits_per_image"] == [3, 8]
+
+
+def test_digits_as_large_as_the_canvas_are_allowed(tmp_path):
+    """digit_size at most image_size: a 32 px digit on a 32 px canvas, its box inside it."""
+    json_file = _generate(tmp_path, image_size=32, digit_size=(32, 32), num_images=1)
+    _, _, boxes = _read_dataset(json_file)
+    (image_boxes,) = boxes.values()
+    assert image_boxes and all(x + w <= 32 and y + h <= 32 for x, y, w, h in image_boxes)
+
+
 def test_digits_root_reads_environment(monkeypatch, dataset_root):
     assert digits_root() == dataset_root
     monkeypatch.delenv("FOCAL_DET2_DATASETS")
@@ -234,6 +255,7 @@ def test_registration_is_lazy_and_loads_detectron2_dicts(registered, dataset_roo
     assert not dataset_root.exists()
     dicts = DatasetCatalog.get(registered)
     assert os.path.isfile(meta.json_file) and os.path.isdir(meta.image_root)
+    assert meta.image_root == os.path.join(os.path.dirname(meta.json_file), "images")
     assert len(dicts) == 4
     for record in dicts:
         assert os.path.isfile(record["file_name"])
@@ -281,6 +303,9 @@ def test_registering_a_name_again_with_other_data_raises(registered):
     register_digits(registered, split="val", num_images=4)  # same data: no-op
     with pytest.raises(ValueError, match="already registered"):
         register_digits(registered, split="val", num_images=5)
+    # a name Detectron2 registered (COCO's): not a digits data set, said as such
+    with pytest.raises(ValueError, match="already registered .*: not a digits data set"):
+        register_digits("coco_2017_val", split="val", num_images=4)
 
 
 @pytest.mark.parametrize(

@@ -214,17 +214,25 @@ def test_export_tool_exit_status_tells_nothing_compared_from_agreement():
 
 
 def test_export_tool_says_when_nothing_was_compared(tmp_path, capsys):
+    """Also: the default --export-method is scripting, and --output may be a new nested folder."""
     tool = load_tool("export_model")
     config = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
+    output = tmp_path / "new" / "export"
     report = tool.main(
         [
-            *("--config-file", config, "--output", str(tmp_path)),
+            *("--config-file", config, "--output", str(output)),
             *("DATASETS.TEST", "('digits_val_tiny',)", "MODEL.FPN.OUT_CHANNELS", "64"),
             *("MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"),  # a sigmoid score never exceeds 1
         ]
     )
     assert report["detections"] == (0, 0) and tool.exit_status(report) == 2
-    assert "Nothing was compared: no detection on the sample at " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{report['path']} (torchscript, scripting): 0 eager / 0 exported" in out
+    assert report["path"].startswith(str(output))
+    assert (
+        "Nothing was compared: no detection on the sample at "
+        "MODEL.RETINANET.SCORE_THRESH_TEST=1.0. Export again with a lower threshold"
+    ) in out
 
 
 def test_export_tool_refuses_an_unknown_export_method(tmp_path):

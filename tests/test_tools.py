@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 
 
 def test_plot_loss_curves_writes_png_of_requested_size(tmp_path, monkeypatch):
-    """Figure 1's panel draws CE against p_t: -log(p_t)."""
+    """Figure 1's panel draws CE against p_t: -log(p_t); the appendix's against x_t."""
     tool = load_tool("plot_loss_curves")
     figures = _captured_figures(tool, monkeypatch)
     output = tmp_path / "curves.png"
@@ -68,6 +68,12 @@ def test_plot_loss_curves_writes_png_of_requested_size(tmp_path, monkeypatch):
     (ce,) = [line for line in left.lines if line.get_label().startswith("CE")]
     p_t = ce.get_xdata()
     np.testing.assert_allclose(ce.get_ydata(), -np.log(p_t), rtol=1e-6)
+    # the appendix panel draws CE against x_t in [-5, 5]: log(1 + exp(-x_t))
+    right = figures[0].axes[1]
+    (ce,) = [line for line in right.lines if line.get_label().startswith("CE")]
+    x_t = ce.get_xdata()
+    assert (x_t[0], x_t[-1]) == (-5.0, 5.0)
+    np.testing.assert_allclose(ce.get_ydata(), np.log1p(np.exp(-x_t)), rtol=1e-6)
 
 
 def test_loss_curves_values_are_the_closed_forms():
@@ -139,6 +145,12 @@ def test_plot_training_legend_names_the_runs(tmp_path, monkeypatch):
     tool.plot(runs, str(tmp_path / "curves.png"), dpi=20)
     legend = figures[0].axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["fl", "ce"]
+    # against the iteration, the losses on a log scale (a constant gamma has no panel)
+    loss_cls, loss_box_reg = figures[0].axes
+    iterations = list(range(19, 200, 20))
+    assert list(loss_cls.get_lines()[0].get_xdata()) == iterations
+    assert list(loss_cls.get_lines()[0].get_ydata()) == [1.0 / (it + 1) for it in iterations]
+    assert (loss_cls.get_yscale(), loss_box_reg.get_yscale()) == ("log", "log")
 
 
 def test_plot_training_reads_training_records_only(tmp_path):
@@ -460,6 +472,27 @@ def test_demo_inputs_are_sorted_globs_and_a_pattern_matching_nothing_raises(tmp_
     pattern = str(tmp_path / "*.gif")
     with pytest.raises(FileNotFoundError, match=re.escape(f"--input {pattern!r} matches no file")):
         demo.input_images([pattern], None, 8)
+
+
+def test_demo_inputs_expand_a_quoted_home(tmp_path, monkeypatch):
+    """``--input '~/shots/*.png'`` (quoted, so the shell left the ~): the home folder's files."""
+    demo = load_tool("demo")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "shots").mkdir()
+    (tmp_path / "shots" / "a.png").write_bytes(b"")
+    assert demo.input_images(["~/shots/*.png"], None, 1) == [str(tmp_path / "shots" / "a.png")]
+
+
+def test_save_figure_writes_a_bare_file_name_into_the_working_folder(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plotting = load_tool("plotting")
+    monkeypatch.chdir(tmp_path)
+    plotting.save_figure(plt.figure(figsize=(2, 1)), "figure.png", dpi=50)
+    assert png_size(tmp_path / "figure.png") == (100, 50)
 
 
 # --- ablate --------------------------------------------------------------------------
@@ -1730,6 +1763,13 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
         match="imbalance.json does not exist: run `python tools/ablate.py --preset imbalance`",
     ):
         tool.sweep(str(tmp_path))
+    measured = _synthetic_sweep(tmp_path / "measured", canvases=(128,))
+    (measured / "runs.csv").unlink()  # the imbalance measured, no run finished yet
+    with pytest.raises(
+        FileNotFoundError,
+        match="runs.csv does not exist: no run of the imbalance preset has finished there",
+    ):
+        tool.sweep(str(measured))
     folder = _synthetic_sweep(tmp_path / "partial", canvases=(128, 256))
     data = json.loads((folder / "imbalance.json").read_text())
     del data["canvases"]["256"]
