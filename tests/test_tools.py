@@ -275,6 +275,19 @@ def test_normalized_cdf_and_share_of_hardest():
     assert tool.share_of_hardest(cdf, 0.25) == pytest.approx(0.6)
 
 
+def test_plot_loss_cdf_draws_the_cdf_against_the_fraction_of_anchors(tmp_path, monkeypatch):
+    """Anchor i of n (sorted) at fraction i / n: [0, 0.1, 0.4, 1] is 0.1 at a half, 0 before
+    the first quarter, 1 at the end."""
+    tool = load_tool("plot_loss_cdf")
+    figures = _captured_figures(tool, monkeypatch)
+    cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))
+    cdfs = {"positive": {2.0: cdf}, "negative": {2.0: cdf}}
+    tool.plot(cdfs, {"positive": 4, "negative": 4}, str(tmp_path / "cdf.png"), points=5, dpi=20)
+    (line,) = figures[0].axes[0].get_lines()
+    np.testing.assert_allclose(line.get_xdata(), [0.0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(line.get_ydata(), [0.0, 0.0, 0.1, 0.4, 1.0])
+
+
 def test_share_of_hardest_counts_at_least_one_anchor():
     tool = load_tool("plot_loss_cdf")
     cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))  # [0, 0.1, 0.4, 1]
