@@ -137,6 +137,27 @@ def test_crowd_annotations_are_not_counted():
     assert count_instances(["cb_with_crowd"], 10) == expected
 
 
+def test_records_without_annotations_or_iscrowd_keys_are_counted():
+    """A custom loader's records may omit "annotations" (an image without boxes) or an
+    annotation's "iscrowd" (not crowd), as Detectron2's own loading allows."""
+    records = _tiny_records()
+    expected = count_instances(["digits_train_tiny"], 10)
+    plain = [
+        {
+            **r,
+            "annotations": [
+                {k: v for k, v in a.items() if k != "iscrowd"} for a in r["annotations"]
+            ],
+        }
+        for r in records
+    ]
+    empty = {k: v for k, v in records[0].items() if k != "annotations"}
+    _register(
+        "cb_without_keys", [*plain, empty], MetadataCatalog.get("digits_train_tiny").thing_classes
+    )
+    assert count_instances(["cb_without_keys"], 10) == expected
+
+
 def test_boxes_without_area_are_not_counted():
     """DATALOADER.DEGENERATE_BOXES drop trains without boxes of zero width, so the weights do not count them."""
     records = _tiny_records()

@@ -127,14 +127,18 @@ def test_gradients_equal_retinanet(pair):
 
 
 def test_detections_equal_retinanet(pair):
+    """Of a batch of two sizes, the second image asked for at twice its size: each image's
+    boxes are clipped and scaled by its own size."""
+    inputs = batch()
+    inputs[1] = dict(inputs[1], image=inputs[1]["image"][:, :64, :96], height=128, width=192)
     results = []
     for model in pair:
         model.test_score_thresh = 0.005  # untrained scores sit at the 0.01 prior
         model.eval()
         with torch.no_grad():
-            results.append([r["instances"] for r in model(batch())])
-    for ref, ours in zip(*results):
-        assert len(ours) > 0
+            results.append([r["instances"] for r in model(inputs)])
+    for ref, ours, image in zip(*results, inputs):
+        assert len(ours) > 0 and ours.image_size == (image["height"], image["width"])
         assert torch.equal(ours.pred_classes, ref.pred_classes)
         torch.testing.assert_close(ours.scores, ref.scores)
         torch.testing.assert_close(ours.pred_boxes.tensor, ref.pred_boxes.tensor)
@@ -314,10 +318,34 @@ def test_retinanets_loss_parameters_are_refused_and_not_left_on_the_model():
         assert not hasattr(model, "focal_loss_gamma") and not hasattr(model, "focal_loss_alpha")
         with pytest.raises(ValueError, match=r"does not read RetinaNet's \['focal_loss_gamma'\]"):
             FocalRetinaNet(**args, focal_loss_gamma=3.0)
+        with pytest.raises(ValueError, match=r"does not read RetinaNet's \['focal_loss_alpha'\]"):
+            FocalRetinaNet(**args, focal_loss_alpha=0.5)
+
+
+def test_constructor_defaults_are_the_config_defaults():
+    """A model, head or loss built without a config (LazyConfig, a user's code) starts as the
+    YAML defaults do: gamma 2, alpha 0.25, prior 0.01, SYNC_NORMALIZER off; a numpy gamma is a
+    number."""
+    import inspect
+
+    import numpy as np
+
+    from focal_det2.losses import SigmoidFocalLoss
+    from focal_det2.modeling import FocalRetinaNetHead
+
+    focal = tiny_cfg().MODEL.FOCAL
+    loss = SigmoidFocalLoss(num_classes=3)
+    assert (loss.gamma, loss.alpha) == (focal.GAMMA, focal.ALPHA) == (2.0, 0.25)
+    head = inspect.signature(FocalRetinaNetHead.__init__).parameters
+    assert head["prior_prob"].default == focal.PRIOR_PROB == 0.01
+    model = inspect.signature(FocalRetinaNet.__init__).parameters
+    assert model["sync_normalizer"].default is focal.SYNC_NORMALIZER is False
+    assert SigmoidFocalLoss(num_classes=3, gamma=np.float32(1.5)).gamma == 1.5
 
 
 def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
-    """FL* divides by gamma: a ramp from 0 given to the constructor (not through its config) is refused."""
+    """FL* divides by gamma: a ramp from 0 given to the constructor (not through its config) is
+    refused naming START, and one falling to 0 naming GAMMA (its end)."""
     from focal_det2.schedules import LinearGamma
 
     cfg = tiny_cfg()
@@ -326,6 +354,9 @@ def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
         args = FocalRetinaNet.from_config(cfg)
         args["gamma_schedule"] = LinearGamma(end=2.0, start=0.0, iters=10)
         with pytest.raises(ValueError, match=r"GAMMA_SCHEDULE.START=0.0: focal_star divides by"):
+            FocalRetinaNet(**args)
+        args["gamma_schedule"] = LinearGamma(end=0.0, start=2.0, iters=10)  # falls to 0
+        with pytest.raises(ValueError, match=r"MODEL.FOCAL.GAMMA=0.0: focal_star divides by"):
             FocalRetinaNet(**args)
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from detectron2.utils.registry import Registry
 
-from focal_det2.registry import lookup
+from focal_det2.registry import lookup, register_as
 
 TOY_LOSS = '''
 """A throwaway loss: twice alpha-balanced sigmoid CE, with a config key of its own."""
@@ -83,6 +83,19 @@ def test_a_registered_loss_file_is_tested_by_the_suites_which_catch_a_wrong_one(
     assert len(right) >= 30, proc.stdout[-2000:]
     assert {t.split("::")[0] for t in right} == set(SUITES), proc.stdout[-2000:]
     assert list(wrong.values()).count("FAILED") >= 6, proc.stdout[-3000:]
+
+
+def test_register_as_keeps_the_name_as_written():
+    """The config value is the registered name exactly: ``FocalV2`` stays ``FocalV2``."""
+    registry = Registry("TOY")
+
+    @register_as(registry, "FocalV2")
+    class Loss:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+    assert [name for name, _ in registry] == ["FocalV2"]
+    assert lookup(registry, "FocalV2", "MODEL.TOY.NAME").built_class is Loss
 
 
 def test_lookup_names_the_key_and_the_valid_names_in_order():
@@ -160,6 +173,13 @@ def test_extra_loss_files_run_once_and_their_errors_name_them(tmp_path, monkeypa
     with pytest.raises(
         ValueError, match=r"ohem.py, a module of focal_det2/losses/, which the pack"
     ):
+        build.load_extra_losses()
+    monkeypatch.chdir(REPO / "focal_det2")  # the same module named relative to the working folder
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, os.path.join("losses", "ohem.py"))
+    with pytest.raises(ValueError, match=r"ohem.py, a module of focal_det2/losses/"):
+        build.load_extra_losses()
+    monkeypatch.setenv(build.EXTRA_LOSSES_ENV, str(tmp_path))  # a folder
+    with pytest.raises(FileNotFoundError, match=r"names .*, which is not a file\."):
         build.load_extra_losses()
 
 

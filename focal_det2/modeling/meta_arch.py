@@ -70,7 +70,11 @@ class FocalRetinaNet(RetinaNet):
                 f"MODEL.FOCAL.GAMMA_SCHEDULE.NAME: {type(focal_loss).__name__} does not read gamma; "
                 "use 'constant'."
             )
-        focal_loss.check_gamma(gamma_schedule.min_gamma, "MODEL.FOCAL.GAMMA_SCHEDULE.START")
+        rising = (
+            gamma_schedule(0) <= gamma_schedule.end
+        )  # the smallest gamma: the start's or the end's
+        smallest = "MODEL.FOCAL.GAMMA_SCHEDULE.START" if rising else "MODEL.FOCAL.GAMMA"
+        focal_loss.check_gamma(gamma_schedule.min_gamma, smallest)
         self.focal_loss = focal_loss
         self.gamma_schedule = gamma_schedule
         self.sync_normalizer = sync_normalizer
