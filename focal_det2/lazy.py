@@ -106,10 +106,10 @@ def setup_lazy_cfg(args):
     overrides' keys (:func:`check_override_keys`) and the nodes the run reads
     (:func:`check_nodes`) are checked; so is the checkpoint a run loads
     (``train.init_checkpoint``, or with ``--resume`` the output folder's
-    ``last_checkpoint``); ``--eval-only`` refuses to
-    run without one and writes to ``train.output_dir/eval/<checkpoint name>``;
-    a training run without ``--resume`` refuses an output folder that holds
-    another run; and the model is checked (:func:`check_model`).
+    ``last_checkpoint``); ``--eval-only`` refuses to run without one and
+    writes to ``train.output_dir/eval/<checkpoint name>``; a training run
+    without ``--resume`` refuses an output folder that holds another run; and
+    the model is checked (:func:`check_model`).
 
     Args:
         args: train_net.py's arguments (``config_file``, ``opts``, ``resume``, ``eval_only``).
