@@ -6,14 +6,13 @@ import logging
 import math
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import REPO, load_script, logged
 from detectron2.config import LazyConfig, instantiate
 from detectron2.model_zoo import get_config
-from test_train_net import run_train_net
+from test_train_net import run_train_net, train_net_command
 
 import focal_det2  # noqa: F401  (registers the digits data sets)
 from focal_det2 import engine
@@ -76,11 +75,7 @@ def run_two_machines(*args):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     machine = ["--num-machines", 2, "--dist-url", f"tcp://127.0.0.1:{port}"]
-    cmd = [
-        sys.executable,
-        str(REPO / "train_net.py"),
-        *map(str, [*machine, "--machine-rank", 1, *args]),
-    ]
+    cmd = train_net_command(*machine, "--machine-rank", 1, *args)
     with subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as rank1:

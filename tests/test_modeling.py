@@ -1,5 +1,8 @@
 """FocalRetinaNet against Detectron2's RetinaNet, and every loss through the model."""
 
+import inspect
+
+import numpy as np
 import pytest
 import torch
 from conftest import LOSSES, build_loss, head_logits, reference_loss_cls, tiny_cfg
@@ -8,6 +11,7 @@ from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from focal_det2.losses import SigmoidFocalLoss
 from focal_det2.modeling.head import FocalRetinaNetHead
 from focal_det2.modeling.meta_arch import FocalRetinaNet
 
@@ -326,13 +330,6 @@ def test_constructor_defaults_are_the_config_defaults():
     """A model, head or loss built without a config (LazyConfig, a user's code) starts as the
     YAML defaults do: gamma 2, alpha 0.25, prior 0.01, SYNC_NORMALIZER off; a numpy gamma is a
     number."""
-    import inspect
-
-    import numpy as np
-
-    from focal_det2.losses import SigmoidFocalLoss
-    from focal_det2.modeling import FocalRetinaNetHead
-
     focal = tiny_cfg().MODEL.FOCAL
     loss = SigmoidFocalLoss(num_classes=3)
     assert (loss.gamma, loss.alpha) == (focal.GAMMA, focal.ALPHA) == (2.0, 0.25)

@@ -51,8 +51,13 @@ def test_digits_config_trains_and_evaluates(config, tmp_path):
     assert (tmp_path / "model_final.pth").exists()
 
 
+def train_net_command(*args):
+    """``python train_net.py *args`` (each argument as a string)."""
+    return [sys.executable, str(REPO / "train_net.py"), *map(str, args)]
+
+
 def run_train_net(*args):
-    cmd = [sys.executable, str(REPO / "train_net.py"), *map(str, args)]
+    cmd = train_net_command(*args)
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
