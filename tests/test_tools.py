@@ -1031,6 +1031,52 @@ def test_ablate_threads_per_job_and_checkpoint_period(tmp_path, monkeypatch):
     }
 
 
+def test_ablate_failed_run_starts_no_further_run(tmp_path, monkeypatch, capsys):
+    """--jobs 1: the first run fails, the second is never started, the failure is raised."""
+    ablate = load_tool("ablate")
+    started = []
+
+    def fake_train(run, verbose=False, threads=None, checkpoint_period=None):
+        started.append(run.row.name)
+        raise RuntimeError(f"run {run.row.name} failed")
+
+    monkeypatch.setattr(ablate, "train_run", fake_train)
+    with pytest.raises(RuntimeError, match="run ce_a0.75 failed"):
+        ablate.main(["--preset", "tiny", "--output-dir", str(tmp_path), "--jobs", "1"])
+    assert started == ["ce_a0.75"]
+    assert "soft_gamma_0to2 seed 0: training" not in capsys.readouterr().out
+
+
+def test_ablate_run_training_when_another_fails_finishes_and_is_tabulated(monkeypatch):
+    """--jobs 2: one run fails while the other trains; that one's result still reaches the
+    tables, the run queued behind them never starts, and the failure is raised."""
+    import threading
+
+    ablate = load_tool("ablate")
+    failure_seen, started, finished = threading.Event(), [], []
+    real_wait = ablate.wait
+
+    def wait(futures, **kwargs):  # the training run ends only after the failure was seen
+        done, not_done = real_wait(futures, **kwargs)
+        if any(future.exception() is not None for future in done):
+            failure_seen.set()
+        return done, not_done
+
+    def train(i, name):
+        started.append(name)
+        if name == "fails":
+            raise RuntimeError("fails failed")
+        assert failure_seen.wait(timeout=10)
+        return {"name": name}
+
+    monkeypatch.setattr(ablate, "wait", wait)
+    pending = [(1, "fails"), (2, "trains"), (3, "queued")]
+    with pytest.raises(RuntimeError, match="fails failed"):
+        ablate.train_pending(pending, 2, train, lambda run, result: finished.append((run, result)))
+    assert sorted(started) == ["fails", "trains"]
+    assert finished == [("trains", {"name": "trains"})]
+
+
 def test_ablate_notes_of_class_groups_without_a_value():
     """
     A run of an older ablate.py (no per-class AP), and a run without detections (COCO's

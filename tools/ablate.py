@@ -17,7 +17,8 @@ exactly what a user would type after ``train_net.py --config-file``; the
 preset adds the budget (iterations, LR steps, warm-up) and the seed, and
 key/value pairs after the options are added to every run (a device, say).
 ``--jobs N`` trains N runs at once, each process with its share of the CPU
-threads (more than one job only pays with a GPU or many cores). A run
+threads (more than one job only pays with a GPU or many cores); after a
+run fails nothing more starts, and the failure is raised. A run
 trains with :class:`focal_det2.engine.FocalTrainer`, evaluates with
 COCOEvaluator on the preset's test set and writes ``result.json`` into its
 own directory ``<output-dir>/<row>/seed<k>/``. A run whose ``result.json``
@@ -75,7 +76,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -1206,6 +1207,40 @@ def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ())
     return {side: measured[side] for side in preset.canvases}
 
 
+def train_pending(
+    pending: Sequence[Tuple[int, Run]],
+    jobs: int,
+    train: Callable[[int, Run], dict],
+    finished: Callable[[Run, dict], None],
+):
+    """
+    Train `pending` in order, at most `jobs` runs at once, calling `finished` with each result.
+    A run starts only while none has failed: after the first failure the runs already training
+    finish and keep their results, nothing more starts, and the failure is raised.
+    """
+    queue, running, failures = iter(pending), {}, []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+
+        def start_next():
+            item = None if failures else next(queue, None)
+            if item is not None:
+                running[pool.submit(train, *item)] = item[1]
+
+        for _ in range(jobs):
+            start_next()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                if future.exception() is None:
+                    finished(run, future.result())
+                else:
+                    failures.append(future.exception())
+                start_next()
+    if failures:
+        raise failures[0]
+
+
 def get_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1338,19 +1373,11 @@ def main(argv=None):
         )
         return result
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(train, i, run): run for i, run in pending}
-        try:
-            for future in as_completed(futures):
-                run = futures[future]
-                results[(run.row.name, run.seed)] = future.result()
-                write_tables(
-                    output_dir, args.preset, preset, runs, results, command, left_out, imbalance
-                )
-        except BaseException:
-            for future in futures:
-                future.cancel()  # runs not started yet; the running ones finish and keep their results
-            raise
+    def finished(run: Run, result: dict):
+        results[(run.row.name, run.seed)] = result
+        write_tables(output_dir, args.preset, preset, runs, results, command, left_out, imbalance)
+
+    train_pending(pending, args.jobs, train, finished)
     print(f"tables: {os.path.join(output_dir, 'results.md')}, results.csv, runs.csv")
     with open(os.path.join(output_dir, "results.md")) as f:
         print(f.read())
