@@ -240,17 +240,36 @@ def test_chunk_sums_are_added_in_float64():
 # ----------------------------------------------------------------------------- ignored, empty, extreme
 
 
-@pytest.mark.parametrize("name", LOSSES)
-def test_ignored_anchors_have_zero_loss_and_gradient(name, chunking):
+def assert_ignored_anchors_add_nothing(name, **kwargs):
+    """
+    An ignored anchor adds nothing to the loss or the gradient, whatever its
+    logits: also inf and NaN, which the reference drops with the row (a
+    weight of 0 would give 0 * inf = NaN).
+    """
     logits, labels = batch(name, seed=5)
     ignored = labels == -1
-    value, grad = value_and_grad(FAST[name], logits, labels, **kwargs_of(name))
-    only_valid = FAST[name](logits[~ignored], labels[~ignored], **kwargs_of(name))
+    value, grad = value_and_grad(FAST[name], logits, labels, **kwargs)
+    only_valid = FAST[name](logits[~ignored], labels[~ignored], **kwargs)
     torch.testing.assert_close(value, only_valid, rtol=1e-6, atol=0)
     assert torch.all(grad[ignored] == 0)
     moved = logits.clone()
-    moved[ignored] = 50.0
-    assert FAST[name](moved, labels, **kwargs_of(name)) == value
+    fills = torch.tensor([50.0, float("inf"), float("-inf"), float("nan")])
+    rows = ignored.nonzero().squeeze(1)
+    moved[rows] = fills[torch.arange(len(rows)) % 4, None]
+    moved[rows[1], 0] = float("-inf")  # a row with both infinities
+    moved_value, moved_grad = value_and_grad(FAST[name], moved, labels, **kwargs)
+    assert moved_value == value
+    assert torch.equal(moved_grad, grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_ignored_anchors_have_zero_loss_and_gradient(name, chunking):
+    assert_ignored_anchors_add_nothing(name, **kwargs_of(name))
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "cross_entropy", "softmax_focal"])
+def test_ignored_anchors_add_nothing_with_label_smoothing(name, backend_name):
+    assert_ignored_anchors_add_nothing(name, **kwargs_of(name), label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("name", LOSSES)

@@ -406,7 +406,7 @@ def _times(t: Tensor, weight) -> Tensor:
 
 def _sigmoid_chunk(
     x: Tensor,
-    labels: Tensor,
+    ignored_rows: Tensor,
     pos_rows: Tensor,
     pos_cols: Tensor,
     grad_out: Optional[Tensor],
@@ -426,7 +426,8 @@ def _sigmoid_chunk(
 
     Args:
         x (Tensor): (R, K) logits.
-        labels (Tensor): (R,) in [-1, K]; rows labelled -1 get zero loss and gradient.
+        ignored_rows (Tensor): (I,) the rows labelled -1: zero loss and gradient,
+            whatever their logits.
         pos_rows, pos_cols (Tensor): (P,) positions of the positives in the chunk.
         grad_out (Tensor or None): (R, K), receives the gradient of the negative terms.
         work (Tensor or None): (M, R, K) scratch space laid out as :class:`SigmoidScratch`
@@ -439,29 +440,30 @@ def _sigmoid_chunk(
     """
     if delta:
         return _smoothed_sigmoid_chunk(
-            x, labels, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
+            x, ignored_rows, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
         )
     shifted = scale != 1 or shift != 0
     scratch = SigmoidScratch.of(work, grad_out, gamma, shifted)
     z = torch.mul(x, scale, out=scratch.shifted).add_(shift) if shifted else x
-    valid = (labels >= 0).to(x.dtype)[:, None]  # (R, 1), 0 for ignored rows
-    weight = (valid, neg_weight) if isinstance(neg_weight, Tensor) else _times(valid, neg_weight)
     grad_scale = scale if grad_out is not None else None
-    loss, _ = sigmoid_focal_terms(z, gamma, weight, grad_scale, scratch)
+    loss, _ = sigmoid_focal_terms(z, gamma, neg_weight, grad_scale, scratch)  # grad in grad_out
     loss[pos_rows, pos_cols] = 0
+    loss[ignored_rows] = 0
+    if grad_out is not None:
+        grad_out[ignored_rows] = 0
     return loss.sum()
 
 
 def _smoothed_sigmoid_chunk(
-    x, labels, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
+    x, ignored_rows, pos_rows, pos_cols, grad_out, gamma, scale, shift, neg_weight, delta
 ) -> Tensor:
     """:func:`_sigmoid_chunk` with label smoothing, on fresh tensors (no scratch layout)."""
-    valid = (labels >= 0).to(x.dtype)[:, None]
-    weight = (valid, neg_weight)
     grad_scale = scale if grad_out is not None else None
-    loss, grad = smoothed_focal_terms(x * scale + shift, gamma, delta, weight, grad_scale)
+    loss, grad = smoothed_focal_terms(x * scale + shift, gamma, delta, neg_weight, grad_scale)
     loss[pos_rows, pos_cols] = 0
+    loss[ignored_rows] = 0
     if grad_out is not None:
+        grad[ignored_rows] = 0
         grad_out.copy_(grad)
     return loss.sum()
 
@@ -472,8 +474,18 @@ def _foreground(labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     return rows, labels[rows]
 
 
+def _ignored(labels: Tensor) -> Tensor:
+    """
+    Rows (sorted) of the ignored anchors, (I,). They add nothing, whatever
+    their logits (inf, NaN), as in the reference, which drops them: their
+    terms are set to 0 (taken by index, cheaper than weighting every row by
+    0 or 1, and ``0 * inf`` is NaN).
+    """
+    return (labels < 0).nonzero().squeeze(1)
+
+
 def _chunk_bounds(pos_rows: Tensor, chunks: List[Chunk]) -> List[int]:
-    """Index of the first positive of each chunk in the sorted ``pos_rows``, then ``len(pos_rows)``."""
+    """Index of the first of the sorted ``pos_rows`` in each chunk, then ``len(pos_rows)``."""
     if len(chunks) == 1:  # no search, no device sync
         return [0, len(pos_rows)]
     starts = torch.tensor(
@@ -532,6 +544,7 @@ def _sigmoid_family(
     k = logits.shape[1]
     delta = label_smoothing / 2
     pos_rows, pos_cls = _foreground(labels, k)
+    ignored = _ignored(labels)
     a_pos, a_neg = sigmoid_alphas(alpha, class_alpha, logits, delta)
     count = SigmoidScratch.count(gamma, want_grad, scale != 1 or shift != 0)
     eager = backends.backend(logits.device.type) == "eager"
@@ -543,6 +556,7 @@ def _sigmoid_family(
     chunks = _row_chunks(logits, spare)
     fresh = None if delta else _workspace(logits, chunks, count)
     bounds = _chunk_bounds(pos_rows, chunks)
+    ignored_bounds = _chunk_bounds(ignored, chunks)
     kernel = partial(
         backends.compiled(_sigmoid_chunk, logits.device.type),
         gamma=gamma,
@@ -552,12 +566,14 @@ def _sigmoid_family(
         delta=delta,
     )
     sums = []
-    for chunk, p0, p1 in zip(chunks, bounds[:-1], bounds[1:]):
+    for chunk, p0, p1, i0, i1 in zip(
+        chunks, bounds[:-1], bounds[1:], ignored_bounds[:-1], ignored_bounds[1:]
+    ):
         r0, r1, _ = chunk
         sums.append(
             kernel(
                 logits[r0:r1],
-                labels[r0:r1],
+                ignored[i0:i1] - r0,
                 pos_rows[p0:p1] - r0,
                 pos_cls[p0:p1],
                 grad[r0:r1] if want_grad else None,
@@ -689,6 +705,7 @@ def focal_star_loss(
 def _softmax_chunk(
     x: Tensor,
     labels: Tensor,
+    ignored_rows: Tensor,
     grad_out: Optional[Tensor],
     work: Optional[Tensor],
     *,
@@ -710,7 +727,9 @@ def _softmax_chunk(
 
     Args:
         x (Tensor): (R, C) logits.
-        labels (Tensor): (R,) in [-1, C); rows labelled -1 get zero loss and gradient.
+        labels (Tensor): (R,) in [-1, C).
+        ignored_rows (Tensor): (I,) the rows labelled -1: zero loss and gradient,
+            whatever their logits.
         grad_out (Tensor or None): (R, C), receives the gradient (and serves as
             scratch space before).
         work (Tensor or None): (1, R, C) scratch space without ``grad_out``, or None
@@ -736,27 +755,29 @@ def _softmax_chunk(
     # (1 - p_t)^gamma is 1 to machine precision below _TINY_GAMMA (which float32 rounds to 0).
     modulator = torch.exp(gamma * log_1m_pt) if gamma >= _TINY_GAMMA else torch.ones_like(log_pt)
     weight = weight * modulator
-    loss = (weight * log_pt).sum().neg_()
+    row_loss = (weight * log_pt).neg_()  # (R, 1)
     if grad_out is not None:
         d = weight * (gamma * log_pt.exp() * log_pt - log_1m_pt.exp())
         coef = -d / others.clamp_min(torch.finfo(x.dtype).tiny)  # 0 where p_t == 1
         e.mul_(coef).scatter_(1, y, d)
-    if smooth_weight is None:
-        return loss
-    valid = (labels >= 0).to(x.dtype)[:, None]
-    uniform, uniform_grad = _uniform_softmax_terms(
-        x, smooth_weight * valid, gamma, grad_out is not None
-    )
+    if smooth_weight is not None:
+        uniform, uniform_grad = _uniform_softmax_terms(
+            x, smooth_weight, gamma, grad_out is not None
+        )
+        row_loss += uniform
+        if grad_out is not None:
+            grad_out.add_(uniform_grad)
+    row_loss[ignored_rows] = 0
     if grad_out is not None:
-        grad_out.add_(uniform_grad)
-    return loss + uniform
+        grad_out[ignored_rows] = 0
+    return row_loss.sum()
 
 
 def _uniform_softmax_terms(
     x: Tensor, weight: Tensor, gamma: float, want_grad: bool
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """
-    ``sum_ij w_ij FL_j(x_i)``, the focal loss of row i at every label j, and
+    ``sum_j w_j FL_j(x_i)``, the focal loss of row i at every label j, and
     its gradient: the label-smoothing part of the softmax loss. With ``e_j =
     exp(x_j - max x)``, ``m`` the first column of the largest logit, ``S_m =
     sum_{j != m} e_j``, ``Z = 1 + S_m`` and ``S_j = Z - e_j`` (>= 1) for ``j != m``:
@@ -771,10 +792,10 @@ def _uniform_softmax_terms(
 
     Args:
         x (Tensor): (R, C) logits.
-        weight (Tensor): (R, C) ``w``, 0 in ignored rows.
+        weight (Tensor): ``w``, broadcastable to (R, C).
 
     Returns:
-        Tensor: 0-dim sum; (R, C) gradient if ``want_grad``.
+        Tensor: (R, 1) sums over j; (R, C) gradient if ``want_grad``.
     """
     x_max, top = x.max(dim=1, keepdim=True)
     e = torch.sub(x, x_max).mul_(_LOG2_E).exp2_()
@@ -786,7 +807,7 @@ def _uniform_softmax_terms(
     log_1m_p = torch.log(others).sub_(log_z)  # log(S_j / Z); log, not log1p: slow on AVX-512
     modulator = torch.exp(gamma * log_1m_p) if gamma >= _TINY_GAMMA else torch.ones_like(x)
     weighted = modulator.mul_(weight)
-    loss = (weighted * log_p).sum().neg_()
+    loss = (weighted * log_p).sum(dim=1, keepdim=True).neg_()
     if not want_grad:
         return loss, None
     g = (e / z).mul_(log_p).mul_(gamma).div_(others).sub_(z.reciprocal()).mul_(weighted)
@@ -819,11 +840,21 @@ def _softmax_family(
         class_weight=class_weight,
         smooth_weight=smooth_weight,
     )
+    ignored = _ignored(labels)
+    bounds = _chunk_bounds(ignored, chunks)
     sums = []
-    for chunk in chunks:
+    for chunk, i0, i1 in zip(chunks, bounds[:-1], bounds[1:]):
         r0, r1, _ = chunk
         grad_out = grad[r0:r1] if want_grad else None
-        sums.append(kernel(logits[r0:r1], labels[r0:r1], grad_out, _scratch(None, chunk, 0, fresh)))
+        sums.append(
+            kernel(
+                logits[r0:r1],
+                labels[r0:r1],
+                ignored[i0:i1] - r0,
+                grad_out,
+                _scratch(None, chunk, 0, fresh),
+            )
+        )
     return _sum(sums, logits).to(logits.dtype), grad
 
 

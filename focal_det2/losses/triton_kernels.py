@@ -149,10 +149,11 @@ def _sigmoid_kernel(
 
     and ``w`` is the positive or negative weight of class k (times
     ``factor``; a (2, K) table with CLASS_ALPHA, negatives' row first), 0
-    for ignored rows. Without GRAD, ``out[pid]`` is the sum
-    of the block's terms; with GRAD, ``out`` is the (N, K) gradient
-    ``w s scale phi'(z) * grad_loss``. A program takes BLOCK consecutive
-    elements; index math within it is 32-bit.
+    for ignored rows, whose logits are not read (taken as 0: whatever they
+    hold, inf or NaN, an ignored row adds 0, as in the reference). Without
+    GRAD, ``out[pid]`` is the sum of the block's terms; with GRAD, ``out``
+    is the (N, K) gradient ``w s scale phi'(z) * grad_loss``. A program
+    takes BLOCK consecutive elements; index math within it is 32-bit.
 
     With SMOOTH (label smoothing, soft target ``delta = eps / 2`` of a
     negative), ``phi`` is fvcore's soft-target focal term (the weights come
@@ -169,7 +170,8 @@ def _sigmoid_kernel(
     col = local - row * K
     mask = tl.arange(0, BLOCK) < tl.minimum(numel - start, BLOCK).to(tl.int32)
     label = tl.load(labels_ptr + row0 + row, mask=mask, other=-1).to(tl.int32)
-    x = tl.load(x_ptr + start + tl.arange(0, BLOCK), mask=mask, other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + start + tl.arange(0, BLOCK)
+    x = tl.load(x_ptrs, mask=mask & (label >= 0), other=0.0).to(tl.float32)
     pos = label == col
     if CLASS_ALPHA:
         # (2, K) table: the negatives' weight of each class, then the positives'
@@ -195,7 +197,7 @@ def _sigmoid_kernel(
 
 
 @triton.jit
-def _uniform_terms(x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C: tl.constexpr):
+def _uniform_terms(x, e, x_max, cols, mask, weight_ptr, smoothing, gamma, C: tl.constexpr):
     """
     The label-smoothing part of :func:`_softmax_kernel` (the eager
     ``fused._uniform_softmax_terms``): ``sum_j w_j FL_j`` per row, the focal
@@ -207,7 +209,7 @@ def _uniform_terms(x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma,
     S_j - 1 / Z)``. Returns ((BLOCK_R,) row losses, (BLOCK_R, BLOCK_C) gradient).
     """
     col_w = tl.load(weight_ptr + 1 + cols, mask=cols < C, other=0.0).to(tl.float32)
-    w = tl.where(mask & (label >= 0)[:, None], col_w[None, :] * (smoothing / C), 0.0)
+    w = tl.where(mask, col_w[None, :] * (smoothing / C), 0.0)
     is_top = cols[None, :] == tl.argmax(x, axis=1)[:, None]
     s_top = tl.sum(tl.where(is_top, 0.0, e), axis=1)
     z = 1.0 + s_top
@@ -247,7 +249,9 @@ def _softmax_kernel(
         log(1 - p_t) = -log1p(e_y / S),
         FL           = -w (1 - p_t)^gamma log(p_t),
 
-    ``w = weight[label + 1]`` (``weight[0] = 0`` for ignored rows). Without
+    ``w = weight[label + 1]``. Ignored rows are not read, like rows past N
+    (whatever their logits hold, inf or NaN, they add 0, as in the
+    reference), and get a zero gradient. Without
     GRAD, ``out[pid]`` is the block's sum; with GRAD, ``out`` is the (N, C)
     gradient: ``D = w (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1)`` at
     column y and ``-D e_j / S`` elsewhere, times ``grad_loss``. Index math
@@ -261,11 +265,12 @@ def _softmax_kernel(
     row0 = pid.to(tl.int64) * BLOCK_R
     r = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
-    row_mask = r < tl.minimum(num_rows - row0, BLOCK_R).to(tl.int32)
+    in_range = r < tl.minimum(num_rows - row0, BLOCK_R).to(tl.int32)
+    label = tl.load(labels_ptr + row0 + r, mask=in_range, other=-1).to(tl.int32)
+    row_mask = label >= 0  # the rows read: in range and not ignored
     mask = row_mask[:, None] & (cols < C)[None, :]
     offs = r[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + row0 * C + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    label = tl.load(labels_ptr + row0 + r, mask=row_mask, other=-1).to(tl.int32)
     w = tl.load(weight_ptr + label + 1, mask=row_mask, other=0.0).to(tl.float32)
     if SMOOTH:
         w = w * (1.0 - smoothing)
@@ -280,7 +285,7 @@ def _softmax_kernel(
     others = tl.sum(tl.where(is_y, 0.0, e), axis=1)
     log_pt = tl.where(
         row_mask, (x_y - x_max) - _log1p((e_y - 1.0) + others), 0.0
-    )  # rows past N: -inf
+    )  # rows not read: -inf
     log_1m_pt = -_log1p(tl.fdiv(e_y, others))
     # (1 - p_t)^gamma is 1 below gamma 1e-20, as in the eager path (fused._TINY_GAMMA).
     modulator = tl.where(gamma >= 1e-20, tl.exp2((gamma * 1.4426950408889634) * log_1m_pt), 1.0)
@@ -293,15 +298,16 @@ def _softmax_kernel(
         grad = tl.where(is_y, d[:, None], coef[:, None] * e)
         if SMOOTH:
             _, uniform_grad = _uniform_terms(
-                x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C
+                x, e, x_max, cols, mask, weight_ptr, smoothing, gamma, C
             )
             grad += uniform_grad * grad_loss
-        tl.store(out_ptr + row0 * C + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        in_bounds = in_range[:, None] & (cols < C)[None, :]  # ignored rows too: zeros
+        tl.store(out_ptr + row0 * C + offs, grad.to(out_ptr.dtype.element_ty), mask=in_bounds)
     else:
         block_loss = -tl.sum(wm * log_pt, axis=0)
         if SMOOTH:
             uniform_loss, _ = _uniform_terms(
-                x, e, x_max, cols, mask, label, weight_ptr, smoothing, gamma, C
+                x, e, x_max, cols, mask, weight_ptr, smoothing, gamma, C
             )
             block_loss += tl.sum(uniform_loss, axis=0)
         tl.store(out_ptr + pid, block_loss)
