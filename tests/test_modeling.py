@@ -342,8 +342,8 @@ def test_constructor_defaults_are_the_config_defaults():
 
 def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
     """FL* divides by gamma: a ramp from 0 given to the constructor (not through its config) is
-    refused naming START, and one falling to 0 naming GAMMA (its end)."""
-    from focal_det2.schedules import LinearGamma
+    refused naming START, and one falling to 0, or a constant 0, naming GAMMA."""
+    from focal_det2.schedules import ConstantGamma, LinearGamma
 
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = "focal_star"
@@ -352,9 +352,10 @@ def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
         args["gamma_schedule"] = LinearGamma(end=2.0, start=0.0, iters=10)
         with pytest.raises(ValueError, match=r"GAMMA_SCHEDULE.START=0.0: focal_star divides by"):
             FocalRetinaNet(**args)
-        args["gamma_schedule"] = LinearGamma(end=0.0, start=2.0, iters=10)  # falls to 0
-        with pytest.raises(ValueError, match=r"MODEL.FOCAL.GAMMA=0.0: focal_star divides by"):
-            FocalRetinaNet(**args)
+        for schedule in (LinearGamma(end=0.0, start=2.0, iters=10), ConstantGamma(end=0.0)):
+            args["gamma_schedule"] = schedule
+            with pytest.raises(ValueError, match=r"MODEL.FOCAL.GAMMA=0.0: focal_star divides by"):
+                FocalRetinaNet(**args)
 
 
 def test_logged_num_pos_anchors_is_the_foreground_count_per_image():

@@ -70,8 +70,9 @@ class FocalRetinaNet(RetinaNet):
                 f"MODEL.FOCAL.GAMMA_SCHEDULE.NAME: {type(focal_loss).__name__} does not read gamma; "
                 "use 'constant'."
             )
-        # the key of the smallest gamma: the start's (a rising ramp) or the end's (a falling one)
-        rising = gamma_schedule(0) <= gamma_schedule.end
+        # the key of the smallest gamma: the start's (a rising ramp) or the end's (a falling
+        # ramp, a constant)
+        rising = gamma_schedule(0) < gamma_schedule.end
         smallest = "MODEL.FOCAL.GAMMA_SCHEDULE.START" if rising else "MODEL.FOCAL.GAMMA"
         focal_loss.check_gamma(gamma_schedule.min_gamma, smallest)
         self.focal_loss = focal_loss
