@@ -101,12 +101,31 @@ def _landscape_png(path):
     return str(path)
 
 
-def test_export_sample_image_is_resized_as_at_test_time(tmp_path):
+@pytest.mark.parametrize(
+    "min_size, max_size, image_format, shape",
+    [(64, 1000, "BGR", (3, 64, 107)), (128, 128, "RGB", (3, 77, 128))],  # short side, long side
+)
+def test_export_sample_image_is_detectron2s_test_time_input(
+    tmp_path, min_size, max_size, image_format, shape
+):
+    """--sample-image is resized and read in INPUT.FORMAT as Detectron2's test-time
+    DatasetMapper does it."""
+    from detectron2.data import DatasetMapper
+
     tool = load_tool("export_model")
     cfg = tiny_cfg()
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 128, 128  # the long side is 128
-    image = tool.sample_image(cfg, _landscape_png(tmp_path / "sample.png"))
-    assert image.shape == (3, 77, 128) and image.dtype == torch.uint8
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = min_size, max_size
+    cfg.INPUT.FORMAT = image_format
+    path = _landscape_png(tmp_path / "sample.png")
+    image = tool.sample_image(cfg, path)
+    record = {"file_name": path, "height": 96, "width": 160, "image_id": 0}
+    assert image.shape == shape and image.dtype == torch.uint8
+    assert torch.equal(image, DatasetMapper(cfg, is_train=False)(record)["image"])
+
+
+def test_export_without_a_sample_image_or_test_set_is_refused():
+    tool = load_tool("export_model")
+    cfg = tiny_cfg()
     cfg.DATASETS.TEST = ()
     with pytest.raises(ValueError, match="DATASETS.TEST is empty: pass --sample-image"):
         tool.sample_image(cfg)
