@@ -107,6 +107,8 @@ def test_pixels_outside_boxes_are_background(tmp_path):
             assert gray[y : y + h, x : x + w].max() > 150
         assert gray[~inside].max() < 80
         assert abs(np.median(gray[~inside]) - BACKGROUND) <= 1
+        # rounded to the nearest level, not truncated (which would give BACKGROUND - 0.5)
+        assert abs(gray[~inside].mean() - BACKGROUND) < 0.25
         noise.append(gray[~inside].std())
     # the generator's Gaussian noise: 4.09 (rounding to uint8 and faint ink just outside the
     # tight boxes add a little); a level of 3.7 or 4.3 would fail
@@ -124,6 +126,29 @@ def test_scaled_digit_box_is_the_tight_box_of_its_ink(side):
         assert ink[y0:y1, x0:x1].sum() == ink.sum()  # no ink outside the box
         crop = ink[y0:y1, x0:x1]
         assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+
+
+def test_digit_brightness_spans_its_range_of_the_levels_above_background(monkeypatch):
+    """
+    Without noise, a lone digit's brightest pixel is ``BACKGROUND + peak * (255 - BACKGROUND)
+    * m`` rounded, ``m`` its scaled patch's largest value and ``peak`` uniform in [0.7, 1):
+    the ratios of 300 digits span that range, and none is clipped at 255.
+    """
+    monkeypatch.setattr(digits_module, "_NOISE_STD", 0.0)
+    source, side = 7, 20
+    patch_max = digits_module._scaled_digit(digits_module._source_digits()[0][source], side)[0].max()
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(300):
+        gray, objects = digits_module._render_image(
+            rng, lambda rng, count: [source] * count, 32, (1, 1), (side, side)
+        )
+        assert len(objects) == 1
+        ratios.append((gray.max() - BACKGROUND) / ((255 - BACKGROUND) * patch_max))
+    lo, hi = digits_module._BRIGHTNESS
+    half_level = 0.5 / ((255 - BACKGROUND) * patch_max)
+    assert lo - half_level <= min(ratios) < lo + 0.01
+    assert hi - 0.01 < max(ratios) <= hi + half_level
 
 
 def test_image_boxes_hold_ink_on_every_border(tmp_path):
@@ -220,6 +245,28 @@ def test_an_interrupted_generation_is_redone(tmp_path):
     assert info["digit_size"] == [12, 40] and info["digits_per_image"] == [3, 8]
 
 
+def test_images_without_digits_are_allowed(tmp_path):
+    """digits_per_image starts at 0: an image may hold no digit (no annotation)."""
+    dataset, _, boxes = _read_dataset(_generate(tmp_path, num_images=12, digits_per_image=(0, 1)))
+    assert min(len(b) for b in boxes.values()) == 0 and len(dataset["images"]) == 12
+
+
+def test_annotations_json_records_the_generation_parameters(tmp_path):
+    kwargs = dict(
+        split="train",
+        num_images=3,
+        image_size=64,
+        digits_per_image=(1, 2),
+        digit_size=(10, 20),
+        seed=5,
+        imbalance_factor=10,
+    )
+    dataset, _, _ = _read_dataset(generate_digits(tmp_path, **kwargs))
+    assert dataset["info"]["parameters"] == dict(
+        kwargs, digits_per_image=[1, 2], digit_size=[10, 20]
+    )
+
+
 def test_digits_as_large_as_the_canvas_are_allowed(tmp_path):
     """digit_size at most image_size: a 32 px digit on a 32 px canvas, its box inside it."""
     json_file = _generate(tmp_path, image_size=32, digit_size=(32, 32), num_images=1)
@@ -301,6 +348,9 @@ def test_coco_evaluator_scores_ground_truth_as_perfect(registered):
 
 def test_registering_a_name_again_with_other_data_raises(registered):
     register_digits(registered, split="val", num_images=4)  # same data: no-op
+    # the same ranges as lists (as a YAML or JSON file gives them): the same data
+    register_digits(registered, split="val", num_images=4, digits_per_image=[3, 8])
+    register_digits(registered, split="val", num_images=4, digit_size=[12, 40])
     with pytest.raises(ValueError, match="already registered"):
         register_digits(registered, split="val", num_images=5)
     # a name Detectron2 registered (COCO's): not a digits data set, said as such
