@@ -136,7 +136,9 @@ def test_digit_brightness_spans_its_range_of_the_levels_above_background(monkeyp
     """
     monkeypatch.setattr(digits_module, "_NOISE_STD", 0.0)
     source, side = 7, 20
-    patch_max = digits_module._scaled_digit(digits_module._source_digits()[0][source], side)[0].max()
+    patch_max = digits_module._scaled_digit(digits_module._source_digits()[0][source], side)[
+        0
+    ].max()
     rng = np.random.default_rng(0)
     ratios = []
     for _ in range(300):
