@@ -528,6 +528,20 @@ def test_logits_of_another_width_are_named(loss):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+def test_logits_of_another_rank_and_labels_of_another_shape_are_named(loss):
+    """(N, num_logits) logits and (N,) labels: 1-D or 3-D logits, and (N, 1) labels, raise
+    naming the shape expected."""
+    focal_loss = build_loss(loss, 3)
+    width = focal_loss.num_logits
+    labels = torch.tensor([0, 3])
+    for shape in ((width,), (1, 2, width)):
+        with pytest.raises(ValueError, match=re.escape(f"expects logits of shape (N, {width})")):
+            focal_loss(torch.zeros(shape), labels)
+    with pytest.raises(ValueError, match=re.escape("labels must have shape (2,), got (2, 1)")):
+        focal_loss(torch.zeros(2, width), labels[:, None])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("num_labels", [1, 3])
 def test_labels_of_another_length_are_named(loss, num_labels):
     """

@@ -444,6 +444,14 @@ def test_a_loss_built_alone_with_weighting_on_needs_its_weights(name):
     assert torch.isfinite(loss(logits, labels))
 
 
+def test_a_loss_built_directly_refuses_an_unknown_weighting():
+    """Built in Python, not from a config: the unknown name is refused at construction."""
+    from focal_det2.losses import SigmoidFocalLoss
+
+    with pytest.raises(ValueError, match=r"CLASS_WEIGHTING='inverse' is not one of \['none'"):
+        SigmoidFocalLoss(num_classes=3, class_weighting="inverse")
+
+
 def test_training_without_weights_set_is_an_error():
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
@@ -585,6 +593,7 @@ def test_evaluating_a_checkpoint_without_weights_leaves_the_loss_unweighted(tmp_
 @pytest.mark.parametrize(
     "weights, message",
     [
+        ([], "class weights: 0 values, NUM_CLASSES=3 needed."),
         ([1.0, 1.0], "class weights: 2 values, NUM_CLASSES=3 needed."),
         ([1.0] * 4, "class weights: 4 values, NUM_CLASSES=3 needed."),
         ([1.0, 0.0, 1.0], "class weights [1.0, 0.0, 1.0] must be finite and > 0."),

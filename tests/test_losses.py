@@ -723,5 +723,30 @@ def test_sigmoid_focal_terms_are_the_valid_anchors_one_row_losses(label_smoothin
         torch.testing.assert_close(terms[row].sum(), one, rtol=1e-12, atol=0)
     total = functional.sigmoid_focal_loss(logits, labels, **kwargs)
     torch.testing.assert_close(terms.sum(), total, rtol=1e-12, atol=0)
-    with pytest.raises(ValueError, match="reduction='mean': it must be 'sum' or 'none'"):
-        functional.sigmoid_focal_loss(logits, labels, reduction="mean", **kwargs)
+    for reduction in ("mean", "Sum", None):
+        with pytest.raises(
+            ValueError, match=f"reduction={reduction!r}: it must be 'sum' or 'none'"
+        ):
+            functional.sigmoid_focal_loss(logits, labels, reduction=reduction, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fn, given, defaults",
+    [
+        (functional.sigmoid_focal_loss, {"gamma": 2.0}, {"alpha": 0.25}),
+        (functional.sigmoid_cross_entropy, {}, {"alpha": 0.25}),
+        (functional.softmax_focal_loss, {"gamma": 2.0}, {"alpha": 0.25}),
+        (functional.focal_star_loss, {"gamma": 2.0}, {"alpha": 0.25, "beta": 1.0}),
+    ],
+)
+def test_reference_formulas_default_to_the_papers_alpha_and_beta(fn, given, defaults):
+    """Called without alpha (beta), the reference formulas are the paper's alpha-balanced
+    losses: alpha 0.25, FL* beta 1, as MODEL.FOCAL.ALPHA and STAR_BETA default."""
+    logits = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 2, 3, -1, 3])
+    if fn is not functional.softmax_focal_loss:
+        logits, labels = logits[:, :3], labels.clamp(max=3)
+    explicit = fn(logits, labels, **given, **defaults)
+    assert fn(logits, labels, **given) == explicit
+    for key, value in defaults.items():  # each default matters: another value changes the loss
+        assert fn(logits, labels, **given, **{**defaults, key: value / 2}) != explicit

@@ -328,11 +328,13 @@ def test_retinanets_loss_parameters_are_refused_and_not_left_on_the_model():
 
 def test_constructor_defaults_are_the_config_defaults():
     """A model, head or loss built without a config (LazyConfig, a user's code) starts as the
-    YAML defaults do: gamma 2, alpha 0.25, prior 0.01, SYNC_NORMALIZER off; a numpy gamma is a
-    number."""
+    YAML defaults do: gamma 2, alpha 0.25, no label smoothing, no class weighting, prior 0.01,
+    SYNC_NORMALIZER off; a numpy gamma is a number."""
     focal = tiny_cfg().MODEL.FOCAL
     loss = SigmoidFocalLoss(num_classes=3)
     assert (loss.gamma, loss.alpha) == (focal.GAMMA, focal.ALPHA) == (2.0, 0.25)
+    assert loss.label_smoothing == focal.LABEL_SMOOTHING == 0.0
+    assert loss.class_weighting == focal.CLASS_WEIGHTING == "none"
     head = inspect.signature(FocalRetinaNetHead.__init__).parameters
     assert head["prior_prob"].default == focal.PRIOR_PROB == 0.01
     model = inspect.signature(FocalRetinaNet.__init__).parameters
@@ -342,8 +344,8 @@ def test_constructor_defaults_are_the_config_defaults():
 
 def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
     """FL* divides by gamma: a ramp from 0 given to the constructor (not through its config) is
-    refused naming START, and one falling to 0, or a constant 0, naming GAMMA."""
-    from focal_det2.schedules import ConstantGamma, LinearGamma
+    refused naming START, and one falling to 0 (a ramp or steps), or a constant 0, naming GAMMA."""
+    from focal_det2.schedules import ConstantGamma, LinearGamma, StepGamma
 
     cfg = tiny_cfg()
     cfg.MODEL.FOCAL.LOSS = "focal_star"
@@ -352,7 +354,11 @@ def test_a_schedule_passed_directly_is_checked_from_its_smallest_gamma():
         args["gamma_schedule"] = LinearGamma(end=2.0, start=0.0, iters=10)
         with pytest.raises(ValueError, match=r"GAMMA_SCHEDULE.START=0.0: focal_star divides by"):
             FocalRetinaNet(**args)
-        for schedule in (LinearGamma(end=0.0, start=2.0, iters=10), ConstantGamma(end=0.0)):
+        for schedule in (
+            LinearGamma(end=0.0, start=2.0, iters=10),
+            StepGamma(end=0.0, start=2.0, steps=[5]),
+            ConstantGamma(end=0.0),
+        ):
             args["gamma_schedule"] = schedule
             with pytest.raises(ValueError, match=r"MODEL.FOCAL.GAMMA=0.0: focal_star divides by"):
                 FocalRetinaNet(**args)
