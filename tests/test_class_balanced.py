@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
+from focal_det2 import build_focal_loss
 from focal_det2.class_balance import ClassWeights, count_instances, effective_number_weights
 from focal_det2.engine import FocalTrainer, load_for_evaluation
 
@@ -94,6 +95,14 @@ def test_cb_beta_in_0_1_is_accepted(beta):
         ],
     )
     assert loss.num_classes == 3
+
+
+def test_cb_beta_set_to_an_int_in_python_is_a_number():
+    """A config edited in Python (``cfg.MODEL.FOCAL.CB_BETA = 0``, no yacs type check) builds."""
+    cfg = tiny_cfg()
+    cfg.MODEL.FOCAL.CLASS_WEIGHTING = "effective_number"
+    cfg.MODEL.FOCAL.CB_BETA = 0
+    assert build_focal_loss(cfg).class_weighting == "effective_number"
 
 
 # ----------------------------------------------------------------------------- counting

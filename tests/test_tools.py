@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, digits_cfg, load_script, metrics_records
+from conftest import REPO, digits_cfg, load_script, metrics_records, tiny_cfg
 from detectron2.config import get_cfg
 from detectron2.engine.hooks import PeriodicCheckpointer
 from PIL import Image
@@ -64,7 +64,14 @@ def test_plot_loss_curves_writes_png_of_requested_size(tmp_path, monkeypatch):
     output = tmp_path / "curves.png"
     tool.main(["--output", str(output), "--width", "6", "--height", "3", "--dpi", "50"])
     assert png_size(output) == (300, 150)
-    left = figures[0].axes[0]
+    left, right = figures[0].axes
+    # Figure 1: CE and FL at the paper's gammas, FL* and softmax FL; the appendix: CE, gamma 2
+    # and FL*
+    star = ["FL*, γ = 2, β = 1", "FL*, γ = 4, β = 0"]
+    softmax = "softmax FL (2-way), γ = 2"
+    fl = [f"FL, γ = {g}" for g in ("0.5", "1", "2", "5")]
+    assert [line.get_label() for line in left.lines] == ["CE (γ = 0)", *fl, *star, softmax]
+    assert [line.get_label() for line in right.lines] == ["CE (γ = 0)", fl[2], *star, softmax]
     (ce,) = [line for line in left.lines if line.get_label().startswith("CE")]
     p_t = ce.get_xdata()
     np.testing.assert_allclose(ce.get_ydata(), -np.log(p_t), rtol=1e-6)
@@ -151,10 +158,17 @@ def test_plot_training_legend_names_the_runs(tmp_path, monkeypatch):
     assert list(loss_cls.get_lines()[0].get_xdata()) == iterations
     assert list(loss_cls.get_lines()[0].get_ydata()) == [1.0 / (it + 1) for it in iterations]
     assert (loss_cls.get_yscale(), loss_box_reg.get_yscale()) == ("log", "log")
+    # a scheduled gamma gets a panel on a linear scale: a ramp from 0 keeps its first points
+    _synthetic_metrics(tmp_path / "ce" / "metrics.json", gamma_ramp=True)
+    tool.plot(runs, str(tmp_path / "curves.png"), dpi=20)
+    gamma = figures[1].axes[2]
+    assert gamma.get_title() == "focal_gamma" and gamma.get_yscale() == "linear"
 
 
 def test_plot_training_reads_training_records_only(tmp_path):
     _synthetic_metrics(tmp_path / "metrics.json", gamma_ramp=True)
+    with open(tmp_path / "metrics.json", "a") as f:
+        f.write("\n  \n")  # blank lines (a file edited by hand) are skipped
     series = load_tool("plot_training").read_series(
         str(tmp_path / "metrics.json"), ["loss_cls", "focal_gamma"]
     )
@@ -324,7 +338,7 @@ def test_plot_loss_cdf_rejects_a_softmax_model(trained):
 # --- demo ----------------------------------------------------------------------------
 
 
-def _demo(tmp_path, trained, name, threshold, *source):
+def _demo(tmp_path, trained, name, threshold, *source, montage=None):
     config_file, weights, _ = trained
     return load_tool("demo").main(
         [
@@ -334,7 +348,7 @@ def _demo(tmp_path, trained, name, threshold, *source):
             "--output",
             str(tmp_path / name),
             "--montage",
-            str(tmp_path / f"{name}_montage.png"),
+            montage or str(tmp_path / f"{name}_montage.png"),
             "--columns",
             "2",
             "--scale",
@@ -347,14 +361,58 @@ def _demo(tmp_path, trained, name, threshold, *source):
     )
 
 
-def test_demo_draws_dataset_images_and_montage(tmp_path, trained):
+def test_demo_draws_dataset_images_and_montage(tmp_path, trained, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the montage named by a bare file name, in the current folder
     written = _demo(
-        tmp_path, trained, "all", 0.0, "--dataset", "digits_val_tiny", "--num-images", "3"
+        tmp_path,
+        trained,
+        "all",
+        0.0,
+        *("--dataset", "digits_val_tiny", "--num-images", "3"),
+        montage="montage.png",
     )
     images, montage = written[:-1], written[-1]
-    assert len(images) == 3
+    assert len(images) == 3 and montage == "montage.png"
     assert all(png_size(p) == (256, 256) for p in images)  # 128 px images, scale 2
-    assert png_size(montage) == (2 * 256 + 4, 2 * 256 + 4)
+    assert png_size(tmp_path / montage) == (2 * 256 + 4, 2 * 256 + 4)
+
+
+@pytest.mark.parametrize("count, columns, grid", [(4, 2, (2, 2)), (3, 2, (2, 2)), (2, 4, (1, 2))])
+def test_demo_montage_has_as_many_rows_as_needed(count, columns, grid):
+    """Rows: ceil(count / columns), columns at most count; 4 px white gaps."""
+    tiles = [np.full((10, 6, 3), i, np.uint8) for i in range(count)]
+    image = load_tool("demo").montage(tiles, columns)
+    rows, cols = grid
+    assert image.shape == (rows * 10 + (rows - 1) * 4, cols * 6 + (cols - 1) * 4, 3)
+    r, c = divmod(count - 1, cols)  # the last tile, in reading order
+    assert (image[r * 14 : r * 14 + 10, c * 10 : c * 10 + 6] == count - 1).all()
+
+
+def test_demo_defaults_are_the_documented_ones():
+    """8 images of --dataset, score >= 0.5, drawn at twice their size, 4 montage columns."""
+    args = (
+        load_tool("demo")
+        .get_parser()
+        .parse_args(["--config-file", "c.yaml", "--dataset", "d", "--output", "o"])
+    )
+    assert (args.num_images, args.confidence_threshold, args.scale, args.columns) == (
+        8,
+        0.5,
+        2.0,
+        4,
+    )
+
+
+def test_demo_class_names_come_from_the_dataset_or_the_configs_test_set():
+    """--input images are labelled with the config's first test set's class names (its
+    training set's without one); --dataset with that data set's."""
+    demo = load_tool("demo")
+    cfg = tiny_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("digits_train",), ("coco_2017_val",)
+    assert demo.class_metadata(cfg, None).name == "coco_2017_val"
+    assert demo.class_metadata(cfg, "digits_val").name == "digits_val"
+    cfg.DATASETS.TEST = ()
+    assert demo.class_metadata(cfg, None).name == "digits_train"
 
 
 def test_demo_confidence_threshold_is_applied(tmp_path, trained):

@@ -142,6 +142,13 @@ def montage(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndar
     return grid
 
 
+def class_metadata(cfg, dataset: Optional[str]):
+    """The metadata whose class names label the boxes: ``dataset``'s, else the config's first
+    test set's (then training set's); none without any."""
+    names = [dataset] if dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    return MetadataCatalog.get(names[0] if names else "__unused")
+
+
 def get_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,8 +189,7 @@ def main(argv=None) -> List[str]:
     cfg = load_config(args.config_file, args.opts, need_weights=True)
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.freeze()
-    names = [args.dataset] if args.dataset else list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-    metadata = MetadataCatalog.get(names[0]) if names else MetadataCatalog.get("__unused")
+    metadata = class_metadata(cfg, args.dataset)
     paths = input_images(args.input or (), args.dataset, args.num_images)
     outs = output_paths(paths, args.output)
     if args.montage and os.path.abspath(args.montage) in map(os.path.abspath, paths):
