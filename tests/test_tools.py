@@ -200,29 +200,37 @@ def test_plot_training_default_labels_drop_the_folder_the_runs_share():
 # --- plot_loss_cdf -------------------------------------------------------------------
 
 
-def test_plot_loss_cdf_on_trained_model(tmp_path, trained):
+def test_plot_loss_cdf_on_trained_model(tmp_path, trained, capsys):
+    """--dataset is read before the config's test set; the summary counts the images read
+    (the tiny split's 8, not --num-images' 300)."""
     config_file, weights, _ = trained
     output = tmp_path / "cdf.png"
     counts = load_tool("plot_loss_cdf").main(
         [
-            "--config-file",
-            config_file,
-            "--output",
-            str(output),
-            "--gammas",
-            "0,2",
-            "--width",
-            "6",
-            "--height",
-            "3",
-            "--dpi",
-            "50",
-            "MODEL.WEIGHTS",
-            weights,
+            *("--config-file", config_file, "--output", str(output), "--gammas", "0,2"),
+            *("--dataset", "digits_val_tiny", "--width", "6", "--height", "3", "--dpi", "50"),
+            *("MODEL.WEIGHTS", weights, "DATASETS.TEST", "('digits_not_registered',)"),
         ]
     )
     assert png_size(output) == (300, 150)
     assert 0 < 20 * counts["positive"] < counts["negative"]
+    assert "negative anchors from 8 images of digits_val_tiny\n" in capsys.readouterr().out
+
+
+def test_plot_loss_cdf_reads_every_image_at_the_test_time_size(trained):
+    """Batches of 3 give the anchors of batches of 8 (none dropped), and the training resize
+    (here 96 px) is not used: the digits are measured as the model sees them at test time."""
+    config_file, weights, _ = trained
+    tool = load_tool("plot_loss_cdf")
+    cfg = load_config(config_file, ["MODEL.WEIGHTS", weights])
+    logits, labels = tool.anchor_logits(cfg, "digits_val_tiny", num_images=4)
+    opts = ["MODEL.WEIGHTS", weights, "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", 96]
+    cfg = load_config(config_file, opts)
+    small_logits, small_labels = tool.anchor_logits(
+        cfg, "digits_val_tiny", num_images=4, batch_size=3
+    )
+    assert torch.equal(small_labels, labels)
+    torch.testing.assert_close(small_logits, logits)
 
 
 @pytest.mark.parametrize("tool", ["demo", "export_model", "plot_loss_cdf"])
@@ -282,6 +290,12 @@ def test_loss_cdfs_split_positive_and_negative_anchors():
         np.testing.assert_allclose(cdfs["negative"][gamma], tool.normalized_cdf(losses[3:]))
 
 
+def test_loss_cdfs_leave_out_a_group_without_anchors():
+    tool = load_tool("plot_loss_cdf")
+    cdfs = tool.loss_cdfs(torch.zeros(4, 3), torch.tensor([3, 3, 3, 3]), [2.0])
+    assert cdfs["positive"] == {} and len(cdfs["negative"][2.0]) == 4
+
+
 def test_normalized_cdf_and_share_of_hardest():
     tool = load_tool("plot_loss_cdf")
     cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))
@@ -295,11 +309,18 @@ def test_plot_loss_cdf_draws_the_cdf_against_the_fraction_of_anchors(tmp_path, m
     tool = load_tool("plot_loss_cdf")
     figures = _captured_figures(tool, monkeypatch)
     cdf = tool.normalized_cdf(np.array([3.0, 1.0, 0.0, 6.0]))
-    cdfs = {"positive": {2.0: cdf}, "negative": {2.0: cdf}}
-    tool.plot(cdfs, {"positive": 4, "negative": 4}, str(tmp_path / "cdf.png"), points=5, dpi=20)
-    (line,) = figures[0].axes[0].get_lines()
+    even = tool.normalized_cdf(np.ones(4))
+    cdfs = {"positive": {2.0: cdf}, "negative": {2.0: even}}
+    tool.plot(cdfs, {"positive": 4, "negative": 40}, str(tmp_path / "cdf.png"), points=5, dpi=20)
+    positive, negative = figures[0].axes
+    (line,) = positive.get_lines()
     np.testing.assert_allclose(line.get_xdata(), [0.0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(line.get_ydata(), [0.0, 0.0, 0.1, 0.4, 1.0])
+    np.testing.assert_allclose(negative.get_lines()[0].get_ydata(), [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert (positive.get_title(), negative.get_title()) == (
+        "positive anchors (4)",
+        "negative anchors (40)",
+    )
 
 
 def test_share_of_hardest_counts_at_least_one_anchor():
