@@ -158,6 +158,24 @@ def test_wait_for_idle_cpu_returns_at_once_without_wait_or_when_idle_enough():
     assert 0.0 <= busy <= 1.0 and time.perf_counter() - start < 4.0
 
 
+def test_wait_for_idle_cpu_gives_up_at_its_deadline(monkeypatch):
+    """A CPU that never goes idle: the wait ends after max_wait, returning the load."""
+    common = load_benchmark("common")
+    calls = []
+
+    def always_busy():
+        calls.append(1)
+        if len(calls) > 200:  # 2 s of 10 ms samples: the 0.1 s deadline was ignored
+            raise RuntimeError("still waiting")
+        time.sleep(0.01)
+        return 1.0
+
+    monkeypatch.setattr(common, "_cpu_busy_fraction", always_busy)
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat: the wait is skipped")
+    assert common.wait_for_idle_cpu(0.1) == 1.0 and len(calls) < 50
+
+
 def test_busy_jiffies_leave_out_idle_and_iowait():
     common = load_benchmark("common")
     # user nice system idle iowait irq softirq steal, then guest fields, not added
@@ -173,12 +191,42 @@ def test_run_child_once_reads_the_last_line_and_raises_on_failure():
     failing = [sys.executable, "-c", "import sys; print('{}'); sys.exit('boom')"]
     with pytest.raises(RuntimeError, match="failed:\nboom"):
         common.run_child_once(failing, dict(os.environ))
+    # a long stderr: the error keeps its end, where the exception is
+    noisy = [sys.executable, "-c", "import sys; sys.stderr.write('w' * 5000); sys.exit('boom')"]
+    with pytest.raises(RuntimeError) as error:
+        common.run_child_once(noisy, dict(os.environ))
+    assert str(error.value).endswith("boom\n") and len(str(error.value)) < 3200
 
 
 def test_machine_info_takes_the_commit_from_the_environment(monkeypatch):
     common = load_benchmark("common")
     monkeypatch.setenv("FOCAL_DET2_COMMIT", "abc1234 (sent to the GPU)")
     assert common.machine_info()["commit"] == "abc1234 (sent to the GPU)"
+
+
+def test_machine_info_names_the_cpu_and_a_changed_tracked_file(tmp_path, monkeypatch):
+    """The commit of a checkout: untracked files (results, logs) leave it clean, a changed
+    tracked file marks it; the CPU is /proc/cpuinfo's model name."""
+    common = load_benchmark("common")
+    monkeypatch.delenv("FOCAL_DET2_COMMIT", raising=False)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    (tmp_path / "untracked.log").write_text("x")
+    assert common.machine_info()["commit"] == head
+    (tmp_path / "a.txt").write_text("b")
+    assert common.machine_info()["commit"] == f"{head} + uncommitted changes"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            assert common.machine_info()["cpu"] == names[0]
 
 
 def test_reset_peak_rss_lowers_the_peak_to_the_resident_size():
@@ -772,6 +820,9 @@ def test_one_thread_restores_the_thread_count():
     try:
         with plotting.one_thread():
             assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError), plotting.one_thread():  # also when the block raises
+            raise KeyError("plotting failed")
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -4,6 +4,7 @@ and writes what it promises. Tools are imported from their files and called
 through ``main(argv)`` with the arguments a user would type.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -583,8 +584,14 @@ def test_save_figure_writes_a_bare_file_name_into_the_working_folder(tmp_path, m
 
     plotting = load_tool("plotting")
     monkeypatch.chdir(tmp_path)
-    plotting.save_figure(plt.figure(figsize=(2, 1)), "figure.png", dpi=50)
+    figure = plt.figure(figsize=(2, 1))
+    plotting.save_figure(figure, "figure.png", dpi=50)
     assert png_size(tmp_path / "figure.png") == (100, 50)
+    assert not plt.fignum_exists(figure.number)  # closed: plotting in a loop leaks nothing
+    parser = argparse.ArgumentParser()
+    plotting.add_figure_arguments(parser, "docs/x.png", height=5.0)
+    args = parser.parse_args([])
+    assert (args.output, args.width, args.height, args.dpi) == ("docs/x.png", 12.0, 5.0, 100)
 
 
 # --- ablate --------------------------------------------------------------------------
@@ -1276,6 +1283,48 @@ def test_imbalance_counts_are_those_of_label_anchors_on_the_real_images(tiny_can
         int(expected["negative"]) / int(expected["positive"])
     )
     assert measured["objects_per_image"] == sum(len(x["instances"]) for x in inputs) / 3
+
+
+def test_imbalance_means_are_over_the_images_read_and_images_need_no_objects():
+    """Asking for more images than the split has: the means are over the images read. An
+    image without objects has no positives (no division by zero); a split without images is
+    named."""
+    from detectron2.data import DatasetCatalog
+
+    imbalance = load_tool("imbalance")
+    cfg = digits_cfg()
+    everything = imbalance.measure_imbalance(cfg, "digits_val_tiny")
+    assert imbalance.measure_imbalance(cfg, "digits_val_tiny", num_images=100) == everything
+    assert everything["images"] == 8
+    record = dict(DatasetCatalog.get("digits_val_tiny")[0], annotations=[])
+    DatasetCatalog.register("digits_no_objects", lambda: [record])
+    DatasetCatalog.register("digits_no_images", lambda: [])
+    try:
+        empty = imbalance.measure_imbalance(cfg, "digits_no_objects")
+        assert empty["positive_per_image"] == 0 and empty["negative_per_image"] > 0
+        with pytest.raises(ValueError, match="data set 'digits_no_images' has no images"):
+            imbalance.measure_imbalance(cfg, "digits_no_images")
+    finally:
+        DatasetCatalog.remove("digits_no_objects")
+        DatasetCatalog.remove("digits_no_images")
+
+
+def test_imbalance_resizes_a_landscape_image_as_training_does():
+    """The stand-in image has the record's height and width: a 96 x 160 image resized to the
+    digits' long side of 128 (MAX_SIZE_TRAIN) is 77 x 128, as training's mapper makes it."""
+    from detectron2.data import DatasetMapper
+
+    imbalance = load_tool("imbalance")
+    mapper = DatasetMapper(digits_cfg(), is_train=True)
+    record = {"file_name": "unread.png", "height": 96, "width": 160, "image_id": 1}
+    record["annotations"] = [
+        {"bbox": [10, 20, 30, 40], "bbox_mode": 1, "category_id": 0, "iscrowd": 0}
+    ]
+    instances, shape = imbalance._training_instances(mapper, record)
+    assert shape == (77, 128)
+    torch.testing.assert_close(
+        instances.gt_boxes.tensor, torch.tensor([[x * 0.8 for x in (10.0, 20.0, 40.0, 60.0)]])
+    )
 
 
 def test_imbalance_canvas_options_and_errors():
