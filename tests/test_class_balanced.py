@@ -250,6 +250,22 @@ def test_thing_classes_of_another_length_are_not_used_as_names():
         ClassWeights(build_loss("sigmoid_focal", 10), cfg).count()
 
 
+def test_class_names_are_the_first_training_sets_and_must_fit_num_classes():
+    """The table names classes by the first data set's thing_classes; metadata with another
+    number of classes than NUM_CLASSES names none."""
+    from focal_det2.class_balance import _class_names
+
+    MetadataCatalog.get("cb_names_three").set(thing_classes=["a", "b", "c"])
+    MetadataCatalog.get("cb_names_four").set(thing_classes=["w", "x", "y", "z"])
+    try:
+        assert _class_names(["cb_names_three", "cb_names_four"], 3) == ["a", "b", "c"]
+        assert _class_names(["cb_names_four", "cb_names_three"], 3) == ["", "", ""]
+        assert _class_names([], 2) == ["", ""]
+    finally:
+        MetadataCatalog.remove("cb_names_three")
+        MetadataCatalog.remove("cb_names_four")
+
+
 def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
     """
     Loading class weights counted with another CB_BETA sets them on the loss and warns,
@@ -273,6 +289,9 @@ def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
     with logged(class_balance.logger) as records:
         ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.99})
     assert records == []
+    with logged(class_balance.logger) as records:  # a close beta is another beta
+        ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.991})
+    assert len(records) == 1
 
 
 def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
@@ -290,6 +309,12 @@ def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
     with logged(class_balance.logger) as records:
         ClassWeights(loss, cfg).load_state_dict({**state, "datasets": list(cfg.DATASETS.TRAIN)})
     assert records == []
+    for counted_on in (["digits_train_tiny"] * 2, ["digits_val_tiny", "digits_train_tiny"]):
+        cfg.DATASETS.TRAIN = ("digits_train_tiny", "digits_val_tiny")[: len(set(counted_on))]
+        with logged(class_balance.logger) as records:  # repeated or reordered sets differ
+            ClassWeights(loss, cfg).load_state_dict({**state, "datasets": counted_on})
+        assert len(records) == 1
+    cfg.DATASETS.TRAIN = ("digits_train_tiny",)
     with logged(class_balance.logger) as records:  # a state that does not name its sets
         ClassWeights(loss, cfg).load_state_dict(state)
     assert records == []

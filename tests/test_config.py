@@ -254,6 +254,11 @@ BAD = [
         ],
     ),
     (
+        "star-beta-0-for-sigmoid-focal",  # a value that is falsy is still a value moved
+        {"MODEL.FOCAL.STAR_BETA": 0.0},
+        ["MODEL.FOCAL.STAR_BETA=0.0 is read by MODEL.FOCAL.LOSS focal_star, not by sigmoid_focal"],
+    ),
+    (
         "ohem-key-for-cross-entropy",
         {"MODEL.FOCAL.LOSS": "cross_entropy", "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": 7},
         ["MODEL.FOCAL.OHEM.BATCH_PER_IMAGE=7 is read by MODEL.FOCAL.LOSS ohem", "leave it at 128"],

@@ -162,6 +162,48 @@ def test_nms_looks_past_the_hardest_anchors_when_they_overlap():
     assert kept.nonzero().squeeze(1).tolist() == [0, 20, 21, 22]
 
 
+def test_nms_looks_further_while_the_minibatch_lacks_one_anchor():
+    # The 16 hardest anchors (4 x the batch of 4) predict 3 boxes: 3 survivors, one short;
+    # NMS must look further down the ranking for the fourth.
+    logits, labels = background_ranked(40)
+    boxes = torch.cat(
+        [grid_boxes(3).repeat_interleave(torch.tensor([6, 5, 5]), dim=0), grid_boxes(24, 3)]
+    )
+    kept = ohem(batch=4, nms=0.5).select(logits, labels, boxes=boxes, num_images=1) >= 0
+    assert kept.nonzero().squeeze(1).tolist() == [0, 6, 11, 16]
+
+
+def test_each_image_gets_its_own_nms_over_its_own_boxes():
+    """Two images: the minibatch of each is that of the image alone, with its own boxes
+    (the first image's 40 anchors predict one box, the second's are apart)."""
+    logits, labels = background_ranked(80)
+    boxes = torch.cat([grid_boxes(1).expand(40, 4), grid_boxes(40, start=1)])
+    loss = ohem(batch=4, nms=0.5)
+    both = loss.select(logits, labels, boxes=boxes, num_images=2)
+    alone = [
+        loss.select(logits[rows], labels[rows], boxes=boxes[rows], num_images=1)
+        for rows in (slice(0, 40), slice(40, 80))
+    ]
+    assert torch.equal(both, torch.cat(alone))
+    assert (both[:40] >= 0).sum() == 1 and (both[40:] >= 0).sum() == 4
+
+
+def test_the_ranking_takes_the_per_class_alpha():
+    """With CLASS_ALPHA the hardest anchors are those of the per-class alpha_t, not ALPHA's."""
+    from focal_det2.losses.ohem import anchor_losses
+
+    logits, labels = random_problem(n=200, seed=8)
+    class_alpha = (0.01, 0.5, 0.99)
+    kept = ohem(batch=10, class_alpha=class_alpha).select(logits, labels, boxes=None, num_images=1)
+    table = torch.tensor(class_alpha, dtype=F64)
+
+    def hardest(class_alpha):
+        losses = anchor_losses(logits, labels, 0.25, class_alpha)
+        return sorted(torch.argsort(losses, descending=True)[:10].tolist())
+
+    assert sorted((kept >= 0).nonzero().squeeze(1).tolist()) == hardest(table) != hardest(None)
+
+
 def test_nms_with_a_ratio_finds_easy_positives_at_the_end_of_the_ranking():
     # 60 hard background anchors, then 3 easy positives; positive 61 predicts the box of
     # background anchor 0, which is harder, so NMS removes it.
@@ -303,6 +345,21 @@ def test_bad_ohem_keys_are_named(key, value, message):
         ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     ):
         build_loss("ohem", K, opts=[f"MODEL.FOCAL.OHEM.{key}", value])
+
+
+def test_ohem_built_in_python_has_the_config_defaults_and_checks():
+    """Built without a config (a LazyConfig swap): 128 anchors an image, NMS at 0.5, no ratio,
+    as the YAML defaults; a bool batch size and a split into no images are refused."""
+    from focal_det2.losses.ohem import OHEMLoss
+
+    loss = OHEMLoss(num_classes=K)
+    assert (loss.batch_per_image, loss.nms_thresh, loss.pos_fraction) == (128, 0.5, 0.0)
+    with pytest.raises(ValueError, match=r"BATCH_PER_IMAGE=True must be an integer >= 1"):
+        OHEMLoss(num_classes=K, batch_per_image=True)
+    logits, labels = random_problem(n=6)
+    for num_images in (0, -2):
+        with pytest.raises(ValueError, match=f"do not split into num_images={num_images} images"):
+            loss.select(logits, labels, boxes=None, num_images=num_images)
 
 
 def test_the_smallest_ratio_that_admits_one_positive_is_accepted():

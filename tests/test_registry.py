@@ -256,3 +256,18 @@ def test_the_package_imports_and_its_losses_run_without_triton():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_registered_losses_are_listed_in_name_order():
+    """A loss registered after the built-in ones but named before them is listed first."""
+    from focal_det2.losses import SigmoidFocalLoss, build
+
+    @build.register_loss("aaa_listed_first")
+    class ListedFirst(SigmoidFocalLoss):
+        pass
+
+    try:
+        names = list(build.registered_losses())
+        assert names[0] == "aaa_listed_first" and names == sorted(names)
+    finally:
+        build.FOCAL_LOSS_REGISTRY._obj_map.pop("aaa_listed_first", None)
