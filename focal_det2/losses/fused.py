@@ -22,7 +22,8 @@ logits is read once and the gradient is written once:
   memory of a forward + backward is the gradient plus a few hundred kB; on a
   GPU, plus the fresh scratch of the last chunks (up to 2-3 x 16 MB).
 * Each chunk is summed by PyTorch's pairwise sum, the chunk sums in float64;
-  ignored anchors (label -1) get zero loss and zero gradient.
+  ignored anchors (label -1) get zero loss and zero gradient, whatever their
+  logits (inf and NaN too).
 * Everything is written with ``exp(-|x|)`` and ``log(1 + exp(-|x|))``,
   never ``log(p)``, so float32 logits in [-100, 100] give a finite loss and
   gradient. ``exp`` is taken as ``exp2``, faster on the CPU; on CPUs where
@@ -484,14 +485,12 @@ def _ignored(labels: Tensor) -> Tensor:
     return (labels < 0).nonzero().squeeze(1)
 
 
-def _chunk_bounds(pos_rows: Tensor, chunks: List[Chunk]) -> List[int]:
-    """Index of the first of the sorted ``pos_rows`` in each chunk, then ``len(pos_rows)``."""
+def _chunk_bounds(rows: Tensor, chunks: List[Chunk]) -> List[int]:
+    """Index of the first of the sorted ``rows`` in each chunk, then ``len(rows)``."""
     if len(chunks) == 1:  # no search, no device sync
-        return [0, len(pos_rows)]
-    starts = torch.tensor(
-        [chunk[0] for chunk in chunks[1:]], dtype=torch.long, device=pos_rows.device
-    )
-    return [0] + torch.searchsorted(pos_rows, starts).tolist() + [len(pos_rows)]
+        return [0, len(rows)]
+    starts = torch.tensor([chunk[0] for chunk in chunks[1:]], dtype=torch.long, device=rows.device)
+    return [0] + torch.searchsorted(rows, starts).tolist() + [len(rows)]
 
 
 def sigmoid_alphas(alpha: float, class_alpha: Optional[Tensor], like: Tensor, delta: float = 0.0):
