@@ -4,11 +4,12 @@
 #   1. the CUDA tests: the Triton kernels compiled, on CUDA tensors, against the reference
 #      formulas, and the memory test (tests/test_triton.py, test_fused.py, test_label_smoothing.py);
 #   2. benchmarks/bench_loss.py --device cuda: N = 400k and 2M, float32 and bfloat16;
-#   3. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each.
+#   3. benchmarks/bench_launch.py: the Triton kernels' launch sweep, N = 2M, float32 and bfloat16;
+#   4. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each.
 #
 #   bash scripts/gpu_measure.sh [RESULTS_DIR [STEP...]]   # default benchmarks/results, every step
 #
-# STEPs, in this order by default: cuda_tests bench_loss bench_train bench_train_amp (about 10 min
+# STEPs, in this order by default: cuda_tests bench_loss launch_sweep bench_train bench_train_amp (about 12 min
 # in all; name some to split the run, e.g. where one command may run only so long).
 #
 # PYTHON (default .venv/bin/python where it exists, else python3) runs everything, with this
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 results=${1:-benchmarks/results}
-all_steps=(cuda_tests bench_loss bench_train bench_train_amp)
+all_steps=(cuda_tests bench_loss launch_sweep bench_train bench_train_amp)
 steps=("${@:2}")
 ((${#steps[@]})) || steps=("${all_steps[@]}")
 for name in "${steps[@]}"; do
@@ -60,6 +61,7 @@ cuda_tests() {
     tests/test_label_smoothing.py -k cuda
 }
 bench_loss() { "$python" benchmarks/bench_loss.py --device cuda --out "$results/bench_loss_cuda.json"; }
+launch_sweep() { "$python" benchmarks/bench_launch.py --out "$results/bench_launch_cuda.json"; }
 bench_train() {
   "$python" benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 \
     --out "$results/bench_train_cuda.json"

@@ -514,7 +514,8 @@ def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
     proc = run(str(tmp_path / "results"), "bench_loss", "bench_los")
     assert proc.returncode == 2
     expected = (
-        "unknown step 'bench_los'; steps are: cuda_tests bench_loss bench_train bench_train_amp"
+        "unknown step 'bench_los'; steps are: cuda_tests bench_loss launch_sweep bench_train "
+        "bench_train_amp"
     )
     assert expected in proc.stderr
     assert not (tmp_path / "results").exists()
@@ -615,6 +616,7 @@ def test_gpu_measure_runs_every_step_with_the_checkout_importable(tmp_path):
         "-m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py "
         "tests/test_label_smoothing.py -k cuda",
         "benchmarks/bench_loss.py --device cuda --out bench_loss_cuda.json",
+        "benchmarks/bench_launch.py --out bench_launch_cuda.json",
         "benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 "
         "--out bench_train_cuda.json",
         "benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 --amp "
@@ -868,3 +870,103 @@ def test_bench_loss_child_environment_per_setting_and_backend(monkeypatch):
     default, tamed = envs
     assert "MALLOC_MMAP_MAX_" not in default and "FOCAL_DET2_BACKEND" not in default
     assert tamed["MALLOC_MMAP_MAX_"] == "0" and tamed["FOCAL_DET2_BACKEND"] == "compile"
+
+
+@pytest.fixture
+def bench_launch(timed_as_on_cuda, monkeypatch):
+    """benchmarks/bench_launch.py with ``timed_as_on_cuda``'s stand-ins: inputs on the CPU, where
+    the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
+    module = load_benchmark("bench_launch")
+    make_inputs = module.bench_loss._make_inputs
+    monkeypatch.setattr(
+        module.bench_loss, "_make_inputs", lambda n, s, d, device: make_inputs(n, s, d, "cpu")
+    )
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins replace torch.cuda")
+def test_bench_launch_times_each_configuration_and_restores_the_committed_one(
+    bench_launch, monkeypatch
+):
+    """
+    Each configuration of the grid is launched (the committed one first, once, marked), timed
+    (the first: 2 ms, the median of 1, 2, 6, then 6 ms over 3 calls back to back; the second:
+    6 ms each time) and agrees with the
+    committed one; the module's constants are the committed ones again afterwards.
+    """
+    from focal_det2.losses import triton_kernels
+
+    committed = (triton_kernels.SIGMOID_BLOCK, triton_kernels.SIGMOID_WARPS)
+    keys = ("SIGMOID_BLOCK", "SIGMOID_WARPS")
+    monkeypatch.setitem(
+        bench_launch.SWEEPS, "sigmoid", ("ours_sigmoid_focal", keys, [(1024, 4), committed])
+    )
+    launched = []
+    launch = triton_kernels._sigmoid_launch
+
+    def recorded(*args, **kwargs):
+        launched.append((triton_kernels.SIGMOID_BLOCK, triton_kernels.SIGMOID_WARPS))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_kernels, "_sigmoid_launch", recorded)
+    results = bench_launch.sweep_family("sigmoid", 64, "float32", 3, 0)
+    assert [(r["SIGMOID_BLOCK"], r["SIGMOID_WARPS"], r["committed"]) for r in results] == [
+        (*committed, True),
+        (1024, 4, False),
+    ]
+    assert set(launched) == {committed, (1024, 4)}
+    assert [(r["fwd_bwd_ms"], r["fwd_bwd_stream_ms"]) for r in results] == [(2.0, 2.0), (6.0, 2.0)]
+    assert all(r["disagreement"] < 8 * 2.0**-23 for r in results)
+    assert (triton_kernels.SIGMOID_BLOCK, triton_kernels.SIGMOID_WARPS) == committed
+    table = bench_launch.table(results)
+    assert f"| {committed[0]}* | {committed[1]}* | 2.000 | 2.000 |" in table
+    assert "| 1024 | 4 | 6.000 | 2.000 |" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the stand-ins replace torch.cuda")
+def test_bench_launch_refuses_a_configuration_that_computes_another_loss(bench_launch, monkeypatch):
+    from focal_det2.losses import triton_kernels
+
+    keys = ("SOFTMAX_ELEMENTS", "SOFTMAX_WARPS")
+    monkeypatch.setitem(bench_launch.SWEEPS, "softmax", ("ours_softmax_focal", keys, [(256, 1)]))
+    values = iter([1.0, 1.0, 1.0 + 1e-5])
+    loss_and_grad = bench_launch._loss_and_grad
+
+    def shifted(*args):
+        value, grad = loss_and_grad(*args)
+        return value * next(values), grad
+
+    monkeypatch.setattr(bench_launch, "_loss_and_grad", shifted)
+    committed = triton_kernels.SOFTMAX_ELEMENTS
+    with pytest.raises(
+        RuntimeError,
+        match=r"softmax \{'SOFTMAX_ELEMENTS': 256, 'SOFTMAX_WARPS': 1\} float32: loss or gradient differs",
+    ):
+        bench_launch.sweep_family("softmax", 32, "float32", 1, 0)
+    assert triton_kernels.SOFTMAX_ELEMENTS == committed
+
+
+def test_bench_launch_disagreement_is_the_larger_relative_difference():
+    bench_launch = load_benchmark("bench_launch")
+    value, grad = torch.tensor(4.0), torch.tensor([[1.0, -2.0]])
+    assert bench_launch.disagreement(torch.tensor(4.0), grad, value, grad) == 0
+    assert bench_launch.disagreement(torch.tensor(5.0), grad, value, grad) == 0.25
+    assert bench_launch.disagreement(value, torch.tensor([[1.0, -3.0]]), value, grad) == 0.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script would measure")
+def test_bench_launch_refuses_unknown_names_and_needs_cuda(tmp_path, capsys):
+    bench_launch = load_benchmark("bench_launch")
+    with pytest.raises(SystemExit):
+        bench_launch.main(["--dtypes", "float32,float8", "--out", str(tmp_path / "x.json")])
+    assert (
+        "--dtypes: unknown float8; allowed: float32, float16, bfloat16" in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        bench_launch.main(["--families", "sigmod", "--out", str(tmp_path / "x.json")])
+    assert "--families: unknown sigmod; allowed: sigmoid, softmax" in capsys.readouterr().err
+    with pytest.raises(
+        SystemExit, match="no CUDA device; the launch sweep times the Triton kernels"
+    ):
+        bench_launch.main(["--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
