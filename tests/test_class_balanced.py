@@ -339,6 +339,25 @@ WEIGHTS = (0.5, 2.0, 0.25)
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_take_the_weights_unrounded(name, dtype, backend_name):
+    """
+    float16/bfloat16 logits (AMP) on the eager path and the Triton kernels: CLASS_ALPHA and the
+    class weights multiply in float32, as the loss is computed, not rounded to the logits'
+    dtype (0.3 is 0.30078125 in bfloat16: the loss moved by 2.6e-4 of itself, 1.7e-5 in
+    float16), against the float64 reference on the same rounded logits.
+    """
+    loss = build_loss(name, 3, alpha=0.3, class_alpha=(0.3, 0.7, 0.55))
+    loss.set_class_weights((0.3, 1.7, 0.55))
+    logits, labels = _batch(loss.num_logits, 3)
+    logits = logits.detach().to(dtype)
+    got = loss(logits, labels)
+    expected = loss.reference_loss(logits.double(), labels)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("class_alpha", [(), (0.2, 0.5, 0.8)], ids=["ALPHA", "CLASS_ALPHA"])
 def test_weighted_loss_is_the_per_anchor_sum(name, class_alpha):
     """

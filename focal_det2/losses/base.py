@@ -15,6 +15,7 @@ from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..config import check_class_weighting_name
+from .fused import compute_dtype
 
 __all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
 
@@ -319,14 +320,18 @@ class DenseClassificationLoss:
 
     @staticmethod
     def _cached_on(values, cache: dict, like: Tensor) -> Tensor:
-        """``values`` as a tensor on ``like``'s device and dtype, kept in ``cache`` for both."""
-        key = (like.device, like.dtype)
+        """
+        ``values`` as a tensor on ``like``'s device, in the dtype the loss computes in for
+        ``like`` (float32 for float16/bfloat16 logits: not rounded to half precision), kept in
+        ``cache`` for both.
+        """
+        key = (like.device, compute_dtype(like.dtype))
         if key not in cache:
-            cache[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+            cache[key] = torch.tensor(values, dtype=key[1], device=like.device)
         return cache[key]
 
     def _class_weights_on(self, like: Tensor) -> Tensor:
-        """The class weights as a (K,) tensor on ``like``'s device and dtype, cached."""
+        """The class weights as a (K,) tensor on ``like``'s device, in its compute dtype, cached."""
         return self._cached_on(self.class_weights, self._class_weights_cache, like)
 
     def _check_inputs(self, logits: Tensor, labels: Tensor):
@@ -353,7 +358,7 @@ class DenseClassificationLoss:
                 )
 
     def _class_alpha_on(self, like: Tensor) -> Optional[Tensor]:
-        """CLASS_ALPHA as a (K,) tensor on ``like``'s device and dtype, cached."""
+        """CLASS_ALPHA as a (K,) tensor on ``like``'s device, in its compute dtype, cached."""
         if not self.class_alpha:
             return None
         return self._cached_on(self.class_alpha, self._class_alpha_cache, like)

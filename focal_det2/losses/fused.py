@@ -181,13 +181,23 @@ def _apply(compute: Callable, logits: Tensor, labels: Tensor) -> Tensor:
     return compute(logits, labels, False)[0]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """
+    The dtype the fused losses compute and sum in for logits of ``dtype``:
+    float32 for float16 and bfloat16 (AMP), else ``dtype``. Weights the loss
+    multiplies by (CLASS_ALPHA, class weights) are kept in it, not rounded to
+    the logits' half precision.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _eager_logits(logits: Tensor) -> Tensor:
     """
     float16 and bfloat16 logits in float32 for the eager and compile
     backends, whose math runs in the logits' dtype; autograd casts the
     gradient back. (The Triton kernels read any of them and compute in float32.)
     """
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return logits.to(compute_dtype(logits.dtype))
 
 
 def _use_triton(logits: Tensor) -> bool:

@@ -380,14 +380,9 @@ def _num_programs(launch, logits) -> int:
     return triton.cdiv(n, max(1, SOFTMAX_ELEMENTS // triton.next_power_of_2(c)))
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    """float32 for float16/bfloat16 logits (a sum over anchors overflows float16), else the logits' dtype."""
-    return logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _forward(launch, logits, labels, params) -> Tensor:
     if logits.numel() == 0:
-        return logits.new_zeros((), dtype=_loss_dtype(logits))
+        return logits.new_zeros((), dtype=fused.compute_dtype(logits.dtype))
     partial = torch.empty(_num_programs(launch, logits), dtype=torch.float32, device=logits.device)
     launch(logits, labels, partial, partial, params, grad=False)
     return partial.sum()  # float32, a fixed-order tree over the partial sums
