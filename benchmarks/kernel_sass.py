@@ -69,8 +69,7 @@ def sigmoid_kernel(k: int, dtype: str, grad: bool):
 def softmax_kernel(k: int, dtype: str, grad: bool):
     """(kernel, signature, constexprs, threads, logits per program) of one softmax launch (K + 1 logits a row)."""
     c = k + 1
-    block_c = triton.next_power_of_2(c)
-    rows = max(1, tk.SOFTMAX_ELEMENTS // block_c)
+    rows, block_c = tk._softmax_block(c)
     signature = {
         "x_ptr": f"*{dtype}",
         "labels_ptr": "*i64",

@@ -25,6 +25,8 @@ argument, so a gamma schedule never recompiles; at gamma = 0 no term raises
 never ``(1 - p_t)^(gamma - 1)``).
 """
 
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -325,7 +327,7 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         alpha_table, pos_weight, neg_weight = weights, 0.0, 0.0
     else:
         alpha_table, (pos_weight, neg_weight) = logits, weights  # the table is unread
-    grid = (triton.cdiv(numel, SIGMOID_BLOCK),)
+    grid = (_num_programs(_sigmoid_launch, logits),)
     _sigmoid_kernel[grid](
         logits,
         labels,
@@ -352,9 +354,8 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
 def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, c = logits.shape
     gamma, weight, smoothing = params
-    block_c = triton.next_power_of_2(c)
-    block_r = max(1, SOFTMAX_ELEMENTS // block_c)
-    grid = (triton.cdiv(n, block_r),)
+    block_r, block_c = _softmax_block(c)
+    grid = (_num_programs(_softmax_launch, logits),)
     _softmax_kernel[grid](
         logits,
         labels,
@@ -373,11 +374,19 @@ def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     )
 
 
+# Launch sizes in plain integer arithmetic: triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunctions, about 3 us a call on the host, paid before each launch.
+def _softmax_block(c: int) -> Tuple[int, int]:
+    """(rows, columns) of a softmax program's block: next_pow2(C) columns, SOFTMAX_ELEMENTS in all."""
+    block_c = 1 << (c - 1).bit_length()
+    return max(1, SOFTMAX_ELEMENTS // block_c), block_c
+
+
 def _num_programs(launch, logits) -> int:
     n, c = logits.shape
     if launch is _sigmoid_launch:
-        return triton.cdiv(n * c, SIGMOID_BLOCK)
-    return triton.cdiv(n, max(1, SOFTMAX_ELEMENTS // triton.next_power_of_2(c)))
+        return -(-n * c // SIGMOID_BLOCK)
+    return -(-n // _softmax_block(c)[0])
 
 
 def _forward(launch, logits, labels, params) -> Tensor:
