@@ -107,6 +107,7 @@ PEERS = {
     "torchvision": ("torchvision.ops.sigmoid_focal_loss (one-hot)", False, {}),
     "naive_softmax": ("naive log-softmax focal loss, K+1", True, {}),
     "bandwidth": ("memory-bandwidth bound: read logits, write a same-size tensor", False, {}),
+    "autograd_floor": ("autograd's floor: logits.sum(), forward + backward, no loss", False, {}),
 }
 IMPLS = {**_our_impls(), **PEERS}
 
@@ -128,11 +129,14 @@ def _measured_by_default(name: str) -> bool:
 
 
 # Measured on the CPU by default (the eager variants are the defaults there; the
-# compiled fvcore costs minutes of compilation per size for no CPU use case).
+# compiled fvcore costs minutes of compilation per size for no CPU use case; autograd's
+# floor matters where the loss is host-bound, on the GPU).
 CPU_IMPLS = [
     name
     for name in IMPLS
-    if _measured_by_default(name) and not name.endswith("_eager") and name != "fvcore_compile"
+    if _measured_by_default(name)
+    and not name.endswith("_eager")
+    and name not in ("fvcore_compile", "autograd_floor")
 ]
 CUDA_DTYPES = ("float32", "float16", "bfloat16")  # --dtypes on the GPU; the CPU runs float32
 CUDA_IMPLS = [name for name in IMPLS if _measured_by_default(name) and name != "fvcore"]
@@ -195,6 +199,8 @@ def _loss_fn(name: str, labels):
         return lambda x: sigmoid_focal_loss(
             x[valid], one_hot().to(x.dtype), alpha=ALPHA, gamma=GAMMA, reduction="sum"
         )
+    if name == "autograd_floor":  # the least a loss called through .backward() costs
+        return lambda x: x.sum(dtype=torch.float32)
     if name == "naive_softmax":
 
         def naive(x):

@@ -408,12 +408,13 @@ def test_bench_loss_median_of_the_timed_calls(monkeypatch):
 
 def test_bench_loss_default_implementations():
     """
-    The CPU measures the default backend and _compile (fvcore compiled only on CUDA), CUDA the
-    _eager variants too (not fvcore eager); the variants only for the kernel families; OHEM in neither.
+    The CPU measures the default backend and _compile (fvcore compiled and autograd's floor only
+    on CUDA), CUDA the _eager variants too (not fvcore eager); the variants only for the kernel
+    families; OHEM in neither.
     """
     bench_loss = load_benchmark("bench_loss")
     cpu, cuda = set(bench_loss.CPU_IMPLS), set(bench_loss.CUDA_IMPLS)
-    assert "fvcore" in cpu - cuda and "fvcore_compile" in cuda - cpu
+    assert "fvcore" in cpu - cuda and {"fvcore_compile", "autograd_floor"} <= cuda - cpu
     assert {"ours_sigmoid_focal_eager", "ours_softmax_focal_eager"} <= cuda - cpu
     assert {
         "ours_sigmoid_focal_compile",
@@ -422,6 +423,17 @@ def test_bench_loss_default_implementations():
     } <= cpu & cuda
     assert "ours_ohem" in bench_loss.IMPLS
     assert not {"ours_ohem", "ours_focal_star_compile", "ours_focal_star_eager"} & (cpu | cuda)
+
+
+def test_bench_loss_autograd_floor_is_the_sum_of_the_logits():
+    """No loss: the sum (in float32 for bfloat16 logits), whose gradient is all ones."""
+    bench_loss = load_benchmark("bench_loss")
+    logits, labels = bench_loss._make_inputs(50, False, torch.bfloat16)
+    value = bench_loss._loss_fn("autograd_floor", labels)(logits)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(logits.float().sum().item(), rel=1e-6)
+    value.backward()
+    assert torch.equal(logits.grad, torch.ones_like(logits))
 
 
 def test_bench_loss_inputs_are_retinanet_like():
