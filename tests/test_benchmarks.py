@@ -780,7 +780,7 @@ def test_bench_loss_gpu_table_reads_the_saved_run():
         if line.startswith("| ours_sigmoid_focal |")
     )
     assert row.startswith(
-        "| ours_sigmoid_focal | 0.383 (0.253) | 0.709 (0.627) | 0.444 (0.501) | 0.815 (0.581) |"
+        "| ours_sigmoid_focal | 0.272 (0.179) | 0.727 (0.594) | 0.347 (0.569) | 0.629 (0.536) |"
     )
 
 
@@ -982,3 +982,12 @@ def test_bench_launch_refuses_unknown_names_and_needs_cuda(tmp_path, capsys):
     ):
         bench_launch.main(["--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_launch_reports_the_saved_gpu_run():
+    """The saved sweep reprints: one table per family and dtype, the committed launch marked once in each."""
+    saved = REPO / "benchmarks" / "results" / "bench_launch_cuda.json"
+    stdout = run_script("bench_launch.py", "--report", str(saved))
+    tables = stdout.split("(* committed)")[1:]
+    assert len(tables) == 4
+    assert all(table.count("*") == 2 for table in tables)  # its two constants
