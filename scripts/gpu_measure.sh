@@ -9,8 +9,9 @@
 #
 #   bash scripts/gpu_measure.sh [RESULTS_DIR [STEP...]]   # default benchmarks/results, every step
 #
-# STEPs, in this order by default: cuda_tests bench_loss launch_sweep bench_train bench_train_amp (about 12 min
-# in all; name some to split the run, e.g. where one command may run only so long).
+# STEPs, in this order by default: cuda_tests bench_loss launch_sweep bench_train bench_train_amp
+# (4 min 34 s in all on the lent H200; name some to split the run, e.g. where one command may run
+# only so long).
 #
 # PYTHON (default .venv/bin/python where it exists, else python3) runs everything, with this
 # checkout first on PYTHONPATH; on a machine without network, PYTHONPATH names the folder
