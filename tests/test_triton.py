@@ -162,6 +162,27 @@ def test_log1p_polynomial_is_float32_accurate_on_0_1(device):
         assert out[a == 1].item() == torch.tensor(math.log(2)).item()
 
 
+def test_launch_sizes_match_tritons_own_arithmetic(monkeypatch):
+    """
+    The launchers' plain integer arithmetic (triton.cdiv and next_power_of_2 cost microseconds a
+    call) against Triton's: a softmax block of next_pow2(C) columns (C itself where C is a power
+    of 2), SOFTMAX_ELEMENTS in all, and enough programs to cover every element or row.
+    """
+    monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
+    monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 512)
+    for c in [1, 2, 3, 7, 8, 9, 64, 80, 81, 127, 128, 129, 300]:
+        block_c = triton.next_power_of_2(c)
+        assert triton_kernels._softmax_block(c) == (max(1, 512 // block_c), block_c)
+        for n in [1, 5, 63, 64, 65, 1000]:
+            logits = torch.empty(n, c, device="meta")
+            assert triton_kernels._num_programs(triton_kernels._sigmoid_launch, logits) == (
+                triton.cdiv(n * c, 64)
+            )
+            assert triton_kernels._num_programs(triton_kernels._softmax_launch, logits) == (
+                triton.cdiv(n, max(1, 512 // block_c))
+            )
+
+
 def test_gamma_is_a_runtime_argument_of_the_kernels():
     """
     A schedule changes gamma every iteration: as a tl.constexpr it would recompile each time.
