@@ -991,3 +991,32 @@ def test_bench_launch_reports_the_saved_gpu_run():
     tables = stdout.split("(* committed)")[1:]
     assert len(tables) == 4
     assert all(table.count("*") == 2 for table in tables)  # its two constants
+
+
+def test_bench_launch_table_puts_the_fastest_back_to_back_first():
+    """Ordered by the back-to-back time (what training sees), not the per-call one; one table per dtype."""
+    bench_launch = load_benchmark("bench_launch")
+
+    def row(block, warps, per_call, stream, dtype="float32", committed=False):
+        return {
+            "family": "sigmoid",
+            "N": 10,
+            "dtype": dtype,
+            "SIGMOID_BLOCK": block,
+            "SIGMOID_WARPS": warps,
+            "committed": committed,
+            "fwd_bwd_ms": per_call,
+            "fwd_bwd_stream_ms": stream,
+        }
+
+    table = bench_launch.table(
+        [
+            row(4096, 8, 1.0, 3.0, committed=True),
+            row(1024, 4, 2.0, 1.0),
+            row(2048, 4, 1.0, 1.0, "bfloat16"),
+        ]
+    )
+    assert table.index("| 1024 | 4 | 2.000 | 1.000 |") < table.index(
+        "| 4096* | 8* | 1.000 | 3.000 |"
+    )
+    assert table.index("sigmoid, N = 10, bfloat16") < table.index("sigmoid, N = 10, float32")
