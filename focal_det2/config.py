@@ -99,7 +99,8 @@ def _naming_type_mismatch(source: str):
     """
     Re-raise yacs's type-mismatch error as one that says what the key holds and how to write
     it: an int for a float key (``MODEL.FOCAL.ALPHA -1``) is refused by yacs, which keeps
-    each key's type, so it must be written ``-1.0``.
+    each key's type, so it must be written ``-1.0``. The value quoted is the one the config
+    holds when the override is merged (after the config file: 1000 for the digits MAX_ITER).
     """
     try:
         yield
@@ -111,7 +112,7 @@ def _naming_type_mismatch(source: str):
         fix = f": write {float(value)}" if (want, got) == ("float", "int") else ""
         raise ValueError(
             f"{key}={value} {source} is {_a(got)}, but {key} holds {_a(want)} "
-            f"(its default is {default}){fix}."
+            f"(the config has {default}){fix}."
         ) from e
 
 

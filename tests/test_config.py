@@ -365,25 +365,25 @@ def test_load_config_needing_weights_refuses_an_empty_model_weights():
             "MODEL.FOCAL.ALPHA",
             "-1",
             "MODEL.FOCAL.ALPHA=-1 on the command line is an int, but MODEL.FOCAL.ALPHA holds a "
-            "float (its default is 0.25): write -1.0.",
+            "float (the config has 0.25): write -1.0.",
         ),
         (
             "MODEL.FOCAL.GAMMA",
             "abc",
             "MODEL.FOCAL.GAMMA=abc on the command line is a str, but MODEL.FOCAL.GAMMA holds a "
-            "float (its default is 2.0).",
+            "float (the config has 2.0).",
         ),
         (
             "SOLVER.MAX_ITER",
             "1.5",
             "SOLVER.MAX_ITER=1.5 on the command line is a float, but SOLVER.MAX_ITER holds an int "
-            "(its default is 1000).",
+            "(the config has 1000).",
         ),
         (
             "MODEL.FOCAL.SYNC_NORMALIZER",
             "1",
             "MODEL.FOCAL.SYNC_NORMALIZER=1 on the command line is an int, but "
-            "MODEL.FOCAL.SYNC_NORMALIZER holds a bool (its default is False).",
+            "MODEL.FOCAL.SYNC_NORMALIZER holds a bool (the config has False).",
         ),
     ],
     ids=["int-for-float", "str-for-float", "float-for-int", "int-for-bool"],
