@@ -532,12 +532,43 @@ def test_backend_env_triton_runs_the_kernels(monkeypatch):
     assert backends.backend("cpu") == "triton" and len(launched) == 2  # forward and backward
 
 
-def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatch):
+@pytest.mark.parametrize("interpret", ["0", "", None], ids=["0", "empty", "unset"])
+def test_backend_env_triton_on_the_cpu_without_the_interpreter_raises(monkeypatch, interpret):
     monkeypatch.setenv(backends.BACKEND_ENV, "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
     with pytest.raises(
         ValueError,
         match="FOCAL_DET2_BACKEND=triton: Triton kernels run on CUDA tensors, these are on cpu",
+    ):
+        backends.select_backend("cpu")
+
+
+@pytest.mark.parametrize("device_type", ["mps", "xpu", "cpu"])
+def test_default_backend_elsewhere_than_cuda_is_eager_even_where_triton_imports(
+    monkeypatch, device_type
+):
+    monkeypatch.setattr(backends, "_triton_missing", lambda: None)
+    backend, why = backends.select_backend(device_type)
+    assert backend == "eager" and f"the default on {device_type}" in why
+
+
+def test_backend_env_triton_under_the_interpreter_without_triton_raises(monkeypatch):
+    """On CPU tensors under TRITON_INTERPRET=1, a Triton that does not import is named too."""
+    monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_triton_missing", lambda: "Triton does not import (test)")
+    with pytest.raises(ValueError, match="FOCAL_DET2_BACKEND=triton: Triton does not import"):
+        backends.select_backend("cpu")
+
+
+def test_backend_env_compile_without_torch_compile_raises(monkeypatch):
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
+    monkeypatch.delattr(torch, "compile")
+    with pytest.raises(
+        ValueError, match=r"FOCAL_DET2_BACKEND=compile: this torch \(.*\) has no torch.compile"
     ):
         backends.select_backend("cpu")
 

@@ -177,6 +177,8 @@ def test_every_loss_trains_with_an_empty_image(loss):
     grad = model.head.cls_score.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert storage.latest()["focal_gamma"][0] == 2.0
+    # logged as the value of each iteration, not smoothed by a median over a ramp
+    assert storage.smoothing_hints()["focal_gamma"] is False
 
 
 @pytest.mark.parametrize("loss", LOSSES)
