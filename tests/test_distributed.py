@@ -1,8 +1,8 @@
 """
 Multi-process training on the CPU with Detectron2's launch (GLOO): with
 MODEL.FOCAL.SYNC_NORMALIZER, 2 processes over halves of a batch compute the
-gradient of 1 process over the whole batch; FocalTrainer trains and
-evaluates with 2 processes.
+gradient of 1 process over the whole batch; FocalTrainer trains (with class
+weights) and evaluates with 2 processes.
 """
 
 import json
@@ -106,7 +106,9 @@ def _worker(weights, batch_file, out_dir, warm_count):
     grads["True-fresh-empty-normalizer"] = _synced_normalizer_without_boxes(model, images[:share])
     torch.save(grads, out_dir / f"grads_world{world}_rank{rank}.pt")
 
-    cfg = _cfg(out_dir / "train", ["SOLVER.MAX_ITER", 2, "MODEL.FOCAL.SYNC_NORMALIZER", True])
+    # class-weighted: the weights are counted for the loss of the model inside the DDP wrapper
+    opts = ["SOLVER.MAX_ITER", 2, "MODEL.FOCAL.SYNC_NORMALIZER", True]
+    cfg = _cfg(out_dir / "train", [*opts, "MODEL.FOCAL.CLASS_WEIGHTING", "effective_number"])
     trainer = FocalTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -231,7 +233,8 @@ def test_two_processes_train_and_evaluate(gradients):
     results = json.loads((out_dir / "results.json").read_text())
     assert results["world"] == 2
     assert {"AP", "AP50", "AP75"} <= results["bbox"].keys()
-    assert (out_dir / "train" / "model_final.pth").exists()
+    final = torch.load(out_dir / "train" / "model_final.pth", weights_only=False)
+    assert len(final["class_weights"]["weights"]) == 10  # one per digit class
     rows = [
         json.loads(line) for line in (out_dir / "train" / "metrics.json").read_text().splitlines()
     ]
