@@ -598,7 +598,12 @@ def test_empty_last_checkpoint_is_named(tmp_path, content):
     cfg = digits_cfg(output_dir=tmp_path)
     (tmp_path / "last_checkpoint").write_text(content)
     trainer = FocalTrainer(cfg)
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'last_checkpoint'} is empty")):
+    message = (
+        f"{tmp_path / 'last_checkpoint'} is empty; it must hold the file name of a checkpoint in "
+        f"{tmp_path} (e.g. model_final.pth). Write one there, or delete it to start from "
+        "MODEL.WEIGHTS."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         trainer.resume_or_load(resume=True)
 
 

@@ -329,8 +329,15 @@ def test_the_trainers_evaluator_generates_a_split_not_yet_cached(registered, tmp
 
     json_file = MetadataCatalog.get(registered).json_file
     assert not os.path.exists(json_file)
-    evaluator = FocalTrainer.build_evaluator(get_cfg(), registered, str(tmp_path / "eval"))
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    evaluator = FocalTrainer.build_evaluator(cfg, registered, str(tmp_path / "eval"))
     assert isinstance(evaluator, COCOEvaluator) and os.path.isfile(json_file)
+    # the folder given, else OUTPUT_DIR/inference
+    assert evaluator._output_dir == str(tmp_path / "eval")
+    assert FocalTrainer.build_evaluator(cfg, registered)._output_dir == str(
+        tmp_path / "out" / "inference"
+    )
 
 
 def test_coco_evaluator_scores_ground_truth_as_perfect(registered):

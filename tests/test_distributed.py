@@ -6,6 +6,7 @@ weights) and evaluates with 2 processes.
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -109,12 +110,15 @@ def _worker(weights, batch_file, out_dir, warm_count):
     # class-weighted: the weights are counted for the loss of the model inside the DDP wrapper
     opts = ["SOLVER.MAX_ITER", 2, "MODEL.FOCAL.SYNC_NORMALIZER", True]
     cfg = _cfg(out_dir / "train", [*opts, "MODEL.FOCAL.CLASS_WEIGHTING", "effective_number"])
+    torch.set_num_threads(7)  # FocalTrainer shares the cores among the processes of the machine
     trainer = FocalTrainer(cfg)
+    threads = torch.get_num_threads()
     trainer.resume_or_load(resume=False)
     trainer.train()
     results = FocalTrainer.test(cfg, trainer.model)
     if comm.is_main_process():
-        (out_dir / "results.json").write_text(json.dumps({"world": world, "bbox": results["bbox"]}))
+        summary = {"world": world, "bbox": results["bbox"], "threads": threads}
+        (out_dir / "results.json").write_text(json.dumps(summary))
 
 
 def _relative_difference(a, b):
@@ -232,6 +236,7 @@ def test_two_processes_train_and_evaluate(gradients):
     _, _, out_dir = gradients
     results = json.loads((out_dir / "results.json").read_text())
     assert results["world"] == 2
+    assert results["threads"] == max(1, (os.cpu_count() or 1) // 2)
     assert {"AP", "AP50", "AP75"} <= results["bbox"].keys()
     final = torch.load(out_dir / "train" / "model_final.pth", weights_only=False)
     assert len(final["class_weights"]["weights"]) == 10  # one per digit class
