@@ -607,6 +607,17 @@ def test_empty_last_checkpoint_is_named(tmp_path, content):
         trainer.resume_or_load(resume=True)
 
 
+def test_loading_weights_without_resume_leaves_metrics_json_alone(tmp_path):
+    """Only a resume trims metrics.json (the records it trains again); a Python caller
+    starting from MODEL.WEIGHTS in a folder with old records keeps them."""
+    cfg = digits_cfg(output_dir=tmp_path)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"iteration": 0, "loss_cls": 1.0}\n{"iteration": 5, "loss_cls": 0.5}\n')
+    before = metrics.read_text()
+    FocalTrainer(cfg).resume_or_load(resume=False)
+    assert metrics.read_text() == before
+
+
 def test_missing_checkpoint_file_is_named_before_anything_is_written(tmp_path, loggers):
     """
     A MODEL.WEIGHTS file, or the file last_checkpoint names, that does not exist raises
