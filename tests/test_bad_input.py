@@ -106,7 +106,8 @@ GOOD = [_box(4, 4, 20, 20)]
 
 
 def test_category_not_in_the_json_names_json_annotation_and_image(coco, tmp_path):
-    name, json_file, _ = coco({1: GOOD, 2: [_box(8, 8, 16, 16, category=7)]})
+    # annotation ids 1-3: the bad one's id (3) is not its image's id (2)
+    name, json_file, _ = coco({1: GOOD + GOOD, 2: [_box(8, 8, 16, 16, category=7)]})
     with pytest.raises(ValueError) as error:
         FocalTrainer.build_train_loader(_cfg(name, tmp_path))
     message = str(error.value)
@@ -149,6 +150,7 @@ def test_box_without_positive_size(coco, tmp_path, w, h, crowd):
     message = str(error.value)
     assert str(json_file) in message and "image id 3 (" in message and "003.png" in message
     assert "annotation 1" in message and "must be > 0" in message
+    assert f"(XYWH_ABS) has width {w} and height {h};" in message  # XYWH: the size as given
 
 
 def test_xyxy_box_size_is_its_corners_difference(coco):
@@ -166,6 +168,12 @@ def test_xyxy_box_size_is_its_corners_difference(coco):
     with pytest.raises(
         ValueError, match=r"\(XYXY_ABS\) has width -10 and height 20; both must be > 0"
     ):
+        check_dataset_dicts([bad], dataset_name=name, num_classes=2)
+    # the height from the y corners, whatever the x ones (x0 != y0)
+    good = dict(record, annotations=[dict(ann, bbox=[20, 4, 30, 14])])
+    check_dataset_dicts([good], dataset_name=name, num_classes=2)
+    bad = dict(record, annotations=[dict(ann, bbox=[10, 40, 30, 35])])
+    with pytest.raises(ValueError, match=r"\(XYXY_ABS\) has width 20 and height -5;"):
         check_dataset_dicts([bad], dataset_name=name, num_classes=2)
     # XYXY_REL too: corners in [0, 1], the width x1 - x0
     relative = dict(ann, bbox_mode=BoxMode.XYXY_REL)
@@ -185,6 +193,15 @@ def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog, w, h):
         batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
     assert "dropped 2 boxes with width or height <= 0 or NaN" in caplog.text  # of both images
+
+
+def test_drop_takes_records_without_annotations(coco):
+    """A custom loader's image-only record (no "annotations" key) passes the drop as it is."""
+    name, _, _ = coco({1: GOOD})
+    (record,) = DatasetCatalog.get(name)
+    bare = {k: v for k, v in record.items() if k != "annotations"}
+    check_dataset_dicts([bare], dataset_name=name, num_classes=2, degenerate_boxes="drop")
+    assert "annotations" not in bare
 
 
 def test_drop_without_degenerate_boxes_says_nothing(coco, tmp_path, caplog):

@@ -250,7 +250,7 @@ BAD = [
         {"MODEL.FOCAL.STAR_BETA": 3.0},
         [
             "MODEL.FOCAL.STAR_BETA=3.0 is read by MODEL.FOCAL.LOSS focal_star, not by sigmoid_focal",
-            "leave it at 1.0",
+            "leave it at 1.0, or set MODEL.FOCAL.LOSS focal_star.",
         ],
     ),
     (
