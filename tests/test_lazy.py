@@ -344,3 +344,36 @@ def test_a_model_the_meta_device_cannot_build_is_run_unchecked():
     with logged(engine.logger) as records:
         check_model(cfg)
     assert ["cannot be built on the meta device" in r.getMessage() for r in records] == [True]
+
+
+def test_lazy_names_are_arguments_the_lazy_nodes_take():
+    """
+    Every node LAZY_NAMES points an error at exists: an argument of a registered loss
+    (model.focal_loss.*), of the head, of a gamma schedule, or of FocalRetinaNet (its own or
+    Detectron2's RetinaNet's, which it passes on).
+    """
+    import inspect
+
+    from detectron2.modeling import RetinaNet
+
+    from focal_det2.lazy import LAZY_NAMES
+    from focal_det2.losses import registered_losses
+    from focal_det2.modeling.head import FocalRetinaNetHead
+    from focal_det2.modeling.meta_arch import FocalRetinaNet
+    from focal_det2.schedules import GammaSchedule
+
+    def arguments(*classes):
+        return {p for cls in classes for p in inspect.signature(cls.__init__).parameters}
+
+    takes = {
+        "focal_loss": arguments(*registered_losses().values()),
+        "head": arguments(FocalRetinaNetHead),
+        "gamma_schedule": arguments(GammaSchedule) | {"_target_"},
+    }
+    for key, path in LAZY_NAMES.items():
+        parts = path.split(".")
+        assert parts[0] == "model", key
+        if len(parts) == 2:
+            assert parts[1] in arguments(FocalRetinaNet, RetinaNet), key
+        else:
+            assert len(parts) == 3 and parts[2] in takes[parts[1]], (key, path)
