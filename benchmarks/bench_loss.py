@@ -381,6 +381,23 @@ def _cuda_median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _host_ms(fn, repeats: int) -> float:
+    """
+    Median of ``repeats`` host times of ``fn`` from an idle GPU: from the call to its return,
+    which queues the GPU's work without waiting for it (Python, autograd and launch costs).
+    """
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def _cuda_stream_ms(fn, repeats: int) -> float:
     """Mean of ``repeats`` back-to-back runs (the host queues ahead, as in training), by CUDA events."""
     import torch
@@ -448,6 +465,7 @@ def run_cuda_one(name: str, n: int, dtype_name: str, repeats: int, warmup: int) 
     result["extra_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     result["fwd_bwd_ms"] = _cuda_median_ms(fwd_bwd, repeats)
     result["fwd_bwd_stream_ms"] = _cuda_stream_ms(fwd_bwd, repeats)
+    result["fwd_bwd_host_ms"] = _host_ms(fwd_bwd, repeats)
     for _ in range(warmup):
         fwd()
     result["fwd_ms"] = _cuda_median_ms(fwd, repeats)
@@ -511,6 +529,30 @@ def cuda_table(results) -> str:
     return "\n".join(lines)
 
 
+def host_table(results) -> str:
+    """
+    Each implementation's host time per forward + backward call (``fwd_bwd_host_ms``), beside its
+    GPU time per call; empty for results measured before it was (no such key).
+    """
+    timed = [r for r in results if "fwd_bwd_host_ms" in r]
+    if not timed:
+        return ""
+    get = {(r["impl"], r["N"], r["dtype"]): r for r in timed}
+    keys = sorted({(r["N"], r["dtype"]) for r in timed}, key=lambda k: (k[1] != "float32", k[0]))
+    head = [f"{n // 1000}k {d}: host / GPU ms" for n, d in keys]
+    lines = ["| implementation | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
+    for name in _names(timed):
+        cells = [
+            f"{get[(name, n, d)]['fwd_bwd_host_ms']:.3f} / {get[(name, n, d)]['fwd_bwd_ms']:.3f}"
+            if (name, n, d) in get
+            else "-"
+            for n, d in keys
+        ]
+        if any(c != "-" for c in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cuda_report(data) -> str:
     info, cfg = data["machine"], data["config"]
     parts = [
@@ -520,12 +562,21 @@ def cuda_report(data) -> str:
         f"{cfg['repeats']} back-to-back calls, the host queueing ahead as in training); extra MB: "
         "torch.cuda.max_memory_allocated over the inputs.",
         cuda_table(data["results"]),
+    ]
+    hosts = host_table(data["results"])
+    if hosts:
+        parts.append(
+            "Host time of a forward + backward call from an idle GPU (median, from the call to its "
+            "return: Python, autograd and kernel launches) against its GPU time per call; where "
+            "the two are close the call is bound by the host.\n\n" + hosts
+        )
+    parts.append(
         "\n".join(
             f"- `{name}`: {_describe(name)}"
             for name in _names(data["results"])
             if any(r["impl"] == name for r in data["results"])
-        ),
-    ]
+        )
+    )
     if data.get("targets"):
         parts.append(
             "Targets:\n\n"

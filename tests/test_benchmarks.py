@@ -769,6 +769,56 @@ def test_bench_loss_forward_backward_leaves_no_gradient():
     assert logits.grad is None
 
 
+def test_bench_loss_host_time_is_the_median_from_call_to_return(timed_as_on_cuda, monkeypatch):
+    """Each call timed alone (1, 3 and 2 ms from call to return, the GPU synced before each): 2 ms."""
+    bench_loss = timed_as_on_cuda
+    clock = iter([0.0, 0.001, 10.0, 10.003, 20.0, 20.002])
+    calls = []
+    monkeypatch.setattr(bench_loss.time, "perf_counter", lambda: next(clock))
+    assert bench_loss._host_ms(lambda: calls.append(1), 3) == pytest.approx(2.0)
+    assert len(calls) == 3
+
+
+def test_bench_loss_cuda_measures_our_host_time(timed_as_on_cuda):
+    bench_loss = timed_as_on_cuda
+    r = bench_loss.run_cuda_one("ours_sigmoid_focal", 64, "float32", 3, 0)
+    assert 0 < r["fwd_bwd_host_ms"] < 1e3
+    assert "fwd_bwd_host_ms" not in bench_loss.run_cuda_one("bandwidth", 64, "float32", 3, 0)
+
+
+def test_bench_loss_host_table_beside_the_gpu_time():
+    """Host / GPU ms of each implementation with a host time, float32 first; none for older runs."""
+    bench_loss = load_benchmark("bench_loss")
+
+    def result(impl, n, dtype, host=None):
+        r = {"impl": impl, "N": n, "dtype": dtype, "fwd_bwd_ms": 0.5, "fwd_bwd_stream_ms": 0.4}
+        return {**r, "fwd_bwd_host_ms": host} if host is not None else r
+
+    results = [
+        result("ours_sigmoid_focal", 400000, "bfloat16", 0.25),
+        result("ours_sigmoid_focal", 400000, "float32", 0.125),
+        result("fvcore_jit", 400000, "float32", 2.0),
+        result("bandwidth", 400000, "float32"),
+    ]
+    assert bench_loss.host_table(results).splitlines() == [
+        "| implementation | 400k float32: host / GPU ms | 400k bfloat16: host / GPU ms |",
+        "| --- | ---: | ---: |",
+        "| ours_sigmoid_focal | 0.125 / 0.500 | 0.250 / 0.500 |",
+        "| fvcore_jit | 2.000 / 0.500 | - |",
+    ]
+    assert bench_loss.host_table(results[3:]) == ""
+    data = {
+        "machine": {"gpu": "H", "torch": "2", "commit": "c"},
+        "config": {"K": 80, "gamma": 2.0, "alpha": 0.25, "repeats": 30},
+        "results": results,
+    }
+    report = bench_loss.cuda_report(data)
+    assert "Host time of a forward + backward call" in report
+    assert bench_loss.host_table(results) in report
+    data["results"] = results[3:]
+    assert "Host time" not in bench_loss.cuda_report(data)
+
+
 def test_bench_loss_gpu_table_reads_the_saved_run():
     """The first row of README's GPU table, from the saved run: float32 columns first, each
     ms with the back-to-back mean in brackets, then the extra MB."""

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from test_fused import FAST, LOSSES, NUM_CLASSES, REFERENCE, batch, kwargs_of
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from focal_det2.losses import backends, triton_kernels
 
@@ -221,6 +222,44 @@ def test_the_gradient_is_written_in_the_logits_dtype(name, dtype, device, monkey
     logits, labels = batch(name, num_anchors=50, seed=24)
     run(name, logits.to(dtype), labels, device, **kwargs_of(name))
     assert written == [dtype]
+
+
+class _RecordedOps(TorchDispatchMode):
+    """The names of the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_call_runs_no_small_ops_beside_its_kernels(name, device, monkeypatch):
+    """
+    Beside its two kernel launches (run, not recorded), a forward + backward allocates the
+    partial sums and the gradient and adds the partial sums; autograd adds the incoming
+    gradient (ones) and detaches. On a GPU every other op is a small kernel launched before
+    the loss's own: softmax_focal built its (K + 2,) weight table with five on every call.
+    """
+    for launch in ("_sigmoid_launch", "_softmax_launch"):
+        real = getattr(triton_kernels, launch)
+
+        def unrecorded(*args, real=real, **kwargs):
+            with _disable_current_modes():
+                return real(*args, **kwargs)
+
+        monkeypatch.setattr(triton_kernels, launch, unrecorded)
+    logits, labels = batch(name, num_anchors=50, seed=25)
+    x, labels = logits.to(device).requires_grad_(True), labels.to(device)
+    FAST[name](x, labels, **kwargs_of(name)).backward()  # builds what is cached
+    x.grad = None
+    with _RecordedOps() as ops:
+        FAST[name](x, labels, **kwargs_of(name)).backward()
+    assert "sum" in ops.names and "empty_like" in ops.names
+    assert set(ops.names) <= {"empty", "sum", "ones_like", "empty_like", "detach"}, ops.names
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

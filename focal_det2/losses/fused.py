@@ -41,7 +41,7 @@ forces one; ``compile`` runs the chunk kernels through ``torch.compile``
 float16 and bfloat16 logits are computed in float32 on every backend.
 """
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -832,8 +832,7 @@ def _softmax_family(
     class_weight: Tensor,
     label_smoothing: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk."""
-    class_weight = class_weight.to(logits.dtype)
+    """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk (``class_weight`` in the logits' dtype)."""
     smooth_weight = None
     if label_smoothing:
         smooth_weight = class_weight[1:] * (label_smoothing / logits.shape[1])
@@ -867,6 +866,27 @@ def _softmax_family(
     return _sum(sums, logits).to(logits.dtype), grad
 
 
+def _label_weights(
+    num_classes: int, alpha: float, class_alpha: Optional[Tensor], dtype: torch.dtype, device
+) -> Tensor:
+    """
+    The (K + 2,) weight of each label -1..K of the softmax loss: 0 for -1 (ignored), then
+    :func:`softmax_class_alpha`'s (K + 1,), in ``dtype`` on ``device``.
+    """
+    class_weight = softmax_class_alpha(num_classes, alpha, class_alpha, dtype, device)
+    return torch.cat([class_weight.new_zeros(1), class_weight])
+
+
+@lru_cache(maxsize=64)
+def _alpha_weights(num_classes: int, alpha: float, dtype: torch.dtype, device) -> Tensor:
+    """
+    :func:`_label_weights` without CLASS_ALPHA, which depends on numbers alone: built once
+    per (K, alpha, dtype, device), so that a call adds no small kernels before the loss's own
+    on a GPU (building it takes five). Read only: the kernels never write to it.
+    """
+    return _label_weights(num_classes, alpha, None, dtype, device)
+
+
 def softmax_focal_loss(
     logits: Tensor,
     labels: Tensor,
@@ -894,11 +914,15 @@ def softmax_focal_loss(
     Returns:
         Tensor: scalar, the sum over valid anchors.
     """
-    class_weight = softmax_class_alpha(
-        logits.shape[1] - 1, alpha, class_alpha, torch.float64, logits.device
-    )
-    class_weight = torch.cat([class_weight.new_zeros(1), class_weight])  # label -1 weighs 0
-    if _use_triton(logits):
+    triton = _use_triton(logits)
+    # the Triton kernel reads float32 weights; the chunk kernels compute in the logits' dtype
+    dtype = torch.float32 if triton else compute_dtype(logits.dtype)
+    num_classes = logits.shape[1] - 1
+    if class_alpha is None:
+        class_weight = _alpha_weights(num_classes, float(alpha), dtype, logits.device)
+    else:
+        class_weight = _label_weights(num_classes, alpha, class_alpha, dtype, logits.device)
+    if triton:
         from . import triton_kernels
 
         return triton_kernels.softmax_family(

@@ -400,7 +400,7 @@ def _forward(launch, logits, labels, params) -> Tensor:
 def _backward(launch, logits, labels, params, grad_loss) -> Tensor:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if logits.numel():
-        launch(logits, labels, grad, grad_loss.to(torch.float32).reshape(1), params, grad=True)
+        launch(logits, labels, grad, grad_loss, params, grad=True)  # float32, 0-dim
     return grad
 
 
