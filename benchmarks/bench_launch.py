@@ -1,14 +1,14 @@
 """
-Launch sweep of the Triton loss kernels on the GPU. For each launch configuration of each
-kernel family, the forward + backward of ``ours_sigmoid_focal`` (the sigmoid kernel:
-``SIGMOID_BLOCK`` elements and ``SIGMOID_WARPS`` warps per program) and ``ours_softmax_focal``
-(the softmax kernel: ``SOFTMAX_ELEMENTS`` elements, so ``SOFTMAX_ELEMENTS / 128`` rows of 81
-logits, and ``SOFTMAX_WARPS`` warps per program) at N anchors x K = 80, on the inputs of
+Launch sweep of the Triton loss kernels on the GPU. For each launch configuration of each kernel
+family, the forward + backward of ``ours_sigmoid_focal`` (the sigmoid kernel: ``SIGMOID_BLOCK``
+elements and ``SIGMOID_WARPS`` warps per program) and ``ours_softmax_focal`` (the softmax
+kernel: ``SOFTMAX_ELEMENTS`` elements, so ``SOFTMAX_ELEMENTS / 128`` rows of 81 logits, at most
+32 a warp, and ``SOFTMAX_WARPS`` warps per program) at N anchors x K = 80, on the inputs of
 ``bench_loss.py`` and timed as ``bench_loss.py --device cuda`` times them: the median of
-per-call CUDA events from an idle GPU, and the mean of calls back to back. The configuration
-in ``focal_det2/losses/triton_kernels.py`` is marked ``*``. Each configuration's loss and
-gradient are checked against the committed configuration's (the sum's order changes with the
-blocks, so within a few roundings of the dtype).
+per-call CUDA events from an idle GPU, and the mean of calls back to back. The configuration in
+``focal_det2/losses/triton_kernels.py`` is marked ``*``. Each configuration's loss and gradient
+are checked against the committed configuration's (the sum's order changes with the blocks, so
+within a few roundings of the dtype).
 
 Usage::
 
@@ -35,7 +35,8 @@ SWEEPS = {
     "softmax": (
         "ours_softmax_focal",
         ("SOFTMAX_ELEMENTS", "SOFTMAX_WARPS"),
-        [(elements, warps) for elements in (128, 256, 512, 1024) for warps in (1, 2)],
+        # rows of 128 (K = 80): 4 to 32 with one warp, then one row a thread on 2 and 4 warps
+        [(elements, 1) for elements in (512, 1024, 2048, 4096)] + [(8192, 2), (16384, 4)],
     ),
 }
 # Largest relative difference allowed between two configurations' loss and gradient, in

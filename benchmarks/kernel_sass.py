@@ -6,7 +6,8 @@ launch constants it runs with and the specialisation a launch at K = 80 and
 N = 400k or 2M gets (16-byte aligned tensors, N and N * K divisible by 16),
 its machine code (SASS) is disassembled by the ``nvdisasm`` that Triton
 ships, and its instructions are counted per logit (instructions per thread
-x threads per program / logits per program) and by opcode.
+x threads per program / logits per program) and by opcode, with the registers a thread takes
+and the bytes it spills to local memory (``cuobjdump``'s resource usage).
 
     python benchmarks/kernel_sass.py                        # sm_90 (H100, H200), K = 80
     python benchmarks/kernel_sass.py --arch 100 --out benchmarks/results/kernel_sass.json
@@ -40,6 +41,7 @@ from focal_det2.losses import triton_kernels as tk  # noqa: E402
 
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+CUOBJDUMP = os.path.join(os.path.dirname(NVDISASM), "cuobjdump")
 # `/*0120*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;`: the opcode after an optional predicate.
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -87,8 +89,23 @@ def softmax_kernel(k: int, dtype: str, grad: bool):
 KERNELS = {"sigmoid": sigmoid_kernel, "softmax": softmax_kernel}
 
 
-def sass_opcodes(kernel, signature: dict, constexprs: dict, warps: int, arch: int) -> list:
-    """The opcodes of the kernel's SASS for sm_<arch>, padding NOPs left out."""
+def resource_usage(cubin_path: str) -> dict:
+    """
+    Registers a thread and the bytes of stack a thread spills to (local memory), from
+    ``cuobjdump --dump-resource-usage``: ``REG:175 STACK:0 SHARED:1024 LOCAL:0 ...``.
+    """
+    out = subprocess.run(
+        [CUOBJDUMP, "--dump-resource-usage", cubin_path], capture_output=True, text=True, check=True
+    ).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {
+        "registers": int(usage["REG"]),
+        "stack_bytes": int(usage["STACK"]) + int(usage["LOCAL"]),
+    }
+
+
+def sass_opcodes(kernel, signature: dict, constexprs: dict, warps: int, arch: int):
+    """The opcodes of the kernel's SASS for sm_<arch>, padding NOPs left out, and its :func:`resource_usage`."""
     names = list(signature) + list(constexprs)
     if names != list(kernel.arg_names):
         raise RuntimeError(
@@ -110,18 +127,20 @@ def sass_opcodes(kernel, signature: dict, constexprs: dict, warps: int, arch: in
         sass = subprocess.run(
             [NVDISASM, "-c", path], capture_output=True, text=True, check=True
         ).stdout
+        usage = resource_usage(path)
     opcodes = [m.group(1) for m in map(INSTRUCTION.match, sass.splitlines()) if m]
-    return [op for op in opcodes if op != "NOP"]
+    return [op for op in opcodes if op != "NOP"], usage
 
 
 def measure(family: str, k: int, dtype_name: str, grad: bool, arch: int) -> dict:
     kernel, signature, constexprs, threads, logits = KERNELS[family](k, DTYPES[dtype_name], grad)
-    opcodes = sass_opcodes(kernel, signature, constexprs, threads // 32, arch)
+    opcodes, usage = sass_opcodes(kernel, signature, constexprs, threads // 32, arch)
     return {
         "kernel": f"{family} {'backward' if grad else 'forward'}",
         "dtype": dtype_name,
         "instructions": len(opcodes),
         "per_logit": round(len(opcodes) * threads / logits, 2),
+        **usage,
         "by_opcode": dict(collections.Counter(opcodes).most_common()),
     }
 
@@ -146,14 +165,17 @@ def main(argv=None):
         for grad in (False, True)
     ]
     print(f"SASS for sm_{args.arch}, K = {args.k}, triton {triton.__version__}")
-    print("| kernel | dtype | instructions a thread | per logit | MUFU | FFMA + FMUL + FADD |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| kernel | dtype | instructions a thread | per logit | MUFU | FFMA + FMUL + FADD "
+        "| registers | spilled bytes |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         ops = r["by_opcode"]
         arithmetic = sum(ops.get(op, 0) for op in ("FFMA", "FMUL", "FADD"))
         print(
             f"| {r['kernel']} | {r['dtype']} | {r['instructions']} | {r['per_logit']:.1f} "
-            f"| {ops.get('MUFU', 0)} | {arithmetic} |"
+            f"| {ops.get('MUFU', 0)} | {arithmetic} | {r['registers']} | {r['stack_bytes']} |"
         )
     if args.out:
         config = {

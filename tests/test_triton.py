@@ -167,21 +167,30 @@ def test_launch_sizes_match_tritons_own_arithmetic(monkeypatch):
     """
     The launchers' plain integer arithmetic (triton.cdiv and next_power_of_2 cost microseconds a
     call) against Triton's: a softmax block of next_pow2(C) columns (C itself where C is a power
-    of 2), SOFTMAX_ELEMENTS in all, and enough programs to cover every element or row.
+    of 2), SOFTMAX_ELEMENTS in all (SOFTMAX_SMOOTH_ELEMENTS with label smoothing), at least one
+    row and at most one a thread (32 a warp), and enough programs to cover every element or row.
     """
     monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
-    monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 512)
-    for c in [1, 2, 3, 7, 8, 9, 64, 80, 81, 127, 128, 129, 300]:
+    monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 2048)
+    monkeypatch.setattr(triton_kernels, "SOFTMAX_SMOOTH_ELEMENTS", 512)
+    monkeypatch.setattr(triton_kernels, "SOFTMAX_WARPS", 2)
+    for c in [1, 2, 3, 7, 8, 9, 16, 17, 64, 80, 81, 127, 128, 129, 300, 3000]:
         block_c = triton.next_power_of_2(c)
-        assert triton_kernels._softmax_block(c) == (max(1, 512 // block_c), block_c)
+        rows = {False: max(1, min(64, 2048 // block_c)), True: max(1, min(64, 512 // block_c))}
+        for smooth in (False, True):
+            assert triton_kernels._softmax_block(c, smooth) == (rows[smooth], block_c)
         for n in [1, 5, 63, 64, 65, 1000]:
             logits = torch.empty(n, c, device="meta")
-            assert triton_kernels._num_programs(triton_kernels._sigmoid_launch, logits) == (
+            assert triton_kernels._num_programs(triton_kernels._sigmoid_launch, logits, ()) == (
                 triton.cdiv(n * c, 64)
             )
-            assert triton_kernels._num_programs(triton_kernels._softmax_launch, logits) == (
-                triton.cdiv(n, max(1, 512 // block_c))
-            )
+            for smoothing in (0.0, 0.1):
+                params = (2.0, None, smoothing)
+                assert triton_kernels._num_programs(
+                    triton_kernels._softmax_launch, logits, params
+                ) == triton.cdiv(n, rows[smoothing > 0])
+    assert triton_kernels._softmax_block(16)[0] == 64  # 128 rows of 16 would be two a thread
+    assert triton_kernels._softmax_block(3000, True)[0] == 1
 
 
 def test_gamma_is_a_runtime_argument_of_the_kernels():

@@ -40,13 +40,17 @@ __all__ = ["sigmoid_family", "softmax_family"]
 # exp(x) is taken as exp2(x log2(e)), log2(e) = 1.4426950408889634, written out in the
 # kernels (Triton kernels read no non-constexpr globals).
 # Launch configurations. The sigmoid kernel takes SIGMOID_BLOCK consecutive
-# elements per program. The softmax kernel takes SOFTMAX_ELEMENTS / next_pow2(C)
-# rows per program, one warp each: Triton lays a (rows, 128) block out one row
-# per warp instruction, and with more warps it would spread a row over several
-# warps, whose row reductions then go through shared memory. Both chosen by a
-# launch sweep on the GPU (README "Performance" says which and what it gave).
+# elements per program, chosen by a launch sweep on the GPU. The softmax kernel
+# takes SOFTMAX_ELEMENTS / next_pow2(C) rows per program (SOFTMAX_SMOOTH_ELEMENTS
+# with label smoothing), at most one per thread. Triton lays a (rows, 128) block
+# out one row per warp instruction, and each row's own values (its maximum, sum,
+# two log1p, modulator) one per thread where there are 32 rows a warp; with fewer,
+# every lane of a row repeats that arithmetic (at K = 80, 4 rows a program issued
+# 2.7x the instructions per logit of 32, benchmarks/kernel_sass.py). 32 rows of
+# 128 take ~160-175 registers a thread; with label smoothing's extra terms they
+# spill, so smoothing keeps 512 elements. README "Performance" says what each gave.
 SIGMOID_BLOCK, SIGMOID_WARPS = 4096, 8
-SOFTMAX_ELEMENTS, SOFTMAX_WARPS = 512, 1
+SOFTMAX_ELEMENTS, SOFTMAX_SMOOTH_ELEMENTS, SOFTMAX_WARPS = 4096, 512, 1
 
 
 @triton.jit
@@ -327,7 +331,7 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
         alpha_table, pos_weight, neg_weight = weights, 0.0, 0.0
     else:
         alpha_table, (pos_weight, neg_weight) = logits, weights  # the table is unread
-    grid = (_num_programs(_sigmoid_launch, logits),)
+    grid = (_num_programs(_sigmoid_launch, logits, params),)
     _sigmoid_kernel[grid](
         logits,
         labels,
@@ -354,8 +358,8 @@ def _sigmoid_launch(logits, labels, out, grad_loss, params, grad: bool):
 def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
     n, c = logits.shape
     gamma, weight, smoothing = params
-    block_r, block_c = _softmax_block(c)
-    grid = (_num_programs(_softmax_launch, logits),)
+    block_r, block_c = _softmax_block(c, smoothing > 0)
+    grid = (_num_programs(_softmax_launch, logits, params),)
     _softmax_kernel[grid](
         logits,
         labels,
@@ -376,23 +380,29 @@ def _softmax_launch(logits, labels, out, grad_loss, params, grad: bool):
 
 # Launch sizes in plain integer arithmetic: triton.cdiv and triton.next_power_of_2 are
 # ConstexprFunctions, about 3 us a call on the host, paid before each launch.
-def _softmax_block(c: int) -> Tuple[int, int]:
-    """(rows, columns) of a softmax program's block: next_pow2(C) columns, SOFTMAX_ELEMENTS in all."""
+def _softmax_block(c: int, smooth: bool = False) -> Tuple[int, int]:
+    """
+    (rows, columns) of a softmax program's block: next_pow2(C) columns, SOFTMAX_ELEMENTS in all
+    (SOFTMAX_SMOOTH_ELEMENTS with label smoothing), at least 1 row and at most one a thread.
+    """
     block_c = 1 << (c - 1).bit_length()
-    return max(1, SOFTMAX_ELEMENTS // block_c), block_c
+    elements = SOFTMAX_SMOOTH_ELEMENTS if smooth else SOFTMAX_ELEMENTS
+    return max(1, min(32 * SOFTMAX_WARPS, elements // block_c)), block_c
 
 
-def _num_programs(launch, logits) -> int:
+def _num_programs(launch, logits, params) -> int:
+    """The programs ``launch`` runs on ``logits``: one partial sum each in the forward."""
     n, c = logits.shape
     if launch is _sigmoid_launch:
         return -(-n * c // SIGMOID_BLOCK)
-    return -(-n // _softmax_block(c)[0])
+    return -(-n // _softmax_block(c, params[2] > 0)[0])
 
 
 def _forward(launch, logits, labels, params) -> Tensor:
     if logits.numel() == 0:
         return logits.new_zeros((), dtype=fused.compute_dtype(logits.dtype))
-    partial = torch.empty(_num_programs(launch, logits), dtype=torch.float32, device=logits.device)
+    programs = _num_programs(launch, logits, params)
+    partial = torch.empty(programs, dtype=torch.float32, device=logits.device)
     launch(logits, labels, partial, partial, params, grad=False)
     return partial.sum()  # float32, a fixed-order tree over the partial sums
 
