@@ -914,15 +914,12 @@ def softmax_focal_loss(
     Returns:
         Tensor: scalar, the sum over valid anchors.
     """
-    triton = _use_triton(logits)
-    # the Triton kernel reads float32 weights; the chunk kernels compute in the logits' dtype
-    dtype = torch.float32 if triton else compute_dtype(logits.dtype)
-    num_classes = logits.shape[1] - 1
+    dtype, num_classes = compute_dtype(logits.dtype), logits.shape[1] - 1
     if class_alpha is None:
         class_weight = _alpha_weights(num_classes, float(alpha), dtype, logits.device)
     else:
         class_weight = _label_weights(num_classes, alpha, class_alpha, dtype, logits.device)
-    if triton:
+    if _use_triton(logits):  # float32 weights: the Triton kernels take float32, float16, bfloat16
         from . import triton_kernels
 
         return triton_kernels.softmax_family(
