@@ -802,8 +802,9 @@ def test_bench_loss_host_time_is_the_median_from_call_to_return(timed_as_on_cuda
     clock = iter([0.0, 0.001, 10.0, 10.005, 20.0, 20.002])
     calls = []
     monkeypatch.setattr(bench_loss.time, "perf_counter", lambda: next(clock))
-    assert bench_loss._host_ms(lambda: calls.append(1), 3) == pytest.approx(2.0)
-    assert len(calls) == 3
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("synced"))
+    assert bench_loss._host_ms(lambda: calls.append("called"), 3) == pytest.approx(2.0)
+    assert calls == ["synced", "called"] * 3 + ["synced"]
 
 
 def test_bench_loss_cuda_measures_our_host_time(timed_as_on_cuda):
@@ -1033,6 +1034,22 @@ def test_bench_launch_refuses_a_configuration_that_computes_another_loss(bench_l
     ):
         bench_launch.sweep_family("softmax", 32, "float32", 1, 0)
     assert triton_kernels.SOFTMAX_ELEMENTS == committed
+
+
+def test_bench_launch_sweeps_the_committed_configurations_and_the_softmax_rows():
+    """
+    Each family's sweep holds the committed configuration; the softmax one takes 4, 8, 16 and 32
+    rows of 128 on one warp, and 32 rows a warp (one a thread) on two and four.
+    """
+    bench_launch = load_benchmark("bench_launch")
+    from focal_det2.losses import triton_kernels
+
+    for family, (_, keys, grid) in bench_launch.SWEEPS.items():
+        assert tuple(getattr(triton_kernels, key) for key in keys) in grid, family
+    _, keys, grid = bench_launch.SWEEPS["softmax"]
+    assert keys == ("SOFTMAX_ELEMENTS", "SOFTMAX_WARPS")
+    rows = [(min(32 * warps, elements // 128), warps) for elements, warps in grid]
+    assert rows == [(4, 1), (8, 1), (16, 1), (32, 1), (64, 2), (128, 4)]
 
 
 def test_bench_launch_disagreement_is_the_larger_relative_difference():

@@ -281,8 +281,10 @@ def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch, pa
     else:
         use_triton(monkeypatch)
         monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
-        # 4 rows of next_pow2(9) (smoothing takes SOFTMAX_SMOOTH_ELEMENTS)
+        # 4 rows of next_pow2(9): smoothing takes SOFTMAX_SMOOTH_ELEMENTS (the plain kernel's 1
+        # row a program would leave rows out)
         monkeypatch.setattr(triton_kernels, "SOFTMAX_SMOOTH_ELEMENTS", 4 * 8)
+        monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 8)
     backends._reset_backend()
     loss = smoothed(name, 0.1, 8)
     logits, labels = batch(loss.num_logits, 8, n=100, dtype=torch.float32)
