@@ -1302,6 +1302,9 @@ def test_imbalance_means_are_over_the_images_read_and_images_need_no_objects():
     try:
         empty = imbalance.measure_imbalance(cfg, "digits_no_objects")
         assert empty["positive_per_image"] == 0 and empty["negative_per_image"] > 0
+        assert empty["negatives_per_positive"] is None  # not the negative count
+        line = imbalance.format_table({128: dict(empty, images=1)}).splitlines()[-1]
+        assert line.startswith("| 128 px | 1 | 0.00 |") and line.endswith("| no positives |")
         with pytest.raises(ValueError, match="data set 'digits_no_images' has no images"):
             imbalance.measure_imbalance(cfg, "digits_no_images")
     finally:
@@ -1974,6 +1977,14 @@ def test_plot_imbalance_errors_name_the_file(tmp_path):
         match="row 'ce_a0.75' has no canvas; this is not the output of a preset with canvases",
     ):
         tool.sweep(str(other))
+    data["canvases"]["128"]["negatives_per_positive"] = None  # a split without positives
+    (folder / "imbalance.json").write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError,
+        match=r"partial/imbalance.json: canvas \[128\] has no positive anchors, so no negatives "
+        "per positive to plot it at",
+    ):
+        tool.sweep(str(folder))
 
 
 def _rewrite_runs(folder, edit):

@@ -146,7 +146,7 @@ def measure_imbalance(cfg, dataset: str, num_images: Optional[int] = None) -> Di
         dict: ``dataset``, ``images``, ``objects_per_image``, ``anchors_per_image``,
             ``positive_per_image``, ``negative_per_image``, ``ignored_per_image``
             (means over the images) and ``negatives_per_positive`` (all negatives
-            over all positives of the images).
+            over all positives of the images; None where there is no positive).
     """
     import torch
     from detectron2.data import DatasetCatalog, DatasetMapper
@@ -175,7 +175,8 @@ def measure_imbalance(cfg, dataset: str, num_images: Optional[int] = None) -> Di
     n = len(dicts)
     result = {"dataset": dataset, "images": n}
     result.update({f"{k}_per_image": v / n for k, v in totals.items()})
-    result["negatives_per_positive"] = totals["negative"] / max(totals["positive"], 1)
+    positives = totals["positive"]
+    result["negatives_per_positive"] = totals["negative"] / positives if positives else None
     return result
 
 
@@ -214,10 +215,11 @@ def format_table(measurements: Dict[int, Dict]) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for side, m in sorted(measurements.items()):
+        ratio = m["negatives_per_positive"]
         lines.append(
             f"| {side} px | {m['images']:,} | {m['objects_per_image']:.2f} | {m['anchors_per_image']:,.0f} "
             f"| {m['positive_per_image']:.1f} | {m['negative_per_image']:,.0f} | {m['ignored_per_image']:.1f} "
-            f"| {m['negatives_per_positive']:,.0f} |"
+            f"| {'no positives' if ratio is None else f'{ratio:,.0f}'} |"
         )
     return "\n".join(lines)
 

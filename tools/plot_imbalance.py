@@ -65,6 +65,12 @@ def read_imbalance(folder: str) -> Dict[int, float]:
         )
     with open(path) as f:
         canvases = json.load(f)["canvases"]
+    empty = sorted(int(side) for side, m in canvases.items() if m["negatives_per_positive"] is None)
+    if empty:
+        raise ValueError(
+            f"{path}: canvas {empty} has no positive anchors, so no negatives per positive to "
+            "plot it at"
+        )
     return {int(side): float(m["negatives_per_positive"]) for side, m in canvases.items()}
 
 
