@@ -1,7 +1,7 @@
 """
 Static cost of the Triton kernels on a GPU architecture, measured without a
 GPU: each kernel of ``focal_det2/losses/triton_kernels.py`` (sigmoid and
-softmax family, forward and backward) is compiled for the target with the
+softmax family, forward and backward, without and with label smoothing) is compiled for the target with the
 launch constants it runs with and the specialisation a launch at K = 80 and
 N = 400k or 2M gets (16-byte aligned tensors, N and N * K divisible by 16),
 its machine code (SASS) is disassembled by the ``nvdisasm`` that Triton
@@ -46,7 +46,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(NVDISASM), "cuobjdump")
 INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def sigmoid_kernel(k: int, dtype: str, grad: bool):
+def sigmoid_kernel(k: int, dtype: str, grad: bool, smooth: bool = False):
     """(kernel, signature, constexprs, threads, logits per program) of one sigmoid launch."""
     signature = {
         "x_ptr": f"*{dtype}",
@@ -63,15 +63,15 @@ def sigmoid_kernel(k: int, dtype: str, grad: bool):
         "BLOCK": tk.SIGMOID_BLOCK,
         "CLASS_ALPHA": False,
         "GRAD": grad,
-        "SMOOTH": False,
+        "SMOOTH": smooth,
     }
     return tk._sigmoid_kernel, signature, constexprs, 32 * tk.SIGMOID_WARPS, tk.SIGMOID_BLOCK
 
 
-def softmax_kernel(k: int, dtype: str, grad: bool):
+def softmax_kernel(k: int, dtype: str, grad: bool, smooth: bool = False):
     """(kernel, signature, constexprs, threads, logits per program) of one softmax launch (K + 1 logits a row)."""
     c = k + 1
-    rows, block_c = tk._softmax_block(c)
+    rows, block_c = tk._softmax_block(c, smooth)
     signature = {
         "x_ptr": f"*{dtype}",
         "labels_ptr": "*i64",
@@ -82,7 +82,7 @@ def softmax_kernel(k: int, dtype: str, grad: bool):
         "gamma": "fp32",
         "smoothing": "fp32",
     }
-    constexprs = {"C": c, "BLOCK_R": rows, "BLOCK_C": block_c, "GRAD": grad, "SMOOTH": False}
+    constexprs = {"C": c, "BLOCK_R": rows, "BLOCK_C": block_c, "GRAD": grad, "SMOOTH": smooth}
     return tk._softmax_kernel, signature, constexprs, 32 * tk.SOFTMAX_WARPS, rows * c
 
 
@@ -132,11 +132,15 @@ def sass_opcodes(kernel, signature: dict, constexprs: dict, warps: int, arch: in
     return [op for op in opcodes if op != "NOP"], usage
 
 
-def measure(family: str, k: int, dtype_name: str, grad: bool, arch: int) -> dict:
-    kernel, signature, constexprs, threads, logits = KERNELS[family](k, DTYPES[dtype_name], grad)
+def measure(family: str, k: int, dtype_name: str, grad: bool, arch: int, smooth=False) -> dict:
+    """The kernel of ``family`` as it is launched, with label smoothing's terms if ``smooth``."""
+    kernel, signature, constexprs, threads, logits = KERNELS[family](
+        k, DTYPES[dtype_name], grad, smooth
+    )
     opcodes, usage = sass_opcodes(kernel, signature, constexprs, threads // 32, arch)
     return {
-        "kernel": f"{family} {'backward' if grad else 'forward'}",
+        "kernel": f"{family} {'backward' if grad else 'forward'}"
+        + (", label smoothing" if smooth else ""),
         "dtype": dtype_name,
         "instructions": len(opcodes),
         "per_logit": round(len(opcodes) * threads / logits, 2),
@@ -159,15 +163,16 @@ def main(argv=None):
     if unknown or not dtypes:
         parser.error(f"--dtypes {args.dtypes!r}: allowed are {', '.join(DTYPES)}")
     results = [
-        measure(family, args.k, dtype, grad, args.arch)
+        measure(family, args.k, dtype, grad, args.arch, smooth)
         for dtype in dtypes
+        for smooth in (False, True)
         for family in KERNELS
         for grad in (False, True)
     ]
     print(f"SASS for sm_{args.arch}, K = {args.k}, triton {triton.__version__}")
     print(
         "| kernel | dtype | instructions a thread | per logit | MUFU | FFMA + FMUL + FADD "
-        "| registers | spilled bytes |"
+        "| registers | stack bytes (spills) |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:

@@ -538,19 +538,24 @@ def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["gpu_measure.log"]
 
 
+def skip_without_sass_tools():
+    """Skips unless Triton ships the nvdisasm and cuobjdump that kernel_sass.py runs."""
+    triton = pytest.importorskip("triton")
+    # (not imported here: the script turns Triton's interpreter off for its own process)
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for tool in ("nvdisasm", "cuobjdump"):
+        if not os.path.exists(os.path.join(folder, tool)):
+            pytest.skip(f"no {tool} in this Triton ({folder})")
+    return triton
+
+
 def test_kernel_sass_counts_each_kernels_instructions_for_sm90(tmp_path):
     """
-    benchmarks/kernel_sass.py compiles the four Triton kernels for sm_90 on this machine (no
+    benchmarks/kernel_sass.py compiles the eight Triton kernels for sm_90 on this machine (no
     GPU) and counts their SASS: every kernel, its opcodes adding up to its count, per logit
     the count x threads / logits of a program (sigmoid: 256 threads, 4096 logits).
     """
-    triton = pytest.importorskip("triton")
-    # (not imported here: the script turns Triton's interpreter off for its own process)
-    nvdisasm = os.path.join(
-        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"
-    )
-    if not os.path.exists(nvdisasm):
-        pytest.skip(f"no nvdisasm in this Triton ({nvdisasm})")
+    triton = skip_without_sass_tools()
     out = tmp_path / "sass.json"
     stdout = run_script("kernel_sass.py", "--dtypes", "float32", "--out", str(out))
     assert "| sigmoid forward | float32 |" in stdout
@@ -558,12 +563,8 @@ def test_kernel_sass_counts_each_kernels_instructions_for_sm90(tmp_path):
     assert saved["config"]["arch"] == 90 and saved["config"]["K"] == 80
     assert saved["config"]["commit"] and saved["config"]["triton"] == triton.__version__
     results = {r["kernel"]: r for r in saved["results"]}
-    assert sorted(results) == [
-        "sigmoid backward",
-        "sigmoid forward",
-        "softmax backward",
-        "softmax forward",
-    ]
+    kernels = [f"{f} {p}" for f in ("sigmoid", "softmax") for p in ("forward", "backward")]
+    assert list(results) == kernels + [f"{k}, label smoothing" for k in kernels]
     for r in results.values():
         assert r["dtype"] == "float32" and r["instructions"] == sum(r["by_opcode"].values())
         assert r["by_opcode"].get("MUFU", 0) > 0 and "NOP" not in r["by_opcode"]
@@ -594,9 +595,9 @@ def test_kernel_sass_reads_the_spills_of_a_kernel_too_large_for_its_registers():
     """
     The softmax backward with label smoothing on 32 rows of 128 a warp (the launch of the
     plain kernel; smoothing's extra terms take 512 elements a program for this reason) runs
-    out of registers and spills: its stack bytes are read, the registers at the maximum.
+    out of registers and spills: its stack bytes are read.
     """
-    pytest.importorskip("triton")
+    skip_without_sass_tools()
     code = (
         "import sys; sys.argv = ['kernel_sass.py']; sys.path.insert(0, 'benchmarks'); "
         "import kernel_sass as t; k, sig, const, threads, n = t.softmax_kernel(80, 'fp32', True); "
@@ -604,11 +605,9 @@ def test_kernel_sass_reads_the_spills_of_a_kernel_too_large_for_its_registers():
         "print(const['BLOCK_R'], usage['registers'], usage['stack_bytes'])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode and "nvdisasm" in proc.stderr:
-        pytest.skip("no nvdisasm in this Triton")
     assert proc.returncode == 0, proc.stderr
     rows, registers, spilled = map(int, proc.stdout.split())
-    assert rows == 32 and registers == 255 and spilled > 0
+    assert rows == 32 and registers > 0 and spilled > 0
 
 
 def test_kernel_sass_names_a_kernel_whose_arguments_changed():
@@ -811,7 +810,10 @@ def test_bench_loss_cuda_measures_our_host_time(timed_as_on_cuda):
     bench_loss = timed_as_on_cuda
     r = bench_loss.run_cuda_one("ours_sigmoid_focal", 64, "float32", 3, 0)
     assert 0 < r["fwd_bwd_host_ms"] < 1e3
-    assert "fwd_bwd_host_ms" not in bench_loss.run_cuda_one("bandwidth", 64, "float32", 3, 0)
+    assert "fwd_bwd_host_ms" in bench_loss.run_cuda_one("autograd_floor", 64, "float32", 3, 0)
+    # the copy, and fvcore's boolean indexing that waits for the GPU: no host time
+    for name in ("bandwidth", "fvcore_jit"):
+        assert "fwd_bwd_host_ms" not in bench_loss.run_cuda_one(name, 64, "float32", 3, 0)
 
 
 def test_bench_loss_host_table_beside_the_gpu_time():
@@ -825,14 +827,14 @@ def test_bench_loss_host_table_beside_the_gpu_time():
     results = [
         result("ours_sigmoid_focal", 400000, "bfloat16", 0.25),
         result("ours_sigmoid_focal", 400000, "float32", 0.125),
-        result("fvcore_jit", 400000, "float32", 2.0),
+        result("autograd_floor", 400000, "float32", 2.0),
         result("bandwidth", 400000, "float32"),
     ]
     assert bench_loss.host_table(results).splitlines() == [
         "| implementation | 400k float32: host / GPU ms | 400k bfloat16: host / GPU ms |",
         "| --- | ---: | ---: |",
         "| ours_sigmoid_focal | 0.125 / 0.500 | 0.250 / 0.500 |",
-        "| fvcore_jit | 2.000 / 0.500 | - |",
+        "| autograd_floor | 2.000 / 0.500 | - |",
     ]
     assert bench_loss.host_table(results[3:]) == ""
     data = {

@@ -267,6 +267,34 @@ def test_ignored_anchors_have_zero_loss_and_gradient(name, chunking):
     assert_ignored_anchors_add_nothing(name, **kwargs_of(name))
 
 
+def test_softmax_weight_table_is_built_once_per_alpha_and_not_during_graph_capture(monkeypatch):
+    """
+    Without CLASS_ALPHA, softmax_focal's (K + 2,) weight table is built once per (K, alpha,
+    dtype, device) and reused (a call then runs no small ops for it); a table built while a
+    CUDA graph is captured holds nothing until the graph replays, so none is cached then.
+    """
+    logits, labels = batch("softmax_focal", num_anchors=40, seed=26)
+    fused._alpha_weights.cache_clear()
+    monkeypatch.setattr(fused, "_capturing", lambda device: True)
+    for alpha in (0.25, 0.25, 0.5):
+        assert_matches_reference(
+            "softmax_focal", logits, labels, **kwargs_of("softmax_focal", alpha=alpha)
+        )
+    assert fused._alpha_weights.cache_info().currsize == 0
+    monkeypatch.setattr(fused, "_capturing", lambda device: False)
+    for alpha in (0.25, 0.25, 0.5):
+        assert_matches_reference(
+            "softmax_focal", logits, labels, **kwargs_of("softmax_focal", alpha=alpha)
+        )
+    info = fused._alpha_weights.cache_info()
+    assert (info.currsize, info.hits) == (2, 1)
+    table = fused._alpha_weights(NUM_CLASSES, 0.5, torch.float32, logits.device)
+    assert table.tolist() == [0.0] + [0.5] * NUM_CLASSES + [0.5]
+    assert (
+        fused._alpha_weights(NUM_CLASSES, 0.25, torch.float32, logits.device).tolist()[-1] == 0.75
+    )
+
+
 @pytest.mark.parametrize("name", ["sigmoid_focal", "cross_entropy", "softmax_focal"])
 def test_ignored_anchors_add_nothing_with_label_smoothing(name, backend_name):
     assert_ignored_anchors_add_nothing(name, **kwargs_of(name), label_smoothing=0.1)

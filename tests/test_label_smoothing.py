@@ -272,7 +272,7 @@ def test_zero_smoothing_is_bit_identical(name, backend_name, paths):
 def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch, paths):
     """
     Chunks of a few rows (eager), and Triton programs of 64 elements (sigmoid,
-    starting inside rows) or 4 rows (softmax): every row's smoothed terms are
+    starting inside rows) or 2 rows (softmax): every row's smoothed terms are
     counted once.
     """
     if split == "eager chunks":
@@ -281,9 +281,9 @@ def test_many_chunks_or_blocks_count_every_row_once(name, split, monkeypatch, pa
     else:
         use_triton(monkeypatch)
         monkeypatch.setattr(triton_kernels, "SIGMOID_BLOCK", 64)
-        # 4 rows of next_pow2(9): smoothing takes SOFTMAX_SMOOTH_ELEMENTS (the plain kernel's 1
-        # row a program would leave rows out)
-        monkeypatch.setattr(triton_kernels, "SOFTMAX_SMOOTH_ELEMENTS", 4 * 8)
+        # 2 rows of next_pow2(9) = 16: smoothing takes SOFTMAX_SMOOTH_ELEMENTS (the plain
+        # kernel's 1 row a program would leave rows out)
+        monkeypatch.setattr(triton_kernels, "SOFTMAX_SMOOTH_ELEMENTS", 2 * 16)
         monkeypatch.setattr(triton_kernels, "SOFTMAX_ELEMENTS", 8)
     backends._reset_backend()
     loss = smoothed(name, 0.1, 8)

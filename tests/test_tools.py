@@ -1203,6 +1203,14 @@ def test_ablate_canvas_table_averages_the_ap_column():
         "| ignored anchors per image | 3.3 |",
         "| AP, CE, α=.75 | 42.0 ± 2.8 |",
     ]
+    imbalance[128]["negatives_per_positive"] = None  # images without a positive anchor
+    assert ablate.canvas_table(runs, results, imbalance)[2] == (
+        "| negatives per positive anchor | no positives |"
+    )
+    assert ablate.canvas_table(runs, results, {})[2:4] == [
+        "| negatives per positive anchor | – |",
+        "| ignored anchors per image | – |",
+    ]
 
 
 def test_ablate_shell_join_double_quotes_only_plain_literals():

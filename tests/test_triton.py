@@ -251,7 +251,7 @@ def test_a_call_runs_no_small_ops_beside_its_kernels(name, device, monkeypatch):
     Beside its two kernel launches (run, not recorded), a forward + backward allocates the
     partial sums and the gradient and adds the partial sums; autograd adds the incoming
     gradient (ones) and detaches. On a GPU every other op is a small kernel launched before
-    the loss's own: softmax_focal built its (K + 2,) weight table with five on every call.
+    the loss's own: softmax_focal built its (K + 2,) weight table with six on every call.
     """
     for launch in ("_sigmoid_launch", "_softmax_launch"):
         real = getattr(triton_kernels, launch)

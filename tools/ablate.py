@@ -1039,10 +1039,7 @@ def canvas_table(
         ("negatives per positive anchor", "negatives_per_positive", 0),
         ("ignored anchors per image", "ignored_per_image", 1),
     ):
-        cells = [
-            _fmt(imbalance[side][key], digits=digits) if side in imbalance else "–"
-            for side in sides
-        ]
+        cells = [_imbalance_cell(imbalance.get(side), key, digits) for side in sides]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     aps = {}  # (setting, side) -> AP of each finished seed
     for run in runs:
@@ -1053,6 +1050,13 @@ def canvas_table(
         cells = [_ap_cell(aps.get((setting, side), [])) for side in sides]
         lines.append(f"| AP, {labels.get(setting, setting)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _imbalance_cell(measured: Optional[dict], key: str, digits: int) -> str:
+    """``measured[key]``: "–" for a canvas not measured, "no positives" for a ratio without any."""
+    if measured is None:
+        return "–"
+    return "no positives" if measured[key] is None else _fmt(measured[key], digits=digits)
 
 
 def _ap_cell(aps: Sequence[Optional[float]]) -> str:

@@ -877,12 +877,22 @@ def _label_weights(
     return torch.cat([class_weight.new_zeros(1), class_weight])
 
 
+def _capturing(device: torch.device) -> bool:
+    """
+    Whether ``device``'s current CUDA stream is being captured into a CUDA graph: its ops are
+    recorded, not run, so a table built then holds nothing until the graph is replayed (and is
+    not cached).
+    """
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @lru_cache(maxsize=64)
 def _alpha_weights(num_classes: int, alpha: float, dtype: torch.dtype, device) -> Tensor:
     """
     :func:`_label_weights` without CLASS_ALPHA, which depends on numbers alone: built once
     per (K, alpha, dtype, device), so that a call adds no small kernels before the loss's own
-    on a GPU (building it takes five). Read only: the kernels never write to it.
+    on a GPU (building it takes five, and the Triton path cast it to float32: six). Read only:
+    the kernels never write to it.
     """
     return _label_weights(num_classes, alpha, None, dtype, device)
 
@@ -915,7 +925,7 @@ def softmax_focal_loss(
         Tensor: scalar, the sum over valid anchors.
     """
     dtype, num_classes = compute_dtype(logits.dtype), logits.shape[1] - 1
-    if class_alpha is None:
+    if class_alpha is None and not _capturing(logits.device):
         class_weight = _alpha_weights(num_classes, float(alpha), dtype, logits.device)
     else:
         class_weight = _label_weights(num_classes, alpha, class_alpha, dtype, logits.device)

@@ -46,8 +46,8 @@ __all__ = ["sigmoid_family", "softmax_family"]
 # out one row per warp instruction, and each row's own values (its maximum, sum,
 # two log1p, modulator) one per thread where there are 32 rows a warp; with fewer,
 # every lane of a row repeats that arithmetic (at K = 80, 4 rows a program issued
-# 2.7x the instructions per logit of 32, benchmarks/kernel_sass.py). 32 rows of
-# 128 take ~160-175 registers a thread; with label smoothing's extra terms they
+# 2.5-2.7x the instructions per logit of 32, benchmarks/kernel_sass.py). 32 rows of
+# 128 take ~160-200 registers a thread; with label smoothing's extra terms they
 # spill, so smoothing keeps 512 elements. README "Performance" says what each gave.
 SIGMOID_BLOCK, SIGMOID_WARPS = 4096, 8
 SOFTMAX_ELEMENTS, SOFTMAX_SMOOTH_ELEMENTS, SOFTMAX_WARPS = 4096, 512, 1
