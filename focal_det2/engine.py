@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -611,11 +612,21 @@ class _RecordingCheckpointer(DetectionCheckpointer):
         super()._log_incompatible_keys(incompatible)
 
 
-def _check_fits(path: str, incompatible, keys: RunKeys):
+# What a checkpoint that leaves model tensors at their initialisation would do, as
+# :func:`_check_fits` says it.
+EVALUATING = "Evaluating would score with those tensors at their random initialisation."
+RESUMING = (
+    "Resuming would go on from those tensors at their random initialisation, over the run's "
+    "config.yaml, metrics and evaluation."
+)
+
+
+def _check_fits(path: str, incompatible, keys: RunKeys, consequence: str = EVALUATING):
     """
-    Raise, naming the checkpoint and the tensors, if a load for evaluation left parameters
-    of the model at their initialisation: Detectron2 skips a tensor of another shape (a
-    softmax_focal checkpoint has K + 1 logits per anchor, a sigmoid one K) with a warning.
+    Raise, naming the checkpoint and the tensors, if a load left parameters of the model at
+    their initialisation (for evaluation, or to resume a run): Detectron2 skips a tensor of
+    another shape (a softmax_focal checkpoint has K + 1 logits per anchor, a sigmoid one K)
+    with a warning.
     """
     if incompatible is None:
         return
@@ -641,26 +652,45 @@ def _check_fits(path: str, incompatible, keys: RunKeys):
     missing = [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
     raise ValueError(
         f"{path} does not fit the model of this config: {'; '.join(shapes + missing)}. "
-        f"Evaluating would score with those tensors at their random initialisation. {fix}"
+        f"{consequence} {fix}"
     )
 
 
 def load_fitting(
-    model, path: str, checkpointables: Optional[dict] = None, keys: RunKeys = YACS_KEYS
+    model,
+    path: str,
+    checkpointables: Optional[dict] = None,
+    keys: RunKeys = YACS_KEYS,
+    consequence: str = EVALUATING,
 ):
     """
     Load the checkpoint ``path`` (a file or a URL) into ``model``, and its entries
     named by the keys of ``checkpointables`` into their values. An error while
     loading (a truncated file) carries a note that names the checkpoint; a
     checkpoint that leaves model tensors at their initialisation is an error
-    naming them (see :func:`_check_fits`) and the config ``keys`` to fix.
+    naming them (see :func:`_check_fits`, which says the ``consequence``) and the
+    config ``keys`` to fix.
     """
     checkpointer = _RecordingCheckpointer(model)
     for key, value in (checkpointables or {}).items():
         checkpointer.add_checkpointable(key, value)
     with _naming_checkpoint(path):
         checkpointer.load(path, checkpointables=list(checkpointables or ()))
-    _check_fits(path, checkpointer.incompatible, keys)
+    _check_fits(path, checkpointer.incompatible, keys, consequence)
+
+
+def check_checkpoint_fits(meta_model: Optional[torch.nn.Module], path: str, consequence: str):
+    """
+    :func:`load_fitting` of ``path`` into ``meta_model``, the run's model as :func:`check_cfg`
+    builds it on the meta device (nothing is copied), so that a checkpoint of another loss or
+    NUM_CLASSES is refused before the run writes anything. Nothing to check without a model
+    (one the meta device cannot build: the run's own load checks it) or a checkpoint.
+    """
+    if meta_model is None or not path:
+        return
+    with warnings.catch_warnings():  # each tensor copied into a meta parameter is a no-op
+        warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
+        load_fitting(meta_model, path, consequence=consequence)
 
 
 def load_for_evaluation(cfg, model):
@@ -689,11 +719,12 @@ def load_for_evaluation(cfg, model):
         )
 
 
-def check_cfg(cfg):
+def check_cfg(cfg) -> Optional[torch.nn.Module]:
     """
     Raise for a config value a run would reject, before the run writes
     anything: a float key that is NaN or infinite, every check the model
-    build makes, and ``DATALOADER.DEGENERATE_BOXES``.
+    build makes, and ``DATALOADER.DEGENERATE_BOXES``. Returns the model built
+    on the meta device (None where it cannot be).
 
     The model build's checks are spread over Detectron2's backbone, anchor
     generator and RetinaNet and over our loss, gamma schedule and head, and
@@ -712,9 +743,10 @@ def check_cfg(cfg):
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
     meta_arch = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)
-    build_on_meta(lambda: meta_arch(meta_cfg))
+    model = build_on_meta(lambda: meta_arch(meta_cfg))
     if meta_arch.__module__.startswith("detectron2."):
         _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
+    return model
 
 
 def _check_focal_node_unset(cfg):
@@ -797,15 +829,20 @@ def setup_cfg(args):
     ``OUTPUT_DIR/eval/<checkpoint name>``, so that the evaluation writes its
     config.yaml, log.txt and inference/ there, not over the training run's.
     A training run without ``--resume`` refuses an OUTPUT_DIR that holds
-    another run (:func:`check_output_dir_free`).
+    another run (:func:`check_output_dir_free`); ``--eval-only``, and ``--resume``
+    of a run, refuse a checkpoint that does not fit the config's model (another
+    loss or NUM_CLASSES: :func:`check_checkpoint_fits`), before writing.
     """
     cfg = load_config(args.config_file, args.opts)
     eval_only, resume = getattr(args, "eval_only", False), getattr(args, "resume", False)
     checkpoint = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume)
+    resumes_run = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if eval_only:
         cfg.OUTPUT_DIR = evaluation_output_dir(checkpoint, cfg.OUTPUT_DIR, resume)
         cfg.MODEL.WEIGHTS = checkpoint
-    check_cfg(cfg)
+    meta_model = check_cfg(cfg)
+    if eval_only or resumes_run:
+        check_checkpoint_fits(meta_model, checkpoint, EVALUATING if eval_only else RESUMING)
     if not eval_only and not resume:
         check_output_dir_free(cfg.OUTPUT_DIR)
     cfg.freeze()

@@ -459,6 +459,38 @@ def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, l
     assert cfg.OUTPUT_DIR == str(run) and "MAX_ITER: 4" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize("mode", ["--eval-only", "--resume"])
+def test_a_checkpoint_of_another_loss_is_refused_before_writing(tmp_path, loggers, mode):
+    """
+    Evaluating or resuming a sigmoid_focal run with softmax_focal: Detectron2 would skip the
+    classifier (another shape) with a warning, and write its config, log and results over the
+    run's (a resumed run's config.yaml and metrics.json, an evaluation's eval/ folder).
+    """
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    before = _snapshot(run)
+    argv = ["--config-file", config, mode, "MODEL.FOCAL.LOSS", "softmax_focal"]
+    if mode == "--eval-only":
+        argv += ["MODEL.WEIGHTS", run / "model_final.pth"]
+    with pytest.raises(ValueError) as error:
+        setup_cfg(_args(*argv))
+    message = str(error.value)
+    assert message.startswith(
+        f"{run / 'model_final.pth'} does not fit the model of this config: head.cls_score.weight"
+    ), message
+    consequence = "Evaluating would score" if mode == "--eval-only" else "Resuming would go on"
+    assert "Use the config the checkpoint was trained with (its run's config.yaml)" in message
+    assert consequence in message and "MODEL.FOCAL.LOSS (softmax_focal" in message
+    assert _snapshot(run) == before and not (run / "eval").exists()
+    # a fresh run's start (MODEL.WEIGHTS, no last_checkpoint) is not held to the model: a
+    # backbone's weights train a new detector
+    fresh = tmp_path / "fresh"
+    argv = ["--config-file", config, "--resume", "OUTPUT_DIR", fresh, "MODEL.FOCAL.LOSS"]
+    cfg = setup_cfg(_args(*argv, "softmax_focal", "MODEL.WEIGHTS", run / "model_final.pth"))
+    assert cfg.OUTPUT_DIR == str(fresh)
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
     from focal_det2.engine import setup_cfg
