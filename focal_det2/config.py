@@ -1,6 +1,7 @@
 """Config nodes of focal_det2 and the checks that name a bad key."""
 
 import contextlib
+import difflib
 import math
 import re
 from typing import Sequence
@@ -116,6 +117,65 @@ def _naming_type_mismatch(source: str):
         ) from e
 
 
+# yacs's errors for a key the config lacks: merge_from_list's and merge_from_file's.
+_UNKNOWN_KEY = re.compile(r"'?Non-existent (?:config )?key: ([^']+)'?")
+
+
+@contextlib.contextmanager
+def _naming_unknown_key(cfg, source: str):
+    """
+    Re-raise yacs's error for a key the config lacks (a typo: ``MODEL.FOCAL.GAMA``) as a
+    ``KeyError`` that says where it was written and names the keys it may stand for.
+    """
+    try:
+        yield
+    except (AssertionError, KeyError) as e:
+        found = _UNKNOWN_KEY.fullmatch(str(e))
+        if not found:
+            raise
+        key = found.group(1)  # a leaf, or the first node missing on its path (from a file)
+        close = _close_keys(cfg, key)
+        raise KeyError(
+            f"{key} {source}: the config has no such key"
+            + (f"; did you mean {' or '.join(close)}?" if close else ".")
+        ) from e
+
+
+def _close_keys(cfg, key: str) -> list:
+    """
+    The config's names ``key`` may stand for: its siblings of a close name where its parent
+    node exists (``MODEL.FOCAL.GAMA``: GAMMA), else names as deep of a close full name
+    (``MODEL.FOCL.GAMMA``: MODEL.FOCAL.GAMMA).
+    """
+    parent, _, name = key.rpartition(".")
+    prefix = parent + "." if parent else ""
+    flat = [k for k in flat_keys(cfg) if k.count(".") >= key.count(".")]
+    siblings = {k[len(prefix) :].split(".")[0] for k in flat if k.startswith(prefix)}
+    if siblings:
+        close = difflib.get_close_matches(name, sorted(siblings), n=3, cutoff=0.75)
+        return [prefix + n for n in close]
+    as_deep = {k.rsplit(".", k.count(".") - key.count("."))[0] for k in flat}
+    return difflib.get_close_matches(key, sorted(as_deep), n=3, cutoff=0.8)
+
+
+def check_override_list(opts: Sequence):
+    """
+    Raise, naming it, for a command-line override list that is not KEY VALUE pairs: a flag
+    (``--resume``) after the overrides, which argparse leaves among them, or an odd length.
+    """
+    flags = [o for o in map(str, opts) if o.startswith("--")]
+    if flags:
+        raise ValueError(
+            f"{' '.join(flags)} among the KEY VALUE overrides: flags go before them, e.g. "
+            f"train_net.py --config-file FILE {' '.join(flags)} KEY VALUE ..."
+        )
+    if len(opts) % 2:
+        raise ValueError(
+            f"the overrides {' '.join(map(str, opts))} are not KEY VALUE pairs: an odd number "
+            f"of words ({len(opts)}; a key without its value?)."
+        )
+
+
 def _a(type_name: str) -> str:
     return ("an " if type_name[0] in "aeiou" else "a ") + type_name
 
@@ -132,9 +192,13 @@ def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = F
     """
     cfg = get_cfg()
     add_focal_config(cfg)
-    with _naming_type_mismatch(f"in {config_file} or its _BASE_"):
+    check_override_list(opts)
+    source = f"in {config_file} or its _BASE_"
+    with _naming_type_mismatch(source), _naming_unknown_key(cfg, source):
         cfg.merge_from_file(config_file)
-    with _naming_type_mismatch("on the command line"):
+    with _naming_type_mismatch("on the command line"), _naming_unknown_key(
+        cfg, "on the command line"
+    ):
         cfg.merge_from_list(list(opts))
     if need_weights and not cfg.MODEL.WEIGHTS:
         raise ValueError(

@@ -405,6 +405,54 @@ def test_a_value_of_the_wrong_type_in_a_file_names_the_file(tmp_path):
         load_config(str(config))
 
 
+@pytest.mark.parametrize(
+    "key, close",
+    [
+        ("MODEL.FOCAL.GAMA", "did you mean MODEL.FOCAL.GAMMA?"),
+        ("MODEL.FOCL.GAMMA", "did you mean MODEL.FOCAL.GAMMA?"),  # a typo in a node's name
+        ("MODEL.FOCAL.TEMPERATURE", "."),  # nothing close
+    ],
+)
+def test_a_key_the_config_lacks_names_where_and_the_keys_it_may_stand_for(tmp_path, key, close):
+    with pytest.raises(KeyError) as error:
+        load_config(DIGITS_CONFIG, [key, "1.0"])
+    assert error.value.args[0] == f"{key} on the command line: the config has no such key" + (
+        f"; {close}" if close != "." else "."
+    )
+    config = tmp_path / "typo.yaml"
+    node, _, leaf = key.rpartition(".")
+    nested = "".join(f"{'  ' * i}{name}:\n" for i, name in enumerate(node.split(".")))
+    config.write_text(
+        f'_BASE_: "{DIGITS_CONFIG}"\n{nested}{"  " * (node.count(".") + 1)}{leaf}: 1.0\n'
+    )
+    with pytest.raises(KeyError) as error:
+        load_config(str(config))
+    # yacs names the first node the config lacks on the key's path
+    missing = "MODEL.FOCL" if key == "MODEL.FOCL.GAMMA" else key
+    assert error.value.args[0].startswith(
+        f"{missing} in {config} or its _BASE_: the config has no such key"
+    )
+    if key == "MODEL.FOCL.GAMMA":
+        assert error.value.args[0].endswith("; did you mean MODEL.FOCAL?")
+
+
+def test_overrides_that_are_not_key_value_pairs_are_refused_saying_why():
+    """A flag after the overrides (argparse leaves it among them) and a key without its value."""
+    with pytest.raises(ValueError) as error:
+        load_config(DIGITS_CONFIG, ["SOLVER.MAX_ITER", "2", "--resume"])
+    assert str(error.value) == (
+        "--resume among the KEY VALUE overrides: flags go before them, e.g. train_net.py "
+        "--config-file FILE --resume KEY VALUE ..."
+    )
+    with pytest.raises(ValueError) as error:
+        load_config(DIGITS_CONFIG, ["SOLVER.MAX_ITER", "2", "MODEL.FOCAL.GAMMA"])
+    assert str(error.value) == (
+        "the overrides SOLVER.MAX_ITER 2 MODEL.FOCAL.GAMMA are not KEY VALUE pairs: an odd "
+        "number of words (3; a key without its value?)."
+    )
+    assert load_config(DIGITS_CONFIG, ["MODEL.FOCAL.ALPHA", "-1.0"]).MODEL.FOCAL.ALPHA == -1.0
+
+
 def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
     """Detectron2's RetinaNet reads no MODEL.FOCAL key: a moved one would be silently ignored."""
     from focal_det2.engine import check_cfg
