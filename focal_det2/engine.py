@@ -8,6 +8,7 @@ the checkpoint and output-folder checks (:class:`RunKeys` names the keys),
 """
 
 import contextlib
+import difflib
 import itertools
 import json
 import logging
@@ -749,6 +750,31 @@ def check_cfg(cfg) -> Optional[torch.nn.Module]:
     return model
 
 
+def check_run_inputs(cfg, eval_only: bool):
+    """
+    Raise, naming the key, for what a run would fail on only after writing (a training run,
+    after training): a data set name in DATASETS.TRAIN (training) or DATASETS.TEST that is not
+    registered in Detectron2's ``DatasetCatalog`` (register your own before this check, as
+    Detectron2's builtin ones are at import), and a MODEL.DEVICE of CUDA where PyTorch sees
+    no CUDA device.
+    """
+    registered = DatasetCatalog.list()
+    for key in ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for name in cfg.DATASETS.get(key.split(".")[1]):
+            if name not in registered:
+                close = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
+                raise KeyError(
+                    f"{key}: {name!r} is not a registered data set"
+                    + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+                    + " (register your own with DatasetCatalog before the run is set up)."
+                )
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"MODEL.DEVICE={cfg.MODEL.DEVICE}, but PyTorch sees no CUDA device here "
+            "(torch.cuda.is_available() is False): set MODEL.DEVICE cpu."
+        )
+
+
 def _check_focal_node_unset(cfg):
     """
     Raise, naming them, for MODEL.FOCAL keys moved from their defaults: the config's
@@ -841,6 +867,7 @@ def setup_cfg(args):
         cfg.OUTPUT_DIR = evaluation_output_dir(checkpoint, cfg.OUTPUT_DIR, resume)
         cfg.MODEL.WEIGHTS = checkpoint
     meta_model = check_cfg(cfg)
+    check_run_inputs(cfg, eval_only)
     if eval_only or resumes_run:
         check_checkpoint_fits(meta_model, checkpoint, EVALUATING if eval_only else RESUMING)
     if not eval_only and not resume:

@@ -384,6 +384,22 @@ def _snapshot(folder):
             ["MODEL.BACKBONE.NAME", "no_such_backbone"],
             "no_such_backbone",
         ),  # Detectron2 checks it when building
+        (  # Detectron2 would find it after training, at the final evaluation
+            ["DATASETS.TEST", "('digits_vall_tiny',)"],
+            "DATASETS.TEST: 'digits_vall_tiny' is not a registered data set; did you mean "
+            "'digits_val_tiny' or 'digits_val_lt'? (register your own with DatasetCatalog before "
+            "the run is set up).",
+        ),
+        (
+            ["DATASETS.TRAIN", "('no_such_set',)"],
+            "DATASETS.TRAIN: 'no_such_set' is not a registered data set (register your own",
+        ),
+        pytest.param(
+            ["MODEL.DEVICE", "cuda"],
+            "MODEL.DEVICE=cuda, but PyTorch sees no CUDA device here (torch.cuda.is_available() "
+            "is False): set MODEL.DEVICE cpu.",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA"),
+        ),
     ],
 )
 def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, message):
@@ -394,6 +410,18 @@ def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, messa
     with pytest.raises(Exception, match=re.escape(message)):
         setup_cfg(_args("--config-file", config, *opts))
     assert _snapshot(run) == before
+
+
+def test_evaluation_reads_only_the_test_sets(tmp_path, loggers):
+    """--eval-only builds no training loader: an unregistered DATASETS.TRAIN does not stop it."""
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    argv = ["--config-file", config, "--eval-only", "MODEL.WEIGHTS", run / "model_final.pth"]
+    cfg = setup_cfg(_args(*argv, "DATASETS.TRAIN", "('no_such_set',)"))
+    assert cfg.DATASETS.TRAIN == ("no_such_set",)
+    with pytest.raises(KeyError, match="DATASETS.TEST: 'no_such_set' is not a registered"):
+        setup_cfg(_args(*argv, "DATASETS.TEST", "('no_such_set',)"))
 
 
 def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, loggers):
