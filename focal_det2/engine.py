@@ -43,6 +43,7 @@ from .data.checks import (
     check_degenerate_boxes_option,
     load_checked_dataset_dicts,
 )
+from .schedules import build_gamma_schedule, unfinished_warning
 
 __all__ = [
     "AttributeState",
@@ -875,4 +876,8 @@ def setup_cfg(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")
+    if not eval_only:
+        warning = unfinished_warning(build_gamma_schedule(cfg), cfg.SOLVER.MAX_ITER)
+        if warning:
+            logger.warning(warning)
     return cfg

@@ -6,7 +6,7 @@ trainer needs no hook and a resumed run continues from the right gamma.
 """
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detectron2.config import configurable
 from detectron2.utils.registry import Registry
@@ -148,6 +148,22 @@ class StepGamma(GammaSchedule):
 
     def progress(self, iteration):
         return sum(s <= iteration for s in self.steps) / len(self.steps)
+
+
+def unfinished_warning(schedule: GammaSchedule, max_iter: int) -> Optional[str]:
+    """
+    A warning, or None: whether ``schedule`` reaches MODEL.FOCAL.GAMMA by the end of a run
+    of ``max_iter`` iterations (SOLVER.MAX_ITER; the last one trains at ``schedule(max_iter -
+    1)``). A ramp or steps past the end would train at a gamma below the configured one
+    without a word, as a shortened MAX_ITER leaves them.
+    """
+    if schedule(max_iter) == schedule.end:
+        return None
+    return (
+        f"{_KEY} {schedule!r} does not reach MODEL.FOCAL.GAMMA={schedule.end} by "
+        f"SOLVER.MAX_ITER={max_iter}: training ends at gamma {schedule(max_iter - 1):.4g}. "
+        f"Shorten its ITERS or STEPS, or train longer."
+    )
 
 
 def initial_gamma(schedule: GammaSchedule) -> float:

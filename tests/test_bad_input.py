@@ -16,6 +16,7 @@ from conftest import (
     build_loss,
     cfg_value,
     digits_cfg,
+    logged,
     reference_loss_cls,
     tiny_cfg,
 )
@@ -410,6 +411,30 @@ def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, messa
     with pytest.raises(Exception, match=re.escape(message)):
         setup_cfg(_args("--config-file", config, *opts))
     assert _snapshot(run) == before
+
+
+def test_a_gamma_schedule_past_max_iter_is_a_warning_of_the_training_run(tmp_path, loggers):
+    """A linear ramp of 500 iterations in a run of 2 would train at gamma 0.004 without a word."""
+    import logging
+
+    from focal_det2.engine import setup_cfg
+
+    run, config = _trained_run_dir(tmp_path)
+    ramp = ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME", "linear", "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", 500]
+    opts = ["SOLVER.MAX_ITER", 2, *ramp]
+    with logged(logging.getLogger("focal_det2")) as records:
+        setup_cfg(_args("--config-file", config, *opts, "OUTPUT_DIR", tmp_path / "short"))
+    messages = [r.getMessage() for r in records]
+    assert any(
+        m.startswith("MODEL.FOCAL.GAMMA_SCHEDULE LinearGamma(")
+        and "does not reach MODEL.FOCAL.GAMMA=2.0 by SOLVER.MAX_ITER=2: training ends at gamma 0.004."
+        in m
+        for m in messages
+    ), messages
+    with logged(logging.getLogger("focal_det2")) as records:  # evaluation trains nothing
+        weights = ["MODEL.WEIGHTS", run / "model_final.pth"]
+        setup_cfg(_args("--config-file", config, "--eval-only", *opts, *weights))
+    assert not any("does not reach" in r.getMessage() for r in records)
 
 
 def test_evaluation_reads_only_the_test_sets(tmp_path, loggers):

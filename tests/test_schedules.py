@@ -205,3 +205,27 @@ def test_initial_gamma_is_the_schedules_gamma_at_iteration_0(schedule, first):
     """The gamma the head's prior is derived at: iteration 0's, not the smallest (a falling
     ramp ends below its start)."""
     assert schedules.initial_gamma(schedule) == schedule(0) == first
+
+
+@pytest.mark.parametrize(
+    "schedule, max_iter, last",
+    [
+        (schedules.ConstantGamma(end=2.0), 1, None),
+        (schedules.LinearGamma(end=2.0, iters=10), 10, None),  # the ramp ends with the run
+        (schedules.LinearGamma(end=2.0, iters=500), 2, 0.004),
+        (schedules.CosineGamma(end=1.0, start=3.0, iters=20), 10, 2.156),  # falling, at 9 of 20
+        (schedules.StepGamma(end=2.0, steps=[100, 200]), 150, 1.0),
+        (schedules.StepGamma(end=2.0, steps=[100, 200]), 200, None),
+    ],
+)
+def test_a_schedule_that_ends_after_training_is_named(schedule, max_iter, last):
+    """A ramp or steps past SOLVER.MAX_ITER (a shortened run) would end training below GAMMA."""
+    warning = schedules.unfinished_warning(schedule, max_iter)
+    if last is None:
+        assert warning is None
+        return
+    assert warning == (
+        f"MODEL.FOCAL.GAMMA_SCHEDULE {schedule!r} does not reach MODEL.FOCAL.GAMMA="
+        f"{schedule.end} by SOLVER.MAX_ITER={max_iter}: training ends at gamma {last:.4g}. "
+        "Shorten its ITERS or STEPS, or train longer."
+    )
