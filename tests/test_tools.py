@@ -417,12 +417,48 @@ def test_demo_defaults_are_the_documented_ones():
         .get_parser()
         .parse_args(["--config-file", "c.yaml", "--dataset", "d", "--output", "o"])
     )
-    assert (args.num_images, args.confidence_threshold, args.scale, args.columns) == (
-        8,
-        0.5,
-        2.0,
-        4,
+    assert (args.num_images, demo_threshold(args), args.scale, args.columns) == (8, 0.5, 2.0, 4)
+
+
+def demo_threshold(args):
+    return load_tool("demo").score_threshold(args)
+
+
+def test_demo_threshold_from_the_flag_or_the_key_not_both():
+    """SCORE_THRESH_TEST given as an override is kept (the flag's default replaced it)."""
+    parse = load_tool("demo").get_parser().parse_args
+    base = ["--config-file", "c.yaml", "--dataset", "d", "--output", "o"]
+    assert demo_threshold(parse([*base, "--confidence-threshold", "0.0"])) == 0.0
+    assert demo_threshold(parse([*base, "MODEL.RETINANET.SCORE_THRESH_TEST", "0.1"])) is None
+    both = parse(
+        [*base, "--confidence-threshold", "0.2", "MODEL.RETINANET.SCORE_THRESH_TEST", "0.1"]
     )
+    with pytest.raises(ValueError, match="--confidence-threshold and MODEL.RETINANET.SCORE_THRESH"):
+        demo_threshold(both)
+
+
+def test_demo_replaces_no_file_without_overwrite_and_checks_the_montage_first(tmp_path):
+    """A drawing's or the montage's path that exists (a file of yours) is refused before any
+    model is built; --overwrite replaces them; a montage extension PIL cannot write is named."""
+    demo = load_tool("demo")
+    outs = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    demo.check_outputs(outs, str(tmp_path / "m.png"), overwrite=False)
+    (tmp_path / "b.png").write_text("yours")
+    with pytest.raises(FileExistsError) as error:
+        demo.check_outputs(outs, str(tmp_path / "m.png"), overwrite=False)
+    assert str(error.value) == (
+        f"{outs[1]} exists and would be replaced: pass --overwrite to replace them, or choose "
+        "another --output (or --montage)."
+    )
+    demo.check_outputs(outs, None, overwrite=True)
+    with pytest.raises(ValueError, match=r"--montage .*notes.txt: no image format has that ext"):
+        demo.check_outputs(outs, str(tmp_path / "notes.txt"), overwrite=True)
+    config = REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml"
+    argv = ["--config-file", str(config), "--input", str(REPO / "docs" / "demo_detections.png")]
+    argv += ["--output", str(tmp_path / "drawn"), "--montage", str(tmp_path / "b.png")]
+    with pytest.raises(FileExistsError, match="b.png exists"):  # before the weights are read
+        demo.main([*argv, "MODEL.WEIGHTS", str(tmp_path / "never_read.pth")])
+    assert (tmp_path / "b.png").read_text() == "yours" and not (tmp_path / "drawn").exists()
 
 
 def test_demo_class_names_come_from_the_dataset_or_the_configs_test_set():

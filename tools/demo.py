@@ -14,7 +14,8 @@ Each image is written as a PNG, ``scale`` times its size, at its path
 relative to the inputs' common folder under ``--output`` (``dir1/a.png`` and
 ``dir2/a.png`` become ``<output>/dir1/a.png`` and ``<output>/dir2/a.png``;
 ``a.png`` and ``a.jpg`` of one folder ``a.png.png`` and ``a.jpg.png``), so no
-output replaces another; nothing is written into a folder of input images.
+output replaces another; nothing is written into a folder of input images,
+and a file that exists is replaced only with ``--overwrite``.
 ``--montage`` also tiles them into one PNG. Class
 names come from the data set's metadata (``--dataset``, else the config's
 first test set).
@@ -161,12 +162,60 @@ def get_parser():
     parser.add_argument("--output", required=True, help="directory for the drawn images")
     parser.add_argument("--montage", help="also tile all drawn images into this PNG")
     parser.add_argument("--columns", type=int, default=4, help="montage columns")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help=f"score threshold; default {DEFAULT_THRESHOLD}, or {THRESHOLD_KEY} given as an override",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace drawings and a montage that exist"
+    )
     parser.add_argument("--scale", type=float, default=2.0, help="output size / input size")
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
     )
     return parser
+
+
+DEFAULT_THRESHOLD = 0.5
+THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
+
+
+def score_threshold(args) -> Optional[float]:
+    """
+    The score threshold ``--confidence-threshold`` sets (default 0.5), or None to keep the
+    one given as ``MODEL.RETINANET.SCORE_THRESH_TEST`` among the overrides; both is an error.
+    """
+    if THRESHOLD_KEY in map(str, args.opts[::2]):
+        if args.confidence_threshold is not None:
+            raise ValueError(
+                f"--confidence-threshold and {THRESHOLD_KEY} both set the score threshold; "
+                "give one of them."
+            )
+        return None
+    return DEFAULT_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
+
+
+def check_outputs(outs: Sequence[str], montage_path: Optional[str], overwrite: bool):
+    """
+    Raise, naming them, for drawings or a montage that exist (a file of yours, or an earlier
+    run's) unless ``overwrite``, and for a ``--montage`` PIL cannot write, before drawing.
+    """
+    if montage_path and os.path.splitext(montage_path)[1].lower() not in (
+        Image.registered_extensions()
+    ):
+        raise ValueError(
+            f"--montage {montage_path}: no image format has that extension; write e.g. a .png."
+        )
+    existing = [p for p in [*outs, montage_path] if p and os.path.exists(p)]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise FileExistsError(
+            f"{shown} exist{'s' * (len(existing) == 1)} and would be replaced: pass --overwrite "
+            "to replace them, or choose another --output (or --montage)."
+        )
 
 
 class CheckedPredictor(DefaultPredictor):
@@ -187,13 +236,16 @@ class CheckedPredictor(DefaultPredictor):
 def main(argv=None) -> List[str]:
     args = get_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts, need_weights=True)
-    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
+    threshold = score_threshold(args)
+    if threshold is not None:
+        cfg.MODEL.RETINANET.SCORE_THRESH_TEST = threshold
     cfg.freeze()
     metadata = class_metadata(cfg, args.dataset)
     paths = input_images(args.input or (), args.dataset, args.num_images)
     outs = output_paths(paths, args.output)
     if args.montage and os.path.abspath(args.montage) in map(os.path.abspath, paths):
         raise ValueError(f"--montage {args.montage} is an input image; choose another file.")
+    check_outputs(outs, args.montage, args.overwrite)
     predictor = CheckedPredictor(cfg)
     written, drawn = [], []
     for path, out in zip(paths, outs):
@@ -201,7 +253,8 @@ def main(argv=None) -> List[str]:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         Image.fromarray(image).save(out)
         print(
-            f"{path}: {count} detection{'s' * (count != 1)} (score >= {args.confidence_threshold}) -> {out}"
+            f"{path}: {count} detection{'s' * (count != 1)} "
+            f"(score >= {cfg.MODEL.RETINANET.SCORE_THRESH_TEST}) -> {out}"
         )
         written.append(out)
         drawn.append(image)
