@@ -337,6 +337,11 @@ def checkpoint_to_load(
         if not weights or "://" in weights:
             return weights
         path, source, fix = weights, f"{keys.weights}={weights}", "pass a complete checkpoint"
+        if os.path.isdir(path):
+            raise IsADirectoryError(
+                f"{source} is a folder; pass a checkpoint file in it "
+                f"(e.g. {os.path.join(path, 'model_final.pth')})."
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{source}: the file does not exist.")
     if os.path.getsize(path) == 0:

@@ -742,6 +742,10 @@ def test_missing_checkpoint_file_is_named_before_anything_is_written(tmp_path, l
     ):
         setup_cfg(_args("--config-file", config, "MODEL.WEIGHTS", missing, "OUTPUT_DIR", fresh))
     assert not fresh.exists()
+    expected = f"MODEL.WEIGHTS={run} is a folder; pass a checkpoint file in it (e.g. {run}/model_final.pth)."
+    with pytest.raises(IsADirectoryError, match=re.escape(expected)):  # it exists: not 'missing'
+        setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", run))
+    assert _snapshot(run) == before
     (run / "last_checkpoint").write_text("model_0000009.pth")
     before = _snapshot(run)
     expected = f"{run / 'last_checkpoint'} names 'model_0000009.pth', but {missing} does not exist"
