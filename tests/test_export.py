@@ -260,3 +260,20 @@ def test_export_tool_refuses_an_unknown_export_method(tmp_path):
     ):
         load_tool("export_model").export(tiny_cfg(), "onnx", str(tmp_path))
     assert not (tmp_path / "model.ts").exists()
+
+
+def test_export_tool_replaces_no_model_without_overwrite(tmp_path):
+    """An earlier export's model.ts is refused before the model is built; --output a file too."""
+    tool = load_tool("export_model")
+    (tmp_path / "model.ts").write_text("earlier")
+    with pytest.raises(FileExistsError) as error:
+        tool.export(tiny_cfg(), "scripting", str(tmp_path))
+    assert str(error.value) == (
+        f"--output {tmp_path} holds model.ts (an earlier export): pass --overwrite to replace "
+        "it, or choose another --output."
+    )
+    assert (tmp_path / "model.ts").read_text() == "earlier"
+    assert tool.model_path(str(tmp_path), overwrite=True) == str(tmp_path / "model.ts")
+    with pytest.raises(NotADirectoryError, match=r"--output .*model.ts is a file; it must be a"):
+        tool.model_path(str(tmp_path / "model.ts"))
+    assert tool.get_parser().parse_args(["--config-file", "c", "--output", "o"]).overwrite is False

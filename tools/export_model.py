@@ -166,13 +166,32 @@ def agreement(expected: Instances, actual: Instances) -> Dict[str, object]:
     return report
 
 
+def model_path(output: str, overwrite: bool = False) -> str:
+    """
+    ``<output>/model.ts``. Raises, naming ``--output``, for an output that is a file, and for
+    a ``model.ts`` there (an earlier export) unless ``overwrite``.
+    """
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise NotADirectoryError(
+            f"--output {output} is a file; it must be a folder (model.ts is written into it)."
+        )
+    path = os.path.join(output, "model.ts")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(
+            f"--output {output} holds model.ts (an earlier export): pass --overwrite to replace "
+            "it, or choose another --output."
+        )
+    return path
+
+
 def export(
-    cfg, export_method: str, output: str, sample: str = None
+    cfg, export_method: str, output: str, sample: str = None, overwrite: bool = False
 ) -> Tuple[str, Dict[str, object]]:
     """
     Export the model of ``cfg`` (weights from MODEL.WEIGHTS, a trained model's:
     one that does not fit the model is an error; freshly initialised when empty)
-    to ``<output>/model.ts`` and compare the reloaded file with the eager model on
+    to ``<output>/model.ts`` (an existing one only with ``overwrite``, see
+    :func:`model_path`) and compare the reloaded file with the eager model on
     the sample image.
 
     Returns:
@@ -183,12 +202,12 @@ def export(
         raise ValueError(
             f"--export-method {export_method!r}: must be one of {list(EXPORT_METHODS)}."
         )
+    path = model_path(output, overwrite)
     model = build_model(cfg)
     load_for_evaluation(cfg, model)  # a checkpoint that does not fit the model is an error
     model.eval()
     image = sample_image(cfg, sample)
     os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, "model.ts")
     with torch.no_grad():
         if export_method == "scripting":
             run = export_scripting(model, path)
@@ -210,6 +229,7 @@ def get_parser():
         "--sample-image", default=None, help="default: the first image of DATASETS.TEST[0]"
     )
     parser.add_argument("--output", required=True, help="output directory for model.ts")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model.ts there")
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
     )
@@ -230,7 +250,7 @@ def main(argv=None) -> Dict[str, object]:
     cfg.freeze()
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: exporting a freshly initialised model.")
-    path, report = export(cfg, args.export_method, args.output, args.sample_image)
+    path, report = export(cfg, args.export_method, args.output, args.sample_image, args.overwrite)
     eager, exported = report["detections"]
     print(
         f"{path} ({args.format}, {args.export_method}): {eager} eager / {exported} exported detections, "
