@@ -1089,6 +1089,31 @@ def test_ablate_budget_of_a_two_iteration_preset():
     assert argv[argv.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "1"
 
 
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("SEED", "SEED among the key value pairs: ablate.py sets each run's SEED after them (it "
+         "would be ignored); use --seeds."),
+        ("OUTPUT_DIR", "OUTPUT_DIR among the key value pairs: ablate.py sets each run's OUTPUT_DIR "
+         "after them (it would be ignored); use --output-dir."),
+        ("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS among the key value "
+         "pairs: row soft_gamma_0to2 sets it to half the run's iterations after them (it would be "
+         "ignored); leave it out, or --rows without soft_gamma_0to2."),
+    ],
+)  # fmt: skip
+def test_ablate_refuses_overrides_it_would_replace(key, message):
+    """Keys ablate.py sets after the user's key value pairs would be dropped without a word."""
+    ablate = load_tool("ablate")
+    preset = ablate.Preset(iters=4)
+    rows = ablate.select_rows("ce_a0.25,soft_gamma_0to2", preset)
+    with pytest.raises(ValueError) as error:
+        ablate.plan(preset, rows, "/out", [key, "7"])
+    assert str(error.value) == message
+    # the ramp's key for rows without a ramp of their own is the user's
+    (run,) = ablate.plan(preset, rows[:1], "/out", ["MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", 3])
+    assert run.opts[-4:-2] == ["MODEL.FOCAL.GAMMA_SCHEDULE.ITERS", 3]
+
+
 def test_ablate_rows_canvases_and_seeds_of_hand_made_presets():
     ablate = load_tool("ablate")
     # a preset without rows runs every row

@@ -514,8 +514,22 @@ def plan(
         raise ValueError(
             f"key/value pairs after the options must come in pairs, got {list(extra_opts)}"
         )
+    given = {str(key) for key in extra_opts[::2]}
+    for key, option in (("SEED", "--seeds"), ("OUTPUT_DIR", "--output-dir")):
+        if key in given:
+            raise ValueError(
+                f"{key} among the key value pairs: ablate.py sets each run's {key} after them "
+                f"(it would be ignored); use {option}."
+            )
     runs = []
     for row in preset.expand(rows):
+        halved = sorted(given.intersection(row.half_budget_keys))
+        if halved:
+            raise ValueError(
+                f"{', '.join(halved)} among the key value pairs: row {row.name} sets it to half "
+                f"the run's iterations after them (it would be ignored); leave it out, or "
+                f"--rows without {row.name}."
+            )
         for seed in preset.seeds:
             opts = list(row.opts) + list(preset.opts) + preset.budget_opts() + list(extra_opts)
             for key in row.half_budget_keys:
