@@ -396,8 +396,8 @@ def _snapshot(folder):
             "DATASETS.TRAIN: 'no_such_set' is not a registered data set (register your own",
         ),
         pytest.param(
-            ["MODEL.DEVICE", "cuda"],
-            "MODEL.DEVICE=cuda, but PyTorch sees no CUDA device here (torch.cuda.is_available() "
+            ["MODEL.DEVICE", "cuda:1"],  # any CUDA device
+            "MODEL.DEVICE=cuda:1, but PyTorch sees no CUDA device here (torch.cuda.is_available() "
             "is False): set MODEL.DEVICE cpu.",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA"),
         ),
