@@ -258,7 +258,7 @@ def _calls(name: str, logits, labels):
 
 
 def _median_ms(fn, repeats: int, before=None) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` in ms, ``before()`` (untimed) ahead of each."""
+    """Median wall time of ``repeats`` calls of ``fn``, in ms; ``before()``, untimed, ahead of each."""
     times = []
     for _ in range(repeats):
         if before is not None:

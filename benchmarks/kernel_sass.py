@@ -1,13 +1,13 @@
 """
-Static cost of the Triton kernels on a GPU architecture, measured without a
-GPU: each kernel of ``focal_det2/losses/triton_kernels.py`` (sigmoid and
-softmax family, forward and backward, without and with label smoothing) is compiled for the target with the
-launch constants it runs with and the specialisation a launch at K = 80 and
-N = 400k or 2M gets (16-byte aligned tensors, N and N * K divisible by 16),
-its machine code (SASS) is disassembled by the ``nvdisasm`` that Triton
-ships, and its instructions are counted per logit (instructions per thread
-x threads per program / logits per program) and by opcode, with the registers a thread takes
-and the bytes it spills to local memory (``cuobjdump``'s resource usage).
+Static cost of the Triton kernels on a GPU architecture, measured without a GPU: each
+kernel of ``focal_det2/losses/triton_kernels.py`` (sigmoid and softmax family, forward
+and backward, without and with label smoothing) is compiled for the target with the
+launch constants it runs with and the specialisation a launch at K = 80 and N = 400k or
+2M gets (16-byte aligned tensors, N and N * K divisible by 16), its machine code (SASS)
+is disassembled by the ``nvdisasm`` that Triton ships, and its instructions are counted
+per logit (instructions per thread x threads per program / logits per program) and by
+opcode, with the registers a thread takes and the bytes it spills to local memory
+(``cuobjdump``'s resource usage).
 
     python benchmarks/kernel_sass.py                        # sm_90 (H100, H200), K = 80
     python benchmarks/kernel_sass.py --arch 100 --out benchmarks/results/kernel_sass.json
@@ -105,7 +105,10 @@ def resource_usage(cubin_path: str) -> dict:
 
 
 def sass_opcodes(kernel, signature: dict, constexprs: dict, warps: int, arch: int):
-    """The opcodes of the kernel's SASS for sm_<arch>, padding NOPs left out, and its :func:`resource_usage`."""
+    """
+    The opcodes of the kernel's SASS for sm_<arch>, padding NOPs left out, and its
+    :func:`resource_usage`.
+    """
     names = list(signature) + list(constexprs)
     if names != list(kernel.arg_names):
         raise RuntimeError(

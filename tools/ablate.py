@@ -1067,7 +1067,7 @@ def canvas_table(
 
 
 def _imbalance_cell(measured: Optional[dict], key: str, digits: int) -> str:
-    """``measured[key]``: "–" for a canvas not measured, "no positives" for a ratio without any."""
+    """``measured[key]``: "–" for a canvas not measured, "no positives" for no ratio."""
     if measured is None:
         return "–"
     return "no positives" if measured[key] is None else _fmt(measured[key], digits=digits)

@@ -832,7 +832,10 @@ def _softmax_family(
     class_weight: Tensor,
     label_smoothing: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk (``class_weight`` in the logits' dtype)."""
+    """
+    Loss and gradient of :func:`softmax_focal_loss`, chunk by chunk (``class_weight`` in the
+    logits' dtype).
+    """
     smooth_weight = None
     if label_smoothing:
         smooth_weight = class_weight[1:] * (label_smoothing / logits.shape[1])
