@@ -54,6 +54,10 @@ from focal_det2.config import load_config  # noqa: E402
 from focal_det2.engine import load_for_evaluation  # noqa: E402
 
 
+DEFAULT_THRESHOLD = 0.5
+THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
+
+
 def input_images(inputs: Sequence[str], dataset: Optional[str], num_images: int) -> List[str]:
     """Image paths from ``inputs`` (globs expanded) or the first ``num_images`` of ``dataset``."""
     if dataset:
@@ -175,10 +179,6 @@ def get_parser():
         "opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides"
     )
     return parser
-
-
-DEFAULT_THRESHOLD = 0.5
-THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
 
 
 def score_threshold(args) -> Optional[float]:
