@@ -53,7 +53,6 @@ from PIL import Image  # noqa: E402
 from focal_det2.config import load_config  # noqa: E402
 from focal_det2.engine import load_for_evaluation  # noqa: E402
 
-
 DEFAULT_THRESHOLD = 0.5
 THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
 
