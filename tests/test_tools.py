@@ -1089,6 +1089,22 @@ def test_ablate_budget_of_a_two_iteration_preset():
     assert argv[argv.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "1"
 
 
+def test_ablate_max_iter_among_the_pairs_sets_the_presets_budget():
+    """SOLVER.MAX_ITER N after the options is the budget: steps, warm-up and ramps follow it."""
+    ablate = load_tool("ablate")
+    opts = ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "8"]
+    assert ablate.budget_override(opts) == (["MODEL.DEVICE", "cpu"], 8)
+    assert ablate.budget_override(["MODEL.DEVICE", "cpu"]) == (["MODEL.DEVICE", "cpu"], None)
+    for bad in ("0", "2.5", "x"):
+        with pytest.raises(ValueError, match=f"SOLVER.MAX_ITER {bad}: an integer >= 1 is needed"):
+            ablate.budget_override(["SOLVER.MAX_ITER", bad])
+    preset = ablate.replace(ablate.Preset(iters=2), iters=8)
+    (run,) = ablate.plan(preset, ablate.select_rows("soft_gamma_0to2", preset), "/out")
+    argv = run.argv()
+    assert argv.count("SOLVER.MAX_ITER") == 1 and argv[argv.index("SOLVER.MAX_ITER") + 1] == "8"
+    assert argv[argv.index("MODEL.FOCAL.GAMMA_SCHEDULE.ITERS") + 1] == "4"
+
+
 @pytest.mark.parametrize(
     "key, message",
     [

@@ -540,6 +540,23 @@ def plan(
     return runs
 
 
+def budget_override(opts: Sequence) -> Tuple[List, Optional[int]]:
+    """
+    ``opts`` without a ``SOLVER.MAX_ITER`` pair, and its value (None without one): the
+    preset's budget then follows it (LR steps, warm-up, a soft-gamma row's ramp and the
+    tables' "iterations per run"), where the pair alone would change MAX_ITER only.
+    """
+    opts = list(opts)
+    keys = [str(key) for key in opts[::2]]
+    if "SOLVER.MAX_ITER" not in keys:
+        return opts, None
+    i = 2 * keys.index("SOLVER.MAX_ITER")
+    value = str(opts[i + 1]) if i + 1 < len(opts) else ""
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"SOLVER.MAX_ITER {value}: an integer >= 1 is needed.")
+    return opts[:i] + opts[i + 2 :], int(value)
+
+
 def select_rows(patterns: Optional[str], preset: Preset) -> List[Row]:
     """
     Rows matching comma-separated names or shell patterns (``'ce_*,fl_g2*'``);
@@ -1338,6 +1355,9 @@ def main(argv=None):
         preset = replace(preset, canvases=select_canvases(args.canvases, args.preset, preset))
     if args.seeds:
         preset = replace(preset, seeds=select_seeds(args.seeds, preset))
+    args.opts, iters = budget_override(args.opts)
+    if iters is not None:
+        preset = replace(preset, iters=iters)
     rows, left_out = drop_rows_that_cannot_run(
         select_rows(args.rows, preset), asked=bool(args.rows)
     )
