@@ -53,7 +53,11 @@ __all__ = [
     "RunKeys",
     "ScalarHistory",
     "build_on_meta",
+    "check_cfg",
+    "check_checkpoint_fits",
+    "check_device",
     "check_output_dir_free",
+    "check_run_inputs",
     "checkpoint_to_load",
     "create_ddp_model_by_device",
     "ddp_device_ids_by_device",
@@ -774,6 +778,14 @@ def check_run_inputs(cfg, eval_only: bool):
                     + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
                     + " (register your own with DatasetCatalog before the run is set up)."
                 )
+    check_device(cfg)
+
+
+def check_device(cfg):
+    """
+    Raise, naming MODEL.DEVICE, for a CUDA device where PyTorch sees none (torch's own error
+    names no key); the tools that run a model check it after loading their config.
+    """
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"MODEL.DEVICE={cfg.MODEL.DEVICE}, but PyTorch sees no CUDA device here "

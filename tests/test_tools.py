@@ -258,6 +258,21 @@ def test_tools_refuse_a_checkpoint_of_another_loss(tmp_path, tool):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize("tool", ["demo", "export_model", "plot_loss_cdf"])
+def test_tools_name_a_cuda_device_that_is_not_there(tmp_path, tool):
+    """MODEL.DEVICE cuda (a COCO config's) on a machine without CUDA: named before any model."""
+    config = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
+    argv = ["--config-file", config]
+    argv += {"demo": ["--dataset", "digits_val_tiny", "--output", str(tmp_path / "drawn")]}.get(
+        tool, ["--output", str(tmp_path / "out")] if tool == "export_model" else []
+    )
+    argv += ["MODEL.DEVICE", "cuda", "MODEL.WEIGHTS", str(tmp_path / "never_read.pth")]
+    with pytest.raises(ValueError, match="MODEL.DEVICE=cuda, but PyTorch sees no CUDA device"):
+        load_tool(tool).main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_per_anchor_loss_matches_functional_and_labels_come_from_the_matcher(trained):
     config_file, weights, _ = trained
     tool = load_tool("plot_loss_cdf")

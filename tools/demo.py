@@ -51,7 +51,7 @@ from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import load_for_evaluation  # noqa: E402
+from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5
 THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
@@ -235,6 +235,7 @@ class CheckedPredictor(DefaultPredictor):
 def main(argv=None) -> List[str]:
     args = get_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts, need_weights=True)
+    check_device(cfg)
     threshold = score_threshold(args)
     if threshold is not None:
         cfg.MODEL.RETINANET.SCORE_THRESH_TEST = threshold

@@ -52,7 +52,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import load_for_evaluation  # noqa: E402
+from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 
 logger = logging.getLogger("focal_det2.export")
 
@@ -247,6 +247,7 @@ def main(argv=None) -> Dict[str, object]:
     """Exports, prints the agreement report and returns it (with the model's ``path``)."""
     args = get_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts)
+    check_device(cfg)
     cfg.freeze()
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: exporting a freshly initialised model.")

@@ -48,7 +48,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from plotting import add_figure_arguments, save_figure  # noqa: E402  (tools/, beside this script)
 
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import load_for_evaluation  # noqa: E402
+from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 from focal_det2.losses import DenseClassificationLoss, functional, registered_losses  # noqa: E402
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
@@ -196,6 +196,7 @@ def main(argv=None) -> Dict[str, int]:
     """Draws the figure and returns the number of positive and negative anchors."""
     args = get_parser().parse_args(argv)
     cfg = load_config(args.config_file, args.opts, need_weights=True)
+    check_device(cfg)
     check_sigmoid_model(cfg)
     cfg.freeze()
     if not (args.dataset or cfg.DATASETS.TEST):
