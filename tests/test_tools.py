@@ -264,9 +264,11 @@ def test_tools_name_a_cuda_device_that_is_not_there(tmp_path, tool):
     """MODEL.DEVICE cuda (a COCO config's) on a machine without CUDA: named before any model."""
     config = str(REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml")
     argv = ["--config-file", config]
-    argv += {"demo": ["--dataset", "digits_val_tiny", "--output", str(tmp_path / "drawn")]}.get(
-        tool, ["--output", str(tmp_path / "out")] if tool == "export_model" else []
-    )
+    argv += {
+        "demo": ["--dataset", "digits_val_tiny", "--output", str(tmp_path / "drawn")],
+        "export_model": ["--output", str(tmp_path / "out")],
+        "plot_loss_cdf": [],
+    }[tool]
     argv += ["MODEL.DEVICE", "cuda", "MODEL.WEIGHTS", str(tmp_path / "never_read.pth")]
     with pytest.raises(ValueError, match="MODEL.DEVICE=cuda, but PyTorch sees no CUDA device"):
         load_tool(tool).main(argv)
