@@ -304,6 +304,10 @@ YACS_KEYS = RunKeys(
 )
 
 
+# What a run's config may be (train_net.py's --config-file), never a checkpoint.
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".py", ".json")
+
+
 def checkpoint_to_load(
     output_dir: str, weights: str, resume: bool, keys: RunKeys = YACS_KEYS
 ) -> str:
@@ -313,7 +317,9 @@ def checkpoint_to_load(
     file it names; otherwise ``weights`` (MODEL.WEIGHTS; "" for none).
     Raises, naming the file, where Detectron2 would fail without naming it
     or name the folder: an empty ``last_checkpoint``, a checkpoint it names
-    that does not exist, and a local checkpoint file of 0 bytes.
+    that does not exist, a local checkpoint file of 0 bytes, and ``weights``
+    naming a config file (.yaml, .yml, .py, .json; torch.load's error for
+    it is about unpickling).
 
     Args:
         output_dir (str): the output folder (OUTPUT_DIR), where ``last_checkpoint`` lives.
@@ -348,6 +354,11 @@ def checkpoint_to_load(
             )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{source}: the file does not exist.")
+        if path.lower().endswith(_CONFIG_SUFFIXES):
+            raise ValueError(
+                f"{source} is a config file, not a checkpoint: pass it with --config-file, and "
+                f"{keys.weights} a checkpoint (a .pth file torch.save wrote, or Detectron2's .pkl)."
+            )
     if os.path.getsize(path) == 0:
         raise ValueError(f"{source} is empty (0 bytes), e.g. from an interrupted save: {fix}.")
     return path

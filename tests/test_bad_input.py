@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import (
     LOSSES,
+    REPO,
     build_loss,
     cfg_value,
     digits_cfg,
@@ -28,7 +29,7 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 
 from focal_det2.data.checks import check_dataset_dicts
-from focal_det2.engine import FocalTrainer, checkpoint_to_load
+from focal_det2.engine import YACS_KEYS, FocalTrainer, checkpoint_to_load
 
 SIZE = 64
 
@@ -752,6 +753,39 @@ def test_missing_checkpoint_file_is_named_before_anything_is_written(tmp_path, l
     with pytest.raises(FileNotFoundError, match=re.escape(expected)):
         setup_cfg(_args("--config-file", config, "--resume"))
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("name", ["retinanet.yaml", "retinanet.YML", "retinanet.py", "run.json"])
+def test_a_config_file_as_the_checkpoint_is_named(tmp_path, name):
+    """
+    A config file passed as MODEL.WEIGHTS (or train.init_checkpoint) is refused naming
+    the key and what goes where; torch.load's own error is about unpickling and
+    ``weights_only``.
+    """
+    from focal_det2.lazy import LAZY_KEYS
+
+    config = tmp_path / name
+    config.write_text("MODEL:\n  META_ARCHITECTURE: FocalRetinaNet\n")
+    for keys, key in ((YACS_KEYS, "MODEL.WEIGHTS"), (LAZY_KEYS, "train.init_checkpoint")):
+        expected = (
+            f"{key}={config} is a config file, not a checkpoint: pass it with --config-file, "
+            f"and {key} a checkpoint (a .pth file torch.save wrote, or Detectron2's .pkl)."
+        )
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            checkpoint_to_load(str(tmp_path), str(config), resume=False, keys=keys)
+    checkpoint = tmp_path / "model.pth"  # a checkpoint's name is not a config's
+    checkpoint.write_bytes(b"PK")
+    assert checkpoint_to_load(str(tmp_path), str(checkpoint), resume=False) == str(checkpoint)
+
+
+def test_a_config_file_as_model_weights_is_refused_before_anything_is_written(tmp_path):
+    from focal_det2.engine import setup_cfg
+
+    config = REPO / "configs" / "digits" / "sigmoid_focal_R18_FPN_1x.yaml"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=re.escape(f"MODEL.WEIGHTS={config} is a config file")):
+        setup_cfg(_args("--config-file", config, "MODEL.WEIGHTS", config, "OUTPUT_DIR", fresh))
+    assert not fresh.exists()
 
 
 def test_zero_byte_checkpoint_is_named(tmp_path, loggers):
