@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.8",
     # Detectron2 itself is a prerequisite (it is not on PyPI): see README.
     install_requires=[
-        "torch>=1.10",
+        "torch>=2.0",  # torch.device as a context manager (the meta-device build)
         "torchvision",
         "fvcore",
         "iopath",

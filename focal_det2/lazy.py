@@ -204,7 +204,7 @@ def check_model(cfg):
         build_on_meta(lambda: instantiate(cfg.model))
     except (ValueError, TypeError) as e:
         named = [k for k in LAZY_NAMES if re.search(re.escape(k) + r"\b(?!\.)", str(e))]
-        if named:
+        if named and hasattr(e, "add_note"):  # Python >= 3.11
             e.add_note(
                 "In this LazyConfig: " + ", ".join(f"{k} is {LAZY_NAMES[k]}" for k in named) + "."
             )

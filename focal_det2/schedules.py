@@ -153,11 +153,14 @@ class StepGamma(GammaSchedule):
 def unfinished_warning(schedule: GammaSchedule, max_iter: int) -> Optional[str]:
     """
     A warning, or None: whether ``schedule`` reaches MODEL.FOCAL.GAMMA by the end of a run
-    of ``max_iter`` iterations (SOLVER.MAX_ITER; the last one trains at ``schedule(max_iter -
-    1)``). A ramp or steps past the end would train at a gamma below the configured one
-    without a word, as a shortened MAX_ITER leaves them.
+    of ``max_iter`` iterations (SOLVER.MAX_ITER; Detectron2 trains iterations 0 ..
+    ``max_iter - 1``). A ramp or steps past the end would train at a gamma below the
+    configured one without a word, as a shortened MAX_ITER leaves them. A step at MAX_ITER
+    never trains; a ramp that ends with the run (ITERS = MAX_ITER) trains its last
+    iteration one step short of GAMMA, and is not warned of.
     """
-    if schedule(max_iter) == schedule.end:
+    last = max_iter if isinstance(schedule, _RampGamma) else max_iter - 1
+    if schedule(last) == schedule.end:
         return None
     return (
         f"{_KEY} {schedule!r} does not reach MODEL.FOCAL.GAMMA={schedule.end} by "

@@ -298,9 +298,9 @@ def reference_loss_cls(
     num_classes = model.num_classes
     foreground = int(((labels >= 0) & (labels != num_classes)).sum())
     normalizer = 0.9 * ema + 0.1 * max(foreground, 1)
-    selection = {}
+    selection = {"num_images": len(inputs)}
     if model.focal_loss.needs_boxes:  # the model's own config (OHEM's NMS on): the predicted boxes
-        selection = {"boxes": head_boxes(model, inputs).flatten(0, 1), "num_images": len(inputs)}
+        selection["boxes"] = head_boxes(model, inputs).flatten(0, 1)
     total = reference(
         name,
         logits.flatten(0, 1).double(),

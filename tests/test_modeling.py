@@ -181,6 +181,23 @@ def test_every_loss_trains_with_an_empty_image(loss):
     assert storage.smoothing_hints()["focal_gamma"] is False
 
 
+def test_ohem_without_nms_takes_a_minibatch_per_image():
+    """
+    OHEM with NMS off (NMS_THRESH 1, no boxes needed) keeps BATCH_PER_IMAGE anchors in each
+    image of the batch, as with NMS: the model passes the number of images either way (it
+    passed it with the boxes only, and the two images then shared one minibatch).
+    """
+    opts = ["MODEL.FOCAL.OHEM.NMS_THRESH", 1.0, "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 16]
+    model = build(loss="ohem", ohem__nms_thresh=1.0, ohem__batch_per_image=16)
+    inputs = batch()
+    expected = reference_loss_cls(model, inputs, "ohem", gamma=0.0, opts=opts)
+    losses, _ = train_losses(model, inputs)
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+    logits, labels = head_logits(model, inputs)
+    kept = model.focal_loss.select(logits.flatten(0, 1), labels.flatten(), boxes=None, num_images=2)
+    assert [int((image >= 0).sum()) for image in kept.view(2, -1)] == [16, 16]
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_yields_standard_instances(loss):
     model = build(loss=loss)

@@ -215,7 +215,9 @@ def test_initial_gamma_is_the_schedules_gamma_at_iteration_0(schedule, first):
         (schedules.LinearGamma(end=2.0, iters=500), 2, 0.004),
         (schedules.CosineGamma(end=1.0, start=3.0, iters=20), 10, 2.156),  # falling, at 9 of 20
         (schedules.StepGamma(end=2.0, steps=[100, 200]), 150, 1.0),
-        (schedules.StepGamma(end=2.0, steps=[100, 200]), 200, None),
+        (schedules.StepGamma(end=2.0, steps=[100, 200]), 200, 1.0),  # iteration 200 never trains
+        (schedules.StepGamma(end=2.0, steps=[100, 200]), 201, None),
+        (schedules.CosineGamma(end=2.0, iters=10), 10, None),
     ],
 )
 def test_a_schedule_that_ends_after_training_is_named(schedule, max_iter, last):

@@ -201,7 +201,7 @@ class DenseClassificationLoss:
         """Add this loss's own config keys, if any, to ``cfg.MODEL.FOCAL`` (called by ``add_focal_config``)."""
 
     # True for losses that choose their anchors by the predicted boxes (OHEM's NMS): the
-    # meta-architecture then passes ``boxes`` and ``num_images`` to :meth:`__call__`.
+    # meta-architecture then passes ``boxes`` to :meth:`__call__` (``num_images`` always).
     needs_boxes = False
 
     def select(

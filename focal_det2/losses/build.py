@@ -186,8 +186,9 @@ def build_focal_loss(cfg):
     Build the loss named by ``cfg.MODEL.FOCAL.LOSS``. Calling it with
     ``(logits, labels)`` returns the sum over valid anchors at
     ``MODEL.FOCAL.GAMMA``; ``gamma=`` overrides the gamma. Losses that select
-    anchors by their predicted boxes (``needs_boxes``: ``ohem`` with NMS)
-    also take ``boxes=`` and ``num_images=`` and sum over the anchors they keep.
+    anchors (``ohem``) take ``num_images=`` (a minibatch per image) and, where
+    they select by the predicted boxes (``needs_boxes``: ``ohem`` with NMS),
+    ``boxes=``, and sum over the anchors they keep.
     A key the loss would not read is an error (:func:`check_keys_read`).
     """
     check_class_weighting(cfg)

@@ -198,14 +198,9 @@ class FocalRetinaNet(RetinaNet):
 
         gamma = self.gamma_schedule(storage.iter)
         storage.put_scalar("focal_gamma", gamma, smoothing_hint=False)  # the value, not a median
-        selection = {}
-        if (
-            self.focal_loss.needs_boxes
-        ):  # OHEM ranks anchors by loss under NMS of their predicted boxes
-            selection = {
-                "boxes": self._predicted_boxes(anchors, pred_anchor_deltas),
-                "num_images": len(gt_labels),
-            }
+        selection = {"num_images": len(gt_labels)}  # OHEM takes a minibatch per image
+        if self.focal_loss.needs_boxes:  # ranked by loss under NMS of their predicted boxes
+            selection["boxes"] = self._predicted_boxes(anchors, pred_anchor_deltas)
         loss_cls = self.focal_loss(
             cat(pred_logits, dim=1).flatten(0, 1), gt_labels.flatten(), gamma=gamma, **selection
         )
