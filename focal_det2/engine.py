@@ -32,7 +32,7 @@ from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.engine import defaults as d2_defaults
 from detectron2.engine.defaults import create_ddp_model as _d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
-from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -43,6 +43,7 @@ from .data.checks import (
     check_degenerate_boxes_option,
     load_checked_dataset_dicts,
 )
+from .registry import lookup
 from .schedules import build_gamma_schedule, unfinished_warning
 
 __all__ = [
@@ -403,6 +404,21 @@ def _naming_checkpoint(path: str):
         raise
 
 
+def _num_classes(cfg) -> dict:
+    """
+    The number of classes the model of ``cfg`` detects, which the training data's classes
+    must fit, and its key, as :func:`load_checked_dataset_dicts` takes them:
+    MODEL.ROI_HEADS.NUM_CLASSES for Detectron2's ``GeneralizedRCNN`` (and its subclasses),
+    MODEL.RETINANET.NUM_CLASSES for the others (FocalRetinaNet, RetinaNet).
+    """
+    meta_arch = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
+    if issubclass(meta_arch, GeneralizedRCNN):
+        key, value = "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    else:
+        key, value = "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    return {"num_classes": value, "num_classes_key": key}
+
+
 class FocalTrainer(DefaultTrainer):
     """
     DefaultTrainer that evaluates with COCOEvaluator, runs multi-process on
@@ -507,14 +523,26 @@ class FocalTrainer(DefaultTrainer):
             loader itself is built when first iterated.
         """
         names = cfg.DATASETS.TRAIN
+        proposal_files = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else ()
+        if proposal_files and len(proposal_files) != len(names):
+            raise ValueError(
+                f"DATASETS.PROPOSAL_FILES_TRAIN has {len(proposal_files)} files for the "
+                f"{len(names)} data sets of DATASETS.TRAIN (MODEL.LOAD_PROPOSALS True): one each."
+            )
         dataset = [
             record
-            for name in names
+            for i, name in enumerate(names)
             for record in load_checked_dataset_dicts(
                 name,
-                num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
+                **_num_classes(cfg),
                 filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
                 degenerate_boxes=cfg.DATALOADER.DEGENERATE_BOXES,
+                min_keypoints=(
+                    cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                    if cfg.MODEL.KEYPOINT_ON
+                    else 0
+                ),
+                proposal_file=proposal_files[i] if proposal_files else None,
             )
         ]
         if len(names) > 1:
@@ -764,7 +792,7 @@ def check_cfg(cfg) -> Optional[torch.nn.Module]:
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
-    meta_arch = META_ARCH_REGISTRY.get(meta_cfg.MODEL.META_ARCHITECTURE)
+    meta_arch = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
     model = build_on_meta(lambda: meta_arch(meta_cfg))
     if meta_arch.__module__.startswith("detectron2."):
         _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL

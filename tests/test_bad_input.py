@@ -6,6 +6,7 @@ batch with every anchor ignored) train.
 
 import copy
 import json
+import pickle
 import re
 
 import numpy as np
@@ -28,7 +29,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
-from focal_det2.data.checks import check_dataset_dicts
+from focal_det2.data.checks import check_dataset_dicts, load_checked_dataset_dicts
 from focal_det2.engine import YACS_KEYS, FocalTrainer, checkpoint_to_load
 
 SIZE = 64
@@ -195,6 +196,75 @@ def test_degenerate_boxes_dropped_when_asked(coco, tmp_path, caplog, w, h):
         batch = next(iter(FocalTrainer.build_train_loader(cfg)))
     assert {d["image_id"]: len(d["instances"]) for d in batch} == {1: 1, 3: 1}
     assert "dropped 2 boxes with width or height <= 0 or NaN" in caplog.text  # of both images
+
+
+@pytest.mark.parametrize("filter_empty", [True, False])
+def test_an_image_whose_boxes_are_all_dropped_is_filtered_as_an_empty_one(
+    coco, tmp_path, filter_empty
+):
+    """
+    With DATALOADER.FILTER_EMPTY_ANNOTATIONS (Detectron2's default), an image left without a
+    box by the drop leaves the training set as an image without boxes does; without it, it
+    stays as a background image. Every image emptied is an error naming the data set.
+    """
+    name, _, _ = coco({1: GOOD, 2: [_box(30, 30, 0, 10)], 3: []})
+    records = load_checked_dataset_dicts(
+        name, num_classes=2, filter_empty=filter_empty, degenerate_boxes="drop"
+    )
+    expected = {1: 1} if filter_empty else {1: 1, 2: 0, 3: 0}
+    assert {r["image_id"]: len(r["annotations"]) for r in records} == expected
+    name, _, _ = coco({1: [_box(30, 30, 0, 10)], 2: [_box(4, 4, 10, float("nan"))]})
+    with pytest.raises(ValueError, match=re.escape(f"data set '{name}'") + ".*: no image is left"):
+        load_checked_dataset_dicts(name, num_classes=2, degenerate_boxes="drop")
+
+
+def test_the_classes_of_an_rcnn_model_are_its_roi_heads(coco, tmp_path):
+    """
+    Detectron2's GeneralizedRCNN trained by FocalTrainer: the data's classes must fit
+    MODEL.ROI_HEADS.NUM_CLASSES, which the error names (not RetinaNet's key, which it does
+    not read).
+    """
+    name, _, _ = coco({1: [_box(4, 4, 20, 20, category=3)]}, categories=(1, 2, 3))
+    rcnn = ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "MODEL.RETINANET.NUM_CLASSES", 2)
+    FocalTrainer.build_train_loader(_cfg(name, tmp_path, *rcnn, "MODEL.ROI_HEADS.NUM_CLASSES", 3))
+    with pytest.raises(ValueError, match=r"\(MODEL.ROI_HEADS.NUM_CLASSES=2; the data set has 3"):
+        FocalTrainer.build_train_loader(
+            _cfg(name, tmp_path, *rcnn, "MODEL.ROI_HEADS.NUM_CLASSES", 2)
+        )
+
+
+def test_the_loader_keeps_images_with_enough_keypoints_and_loads_proposals(coco, tmp_path):
+    """
+    As Detectron2's train loader: with MODEL.KEYPOINT_ON, an image with fewer visible
+    keypoints than MIN_KEYPOINTS_PER_IMAGE is left out; with MODEL.LOAD_PROPOSALS, each
+    record gets its proposals from its data set's DATASETS.PROPOSAL_FILES_TRAIN file, one
+    file per data set.
+    """
+    two, one = [4, 4, 2, 8, 8, 2], [4, 4, 2, 8, 8, 0]  # visible keypoints: 2 and 1
+    name, _, _ = coco(
+        {
+            1: [dict(_box(4, 4, 20, 20), keypoints=two, num_keypoints=2)],
+            2: [dict(_box(4, 4, 20, 20), keypoints=one, num_keypoints=1)],
+        }
+    )
+    MetadataCatalog.get(name).set(keypoint_names=["a", "b"], keypoint_flip_map=[("a", "b")])
+    keypoints = ("MODEL.KEYPOINT_ON", True, "MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE", 2)
+    loader = FocalTrainer.build_train_loader(_cfg(name, tmp_path, *keypoints))
+    assert [r["image_id"] for r in loader.dataset] == [1]
+    proposals = tmp_path / "proposals.pkl"
+    boxes = [np.array([[0, 0, 8, 8], [2, 2, 9, 9]], dtype=np.float32)] * 2
+    scores = [np.array([0.1, 0.9], dtype=np.float32)] * 2
+    proposals.write_bytes(
+        pickle.dumps({"ids": [1, 2], "boxes": boxes, "objectness_logits": scores})
+    )
+    load = ("MODEL.LOAD_PROPOSALS", True, "DATASETS.PROPOSAL_FILES_TRAIN", (str(proposals),))
+    loader = FocalTrainer.build_train_loader(_cfg(name, tmp_path, *load))
+    assert [r["proposal_boxes"].tolist() for r in loader.dataset] == [
+        [[2, 2, 9, 9], [0, 0, 8, 8]]
+    ] * 2
+    both = (*load[:3], (str(proposals), str(proposals)))
+    with pytest.raises(ValueError, match="PROPOSAL_FILES_TRAIN has 2 files for the 1 data sets"):
+        FocalTrainer.build_train_loader(_cfg(name, tmp_path, *both))
 
 
 def test_drop_takes_records_without_annotations(coco):

@@ -470,6 +470,21 @@ def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
         check_cfg(cfg)
 
 
+def test_an_unknown_meta_architecture_is_named_with_the_registered_ones():
+    """fvcore's own error names neither the key nor the names it knows."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from focal_det2.engine import check_cfg
+
+    cfg = tiny_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "FocalRetinanet"
+    names = sorted(name for name, _ in META_ARCH_REGISTRY)
+    assert "FocalRetinaNet" in names and "GeneralizedRCNN" in names
+    expected = f"MODEL.META_ARCHITECTURE='FocalRetinanet' is not registered; valid names: {names}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_cfg(cfg)
+
+
 def test_the_check_builds_a_cuda_config_without_changing_it():
     """check_cfg builds on the meta device, from a copy set to the CPU (a CUDA config is checked
     on a machine without one): the run's config keeps its device and stays frozen."""

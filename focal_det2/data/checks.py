@@ -22,8 +22,10 @@ ignores crowd boxes in training.
 
 import json
 import logging
+from typing import Optional
 
 from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
@@ -73,7 +75,12 @@ def check_degenerate_boxes_option(value: str):
 
 
 def check_dataset_dicts(
-    dataset_dicts, *, dataset_name: str, num_classes: int, degenerate_boxes: str = "error"
+    dataset_dicts,
+    *,
+    dataset_name: str,
+    num_classes: int,
+    degenerate_boxes: str = "error",
+    num_classes_key: str = "MODEL.RETINANET.NUM_CLASSES",
 ):
     """
     Raise for the first bad record of a data set in Detectron2's standard
@@ -87,6 +94,7 @@ def check_dataset_dicts(
         dataset_name (str): its name in the DatasetCatalog, for the messages.
         num_classes (int): K; contiguous category ids must be in [0, K).
         degenerate_boxes (str): "error" or "drop" (DATALOADER.DEGENERATE_BOXES).
+        num_classes_key (str): the config key of ``num_classes``, for the messages.
     """
     check_degenerate_boxes_option(degenerate_boxes)
     dropped = 0
@@ -108,7 +116,7 @@ def check_dataset_dicts(
                 raise ValueError(
                     f"{_source(dataset_name)}: {_image(record)}, annotation {index}: class {category}"
                     f"{json_id} is outside the model's classes 0..{num_classes - 1} "
-                    f"(MODEL.RETINANET.NUM_CLASSES={num_classes}; the data set has "
+                    f"({num_classes_key}={num_classes}; the data set has "
                     f"{len(meta.get('thing_classes', []))} thing_classes)."
                 )
             if degenerate_boxes == "error" and not has_area(ann["bbox"], ann["bbox_mode"]):
@@ -151,25 +159,40 @@ def load_checked_dataset_dicts(
     num_classes: int,
     filter_empty: bool = True,
     degenerate_boxes: str = "error",
+    num_classes_key: str = "MODEL.RETINANET.NUM_CLASSES",
+    min_keypoints: int = 0,
+    proposal_file: Optional[str] = None,
 ):
     """
-    ``get_detection_dataset_dicts(dataset_name, filter_empty=...)`` followed
-    by :func:`check_dataset_dicts`. A COCO json annotation whose category id
-    is not among the json's categories, which Detectron2's loader reports as
-    a bare ``KeyError``, raises a ``ValueError`` naming the json file, the
-    annotation and image ids and the allowed ids.
+    ``get_detection_dataset_dicts`` of ``dataset_name`` as Detectron2's train
+    loader calls it, followed by :func:`check_dataset_dicts`; with
+    ``filter_empty``, the images whose boxes were all dropped (``"drop"``) are
+    dropped too, as Detectron2 drops the images without boxes. A COCO json
+    annotation whose category id is not among the json's categories, which
+    Detectron2's loader reports as a bare ``KeyError``, raises a ``ValueError``
+    naming the json file, the annotation and image ids and the allowed ids.
 
     Args:
         dataset_name (str): a name in the DatasetCatalog.
         num_classes (int): K, the model's number of classes.
         filter_empty (bool): DATALOADER.FILTER_EMPTY_ANNOTATIONS.
         degenerate_boxes (str): DATALOADER.DEGENERATE_BOXES, see :func:`check_dataset_dicts`.
+        num_classes_key (str): the config key of ``num_classes``, for the messages.
+        min_keypoints (int): MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE with
+            MODEL.KEYPOINT_ON, else 0.
+        proposal_file (str or None): this data set's DATASETS.PROPOSAL_FILES_TRAIN with
+            MODEL.LOAD_PROPOSALS, else None.
 
     Returns:
         list[dict]: the records.
     """
     try:
-        dataset_dicts = get_detection_dataset_dicts(dataset_name, filter_empty=filter_empty)
+        dataset_dicts = get_detection_dataset_dicts(
+            dataset_name,
+            filter_empty=filter_empty,
+            min_keypoints=min_keypoints,
+            proposal_files=[proposal_file] if proposal_file else None,
+        )
     except KeyError as e:
         json_file = MetadataCatalog.get(dataset_name).get("json_file")
         detail = _unknown_category(json_file) if json_file else None
@@ -181,7 +204,15 @@ def load_checked_dataset_dicts(
         dataset_name=dataset_name,
         num_classes=num_classes,
         degenerate_boxes=degenerate_boxes,
+        num_classes_key=num_classes_key,
     )
+    if filter_empty and degenerate_boxes == "drop" and "annotations" in dataset_dicts[0]:
+        dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
+        if not dataset_dicts:
+            raise ValueError(
+                f"{_source(dataset_name)}: no image is left with a box once the boxes without "
+                "area are dropped (DATALOADER.DEGENERATE_BOXES drop)."
+            )
     return dataset_dicts
 
 
