@@ -56,6 +56,7 @@ __all__ = [
     "build_on_meta",
     "check_cfg",
     "check_checkpoint_fits",
+    "check_cuda_device",
     "check_device",
     "check_output_dir_free",
     "check_run_inputs",
@@ -729,18 +730,21 @@ def load_fitting(
     _check_fits(path, checkpointer.incompatible, keys, consequence)
 
 
-def check_checkpoint_fits(meta_model: Optional[torch.nn.Module], path: str, consequence: str):
+def check_checkpoint_fits(
+    meta_model: Optional[torch.nn.Module], path: str, consequence: str, keys: RunKeys = YACS_KEYS
+):
     """
     :func:`load_fitting` of ``path`` into ``meta_model``, the run's model as :func:`check_cfg`
-    builds it on the meta device (nothing is copied), so that a checkpoint of another loss or
-    NUM_CLASSES is refused before the run writes anything. Nothing to check without a model
-    (one the meta device cannot build: the run's own load checks it) or a checkpoint.
+    (or :func:`.lazy.check_model`) builds it on the meta device (nothing is copied), so that
+    a checkpoint of another loss or NUM_CLASSES is refused, naming the config ``keys``,
+    before the run writes anything. Nothing to check without a model (one the meta device
+    cannot build: the run's own load checks it) or a checkpoint.
     """
     if meta_model is None or not path:
         return
     with warnings.catch_warnings():  # each tensor copied into a meta parameter is a no-op
         warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
-        load_fitting(meta_model, path, consequence=consequence)
+        load_fitting(meta_model, path, keys=keys, consequence=consequence)
 
 
 def load_for_evaluation(cfg, model):
@@ -825,10 +829,22 @@ def check_device(cfg):
     Raise, naming MODEL.DEVICE, for a CUDA device where PyTorch sees none (torch's own error
     names no key); the tools that run a model check it after loading their config.
     """
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    check_cuda_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+
+
+def check_cuda_device(device: str, key: str, sep: str = " "):
+    """
+    Raise, naming ``key``, if ``device`` is CUDA where PyTorch sees no CUDA device.
+
+    Args:
+        device (str): the device a run would use ("cuda", "cuda:1", "cpu").
+        key (str): its config key (MODEL.DEVICE; a LazyConfig's train.device).
+        sep (str): between the key and a value on train_net.py's command line.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
-            f"MODEL.DEVICE={cfg.MODEL.DEVICE}, but PyTorch sees no CUDA device here "
-            "(torch.cuda.is_available() is False): set MODEL.DEVICE cpu."
+            f"{key}={device}, but PyTorch sees no CUDA device here "
+            f"(torch.cuda.is_available() is False): set {key}{sep}cpu."
         )
 
 

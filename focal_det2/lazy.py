@@ -10,17 +10,20 @@ anything is written (an override of a key the config lacks is refused
 unless written ``+key=value``; an output folder that holds a run is refused
 without ``--resume``; a checkpoint to load is named when it is missing or
 empty; the model is built on the ``meta`` device first); ``--eval-only``
-writes to ``train.output_dir/eval/<checkpoint name>``, evaluates
-``last_checkpoint`` with ``--resume`` and refuses a checkpoint that does not
-fit the model; several processes train on the CPU; the loss normaliser's
+writes to ``train.output_dir/eval/<checkpoint name>`` and evaluates
+``last_checkpoint`` with ``--resume``; it, and ``--resume`` of a run, refuse
+a checkpoint that does not fit the model before writing; several processes train on the CPU; the loss normaliser's
 moving average is checkpointed; and focal_det2's log lines reach the console
 and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
 import difflib
 import logging
+import os
 import re
+from typing import Optional
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, hooks
@@ -31,9 +34,13 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, OmegaConf
 
 from .engine import (
+    EVALUATING,
+    RESUMING,
     AttributeState,
     RunKeys,
     build_on_meta,
+    check_checkpoint_fits,
+    check_cuda_device,
     check_output_dir_free,
     checkpoint_to_load,
     create_ddp_model_by_device,
@@ -108,8 +115,10 @@ def setup_lazy_cfg(args):
     (``train.init_checkpoint``, or with ``--resume`` the output folder's
     ``last_checkpoint``); ``--eval-only`` refuses to run without one and
     writes to ``train.output_dir/eval/<checkpoint name>``; a training run
-    without ``--resume`` refuses an output folder that holds another run; and
-    the model is checked (:func:`check_model`).
+    without ``--resume`` refuses an output folder that holds another run; the
+    model is checked (:func:`check_model`), and so is ``train.device``
+    (CUDA where there is none); ``--eval-only``, and ``--resume`` of a run,
+    refuse a checkpoint that does not fit the model.
 
     Args:
         args: train_net.py's arguments (``config_file``, ``opts``, ``resume``, ``eval_only``).
@@ -127,7 +136,12 @@ def setup_lazy_cfg(args):
     if args.eval_only:
         cfg.train.output_dir = evaluation_output_dir(checkpoint, out, args.resume, LAZY_KEYS)
         cfg.train.init_checkpoint = checkpoint
-    check_model(cfg)
+    meta_model = check_model(cfg)
+    check_cuda_device(cfg.train.device, "train.device", LAZY_KEYS.sep)
+    resumes_run = args.resume and os.path.isfile(os.path.join(out, "last_checkpoint"))
+    if args.eval_only or resumes_run:
+        consequence = EVALUATING if args.eval_only else RESUMING
+        check_checkpoint_fits(meta_model, checkpoint, consequence, LAZY_KEYS)
     if not args.eval_only and not args.resume:
         check_output_dir_free(out, LAZY_KEYS)
     default_setup(cfg, args)
@@ -184,14 +198,15 @@ def check_override_keys(cfg, overrides):
         )
 
 
-def check_model(cfg):
+def check_model(cfg) -> Optional[torch.nn.Module]:
     """
     Raise for a model config the run would reject: a loss whose class weights a
     LazyConfig run cannot count (the yacs trainer counts them), and every check
     of the constructors, which run as ``cfg.model`` is built on the ``meta``
     device (:func:`.engine.build_on_meta`). Their errors name yacs keys
     (MODEL.FOCAL.ALPHA); a note names the node this config sets instead
-    (``model.focal_loss.alpha``, :data:`LAZY_NAMES`).
+    (``model.focal_loss.alpha``, :data:`LAZY_NAMES`). Returns the model built on
+    the meta device (None where it cannot be).
     """
     weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
     if weighting != "none":
@@ -201,7 +216,7 @@ def check_model(cfg):
             "Leave it at 'none', or use a .yaml config with MODEL.FOCAL.CLASS_WEIGHTING."
         )
     try:
-        build_on_meta(lambda: instantiate(cfg.model))
+        return build_on_meta(lambda: instantiate(cfg.model))
     except (ValueError, TypeError) as e:
         named = [k for k in LAZY_NAMES if re.search(re.escape(k) + r"\b(?!\.)", str(e))]
         if named and hasattr(e, "add_note"):  # Python >= 3.11

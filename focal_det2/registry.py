@@ -24,7 +24,7 @@ def register_as(registry, name: str):
     """
     Class decorator: registers in ``registry`` a builder ``name(cfg) -> cls(cfg)``, so
     that the config value is ``name`` (lower case, where ``@registry.register()`` takes the
-    class's name). The builder's ``built_class`` is ``cls``.
+    class's name). The builder's ``built_class`` is ``cls``, and ``cls.name`` is ``name``.
 
     Args:
         registry (Registry): a Detectron2/fvcore registry.
@@ -39,6 +39,7 @@ def register_as(registry, name: str):
         build.__doc__ = f"Build :class:`{cls.__name__}` from a config."
         build.built_class = cls
         registry.register(build)
+        cls.name = name
         return cls
 
     return register

@@ -242,7 +242,10 @@ BAD = [
             "MODEL.FOCAL.GAMMA_SCHEDULE.NAME": "linear",
             "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS": 100,
         },
-        ["MODEL.FOCAL.GAMMA_SCHEDULE.NAME"],
+        [
+            "MODEL.FOCAL.GAMMA_SCHEDULE.NAME=linear: MODEL.FOCAL.LOSS=cross_entropy has no gamma "
+            "to schedule; use 'constant'."
+        ],
     ),
     # Keys the chosen loss would not read, moved from their defaults.
     (

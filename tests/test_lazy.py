@@ -20,6 +20,7 @@ from focal_det2.lazy import (
     check_model,
     check_nodes,
     is_lazy_config,
+    lazy_evaluate,
     lazy_test,
     lazy_train,
     setup_lazy_cfg,
@@ -219,19 +220,55 @@ def test_lazy_test_without_an_evaluator_evaluates_nothing():
     assert lazy_test(cfg, model=None) is None
 
 
+def misfit(consequence):
+    """The error for the softmax checkpoint in the sigmoid model, with its ``consequence``."""
+    return (
+        r"softmax.pth does not fit .* head.cls_score.weight is \(99,.*\. "
+        + consequence
+        + r".* the same model.focal_loss \(softmax_focal has model.num_classes \+ 1 logits "
+        r"per anchor\)"
+    )
+
+
 def test_lazy_eval_only_refuses_a_checkpoint_of_another_loss(tmp_path):
-    """The sigmoid model (K logits) from a softmax checkpoint (K + 1) would score with a random classifier."""
+    """
+    The sigmoid model (K logits) from a softmax checkpoint (K + 1) would score with a random
+    classifier: refused before anything is written, and by the evaluation's own load.
+    """
     model = instantiate(load("model.num_classes=10", SOFTMAX).model)
     weights = tmp_path / "softmax.pth"
     torch.save({"model": model.state_dict()}, weights)
     cmd = args(tmp_path / "out", f"train.init_checkpoint={weights}", eval_only=True)
     train_net = load_script("train_net.py")
+    with pytest.raises(ValueError, match=misfit("Evaluating would score")):
+        train_net.lazy_main(cmd)
+    assert not (tmp_path / "out").exists()
+    cfg = load(*digits_opts(tmp_path / "out", f"train.init_checkpoint={weights}"))
+    with pytest.raises(ValueError, match=misfit("Evaluating would score")):
+        lazy_evaluate(cfg)
+
+
+def test_lazy_resume_refuses_a_checkpoint_of_another_loss_before_writing(tmp_path):
+    """A run's last checkpoint of another loss would resume from a random classifier."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model = instantiate(load("model.num_classes=10", SOFTMAX).model)
+    torch.save({"model": model.state_dict(), "iteration": 1}, run / "softmax.pth")
+    (run / "last_checkpoint").write_text("softmax.pth")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=misfit("Resuming would go on")):
+        setup_lazy_cfg(args(run, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_lazy_setup_names_a_cuda_device_where_there_is_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
         ValueError,
-        match=r"softmax.pth does not fit .* head.cls_score.weight is \(99,.* the same "
-        r"model.focal_loss \(softmax_focal has model.num_classes \+ 1 logits per anchor\)",
+        match=r"train.device=cuda, but PyTorch sees no CUDA device here .*set train.device=cpu\.",
     ):
-        train_net.lazy_main(cmd)
+        setup_lazy_cfg(args(tmp_path, "train.device=cuda"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_lazy_setup_names_what_is_missing_or_taken(tmp_path):

@@ -57,7 +57,6 @@ def register_loss(name: str):
                 "load the file once (a module of focal_det2/losses/ is imported with the package; "
                 "do not also name it in FOCAL_DET2_EXTRA_LOSSES)."
             )
-        cls.name = name
         return register_as(FOCAL_LOSS_REGISTRY, name)(cls)
 
     return register

@@ -66,9 +66,11 @@ class FocalRetinaNet(RetinaNet):
                 "both must be MODEL.RETINANET.NUM_CLASSES."
             )
         if not focal_loss.uses_gamma and not isinstance(gamma_schedule, ConstantGamma):
+            schedule = getattr(gamma_schedule, "name", type(gamma_schedule).__name__)
+            loss = getattr(focal_loss, "name", type(focal_loss).__name__)
             raise ValueError(
-                f"MODEL.FOCAL.GAMMA_SCHEDULE.NAME: {type(focal_loss).__name__} does not read gamma; "
-                "use 'constant'."
+                f"MODEL.FOCAL.GAMMA_SCHEDULE.NAME={schedule}: MODEL.FOCAL.LOSS={loss} has no "
+                "gamma to schedule; use 'constant'."
             )
         # the key of the smallest gamma: the start's (a rising ramp) or the end's (a falling
         # ramp, a constant)
