@@ -899,12 +899,15 @@ def test_bench_train_child_command(monkeypatch, tmp_path):
     assert all(cmd[-2:] == ["--warmup", "10"] for cmd in cmds[1:]) and len(cmds) == 3
 
 
-def test_bench_train_selects_the_gpu_its_device_names():
-    """``cuda`` keeps the current GPU (torch.cuda.set_device needs an index: it would raise
-    here, before any CUDA call); ``cpu`` selects none. ``cuda:N`` calls set_device(N)."""
+def test_bench_train_selects_the_gpu_its_device_names(monkeypatch):
+    """``cuda`` keeps the current GPU (torch.cuda.set_device needs an index); ``cpu`` selects
+    none; ``cuda:N`` calls set_device(N)."""
     bench_train = load_benchmark("bench_train")
-    bench_train.select_gpu("cuda")
-    bench_train.select_gpu("cpu")
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    for device in ("cuda", "cpu", "cuda:1"):
+        bench_train.select_gpu(device)
+    assert selected == [1]
 
 
 def test_one_thread_restores_the_thread_count():

@@ -88,9 +88,21 @@ def assert_matches_reference(name, logits, labels, **kwargs):
     return value, grad
 
 
-@pytest.fixture(
-    params=["one chunk", "many chunks", "scratch in the gradient", "triton", "triton, small blocks"]
-)
+# (CPU_CHUNK_ELEMENTS, CPU_MIN_CHUNK_ELEMENTS) in rows of K + 1: None keeps the defaults (one
+# chunk of 300 rows); a minimum above every chunk gives each its fresh scratch space (not rows
+# of the gradient), a minimum of one row lets chunks take the gradient's rows down to one.
+EAGER_CHUNKS = {"one chunk": None, "many chunks": (3, 1 << 20), "scratch in the gradient": (8, 1)}
+
+
+def set_eager_chunks(monkeypatch, chunking):
+    """Set the eager path's chunk constants to those of ``chunking`` (:data:`EAGER_CHUNKS`)."""
+    if EAGER_CHUNKS[chunking] is not None:
+        rows, min_rows = EAGER_CHUNKS[chunking]
+        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", rows * (NUM_CLASSES + 1))
+        monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", min_rows * (NUM_CLASSES + 1))
+
+
+@pytest.fixture(params=[*EAGER_CHUNKS, "triton", "triton, small blocks"])
 def chunking(request, monkeypatch, paths):
     """
     Runs a test with the eager path's default chunk sizes (one chunk, fresh
@@ -100,12 +112,8 @@ def chunking(request, monkeypatch, paths):
     logits take the eager path there too), as launched and with blocks of 64
     elements (sigmoid) and 4 rows (softmax), so that programs start inside rows.
     """
-    if request.param == "many chunks":
-        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
-        monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", 3 * (NUM_CLASSES + 1))
-    elif request.param == "scratch in the gradient":
-        monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 8 * (NUM_CLASSES + 1))
-        monkeypatch.setattr(fused, "CPU_MIN_CHUNK_ELEMENTS", NUM_CLASSES + 1)
+    if request.param in EAGER_CHUNKS:
+        set_eager_chunks(monkeypatch, request.param)
     elif request.param.startswith("triton"):
         use_triton(monkeypatch)
         if request.param == "triton, small blocks":
@@ -669,6 +677,37 @@ def test_former_compile_env_raises_naming_its_replacement(monkeypatch, value):
 
 
 # ----------------------------------------------------------------------------- log1p without log1p
+
+
+@pytest.mark.parametrize("slow_log1p", [False, True], ids=["log1p", "log1p from log"])
+@pytest.mark.parametrize(
+    "name, smoothing",
+    [("sigmoid_focal", 0.0), ("cross_entropy", 0.0), ("focal_star", 0.0)]
+    + [("sigmoid_focal", 0.1), ("cross_entropy", 0.1)],
+)
+def test_both_log1p_formulas_match_the_reference_in_every_chunking(
+    name, smoothing, slow_log1p, monkeypatch
+):
+    """
+    The sigmoid losses on the eager path with ATen's ``log1p`` and with the one taken from
+    ``log`` (AVX-512 CPUs), whichever this machine dispatches: the chunk kernels pass their
+    scratch buffers to it (one chunk, fresh scratch in many chunks, scratch in the gradient),
+    and label smoothing takes it on its own path.
+    """
+    monkeypatch.setattr(fused, "_slow_log1p", lambda device: slow_log1p)
+    logits, labels = batch(name, seed=3)
+    kwargs = kwargs_of(name, class_alpha=torch.linspace(0.1, 0.9, NUM_CLASSES))
+    if smoothing:
+        kwargs["label_smoothing"] = smoothing
+    ref_kwargs = dict(kwargs, class_alpha=kwargs["class_alpha"].to(F64))
+    ref_value, ref_grad = value_and_grad(REFERENCE[name], logits.to(F64), labels, **ref_kwargs)
+    # the smoothed terms lose a few bits where a soft target's two terms nearly cancel
+    atol = (1e-6 if smoothing else 1e-12) * ref_grad.abs().max().item()
+    for chunking in EAGER_CHUNKS:
+        set_eager_chunks(monkeypatch, chunking)
+        value, grad = value_and_grad(FAST[name], logits, labels, **kwargs)
+        torch.testing.assert_close(value.to(F64), ref_value, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.to(F64), ref_grad, rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("slow_log1p", [False, True])

@@ -607,6 +607,23 @@ def test_focal_star_repr_and_its_scores_repr_give_beta():
     assert repr(loss.score_module()) == "FocalStarScores(gamma=1.5, beta=-0.3)"
 
 
+def test_ohem_repr_gives_its_minibatch_settings():
+    loss = build_loss(
+        "ohem",
+        3,
+        alpha=0.5,
+        opts=[
+            "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE", 64,
+            "MODEL.FOCAL.OHEM.NMS_THRESH", 0.7,
+            "MODEL.FOCAL.OHEM.POS_FRACTION", 0.25,
+        ],
+    )  # fmt: skip
+    assert repr(loss) == (
+        "OHEMLoss(num_classes=3, gamma=2.0, alpha=0.5, class_alpha=[], batch_per_image=64, "
+        "nms_thresh=0.7, pos_fraction=0.25)"
+    )
+
+
 # ----------------------------------------------------------------------------- bias init, scores
 
 

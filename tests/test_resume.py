@@ -305,6 +305,20 @@ def test_negative_skip_and_start_iter_are_refused_naming_them():
     assert loader.start_iter == 0
 
 
+def test_start_iter_set_after_the_loader_was_iterated_is_refused():
+    """
+    The data order is fixed when the loader is first iterated: a ``start_iter`` set later
+    (a ``resume_or_load`` after the first batch) would be silently unread, and the resumed
+    run's batches would start at iteration 0. Guards the mutant that drops the check.
+    """
+    loader = FocalTrainer.build_train_loader(digits_cfg())
+    loader.start_iter = 3  # before the first iteration: read
+    iter(loader)
+    with pytest.raises(RuntimeError, match="start_iter is read when the loader is first iterated"):
+        loader.start_iter = 5
+    assert loader.start_iter == 3
+
+
 def test_scalar_history_keeps_exactly_the_last_window_iterations():
     """
     ``ScalarHistory(window_size=3)`` checkpoints each scalar's values of the last 3

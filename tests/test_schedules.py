@@ -207,6 +207,14 @@ def test_initial_gamma_is_the_schedules_gamma_at_iteration_0(schedule, first):
     assert schedules.initial_gamma(schedule) == schedule(0) == first
 
 
+def test_a_schedules_repr_gives_its_settings():
+    """Written out: the warnings that name a schedule by its repr build it the same way."""
+    ramp = schedules.LinearGamma(end=2.0, start=0.5, iters=500)
+    assert repr(ramp) == "LinearGamma(start=0.5, end=2.0, iters=500, steps=[])"
+    steps = schedules.StepGamma(end=1.0, start=3.0, steps=[100, 200])
+    assert repr(steps) == "StepGamma(start=3.0, end=1.0, iters=0, steps=[100, 200])"
+
+
 @pytest.mark.parametrize(
     "schedule, max_iter, last",
     [

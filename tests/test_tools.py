@@ -122,23 +122,29 @@ def _synthetic_metrics(path, gamma_ramp):
         f.write(json.dumps({"iteration": 200, "bbox/AP": 1.0}) + "\n")
 
 
-def test_plot_training_draws_runs_and_scheduled_gamma(tmp_path, trained):
+def test_plot_training_draws_runs_and_scheduled_gamma(tmp_path, trained, monkeypatch):
     _, _, trained_dir = trained
     ramp = tmp_path / "ramp"
     ramp.mkdir()
     _synthetic_metrics(ramp / "metrics.json", gamma_ramp=True)
     tool = load_tool("plot_training")
+    figures = _captured_figures(tool, monkeypatch)
 
     output = tmp_path / "curves.png"
     keys = tool.plot([str(trained_dir), str(ramp)], str(output), width=6, height=2, dpi=50)
     assert keys == ["loss_cls", "loss_box_reg", "focal_gamma"]
     assert png_size(output) == (300, 100)
+    ramp_line = figures[0].axes[2].get_lines()[1]  # the gamma panel's second run
+    iterations = list(range(19, 200, 20))
+    assert list(ramp_line.get_xdata()) == iterations
+    assert list(ramp_line.get_ydata()) == [min(it / 100, 1.0) * 2.0 for it in iterations]
 
     constant = tmp_path / "constant.png"
     tool.main(
         [str(trained_dir), str(ramp / "metrics.json"), "--labels", "a,b", "--output", str(constant)]
     )
     assert png_size(constant) == (1200, 400)
+    assert [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()] == ["a", "b"]
     assert tool.plot([str(trained_dir)], str(constant)) == ["loss_cls", "loss_box_reg"]
 
 
@@ -216,6 +222,29 @@ def test_plot_loss_cdf_on_trained_model(tmp_path, trained, capsys):
     assert png_size(output) == (300, 150)
     assert 0 < 20 * counts["positive"] < counts["negative"]
     assert "negative anchors from 8 images of digits_val_tiny\n" in capsys.readouterr().out
+
+
+def test_plot_loss_cdf_draws_the_gammas_and_images_asked_for(tmp_path, trained, capsys):
+    """--gammas gives the curves and summary lines (no default gamma among them), and
+    --num-images the first images read: the counts are those of the anchors of 5 images."""
+    config_file, weights, _ = trained
+    tool = load_tool("plot_loss_cdf")
+    output = tmp_path / "cdf.png"
+    counts = tool.main(
+        [
+            *("--config-file", config_file, "--output", str(output), "--gammas", "0,3"),
+            *("--num-images", "5", "--dpi", "50", "MODEL.WEIGHTS", weights),
+        ]
+    )
+    _, labels = tool.anchor_logits(
+        load_config(config_file, ["MODEL.WEIGHTS", weights]), "digits_val_tiny", num_images=5
+    )
+    k = load_config(config_file).MODEL.RETINANET.NUM_CLASSES
+    assert counts == {"positive": int((labels < k).sum()), "negative": int((labels == k).sum())}
+    out = capsys.readouterr().out
+    assert "anchors from 5 images of digits_val_tiny\n" in out
+    summary = re.findall(r"  (positive|negative) γ=([\d.]+): hardest 1% carry", out)
+    assert summary == [("positive", "0"), ("positive", "3"), ("negative", "0"), ("negative", "3")]
 
 
 def test_plot_loss_cdf_reads_every_image_at_the_test_time_size(trained):
@@ -1517,6 +1546,42 @@ def _run_cfg(run):
     cfg.merge_from_file(str(REPO / argv[1]))
     cfg.merge_from_list(argv[2:])
     return cfg
+
+
+# Each Table 1 row's settings as its label states them: loss, gamma (None: CE has none),
+# alpha, FL*'s beta and the gamma schedule's (NAME, START, ITERS as a share of MAX_ITER).
+CONSTANT = ("constant", 0.0, 0.0)
+TABLE1_SETTINGS = {
+    "ce_a0.25": ("cross_entropy", None, 0.25, 1.0, CONSTANT),
+    "ce_a0.50": ("cross_entropy", None, 0.5, 1.0, CONSTANT),
+    "ce_a0.75": ("cross_entropy", None, 0.75, 1.0, CONSTANT),
+    "fl_g0.5_a0.50": ("sigmoid_focal", 0.5, 0.5, 1.0, CONSTANT),
+    "fl_g1_a0.25": ("sigmoid_focal", 1.0, 0.25, 1.0, CONSTANT),
+    "fl_g2_a0.25": ("sigmoid_focal", 2.0, 0.25, 1.0, CONSTANT),
+    "fl_g5_a0.25": ("sigmoid_focal", 5.0, 0.25, 1.0, CONSTANT),
+    "softmax_fl_g2": ("softmax_focal", 2.0, 0.25, 1.0, CONSTANT),
+    "fl_star_g2_b1": ("focal_star", 2.0, 0.25, 1.0, CONSTANT),
+    "fl_star_g4_b0": ("focal_star", 4.0, 0.25, 0.0, CONSTANT),
+    "soft_gamma_0to2": ("sigmoid_focal", 2.0, 0.25, 1.0, ("linear", 0.0, 0.5)),
+}
+
+
+@pytest.mark.parametrize("preset_name", ["digits-small", "digits-full"])
+def test_ablate_table1_rows_train_what_their_labels_say(preset_name):
+    """Every Table 1 row's runs get the loss, gamma, alpha, beta and schedule of its label."""
+    ablate = load_tool("ablate")
+    assert ablate.TABLE1_ROWS == tuple(TABLE1_SETTINGS)
+    preset = ablate.PRESETS[preset_name]
+    for row_name, (loss, gamma, alpha, beta, schedule) in TABLE1_SETTINGS.items():
+        (run, *_) = ablate.plan(preset, ablate.select_rows(row_name, preset), "/out")
+        cfg = _run_cfg(run)
+        focal = cfg.MODEL.FOCAL
+        assert (focal.LOSS, focal.ALPHA, focal.STAR_BETA) == (loss, alpha, beta), row_name
+        assert gamma is None or focal.GAMMA == gamma, row_name
+        name, start, share = schedule
+        iters = int(cfg.SOLVER.MAX_ITER * share)
+        assert (focal.GAMMA_SCHEDULE.NAME, focal.GAMMA_SCHEDULE.START) == (name, start), row_name
+        assert focal.GAMMA_SCHEDULE.ITERS == iters, row_name
 
 
 IMBALANCE_SETTINGS = {
