@@ -5,13 +5,17 @@
 #      formulas, and the memory test (tests/test_triton.py, test_fused.py, test_label_smoothing.py);
 #   2. benchmarks/bench_loss.py --device cuda: N = 400k and 2M, float32 and bfloat16;
 #   3. benchmarks/bench_launch.py: the Triton kernels' launch sweep, N = 2M, float32 and bfloat16;
-#   4. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each.
+#   4. benchmarks/bench_train.py --device cuda at 800 px, float32 and AMP, 3 rounds each;
+#   5. the suites' Triton cases compiled (test_fused.py, test_label_smoothing.py,
+#      test_class_balanced.py -k triton: without CUDA they run through Triton's interpreter;
+#      here conftest.use_triton moves each launch's tensors to the GPU), last, after the
+#      measurements.
 #
 #   bash scripts/gpu_measure.sh [RESULTS_DIR [STEP...]]   # default benchmarks/results, every step
 #
 # STEPs, in this order by default: cuda_tests bench_loss launch_sweep bench_train bench_train_amp
-# (4 min 34 s in all on the lent H200; name some to split the run, e.g. where one command may run
-# only so long).
+# triton_tests (steps 1-4 took 4 min 34 s on the lent H200; name some to split the run, e.g.
+# where one command may run only so long).
 #
 # PYTHON (default .venv/bin/python where it exists, else python3) runs everything, with this
 # checkout first on PYTHONPATH; on a machine without network, PYTHONPATH names the folder
@@ -23,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 results=${1:-benchmarks/results}
-all_steps=(cuda_tests bench_loss launch_sweep bench_train bench_train_amp)
+all_steps=(cuda_tests bench_loss launch_sweep bench_train bench_train_amp triton_tests)
 steps=("${@:2}")
 ((${#steps[@]})) || steps=("${all_steps[@]}")
 for name in "${steps[@]}"; do
@@ -60,6 +64,10 @@ fi
 cuda_tests() {
   "$python" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_fused.py \
     tests/test_label_smoothing.py -k cuda
+}
+triton_tests() {
+  "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_label_smoothing.py \
+    tests/test_class_balanced.py -k triton
 }
 bench_loss() { "$python" benchmarks/bench_loss.py --device cuda --out "$results/bench_loss_cuda.json"; }
 launch_sweep() { "$python" benchmarks/bench_launch.py --out "$results/bench_launch_cuda.json"; }

@@ -333,12 +333,31 @@ def head_boxes(model, inputs):
 
 
 def use_triton(monkeypatch):
-    """Force the Triton kernels for CPU tensors: Triton's interpreter, or skip where it is off."""
+    """
+    Force the Triton kernels for the tests' CPU tensors: through Triton's interpreter
+    (set by this file where there is no CUDA), or, on a CUDA machine, compiled, each
+    launch's tensors moved to the GPU and its loss back (the gradient flows back through the
+    moves). Skips where neither can run.
+    """
     if not backends._triton_interpreting():
-        pytest.skip(
-            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set by conftest without CUDA)"
-        )
+        if not torch.cuda.is_available():
+            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 or a CUDA device")
+        from focal_det2.losses import triton_kernels
+
+        monkeypatch.setattr(backends, "_triton_interpreting", lambda: True)  # CPU tensors in
+        for family in ("sigmoid_family", "softmax_family"):
+            monkeypatch.setattr(triton_kernels, family, _on_cuda(getattr(triton_kernels, family)))
     monkeypatch.setenv(backends.BACKEND_ENV, "triton")
+
+
+def _on_cuda(family):
+    """``family`` (a Triton launch of triton_kernels) on CUDA copies of CPU tensors, its loss back on the CPU."""
+
+    def moved(logits, labels, **params):
+        params = {k: v.cuda() if torch.is_tensor(v) else v for k, v in params.items()}
+        return family(logits.cuda(), labels.cuda(), **params).cpu()
+
+    return moved
 
 
 @pytest.fixture(params=["eager", "triton"])

@@ -527,7 +527,7 @@ def test_gpu_measure_stops_at_once_without_cuda(tmp_path):
     assert proc.returncode == 2
     expected = (
         "unknown step 'bench_los'; steps are: cuda_tests bench_loss launch_sweep bench_train "
-        "bench_train_amp"
+        "bench_train_amp triton_tests"
     )
     assert expected in proc.stderr
     assert not (tmp_path / "results").exists()
@@ -659,6 +659,8 @@ def test_gpu_measure_runs_every_step_with_the_checkout_importable(tmp_path):
         "--out bench_train_cuda.json",
         "benchmarks/bench_train.py --device cuda --inputs coco800 --rounds 3 --iters 30 --amp "
         "--out bench_train_cuda_amp.json",
+        "-m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_label_smoothing.py "
+        "tests/test_class_balanced.py -k triton",
     ]
 
 
