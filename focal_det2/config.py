@@ -254,11 +254,7 @@ def check_finite(cfg, prefix: str = ""):
         cfg (CfgNode): a config, or one of its nodes whose full name is ``prefix``.
         prefix (str): the node's name followed by ".", "" for the whole config.
     """
-    for key, value in cfg.items():
-        name = prefix + key
-        if isinstance(value, CN):
-            check_finite(value, name + ".")
-            continue
+    for name, value in flat_keys(cfg, prefix).items():
         for number in _floats(value):
             if math.isnan(number) or (math.isinf(number) and name not in INFINITY_ALLOWED):
                 allowed = "a number or inf" if name in INFINITY_ALLOWED else "a finite number"

@@ -283,6 +283,17 @@ def test_digits_root_reads_environment(monkeypatch, dataset_root):
     assert digits_root() == Path(__file__).resolve().parents[1] / "datasets"
 
 
+def test_an_installed_package_caches_its_data_sets_in_the_home_folder(monkeypatch, tmp_path):
+    """Installed without -e, the package's folder is site-packages: no datasets/ there."""
+    from focal_det2.data import digits
+
+    installed = tmp_path / "site-packages" / "focal_det2" / "data" / "digits.py"
+    monkeypatch.setattr(digits, "__file__", str(installed))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FOCAL_DET2_DATASETS")
+    assert digits_root() == tmp_path / "home" / ".cache" / "focal_det2" / "datasets"
+
+
 def test_builtin_splits_are_registered(monkeypatch):
     # a second registration with the cache root of the first is a no-op
     root = Path(MetadataCatalog.get("digits_train").json_file).parents[1]

@@ -157,10 +157,17 @@ def digits_root():
     """
     Returns:
         Path: the cache directory of the generated data sets: the environment
-            variable ``FOCAL_DET2_DATASETS`` if set, else ``<repo root>/datasets``.
+            variable ``FOCAL_DET2_DATASETS`` if set, else ``<repo root>/datasets``
+            in a checkout (``pip install -e .``), else ``~/.cache/focal_det2/datasets``
+            (an installed package's folder is site-packages, no place for data).
     """
     env = os.environ.get("FOCAL_DET2_DATASETS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "datasets"
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file():
+        return root / "datasets"
+    return Path.home() / ".cache" / "focal_det2" / "datasets"
 
 
 def _check_choice(name, value, allowed):

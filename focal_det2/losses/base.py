@@ -14,7 +14,7 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..config import check_class_weighting_name
+from ..config import DEFAULT_ALPHA, DEFAULT_GAMMA, check_class_weighting_name
 from .fused import compute_dtype
 
 __all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
@@ -59,8 +59,8 @@ class DenseClassificationLoss:
         self,
         *,
         num_classes: int,
-        gamma: float = 2.0,
-        alpha: float = 0.25,
+        gamma: float = DEFAULT_GAMMA,
+        alpha: float = DEFAULT_ALPHA,
         class_alpha: Sequence[float] = (),
         label_smoothing: float = 0.0,
         class_weighting: str = "none",
