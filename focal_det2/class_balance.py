@@ -6,10 +6,11 @@ Loss Based on Effective Number of Samples", CVPR 2019, eq. 3 and section 4):
 Class c with n_c training instances has the effective number ``E_c = (1 - beta^n_c) / (1 - beta)``
 and the weight ``w_c = 1 / E_c = (1 - beta) / (1 - beta^n_c)``, normalised here to mean 1 over
 the K classes. The loss weighs every term of an anchor whose label is c by ``w_c``
-(:meth:`DenseClassificationLoss.set_class_weights`). The counts are read from
-``cfg.DATASETS.TRAIN`` through Detectron2's ``DatasetCatalog`` once, before the first
-training iteration, and the weights are checkpointed under the key ``"class_weights"``, so
-that ``--resume`` and ``--eval-only`` use them without counting again.
+(:meth:`DenseClassificationLoss.set_class_weights`). The counts are taken once, before the
+first training iteration, from the records the trainer's loader trains on (``DATASETS.TRAIN``
+after ``FILTER_EMPTY_ANNOTATIONS`` and ``DEGENERATE_BOXES``; from Detectron2's
+``DatasetCatalog`` where no records are given), and the weights are checkpointed under the key
+``"class_weights"``, so that ``--resume`` and ``--eval-only`` use them without counting again.
 """
 
 import logging
