@@ -114,6 +114,21 @@ CONFIGURED_LOSSES = ("cross_entropy", "focal_star", "ohem", "sigmoid_focal", "so
 FOCUSING_LOSSES = [
     name for name in LOSSES if registered_losses()[name].uses_gamma
 ]  # losses that read gamma
+
+
+def with_gammas(names, gammas):
+    """
+    (name, gamma) for each loss of ``names`` at each of ``gammas``, and a loss without gamma
+    (which ignores it) at the first one only: the other cases would repeat it.
+    """
+    return [
+        (name, gamma)
+        for name in names
+        for gamma in gammas
+        if gamma == gammas[0] or registered_losses()[name].uses_gamma
+    ]
+
+
 # The (logits, labels) unit tests have no boxes: losses that select anchors by their predicted
 # boxes (OHEM's NMS) are built with the NMS off there; tests/test_ohem.py covers the selection.
 UNIT_OPTS = ("MODEL.FOCAL.OHEM.NMS_THRESH", 1.0)

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 import torch
-from conftest import logged, use_triton
+from conftest import logged, use_triton, with_gammas
 
 from focal_det2.losses import backends, functional, fused
 
@@ -188,8 +188,7 @@ def test_focal_star_without_shift_matches_reference(gamma, backend_name):
     )
 
 
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("name, gamma", with_gammas(LOSSES, [0.5, 2.0]))
 def test_float32_value_matches_float32_reference(name, gamma, backend_name):
     logits, labels = batch(name, num_anchors=2000, seed=3)
     ours = FAST[name](logits, labels, **kwargs_of(name, gamma=gamma))
@@ -375,8 +374,7 @@ def test_half_precision_logits_on_the_eager_path(name, dtype, paths):
 # ----------------------------------------------------------------------------- autograd
 
 
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gamma", [0.5, 2.0, 3.0])
+@pytest.mark.parametrize("name, gamma", with_gammas(LOSSES, [0.5, 2.0, 3.0]))
 @pytest.mark.parametrize("with_class_alpha", [False, True])
 def test_gradcheck_float64(name, gamma, with_class_alpha, monkeypatch):
     monkeypatch.setattr(fused, "CPU_CHUNK_ELEMENTS", 4 * (NUM_CLASSES + 1))  # several chunks

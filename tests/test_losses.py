@@ -19,6 +19,7 @@ from conftest import (
     build_loss,
     num_logits_of,
     reference,
+    with_gammas,
 )
 from fvcore.nn import sigmoid_focal_loss as fvcore_sigmoid_focal_loss
 
@@ -215,8 +216,7 @@ def test_sigmoid_focal_matches_fvcore(impl, gamma, alpha):
 # ----------------------------------------------------------------------------- fast path = definition
 
 
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("name, gamma", with_gammas(LOSSES, [0.5, 2.0]))
 @pytest.mark.parametrize("alpha, class_alpha", [(0.25, ()), (-1, ()), (0.25, (0.1, 0.5, 0.9))])
 def test_every_loss_equals_its_reference_in_value_and_gradient(name, gamma, alpha, class_alpha):
     # Every registered loss: its fast path (__call__) against its definition (reference_loss), float64.
@@ -232,8 +232,7 @@ def test_every_loss_equals_its_reference_in_value_and_gradient(name, gamma, alph
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize("name, gamma", with_gammas(LOSSES, [0.5, 2.0]))
 @pytest.mark.parametrize("class_alpha", [(), (0.1, 0.5, 0.9)])
 def test_gradcheck_float64(impl, name, gamma, class_alpha):
     logits, labels = random_batch(name, num_anchors=8, num_classes=3, seed=2)
