@@ -181,6 +181,25 @@ def test_every_loss_trains_with_an_empty_image(loss):
     assert storage.smoothing_hints()["focal_gamma"] is False
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_training_step_under_autocast_computes_the_loss_in_float32(loss):
+    """
+    SOLVER.AMP.ENABLED: the head's logits come in bfloat16 (autocast on the CPU), and
+    loss_cls is the reference formula on those rounded logits, in float32.
+    """
+    model = build(loss=loss)
+    inputs = batch(with_empty=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = head_logits(model, inputs)
+        expected = reference_loss_cls(model, inputs, loss, gamma=2.0, alpha=0.25, beta=1.0)
+        losses, _ = train_losses(model, inputs)
+    assert logits.dtype == torch.bfloat16
+    assert losses["loss_cls"].dtype == torch.float32
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=1e-5)
+    losses["loss_cls"].backward()
+    assert model.head.cls_score.weight.grad.dtype == torch.float32
+
+
 def test_ohem_without_nms_takes_a_minibatch_per_image():
     """
     OHEM with NMS off (NMS_THRESH 1, no boxes needed) keeps BATCH_PER_IMAGE anchors in each
