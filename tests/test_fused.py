@@ -465,6 +465,23 @@ def test_registered_losses_call_the_fast_path(name, monkeypatch):
 # ----------------------------------------------------------------------------- backend choice
 
 
+def test_compile_backend_compiles_for_real_and_matches_the_reference(monkeypatch):
+    """
+    FOCAL_DET2_BACKEND=compile with the real torch.compile (the other tests record its calls
+    instead): the chunk kernels compile on this machine and give the reference, with no
+    fallback to eager (which sets the backend to eager, with a log line: bench_loss's compile
+    rows would then time eager code).
+    """
+    monkeypatch.setenv(backends.BACKEND_ENV, "compile")
+    backends._reset_backend()
+    try:
+        logits, labels = batch("sigmoid_focal", seed=12)
+        assert_matches_reference("sigmoid_focal", logits, labels, gamma=2.0)
+        assert backends._kernels and backends.backend("cpu") == "compile"
+    finally:
+        backends._reset_backend()
+
+
 def test_default_backend_is_eager_on_the_cpu_and_logged_once(monkeypatch, caplog, paths):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
