@@ -18,7 +18,8 @@ import focal_det2
 
 from detectron2.engine import default_argument_parser, launch
 
-from focal_det2.engine import FocalTrainer, load_for_evaluation, setup_cfg
+from focal_det2.checkpoint import load_for_evaluation
+from focal_det2.engine import FocalTrainer, setup_cfg
 from focal_det2.lazy import is_lazy_config, lazy_evaluate, lazy_train, setup_lazy_cfg
 
 focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)

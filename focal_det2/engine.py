@@ -1,25 +1,18 @@
 """
 The trainer used by train_net.py: Detectron2's DefaultTrainer with COCO
 evaluation, multi-process training on CPUs, checked training data and an
-exact ``--resume``; :func:`setup_cfg`, which checks a config before a run
-writes anything; and what the LazyConfig path (:mod:`.lazy`) shares with it:
-the checkpoint and output-folder checks (:class:`RunKeys` names the keys),
-:func:`load_fitting` and :func:`build_on_meta`.
+exact ``--resume``; and :func:`setup_cfg`, which checks a config (:mod:`.checks`)
+and the checkpoint a run loads (:mod:`.checkpoint`) before the run writes
+anything. The LazyConfig path (:mod:`.lazy`) shares its DDP helpers.
 """
 
 import contextlib
-import difflib
 import itertools
 import json
 import logging
 import os
-import re
-import warnings
-from typing import Callable, NamedTuple, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
@@ -36,40 +29,37 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpoint import (
+    EVALUATING,
+    RESUMING,
+    AttributeState,
+    check_checkpoint_fits,
+    check_output_dir_free,
+    checkpoint_to_load,
+    evaluation_output_dir,
+    focal_loss_of,
+    naming_checkpoint,
+)
+from .checks import check_cfg, check_run_inputs
 from .class_balance import CHECKPOINT_KEY, ClassWeights, CountClassWeights
-from .config import add_focal_config, check_finite, flat_keys, load_config
+from .config import load_config
 from .data.checks import (
     CheckedDatasetMapper,
-    check_degenerate_boxes_option,
     load_checked_dataset_dicts,
 )
 from .registry import lookup
 from .schedules import build_gamma_schedule, unfinished_warning
 
 __all__ = [
-    "AttributeState",
     "FocalTrainer",
     "ResumableTrainLoader",
     "ResumableTrainingSampler",
-    "RunKeys",
     "ScalarHistory",
-    "build_on_meta",
-    "check_cfg",
-    "check_checkpoint_fits",
-    "check_cuda_device",
-    "check_device",
-    "check_output_dir_free",
-    "check_run_inputs",
-    "checkpoint_to_load",
     "create_ddp_model_by_device",
     "ddp_device_ids_by_device",
     "drop_metrics_from",
-    "evaluation_output_dir",
     "extends_finished_run",
-    "load_for_evaluation",
-    "load_fitting",
     "setup_cfg",
-    "YACS_KEYS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -224,24 +214,6 @@ def _orientations(dataset) -> str:
     return "landscape and portrait images" if len(landscape) > 1 else ""
 
 
-class AttributeState:
-    """
-    A checkpointable (``state_dict`` / ``load_state_dict``) for plain
-    attributes of an object, such as the loss normaliser EMA that
-    Detectron2's DenseDetector keeps outside the model's state_dict.
-    """
-
-    def __init__(self, obj, *names: str):
-        self.obj, self.names = obj, names
-
-    def state_dict(self):
-        return {n: getattr(self.obj, n) for n in self.names if hasattr(self.obj, n)}
-
-    def load_state_dict(self, state):
-        for name, value in state.items():
-            setattr(self.obj, name, value)
-
-
 class ScalarHistory(HookBase):
     """
     Checkpoints the scalars of the EventStorage from the last ``window_size``
@@ -283,126 +255,6 @@ class ScalarHistory(HookBase):
             for value, iteration in values:
                 histories[name].update(value, iteration)
         self._loaded = {}
-
-
-class RunKeys(NamedTuple):
-    """How the errors about a run's checkpoint, output folder and model name their keys."""
-
-    weights: str  # the checkpoint a run starts from
-    output_dir: str
-    loss: str  # the classification loss
-    num_classes: str
-    sep: str  # between a key and its value on train_net.py's command line
-    extend: str  # how a finished run is extended, "" where a resume cannot
-
-
-YACS_KEYS = RunKeys(
-    "MODEL.WEIGHTS",
-    "OUTPUT_DIR",
-    "MODEL.FOCAL.LOSS",
-    "NUM_CLASSES",
-    " ",
-    " (a larger SOLVER.MAX_ITER extends a finished run)",
-)
-
-
-# What a run's config may be (train_net.py's --config-file), never a checkpoint.
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".py", ".json")
-
-
-def checkpoint_to_load(
-    output_dir: str, weights: str, resume: bool, keys: RunKeys = YACS_KEYS
-) -> str:
-    """
-    The checkpoint file a run loads, as Detectron2's checkpointer chooses it:
-    with ``resume`` and a ``last_checkpoint`` file in ``output_dir``, the
-    file it names; otherwise ``weights`` (MODEL.WEIGHTS; "" for none).
-    Raises, naming the file, where Detectron2 would fail without naming it
-    or name the folder: an empty ``last_checkpoint``, a checkpoint it names
-    that does not exist, a local checkpoint file of 0 bytes, and ``weights``
-    naming a config file (.yaml, .yml, .py, .json; torch.load's error for
-    it is about unpickling).
-
-    Args:
-        output_dir (str): the output folder (OUTPUT_DIR), where ``last_checkpoint`` lives.
-        weights (str): the checkpoint to start from (MODEL.WEIGHTS), a path or a URL.
-        resume (bool): ``--resume``.
-        keys (RunKeys): the config keys the errors name.
-    """
-    last = os.path.join(output_dir, "last_checkpoint")
-    if resume and os.path.isfile(last):
-        with open(last) as f:
-            name = f.read().strip()
-        if not name:
-            raise ValueError(
-                f"{last} is empty; it must hold the file name of a checkpoint in {output_dir} "
-                f"(e.g. model_final.pth). Write one there, or delete it to start from {keys.weights}."
-            )
-        path = os.path.join(output_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{last} names {name!r}, but {path} does not exist.")
-        source, fix = (
-            f"{path} (named by {last})",
-            "write an earlier checkpoint's name into last_checkpoint",
-        )
-    else:
-        if not weights or "://" in weights:
-            return weights
-        path, source, fix = weights, f"{keys.weights}={weights}", "pass a complete checkpoint"
-        if os.path.isdir(path):
-            raise IsADirectoryError(
-                f"{source} is a folder; pass a checkpoint file in it "
-                f"(e.g. {os.path.join(path, 'model_final.pth')})."
-            )
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{source}: the file does not exist.")
-        if path.lower().endswith(_CONFIG_SUFFIXES):
-            raise ValueError(
-                f"{source} is a config file, not a checkpoint: pass it with --config-file, and "
-                f"{keys.weights} a checkpoint (a .pth file torch.save wrote, or Detectron2's .pkl)."
-            )
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{source} is empty (0 bytes), e.g. from an interrupted save: {fix}.")
-    return path
-
-
-# Files of a training run in OUTPUT_DIR that a new run would overwrite or append to.
-_RUN_FILE = re.compile(r"last_checkpoint|model_final\.pth|model_\d{7}\.pth|metrics\.json")
-
-
-def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
-    """
-    Raise ``FileExistsError``, naming the folder and what it holds, if
-    ``output_dir`` holds a training run: a ``last_checkpoint``, Detectron2's
-    ``model_final.pth`` or ``model_<iteration>.pth``, or a non-empty
-    ``metrics.json``. A new run (not ``--resume``) would overwrite the
-    checkpoints and append its metrics to the old ones; Detectron2 does so silently.
-    """
-    if not os.path.isdir(output_dir):
-        return
-    found = sorted(
-        name
-        for name in os.listdir(output_dir)
-        if _RUN_FILE.fullmatch(name) and os.path.getsize(os.path.join(output_dir, name)) > 0
-    )
-    if found:
-        raise FileExistsError(
-            f"{keys.output_dir} {output_dir} holds a training run ({', '.join(found)}), which a "
-            f"new run would overwrite. Pass --resume to continue it{keys.extend}, set "
-            f"{keys.output_dir} to another folder, or delete this one."
-        )
-
-
-@contextlib.contextmanager
-def _naming_checkpoint(path: str):
-    """Add a note naming the checkpoint ``path`` to any error raised inside: torch.load's
-    errors (a truncated file, say) do not name the file."""
-    try:
-        yield
-    except Exception as e:
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(f"while loading the checkpoint {path}")
-        raise
 
 
 def _num_classes(cfg) -> dict:
@@ -458,7 +310,7 @@ class FocalTrainer(DefaultTrainer):
             "loss_normalizer", AttributeState(self.checkpointer.model, "loss_normalizer")
         )
         if cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
-            self.class_weights = ClassWeights(_focal_loss_of(self.checkpointer.model), cfg)
+            self.class_weights = ClassWeights(focal_loss_of(self.checkpointer.model), cfg)
             self.checkpointer.add_checkpointable(CHECKPOINT_KEY, self.class_weights)
 
     def build_hooks(self):
@@ -478,7 +330,7 @@ class FocalTrainer(DefaultTrainer):
         of the iterations it trains again dropped (:func:`drop_metrics_from`).
         """
         checkpoint = checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
-        with _naming_checkpoint(checkpoint):
+        with naming_checkpoint(checkpoint):
             super().resume_or_load(resume=resume)
         if resume and comm.is_main_process():
             drop_metrics_from(
@@ -640,277 +492,6 @@ def _iteration(line: str, path: str, number: int) -> int:
             f"{path}, line {number}: not a metrics record with an iteration ({e}); "
             "fix or remove the line to resume."
         ) from e
-
-
-def _focal_loss_of(model):
-    """The loss of a FocalRetinaNet, or an error naming CLASS_WEIGHTING for other models."""
-    loss = getattr(model, "focal_loss", None)
-    if loss is None:
-        raise ValueError(
-            f"MODEL.FOCAL.CLASS_WEIGHTING needs MODEL.META_ARCHITECTURE FocalRetinaNet, "
-            f"got {type(model).__name__}; set CLASS_WEIGHTING none."
-        )
-    return loss
-
-
-class _RecordingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that keeps the incompatible keys of its last load in :attr:`incompatible`."""
-
-    incompatible = None
-
-    def _log_incompatible_keys(self, incompatible):
-        self.incompatible = incompatible
-        super()._log_incompatible_keys(incompatible)
-
-
-# What a checkpoint that leaves model tensors at their initialisation would do, as
-# :func:`_check_fits` says it.
-EVALUATING = "Evaluating would score with those tensors at their random initialisation."
-RESUMING = (
-    "Resuming would go on from those tensors at their random initialisation, over the run's "
-    "config.yaml, metrics and evaluation."
-)
-
-
-def _check_fits(path: str, incompatible, keys: RunKeys, consequence: str = EVALUATING):
-    """
-    Raise, naming the checkpoint and the tensors, if a load left parameters of the model at
-    their initialisation (for evaluation, or to resume a run): Detectron2 skips a tensor of
-    another shape (a softmax_focal checkpoint has K + 1 logits per anchor, a sigmoid one K)
-    with a warning.
-    """
-    if incompatible is None:
-        return
-    shapes = [
-        f"{name} is {tuple(ckpt)} in the checkpoint but {tuple(model)} in the model"
-        for name, ckpt, model in incompatible.incorrect_shapes
-    ]
-    skipped = {name for name, _, _ in incompatible.incorrect_shapes}
-    missing = [name for name in incompatible.missing_keys if name not in skipped]
-    if not shapes and not missing:
-        return
-    if shapes:
-        fix = (
-            "Use the config the checkpoint was trained with (its run's config.yaml): the same "
-            f"{keys.loss} (softmax_focal has {keys.num_classes} + 1 logits per anchor), "
-            f"{keys.num_classes} and backbone."
-        )
-    else:
-        fix = (
-            "Pass a trained detector's checkpoint, not a backbone's (such as the ImageNet "
-            f"weights a COCO config trains from), or {keys.weights}{keys.sep}'' for a random model."
-        )
-    missing = [f"missing from the checkpoint: {', '.join(missing)}"] if missing else []
-    raise ValueError(
-        f"{path} does not fit the model of this config: {'; '.join(shapes + missing)}. "
-        f"{consequence} {fix}"
-    )
-
-
-def load_fitting(
-    model,
-    path: str,
-    checkpointables: Optional[dict] = None,
-    keys: RunKeys = YACS_KEYS,
-    consequence: str = EVALUATING,
-):
-    """
-    Load the checkpoint ``path`` (a file or a URL) into ``model``, and its entries
-    named by the keys of ``checkpointables`` into their values. An error while
-    loading (a truncated file) carries a note that names the checkpoint; a
-    checkpoint that leaves model tensors at their initialisation is an error
-    naming them (see :func:`_check_fits`, which says the ``consequence``) and the
-    config ``keys`` to fix.
-    """
-    checkpointer = _RecordingCheckpointer(model)
-    for key, value in (checkpointables or {}).items():
-        checkpointer.add_checkpointable(key, value)
-    with _naming_checkpoint(path):
-        checkpointer.load(path, checkpointables=list(checkpointables or ()))
-    _check_fits(path, checkpointer.incompatible, keys, consequence)
-
-
-def check_checkpoint_fits(
-    meta_model: Optional[torch.nn.Module], path: str, consequence: str, keys: RunKeys = YACS_KEYS
-):
-    """
-    :func:`load_fitting` of ``path`` into ``meta_model``, the run's model as :func:`check_cfg`
-    (or :func:`.lazy.check_model`) builds it on the meta device (nothing is copied), so that
-    a checkpoint of another loss or NUM_CLASSES is refused, naming the config ``keys``,
-    before the run writes anything. Nothing to check without a model (one the meta device
-    cannot build: the run's own load checks it) or a checkpoint.
-    """
-    if meta_model is None or not path:
-        return
-    with warnings.catch_warnings():  # each tensor copied into a meta parameter is a no-op
-        warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter")
-        load_fitting(meta_model, path, keys=keys, consequence=consequence)
-
-
-def load_for_evaluation(cfg, model):
-    """
-    Load ``cfg.MODEL.WEIGHTS`` into ``model`` for evaluation, as
-    ``DetectionCheckpointer.resume_or_load(weights, resume=False)`` does, and, with
-    ``MODEL.FOCAL.CLASS_WEIGHTING`` on, the checkpoint's class weights into the
-    model's loss (never counted here). A checkpoint without them (trained with
-    ``none``, or a Detectron2 checkpoint) leaves the loss without weights and says so:
-    inference scores do not depend on the loss or its weights. An error while
-    loading (a truncated file) carries a note that names the checkpoint. A checkpoint
-    that leaves model tensors at their initialisation (another shape, or missing: one
-    trained with another loss or NUM_CLASSES) is an error naming them, where Detectron2
-    warns and evaluates a partly random model.
-    """
-    path = checkpoint_to_load(cfg.OUTPUT_DIR, cfg.MODEL.WEIGHTS, resume=False)
-    if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
-        load_fitting(model, path)
-        return
-    weights = ClassWeights(_focal_loss_of(model), cfg, training=False)
-    load_fitting(model, path, {CHECKPOINT_KEY: weights})
-    if weights.source is None:
-        logger.info(
-            f"{cfg.MODEL.WEIGHTS} holds no class weights; the loss has none, which does not "
-            "change inference scores (inference does not call the loss)."
-        )
-
-
-def check_cfg(cfg) -> Optional[torch.nn.Module]:
-    """
-    Raise for a config value a run would reject, before the run writes
-    anything: a float key that is NaN or infinite, every check the model
-    build makes, and ``DATALOADER.DEGENERATE_BOXES``. Returns the model built
-    on the meta device (None where it cannot be).
-
-    The model build's checks are spread over Detectron2's backbone, anchor
-    generator and RetinaNet and over our loss, gamma schedule and head, and
-    some need the backbone's output shapes; so the whole meta-architecture is
-    constructed, but on the ``meta`` device (:func:`build_on_meta`): modules
-    and shapes without memory, weight initialisation or random draws, then
-    dropped. That costs a small part of a real CPU build and leaves the run's
-    own build (after ``default_setup`` seeds it) the only one that allocates.
-    A model the meta device cannot build is left to the run's build, with a
-    warning; MODEL.FOCAL moved from its defaults under one of Detectron2's own
-    meta-architectures (which read none of it) is refused either way.
-    """
-    check_finite(cfg)
-    check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
-    meta_cfg = cfg.clone()
-    meta_cfg.defrost()
-    meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
-    meta_arch = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
-    model = build_on_meta(lambda: meta_arch(meta_cfg))
-    if meta_arch.__module__.startswith("detectron2."):
-        _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
-    return model
-
-
-def check_run_inputs(cfg, eval_only: bool):
-    """
-    Raise, naming the key, for what a run would fail on only after writing (a training run,
-    after training): a data set name in DATASETS.TRAIN (training) or DATASETS.TEST that is not
-    registered in Detectron2's ``DatasetCatalog`` (register your own before this check, as
-    Detectron2's builtin ones are at import), and a MODEL.DEVICE of CUDA where PyTorch sees
-    no CUDA device.
-    """
-    registered = DatasetCatalog.list()
-    for key in ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST"):
-        for name in cfg.DATASETS.get(key.split(".")[1]):
-            if name not in registered:
-                close = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
-                raise KeyError(
-                    f"{key}: {name!r} is not a registered data set"
-                    + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
-                    + " (register your own with DatasetCatalog before the run is set up)."
-                )
-    check_device(cfg)
-
-
-def check_device(cfg):
-    """
-    Raise, naming MODEL.DEVICE, for a CUDA device where PyTorch sees none (torch's own error
-    names no key); the tools that run a model check it after loading their config.
-    """
-    check_cuda_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
-
-
-def check_cuda_device(device: str, key: str, sep: str = " "):
-    """
-    Raise, naming ``key``, if ``device`` is CUDA where PyTorch sees no CUDA device.
-
-    Args:
-        device (str): the device a run would use ("cuda", "cuda:1", "cpu").
-        key (str): its config key (MODEL.DEVICE; a LazyConfig's train.device).
-        sep (str): between the key and a value on train_net.py's command line.
-    """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"{key}={device}, but PyTorch sees no CUDA device here "
-            f"(torch.cuda.is_available() is False): set {key}{sep}cpu."
-        )
-
-
-def _check_focal_node_unset(cfg):
-    """
-    Raise, naming them, for MODEL.FOCAL keys moved from their defaults: the config's
-    meta-architecture, one of Detectron2's own, reads none.
-    """
-    defaults = get_cfg()
-    add_focal_config(defaults)
-    default = flat_keys(defaults.MODEL.FOCAL, "MODEL.FOCAL.")
-    changed = [
-        f"{key}={value}"
-        for key, value in flat_keys(cfg.MODEL.FOCAL, "MODEL.FOCAL.").items()
-        if value != default[key]
-    ]
-    if changed:
-        raise ValueError(
-            f"{', '.join(changed)}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} does not "
-            "read MODEL.FOCAL. Leave it at its defaults, or set META_ARCHITECTURE FocalRetinaNet."
-        )
-
-
-def evaluation_output_dir(
-    checkpoint: str, output_dir: str, resume: bool, keys: RunKeys = YACS_KEYS
-) -> str:
-    """
-    Where ``--eval-only`` writes: ``output_dir/eval/<checkpoint name>``, beside
-    and not over the training run's files. Raises, naming the keys, where there
-    is no checkpoint to evaluate.
-
-    Args:
-        checkpoint (str): what :func:`checkpoint_to_load` chose ("" for none).
-        output_dir (str): the run's output folder (OUTPUT_DIR).
-        resume (bool): ``--resume``.
-        keys (RunKeys): the config keys the error names.
-    """
-    if not checkpoint:
-        raise ValueError(
-            f"--eval-only needs a trained model: {keys.weights} is empty"
-            + (f" and {output_dir} has no last_checkpoint" if resume else "")
-            + f". Pass {keys.weights}{keys.sep}<file>.pth (e.g. {keys.output_dir}/model_final.pth), "
-            f"or --resume to evaluate {keys.output_dir}'s last checkpoint."
-        )
-    return os.path.join(output_dir, "eval", os.path.splitext(os.path.basename(checkpoint))[0])
-
-
-def build_on_meta(build: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Module]:
-    """
-    ``build()`` on the ``meta`` device: modules and shapes without memory,
-    weight initialisation or random draws, so that every check of the
-    constructors runs before a run writes anything. None, with a log line, for
-    a model whose constructor computes with tensors (Detectron2's ViT, MViT and
-    Swin backbones call ``.item()``), which the meta device cannot run; its
-    errors then come from the run's own build.
-    """
-    try:
-        with torch.device("meta"):
-            return build()
-    except (RuntimeError, NotImplementedError) as e:
-        if not re.search(r"\bmeta\b", str(e), re.IGNORECASE):  # "meta tensors", "'Meta' backend"
-            raise
-        logger.warning(
-            f"The model is not checked before the run: it cannot be built on the meta device ({e})."
-        )
-        return None
 
 
 def setup_cfg(args):

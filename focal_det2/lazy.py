@@ -33,20 +33,19 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, OmegaConf
 
-from .engine import (
+from .checkpoint import (
     EVALUATING,
     RESUMING,
     AttributeState,
     RunKeys,
-    build_on_meta,
     check_checkpoint_fits,
-    check_cuda_device,
     check_output_dir_free,
     checkpoint_to_load,
-    create_ddp_model_by_device,
     evaluation_output_dir,
     load_fitting,
 )
+from .checks import build_on_meta, check_cuda_device
+from .engine import create_ddp_model_by_device
 
 __all__ = [
     "LAZY_KEYS",
@@ -203,7 +202,7 @@ def check_model(cfg) -> Optional[torch.nn.Module]:
     Raise for a model config the run would reject: a loss whose class weights a
     LazyConfig run cannot count (the yacs trainer counts them), and every check
     of the constructors, which run as ``cfg.model`` is built on the ``meta``
-    device (:func:`.engine.build_on_meta`). Their errors name yacs keys
+    device (:func:`.checks.build_on_meta`). Their errors name yacs keys
     (MODEL.FOCAL.ALPHA); a note names the node this config sets instead
     (``model.focal_loss.alpha``, :data:`LAZY_NAMES`). Returns the model built on
     the meta device (None where it cannot be).

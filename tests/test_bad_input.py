@@ -29,8 +29,9 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 from PIL import Image
 
+from focal_det2.checkpoint import YACS_KEYS, checkpoint_to_load
 from focal_det2.data.checks import check_dataset_dicts, load_checked_dataset_dicts
-from focal_det2.engine import YACS_KEYS, FocalTrainer, checkpoint_to_load
+from focal_det2.engine import FocalTrainer
 
 SIZE = 64
 
@@ -552,7 +553,7 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, loggers):
     ids=["metrics", "periodic-checkpoint", "last-checkpoint", "no-iteration", "other-files"],
 )
 def test_the_files_that_make_a_folder_a_run(tmp_path, files, refused):
-    from focal_det2.engine import check_output_dir_free
+    from focal_det2.checkpoint import check_output_dir_free
 
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -887,7 +888,7 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path, load):
     trainer's --resume and --eval-only's load_for_evaluation (its plain load and the one
     that also reads class weights) add a note that does.
     """
-    from focal_det2.engine import load_for_evaluation
+    from focal_det2.checkpoint import load_for_evaluation
 
     run, _ = _trained_run_dir(tmp_path)
     checkpoint = run / "model_final.pth"
@@ -914,7 +915,7 @@ def test_evaluating_a_checkpoint_of_another_loss_is_an_error_naming_the_tensors(
     A sigmoid_focal checkpoint (K logits per anchor) evaluated with softmax_focal (K + 1):
     Detectron2 skips the classifier with a warning and would evaluate it random.
     """
-    from focal_det2.engine import load_for_evaluation
+    from focal_det2.checkpoint import load_for_evaluation
 
     run, _ = _trained_run_dir(tmp_path)
     checkpoint = run / "model_final.pth"
@@ -945,7 +946,7 @@ def test_evaluating_a_checkpoint_of_another_loss_is_an_error_naming_the_tensors(
 def test_evaluation_loads_model_weights_not_the_last_checkpoint(tmp_path):
     """load_for_evaluation (demo, export, plot_loss_cdf) loads MODEL.WEIGHTS even where
     OUTPUT_DIR's last_checkpoint names another file (a run that went on training)."""
-    from focal_det2.engine import load_for_evaluation
+    from focal_det2.checkpoint import load_for_evaluation
 
     run, _ = _trained_run_dir(tmp_path)
     cfg = digits_cfg(output_dir=run, opts=["MODEL.WEIGHTS", str(run / "model_final.pth")])
@@ -961,7 +962,7 @@ def test_evaluation_loads_model_weights_not_the_last_checkpoint(tmp_path):
 
 def test_evaluating_a_backbone_checkpoint_is_an_error_naming_what_to_pass(tmp_path):
     """A checkpoint of the backbone only (as the ImageNet weights COCO configs train from)."""
-    from focal_det2.engine import load_for_evaluation
+    from focal_det2.checkpoint import load_for_evaluation
 
     cfg = digits_cfg(output_dir=tmp_path)
     state = build_model(cfg).state_dict()

@@ -16,8 +16,9 @@ from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
 from focal_det2 import build_focal_loss
+from focal_det2.checkpoint import load_for_evaluation
 from focal_det2.class_balance import ClassWeights, count_instances, effective_number_weights
-from focal_det2.engine import FocalTrainer, load_for_evaluation
+from focal_det2.engine import FocalTrainer
 
 # ----------------------------------------------------------------------------- the weights
 

@@ -458,7 +458,7 @@ def test_overrides_that_are_not_key_value_pairs_are_refused_saying_why():
 
 def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():
     """Detectron2's RetinaNet reads no MODEL.FOCAL key: a moved one would be silently ignored."""
-    from focal_det2.engine import check_cfg
+    from focal_det2.checks import check_cfg
 
     cfg = tiny_cfg()
     cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
@@ -477,7 +477,7 @@ def test_an_unknown_meta_architecture_is_named_with_the_registered_ones():
     """fvcore's own error names neither the key nor the names it knows."""
     from detectron2.modeling import META_ARCH_REGISTRY
 
-    from focal_det2.engine import check_cfg
+    from focal_det2.checks import check_cfg
 
     cfg = tiny_cfg()
     cfg.MODEL.META_ARCHITECTURE = "FocalRetinanet"
@@ -491,7 +491,7 @@ def test_an_unknown_meta_architecture_is_named_with_the_registered_ones():
 def test_the_check_builds_a_cuda_config_without_changing_it():
     """check_cfg builds on the meta device, from a copy set to the CPU (a CUDA config is checked
     on a machine without one): the run's config keeps its device and stays frozen."""
-    from focal_det2.engine import check_cfg
+    from focal_det2.checks import check_cfg
 
     cfg = tiny_cfg()
     cfg.MODEL.DEVICE = "cuda"
@@ -512,20 +512,20 @@ def test_the_check_builds_a_cuda_config_without_changing_it():
 )
 def test_build_on_meta_leaves_a_model_it_cannot_build_to_the_run(error):
     """Either of PyTorch's meta-device errors: None and a warning; any other error is raised."""
-    from focal_det2 import engine
+    from focal_det2 import checks
 
     def build():
         raise error
 
-    with logged(engine.logger) as records:
-        assert engine.build_on_meta(build) is None
+    with logged(checks.logger) as records:
+        assert checks.build_on_meta(build) is None
     assert ["cannot be built on the meta device" in r.getMessage() for r in records] == [True]
 
     def broken():
         raise type(error)("a constructor's own error")
 
     with pytest.raises(type(error), match="a constructor's own error"):
-        engine.build_on_meta(broken)
+        checks.build_on_meta(broken)
 
 
 def test_a_model_of_ones_own_may_read_the_focal_node():
@@ -533,7 +533,7 @@ def test_a_model_of_ones_own_may_read_the_focal_node():
     from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
     from focal_det2 import build_focal_loss
-    from focal_det2.engine import check_cfg
+    from focal_det2.checks import check_cfg
 
     class OwnDetector(RetinaNet):
         def __init__(self, cfg):

@@ -15,7 +15,7 @@ from detectron2.model_zoo import get_config
 from test_train_net import run_train_net, train_net_command
 
 import focal_det2  # noqa: F401  (registers the digits data sets)
-from focal_det2 import engine
+from focal_det2 import checks
 from focal_det2.lazy import (
     check_model,
     check_nodes,
@@ -369,7 +369,7 @@ def test_an_override_of_a_missing_key_is_refused_and_a_plus_adds_one(tmp_path):
 
 def test_the_model_check_builds_on_the_meta_device():
     """100 million classes: 8 TB of classifier on the CPU, none on the meta device."""
-    with logged(engine.logger) as records:
+    with logged(checks.logger) as records:
         check_model(load("model.num_classes=100000000"))
     assert records == []  # built, not skipped
 
@@ -378,7 +378,7 @@ def test_a_model_the_meta_device_cannot_build_is_run_unchecked():
     """Detectron2's ViTDet (its ViT calls .item() in __init__) is left to the run's own build,
     with a warning."""
     cfg = get_config("common/models/mask_rcnn_vitdet.py")
-    with logged(engine.logger) as records:
+    with logged(checks.logger) as records:
         check_model(cfg)
     assert ["cannot be built on the meta device" in r.getMessage() for r in records] == [True]
 

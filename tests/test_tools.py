@@ -2287,7 +2287,7 @@ def test_ablate_longtail_presets_rows_and_groups():
 def test_ablate_longtail_row_config(row_name):
     from detectron2.data import DatasetCatalog
 
-    from focal_det2.engine import check_cfg
+    from focal_det2.checks import check_cfg
 
     ablate = load_tool("ablate")
     defaults = get_cfg()

@@ -50,8 +50,9 @@ from detectron2.layers import nms  # noqa: E402
 from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from focal_det2.checkpoint import load_for_evaluation  # noqa: E402
+from focal_det2.checks import check_device  # noqa: E402
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5
 THRESHOLD_KEY = "MODEL.RETINANET.SCORE_THRESH_TEST"
@@ -220,7 +221,7 @@ def check_outputs(outs: Sequence[str], montage_path: Optional[str], overwrite: b
 class CheckedPredictor(DefaultPredictor):
     """
     :class:`DefaultPredictor` whose model loads ``MODEL.WEIGHTS`` through
-    :func:`~focal_det2.engine.load_for_evaluation`: a checkpoint that does not fit the
+    :func:`~focal_det2.checkpoint.load_for_evaluation`: a checkpoint that does not fit the
     model (another loss's classifier) is an error, not a warning and random scores.
     """
 

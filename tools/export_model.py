@@ -51,8 +51,9 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from focal_det2.checkpoint import load_for_evaluation  # noqa: E402
+from focal_det2.checks import check_device  # noqa: E402
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 
 logger = logging.getLogger("focal_det2.export")
 

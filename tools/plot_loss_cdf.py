@@ -47,8 +47,9 @@ from detectron2.data.detection_utils import build_augmentation  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from plotting import add_figure_arguments, save_figure  # noqa: E402  (tools/, beside this script)
 
+from focal_det2.checkpoint import load_for_evaluation  # noqa: E402
+from focal_det2.checks import check_device  # noqa: E402
 from focal_det2.config import load_config  # noqa: E402
-from focal_det2.engine import check_device, load_for_evaluation  # noqa: E402
 from focal_det2.losses import DenseClassificationLoss, functional, registered_losses  # noqa: E402
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)

@@ -1,0 +1,147 @@
+"""
+Checks of a run's config and inputs before it writes anything
+(:func:`.engine.setup_cfg` calls them before Detectron2's ``default_setup``):
+the model built on the ``meta`` device (:func:`build_on_meta`, every check of
+the constructors), non-finite floats, MODEL.FOCAL under one of Detectron2's own
+meta-architectures, registered data sets and a CUDA device that exists.
+"""
+
+import difflib
+import logging
+import re
+from typing import Callable, Optional
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from .config import add_focal_config, check_finite, flat_keys
+from .data.checks import check_degenerate_boxes_option
+from .registry import lookup
+
+__all__ = [
+    "build_on_meta",
+    "check_cfg",
+    "check_cuda_device",
+    "check_device",
+    "check_run_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def check_cfg(cfg) -> Optional[torch.nn.Module]:
+    """
+    Raise for a config value a run would reject, before the run writes
+    anything: a float key that is NaN or infinite, every check the model
+    build makes, and ``DATALOADER.DEGENERATE_BOXES``. Returns the model built
+    on the meta device (None where it cannot be).
+
+    The model build's checks are spread over Detectron2's backbone, anchor
+    generator and RetinaNet and over our loss, gamma schedule and head, and
+    some need the backbone's output shapes; so the whole meta-architecture is
+    constructed, but on the ``meta`` device (:func:`build_on_meta`): modules
+    and shapes without memory, weight initialisation or random draws, then
+    dropped. That costs a small part of a real CPU build and leaves the run's
+    own build (after ``default_setup`` seeds it) the only one that allocates.
+    A model the meta device cannot build is left to the run's build, with a
+    warning; MODEL.FOCAL moved from its defaults under one of Detectron2's own
+    meta-architectures (which read none of it) is refused either way.
+    """
+    check_finite(cfg)
+    check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
+    meta_cfg = cfg.clone()
+    meta_cfg.defrost()
+    meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one
+    meta_arch = lookup(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
+    model = build_on_meta(lambda: meta_arch(meta_cfg))
+    if meta_arch.__module__.startswith("detectron2."):
+        _check_focal_node_unset(cfg)  # a user's own model may read MODEL.FOCAL
+    return model
+
+
+def check_run_inputs(cfg, eval_only: bool):
+    """
+    Raise, naming the key, for what a run would fail on only after writing (a training run,
+    after training): a data set name in DATASETS.TRAIN (training) or DATASETS.TEST that is not
+    registered in Detectron2's ``DatasetCatalog`` (register your own before this check, as
+    Detectron2's builtin ones are at import), and a MODEL.DEVICE of CUDA where PyTorch sees
+    no CUDA device.
+    """
+    registered = DatasetCatalog.list()
+    for key in ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST"):
+        for name in cfg.DATASETS.get(key.split(".")[1]):
+            if name not in registered:
+                close = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
+                raise KeyError(
+                    f"{key}: {name!r} is not a registered data set"
+                    + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+                    + " (register your own with DatasetCatalog before the run is set up)."
+                )
+    check_device(cfg)
+
+
+def check_device(cfg):
+    """
+    Raise, naming MODEL.DEVICE, for a CUDA device where PyTorch sees none (torch's own error
+    names no key); the tools that run a model check it after loading their config.
+    """
+    check_cuda_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+
+
+def check_cuda_device(device: str, key: str, sep: str = " "):
+    """
+    Raise, naming ``key``, if ``device`` is CUDA where PyTorch sees no CUDA device.
+
+    Args:
+        device (str): the device a run would use ("cuda", "cuda:1", "cpu").
+        key (str): its config key (MODEL.DEVICE; a LazyConfig's train.device).
+        sep (str): between the key and a value on train_net.py's command line.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"{key}={device}, but PyTorch sees no CUDA device here "
+            f"(torch.cuda.is_available() is False): set {key}{sep}cpu."
+        )
+
+
+def _check_focal_node_unset(cfg):
+    """
+    Raise, naming them, for MODEL.FOCAL keys moved from their defaults: the config's
+    meta-architecture, one of Detectron2's own, reads none.
+    """
+    defaults = get_cfg()
+    add_focal_config(defaults)
+    default = flat_keys(defaults.MODEL.FOCAL, "MODEL.FOCAL.")
+    changed = [
+        f"{key}={value}"
+        for key, value in flat_keys(cfg.MODEL.FOCAL, "MODEL.FOCAL.").items()
+        if value != default[key]
+    ]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)}: MODEL.META_ARCHITECTURE={cfg.MODEL.META_ARCHITECTURE} does not "
+            "read MODEL.FOCAL. Leave it at its defaults, or set META_ARCHITECTURE FocalRetinaNet."
+        )
+
+
+def build_on_meta(build: Callable[[], torch.nn.Module]) -> Optional[torch.nn.Module]:
+    """
+    ``build()`` on the ``meta`` device: modules and shapes without memory,
+    weight initialisation or random draws, so that every check of the
+    constructors runs before a run writes anything. None, with a log line, for
+    a model whose constructor computes with tensors (Detectron2's ViT, MViT and
+    Swin backbones call ``.item()``), which the meta device cannot run; its
+    errors then come from the run's own build.
+    """
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError) as e:
+        if not re.search(r"\bmeta\b", str(e), re.IGNORECASE):  # "meta tensors", "'Meta' backend"
+            raise
+        logger.warning(
+            f"The model is not checked before the run: it cannot be built on the meta device ({e})."
+        )
+        return None
