@@ -353,6 +353,9 @@ def test_lazy_setup_checks_the_model_before_writing(tmp_path):
     assert error.value.__notes__ == [
         "In this LazyConfig: MODEL.FOCAL.ALPHA is model.focal_loss.alpha."
     ]
+    ce = "model.focal_loss._target_=focal_det2.losses.SigmoidCrossEntropyLoss"
+    with pytest.raises(ValueError, match=r"MODEL.FOCAL.GAMMA=3.0: MODEL.FOCAL.LOSS cross_entropy "):
+        setup_lazy_cfg(args(tmp_path, ce, "model.focal_loss.gamma=3.0"))  # it would be unread
     assert list(tmp_path.iterdir()) == []
 
 

@@ -94,6 +94,7 @@ class DenseClassificationLoss:
             raise ValueError(
                 f"MODEL.FOCAL.CLASS_ALPHA={list(class_alpha)}: values must be in [0, 1]."
             )
+        self._check_read(gamma, alpha, class_alpha)
         self.check_label_smoothing(label_smoothing)
         check_class_weighting_name(class_weighting)
         self.class_weighting = class_weighting
@@ -104,6 +105,25 @@ class DenseClassificationLoss:
         self._class_alpha_cache = {}
         self.class_weights: Optional[Tuple[float, ...]] = None
         self._class_weights_cache = {}
+
+    def _check_read(self, gamma: float, alpha: float, class_alpha: Tuple[float, ...]):
+        """
+        Raise, naming the key, for a value this loss would not read: a gamma other than the
+        default or 0 for a loss without gamma, an alpha moved from its default beside
+        CLASS_ALPHA for a loss that reads only the latter.
+        """
+        name = getattr(self, "name", type(self).__name__)
+        if not self.uses_gamma and gamma not in (DEFAULT_GAMMA, 0.0):
+            raise ValueError(
+                f"MODEL.FOCAL.GAMMA={gamma}: MODEL.FOCAL.LOSS {name} has no gamma (it is gamma "
+                f"0); leave it at {DEFAULT_GAMMA} or 0, or choose a focal loss."
+            )
+        if class_alpha and not self.reads_alpha_with_class_alpha and alpha != DEFAULT_ALPHA:
+            raise ValueError(
+                f"MODEL.FOCAL.ALPHA={alpha} is not read by MODEL.FOCAL.LOSS {name} when "
+                f"MODEL.FOCAL.CLASS_ALPHA is set (CLASS_ALPHA replaces it class by class); "
+                f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
+            )
 
     @classmethod
     def from_config(cls, cfg):

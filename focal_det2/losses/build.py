@@ -5,9 +5,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
 from ..config import (
-    DEFAULT_ALPHA,
     DEFAULT_CB_BETA,
-    DEFAULT_GAMMA,
     check_class_weighting,
     flat_keys,
 )
@@ -146,9 +144,10 @@ def check_keys_read(cfg, loss_class):
     """
     Raise, naming the key, for a ``MODEL.FOCAL`` key that ``cfg`` moves from
     its default although ``loss_class`` would not read it: another loss's own
-    key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem), ``GAMMA`` for a loss
-    without gamma (0 is allowed too), ``CB_BETA`` without ``CLASS_WEIGHTING``,
-    ``ALPHA`` beside ``CLASS_ALPHA`` for a loss that reads only the latter.
+    key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem) and ``CB_BETA`` without
+    ``CLASS_WEIGHTING``. ``GAMMA`` for a loss without gamma and ``ALPHA`` beside
+    ``CLASS_ALPHA`` for a loss that reads only the latter are refused by the loss's
+    constructor (:class:`DenseClassificationLoss`), for a LazyConfig's loss node too.
     """
     name = getattr(loss_class, "name", loss_class.__name__)
     for key, (default, other_name) in other_losses_keys(loss_class).items():
@@ -158,25 +157,11 @@ def check_keys_read(cfg, loss_class):
                 f"{key}={value} is read by MODEL.FOCAL.LOSS {other_name}, not by {name}; "
                 f"leave it at {default}, or set MODEL.FOCAL.LOSS {other_name}."
             )
-    gamma = cfg.MODEL.FOCAL.GAMMA
-    if not loss_class.uses_gamma and gamma not in (DEFAULT_GAMMA, 0.0):
-        raise ValueError(
-            f"MODEL.FOCAL.GAMMA={gamma}: MODEL.FOCAL.LOSS {name} has no gamma (it is gamma 0); "
-            f"leave it at {DEFAULT_GAMMA} or 0, or choose a focal loss."
-        )
     beta = cfg.MODEL.FOCAL.CB_BETA
     if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none" and beta != DEFAULT_CB_BETA:
         raise ValueError(
             f"MODEL.FOCAL.CB_BETA={beta} is read only with class weights; leave it at "
             f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
-        )
-    alpha = cfg.MODEL.FOCAL.ALPHA
-    unread = cfg.MODEL.FOCAL.CLASS_ALPHA and not loss_class.reads_alpha_with_class_alpha
-    if unread and alpha != DEFAULT_ALPHA:
-        raise ValueError(
-            f"MODEL.FOCAL.ALPHA={alpha} is not read by MODEL.FOCAL.LOSS {name} when "
-            f"MODEL.FOCAL.CLASS_ALPHA is set (CLASS_ALPHA replaces it class by class); "
-            f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
         )
 
 
