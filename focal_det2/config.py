@@ -161,13 +161,20 @@ def _close_keys(cfg, key: str) -> list:
 def check_override_list(opts: Sequence):
     """
     Raise, naming it, for a command-line override list that is not KEY VALUE pairs: a flag
-    (``--resume``) after the overrides, which argparse leaves among them, or an odd length.
+    (``--resume``) after the overrides, which argparse leaves among them, a LazyConfig's
+    ``a.b=value`` override, or an odd length.
     """
     flags = [o for o in map(str, opts) if o.startswith("--")]
     if flags:
         raise ValueError(
             f"{' '.join(flags)} among the KEY VALUE overrides: flags go before them, e.g. "
             f"train_net.py --config-file FILE {' '.join(flags)} KEY VALUE ..."
+        )
+    lazy = [str(o) for o in opts[::2] if "=" in str(o)]  # a key never holds "="
+    if lazy:
+        raise ValueError(
+            f"{lazy[0]}: a YAML config takes KEY VALUE overrides (MODEL.FOCAL.GAMMA 1.0); "
+            "a.b=value is how a LazyConfig (.py) is overridden."
         )
     if len(opts) % 2:
         raise ValueError(

@@ -31,7 +31,7 @@ from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checkpoint import (
     EVALUATING,
@@ -173,28 +173,78 @@ def check_nodes(cfg, config_file, eval_only):
         )
 
 
+_ABSENT = object()
+
+
 def check_override_keys(cfg, overrides):
     """
-    Raise, naming it and the keys it may stand for, for an override of a key
-    ``cfg`` lacks (a typo, which Detectron2 would add unread); a new key is
-    written ``+key=value`` (Hydra's syntax).
+    Raise, naming it, for an override that is not ``a.b=value`` (a flag after the
+    overrides, a yacs ``KEY VALUE`` pair, spaces around ``=``) and for an override of a
+    key ``cfg`` lacks (a typo, which Detectron2 would add unread), with the keys it may
+    stand for: close names at the first part of the key that is not there, and the node
+    of a yacs key (:data:`LAZY_NAMES`). A new key is written ``+key=value`` (Hydra's
+    syntax), a list index must be within the list.
     """
-    missing = object()
     for override in overrides:
         key = override.split("=", 1)[0]
-        if key.startswith(("+", "~")) or OmegaConf.select(cfg, key, default=missing) is not missing:
+        if "=" not in override and not key.startswith("~"):
+            raise ValueError(_not_an_override(override))
+        if key.startswith(("+", "~")) or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
             continue
-        parent = key.rpartition(".")[0]
-        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-        siblings = (
-            [f"{parent}.{k}" if parent else k for k in node] if isinstance(node, DictConfig) else []
+        node, known, part = _deepest(cfg, key)
+        if isinstance(node, ListConfig):
+            raise KeyError(
+                f"{override}: {known} is a list of {len(node)} items; {part} is not an index of it."
+            )
+        rest = key[len(known) + len(part) + bool(known) :]
+        close = [LAZY_NAMES[key]] if key in LAZY_NAMES else []
+        if isinstance(node, DictConfig):
+            for name in difflib.get_close_matches(part, [str(k) for k in node], n=3, cutoff=0.8):
+                close.append(".".join(p for p in (known, name, rest.lstrip(".")) if p))
+        if close:
+            raise KeyError(
+                f"{override}: the config has no {key}; did you mean {' or '.join(close)}?"
+            )
+        raise KeyError(f"{override}: the config has no {key}. To add a new key, write +{override}.")
+
+
+def _not_an_override(word: str) -> str:
+    """The error for a word among the overrides without ``=``: what it is, and how to write it."""
+    if not word.strip():
+        return f"an empty override ({word!r}): remove it from the overrides."
+    if word.startswith("-"):
+        return (
+            f"{word} comes after the overrides (argparse gives them every word after the "
+            "first one): put train_net.py's flags (--resume, --eval-only, --num-gpus N) before "
+            "the a.b=value overrides."
         )
-        close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.9)
-        raise KeyError(
-            f"{override}: the config has no {key}"
-            + (f"; did you mean {' or '.join(close)}?" if close else ".")
-            + f" To add a new key, write +{override}."
+    if word in LAZY_NAMES:
+        return (
+            f"{word}: a LazyConfig takes a.b=value overrides, not a yacs config's KEY VALUE "
+            f"pairs; {word} is {LAZY_NAMES[word]} here: write {LAZY_NAMES[word]}=<value>."
         )
+    return (
+        f"{word}: not an override; a LazyConfig's are written a.b=value, without spaces "
+        "around = (a yacs config takes KEY VALUE pairs)."
+    )
+
+
+def _deepest(cfg, key: str):
+    """
+    ``(node, known, part)`` for a ``key`` that ``cfg`` lacks: the deepest node of ``cfg``
+    on its path, that node's own key (``known``, "" for the config), and the first part
+    of ``key`` it lacks.
+    """
+    node, known = cfg, ""
+    for part in key.split("."):
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return node, known, part
+        known = f"{known}.{part}" if known else part
+    raise AssertionError(f"{key} is in the config")  # the caller checked it is not
 
 
 def check_model(cfg) -> Optional[torch.nn.Module]:

@@ -440,7 +440,8 @@ def test_a_key_the_config_lacks_names_where_and_the_keys_it_may_stand_for(tmp_pa
 
 
 def test_overrides_that_are_not_key_value_pairs_are_refused_saying_why():
-    """A flag after the overrides (argparse leaves it among them) and a key without its value."""
+    """A flag after the overrides (argparse leaves it among them), a LazyConfig's a.b=value
+    override and a key without its value."""
     with pytest.raises(ValueError) as error:
         load_config(DIGITS_CONFIG, ["SOLVER.MAX_ITER", "2", "--resume"])
     assert str(error.value) == (
@@ -453,7 +454,16 @@ def test_overrides_that_are_not_key_value_pairs_are_refused_saying_why():
         "the overrides SOLVER.MAX_ITER 2 MODEL.FOCAL.GAMMA are not KEY VALUE pairs: an odd "
         "number of words (3; a key without its value?)."
     )
+    for overrides in (["model.focal_loss.gamma=1"], ["SOLVER.MAX_ITER", "2", "a.b=1", "c.d=2"]):
+        with pytest.raises(ValueError) as error:  # a LazyConfig's overrides
+            load_config(DIGITS_CONFIG, overrides)
+        assert str(error.value) == (
+            f"{overrides[-2 if len(overrides) > 1 else 0]}: a YAML config takes KEY VALUE "
+            "overrides (MODEL.FOCAL.GAMMA 1.0); a.b=value is how a LazyConfig (.py) is overridden."
+        )
     assert load_config(DIGITS_CONFIG, ["MODEL.FOCAL.ALPHA", "-1.0"]).MODEL.FOCAL.ALPHA == -1.0
+    # "=" in a value is a value's own
+    assert load_config(DIGITS_CONFIG, ["OUTPUT_DIR", "out/a=b"]).OUTPUT_DIR == "out/a=b"
 
 
 def test_focal_keys_under_detectron2s_retinanet_are_refused_naming_them():

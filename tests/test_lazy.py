@@ -359,14 +359,54 @@ def test_lazy_setup_checks_the_model_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_override_of_a_missing_key_is_refused_and_a_plus_adds_one(tmp_path):
-    with pytest.raises(
-        KeyError,
-        match=r"train.eval_perod=1: the config has no train.eval_perod; did you mean "
-        r"train.eval_period\? To add a new key, write \+train.eval_perod=1.",
-    ):
-        setup_lazy_cfg(args(tmp_path, "train.eval_perod=1"))
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.eval_perod=1", "the config has no train.eval_perod; did you mean train.eval_period?"),
+        # a typo in the middle of the key: the rest of it follows the suggestion
+        ("train.checkpointr.period=1", "did you mean train.checkpointer.period?"),
+        ("model.focal_los.gamma=1", "did you mean model.focal_loss.gamma?"),
+        ("MODEL.FOCAL.GAMMA=1", "did you mean model.focal_loss.gamma?"),  # a yacs key
+        ("train.brand_new=1", "the config has no train.brand_new. To add a new key, write "
+         "+train.brand_new=1."),
+        ("dataloader.train.mapper.augmentations.5.max_size=128",
+         "dataloader.train.mapper.augmentations is a list of 2 items; 5 is not an index of it."),
+    ],
+)  # fmt: skip
+def test_an_override_of_a_missing_key_names_the_keys_it_may_stand_for(tmp_path, override, expected):
+    """A close key is suggested (and no new key, which would be added unread); without one, a
+    new key is written +key=value."""
+    with pytest.raises(KeyError) as error:
+        setup_lazy_cfg(args(tmp_path, override))
+    message = error.value.args[0]
+    assert message.startswith(f"{override}: ") and message.endswith(expected)
+    assert not ("To add a new key" in message and "did you mean" in message)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        (["MODEL.FOCAL.GAMMA", "1"], "MODEL.FOCAL.GAMMA: a LazyConfig takes a.b=value overrides, "
+         "not a yacs config's KEY VALUE pairs; MODEL.FOCAL.GAMMA is model.focal_loss.gamma here: "
+         "write model.focal_loss.gamma=<value>."),
+        (["model.focal_loss.gamma", "1"], "model.focal_loss.gamma: not an override; a "
+         "LazyConfig's are written a.b=value, without spaces around = (a yacs config takes KEY "
+         "VALUE pairs)."),
+        (["--resume"], "--resume comes after the overrides (argparse gives them every word after "
+         "the first one): put train_net.py's flags (--resume, --eval-only, --num-gpus N) before "
+         "the a.b=value overrides."),
+        ([""], "an empty override (''): remove it from the overrides."),
+    ],
+)  # fmt: skip
+def test_a_word_that_is_not_an_override_is_named_with_how_to_write_it(tmp_path, words, expected):
+    with pytest.raises(ValueError) as error:
+        setup_lazy_cfg(args(tmp_path, *words))
+    assert str(error.value) == expected
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_key_is_added_with_a_plus(tmp_path):
     assert setup_lazy_cfg(args(tmp_path, "+train.note=7")).train.note == 7
 
 
