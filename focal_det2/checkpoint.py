@@ -150,6 +150,8 @@ def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
     ``model_final.pth`` or ``model_<iteration>.pth``, or a non-empty
     ``metrics.json``. A new run (not ``--resume``) would overwrite the
     checkpoints and append its metrics to the old ones; Detectron2 does so silently.
+    A ``metrics.json`` alone (a run that stopped before its first checkpoint) is
+    named as such: there is nothing to resume.
     """
     if not os.path.isdir(output_dir):
         return
@@ -158,6 +160,12 @@ def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
         for name in os.listdir(output_dir)
         if _RUN_FILE.fullmatch(name) and os.path.getsize(os.path.join(output_dir, name)) > 0
     )
+    if found == ["metrics.json"]:  # a run that stopped before its first checkpoint
+        raise FileExistsError(
+            f"{keys.output_dir} {output_dir} holds the metrics.json of a run that saved no "
+            "checkpoint, which a new run would append to (--resume would too, from scratch). "
+            f"Delete metrics.json, or set {keys.output_dir} to another folder."
+        )
     if found:
         raise FileExistsError(
             f"{keys.output_dir} {output_dir} holds a training run ({', '.join(found)}), which a "

@@ -9,7 +9,7 @@ meta-architectures, registered data sets and a CUDA device that exists.
 import difflib
 import logging
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from detectron2.config import get_cfg
@@ -25,6 +25,7 @@ __all__ = [
     "check_cfg",
     "check_cuda_device",
     "check_device",
+    "check_registered",
     "check_run_inputs",
 ]
 
@@ -69,17 +70,26 @@ def check_run_inputs(cfg, eval_only: bool):
     Detectron2's builtin ones are at import), and a MODEL.DEVICE of CUDA where PyTorch sees
     no CUDA device.
     """
-    registered = DatasetCatalog.list()
     for key in ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST"):
-        for name in cfg.DATASETS.get(key.split(".")[1]):
-            if name not in registered:
-                close = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
-                raise KeyError(
-                    f"{key}: {name!r} is not a registered data set"
-                    + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
-                    + " (register your own with DatasetCatalog before the run is set up)."
-                )
+        check_registered(cfg.DATASETS.get(key.split(".")[1]), key)
     check_device(cfg)
+
+
+def check_registered(names: Sequence[str], key: str):
+    """
+    Raise, naming ``key`` and the close registered names, for a name among ``names`` that
+    is not a data set in Detectron2's ``DatasetCatalog`` (register your own before this
+    check, as Detectron2's builtin ones are at import).
+    """
+    registered = DatasetCatalog.list()
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3, cutoff=0.8)
+            raise KeyError(
+                f"{key}: {name!r} is not a registered data set"
+                + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+                + " (register your own with DatasetCatalog before the run is set up)."
+            )
 
 
 def check_device(cfg):

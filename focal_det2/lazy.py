@@ -44,7 +44,7 @@ from .checkpoint import (
     evaluation_output_dir,
     load_fitting,
 )
-from .checks import build_on_meta, check_cuda_device
+from .checks import build_on_meta, check_cuda_device, check_registered
 from .engine import create_ddp_model_by_device
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "check_model",
     "check_nodes",
     "check_override_keys",
+    "check_run_values",
     "is_lazy_config",
     "lazy_evaluate",
     "lazy_test",
@@ -115,9 +116,9 @@ def setup_lazy_cfg(args):
     ``last_checkpoint``); ``--eval-only`` refuses to run without one and
     writes to ``train.output_dir/eval/<checkpoint name>``; a training run
     without ``--resume`` refuses an output folder that holds another run; the
-    model is checked (:func:`check_model`), and so is ``train.device``
-    (CUDA where there is none); ``--eval-only``, and ``--resume`` of a run,
-    refuse a checkpoint that does not fit the model.
+    model is checked (:func:`check_model`), and so are the data set names and
+    ``train`` values (:func:`check_run_values`); ``--eval-only``, and ``--resume``
+    of a run, refuse a checkpoint that does not fit the model.
 
     Args:
         args: train_net.py's arguments (``config_file``, ``opts``, ``resume``, ``eval_only``).
@@ -136,7 +137,7 @@ def setup_lazy_cfg(args):
         cfg.train.output_dir = evaluation_output_dir(checkpoint, out, args.resume, LAZY_KEYS)
         cfg.train.init_checkpoint = checkpoint
     meta_model = check_model(cfg)
-    check_cuda_device(cfg.train.device, "train.device", LAZY_KEYS.sep)
+    check_run_values(cfg, args.eval_only)
     resumes_run = args.resume and os.path.isfile(os.path.join(out, "last_checkpoint"))
     if args.eval_only or resumes_run:
         consequence = EVALUATING if args.eval_only else RESUMING
@@ -174,6 +175,49 @@ def check_nodes(cfg, config_file, eval_only):
 
 
 _ABSENT = object()
+
+
+def check_run_values(cfg, eval_only: bool):
+    """
+    Raise, naming the node, for what a run would fail on only after writing (a misspelt test
+    set, after training): data set names of ``dataloader.train`` (to train) and
+    ``dataloader.test`` (with an evaluator) that are not registered; the ``train`` numbers
+    Detectron2's loop counts with (``max_iter``, ``checkpointer.period`` and ``log_period``
+    integers >= 1, ``eval_period`` >= 0, 0 for the end only); a ``train.device`` torch does
+    not know, or CUDA where there is none; and ``train.amp.enabled`` off CUDA (Detectron2's
+    AMPTrainer needs it).
+    """
+    device = str(cfg.train.device)
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"train.device={device} is not a torch device; e.g. cpu, cuda, cuda:1."
+        ) from None
+    check_cuda_device(device, "train.device", LAZY_KEYS.sep)
+    loaders = ["test"] if "evaluator" in cfg.dataloader else []
+    if not eval_only:
+        loaders.insert(0, "train")
+        if cfg.train.amp.enabled and not device.startswith("cuda"):
+            raise ValueError(
+                f"train.amp.enabled=True needs CUDA (Detectron2's AMPTrainer) and "
+                f"train.device={device}: set train.amp.enabled=False."
+            )
+        for key, low in (("max_iter", 1), ("checkpointer.period", 1), ("log_period", 1)):
+            _check_count(cfg, f"train.{key}", low)
+        _check_count(cfg, "train.eval_period", 0)
+    for loader in loaders:
+        key = f"dataloader.{loader}.dataset.names"
+        names = OmegaConf.select(cfg, key, default=None)
+        if names is not None:
+            check_registered([names] if isinstance(names, str) else list(names), key)
+
+
+def _check_count(cfg, key: str, low: int):
+    """Raise, naming ``key``, unless its value is an integer >= ``low``."""
+    value = OmegaConf.select(cfg, key, default=None)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{key}={value!r} must be an integer >= {low}.")
 
 
 def check_override_keys(cfg, overrides):

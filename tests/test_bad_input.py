@@ -541,16 +541,28 @@ def test_a_new_run_refuses_a_folder_that_holds_a_run(tmp_path, loggers):
     assert cfg.OUTPUT_DIR == str(tmp_path / "other")
 
 
+RESUMABLE = "which a new run would overwrite. Pass --resume to continue it"
+NO_CHECKPOINT = (
+    "holds the metrics.json of a run that saved no checkpoint, which a new run would append to "
+    "(--resume would too, from scratch). Delete metrics.json, or set OUTPUT_DIR to another folder."
+)
+
+
 @pytest.mark.parametrize(
     "files, refused",
     [
-        ({"metrics.json": '{"iteration": 19}\n'}, True),  # killed before its first checkpoint
-        ({"model_0000019.pth": "x"}, True),
-        ({"last_checkpoint": "model_0000019.pth"}, True),
-        ({"metrics.json": "", "config.yaml": "x", "log.txt": "x"}, False),  # stopped at once
-        ({"weights.pth": "x", "model_best.pth": "x"}, False),  # not names Detectron2 writes
+        # killed before its first checkpoint: nothing to resume
+        ({"metrics.json": '{"iteration": 19}\n'}, NO_CHECKPOINT),
+        ({"model_0000019.pth": "x"}, "(model_0000019.pth), " + RESUMABLE),
+        ({"last_checkpoint": "model_0000019.pth"}, "(last_checkpoint), " + RESUMABLE),
+        (
+            {"metrics.json": '{"iteration": 19}\n', "model_0000019.pth": "x"},
+            "(metrics.json, model_0000019.pth), " + RESUMABLE,
+        ),
+        ({"metrics.json": "", "config.yaml": "x", "log.txt": "x"}, None),  # stopped at once
+        ({"weights.pth": "x", "model_best.pth": "x"}, None),  # not names Detectron2 writes
     ],
-    ids=["metrics", "periodic-checkpoint", "last-checkpoint", "no-iteration", "other-files"],
+    ids=["metrics", "periodic-checkpoint", "last-checkpoint", "both", "no-iteration", "other"],
 )
 def test_the_files_that_make_a_folder_a_run(tmp_path, files, refused):
     from focal_det2.checkpoint import check_output_dir_free
@@ -558,7 +570,7 @@ def test_the_files_that_make_a_folder_a_run(tmp_path, files, refused):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     if refused:
-        with pytest.raises(FileExistsError, match=re.escape(f"({next(iter(files))})")):
+        with pytest.raises(FileExistsError, match=re.escape(refused)):
             check_output_dir_free(str(tmp_path))
     else:
         check_output_dir_free(str(tmp_path))

@@ -208,8 +208,9 @@ def test_is_lazy_config_tells_the_two_kinds_apart(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, AMP would train")
 def test_lazy_training_with_amp_runs_detectron2s_amp_trainer(tmp_path):
-    """``train.amp.enabled``: Detectron2's AMPTrainer, whose step asks for CUDA."""
-    cfg = setup_lazy_cfg(args(tmp_path, "train.amp.enabled=True", "train.max_iter=1"))
+    """``train.amp.enabled``: Detectron2's AMPTrainer, whose step asks for CUDA (setup_lazy_cfg
+    refuses it off CUDA before writing, test_run_values_that_fail_after_writing_...)."""
+    cfg = load(*digits_opts(tmp_path, "train.amp.enabled=True", "train.max_iter=1"))
     with pytest.raises(AssertionError, match=r"\[AMPTrainer\] CUDA is required for AMP training"):
         lazy_train(cfg)
 
@@ -404,6 +405,48 @@ def test_a_word_that_is_not_an_override_is_named_with_how_to_write_it(tmp_path, 
         setup_lazy_cfg(args(tmp_path, *words))
     assert str(error.value) == expected
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "override, error, expected",
+    [
+        ("dataloader.test.dataset.names=digits_val_tinny", KeyError,
+         "dataloader.test.dataset.names: 'digits_val_tinny' is not a registered data set; did "
+         "you mean 'digits_val_tiny'"),  # found after training, before
+        ("dataloader.train.dataset.names=[digits_train_tiny,nowhere]", KeyError,
+         "dataloader.train.dataset.names: 'nowhere' is not a registered data set"),
+        ("train.max_iter=abc", ValueError, "train.max_iter='abc' must be an integer >= 1."),
+        ("train.max_iter=0", ValueError, "train.max_iter=0 must be an integer >= 1."),
+        ("train.checkpointer.period=0", ValueError,
+         "train.checkpointer.period=0 must be an integer >= 1."),
+        ("train.log_period=0", ValueError, "train.log_period=0 must be an integer >= 1."),
+        ("train.eval_period=-1", ValueError, "train.eval_period=-1 must be an integer >= 0."),
+        ("train.device=gpu", ValueError,
+         "train.device=gpu is not a torch device; e.g. cpu, cuda, cuda:1."),
+        ("train.amp.enabled=True", ValueError,
+         "train.amp.enabled=True needs CUDA (Detectron2's AMPTrainer) and train.device=cpu: set "
+         "train.amp.enabled=False."),
+    ],
+)  # fmt: skip
+def test_run_values_that_fail_after_writing_are_refused_before(tmp_path, override, error, expected):
+    """Each failed inside Detectron2's loop or PyTorch (division by 0, a comparison with a str,
+    AMPTrainer's assertion), with an error naming no key, after config.yaml, log.txt and
+    metrics.json were written (which then block the corrected run)."""
+    with pytest.raises(error) as info:
+        setup_lazy_cfg(args(tmp_path, override))
+    assert expected in (info.value.args[0] if error is KeyError else str(info.value))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_evaluation_reads_no_training_values(tmp_path):
+    """--eval-only: no train loader, max_iter or AMP; only the test set is checked."""
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": instantiate(load("model.num_classes=10").model).state_dict()}, weights)
+    overrides = ("train.max_iter=0", "dataloader.train.dataset.names=nowhere")
+    cfg = setup_lazy_cfg(
+        args(tmp_path, f"train.init_checkpoint={weights}", *overrides, eval_only=True)
+    )
+    assert cfg.train.max_iter == 0
 
 
 def test_a_new_key_is_added_with_a_plus(tmp_path):
