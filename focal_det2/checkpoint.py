@@ -337,7 +337,11 @@ def evaluation_output_dir(
         raise ValueError(
             f"--eval-only needs a trained model: {keys.weights} is empty"
             + (f" and {output_dir} has no last_checkpoint" if resume else "")
-            + f". Pass {keys.weights}{keys.sep}<file>.pth (e.g. {keys.output_dir}/model_final.pth), "
-            f"or --resume to evaluate {keys.output_dir}'s last checkpoint."
+            + f". Pass {keys.weights}{keys.sep}<file>.pth (e.g. {keys.output_dir}/model_final.pth)"
+            + (
+                f", or set {keys.output_dir} to the folder of a training run."
+                if resume
+                else f", or --resume to evaluate {keys.output_dir}'s last checkpoint."
+            )
         )
     return os.path.join(output_dir, "eval", os.path.splitext(os.path.basename(checkpoint))[0])

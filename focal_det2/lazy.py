@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .checks import build_on_meta, check_cuda_device, check_registered
 from .engine import create_ddp_model_by_device
+from .losses import registered_losses
 
 __all__ = [
     "LAZY_KEYS",
@@ -317,6 +318,42 @@ def check_model(cfg) -> Optional[torch.nn.Module]:
                 "In this LazyConfig: " + ", ".join(f"{k} is {LAZY_NAMES[k]}" for k in named) + "."
             )
         raise
+    except ImportError as e:
+        if hasattr(e, "add_note"):
+            e.add_note(_missing_target_note(cfg, str(e)))
+        raise
+
+
+def _missing_target_note(cfg, message: str) -> str:
+    """
+    What an ImportError of ``cfg.model``'s build names: the node whose ``_target_`` is the
+    class it could not load, and for the loss node the losses there are.
+    """
+    found = re.search(r"Error loading '([^']+)'", message)
+    target = found.group(1) if found else None
+    tree = OmegaConf.to_container(cfg.model, resolve=False)  # a node set by ${...} is a str
+    nodes = [f"model.{key}" for key, value in _targets(tree) if value == target]
+    note = f"In this LazyConfig: {' and '.join(nodes) or 'a _target_'} = {target}."
+    if "model.focal_loss._target_" in nodes:
+        import focal_det2.losses as losses
+
+        names = [
+            f"focal_det2.losses.{c.__name__}"
+            if getattr(losses, c.__name__, None) is c
+            else f"{c.__module__}.{c.__qualname__}"
+            for c in registered_losses().values()
+        ]
+        note += f" The registered losses are {', '.join(names)}."
+    return note
+
+
+def _targets(tree: dict, prefix: str = ""):
+    """(key, value) of every ``_target_`` in the nested dicts of ``tree``."""
+    for key, value in tree.items():
+        if key == "_target_":
+            yield f"{prefix}{key}", value
+        elif isinstance(value, dict):
+            yield from _targets(value, f"{prefix}{key}.")
 
 
 def lazy_evaluate(cfg):

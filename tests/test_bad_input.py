@@ -379,8 +379,16 @@ def test_images_without_annotations_and_crowd_boxes_train(coco, tmp_path, filter
 def test_labels_outside_minus_one_to_k_raise(loss, bad):
     focal_loss = build_loss(loss, 3)
     logits = torch.zeros(4, focal_loss.num_logits)
-    with pytest.raises(ValueError, match=re.escape("labels must be in [-1, 3]")):
+    beyond = (  # a class id past K: the data's classes do not fit the model's
+        ": the data has classes beyond the model's NUM_CLASSES=3 (MODEL.RETINANET.NUM_CLASSES; a "
+        "LazyConfig's model.num_classes)."
+    )
+    expected = "labels must be in [-1, 3] (-1 ignored, 3 background), got values in " + (
+        f"[-1, {bad}]{beyond}" if bad > 3 else f"[{bad}, 3]."
+    )
+    with pytest.raises(ValueError) as error:
         focal_loss(logits, torch.tensor([0, 3, -1, bad]))
+    assert str(error.value) == expected
     focal_loss(logits, torch.tensor([0, 3, -1, 2]))  # the bounds themselves are valid
 
 
@@ -636,10 +644,14 @@ def test_eval_only_without_weights_is_refused(tmp_path, loggers, resume):
     config.write_text(digits_cfg(output_dir=tmp_path / "empty").dump())
     argv = ["--config-file", config, "--eval-only"] + (["--resume"] if resume else [])
     folder = f" and {tmp_path / 'empty'} has no last_checkpoint" if resume else ""
+    other = (  # --resume given already: not suggested again
+        "or set OUTPUT_DIR to the folder of a training run."
+        if resume
+        else "or --resume to evaluate OUTPUT_DIR's last checkpoint."
+    )
     expected = (
         f"--eval-only needs a trained model: MODEL.WEIGHTS is empty{folder}. Pass MODEL.WEIGHTS "
-        "<file>.pth (e.g. OUTPUT_DIR/model_final.pth), or --resume to evaluate OUTPUT_DIR's last "
-        "checkpoint."
+        f"<file>.pth (e.g. OUTPUT_DIR/model_final.pth), {other}"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         setup_cfg(_args(*argv))

@@ -449,6 +449,18 @@ def test_an_evaluation_reads_no_training_values(tmp_path):
     assert cfg.train.max_iter == 0
 
 
+def test_a_loss_target_that_does_not_exist_names_the_node_and_the_losses(tmp_path):
+    with pytest.raises(ImportError) as error:
+        setup_lazy_cfg(args(tmp_path, "model.focal_loss._target_=focal_det2.losses.FocalLos"))
+    (note,) = error.value.__notes__
+    assert note.startswith(
+        "In this LazyConfig: model.focal_loss._target_ = focal_det2.losses.FocalLos. The "
+        "registered losses are "
+    )
+    assert "focal_det2.losses.SigmoidFocalLoss" in note and "focal_det2.losses.OHEMLoss" in note
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_new_key_is_added_with_a_plus(tmp_path):
     assert setup_lazy_cfg(args(tmp_path, "+train.note=7")).train.note == 7
 

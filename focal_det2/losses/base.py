@@ -374,7 +374,14 @@ class DenseClassificationLoss:
             if ((low < -1) | (high > self.num_classes)).item():  # one device sync, not two
                 raise ValueError(
                     f"labels must be in [-1, {self.num_classes}] (-1 ignored, {self.num_classes} "
-                    f"background), got values in [{int(low)}, {int(high)}]."
+                    f"background), got values in [{int(low)}, {int(high)}]"
+                    + (
+                        f": the data has classes beyond the model's NUM_CLASSES="
+                        f"{self.num_classes} (MODEL.RETINANET.NUM_CLASSES; a LazyConfig's "
+                        "model.num_classes)."
+                        if high > self.num_classes
+                        else "."
+                    )
                 )
 
     def _class_alpha_on(self, like: Tensor) -> Optional[Tensor]:
