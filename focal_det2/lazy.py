@@ -12,9 +12,9 @@ without ``--resume``; a checkpoint to load is named when it is missing or
 empty; the model is built on the ``meta`` device first); ``--eval-only``
 writes to ``train.output_dir/eval/<checkpoint name>`` and evaluates
 ``last_checkpoint`` with ``--resume``; it, and ``--resume`` of a run, refuse
-a checkpoint that does not fit the model before writing; several processes train on the CPU; the loss normaliser's
-moving average is checkpointed; and focal_det2's log lines reach the console
-and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
+a checkpoint that does not fit the model before writing; several processes
+train on the CPU; the loss normaliser's moving average is checkpointed; and
+focal_det2's log lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
 import difflib
@@ -33,6 +33,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from . import losses
 from .checkpoint import (
     EVALUATING,
     RESUMING,
@@ -46,7 +47,6 @@ from .checkpoint import (
 )
 from .checks import build_on_meta, check_cuda_device, check_registered
 from .engine import create_ddp_model_by_device
-from .losses import registered_losses
 
 __all__ = [
     "LAZY_KEYS",
@@ -175,9 +175,6 @@ def check_nodes(cfg, config_file, eval_only):
         )
 
 
-_ABSENT = object()
-
-
 def check_run_values(cfg, eval_only: bool):
     """
     Raise, naming the node, for what a run would fail on only after writing (a misspelt test
@@ -219,6 +216,9 @@ def _check_count(cfg, key: str, low: int):
     value = OmegaConf.select(cfg, key, default=None)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{key}={value!r} must be an integer >= {low}.")
+
+
+_ABSENT = object()
 
 
 def check_override_keys(cfg, overrides):
@@ -335,13 +335,11 @@ def _missing_target_note(cfg, message: str) -> str:
     nodes = [f"model.{key}" for key, value in _targets(tree) if value == target]
     note = f"In this LazyConfig: {' and '.join(nodes) or 'a _target_'} = {target}."
     if "model.focal_loss._target_" in nodes:
-        import focal_det2.losses as losses
-
         names = [
             f"focal_det2.losses.{c.__name__}"
             if getattr(losses, c.__name__, None) is c
             else f"{c.__module__}.{c.__qualname__}"
-            for c in registered_losses().values()
+            for c in losses.registered_losses().values()
         ]
         note += f" The registered losses are {', '.join(names)}."
     return note
