@@ -394,7 +394,8 @@ def lazy_train(cfg, resume: bool = False):
     Args:
         cfg: the config of :func:`setup_lazy_cfg`.
         resume (bool): continue from ``train.output_dir``'s ``last_checkpoint``
-            (at the iteration after it) instead of loading ``train.init_checkpoint``.
+            (at the iteration after it) instead of loading ``train.init_checkpoint``;
+            a finished run (its last checkpoint at ``train.max_iter - 1``) is left as it is.
     """
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
@@ -424,4 +425,11 @@ def lazy_train(cfg, resume: bool = False):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if start_iter >= cfg.train.max_iter:  # Detectron2 would evaluate and write records again
+        logger.info(
+            f"The run in {cfg.train.output_dir} is finished: its last checkpoint is of iteration "
+            f"{trainer.iter}, train.max_iter={cfg.train.max_iter}. Nothing to train; "
+            "--eval-only --resume evaluates it."
+        )
+        return
     trainer.train(start_iter, cfg.train.max_iter)

@@ -181,6 +181,13 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
         train_net.lazy_main(args(tmp_path, SOFTMAX, "train.max_iter=3", resume=True))
     # Detectron2's resume: the next iteration
     assert "Starting training from iteration 2" in [r.getMessage() for r in records]
+    # resumed again, finished: nothing trained, evaluated or written again
+    metrics = (tmp_path / "metrics.json").read_text()
+    with logged(logging.getLogger("focal_det2.lazy"), logging.INFO) as records:
+        train_net.lazy_main(args(tmp_path, SOFTMAX, "train.max_iter=3", resume=True))
+    assert (tmp_path / "metrics.json").read_text() == metrics
+    finished = f"The run in {tmp_path} is finished: its last checkpoint is of iteration 2, "
+    assert any(r.getMessage().startswith(finished) for r in records)
 
     # the run's own config.yaml (LazyConfig's YAML, every override in it) evaluates its last checkpoint
     saved = tmp_path / "config.yaml"
