@@ -175,14 +175,23 @@ def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
 
 
 @contextlib.contextmanager
-def naming_checkpoint(path: str):
-    """Add a note naming the checkpoint ``path`` to any error raised inside: torch.load's
-    errors (a truncated file, say) do not name the file."""
+def naming_checkpoint(path: str, keys: RunKeys = YACS_KEYS):
+    """
+    Add a note naming the checkpoint ``path`` to any error raised inside: torch.load's
+    errors (a truncated file, say) do not name the file. A URL that cannot be fetched
+    (no network: the configs' ImageNet weights) also gets what to pass instead.
+    """
     try:
         yield
     except Exception as e:
         if hasattr(e, "add_note"):  # Python >= 3.11
             e.add_note(f"while loading the checkpoint {path}")
+            if "://" in path and isinstance(e, OSError):  # urllib's URLError, a refused socket
+                e.add_note(
+                    f"{path} is a URL ({keys.weights}): without network, download it elsewhere "
+                    f"and pass the file ({keys.weights}{keys.sep}<file>), or "
+                    f'{keys.weights}{keys.sep}"" to start from random weights.'
+                )
         raise
 
 
@@ -271,7 +280,7 @@ def load_fitting(
     checkpointer = _RecordingCheckpointer(model)
     for key, value in (checkpointables or {}).items():
         checkpointer.add_checkpointable(key, value)
-    with naming_checkpoint(path):
+    with naming_checkpoint(path, keys):
         checkpointer.load(path, checkpointables=list(checkpointables or ()))
     _check_fits(path, checkpointer.incompatible, keys, consequence)
 

@@ -44,6 +44,7 @@ from .checkpoint import (
     checkpoint_to_load,
     evaluation_output_dir,
     load_fitting,
+    naming_checkpoint,
 )
 from .checks import build_on_meta, check_cuda_device, check_registered
 from .engine import create_ddp_model_by_device
@@ -423,7 +424,9 @@ def lazy_train(cfg, resume: bool = False):
             else None,
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    loaded = checkpoint_to_load(cfg.train.output_dir, cfg.train.init_checkpoint, resume, LAZY_KEYS)
+    with naming_checkpoint(loaded or "", LAZY_KEYS):
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     if start_iter >= cfg.train.max_iter:  # Detectron2 would evaluate and write records again
         logger.info(

@@ -791,6 +791,23 @@ def test_a_url_in_model_weights_is_loaded_as_given(tmp_path, url, resume):
     assert checkpoint_to_load(str(tmp_path), url, resume) == url
 
 
+def test_weights_at_a_url_that_cannot_be_fetched_say_what_to_pass_instead(tmp_path):
+    """
+    The COCO configs start from Detectron2's ImageNet weights at a URL: without network,
+    urllib's error names neither the key nor what to do. (A refused local port stands for
+    a machine without network.)
+    """
+    url = "http://127.0.0.1:9/R-50.pth"
+    trainer = FocalTrainer(digits_cfg(output_dir=tmp_path, opts=["MODEL.WEIGHTS", url]))
+    with pytest.raises(OSError) as error:
+        trainer.resume_or_load(resume=False)
+    assert error.value.__notes__ == [
+        f"while loading the checkpoint {url}",
+        f"{url} is a URL (MODEL.WEIGHTS): without network, download it elsewhere and pass the "
+        'file (MODEL.WEIGHTS <file>), or MODEL.WEIGHTS "" to start from random weights.',
+    ]
+
+
 @pytest.mark.parametrize("content", ["", "\n"])
 def test_empty_last_checkpoint_is_named(tmp_path, content):
     cfg = digits_cfg(output_dir=tmp_path)

@@ -222,6 +222,18 @@ def test_lazy_training_with_amp_runs_detectron2s_amp_trainer(tmp_path):
         lazy_train(cfg)
 
 
+def test_lazy_weights_at_a_url_that_cannot_be_fetched_say_what_to_pass_instead(tmp_path):
+    url = "http://127.0.0.1:9/R-50.pkl"  # a refused local port stands for no network
+    cfg = load(*digits_opts(tmp_path, f"train.init_checkpoint={url}"))
+    with pytest.raises(OSError) as error:
+        lazy_train(cfg)
+    assert error.value.__notes__[1] == (
+        f"{url} is a URL (train.init_checkpoint): without network, download it elsewhere and "
+        'pass the file (train.init_checkpoint=<file>), or train.init_checkpoint="" to start '
+        "from random weights."
+    )
+
+
 def test_lazy_test_without_an_evaluator_evaluates_nothing():
     cfg = load()
     del cfg.dataloader.evaluator
