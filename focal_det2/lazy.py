@@ -146,9 +146,32 @@ def setup_lazy_cfg(args):
         check_checkpoint_fits(meta_model, checkpoint, consequence, LAZY_KEYS)
     if not args.eval_only and not args.resume:
         check_output_dir_free(out, LAZY_KEYS)
-    default_setup(cfg, args)
+    rescaled = _rescaled_schedule(cfg, out) if resumes_run and not args.eval_only else None
+    default_setup(cfg, args)  # (writes the new config.yaml over the run's)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focal_det2")
+    if rescaled:
+        logger.warning(rescaled)
     return cfg
+
+
+def _rescaled_schedule(cfg, output_dir: str) -> Optional[str]:
+    """
+    A warning, or None: whether a resume with ``cfg`` changes the ``train.max_iter`` of the
+    run in ``output_dir`` (its config.yaml's): a LazyConfig ``lr_multiplier`` is a function
+    of ``iteration / train.max_iter``, so the resumed iterations follow another schedule.
+    """
+    saved = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        return None
+    before = OmegaConf.select(LazyConfig.load(saved), "train.max_iter", default=None)
+    if before in (None, cfg.train.max_iter):
+        return None
+    return (
+        f"train.max_iter={cfg.train.max_iter}, but the run in {output_dir} trained with "
+        f"train.max_iter={before}: its lr_multiplier is a function of iteration / "
+        "train.max_iter, so the resumed iterations follow the rescaled schedule (not the "
+        "original's continued)."
+    )
 
 
 def check_nodes(cfg, config_file, eval_only):

@@ -178,9 +178,13 @@ def test_train_net_trains_resumes_and_evaluates_a_lazy_config(tmp_path):
     # resumed and evaluated in this process (train_net.py's lazy_main)
     train_net = load_script("train_net.py")
     with logged(logging.getLogger("detectron2"), logging.INFO) as records:
-        train_net.lazy_main(args(tmp_path, SOFTMAX, "train.max_iter=3", resume=True))
+        with logged(logging.getLogger("focal_det2.lazy")) as warned:
+            train_net.lazy_main(args(tmp_path, SOFTMAX, "train.max_iter=3", resume=True))
     # Detectron2's resume: the next iteration
     assert "Starting training from iteration 2" in [r.getMessage() for r in records]
+    # a larger train.max_iter rescales the lr schedule of the resumed iterations: said
+    rescaled = f"train.max_iter=3, but the run in {tmp_path} trained with train.max_iter=2: "
+    assert [r.getMessage().startswith(rescaled) for r in warned] == [True]
     # resumed again, finished: nothing trained, evaluated or written again
     metrics = (tmp_path / "metrics.json").read_text()
     with logged(logging.getLogger("focal_det2.lazy"), logging.INFO) as records:
