@@ -382,20 +382,19 @@ class FocalTrainer(DefaultTrainer):
                 f"DATASETS.PROPOSAL_FILES_TRAIN has {len(proposal_files)} files for the "
                 f"{len(names)} data sets of DATASETS.TRAIN (MODEL.LOAD_PROPOSALS True): one each."
             )
+        shared = dict(  # the same for every data set
+            _num_classes(cfg),
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            degenerate_boxes=cfg.DATALOADER.DEGENERATE_BOXES,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
+        )
         dataset = [
             record
             for i, name in enumerate(names)
             for record in load_checked_dataset_dicts(
-                name,
-                **_num_classes(cfg),
-                filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-                degenerate_boxes=cfg.DATALOADER.DEGENERATE_BOXES,
-                min_keypoints=(
-                    cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-                    if cfg.MODEL.KEYPOINT_ON
-                    else 0
-                ),
-                proposal_file=proposal_files[i] if proposal_files else None,
+                name, proposal_file=proposal_files[i] if proposal_files else None, **shared
             )
         ]
         if len(names) > 1:
