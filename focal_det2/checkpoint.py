@@ -319,7 +319,7 @@ def load_for_evaluation(cfg, model):
     if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none":
         load_fitting(model, path)
         return
-    weights = ClassWeights(focal_loss_of(model), cfg, training=False)
+    weights = ClassWeights(focal_loss_of(model), cfg.DATASETS.TRAIN, training=False)
     load_fitting(model, path, {CHECKPOINT_KEY: weights})
     if weights.source is None:
         logger.info(

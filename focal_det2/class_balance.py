@@ -1,7 +1,8 @@
 """
 Class-balanced weights from the effective number of samples (Cui et al., "Class-Balanced
 Loss Based on Effective Number of Samples", CVPR 2019, eq. 3 and section 4):
-``MODEL.FOCAL.CLASS_WEIGHTING effective_number`` with ``MODEL.FOCAL.CB_BETA``.
+``MODEL.FOCAL.CLASS_WEIGHTING effective_number`` with ``MODEL.FOCAL.CB_BETA`` (a LazyConfig's
+``model.focal_loss.class_weighting`` and ``cb_beta``).
 
 Class c with n_c training instances has the effective number ``E_c = (1 - beta^n_c) / (1 - beta)``
 and the weight ``w_c = 1 / E_c = (1 - beta) / (1 - beta^n_c)``, normalised here to mean 1 over
@@ -9,12 +10,13 @@ the K classes. The loss weighs every term of an anchor whose label is c by ``w_c
 (:meth:`DenseClassificationLoss.set_class_weights`). The counts are taken once, before the
 first training iteration, from the records the trainer's loader trains on (``DATASETS.TRAIN``
 after ``FILTER_EMPTY_ANNOTATIONS`` and ``DEGENERATE_BOXES``; from Detectron2's
-``DatasetCatalog`` where no records are given), and the weights are checkpointed under the key
+``DatasetCatalog`` where no records are given, as for a LazyConfig's
+``dataloader.train.dataset.names``), and the weights are checkpointed under the key
 ``"class_weights"``, so that ``--resume`` and ``--eval-only`` use them without counting again.
 """
 
 import logging
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -26,7 +28,10 @@ from .data.checks import has_area
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "LAZY_WEIGHT_KEYS",
+    "YACS_WEIGHT_KEYS",
     "ClassWeights",
+    "WeightKeys",
     "count_instances",
     "effective_number_weights",
 ]
@@ -100,6 +105,24 @@ def count_instances(
     return counts
 
 
+class WeightKeys(NamedTuple):
+    """How the class weights' warnings and errors name their config keys."""
+
+    beta: str
+    datasets: str
+    weighting: str
+
+
+YACS_WEIGHT_KEYS = WeightKeys(
+    "MODEL.FOCAL.CB_BETA", "DATASETS.TRAIN", "MODEL.FOCAL.CLASS_WEIGHTING"
+)
+LAZY_WEIGHT_KEYS = WeightKeys(
+    "model.focal_loss.cb_beta",
+    "dataloader.train.dataset.names",
+    "model.focal_loss.class_weighting",
+)
+
+
 class ClassWeights:
     """
     The class weights of a loss as a checkpointable (registered with the trainer's
@@ -107,17 +130,25 @@ class ClassWeights:
     counts, beta and data sets they came from; ``load_state_dict`` sets them on the loss.
     """
 
-    def __init__(self, loss, cfg, training: bool = True):
+    def __init__(
+        self,
+        loss,
+        datasets: Sequence[str],
+        training: bool = True,
+        keys: WeightKeys = YACS_WEIGHT_KEYS,
+    ):
         """
         Args:
-            loss (DenseClassificationLoss): the loss whose weights these are.
-            cfg (CfgNode): MODEL.FOCAL.CB_BETA, DATASETS.TRAIN, MODEL.RETINANET.NUM_CLASSES.
+            loss (DenseClassificationLoss): the loss whose weights these are; its ``cb_beta``
+                (MODEL.FOCAL.CB_BETA) and ``num_classes`` are read.
+            datasets (sequence[str]): the registered training data sets (DATASETS.TRAIN).
             training (bool): False for an evaluation, which loads the weights without the
                 warnings about weights counted with another CB_BETA or DATASETS.TRAIN.
+            keys (WeightKeys): the config keys the messages name.
         """
-        self.loss, self.training = loss, training
-        self.beta = float(cfg.MODEL.FOCAL.CB_BETA)
-        self.datasets = list(cfg.DATASETS.TRAIN)
+        self.loss, self.training, self.keys = loss, training, keys
+        self.beta = float(loss.cb_beta)
+        self.datasets = list(datasets)
         self.counts: Optional[List[int]] = None
         self.source: Optional[str] = None  # "counted", or "checkpoint" once loaded
 
@@ -138,13 +169,13 @@ class ClassWeights:
         self.counts, self.source = state.get("counts"), "checkpoint"
         if self.training and state.get("beta") != self.beta:
             logger.warning(
-                f"MODEL.FOCAL.CB_BETA={self.beta}, but the checkpoint's class weights were counted "
+                f"{self.keys.beta}={self.beta}, but the checkpoint's class weights were counted "
                 f"with beta {state.get('beta')}; the checkpoint's weights are used."
             )
         datasets = state.get("datasets")
         if self.training and datasets is not None and list(datasets) != self.datasets:
             logger.warning(
-                f"DATASETS.TRAIN={self.datasets}, but the checkpoint's class weights were counted "
+                f"{self.keys.datasets}={self.datasets}, but the checkpoint's class weights were counted "
                 f"on {list(datasets)}; the checkpoint's weights are used (train without "
                 "--resume to count the new sets)."
             )
@@ -163,9 +194,9 @@ class ClassWeights:
         ]
         if missing:
             raise ValueError(
-                f"MODEL.FOCAL.CLASS_WEIGHTING effective_number: class {', '.join(missing)} has no "
-                f"instance in DATASETS.TRAIN={self.datasets}; every class needs at least one "
-                "(or set MODEL.FOCAL.CLASS_WEIGHTING none)."
+                f"{self.keys.weighting} effective_number: class {', '.join(missing)} has no "
+                f"instance in {self.keys.datasets}={self.datasets}; every class needs at least "
+                f"one (or set {self.keys.weighting} none)."
             )
         self.loss.set_class_weights(effective_number_weights(counts, self.beta).tolist())
         self.counts, self.source = counts, "counted"

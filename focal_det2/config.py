@@ -15,7 +15,6 @@ __all__ = [
     "DEFAULT_CB_BETA",
     "DEFAULT_GAMMA",
     "add_focal_config",
-    "check_class_weighting",
     "check_class_weighting_name",
     "check_finite",
     "check_retinanet_keys_unused",
@@ -25,7 +24,7 @@ __all__ = [
 
 # Values of MODEL.FOCAL.CLASS_WEIGHTING.
 CLASS_WEIGHTINGS = ("none", "effective_number")
-# Defaults of the keys that a loss may leave unread (losses.build.check_keys_read).
+# Defaults of the keys that a loss may leave unread (checked by the loss's constructor).
 DEFAULT_GAMMA = 2.0
 DEFAULT_ALPHA = 0.25
 DEFAULT_CB_BETA = 0.999
@@ -274,14 +273,6 @@ def check_class_weighting_name(weighting):
         raise ValueError(
             f"MODEL.FOCAL.CLASS_WEIGHTING={weighting!r} is not one of {list(CLASS_WEIGHTINGS)}."
         )
-
-
-def check_class_weighting(cfg):
-    """Raise, naming the key and what is allowed, for a bad CLASS_WEIGHTING or CB_BETA."""
-    weighting, beta = cfg.MODEL.FOCAL.CLASS_WEIGHTING, cfg.MODEL.FOCAL.CB_BETA
-    check_class_weighting_name(weighting)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ValueError(f"MODEL.FOCAL.CB_BETA={beta!r} must be a number in [0, 1).")
 
 
 def check_retinanet_keys_unused(cfg):

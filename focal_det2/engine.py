@@ -310,7 +310,9 @@ class FocalTrainer(DefaultTrainer):
             "loss_normalizer", AttributeState(self.checkpointer.model, "loss_normalizer")
         )
         if cfg.MODEL.FOCAL.CLASS_WEIGHTING != "none":
-            self.class_weights = ClassWeights(focal_loss_of(self.checkpointer.model), cfg)
+            self.class_weights = ClassWeights(
+                focal_loss_of(self.checkpointer.model), cfg.DATASETS.TRAIN
+            )
             self.checkpointer.add_checkpointable(CHECKPOINT_KEY, self.class_weights)
 
     def build_hooks(self):

@@ -13,15 +13,17 @@ empty; the model is built on the ``meta`` device first); ``--eval-only``
 writes to ``train.output_dir/eval/<checkpoint name>`` and evaluates
 ``last_checkpoint`` with ``--resume``; it, and ``--resume`` of a run, refuse
 a checkpoint that does not fit the model before writing; several processes
-train on the CPU; the loss normaliser's moving average is checkpointed; and
-focal_det2's log lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
+train on the CPU; the loss normaliser's moving average is checkpointed; class
+weights (``model.focal_loss.class_weighting``) are counted from
+``dataloader.train.dataset.names`` and checkpointed; and focal_det2's log
+lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
 import difflib
 import logging
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -47,6 +49,7 @@ from .checkpoint import (
     naming_checkpoint,
 )
 from .checks import build_on_meta, check_cuda_device, check_registered
+from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
 from .engine import create_ddp_model_by_device
 
 __all__ = [
@@ -77,6 +80,7 @@ LAZY_NAMES = {
     "MODEL.FOCAL.CLASS_ALPHA": "model.focal_loss.class_alpha",
     "MODEL.FOCAL.LABEL_SMOOTHING": "model.focal_loss.label_smoothing",
     "MODEL.FOCAL.CLASS_WEIGHTING": "model.focal_loss.class_weighting",
+    "MODEL.FOCAL.CB_BETA": "model.focal_loss.cb_beta",
     "MODEL.FOCAL.STAR_BETA": "model.focal_loss.beta",
     "MODEL.FOCAL.OHEM.BATCH_PER_IMAGE": "model.focal_loss.batch_per_image",
     "MODEL.FOCAL.OHEM.NMS_THRESH": "model.focal_loss.nms_thresh",
@@ -229,10 +233,25 @@ def check_run_values(cfg, eval_only: bool):
             _check_count(cfg, f"train.{key}", low)
         _check_count(cfg, "train.eval_period", 0)
     for loader in loaders:
-        key = f"dataloader.{loader}.dataset.names"
-        names = OmegaConf.select(cfg, key, default=None)
+        names = _dataset_names(cfg, loader)
         if names is not None:
-            check_registered([names] if isinstance(names, str) else list(names), key)
+            check_registered(names, f"dataloader.{loader}.dataset.names")
+    weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
+    if not eval_only and weighting != "none" and _dataset_names(cfg, "train") is None:
+        raise ValueError(
+            f"model.focal_loss.class_weighting={weighting} counts the instances of "
+            "dataloader.train.dataset.names, which this config lacks (its dataloader.train "
+            "takes its data another way); set model.focal_loss.class_weighting=none, or load "
+            "the data with Detectron2's get_detection_dataset_dicts(names=...)."
+        )
+
+
+def _dataset_names(cfg, loader: str) -> Optional[List[str]]:
+    """The data set names of ``dataloader.<loader>.dataset.names``, None where there are none."""
+    names = OmegaConf.select(cfg, f"dataloader.{loader}.dataset.names", default=None)
+    if names is None:
+        return None
+    return [names] if isinstance(names, str) else list(names)
 
 
 def _check_count(cfg, key: str, low: int):
@@ -318,21 +337,13 @@ def _deepest(cfg, key: str):
 
 def check_model(cfg) -> Optional[torch.nn.Module]:
     """
-    Raise for a model config the run would reject: a loss whose class weights a
-    LazyConfig run cannot count (the yacs trainer counts them), and every check
-    of the constructors, which run as ``cfg.model`` is built on the ``meta``
-    device (:func:`.checks.build_on_meta`). Their errors name yacs keys
+    Raise for a model config the run would reject: every check of the
+    constructors, which run as ``cfg.model`` is built on the ``meta`` device
+    (:func:`.checks.build_on_meta`). Their errors name yacs keys
     (MODEL.FOCAL.ALPHA); a note names the node this config sets instead
     (``model.focal_loss.alpha``, :data:`LAZY_NAMES`). Returns the model built on
     the meta device (None where it cannot be).
     """
-    weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
-    if weighting != "none":
-        raise ValueError(
-            f"model.focal_loss.class_weighting={weighting}: class weights are counted by the "
-            "yacs trainer (train_net.py with a .yaml config); a LazyConfig run has no such step. "
-            "Leave it at 'none', or use a .yaml config with MODEL.FOCAL.CLASS_WEIGHTING."
-        )
     try:
         return build_on_meta(lambda: instantiate(cfg.model))
     except (ValueError, TypeError) as e:
@@ -408,12 +419,28 @@ def lazy_test(cfg, model):
     return results
 
 
+def _class_weights(cfg, model, trainer, checkpointer) -> Optional[CountClassWeights]:
+    """
+    With ``model.focal_loss.class_weighting`` other than ``none``: the loss's class weights as
+    ``trainer.class_weights``, checkpointed under :data:`.class_balance.CHECKPOINT_KEY` (read
+    back on ``--resume``), and the hook that counts ``dataloader.train.dataset.names`` before
+    the first iteration where the checkpoint held none; None (no hook) otherwise.
+    """
+    loss = getattr(model, "focal_loss", None)  # None for a model of Detectron2's own
+    if getattr(loss, "class_weighting", "none") == "none":
+        return None
+    trainer.class_weights = ClassWeights(loss, _dataset_names(cfg, "train"), keys=LAZY_WEIGHT_KEYS)
+    checkpointer.add_checkpointable(CHECKPOINT_KEY, trainer.class_weights)
+    return CountClassWeights()
+
+
 def lazy_train(cfg, resume: bool = False):
     """
     Trains ``cfg.model`` as Detectron2's LazyConfig tool does: ``AMPTrainer``
     (``train.amp.enabled``) or ``SimpleTrainer``, ``cfg.lr_multiplier`` by
     iteration, checkpoints every ``train.checkpointer.period``, evaluation
-    every ``train.eval_period`` and at the end, and Detectron2's writers.
+    every ``train.eval_period`` and at the end, and Detectron2's writers; and
+    the loss's class weights where it has them (:func:`_class_weights`).
 
     Args:
         cfg: the config of :func:`setup_lazy_cfg`.
@@ -432,9 +459,11 @@ def lazy_train(cfg, resume: bool = False):
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     # the normaliser's moving average lives outside the model's state_dict
     checkpointer.add_checkpointable("loss_normalizer", AttributeState(unwrapped, "loss_normalizer"))
+    counting = _class_weights(cfg, unwrapped, trainer, checkpointer)
     main = comm.is_main_process()
     trainer.register_hooks(
         [
+            counting,
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,

@@ -58,15 +58,20 @@ def logged(logger, level=logging.WARNING):
     The records ``logger`` emits at ``level`` or above inside the block, taken by a handler
     on the logger itself: pytest's caplog sees only what propagates, and Detectron2's
     ``setup_logger`` (run by ``default_setup``) turns propagation off for the package logger.
+    A logger whose level would drop them is set to ``level`` for the block.
     """
     records = []
     handler = logging.Handler(level)
     handler.emit = records.append
     logger.addHandler(handler)
+    own_level = logger.level
+    if logger.getEffectiveLevel() > level:  # else the logger drops them before the handler
+        logger.setLevel(level)
     try:
         yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(own_level)
 
 
 @pytest.fixture

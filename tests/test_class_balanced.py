@@ -19,6 +19,7 @@ from focal_det2 import build_focal_loss
 from focal_det2.checkpoint import load_for_evaluation
 from focal_det2.class_balance import ClassWeights, count_instances, effective_number_weights
 from focal_det2.engine import FocalTrainer
+from focal_det2.losses import SigmoidFocalLoss
 
 # ----------------------------------------------------------------------------- the weights
 
@@ -95,7 +96,7 @@ def test_cb_beta_in_0_1_is_accepted(beta):
             beta,
         ],
     )
-    assert loss.num_classes == 3
+    assert loss.cb_beta == beta and ClassWeights(loss, ["digits_train_tiny"]).beta == beta
 
 
 def test_cb_beta_set_to_an_int_in_python_is_a_number():
@@ -107,6 +108,13 @@ def test_cb_beta_set_to_an_int_in_python_is_a_number():
 
 
 # ----------------------------------------------------------------------------- counting
+
+
+def weighted_loss(num_classes: int, beta: float):
+    """A sigmoid focal loss with effective-number class weights of ``beta`` (no weights yet)."""
+    return SigmoidFocalLoss(
+        num_classes=num_classes, class_weighting="effective_number", cb_beta=beta
+    )
 
 
 def _register(name, records, classes=None):
@@ -209,7 +217,7 @@ def test_a_class_without_instances_is_an_error_naming_it():
     loss = build_loss("sigmoid_focal", 10)
     name = MetadataCatalog.get("digits_train_tiny").thing_classes[3]
     with pytest.raises(ValueError, match=re.escape(f"class 3 ({name!r})")) as info:
-        ClassWeights(loss, cfg).count()
+        ClassWeights(loss, cfg.DATASETS.TRAIN).count()
     assert "cb_no_three" in str(info.value) and "CLASS_WEIGHTING" in str(info.value)
     assert loss.class_weights is None
 
@@ -222,9 +230,8 @@ def test_count_reads_every_training_data_set():
     """
     cfg = tiny_cfg()
     cfg.DATASETS.TRAIN = ("digits_train_tiny", "digits_train_tiny")
-    cfg.MODEL.FOCAL.CB_BETA = 0.9
-    loss = build_loss("sigmoid_focal", 10)
-    weights = ClassWeights(loss, cfg)
+    loss = weighted_loss(10, beta=0.9)
+    weights = ClassWeights(loss, cfg.DATASETS.TRAIN)
     weights.count()
     once = count_instances(["digits_train_tiny"], 10)
     assert weights.counts == [2 * n for n in once]
@@ -248,7 +255,7 @@ def test_thing_classes_of_another_length_are_not_used_as_names():
     cfg = tiny_cfg()
     cfg.DATASETS.TRAIN = ("cb_three_names",)
     with pytest.raises(ValueError, match=re.escape("class 3 has no instance")):
-        ClassWeights(build_loss("sigmoid_focal", 10), cfg).count()
+        ClassWeights(build_loss("sigmoid_focal", 10), cfg.DATASETS.TRAIN).count()
 
 
 def test_class_names_are_the_first_training_sets_and_must_fit_num_classes():
@@ -276,22 +283,22 @@ def test_checkpoint_weights_of_another_beta_are_used_with_a_warning():
     """
     from focal_det2 import class_balance
 
-    cfg = tiny_cfg()
-    cfg.MODEL.FOCAL.CB_BETA = 0.99
-    datasets = list(cfg.DATASETS.TRAIN)
+    datasets = list(tiny_cfg().DATASETS.TRAIN)
     state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": 0.9, "datasets": datasets}
-    loss = build_loss("sigmoid_focal", 3)
+    loss = weighted_loss(3, beta=0.99)
     with logged(class_balance.logger) as records:
-        ClassWeights(loss, cfg).load_state_dict(state)
+        ClassWeights(loss, datasets).load_state_dict(state)
     assert loss.class_weights == (0.5, 2.0, 0.5)
     assert len(records) == 1
     message = records[0].getMessage()
     assert "MODEL.FOCAL.CB_BETA=0.99" in message and "beta 0.9;" in message
     with logged(class_balance.logger) as records:
-        ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.99})
+        ClassWeights(weighted_loss(3, beta=0.99), datasets).load_state_dict({**state, "beta": 0.99})
     assert records == []
     with logged(class_balance.logger) as records:  # a close beta is another beta
-        ClassWeights(build_loss("sigmoid_focal", 3), cfg).load_state_dict({**state, "beta": 0.991})
+        ClassWeights(weighted_loss(3, beta=0.99), datasets).load_state_dict(
+            {**state, "beta": 0.991}
+        )
     assert len(records) == 1
 
 
@@ -303,25 +310,31 @@ def test_checkpoint_weights_of_other_training_sets_are_used_with_a_warning():
     state = {"weights": [0.5, 2.0, 0.5], "counts": [9, 1, 9], "beta": cfg.MODEL.FOCAL.CB_BETA}
     loss = build_loss("sigmoid_focal", 3)
     with logged(class_balance.logger) as records:
-        ClassWeights(loss, cfg).load_state_dict({**state, "datasets": ["other_train"]})
+        ClassWeights(loss, cfg.DATASETS.TRAIN).load_state_dict(
+            {**state, "datasets": ["other_train"]}
+        )
     assert loss.class_weights == (0.5, 2.0, 0.5) and len(records) == 1
     assert f"DATASETS.TRAIN={list(cfg.DATASETS.TRAIN)}, but" in records[0].getMessage()
     assert "counted on ['other_train']" in records[0].getMessage()
     with logged(class_balance.logger) as records:
-        ClassWeights(loss, cfg).load_state_dict({**state, "datasets": list(cfg.DATASETS.TRAIN)})
+        ClassWeights(loss, cfg.DATASETS.TRAIN).load_state_dict(
+            {**state, "datasets": list(cfg.DATASETS.TRAIN)}
+        )
     assert records == []
     for counted_on in (["digits_train_tiny"] * 2, ["digits_val_tiny", "digits_train_tiny"]):
         cfg.DATASETS.TRAIN = ("digits_train_tiny", "digits_val_tiny")[: len(set(counted_on))]
         with logged(class_balance.logger) as records:  # repeated or reordered sets differ
-            ClassWeights(loss, cfg).load_state_dict({**state, "datasets": counted_on})
+            ClassWeights(loss, cfg.DATASETS.TRAIN).load_state_dict(
+                {**state, "datasets": counted_on}
+            )
         assert len(records) == 1
     cfg.DATASETS.TRAIN = ("digits_train_tiny",)
     with logged(class_balance.logger) as records:  # a state that does not name its sets
-        ClassWeights(loss, cfg).load_state_dict(state)
+        ClassWeights(loss, cfg.DATASETS.TRAIN).load_state_dict(state)
     assert records == []
     with logged(class_balance.logger) as records:  # an evaluation reads neither
         other = {**state, "datasets": ["other_train"], "beta": 0.5}
-        ClassWeights(loss, cfg, training=False).load_state_dict(other)
+        ClassWeights(loss, cfg.DATASETS.TRAIN, training=False).load_state_dict(other)
     assert records == [] and loss.class_weights == (0.5, 2.0, 0.5)
 
 
@@ -499,11 +512,17 @@ def test_a_loss_built_alone_with_weighting_on_needs_its_weights(name):
 
 
 def test_a_loss_built_directly_refuses_an_unknown_weighting():
-    """Built in Python, not from a config: the unknown name is refused at construction."""
-    from focal_det2.losses import SigmoidFocalLoss
-
+    """Built in Python, not from a config (as a LazyConfig's loss node is): the unknown name,
+    a beta outside [0, 1) and a beta without class weights are refused at construction."""
     with pytest.raises(ValueError, match=r"CLASS_WEIGHTING='inverse' is not one of \['none'"):
         SigmoidFocalLoss(num_classes=3, class_weighting="inverse")
+    with pytest.raises(ValueError, match=r"^MODEL.FOCAL.CB_BETA=1.0 must be a number in \[0, 1\)"):
+        SigmoidFocalLoss(num_classes=3, class_weighting="effective_number", cb_beta=1.0)
+    with pytest.raises(
+        ValueError, match=r"^MODEL.FOCAL.CB_BETA=0.9 is read only with class weights"
+    ):
+        SigmoidFocalLoss(num_classes=3, cb_beta=0.9)
+    assert SigmoidFocalLoss(num_classes=3, cb_beta=0.999).cb_beta == 0.999  # the default
 
 
 def test_training_without_weights_set_is_an_error():
@@ -585,7 +604,7 @@ def test_training_stores_weights_and_resume_and_eval_do_not_recount(tmp_path):
     ]
     _register("cb_train", without_zero, classes)
     with pytest.raises(ValueError, match="class 0"):  # what a recount would do
-        ClassWeights(build_loss("sigmoid_focal", 10), cfg).count()
+        ClassWeights(build_loss("sigmoid_focal", 10), cfg.DATASETS.TRAIN).count()
 
     resumed = FocalTrainer(digits_cfg(output_dir=tmp_path, opts=opts + ["SOLVER.MAX_ITER", 3]))
     resumed.resume_or_load(resume=True)

@@ -19,6 +19,7 @@ from focal_det2 import checks
 from focal_det2.lazy import (
     check_model,
     check_nodes,
+    check_run_values,
     is_lazy_config,
     lazy_evaluate,
     lazy_test,
@@ -367,11 +368,14 @@ def test_lazy_setup_names_the_nodes_a_config_lacks(tmp_path):
 
 
 def test_lazy_setup_checks_the_model_before_writing(tmp_path):
-    weighting = "model.focal_loss.class_weighting=effective_number"
     with pytest.raises(
-        ValueError, match=r"model.focal_loss.class_weighting=effective_number: class weights"
-    ):
-        setup_lazy_cfg(args(tmp_path, weighting))
+        ValueError, match=r"^MODEL.FOCAL.CB_BETA=0.9 is read only with class"
+    ) as error:
+        setup_lazy_cfg(args(tmp_path, "model.focal_loss.cb_beta=0.9"))
+    assert error.value.__notes__ == [
+        "In this LazyConfig: MODEL.FOCAL.CLASS_WEIGHTING is model.focal_loss.class_weighting, "
+        "MODEL.FOCAL.CB_BETA is model.focal_loss.cb_beta."
+    ]
     with pytest.raises(ValueError, match=r"MODEL.FOCAL.ALPHA=1.5 must be in \[0, 1\]") as error:
         setup_lazy_cfg(args(tmp_path, "model.focal_loss.alpha=1.5"))
     assert error.value.__notes__ == [
@@ -483,6 +487,48 @@ def test_a_loss_target_that_does_not_exist_names_the_node_and_the_losses(tmp_pat
     )
     assert "focal_det2.losses.SigmoidFocalLoss" in note and "focal_det2.losses.OHEMLoss" in note
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lazy_class_weights_are_counted_checkpointed_and_read_back_on_resume(tmp_path):
+    """
+    model.focal_loss.class_weighting: the weights are counted from dataloader.train's data
+    sets before the first iteration (training without them is an error), saved in the
+    checkpoint, and read back on --resume (not counted again), where another cb_beta than the
+    one they were counted with is named by its node.
+    """
+    from focal_det2 import class_balance
+    from focal_det2.class_balance import count_instances, effective_number_weights
+
+    weighting = "model.focal_loss.class_weighting=effective_number"
+    with logged(class_balance.logger, logging.INFO) as records:
+        lazy_train(load(*digits_opts(tmp_path, weighting, "model.focal_loss.cb_beta=0.9")))
+    assert [r.getMessage().startswith("Class weights, effective number (beta 0.9) of ['digits_"
+                                      "train_tiny']") for r in records] == [True]  # fmt: skip
+    counts = count_instances(["digits_train_tiny"], 10)
+    state = torch.load(tmp_path / "model_final.pth", weights_only=False)["class_weights"]
+    assert state["counts"] == counts and state["beta"] == 0.9
+    assert state["weights"] == pytest.approx(effective_number_weights(counts, 0.9).tolist())
+    assert state["datasets"] == ["digits_train_tiny"]
+    resumed = digits_opts(tmp_path, weighting, "model.focal_loss.cb_beta=0.99", "train.max_iter=3")
+    with logged(class_balance.logger, logging.INFO) as records:
+        lazy_train(load(*resumed), resume=True)
+    messages = [r.getMessage() for r in records]
+    assert messages[0] == (
+        "model.focal_loss.cb_beta=0.99, but the checkpoint's class weights were counted with "
+        "beta 0.9; the checkpoint's weights are used."
+    )
+    assert messages[1].startswith("Class weights from the checkpoint (not recounted):")
+    assert len(messages) == 2
+
+
+def test_lazy_class_weights_need_the_training_data_set_names():
+    cfg = load(*digits_opts("unused", "model.focal_loss.class_weighting=effective_number"))
+    del cfg.dataloader.train.dataset.names
+    with pytest.raises(ValueError, match=r"^model.focal_loss.class_weighting=effective_number "
+                       r"counts the instances of dataloader.train.dataset.names, which this "
+                       r"config lacks"):  # fmt: skip
+        check_run_values(cfg, eval_only=False)
+    check_run_values(cfg, eval_only=True)  # an evaluation counts nothing
 
 
 def test_a_new_key_is_added_with_a_plus(tmp_path):

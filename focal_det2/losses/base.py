@@ -14,7 +14,7 @@ import torch
 from detectron2.config import configurable
 from torch import Tensor, nn
 
-from ..config import DEFAULT_ALPHA, DEFAULT_GAMMA, check_class_weighting_name
+from ..config import DEFAULT_ALPHA, DEFAULT_CB_BETA, DEFAULT_GAMMA, check_class_weighting_name
 from .fused import compute_dtype
 
 __all__ = ["DenseClassificationLoss", "SigmoidScores", "check_finite_number"]
@@ -64,6 +64,7 @@ class DenseClassificationLoss:
         class_alpha: Sequence[float] = (),
         label_smoothing: float = 0.0,
         class_weighting: str = "none",
+        cb_beta: float = DEFAULT_CB_BETA,
     ):
         """
         Args:
@@ -76,6 +77,9 @@ class DenseClassificationLoss:
                 :attr:`supports_label_smoothing` (MODEL.FOCAL.LABEL_SMOOTHING).
             class_weighting (str): MODEL.FOCAL.CLASS_WEIGHTING; other than "none", the loss
                 needs its class weights (:meth:`set_class_weights`) before it is called.
+            cb_beta (float): beta in [0, 1) of the class weights' effective number
+                (MODEL.FOCAL.CB_BETA), counted by :class:`~focal_det2.class_balance.ClassWeights`;
+                only with ``class_weighting`` other than "none".
         """
         self.num_classes = num_classes
         self.check_gamma(gamma, "MODEL.FOCAL.GAMMA")
@@ -96,8 +100,9 @@ class DenseClassificationLoss:
             )
         self._check_read(gamma, alpha, class_alpha)
         self.check_label_smoothing(label_smoothing)
-        check_class_weighting_name(class_weighting)
+        self._check_class_weighting(class_weighting, cb_beta)
         self.class_weighting = class_weighting
+        self.cb_beta = float(cb_beta)
         self.gamma = gamma
         self.alpha = alpha
         self.class_alpha = class_alpha
@@ -125,6 +130,18 @@ class DenseClassificationLoss:
                 f"leave it at {DEFAULT_ALPHA}, or leave CLASS_ALPHA empty."
             )
 
+    @staticmethod
+    def _check_class_weighting(weighting: str, beta: float):
+        """Raise, naming the key and what is allowed, for a bad CLASS_WEIGHTING or CB_BETA."""
+        check_class_weighting_name(weighting)
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"MODEL.FOCAL.CB_BETA={beta!r} must be a number in [0, 1).")
+        if weighting == "none" and beta != DEFAULT_CB_BETA:
+            raise ValueError(
+                f"MODEL.FOCAL.CB_BETA={beta} is read only with class weights; leave it at "
+                f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
+            )
+
     @classmethod
     def from_config(cls, cfg):
         return {
@@ -134,6 +151,7 @@ class DenseClassificationLoss:
             "class_alpha": cfg.MODEL.FOCAL.CLASS_ALPHA,
             "label_smoothing": cfg.MODEL.FOCAL.LABEL_SMOOTHING,
             "class_weighting": cfg.MODEL.FOCAL.CLASS_WEIGHTING,
+            "cb_beta": cfg.MODEL.FOCAL.CB_BETA,
         }
 
     @classmethod
@@ -294,9 +312,9 @@ class DenseClassificationLoss:
         if self.class_weighting != "none" and self.class_weights is None:
             raise RuntimeError(
                 f"MODEL.FOCAL.CLASS_WEIGHTING={self.class_weighting}: the loss has no class "
-                "weights. FocalTrainer counts them before training (or loads them on --resume); "
-                "otherwise count them with focal_det2.class_balance.ClassWeights(loss, cfg).count() "
-                "or set them with loss.set_class_weights(weights)."
+                "weights. train_net.py counts them before training (or loads them on --resume); "
+                "otherwise count them with focal_det2.class_balance.ClassWeights(loss, "
+                "dataset_names).count() or set them with loss.set_class_weights(weights)."
             )
 
     def set_class_weights(self, weights: Optional[Sequence[float]]):

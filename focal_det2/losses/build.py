@@ -4,11 +4,7 @@ import os
 from detectron2.config import CfgNode as CN
 from detectron2.utils.registry import Registry
 
-from ..config import (
-    DEFAULT_CB_BETA,
-    check_class_weighting,
-    flat_keys,
-)
+from ..config import flat_keys
 from ..registry import lookup, register_as
 
 __all__ = [
@@ -144,10 +140,10 @@ def check_keys_read(cfg, loss_class):
     """
     Raise, naming the key, for a ``MODEL.FOCAL`` key that ``cfg`` moves from
     its default although ``loss_class`` would not read it: another loss's own
-    key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem) and ``CB_BETA`` without
-    ``CLASS_WEIGHTING``. ``GAMMA`` for a loss without gamma and ``ALPHA`` beside
-    ``CLASS_ALPHA`` for a loss that reads only the latter are refused by the loss's
-    constructor (:class:`DenseClassificationLoss`), for a LazyConfig's loss node too.
+    key (``STAR_BETA`` of focal_star, ``OHEM.*`` of ohem). ``GAMMA`` for a loss without
+    gamma, ``ALPHA`` beside ``CLASS_ALPHA`` for a loss that reads only the latter and
+    ``CB_BETA`` without ``CLASS_WEIGHTING`` are refused by the loss's constructor
+    (:class:`DenseClassificationLoss`), for a LazyConfig's loss node too.
     """
     name = getattr(loss_class, "name", loss_class.__name__)
     for key, (default, other_name) in other_losses_keys(loss_class).items():
@@ -157,12 +153,6 @@ def check_keys_read(cfg, loss_class):
                 f"{key}={value} is read by MODEL.FOCAL.LOSS {other_name}, not by {name}; "
                 f"leave it at {default}, or set MODEL.FOCAL.LOSS {other_name}."
             )
-    beta = cfg.MODEL.FOCAL.CB_BETA
-    if cfg.MODEL.FOCAL.CLASS_WEIGHTING == "none" and beta != DEFAULT_CB_BETA:
-        raise ValueError(
-            f"MODEL.FOCAL.CB_BETA={beta} is read only with class weights; leave it at "
-            f"{DEFAULT_CB_BETA}, or set MODEL.FOCAL.CLASS_WEIGHTING effective_number."
-        )
 
 
 def build_focal_loss(cfg):
@@ -175,7 +165,6 @@ def build_focal_loss(cfg):
     ``boxes=``, and sum over the anchors they keep.
     A key the loss would not read is an error (:func:`check_keys_read`).
     """
-    check_class_weighting(cfg)
     build = lookup(
         FOCAL_LOSS_REGISTRY,
         cfg.MODEL.FOCAL.LOSS,

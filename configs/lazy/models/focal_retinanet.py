@@ -20,6 +20,7 @@ model.focal_loss = L(SigmoidFocalLoss)(
     class_alpha=[],
     label_smoothing=0.0,
     class_weighting="none",
+    cb_beta=0.999,
 )
 # Every schedule's arguments: _target_=focal_det2.schedules.LinearGamma and iters=N make a ramp.
 model.gamma_schedule = L(ConstantGamma)(end="${..focal_loss.gamma}", start=0.0, iters=0, steps=[])
