@@ -416,9 +416,8 @@ class FocalTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         json_file = MetadataCatalog.get(dataset_name).get("json_file")
         if json_file and not os.path.exists(json_file):
-            DatasetCatalog.get(
-                dataset_name
-            )  # a lazily generated data set writes its json on first load
+            # a lazily generated data set (the digits, any size) writes its json on first load
+            DatasetCatalog.get(dataset_name)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
