@@ -36,7 +36,9 @@ def check_cfg(cfg) -> Optional[torch.nn.Module]:
     """
     Raise for a config value a run would reject, before the run writes
     anything: a float key that is NaN or infinite, every check the model
-    build makes, and ``DATALOADER.DEGENERATE_BOXES``. Returns the model built
+    build makes, ``DATALOADER.DEGENERATE_BOXES``, and ``TEST.AUG.ENABLED``
+    (Detectron2's train_net.py would evaluate with test-time augmentation;
+    this one would silently not). Returns the model built
     on the meta device (None where it cannot be).
 
     The model build's checks are spread over Detectron2's backbone, anchor
@@ -52,6 +54,12 @@ def check_cfg(cfg) -> Optional[torch.nn.Module]:
     """
     check_finite(cfg)
     check_degenerate_boxes_option(cfg.DATALOADER.DEGENERATE_BOXES)
+    if cfg.TEST.AUG.ENABLED:
+        raise ValueError(
+            "TEST.AUG.ENABLED=True: train_net.py has no test-time augmentation (Detectron2's "
+            "GeneralizedRCNNWithTTA is for GeneralizedRCNN models; RetinaNet and FocalRetinaNet "
+            "have none); set TEST.AUG.ENABLED False."
+        )
     meta_cfg = cfg.clone()
     meta_cfg.defrost()
     meta_cfg.MODEL.DEVICE = "cpu"  # a CUDA run is checked the same on a machine without one

@@ -81,6 +81,14 @@ class DenseClassificationLoss:
                 (MODEL.FOCAL.CB_BETA), counted by :class:`~focal_det2.class_balance.ClassWeights`;
                 only with ``class_weighting`` other than "none".
         """
+        if (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1
+        ):
+            raise ValueError(
+                f"MODEL.RETINANET.NUM_CLASSES={num_classes!r} must be an integer >= 1."
+            )
         self.num_classes = num_classes
         self.check_gamma(gamma, "MODEL.FOCAL.GAMMA")
         check_finite_number(alpha, "MODEL.FOCAL.ALPHA")

@@ -18,9 +18,12 @@ from ..losses import DenseClassificationLoss, build_focal_loss
 from ..schedules import ConstantGamma, GammaSchedule, build_gamma_schedule, initial_gamma
 from .head import build_focal_head
 
-__all__ = ["FocalRetinaNet"]
+__all__ = ["BOX_REG_LOSS_TYPES", "FocalRetinaNet"]
 
 logger = logging.getLogger(__name__)
+
+# What Detectron2's dense box regression loss takes (box_regression._dense_box_regression_loss).
+BOX_REG_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 
 
 @META_ARCH_REGISTRY.register()
@@ -58,6 +61,7 @@ class FocalRetinaNet(RetinaNet):
                 "(MODEL.FOCAL.ALPHA, MODEL.FOCAL.GAMMA) and gamma_schedule instead."
             )
         super().__init__(**kwargs)
+        self._check_boxes()
         # RetinaNet's defaults, which nothing here reads: code written for RetinaNet must not either.
         del self.focal_loss_alpha, self.focal_loss_gamma
         if focal_loss.num_classes != self.num_classes:
@@ -85,6 +89,25 @@ class FocalRetinaNet(RetinaNet):
         self.num_logits = focal_loss.num_logits
         self.class_scores = focal_loss.score_module()
 
+    def _check_boxes(self):
+        """
+        Raise, naming the key, for box settings RetinaNet accepts but fails on at the first
+        training step, after a run has written its output: anchors that are not 4-value boxes
+        (RotatedAnchorGenerator's 5) and an unknown box regression loss.
+        """
+        box_dim = getattr(self.anchor_generator, "box_dim", 4)
+        if box_dim != 4:
+            raise ValueError(
+                f"MODEL.ANCHOR_GENERATOR.NAME={type(self.anchor_generator).__name__} gives "
+                f"{box_dim}-value anchors; RetinaNet's matcher and box transform take 4-value "
+                "(XYXY) boxes: use DefaultAnchorGenerator."
+            )
+        if self.box_reg_loss_type not in BOX_REG_LOSS_TYPES:
+            raise ValueError(
+                f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE={self.box_reg_loss_type!r} is not one of "
+                f"{list(BOX_REG_LOSS_TYPES)}."
+            )
+
     @classmethod
     def from_config(cls, cfg):
         """
@@ -95,7 +118,7 @@ class FocalRetinaNet(RetinaNet):
         The backbone and the head are built in RetinaNet's order, so that
         with the same seed the sigmoid model starts from RetinaNet's weights.
         """
-        check_finite(cfg)
+        check_finite(cfg.MODEL, "MODEL.")  # a run checks every key (checks.check_cfg)
         check_retinanet_keys_unused(cfg)
         node = cfg.MODEL.RETINANET
         backbone = build_backbone(cfg)
