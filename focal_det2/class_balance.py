@@ -69,7 +69,10 @@ def _class_names(dataset_names: Sequence[str], num_classes: int) -> List[str]:
 
 
 def count_instances(
-    dataset_names: Sequence[str], num_classes: int, dataset_dicts: Optional[List[dict]] = None
+    dataset_names: Sequence[str],
+    num_classes: int,
+    dataset_dicts: Optional[List[dict]] = None,
+    num_classes_key: str = "MODEL.RETINANET.NUM_CLASSES",
 ) -> List[int]:
     """
     Instances of each class in the data sets, as Detectron2's ``DatasetCatalog`` loads
@@ -81,6 +84,7 @@ def count_instances(
         num_classes (int): K; every ``category_id`` must be in [0, K).
         dataset_dicts (list[dict] or None): the records of all of them, already loaded (the
             trainer's); None loads them through ``DatasetCatalog``.
+        num_classes_key (str): the config key of K, for the error.
 
     Returns:
         list[int]: K counts.
@@ -99,7 +103,7 @@ def count_instances(
                 if not 0 <= c < num_classes:
                     raise ValueError(
                         f"data set {name!r}, image {record.get('image_id', record.get('file_name'))}: "
-                        f"category_id {c} outside [0, {num_classes}) (MODEL.RETINANET.NUM_CLASSES)."
+                        f"category_id {c} outside [0, {num_classes}) ({num_classes_key})."
                     )
                 counts[c] += 1
     return counts
@@ -111,15 +115,20 @@ class WeightKeys(NamedTuple):
     beta: str
     datasets: str
     weighting: str
+    num_classes: str
 
 
 YACS_WEIGHT_KEYS = WeightKeys(
-    "MODEL.FOCAL.CB_BETA", "DATASETS.TRAIN", "MODEL.FOCAL.CLASS_WEIGHTING"
+    "MODEL.FOCAL.CB_BETA",
+    "DATASETS.TRAIN",
+    "MODEL.FOCAL.CLASS_WEIGHTING",
+    "MODEL.RETINANET.NUM_CLASSES",
 )
 LAZY_WEIGHT_KEYS = WeightKeys(
     "model.focal_loss.cb_beta",
     "dataloader.train.dataset.names",
     "model.focal_loss.class_weighting",
+    "model.num_classes",
 )
 
 
@@ -187,7 +196,7 @@ class ClassWeights:
         no instance. ``dataset_dicts``: its records, already loaded (see :func:`count_instances`).
         """
         num_classes = self.loss.num_classes
-        counts = count_instances(self.datasets, num_classes, dataset_dicts)
+        counts = count_instances(self.datasets, num_classes, dataset_dicts, self.keys.num_classes)
         names = _class_names(self.datasets, num_classes)
         missing = [
             f"{c} ({names[c]!r})" if names[c] else str(c) for c, n in enumerate(counts) if n == 0

@@ -222,6 +222,27 @@ def test_a_class_without_instances_is_an_error_naming_it():
     assert loss.class_weights is None
 
 
+def test_a_lazy_configs_count_names_its_nodes():
+    """The errors of a count for a LazyConfig run name its nodes, not the yacs keys."""
+    from focal_det2.class_balance import LAZY_WEIGHT_KEYS
+
+    with pytest.raises(ValueError, match=r"category_id 5 outside \[0, 5\) \(model.num_classes\)"):
+        ClassWeights(weighted_loss(5, 0.9), ["digits_train_tiny"], keys=LAZY_WEIGHT_KEYS).count()
+    records = [
+        {**r, "annotations": [a for a in r["annotations"] if a["category_id"] != 3]}
+        for r in _tiny_records()
+    ]
+    _register("cb_lazy_no_three", records)
+    weights = ClassWeights(weighted_loss(10, 0.9), ["cb_lazy_no_three"], keys=LAZY_WEIGHT_KEYS)
+    with pytest.raises(ValueError) as info:
+        weights.count()
+    assert str(info.value) == (
+        "model.focal_loss.class_weighting effective_number: class 3 has no instance in "
+        "dataloader.train.dataset.names=['cb_lazy_no_three']; every class needs at least one (or "
+        "set model.focal_loss.class_weighting none)."
+    )
+
+
 def test_count_reads_every_training_data_set():
     """
     ``ClassWeights.count`` counts every data set of DATASETS.TRAIN: the tiny digits set
