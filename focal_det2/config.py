@@ -239,13 +239,17 @@ def flat_keys(node, prefix: str = "") -> dict:
     {full key: value} of the leaves of a config node.
 
     Args:
-        node (CfgNode): a config, or one of its nodes whose full name is ``prefix``.
+        node (CfgNode or dict): a config, or one of its nodes whose full name is ``prefix``
+            (a LazyConfig as nested dicts: ``OmegaConf.to_container``).
         prefix (str): the node's name followed by ".", "" for the whole config.
     """
     out = {}
     for key, value in node.items():
-        if isinstance(value, CN):
+        if isinstance(value, dict):  # a CfgNode is a dict
             out.update(flat_keys(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, dict) for v in value):
+            # a LazyConfig's list of nodes (augmentations): keys by index, as its overrides
+            out.update(flat_keys(dict(enumerate(value)), f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out
@@ -257,7 +261,7 @@ def check_finite(cfg, prefix: str = ""):
     naming the key. Infinity is allowed only for the keys in :data:`INFINITY_ALLOWED`.
 
     Args:
-        cfg (CfgNode): a config, or one of its nodes whose full name is ``prefix``.
+        cfg (CfgNode or dict): a config, or one of its nodes whose full name is ``prefix``.
         prefix (str): the node's name followed by ".", "" for the whole config.
     """
     for name, value in flat_keys(cfg, prefix).items():

@@ -50,6 +50,7 @@ from .checkpoint import (
 )
 from .checks import build_on_meta, check_cuda_device, check_registered
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
+from .config import check_finite
 from .engine import create_ddp_model_by_device
 
 __all__ = [
@@ -116,8 +117,8 @@ def setup_lazy_cfg(args):
     overrides), after Detectron2's ``default_setup`` and with focal_det2's
     logger writing to the console and ``train.output_dir/log.txt``. As
     :func:`.engine.setup_cfg` does for yacs, before anything is written: the
-    overrides' keys (:func:`check_override_keys`) and the nodes the run reads
-    (:func:`check_nodes`) are checked; so is the checkpoint a run loads
+    overrides' keys (:func:`check_override_keys`), the nodes the run reads
+    (:func:`check_nodes`) and every float (NaN or infinity is named) are checked; so is the checkpoint a run loads
     (``train.init_checkpoint``, or with ``--resume`` the output folder's
     ``last_checkpoint``); ``--eval-only`` refuses to run without one and
     writes to ``train.output_dir/eval/<checkpoint name>``; a training run
@@ -137,6 +138,8 @@ def setup_lazy_cfg(args):
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_nodes(cfg, args.config_file, args.eval_only)
+    # a NaN or infinite float, named (optimizer.lr=nan trained on with lr nan); ${...} stay str
+    check_finite(OmegaConf.to_container(cfg, resolve=False))
     out = cfg.train.output_dir
     checkpoint = checkpoint_to_load(out, cfg.train.init_checkpoint, args.resume, LAZY_KEYS)
     if args.eval_only:

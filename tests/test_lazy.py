@@ -442,6 +442,14 @@ def test_a_word_that_is_not_an_override_is_named_with_how_to_write_it(tmp_path, 
          "you mean 'digits_val_tiny'"),  # found after training, before
         ("dataloader.train.dataset.names=[digits_train_tiny,nowhere]", KeyError,
          "dataloader.train.dataset.names: 'nowhere' is not a registered data set"),
+        # trained with lr nan to nan AP, and on with a nan size in the augmentation's choice
+        ("optimizer.lr=nan", ValueError, "optimizer.lr=nan is not finite; it must be a finite "
+         "number."),
+        ("dataloader.train.mapper.augmentations.0.short_edge_length=[128,nan]", ValueError,
+         "dataloader.train.mapper.augmentations.0.short_edge_length=[128, nan] is not finite"),
+        # before the model's build, which met it as a bare AssertionError
+        ("model.anchor_generator.offset=inf", ValueError, "model.anchor_generator.offset=inf is "
+         "not finite"),
         ("train.max_iter=abc", ValueError, "train.max_iter='abc' must be an integer >= 1."),
         ("train.max_iter=0", ValueError, "train.max_iter=0 must be an integer >= 1."),
         ("train.checkpointer.period=0", ValueError,
@@ -458,8 +466,9 @@ def test_a_word_that_is_not_an_override_is_named_with_how_to_write_it(tmp_path, 
 )  # fmt: skip
 def test_run_values_that_fail_after_writing_are_refused_before(tmp_path, override, error, expected):
     """Each failed inside Detectron2's loop or PyTorch (division by 0, a comparison with a str,
-    AMPTrainer's assertion), with an error naming no key, after config.yaml, log.txt and
-    metrics.json were written (which then block the corrected run)."""
+    AMPTrainer's assertion), with an error naming no key, or trained on without a word (a NaN),
+    after config.yaml, log.txt and metrics.json were written (which then block the corrected
+    run)."""
     with pytest.raises(error) as info:
         setup_lazy_cfg(args(tmp_path, override))
     assert expected in (info.value.args[0] if error is KeyError else str(info.value))
