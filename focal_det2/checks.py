@@ -3,27 +3,32 @@ Checks of a run's config and inputs before it writes anything
 (:func:`.engine.setup_cfg` calls them before Detectron2's ``default_setup``):
 the model built on the ``meta`` device (:func:`build_on_meta`, every check of
 the constructors), non-finite floats, MODEL.FOCAL under one of Detectron2's own
-meta-architectures, registered data sets and a CUDA device that exists.
+meta-architectures, registered data sets with their files, a CUDA device that
+exists, and a FOCAL_DET2_BACKEND the run can use.
 """
 
 import difflib
 import logging
+import os
 import re
 from typing import Callable, Optional, Sequence
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from .config import add_focal_config, check_finite, flat_keys
 from .data.checks import check_degenerate_boxes_option
+from .losses.backends import select_backend
 from .registry import lookup
 
 __all__ = [
     "build_on_meta",
+    "check_backend",
     "check_cfg",
     "check_cuda_device",
+    "check_dataset_files",
     "check_device",
     "check_registered",
     "check_run_inputs",
@@ -75,12 +80,57 @@ def check_run_inputs(cfg, eval_only: bool):
     Raise, naming the key, for what a run would fail on only after writing (a training run,
     after training): a data set name in DATASETS.TRAIN (training) or DATASETS.TEST that is not
     registered in Detectron2's ``DatasetCatalog`` (register your own before this check, as
-    Detectron2's builtin ones are at import), and a MODEL.DEVICE of CUDA where PyTorch sees
-    no CUDA device.
+    Detectron2's builtin ones are at import) or whose files are missing, a MODEL.DEVICE of
+    CUDA where PyTorch sees no CUDA device, and to train, a ``FOCAL_DET2_BACKEND`` the loss
+    cannot run on MODEL.DEVICE.
     """
     for key in ("DATASETS.TEST",) if eval_only else ("DATASETS.TRAIN", "DATASETS.TEST"):
-        check_registered(cfg.DATASETS.get(key.split(".")[1]), key)
+        names = cfg.DATASETS.get(key.split(".")[1])
+        check_registered(names, key)
+        check_dataset_files(names, key)
     check_device(cfg)
+    if not eval_only:
+        check_backend(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+
+
+def check_backend(device: str, key: str):
+    """
+    Raise for a ``FOCAL_DET2_BACKEND`` (or the former ``FOCAL_DET2_COMPILE``) that the
+    fused losses would refuse on ``device`` (``key``'s value) at the first training
+    iteration, after the run has written its output (see :mod:`.losses.backends`).
+    """
+    try:
+        select_backend(torch.device(device).type)
+    except ValueError as e:
+        raise ValueError(f"{e} The run trains on {key}={device}.") from None
+
+
+def check_dataset_files(names: Sequence[str], key: str):
+    """
+    Raise, naming ``key``, the data set and the file, for a registered data set whose
+    metadata names a ``json_file`` or ``image_root`` that does not exist (Detectron2's
+    COCO without COCO installed), except data sets generated on first load (the digits,
+    metadata ``generated_on_load``), which write them then.
+    """
+    root = os.getenv("DETECTRON2_DATASETS", "datasets")
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        if meta.get("generated_on_load", False):
+            continue
+        for field in ("json_file", "image_root"):
+            path = meta.get(field, None)
+            if path and not os.path.exists(path):
+                hint = (
+                    f" Detectron2 finds its built-in data sets under $DETECTRON2_DATASETS (here "
+                    f"{root!r}): set it to the folder that holds them (Detectron2's "
+                    "datasets/README.md)."
+                    if os.path.abspath(path).startswith(os.path.abspath(root) + os.sep)
+                    else ""
+                )
+                raise FileNotFoundError(
+                    f"{key}: data set {name!r} reads its {field} {path}, which does not exist."
+                    + hint
+                )
 
 
 def check_registered(names: Sequence[str], key: str):

@@ -48,7 +48,13 @@ from .checkpoint import (
     load_fitting,
     naming_checkpoint,
 )
-from .checks import build_on_meta, check_cuda_device, check_registered
+from .checks import (
+    build_on_meta,
+    check_backend,
+    check_cuda_device,
+    check_dataset_files,
+    check_registered,
+)
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
 from .config import check_finite
 from .engine import create_ddp_model_by_device
@@ -210,7 +216,9 @@ def check_run_values(cfg, eval_only: bool):
     """
     Raise, naming the node, for what a run would fail on only after writing (a misspelt test
     set, after training): data set names of ``dataloader.train`` (to train) and
-    ``dataloader.test`` (with an evaluator) that are not registered; the ``train`` numbers
+    ``dataloader.test`` (with an evaluator) that are not registered or whose files are
+    missing (:func:`.checks.check_dataset_files`), to train a ``FOCAL_DET2_BACKEND`` the
+    loss cannot run on ``train.device``; the ``train`` numbers
     Detectron2's loop counts with (``max_iter``, ``checkpointer.period`` and ``log_period``
     integers >= 1, ``eval_period`` >= 0, 0 for the end only); a ``train.device`` torch does
     not know, or CUDA where there is none; and ``train.amp.enabled`` off CUDA (Detectron2's
@@ -227,6 +235,7 @@ def check_run_values(cfg, eval_only: bool):
     loaders = ["test"] if "evaluator" in cfg.dataloader else []
     if not eval_only:
         loaders.insert(0, "train")
+        check_backend(device, "train.device")
         if cfg.train.amp.enabled and not device.startswith("cuda"):
             raise ValueError(
                 f"train.amp.enabled=True needs CUDA (Detectron2's AMPTrainer) and "
@@ -239,6 +248,7 @@ def check_run_values(cfg, eval_only: bool):
         names = _dataset_names(cfg, loader)
         if names is not None:
             check_registered(names, f"dataloader.{loader}.dataset.names")
+            check_dataset_files(names, f"dataloader.{loader}.dataset.names")
     weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
     if not eval_only and weighting != "none" and _dataset_names(cfg, "train") is None:
         raise ValueError(

@@ -6,6 +6,7 @@ batch with every anchor ignored) train.
 
 import copy
 import json
+import os
 import pickle
 import re
 
@@ -510,6 +511,57 @@ def test_rejected_run_leaves_output_dir_as_it_was(tmp_path, loggers, opts, messa
     with pytest.raises(Exception, match=re.escape(message)):
         setup_cfg(_args("--config-file", config, *opts))
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"FOCAL_DET2_BACKEND": "eagr"}, "FOCAL_DET2_BACKEND='eagr': allowed values are eager, "
+         "triton, compile. The run trains on MODEL.DEVICE=cpu."),
+        ({"FOCAL_DET2_BACKEND": "triton"}, "FOCAL_DET2_BACKEND=triton: Triton kernels run on "
+         "CUDA tensors, these are on cpu"),
+        ({"FOCAL_DET2_COMPILE": "1"}, "FOCAL_DET2_COMPILE is no longer read"),
+    ],
+)  # fmt: skip
+def test_a_backend_the_loss_would_refuse_is_named_before_writing(
+    tmp_path, loggers, monkeypatch, env, message
+):
+    """The fused losses refused it at the first iteration, after config.yaml, log.txt and
+    metrics.json (which then block the corrected run); an evaluation calls no loss."""
+    from focal_det2.engine import setup_cfg
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "config.yaml"
+    config.write_text(digits_cfg(output_dir=tmp_path / "run").dump())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setup_cfg(_args("--config-file", config))
+    assert not (tmp_path / "run").exists()
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": build_model(digits_cfg()).state_dict()}, weights)
+    setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", weights))
+
+
+def test_missing_data_set_files_are_named_before_writing(tmp_path, loggers):
+    """Detectron2's loader named the file after config.yaml and log.txt; COCO's builtin sets
+    add where Detectron2 looks for them."""
+    from focal_det2.engine import setup_cfg
+
+    name = "missing_files_set"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(tmp_path / "none.json"), str(tmp_path / "images"))
+    config = tmp_path / "config.yaml"
+    config.write_text(digits_cfg(output_dir=tmp_path / "run").dump())
+    with pytest.raises(FileNotFoundError) as info:
+        setup_cfg(_args("--config-file", config, "DATASETS.TEST", f"('{name}',)"))
+    assert str(info.value).startswith(f"DATASETS.TEST: data set '{name}' reads its json_file ")
+    assert str(info.value).endswith("none.json, which does not exist.")
+    coco = MetadataCatalog.get("coco_2017_train").json_file
+    if not os.path.exists(coco):  # a machine without COCO
+        with pytest.raises(FileNotFoundError, match=r"set it to the folder that holds them"):
+            setup_cfg(_args("--config-file", config, "DATASETS.TRAIN", "('coco_2017_train',)"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_gamma_schedule_past_max_iter_is_a_warning_of_the_training_run(tmp_path, loggers):

@@ -475,6 +475,14 @@ def test_run_values_that_fail_after_writing_are_refused_before(tmp_path, overrid
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_backend_the_loss_would_refuse_is_named_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOCAL_DET2_BACKEND", "eagr")
+    with pytest.raises(ValueError, match=r"FOCAL_DET2_BACKEND='eagr': allowed values are eager, "
+                       r"triton, compile\. The run trains on train\.device=cpu\."):  # fmt: skip
+        setup_lazy_cfg(args(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_evaluation_reads_no_training_values(tmp_path):
     """--eval-only: no train loader, max_iter or AMP; only the test set is checked."""
     weights = tmp_path / "weights.pth"

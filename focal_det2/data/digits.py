@@ -520,6 +520,7 @@ def register_digits(
         evaluator_type="coco",
         json_file=os.path.join(out_dir, "annotations.json"),
         image_root=os.path.join(out_dir, "images"),
+        generated_on_load=True,  # the files above are written then (checks.check_dataset_files)
     )
     _REGISTERED[name] = (out_dir, params)
 
