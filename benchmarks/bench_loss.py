@@ -28,7 +28,7 @@ the CPU to be idle, so that other jobs do not decide the numbers.
 Usage::
 
     python benchmarks/bench_loss.py            # full run, ~15 min on 2 cores
-    python benchmarks/bench_loss.py --quick    # N=20k only, a few repeats
+    python benchmarks/bench_loss.py --quick    # N=20k only, a few repeats; no JSON unless --out
 """
 
 import argparse
@@ -39,8 +39,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-from common import REPO, machine_info, reset_peak_rss, rss_kb, run_child_once, wait_for_idle_cpu
+from common import (
+    REPO,
+    machine_info,
+    require_cuda,
+    reset_peak_rss,
+    rss_kb,
+    run_child_once,
+    wait_for_idle_cpu,
+)
 
 NUM_CLASSES = 80
 GAMMA, ALPHA, STAR_BETA = 2.0, 0.25, 1.0
@@ -598,8 +607,7 @@ def cuda_main(args, impls, sizes):
     import torch
     import triton
 
-    out = Path(args.out or REPO / "benchmarks" / "results" / "bench_loss_cuda.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _output(args, "bench_loss_cuda.json")
     info = machine_info()
 
     def save(results):
@@ -621,7 +629,8 @@ def cuda_main(args, impls, sizes):
             ],
         }
         data["targets"] = [{"check": text, "met": met} for text, met in check_cuda_targets(results)]
-        out.write_text(json.dumps(data, indent=1))
+        if out:
+            out.write_text(json.dumps(data, indent=1))
         return data
 
     results, failed = [], []
@@ -648,7 +657,7 @@ def cuda_main(args, impls, sizes):
                 )
     if results:  # a run that measured nothing leaves an earlier run's file as it was
         print(cuda_report(save(results)))
-        print(f"\nwrote {out}")
+        print(f"\nwrote {out}" if out else _NOT_WRITTEN)
     if failed:
         raise SystemExit(
             f"{len(failed)} of {len(failed) + len(results)} measurements failed: {', '.join(failed)}"
@@ -825,7 +834,7 @@ def main(argv=None):
     parser.add_argument(
         "--out",
         default=None,
-        help="JSON output (default benchmarks/results/bench_loss[_cuda].json)",
+        help="JSON output (default benchmarks/results/bench_loss[_cuda].json; none with --quick)",
     )
     parser.add_argument("--report", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -862,6 +871,7 @@ def main(argv=None):
         bad = [d for d in args.dtypes.split(",") if d not in CUDA_DTYPES]
         if bad:
             raise SystemExit(f"--dtypes: unknown {bad}; allowed: {', '.join(CUDA_DTYPES)}")
+        require_cuda("bench_loss.py")
         return cuda_main(args, impls, sizes)
     settings = args.settings.split(",")
 
@@ -911,10 +921,25 @@ def main(argv=None):
         {"check": text, "met": met} for text, met in check_targets(results, max(sizes))
     ]
     print(report(data))
-    out = Path(args.out or REPO / "benchmarks" / "results" / "bench_loss.json")
+    out = _output(args, "bench_loss.json")
+    if out:
+        out.write_text(json.dumps(data, indent=1))
+    print(f"\nwrote {out}" if out else _NOT_WRITTEN)
+
+
+_NOT_WRITTEN = "\n--quick: no JSON written (--out FILE keeps it)."
+
+
+def _output(args, name: str) -> Optional[Path]:
+    """
+    Where the JSON goes: ``--out``, else ``benchmarks/results/<name>``, the committed run
+    README quotes; a ``--quick`` run (N = 20k, 5 repeats) writes none unless ``--out``.
+    """
+    if not args.out and args.quick:
+        return None
+    out = Path(args.out or REPO / "benchmarks" / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
-    print(f"\nwrote {out}")
+    return out
 
 
 def summary_table(results, sizes, settings) -> str:

@@ -43,7 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, machine_info, reset_peak_rss, rss_kb, run_child_once, wait_for_idle_cpu
+from common import (
+    REPO,
+    machine_info,
+    require_cuda,
+    reset_peak_rss,
+    rss_kb,
+    run_child_once,
+    wait_for_idle_cpu,
+)
 
 MODELS = {
     "stock": "Detectron2 RetinaNet (fvcore sigmoid_focal_loss_jit on one-hot targets)",
@@ -376,6 +384,8 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     if args.amp and not cuda:
         raise SystemExit("--amp needs --device cuda: Detectron2's AMPTrainer requires CUDA")
+    if cuda:
+        require_cuda("bench_train.py")
     if args.warmup is None:
         args.warmup = 10 if cuda else 2
     if args.child:

@@ -93,6 +93,17 @@ def run_child_once(cmd, env) -> dict:
     return result
 
 
+def require_cuda(script: str):
+    """Exit, naming ``script``, before measuring anything where PyTorch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"{script} --device cuda: PyTorch sees no CUDA device here "
+            "(torch.cuda.is_available() is False); nothing was measured."
+        )
+
+
 def machine_info() -> dict:
     """CPU, cores, torch and its threads and CPU capability, GPU if any, and the git commit."""
     import torch

@@ -678,6 +678,35 @@ def test_bench_loss_refuses_bad_arguments_before_measuring(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_a_quick_bench_loss_run_keeps_the_committed_results(tmp_path):
+    """--quick (N = 20k, 5 repeats) writes no JSON unless --out names one: the default file
+    is the committed run README quotes."""
+    import argparse
+
+    bench_loss = load_benchmark("bench_loss")
+    quick = argparse.Namespace(out=None, quick=True)
+    assert bench_loss._output(quick, "bench_loss.json") is None
+    full = argparse.Namespace(out=None, quick=False)
+    assert bench_loss._output(full, "bench_loss.json") == REPO / "benchmarks" / "results" / (
+        "bench_loss.json"
+    )
+    kept = argparse.Namespace(out=str(tmp_path / "new" / "q.json"), quick=True)
+    assert bench_loss._output(kept, "bench_loss.json") == tmp_path / "new" / "q.json"
+    assert (tmp_path / "new").is_dir()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize("script", ["bench_loss", "bench_train"])
+def test_gpu_benchmarks_stop_at_once_without_cuda(tmp_path, script):
+    """bench_loss.py tried (and failed) each of its 56 measurements for a minute; bench_train.py
+    stopped with a torch traceback."""
+    module = load_benchmark(script)
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit, match=rf"^{script}.py --device cuda: PyTorch sees no CUDA"):
+        module.main(["--device", "cuda", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_bench_loss_cuda_run_measures_every_size_and_dtype_and_fails_loudly(monkeypatch, tmp_path):
     """
     ``--device cuda`` with its defaults (N = 400k and 2M, float32 and bfloat16, 30 repeats, 2
@@ -704,6 +733,7 @@ def test_bench_loss_cuda_run_measures_every_size_and_dtype_and_fails_loudly(monk
         }
 
     monkeypatch.setattr(bench_loss, "run_cuda_one", run_cuda_one)
+    monkeypatch.setattr(bench_loss, "require_cuda", lambda script: None)  # CUDA or not
     out = tmp_path / "cuda.json"
     argv = ["--device", "cuda", "--impls", "bandwidth,ours_sigmoid_focal", "--out", str(out)]
     with pytest.raises(
@@ -883,6 +913,7 @@ def test_bench_train_child_command(monkeypatch, tmp_path):
         }
 
     monkeypatch.setattr(bench_train, "run_child_once", run_child_once)
+    monkeypatch.setattr(bench_train, "require_cuda", lambda script: None)  # CUDA or not
     args = SimpleNamespace(device="cuda", amp=True, iters=None, warmup=10, max_wait=0)
     bench_train.run_in_subprocess("focal", "coco800", args)
     assert cmds[-1][-7:] == ["--device", "cuda", "--iters", "50", "--warmup", "10", "--amp"]

@@ -31,7 +31,11 @@ def save_figure(fig, output: str, dpi: int):
 
 def add_figure_arguments(parser, output: str, height: float):
     """Adds ``--output`` (default ``output``), ``--width``, ``--height`` (default ``height``) and ``--dpi``."""
-    parser.add_argument("--output", default=output)
+    parser.add_argument(
+        "--output",
+        default=output,
+        help="the figure to write (default: %(default)s, README's, replaced)",
+    )
     parser.add_argument("--width", type=float, default=12.0, help="inches")
     parser.add_argument("--height", type=float, default=height, help="inches")
     parser.add_argument("--dpi", type=int, default=100)
