@@ -324,16 +324,30 @@ class FocalTrainer(DefaultTrainer):
             hooks.insert(0, CountClassWeights(loaded))
         return hooks
 
+    finished = False  # set by resume_or_load: a resumed run with nothing left to do
+
     def resume_or_load(self, resume=True):
         """
         :meth:`DefaultTrainer.resume_or_load`, with errors that name the
         checkpoint file (see :func:`checkpoint_to_load`), and on a resume the
         data order and scalar history continued and the metrics.json records
         of the iterations it trains again dropped (:func:`drop_metrics_from`).
+        A resume of a finished run (:meth:`_finished`) says so and leaves it as
+        it is: :meth:`train` does nothing (Detectron2 would evaluate it again and
+        append the record at MAX_ITER + 1).
         """
         checkpoint = checkpoint_to_load(self.cfg.OUTPUT_DIR, self.cfg.MODEL.WEIGHTS, resume)
         with naming_checkpoint(checkpoint):
             super().resume_or_load(resume=resume)
+        self.finished = resume and self._finished()
+        if self.finished:
+            logger.info(
+                f"The run in {self.cfg.OUTPUT_DIR} is finished: its last checkpoint is of "
+                f"iteration {self.start_iter - 1}, SOLVER.MAX_ITER={self.cfg.SOLVER.MAX_ITER}. "
+                "Nothing to train; --eval-only --resume evaluates it, a larger SOLVER.MAX_ITER "
+                "extends it."
+            )
+            return
         if resume and comm.is_main_process():
             drop_metrics_from(
                 os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"),
@@ -355,6 +369,17 @@ class FocalTrainer(DefaultTrainer):
         self.data_loader.start_iter = (
             self.start_iter
         )  # DefaultTrainer.data_loader: ours, not yet iterated
+
+    def _finished(self) -> bool:
+        """Whether the resumed run is finished (:func:`finished_run`)."""
+        cfg = self.cfg
+        return finished_run(
+            cfg.OUTPUT_DIR, self.start_iter, cfg.SOLVER.MAX_ITER, bool(cfg.DATASETS.TEST)
+        )
+
+    def train(self):
+        """:meth:`DefaultTrainer.train`; nothing for a finished run (see :meth:`resume_or_load`)."""
+        return None if self.finished else super().train()
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -432,6 +457,33 @@ def extends_finished_run(checkpoint: str, start_iter: int, max_iter: int) -> boo
         start_iter > 0
         and os.path.basename(checkpoint) == "model_final.pth"
         and max_iter > start_iter
+    )
+
+
+def finished_run(output_dir: str, start_iter: int, max_iter: int, evaluates: bool) -> bool:
+    """
+    Whether a run resumed at ``start_iter`` is finished: its last iteration trained and,
+    where it ``evaluates``, its final evaluation recorded in ``output_dir/metrics.json`` (a
+    record without ``total_loss`` at iteration ``max_iter`` or later). A run killed during
+    its final evaluation is not: the resume evaluates it. Decided by the main process,
+    which writes metrics.json, for all.
+    """
+    finished = start_iter >= max_iter and (
+        not evaluates or has_evaluation_from(os.path.join(output_dir, "metrics.json"), max_iter)
+    )
+    return comm.all_gather(finished)[0] if comm.get_world_size() > 1 else finished
+
+
+def has_evaluation_from(path: str, iteration: int) -> bool:
+    """Whether the metrics file ``path`` holds an evaluation record (no ``total_loss``) of
+    ``iteration`` or later; False where it does not exist."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        lines = [line for line in f if line.endswith("\n")]  # not a line a kill cut short
+    return any(
+        _iteration(line, path, n) >= iteration and "total_loss" not in json.loads(line)
+        for n, line in enumerate(lines, 1)
     )
 
 

@@ -57,7 +57,7 @@ from .checks import (
 )
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
 from .config import check_finite
-from .engine import create_ddp_model_by_device
+from .engine import create_ddp_model_by_device, finished_run
 
 __all__ = [
     "LAZY_KEYS",
@@ -459,7 +459,8 @@ def lazy_train(cfg, resume: bool = False):
         cfg: the config of :func:`setup_lazy_cfg`.
         resume (bool): continue from ``train.output_dir``'s ``last_checkpoint``
             (at the iteration after it) instead of loading ``train.init_checkpoint``;
-            a finished run (its last checkpoint at ``train.max_iter - 1``) is left as it is.
+            a finished run (its last checkpoint at ``train.max_iter - 1`` and, with an
+            evaluator, its final evaluation recorded) is left as it is.
     """
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
@@ -493,7 +494,9 @@ def lazy_train(cfg, resume: bool = False):
     with naming_checkpoint(loaded or "", LAZY_KEYS):
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    if start_iter >= cfg.train.max_iter:  # Detectron2 would evaluate and write records again
+    evaluates = "evaluator" in cfg.dataloader
+    if finished_run(cfg.train.output_dir, start_iter, cfg.train.max_iter, evaluates):
+        # Detectron2 would evaluate it again and append the records at max_iter + 1
         logger.info(
             f"The run in {cfg.train.output_dir} is finished: its last checkpoint is of iteration "
             f"{trainer.iter}, train.max_iter={cfg.train.max_iter}. Nothing to train; "

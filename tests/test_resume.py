@@ -206,6 +206,29 @@ def test_drop_metrics_from_keeps_the_final_evaluation_of_an_extended_run(tmp_pat
     assert [json.loads(line) for line in path.read_text().splitlines()] == again
 
 
+def test_a_run_is_finished_when_its_final_evaluation_is_recorded(tmp_path):
+    """A run resumed after its last iteration is finished once its final evaluation is in
+    metrics.json (a record without total_loss at MAX_ITER or later), or when it evaluates
+    nothing; killed during its final evaluation, it is not (the resume evaluates it)."""
+    from focal_det2.engine import finished_run
+
+    trained = [{"iteration": i, "total_loss": 1.0} for i in range(3)]
+    path = tmp_path / "metrics.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in trained))
+    assert not finished_run(str(tmp_path), 3, 3, evaluates=True)  # killed in its evaluation
+    assert finished_run(str(tmp_path), 3, 3, evaluates=False)
+    assert not finished_run(str(tmp_path), 2, 3, evaluates=False)  # one iteration left
+    path.write_text(path.read_text() + '{"iteration": 3, "bbox/AP": 5.0')  # cut short
+    assert not finished_run(str(tmp_path), 3, 3, evaluates=True)
+    for iteration in (3, 4):  # Detectron2's MAX_ITER, or MAX_ITER + 1 after a resume
+        evaluated = trained + [{"iteration": iteration, "bbox/AP": 5.0}]
+        path.write_text("".join(json.dumps(r) + "\n" for r in evaluated))
+        assert finished_run(str(tmp_path), 3, 3, evaluates=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in trained[:2] + [{"iteration": 2}]))
+    assert not finished_run(str(tmp_path), 3, 3, evaluates=True)  # an earlier evaluation
+    assert not finished_run(str(tmp_path / "none"), 3, 3, evaluates=True)  # no metrics.json
+
+
 def test_only_a_resume_from_model_final_to_a_larger_max_iter_extends_a_finished_run():
     from focal_det2.engine import extends_finished_run
 
@@ -478,16 +501,16 @@ def _two_process_cfg(output_dir, sync_normalizer=True):
 def _resume_worker(out_dir):
     """
     Run in each process of a launch: an uninterrupted run, a stopped one, its resume; then
-    the finished run's resume (in a copy) without the synced normaliser, for its warning.
+    the stopped run's resume (in a copy) without the synced normaliser, for its warning.
     """
     whole = _train(_two_process_cfg(out_dir / "whole"))
     _train(_two_process_cfg(out_dir / "parts"), stop_after=TWO_PROCESS_STOP_AFTER)
     comm.synchronize()  # process 0 has written the checkpoint
+    if comm.is_main_process():
+        shutil.copytree(out_dir / "parts", out_dir / "unsynced")  # the stopped run, to resume
+    comm.synchronize()
     with logged(logging.getLogger("focal_det2.engine")) as synced_warnings:
         resumed = _train(_two_process_cfg(out_dir / "parts"), resume=True)
-    if comm.is_main_process():
-        shutil.copytree(out_dir / "parts", out_dir / "unsynced")  # the resume rewrites metrics
-    comm.synchronize()
     with logged(logging.getLogger("focal_det2.engine")) as unsynced_warnings:
         _Trainer(_two_process_cfg(out_dir / "unsynced", False)).resume_or_load(resume=True)
     state = {

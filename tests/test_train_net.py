@@ -75,6 +75,16 @@ def test_train_net_cli_trains_resumes_and_evaluates(tmp_path):
     assert 3 in [r["iteration"] for r in records]
     # each run's final evaluation, the first run's kept by the resume that extends it
     assert [r["iteration"] for r in records if "bbox/AP" in r] == [2, 4]
+    # resumed again, finished: nothing trained, evaluated or written (Detectron2 evaluated it
+    # again and appended the record at MAX_ITER + 1)
+    run = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    log = run_train_net("--config-file", config, "--resume", "SOLVER.MAX_ITER", 4)
+    assert f"The run in {tmp_path} is finished: its last checkpoint is of iteration 3" in log
+    assert "Starting training" not in log and "Evaluation results" not in log
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == {
+        **run,
+        tmp_path / "log.txt": (tmp_path / "log.txt").read_bytes(),  # the only file written
+    }
     weights = tmp_path / "model_final.pth"
     trained = {
         p: p.read_bytes() for p in [tmp_path / "config.yaml", *(tmp_path / "inference").iterdir()]
