@@ -985,8 +985,47 @@ def test_ablate_refuses_results_trained_with_other_settings(tmp_path):
         return {"argv": argv}
 
     run, _ = _run_with_result(ablate, tmp_path, other_max_iter)
-    with pytest.raises(RuntimeError, match="trained with other settings"):
+    with pytest.raises(RuntimeError, match="trained with other settings") as error:
         ablate.read_result(run)
+    assert str(error.value).endswith("delete that run's directory to retrain it.")
+    # --tables trains nothing: no advice to delete finished results
+    with pytest.raises(RuntimeError, match="trained with other settings") as error:
+        ablate.read_result(run, tabulating=True)
+    assert str(error.value).endswith(
+        "--tables reads the runs as they were trained: pass the key value pairs (and "
+        "--canvases, --seeds) of the call that trained them."
+    )
+
+
+def test_ablate_results_of_another_device_are_the_same_run(tmp_path):
+    """Where a run trained (MODEL.DEVICE) is not what it trained: its result is read."""
+    ablate = load_tool("ablate")
+
+    def on_cuda(argv):
+        return {"argv": argv[:-2] + ["MODEL.DEVICE", "cuda"] + argv[-2:]}
+
+    run, result = _run_with_result(ablate, tmp_path, on_cuda)
+    assert ablate.read_result(run) == result
+
+
+def test_ablate_refuses_a_run_train_net_would_refuse_before_writing(tmp_path):
+    ablate = load_tool("ablate")
+    out = tmp_path / "ablation"
+    for extra, expected in (
+        (["SOLVER.MAX_ITR", "3"], "did you mean SOLVER.MAX_ITER?"),
+        (["MODEL.FOCAL.PRIOR_PROB", "2.0"], "MODEL.FOCAL.PRIOR_PROB=2.0 must be in (0, 1)"),
+    ):
+        with pytest.raises((KeyError, ValueError), match=re.escape(expected)) as error:
+            ablate.main(["--preset", "tiny", "--output-dir", str(out), *extra])
+        assert error.value.__notes__ == ["In ablate.py's run ce_a0.75 seed 0."]
+        assert not out.exists()
+
+
+def test_ablate_prints_the_checkpoint_period_its_runs_take(tmp_path, capsys):
+    ablate = load_tool("ablate")
+    ablate.main(["--preset", "tiny", "--list", "--checkpoint-period", "20"])
+    commands = [line for line in capsys.readouterr().out.splitlines() if "train_net.py" in line]
+    assert commands and all(c.endswith(" SOLVER.CHECKPOINT_PERIOD 20") for c in commands)
 
 
 def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
@@ -1761,24 +1800,23 @@ def test_ablate_imbalance_is_measured_once_per_options(tmp_path, monkeypatch):
         }
 
     monkeypatch.setattr(ablate, "measure_canvases", measure)
+    offset = ["MODEL.ANCHOR_GENERATOR.OFFSET", "0.5"]
     small = ablate.preset_imbalance(
-        str(tmp_path), ablate.Preset(iters=2, canvases=(128,)), ["MODEL.DEVICE", "cpu"]
+        str(tmp_path), ablate.Preset(iters=2, canvases=(128,)), offset + ["MODEL.DEVICE", "cpu"]
     )
-    assert calls == [((128,), "train", None, ["MODEL.DEVICE", "cpu"])] and list(small) == [128]
-    both = ablate.preset_imbalance(
-        str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]
-    )  # only 256 is measured
+    # the anchors do not depend on where the run trains: MODEL.DEVICE is not an option of it
+    assert calls == [((128,), "train", None, offset)] and list(small) == [128]
+    # --tables measures nothing: a canvas not stored has none
+    assert ablate.preset_imbalance(str(tmp_path), preset, offset, measure=False)[256] is None
+    assert len(calls) == 1
+    both = ablate.preset_imbalance(str(tmp_path), preset, offset)  # only 256 is measured
     assert (
-        calls[1] == ((256,), "train", None, ["MODEL.DEVICE", "cpu"])
-        and both[256]["negatives_per_positive"] == 256
+        calls[1] == ((256,), "train", None, offset) and both[256]["negatives_per_positive"] == 256
     )
-    assert (
-        ablate.preset_imbalance(str(tmp_path), preset, ["MODEL.DEVICE", "cpu"]) == both
-        and len(calls) == 2
-    )
+    assert ablate.preset_imbalance(str(tmp_path), preset, offset) == both and len(calls) == 2
     # a preset of fewer canvases gets its own measurements only, read from the file
     fewer = ablate.Preset(iters=2, canvases=(128,))
-    assert list(ablate.preset_imbalance(str(tmp_path), fewer, ["MODEL.DEVICE", "cpu"])) == [128]
+    assert list(ablate.preset_imbalance(str(tmp_path), fewer, offset)) == [128]
     assert len(calls) == 2
     stored = json.loads((tmp_path / "imbalance.json").read_text())
     assert set(stored["canvases"]) == {"128", "256"} and stored["split"] == "train"
@@ -1862,7 +1900,7 @@ def test_ablate_console_line_of_a_finished_run_notes_its_class_groups(
     """A long-tail run read back without per-class AP: its console line says why its group APs
     are missing, as results.md does."""
     ablate = load_tool("ablate")
-    monkeypatch.setattr(ablate, "read_result", lambda run: _fake_result(5.0))
+    monkeypatch.setattr(ablate, "read_result", lambda run, tabulating: _fake_result(5.0))
     ablate.main(
         [
             "--preset",

@@ -657,8 +657,20 @@ def _left_out_lines(left_out: Dict[str, str]) -> List[str]:
 
 
 def _settings(argv: Sequence[str]) -> List[str]:
-    """A run's train_net.py arguments without OUTPUT_DIR (last), which may differ if its folder was moved."""
-    return list(argv[:-2])
+    """
+    A run's train_net.py arguments without OUTPUT_DIR (last), which may differ if its folder
+    was moved, and without a MODEL.DEVICE pair (where a run trains is not what it trains).
+    """
+    return _without_device(argv[:-2])
+
+
+def _without_device(opts: Sequence) -> List:
+    """``opts`` (arguments ending in key, value pairs) without a ``MODEL.DEVICE`` pair."""
+    opts = list(opts)
+    while "MODEL.DEVICE" in opts[:-1]:
+        i = opts.index("MODEL.DEVICE")
+        del opts[i : i + 2]
+    return opts
 
 
 def _write_json(path: str, obj):
@@ -668,10 +680,11 @@ def _write_json(path: str, obj):
     os.replace(path + ".tmp", path)
 
 
-def read_result(run: Run) -> Optional[dict]:
+def read_result(run: Run, tabulating: bool = False) -> Optional[dict]:
     """
     The stored result of ``run``, or None if it has not finished. Raises if
-    it finished with other settings, so that a table never mixes budgets.
+    it finished with other settings, so that a table never mixes budgets;
+    ``tabulating`` (``--tables``, which trains nothing) changes the advice.
     """
     path = os.path.join(run.out_dir, RESULT_FILE)
     if not os.path.exists(path):
@@ -683,7 +696,12 @@ def read_result(run: Run) -> Optional[dict]:
         raise RuntimeError(
             f"{path} was trained with other settings:\n  {_shell_join(_settings(result['argv']))}\n"
             f"this preset asks for\n  {_shell_join(expected)}\n"
-            "Use another --output-dir, or delete that run's directory to retrain it."
+            + (
+                "--tables reads the runs as they were trained: pass the key value pairs (and "
+                "--canvases, --seeds) of the call that trained them."
+                if tabulating
+                else "Use another --output-dir, or delete that run's directory to retrain it."
+            )
         )
     return result
 
@@ -862,6 +880,11 @@ def train_one(argv: List[str], resume: bool = False, checkpoint_period: Optional
 
         def build_hooks(self):
             return keep_latest_checkpoint(super().build_hooks())
+
+        def _finished(self):
+            # an ablate run is done when result.json is written: one resumed without it (killed
+            # in or after its final evaluation) evaluates again, for the result
+            return False
 
     args = default_argument_parser().parse_args(argv)
     args.resume = resume  # setup_cfg checks the checkpoint a resume loads, and OUTPUT_DIR otherwise
@@ -1210,18 +1233,21 @@ def write_tables(
         f.write("\n".join(lines) + "\n")
 
 
-def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ()) -> Dict[int, dict]:
+def preset_imbalance(
+    output_dir: str, preset: Preset, extra_opts: Sequence = (), measure: bool = True
+) -> Dict[int, Optional[dict]]:
     """
     The imbalance of each canvas of ``preset`` (:func:`imbalance.measure_canvases`
-    on the whole train split, with the preset's and the extra options), read
-    from ``<output_dir>/imbalance.json`` when it was measured with the same
-    options, else measured and stored there.
+    on the whole train split, with the preset's and the extra options but MODEL.DEVICE),
+    read from ``<output_dir>/imbalance.json`` when it was measured with the same
+    options, else measured and stored there; without ``measure`` (``--tables``), None
+    for a canvas not stored.
 
     Returns:
-        dict: canvas side -> measurement.
+        dict: canvas side -> measurement (or None).
     """
     path = os.path.join(output_dir, IMBALANCE_FILE)
-    opts = [_to_arg(v) for v in list(preset.opts) + list(extra_opts)]
+    opts = _without_device(_to_arg(v) for v in list(preset.opts) + list(extra_opts))
     measured = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -1229,7 +1255,9 @@ def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ())
         if stored["opts"] == opts:  # measured with other options: measure everything again
             measured = {int(side): m for side, m in stored["canvases"].items()}
     missing = [side for side in preset.canvases if side not in measured]
-    if missing:
+    if missing and not measure:
+        print(f"imbalance not measured at canvases {', '.join(map(str, missing))} (--tables)")
+    elif missing:
         print(
             f"measuring the anchors' imbalance at canvases {', '.join(map(str, missing))} "
             "on the train splits (tools/imbalance.py)",
@@ -1239,7 +1267,7 @@ def preset_imbalance(output_dir: str, preset: Preset, extra_opts: Sequence = ())
         print(format_table(measured), flush=True)
         canvases = {str(k): v for k, v in sorted(measured.items())}
         _write_json(path, {"split": "train", "opts": opts, "canvases": canvases})
-    return {side: measured[side] for side in preset.canvases}
+    return {side: measured.get(side) for side in preset.canvases}
 
 
 def train_pending(
@@ -1338,6 +1366,30 @@ def _train_one_args(argv: List[str]) -> Tuple[List[str], bool, Optional[int]]:
     return argv[start:], flags.resume, flags.checkpoint_period
 
 
+def run_command(run: Run, checkpoint_period: Optional[int] = None) -> str:
+    """The train_net.py command of ``run``, as :func:`train_one` runs it."""
+    period = ["SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period)] if checkpoint_period else []
+    return f"python train_net.py {_shell_join(run.argv() + period)}"
+
+
+def check_runs(runs: Sequence[Run]):
+    """
+    Raise, naming the run, for a run whose config train_net.py would refuse (a misspelt key
+    among the key value pairs, a bad value): before anything is written, as
+    :func:`focal_det2.engine.setup_cfg` checks it in the run's own process after.
+    """
+    from focal_det2.checks import check_cfg
+    from focal_det2.config import load_config
+
+    for run in runs:
+        try:
+            check_cfg(load_config(os.path.join(REPO, run.config_file), run.argv()[2:]))
+        except (KeyError, ValueError, TypeError) as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"In ablate.py's run {run.row.name} seed {run.seed}.")
+            raise
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--train-one"]:
@@ -1362,21 +1414,24 @@ def main(argv=None):
         select_rows(args.rows, preset), asked=bool(args.rows)
     )
     runs = plan(preset, rows, output_dir, args.opts)
+    check_runs(runs)
     if left_out:
         print("\n".join(_left_out_lines(left_out)) + "\n", flush=True)
     if args.list:
         print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
         for run in runs:
-            print(
-                f"{run.row.name} seed {run.seed}:\n  python train_net.py {_shell_join(run.argv())}"
-            )
+            print(f"{run.row.name} seed {run.seed}:\n  {run_command(run, args.checkpoint_period)}")
         return
     os.makedirs(output_dir, exist_ok=True)
-    imbalance = preset_imbalance(output_dir, preset, args.opts) if preset.canvases else None
+    imbalance = (
+        preset_imbalance(output_dir, preset, args.opts, measure=not args.tables)
+        if preset.canvases
+        else None
+    )
     command = "python tools/ablate.py " + _shell_join(argv)
     results, pending = {}, []
     for i, run in enumerate(runs, 1):
-        result = read_result(run)
+        result = read_result(run, tabulating=args.tables)
         if result is None:
             pending.append((i, run))
             continue
@@ -1396,7 +1451,7 @@ def main(argv=None):
     def train(i: int, run: Run) -> dict:
         print(
             f"[{i}/{len(runs)}] {run.row.name} seed {run.seed}: training\n"
-            f"  python train_net.py {_shell_join(run.argv())}",
+            f"  {run_command(run, args.checkpoint_period)}",
             flush=True,
         )
         result = train_run(
