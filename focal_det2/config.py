@@ -3,6 +3,7 @@
 import contextlib
 import difflib
 import math
+import os
 import re
 from typing import Sequence
 
@@ -109,7 +110,12 @@ def _naming_type_mismatch(source: str):
         if not found:
             raise
         want, got, default, value, key = found.groups()
-        fix = f": write {float(value)}" if (want, got) == ("float", "int") else ""
+        if (want, got) == ("float", "int"):
+            fix = f": write {float(value)}"
+        elif want in ("float", "int") and got == "str":  # yacs reads nan, .nan, 1,5 as text
+            fix = f": write {_a(want)} such as {default}"
+        else:
+            fix = ""
         raise ValueError(
             f"{key}={value} {source} is {_a(got)}, but {key} holds {_a(want)} "
             f"(the config has {default}){fix}."
@@ -196,6 +202,13 @@ def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = F
         opts (sequence): key, value pairs, e.g. ``["MODEL.WEIGHTS", "model_final.pth"]``.
         need_weights (bool): raise if MODEL.WEIGHTS is empty (tools that run a trained model).
     """
+    if not config_file or not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"--config-file {config_file!r}: no such file"
+            if config_file
+            else "no config file: pass --config-file FILE, e.g. "
+            "configs/digits/sigmoid_focal_R18_FPN_1x.yaml (or a LazyConfig .py)"
+        )
     cfg = get_cfg()
     add_focal_config(cfg)
     check_override_list(opts)

@@ -361,6 +361,13 @@ def test_load_config_needing_weights_refuses_an_empty_model_weights():
     assert cfg.MODEL.WEIGHTS == "model.pth"
 
 
+def test_a_missing_config_file_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^no config file: pass --config-file FILE"):
+        load_config("")
+    with pytest.raises(FileNotFoundError, match=r"^--config-file '.*none.yaml': no such file$"):
+        load_config(str(tmp_path / "none.yaml"))
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [
@@ -374,7 +381,13 @@ def test_load_config_needing_weights_refuses_an_empty_model_weights():
             "MODEL.FOCAL.GAMMA",
             "abc",
             "MODEL.FOCAL.GAMMA=abc on the command line is a str, but MODEL.FOCAL.GAMMA holds a "
-            "float (the config has 2.0).",
+            "float (the config has 2.0): write a float such as 2.0.",
+        ),
+        (  # YAML's .nan is text on the command line (literal_eval): not "not finite"
+            "MODEL.FOCAL.GAMMA",
+            ".nan",
+            "MODEL.FOCAL.GAMMA=.nan on the command line is a str, but MODEL.FOCAL.GAMMA holds a "
+            "float (the config has 2.0): write a float such as 2.0.",
         ),
         (
             "SOLVER.MAX_ITER",
@@ -389,11 +402,11 @@ def test_load_config_needing_weights_refuses_an_empty_model_weights():
             "MODEL.FOCAL.SYNC_NORMALIZER holds a bool (the config has False).",
         ),
     ],
-    ids=["int-for-float", "str-for-float", "float-for-int", "int-for-bool"],
+    ids=["int-for-float", "str-for-float", "nan-for-float", "float-for-int", "int-for-bool"],
 )
 def test_a_value_of_the_wrong_type_names_the_key_and_how_to_write_it(key, value, message):
-    # yacs keeps each key's type and refuses GAMMA 1 or ALPHA -1 as written in the paper; only
-    # an int for a float gets ": write <float>"
+    # yacs keeps each key's type and refuses GAMMA 1 or ALPHA -1 as written in the paper; an int
+    # for a float gets ": write <float>", text for a number an example of the key's type
     with pytest.raises(ValueError) as error:
         load_config(DIGITS_CONFIG, [key, value])
     assert str(error.value) == message
