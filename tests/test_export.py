@@ -247,6 +247,7 @@ def test_export_tool_says_when_nothing_was_compared(tmp_path, capsys):
     assert report["detections"] == (0, 0) and tool.exit_status(report) == 2
     out = capsys.readouterr().out
     assert f"{report['path']} (torchscript, scripting): 0 eager / 0 exported" in out
+    assert "-> nothing compared\n" in out and "agree" not in out  # not "agree" first
     assert report["path"].startswith(str(output))
     assert (
         "Nothing was compared: no detection on the sample at "

@@ -254,10 +254,11 @@ def main(argv=None) -> Dict[str, object]:
         logger.warning("MODEL.WEIGHTS is empty: exporting a freshly initialised model.")
     path, report = export(cfg, args.export_method, args.output, args.sample_image, args.overwrite)
     eager, exported = report["detections"]
+    verdict = {0: "agree", 1: "DISAGREE", 2: "nothing compared"}[exit_status(report)]
     print(
         f"{path} ({args.format}, {args.export_method}): {eager} eager / {exported} exported detections, "
         f"classes equal: {report['classes_equal']}, max |box diff| {report['max_box_diff']}, "
-        f"max |score diff| {report['max_score_diff']} -> {'agree' if report['agree'] else 'DISAGREE'}"
+        f"max |score diff| {report['max_score_diff']} -> {verdict}"
     )
     if exit_status(report) == 2:
         print(
