@@ -16,9 +16,12 @@ import focal_det2
 
 # isort: split
 
+from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, launch
 
 from focal_det2.checkpoint import load_for_evaluation
+from focal_det2.checks import check_processes
+from focal_det2.config import load_config
 from focal_det2.engine import FocalTrainer, setup_cfg
 from focal_det2.lazy import is_lazy_config, lazy_evaluate, lazy_train, setup_lazy_cfg
 
@@ -39,6 +42,29 @@ def main(args):
     return trainer.train()
 
 
+def check_launch(args):
+    """
+    Before Detectron2's launch starts ``--num-gpus`` processes: that many CUDA devices where
+    the run is on CUDA (checks.check_processes). A config that does not load is left to the
+    processes, which name what is wrong with it.
+    """
+    if args.num_gpus <= 1:
+        return
+    try:
+        if is_lazy_config(args.config_file):
+            cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+            device, key, sep = str(cfg.train.device), "train.device", "="
+        else:
+            device, key, sep = (
+                load_config(args.config_file, args.opts).MODEL.DEVICE,
+                "MODEL.DEVICE",
+                " ",
+            )
+    except Exception:
+        return
+    check_processes(device, args.num_gpus, key, sep)
+
+
 def lazy_main(args):
     # a .py config, or the config.yaml a lazy run saved; with --eval-only, as for yacs above
     cfg = setup_lazy_cfg(args)
@@ -49,6 +75,7 @@ def lazy_main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    check_launch(args)
     launch(
         main,
         args.num_gpus,

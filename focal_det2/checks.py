@@ -30,6 +30,7 @@ __all__ = [
     "check_cuda_device",
     "check_dataset_files",
     "check_device",
+    "check_processes",
     "check_registered",
     "check_run_inputs",
 ]
@@ -171,6 +172,25 @@ def check_cuda_device(device: str, key: str, sep: str = " "):
         raise ValueError(
             f"{key}={device}, but PyTorch sees no CUDA device here "
             f"(torch.cuda.is_available() is False): set {key}{sep}cpu."
+        )
+
+
+def check_processes(device: str, num_gpus: int, key: str, sep: str = " "):
+    """
+    Raise, naming ``--num-gpus`` and ``key``, for more processes on CUDA than PyTorch sees
+    CUDA devices: checked before Detectron2's ``launch`` starts them (each would fail on
+    its own, and which error surfaces first, the device's or a peer's lost connection, is
+    a race). On the CPU any number of processes trains (GLOO).
+    """
+    if not device.startswith("cuda"):
+        return
+    check_cuda_device(device, key, sep)
+    count = torch.cuda.device_count()
+    if num_gpus > count:
+        raise ValueError(
+            f"--num-gpus {num_gpus} with {key}={device}: PyTorch sees {count} CUDA device(s) "
+            f"here; pass --num-gpus {count} or fewer (or {key}{sep}cpu for {num_gpus} processes "
+            "on the CPU)."
         )
 
 

@@ -101,6 +101,40 @@ def test_train_net_cli_trains_resumes_and_evaluates(tmp_path):
     assert "Warning" not in log, log
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_processes_on_cuda_without_cuda_are_refused_before_the_launch(tmp_path):
+    """Each of the launched processes failed on its own, and which error came first (the
+    device's, or a peer's lost connection) was a race."""
+    cmd = train_net_command(
+        "--config-file", REPO / "configs" / "digits" / f"{DIGITS_CONFIGS[0]}.yaml",
+        "--num-gpus", 2, "MODEL.DEVICE", "cuda",
+        "OUTPUT_DIR", tmp_path / "run",
+    )  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.rstrip().endswith(
+        "ValueError: MODEL.DEVICE=cuda, but PyTorch sees no CUDA device here "
+        "(torch.cuda.is_available() is False): set MODEL.DEVICE cpu."
+    )
+    assert "Traceback" in done.stderr and "spawn" not in done.stderr  # raised in this process
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_processes_than_cuda_devices_are_named(monkeypatch):
+    from focal_det2.checks import check_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_processes("cuda", 2, "MODEL.DEVICE")
+    check_processes("cpu", 8, "MODEL.DEVICE")  # GLOO: any number
+    with pytest.raises(ValueError) as error:
+        check_processes("cuda", 8, "train.device", "=")
+    assert str(error.value) == (
+        "--num-gpus 8 with train.device=cuda: PyTorch sees 2 CUDA device(s) here; pass "
+        "--num-gpus 2 or fewer (or train.device=cpu for 8 processes on the CPU)."
+    )
+
+
 ENTRY_POINTS = [
     ["train_net.py", "--help"],
     ["tools/demo.py", "--help"],
