@@ -28,6 +28,21 @@ from focal_det2.lazy import is_lazy_config, lazy_evaluate, lazy_train, setup_laz
 focal_det2.hide_third_party_deprecations()  # and at run time (Detectron2's torch.meshgrid call)
 
 
+EPILOG = """
+Examples:
+  train_net.py --config-file configs/digits/sigmoid_focal_R18_FPN_1x.yaml MODEL.FOCAL.LOSS softmax_focal
+  train_net.py --config-file ... --resume                  # continue OUTPUT_DIR's run
+  train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/.../model_final.pth
+  train_net.py --config-file ... --num-gpus 2              # 2 processes (GLOO on the CPU)
+  train_net.py --config-file configs/lazy/focal_retinanet_R_50_FPN_1x.py train.max_iter=100
+
+A YAML config takes KEY VALUE overrides, a LazyConfig (.py) a.b=value ones (+a.b=value adds a
+key). Before anything is written, the config, the data sets, the device and the checkpoint are
+checked, and an OUTPUT_DIR that holds another run is refused without --resume. --eval-only
+writes to OUTPUT_DIR/eval/<checkpoint name>/. README.md has the rest.
+"""
+
+
 def main(args):
     if is_lazy_config(args.config_file):
         return lazy_main(args)
@@ -74,7 +89,7 @@ def lazy_main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = default_argument_parser(epilog=EPILOG).parse_args()
     check_launch(args)
     launch(
         main,

@@ -166,6 +166,9 @@ def test_entry_points_start_without_third_party_warnings():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (argv, err[-2000:])
         assert "Warning" not in err, (argv, err)
+        if argv == ["train_net.py", "--help"]:  # our examples and rules, not Detectron2's
+            assert "--eval-only writes to OUTPUT_DIR/eval/<checkpoint name>/" in out
+            assert "configs/lazy/focal_retinanet_R_50_FPN_1x.py train.max_iter=100" in out
 
 
 def test_warning_filters_are_precise():
