@@ -167,7 +167,7 @@ def test_entry_points_start_without_third_party_warnings():
         assert proc.returncode == 0, (argv, err[-2000:])
         assert "Warning" not in err, (argv, err)
         if argv == ["train_net.py", "--help"]:  # our examples and rules, not Detectron2's
-            assert "--eval-only writes to OUTPUT_DIR/eval/<checkpoint name>/" in out
+            assert "writes to OUTPUT_DIR/eval/<checkpoint name>/" in out
             assert "configs/lazy/focal_retinanet_R_50_FPN_1x.py train.max_iter=100" in out
 
 
