@@ -98,6 +98,7 @@ LAZY_NAMES = {
     "MODEL.FOCAL.GAMMA_SCHEDULE.ITERS": "model.gamma_schedule.iters",
     "MODEL.FOCAL.GAMMA_SCHEDULE.STEPS": "model.gamma_schedule.steps",
     "MODEL.RETINANET.NUM_CLASSES": "model.num_classes",
+    "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "model.box_reg_loss_type",
 }
 
 
@@ -124,7 +125,8 @@ def setup_lazy_cfg(args):
     logger writing to the console and ``train.output_dir/log.txt``. As
     :func:`.engine.setup_cfg` does for yacs, before anything is written: the
     overrides' keys (:func:`check_override_keys`), the nodes the run reads
-    (:func:`check_nodes`) and every float (NaN or infinity is named) are checked; so is the checkpoint a run loads
+    (:func:`check_nodes`) and every float (NaN or infinity is named) are
+    checked; so is the checkpoint a run loads
     (``train.init_checkpoint``, or with ``--resume`` the output folder's
     ``last_checkpoint``); ``--eval-only`` refuses to run without one and
     writes to ``train.output_dir/eval/<checkpoint name>``; a training run
