@@ -557,11 +557,21 @@ def test_missing_data_set_files_are_named_before_writing(tmp_path, loggers):
         setup_cfg(_args("--config-file", config, "DATASETS.TEST", f"('{name}',)"))
     assert str(info.value).startswith(f"DATASETS.TEST: data set '{name}' reads its json_file ")
     assert str(info.value).endswith("none.json, which does not exist.")
+    assert not (tmp_path / "run").exists()
+    # a digits set not generated yet writes its files when first loaded: not missing
+    from focal_det2.data.digits import register_digits
+
+    fresh = f"digits_not_generated_{tmp_path.name}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FOCAL_DET2_DATASETS", str(tmp_path / "cache"))
+        register_digits(fresh, split="val", num_images=2)
+    assert not os.path.exists(MetadataCatalog.get(fresh).json_file)
+    setup_cfg(_args("--config-file", config, "DATASETS.TEST", f"('{fresh}',)"))
+    assert (tmp_path / "run").exists()  # set up: now written
     coco = MetadataCatalog.get("coco_2017_train").json_file
     if not os.path.exists(coco):  # a machine without COCO
         with pytest.raises(FileNotFoundError, match=r"set it to the folder that holds them"):
             setup_cfg(_args("--config-file", config, "DATASETS.TRAIN", "('coco_2017_train',)"))
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_gamma_schedule_past_max_iter_is_a_warning_of_the_training_run(tmp_path, loggers):
