@@ -483,6 +483,22 @@ def test_a_backend_the_loss_would_refuse_is_named_before_writing(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_data_set_whose_files_are_missing_is_named_before_writing(tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    name = f"lazy_missing_files_{tmp_path.name}"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, str(tmp_path / "none.json"), str(tmp_path / "images"))
+    with pytest.raises(FileNotFoundError) as error:
+        setup_lazy_cfg(args(tmp_path / "run", f"dataloader.test.dataset.names={name}"))
+    assert str(error.value) == (
+        f"dataloader.test.dataset.names: data set '{name}' reads its json_file "
+        f"{tmp_path / 'none.json'}, which does not exist."
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_evaluation_reads_no_training_values(tmp_path):
     """--eval-only: no train loader, max_iter or AMP; only the test set is checked."""
     weights = tmp_path / "weights.pth"
