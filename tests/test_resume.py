@@ -227,6 +227,9 @@ def test_a_run_is_finished_when_its_final_evaluation_is_recorded(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in trained[:2] + [{"iteration": 2}]))
     assert not finished_run(str(tmp_path), 3, 3, evaluates=True)  # an earlier evaluation
     assert not finished_run(str(tmp_path / "none"), 3, 3, evaluates=True)  # no metrics.json
+    longer = [{"iteration": i, "total_loss": 1.0} for i in range(5)]  # training, not evaluation
+    path.write_text("".join(json.dumps(r) + "\n" for r in longer))
+    assert not finished_run(str(tmp_path), 3, 3, evaluates=True)
 
 
 def test_only_a_resume_from_model_final_to_a_larger_max_iter_extends_a_finished_run():

@@ -1021,6 +1021,20 @@ def test_ablate_refuses_a_run_train_net_would_refuse_before_writing(tmp_path):
         assert not out.exists()
 
 
+def test_ablate_tables_measure_no_imbalance(tmp_path, monkeypatch, capsys):
+    """--tables trains and measures nothing: a canvas without a stored imbalance shows "–"."""
+    ablate = load_tool("ablate")
+
+    def measure(*args, **kwargs):
+        raise AssertionError("--tables measured the imbalance")
+
+    monkeypatch.setattr(ablate, "measure_canvases", measure)
+    argv = ["--preset", "imbalance", "--canvases", "128", "--rows", "ce_a0.75", "--seeds", "0"]
+    ablate.main(argv + ["--tables", "--output-dir", str(tmp_path)])
+    assert "imbalance not measured at canvases 128 (--tables)" in capsys.readouterr().out
+    assert not (tmp_path / "imbalance.json").exists()
+
+
 def test_ablate_prints_the_checkpoint_period_its_runs_take(tmp_path, capsys):
     ablate = load_tool("ablate")
     ablate.main(["--preset", "tiny", "--list", "--checkpoint-period", "20"])

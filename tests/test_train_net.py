@@ -127,6 +127,8 @@ def test_more_processes_than_cuda_devices_are_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     check_processes("cuda", 2, "MODEL.DEVICE")
     check_processes("cpu", 8, "MODEL.DEVICE")  # GLOO: any number
+    with pytest.raises(ValueError, match=r"^--num-gpus 3 with MODEL.DEVICE=cuda: PyTorch sees 2 "):
+        check_processes("cuda", 3, "MODEL.DEVICE")
     with pytest.raises(ValueError) as error:
         check_processes("cuda", 8, "train.device", "=")
     assert str(error.value) == (
