@@ -333,8 +333,10 @@ def evaluation_output_dir(
 ) -> str:
     """
     Where ``--eval-only`` writes: ``output_dir/eval/<checkpoint name>``, beside
-    and not over the training run's files. Raises, naming the keys, where there
-    is no checkpoint to evaluate.
+    and not over the training run's files; a checkpoint file outside ``output_dir``
+    (another run's ``model_final.pth``) is ``eval/<its folder's name>-<checkpoint name>``,
+    so that it does not replace the evaluation of this run's own. Raises, naming the
+    keys, where there is no checkpoint to evaluate.
 
     Args:
         checkpoint (str): what :func:`checkpoint_to_load` chose ("" for none).
@@ -353,4 +355,8 @@ def evaluation_output_dir(
                 else f", or --resume to evaluate {keys.output_dir}'s last checkpoint."
             )
         )
-    return os.path.join(output_dir, "eval", os.path.splitext(os.path.basename(checkpoint))[0])
+    name = os.path.splitext(os.path.basename(checkpoint))[0]
+    folder = os.path.dirname(os.path.realpath(checkpoint))
+    if "://" not in checkpoint and folder != os.path.realpath(output_dir):
+        name = f"{os.path.basename(folder)}-{name}"  # another run's: not this run's eval folder
+    return os.path.join(output_dir, "eval", name)

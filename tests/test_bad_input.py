@@ -680,6 +680,12 @@ def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, l
     # --resume --eval-only evaluates the checkpoint last_checkpoint names
     cfg = setup_cfg(_args("--config-file", config, "--eval-only", "--resume"))
     assert cfg.MODEL.WEIGHTS == str(weights)
+    # another run's model_final.pth: a folder of its own, not this run's eval/model_final
+    other = tmp_path / "other_run" / "model_final.pth"
+    other.parent.mkdir()
+    other.write_bytes(weights.read_bytes())
+    cfg = setup_cfg(_args("--config-file", config, "--eval-only", "MODEL.WEIGHTS", other))
+    assert cfg.OUTPUT_DIR == str(run / "eval" / "other_run-model_final")
     # a training --resume writes its config into OUTPUT_DIR, as in Detectron2
     cfg = setup_cfg(_args("--config-file", config, "--resume", "SOLVER.MAX_ITER", 4))
     assert cfg.OUTPUT_DIR == str(run) and "MAX_ITER: 4" in (run / "config.yaml").read_text()
