@@ -254,13 +254,14 @@ def main(argv=None) -> Dict[str, object]:
         logger.warning("MODEL.WEIGHTS is empty: exporting a freshly initialised model.")
     path, report = export(cfg, args.export_method, args.output, args.sample_image, args.overwrite)
     eager, exported = report["detections"]
-    verdict = {0: "agree", 1: "DISAGREE", 2: "nothing compared"}[exit_status(report)]
+    status = exit_status(report)
+    verdict = {0: "agree", 1: "DISAGREE", 2: "nothing compared"}[status]
     print(
         f"{path} ({args.format}, {args.export_method}): {eager} eager / {exported} exported detections, "
         f"classes equal: {report['classes_equal']}, max |box diff| {report['max_box_diff']}, "
         f"max |score diff| {report['max_score_diff']} -> {verdict}"
     )
-    if exit_status(report) == 2:
+    if status == 2:
         print(
             "Nothing was compared: no detection on the sample at MODEL.RETINANET.SCORE_THRESH_TEST="
             f"{cfg.MODEL.RETINANET.SCORE_THRESH_TEST}. Export again with a lower threshold (the "
