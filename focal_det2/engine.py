@@ -3,7 +3,8 @@ The trainer used by train_net.py: Detectron2's DefaultTrainer with COCO
 evaluation, multi-process training on CPUs, checked training data and an
 exact ``--resume``; and :func:`setup_cfg`, which checks a config (:mod:`.checks`)
 and the checkpoint a run loads (:mod:`.checkpoint`) before the run writes
-anything. The LazyConfig path (:mod:`.lazy`) shares its DDP helpers.
+anything. The LazyConfig path (:mod:`.lazy`) shares its DDP helpers and its resume
+(:class:`ResumableTrainLoader`, :class:`ScalarHistory`, :func:`drop_metrics_from`).
 """
 
 import contextlib
@@ -11,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+from typing import Optional
 
 import torch
 from detectron2.data import (
@@ -128,22 +130,41 @@ class ResumableTrainingSampler(TrainingSampler):
 
 class ResumableTrainLoader:
     """
-    The training loader of :class:`FocalTrainer`: checked dataset dicts and a
-    mapper, made into Detectron2's train loader when first iterated, from
-    the iteration :attr:`start_iter` holds then. ``resume_or_load`` sets it
-    after the checkpoint is read, so a resumed run builds (and checks its
-    data) once.
+    The training loader of :class:`FocalTrainer` and of a LazyConfig run: loaded
+    records made into Detectron2's train loader when first iterated, from the
+    iteration :attr:`start_iter` holds then. A resume sets it after the checkpoint
+    is read, so a resumed run loads (and checks) its data once.
     """
 
-    def __init__(self, cfg, dataset, mapper, start_iter: int = 0):
+    def __init__(
+        self,
+        dataset,
+        build,
+        *,
+        batch_size: int,
+        workers: int,
+        grouping: str,
+        seed: Optional[int] = None,
+        restarts: str = "",
+        start_iter: int = 0,
+    ):
         """
         Args:
-            cfg (CfgNode): the training config (DATALOADER, SOLVER.IMS_PER_BATCH, SEED).
-            dataset (list[dict]): checked dataset dicts.
-            mapper (callable): maps a dataset dict to the model's input.
+            dataset (list[dict] or None): the records (None: ``build`` loads them).
+            build (callable): ``build(sampler)``, Detectron2's train loader of ``dataset``
+                drawing from ``sampler`` (None: the loader's own sampler).
+            batch_size (int): images per batch of this process.
+            workers (int): the loader's worker processes (0 for none).
+            grouping (str): the config key that turns on the loader's grouping of images
+                by aspect ratio, named in a resume's warning; "" where it is off.
+            seed (int or None): the seed of the data order; None for a shared random seed.
+            restarts (str): "" where the data order continues; otherwise the warning a
+                resume logs as it restarts the order (with a sampler of another kind).
             start_iter (int): the first iteration the loader feeds, >= 0.
         """
-        self.cfg, self.dataset, self.mapper = cfg, dataset, mapper
+        self.dataset, self._build_loader = dataset, build
+        self._batch_size, self._workers, self._grouping = batch_size, workers, grouping
+        self._seed, self.restarts = seed, restarts
         self._start_iter, self._started = 0, False
         self.start_iter = start_iter
 
@@ -168,36 +189,28 @@ class ResumableTrainLoader:
 
     def _build(self):
         """Detectron2's train loader whose data order starts at :attr:`start_iter`."""
-        cfg, start_iter = self.cfg, self.start_iter
-        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        start_iter = self.start_iter
+        if self.restarts:
             if start_iter:
-                logger.warning(
-                    f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: the resumed run restarts "
-                    "its data order; only 'TrainingSampler' continues it."
-                )
-            return build_detection_train_loader(cfg, dataset=self.dataset, mapper=self.mapper)
-        mixed = start_iter and cfg.DATALOADER.ASPECT_RATIO_GROUPING and _orientations(self.dataset)
+                logger.warning(self.restarts)
+            return self._build_loader(None)
+        mixed = start_iter and self._grouping and _orientations(self.dataset)
         if mixed:
             logger.warning(
-                f"DATALOADER.ASPECT_RATIO_GROUPING with {mixed}: the resumed run's batches differ "
-                "from an uninterrupted run's where the images are of both orientations (the partly "
-                "filled batch of each group at the checkpoint is not restored). Set it False for "
-                "an exact resume."
+                f"{self._grouping} with {mixed}: the resumed run's batches differ from an "
+                "uninterrupted run's where the images are of both orientations (the partly "
+                "filled batch of each group at the checkpoint is not restored). Set it False "
+                "for an exact resume."
             )
         # A loader with W workers deals batches round-robin from the workers, in
         # rounds of W; the sampler skips whole rounds, the loader the remainder.
-        per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        workers = max(cfg.DATALOADER.NUM_WORKERS, 1)
+        workers = max(self._workers, 1)
         skipped_rounds = start_iter // workers
-        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         sampler = ResumableTrainingSampler(
-            len(self.dataset), skip=skipped_rounds * workers * per_process, seed=seed
-        )
-        loader = build_detection_train_loader(
-            cfg, dataset=self.dataset, mapper=self.mapper, sampler=sampler
+            len(self.dataset), skip=skipped_rounds * workers * self._batch_size, seed=self._seed
         )
         remainder = start_iter - skipped_rounds * workers
-        return itertools.islice(loader, remainder, None)
+        return itertools.islice(self._build_loader(sampler), remainder, None)
 
 
 def _orientations(dataset) -> str:
@@ -426,8 +439,24 @@ class FocalTrainer(DefaultTrainer):
         ]
         if len(names) > 1:
             check_metadata_consistency("thing_classes", names)
+        mapper = CheckedDatasetMapper(cfg, is_train=True)
+        kind = cfg.DATALOADER.SAMPLER_TRAIN
         return ResumableTrainLoader(
-            cfg, dataset, CheckedDatasetMapper(cfg, is_train=True), start_iter
+            dataset,
+            lambda sampler: build_detection_train_loader(
+                cfg, dataset=dataset, mapper=mapper, sampler=sampler
+            ),
+            batch_size=cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+            workers=cfg.DATALOADER.NUM_WORKERS,
+            grouping="DATALOADER.ASPECT_RATIO_GROUPING"
+            if cfg.DATALOADER.ASPECT_RATIO_GROUPING
+            else "",
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+            restarts=""
+            if kind == "TrainingSampler"
+            else f"DATALOADER.SAMPLER_TRAIN={kind}: the resumed run restarts its data order; "
+            "only 'TrainingSampler' continues it.",
+            start_iter=start_iter,
         )
 
     @classmethod

@@ -15,8 +15,10 @@ writes to ``train.output_dir/eval/<checkpoint name>`` and evaluates
 a checkpoint that does not fit the model before writing; several processes
 train on the CPU; the loss normaliser's moving average is checkpointed; class
 weights (``model.focal_loss.class_weighting``) are counted from
-``dataloader.train.dataset.names`` and checkpointed; and focal_det2's log
-lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
+``dataloader.train.dataset.names`` and checkpointed; ``--resume`` continues a
+run exactly (:func:`lazy_train_loader`, the smoothed scalars checkpointed,
+the metrics.json records of the iterations trained again dropped); and
+focal_det2's log lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
 import difflib
@@ -28,11 +30,13 @@ from typing import List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import losses
@@ -57,7 +61,14 @@ from .checks import (
 )
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
 from .config import check_finite
-from .engine import create_ddp_model_by_device, finished_run
+from .engine import (
+    ResumableTrainLoader,
+    ScalarHistory,
+    create_ddp_model_by_device,
+    drop_metrics_from,
+    extends_finished_run,
+    finished_run,
+)
 
 __all__ = [
     "LAZY_KEYS",
@@ -69,6 +80,7 @@ __all__ = [
     "lazy_evaluate",
     "lazy_test",
     "lazy_train",
+    "lazy_train_loader",
     "setup_lazy_cfg",
 ]
 
@@ -449,13 +461,85 @@ def _class_weights(cfg, model, trainer, checkpointer) -> Optional[CountClassWeig
     return CountClassWeights()
 
 
+def lazy_train_loader(cfg) -> ResumableTrainLoader:
+    """
+    The loader of ``dataloader.train``, built when first iterated from the iteration its
+    ``start_iter`` holds then. Where the node is Detectron2's ``build_detection_train_loader``
+    of a list of records without a ``sampler`` (configs/lazy/, Detectron2's own LazyConfigs),
+    the records are loaded now, and the data order is Detectron2's ``TrainingSampler`` stream
+    seeded with ``train.seed`` (a shared random seed without it), which a resume continues;
+    any other loader is the node's own, and a resume restarts its order (a warning says so).
+    """
+    node = cfg.dataloader.train
+    target = node._target_
+    target = locate(target) if isinstance(target, str) else target
+    if target is not build_detection_train_loader or node.get("sampler") is not None:
+        why = "not build_detection_train_loader" if node.get("sampler") is None else "its sampler"
+        return _restarting(lambda: instantiate(node), f"dataloader.train ({why})")
+    kwargs = {key: instantiate(value) for key, value in node.items() if key != "_target_"}
+    dataset = kwargs.pop("dataset")
+    if not isinstance(dataset, list):
+        return _restarting(
+            lambda: target(dataset=dataset, **kwargs),
+            f"dataloader.train.dataset (a {type(dataset).__name__}, not a list of records)",
+        )
+    seed = OmegaConf.select(cfg, "train.seed", default=-1)
+    return ResumableTrainLoader(
+        dataset,
+        lambda sampler: target(dataset=dataset, sampler=sampler, **kwargs),
+        batch_size=kwargs["total_batch_size"] // comm.get_world_size(),
+        workers=kwargs.get("num_workers", 0),
+        grouping="dataloader.train.aspect_ratio_grouping"
+        if kwargs.get("aspect_ratio_grouping", True)
+        else "",
+        seed=seed if seed >= 0 else None,
+    )
+
+
+def _restarting(build, what: str) -> ResumableTrainLoader:
+    """A loader made by ``build()`` when first iterated, whose data order a resume restarts."""
+    return ResumableTrainLoader(
+        None,
+        lambda sampler: build(),
+        batch_size=1,
+        workers=0,
+        grouping="",
+        restarts=f"{what}: the resumed run restarts its data order; Detectron2's "
+        "build_detection_train_loader of a list of records without a sampler continues it.",
+    )
+
+
+def _continue(cfg, loader: ResumableTrainLoader, model, start_iter: int):
+    """
+    A resume at ``start_iter``: the loader's data order continued from there, and what keeps
+    the resume from being exact said (no ``train.seed``; several processes without
+    ``model.sync_normalizer``).
+    """
+    loader.start_iter = start_iter
+    if OmegaConf.select(cfg, "train.seed", default=-1) < 0 and not loader.restarts:
+        logger.warning(
+            "train.seed is not set (or < 0): the resumed run draws a new data order; "
+            "set +train.seed=N for an exact resume."
+        )
+    if comm.get_world_size() > 1 and not getattr(model, "sync_normalizer", True):
+        logger.warning(
+            "model.sync_normalizer is off: every process keeps its own loss normaliser EMA and "
+            "the checkpoint holds process 0's, which all processes resume from. Set "
+            "+model.sync_normalizer=True for an exact multi-process resume."
+        )
+
+
 def lazy_train(cfg, resume: bool = False):
     """
     Trains ``cfg.model`` as Detectron2's LazyConfig tool does: ``AMPTrainer``
     (``train.amp.enabled``) or ``SimpleTrainer``, ``cfg.lr_multiplier`` by
     iteration, checkpoints every ``train.checkpointer.period``, evaluation
     every ``train.eval_period`` and at the end, and Detectron2's writers; and
-    the loss's class weights where it has them (:func:`_class_weights`).
+    the loss's class weights where it has them (:func:`_class_weights`). A resume
+    is exact as :class:`.engine.FocalTrainer`'s: the data order continues
+    (:func:`lazy_train_loader`), the smoothed scalars are checkpointed
+    (:class:`.engine.ScalarHistory`) and the metrics.json records of the
+    iterations trained again are dropped (:func:`.engine.drop_metrics_from`).
 
     Args:
         cfg: the config of :func:`setup_lazy_cfg`.
@@ -469,7 +553,7 @@ def lazy_train(cfg, resume: bool = False):
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    loader = instantiate(cfg.dataloader.train)
+    loader = lazy_train_loader(cfg)
     unwrapped, model = model, create_ddp_model_by_device(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
@@ -480,6 +564,7 @@ def lazy_train(cfg, resume: bool = False):
     trainer.register_hooks(
         [
             counting,
+            ScalarHistory(),  # the smoothed scalars of the iterations before a resume
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
@@ -505,4 +590,14 @@ def lazy_train(cfg, resume: bool = False):
             "--eval-only --resume evaluates it."
         )
         return
+    if resume and main:  # the records of the iterations the resume trains again
+        drop_metrics_from(
+            os.path.join(cfg.train.output_dir, "metrics.json"),
+            start_iter,
+            keep_final_evaluation=extends_finished_run(
+                loaded or "", start_iter, cfg.train.max_iter
+            ),
+        )
+    if start_iter:
+        _continue(cfg, loader, unwrapped, start_iter)
     trainer.train(start_iter, cfg.train.max_iter)

@@ -4,12 +4,14 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import socket
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, load_script, logged
+from conftest import REPO, load_script, logged, metrics_records
 from detectron2.config import LazyConfig, instantiate
 from detectron2.model_zoo import get_config
 from test_train_net import run_train_net, train_net_command
@@ -615,3 +617,113 @@ def test_lazy_names_are_arguments_the_lazy_nodes_take():
             assert parts[1] in arguments(FocalRetinaNet, RetinaNet), key
         else:
             assert len(parts) == 3 and parts[2] in takes[parts[1]], (key, path)
+
+
+def _resume_cfg(output_dir, *extra):
+    """5 iterations on the digits, checkpointed after 3, no evaluation: the exact-resume run."""
+    opts = ["train.max_iter=5", "train.checkpointer.period=3", *extra]
+    # GroupNorm: from scratch, FrozenBN's unnormalised activations diverge after 3 iterations
+    opts += ["model.backbone.bottom_up.stem.norm=GN", "model.backbone.bottom_up.stages.norm=GN"]
+    opts += ["dataloader.train.mapper.augmentations.1.prob=0.0"]  # no flips: drawn afresh
+    cfg = load(*digits_opts(output_dir, *opts))
+    del cfg.dataloader.evaluator
+    return cfg
+
+
+def test_lazy_resume_continues_the_run_exactly(tmp_path):
+    """
+    A LazyConfig run resumed from its checkpoint after iteration 2 (the files of a run killed
+    after iteration 4, before its last checkpoint) ends with the weights and metrics.json
+    values of the uninterrupted run, bit for bit: the data order continues (train.seed), the
+    smoothed scalars continue from the checkpointed history, and the records of the
+    iterations trained again are dropped. The normaliser's moving average is checkpointed.
+    """
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    lazy_train(_resume_cfg(whole))
+    shutil.copytree(whole, parts)
+    (parts / "model_final.pth").unlink()
+    (parts / "last_checkpoint").write_text("model_0000002.pth")
+    with logged(logging.getLogger("focal_det2"), logging.INFO) as records:
+        lazy_train(_resume_cfg(parts), resume=True)
+    dropped = f"{parts / 'metrics.json'}: dropped the records of iterations >= 3 (2), written "
+    assert [r.getMessage().startswith(dropped) for r in records].count(True) == 1
+    assert {r.levelno for r in records} == {logging.INFO}  # no warning: the resume is exact
+    expected = torch.load(whole / "model_final.pth", weights_only=False)
+    got = torch.load(parts / "model_final.pth", weights_only=False)
+    assert got["iteration"] == 4 and got["model"].keys() == expected["model"].keys()
+    for key, value in expected["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    assert got["loss_normalizer"] == expected["loss_normalizer"]
+    assert metrics_records(parts) == metrics_records(whole)
+    assert [r["iteration"] for r in metrics_records(parts)] == [0, 1, 2, 3, 4]
+
+
+def _image_ids(loader, count):
+    batches = iter(loader)
+    return [[d["image_id"] for d in next(batches)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_lazy_train_loader_is_the_seeded_stream_and_continues_it(workers):
+    """
+    configs/lazy/'s dataloader.train from iteration 0 is Detectron2's loader of the same node
+    with ``TrainingSampler(seed=train.seed)``; from iteration 3 it continues that stream (with
+    2 workers, which deal the batches round-robin, too).
+    """
+    from detectron2.data.samplers import TrainingSampler
+
+    from focal_det2.lazy import lazy_train_loader
+
+    cfg = load(*digits_opts("unused", "+train.seed=3", f"dataloader.train.num_workers={workers}"))
+    whole = _image_ids(lazy_train_loader(cfg), 7)
+    resumed = lazy_train_loader(cfg)
+    resumed.start_iter = 3
+    assert _image_ids(resumed, 4) == whole[3:]
+    node = cfg.dataloader.train
+    dataset = instantiate(node.dataset)
+    node.sampler = TrainingSampler(len(dataset), seed=3)
+    assert _image_ids(instantiate(node), 7) == whole
+    assert whole != _image_ids(lazy_train_loader(load(*digits_opts("unused", "+train.seed=4"))), 7)
+
+
+def test_a_lazy_resume_says_what_keeps_it_from_being_exact(tmp_path, monkeypatch):
+    """
+    Without train.seed the resumed run draws a new data order; a dataloader.train with its own
+    sampler (or not Detectron2's build_detection_train_loader) restarts its order; several
+    processes without model.sync_normalizer resume from process 0's normaliser: each says so.
+    """
+    from detectron2.data.samplers import TrainingSampler
+
+    from focal_det2.lazy import lazy_train_loader
+
+    lazy_train(_resume_cfg(tmp_path, "train.max_iter=3"))
+    cfg = _resume_cfg(tmp_path, "train.max_iter=4")
+    del cfg.train.seed
+    with logged(logging.getLogger("focal_det2.lazy")) as records:
+        lazy_train(cfg, resume=True)
+    assert [r.getMessage() for r in records] == [
+        "train.seed is not set (or < 0): the resumed run draws a new data order; set "
+        "+train.seed=N for an exact resume."
+    ]
+    cfg = load(*digits_opts("unused"))
+    cfg.dataloader.train.sampler = TrainingSampler(4, seed=0)
+    loader = lazy_train_loader(cfg)
+    loader.start_iter = 2
+    with logged(logging.getLogger("focal_det2.engine")) as records:
+        next(iter(loader))
+    assert [r.getMessage() for r in records] == [
+        "dataloader.train (its sampler): the resumed run restarts its data order; Detectron2's "
+        "build_detection_train_loader of a list of records without a sampler continues it."
+    ]
+    from detectron2.utils import comm
+
+    from focal_det2.lazy import _continue
+
+    cfg = load(*digits_opts("unused"))
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    for synced in (True, False):
+        with logged(logging.getLogger("focal_det2.lazy")) as records:
+            _continue(cfg, lazy_train_loader(cfg), SimpleNamespace(sync_normalizer=synced), 3)
+        assert ["model.sync_normalizer is off" in r.getMessage() for r in records] == (
+            [] if synced else [True]
+        )

@@ -322,10 +322,10 @@ def test_negative_skip_and_start_iter_are_refused_naming_them():
     """
     with pytest.raises(ValueError, match=re.escape("skip=-1 must be >= 0")):
         ResumableTrainingSampler(10, skip=-1, seed=0)
-    cfg = digits_cfg()
+    sizes = dict(batch_size=1, workers=0, grouping="")
     with pytest.raises(ValueError, match=re.escape("start_iter=-1 must be >= 0")):
-        ResumableTrainLoader(cfg, [], None, start_iter=-1)
-    loader = ResumableTrainLoader(cfg, [], None)
+        ResumableTrainLoader([], None, **sizes, start_iter=-1)
+    loader = ResumableTrainLoader([], None, **sizes)
     with pytest.raises(ValueError, match=re.escape("start_iter=-3 must be >= 0")):
         loader.start_iter = -3
     assert loader.start_iter == 0
