@@ -17,7 +17,8 @@ train on the CPU; the loss normaliser's moving average is checkpointed; class
 weights (``model.focal_loss.class_weighting``) are counted from
 ``dataloader.train.dataset.names`` and checkpointed; ``--resume`` continues a
 run exactly (:func:`lazy_train_loader`, the smoothed scalars checkpointed,
-the metrics.json records of the iterations trained again dropped); and
+the metrics.json records of the iterations trained again dropped); the
+training data is loaded and checked as a YAML run's (:func:`_train_records`); and
 focal_det2's log lines reach the console and ``log.txt``. ``configs/lazy/`` holds FocalRetinaNet's configs of this kind.
 """
 
@@ -30,7 +31,8 @@ from typing import List, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -61,6 +63,11 @@ from .checks import (
 )
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
 from .config import check_finite
+from .data.checks import (
+    CheckedDatasetMapper,
+    check_degenerate_boxes_option,
+    load_checked_dataset_dicts,
+)
 from .engine import (
     ResumableTrainLoader,
     ScalarHistory,
@@ -90,6 +97,18 @@ logger = logging.getLogger(__name__)
 # so a larger train.max_iter rescales the schedule of the iterations already trained.
 LAZY_KEYS = RunKeys(
     "train.init_checkpoint", "train.output_dir", "model.focal_loss", "model.num_classes", "=", ""
+)
+
+# dataloader.train.dataset's key for DATALOADER.DEGENERATE_BOXES (see _train_records), and
+# the arguments that node takes: get_detection_dataset_dicts's and it.
+DEGENERATE_KEY = "dataloader.train.dataset.degenerate_boxes"
+DATASET_ARGUMENTS = (
+    "names",
+    "filter_empty",
+    "min_keypoints",
+    "proposal_files",
+    "check_consistency",
+    "degenerate_boxes",
 )
 
 # The config node that sets what the constructors' errors name by its yacs key.
@@ -236,7 +255,8 @@ def check_run_values(cfg, eval_only: bool):
     Detectron2's loop counts with (``max_iter``, ``checkpointer.period`` and ``log_period``
     integers >= 1, ``eval_period`` >= 0, 0 for the end only); a ``train.device`` torch does
     not know, or CUDA where there is none; and ``train.amp.enabled`` off CUDA (Detectron2's
-    AMPTrainer needs it).
+    AMPTrainer needs it); to train, a ``dataloader.train.dataset.degenerate_boxes`` other than
+    "error" or "drop".
     """
     device = str(cfg.train.device)
     try:
@@ -263,6 +283,9 @@ def check_run_values(cfg, eval_only: bool):
         if names is not None:
             check_registered(names, f"dataloader.{loader}.dataset.names")
             check_dataset_files(names, f"dataloader.{loader}.dataset.names")
+    if not eval_only:
+        degenerate = OmegaConf.select(cfg, DEGENERATE_KEY, default="error")
+        check_degenerate_boxes_option(degenerate, DEGENERATE_KEY)
     weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
     if not eval_only and weighting != "none" and _dataset_names(cfg, "train") is None:
         raise ValueError(
@@ -439,7 +462,13 @@ def lazy_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         logger.info("cfg.dataloader has no evaluator: nothing to evaluate.")
         return None
-    loader = instantiate(cfg.dataloader.test)  # first: a generated data set writes its json
+    node = cfg.dataloader.test
+    # first: a generated data set writes its json
+    loader = (
+        instantiate(node)
+        if "mapper" not in node
+        else _call(node, mapper=_checked_mapper(node.mapper))
+    )
     results = inference_on_dataset(model, loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
@@ -464,49 +493,137 @@ def _class_weights(cfg, model, trainer, checkpointer) -> Optional[CountClassWeig
 def lazy_train_loader(cfg) -> ResumableTrainLoader:
     """
     The loader of ``dataloader.train``, built when first iterated from the iteration its
-    ``start_iter`` holds then. Where the node is Detectron2's ``build_detection_train_loader``
-    of a list of records without a ``sampler`` (configs/lazy/, Detectron2's own LazyConfigs),
-    the records are loaded now, and the data order is Detectron2's ``TrainingSampler`` stream
-    seeded with ``train.seed`` (a shared random seed without it), which a resume continues;
-    any other loader is the node's own, and a resume restarts its order (a warning says so).
+    ``start_iter`` holds then. The node's records and mapper are made now, checked where
+    they are Detectron2's (:func:`_train_records`, :func:`_checked_mapper`). Where the node
+    is Detectron2's ``build_detection_train_loader`` of a list of records without a
+    ``sampler`` (configs/lazy/, Detectron2's own LazyConfigs), the data order is Detectron2's
+    ``TrainingSampler`` stream seeded with ``train.seed`` (a shared random seed without it),
+    which a resume continues; any other loader restarts its order on a resume (a warning
+    says so).
     """
     node = cfg.dataloader.train
-    target = node._target_
-    target = locate(target) if isinstance(target, str) else target
-    if target is not build_detection_train_loader or node.get("sampler") is not None:
-        why = "not build_detection_train_loader" if node.get("sampler") is None else "its sampler"
-        return _restarting(lambda: instantiate(node), f"dataloader.train ({why})")
-    kwargs = {key: instantiate(value) for key, value in node.items() if key != "_target_"}
-    dataset = kwargs.pop("dataset")
-    if not isinstance(dataset, list):
-        return _restarting(
-            lambda: target(dataset=dataset, **kwargs),
-            f"dataloader.train.dataset (a {type(dataset).__name__}, not a list of records)",
+    given = {}  # checked, for the node's own
+    if "dataset" in node:
+        given["dataset"] = _train_records(cfg)
+    if "mapper" in node:
+        given["mapper"] = _checked_mapper(node.mapper)
+    restarts = _order_restarts(node, given.get("dataset"))
+    if restarts:
+        return ResumableTrainLoader(
+            None,
+            lambda sampler: _call(node, **given),
+            batch_size=1,
+            workers=0,
+            grouping="",
+            restarts=f"{restarts}: the resumed run restarts its data order; Detectron2's "
+            "build_detection_train_loader of a list of records without a sampler continues it.",
         )
     seed = OmegaConf.select(cfg, "train.seed", default=-1)
     return ResumableTrainLoader(
-        dataset,
-        lambda sampler: target(dataset=dataset, sampler=sampler, **kwargs),
-        batch_size=kwargs["total_batch_size"] // comm.get_world_size(),
-        workers=kwargs.get("num_workers", 0),
+        given["dataset"],
+        lambda sampler: _call(node, sampler=sampler, **given),
+        batch_size=node.get("total_batch_size", 0) // comm.get_world_size(),
+        workers=node.get("num_workers", 0),
         grouping="dataloader.train.aspect_ratio_grouping"
-        if kwargs.get("aspect_ratio_grouping", True)
+        if node.get("aspect_ratio_grouping", True)
         else "",
         seed=seed if seed >= 0 else None,
     )
 
 
-def _restarting(build, what: str) -> ResumableTrainLoader:
-    """A loader made by ``build()`` when first iterated, whose data order a resume restarts."""
-    return ResumableTrainLoader(
-        None,
-        lambda sampler: build(),
-        batch_size=1,
-        workers=0,
-        grouping="",
-        restarts=f"{what}: the resumed run restarts its data order; Detectron2's "
-        "build_detection_train_loader of a list of records without a sampler continues it.",
+def _order_restarts(node, dataset) -> str:
+    """ "" where a resume continues the data order of the loader ``node`` makes of ``dataset``;
+    otherwise what keeps it from it."""
+    if _target(node) is not build_detection_train_loader:
+        return "dataloader.train (not Detectron2's build_detection_train_loader)"
+    if node.get("sampler") is not None:
+        return "dataloader.train.sampler"
+    if not isinstance(dataset, list):
+        return f"dataloader.train.dataset (a {type(dataset).__name__}, not a list of records)"
+    return ""
+
+
+def _target(node):
+    """The callable of a LazyConfig node's ``_target_`` (None for a node without one)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return locate(target) if isinstance(target, str) else target
+
+
+def _train_records(cfg):
+    """
+    The records of ``dataloader.train.dataset``. Where the node is Detectron2's
+    ``get_detection_dataset_dicts`` and the model's classes are known (``model.num_classes``,
+    or ``model.roi_heads.num_classes`` for Detectron2's R-CNNs), each data set is loaded and
+    checked as the YAML trainer loads it (:func:`.data.checks.load_checked_dataset_dicts`:
+    classes outside the model's, missing image files, and boxes without area, refused or
+    dropped by the node's ``degenerate_boxes``, "error" or "drop", a key focal_det2 adds);
+    otherwise the node instantiated.
+    """
+    node = cfg.dataloader.train.dataset
+    num_classes, num_classes_key = _model_classes(cfg)
+    if _target(node) is not get_detection_dataset_dicts or num_classes is None:
+        return instantiate(node)
+    args = {key: value for key, value in node.items() if key != "_target_"}
+    unknown = sorted(set(args) - set(DATASET_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"dataloader.train.dataset has {', '.join(unknown)}, not an argument of "
+            f"get_detection_dataset_dicts or focal_det2's; they are {', '.join(DATASET_ARGUMENTS)}."
+        )
+    names = _dataset_names(cfg, "train")
+    proposal_files = args.get("proposal_files") or None
+    if proposal_files and len(proposal_files) != len(names):
+        raise ValueError(
+            f"dataloader.train.dataset.proposal_files has {len(proposal_files)} files for the "
+            f"{len(names)} data sets of dataloader.train.dataset.names: one each."
+        )
+    shared = dict(
+        num_classes=num_classes,
+        num_classes_key=num_classes_key,
+        filter_empty=args.get("filter_empty", True),
+        min_keypoints=args.get("min_keypoints", 0),
+        degenerate_boxes=args.get("degenerate_boxes", "error"),
+        degenerate_key=DEGENERATE_KEY,
     )
+    records = [
+        record
+        for i, name in enumerate(names)
+        for record in load_checked_dataset_dicts(
+            name, proposal_file=proposal_files[i] if proposal_files else None, **shared
+        )
+    ]
+    if len(names) > 1 and args.get("check_consistency", True):
+        check_metadata_consistency("thing_classes", names)
+    return records
+
+
+def _model_classes(cfg):
+    """``(K, key)``: the model's number of classes and its node; ``(None, None)`` if unknown."""
+    for key in ("model.num_classes", "model.roi_heads.num_classes"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, key
+    return None, None
+
+
+def _checked_mapper(node):
+    """
+    A loader's ``mapper`` node: Detectron2's ``DatasetMapper`` made a
+    :class:`.data.checks.CheckedDatasetMapper` (its errors reading an image name the image
+    id and file), with the same arguments; another mapper as the node makes it.
+    """
+    return (
+        _call(node, CheckedDatasetMapper) if _target(node) is DatasetMapper else instantiate(node)
+    )
+
+
+def _call(node, target=None, **given):
+    """
+    What ``instantiate(node)`` makes, by ``target`` (the node's ``_target_`` by default), with
+    the arguments ``given`` instead of the node's.
+    """
+    kwargs = {k: instantiate(v) for k, v in node.items() if k != "_target_" and k not in given}
+    return (target or _target(node))(**kwargs, **given)
 
 
 def _continue(cfg, loader: ResumableTrainLoader, model, start_iter: int):

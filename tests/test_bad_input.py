@@ -6,6 +6,7 @@ batch with every anchor ignored) train.
 
 import copy
 import json
+import logging
 import os
 import pickle
 import re
@@ -1166,3 +1167,65 @@ def test_a_loss_built_alone_checks_its_numbers(name, values, error):
     """
     with pytest.raises((TypeError, ValueError), match=re.escape(error)):
         build_loss(name, 3, **values)
+
+
+def _lazy(name, tmp_path, *opts):
+    """configs/lazy/'s config on the data set ``name`` (2 classes, 64 px), as the lazy tests train it."""
+    from test_lazy import digits_opts, load
+
+    size = ["dataloader.train.mapper.augmentations.0.short_edge_length=[64]"]
+    size += ["dataloader.train.mapper.augmentations.0.max_size=64"]
+    return load(
+        *digits_opts(tmp_path, f"dataloader.train.dataset.names={name}", "model.num_classes=2"),
+        *size,
+        *opts,
+    )
+
+
+def test_a_lazy_run_loads_and_checks_its_training_data_as_a_yaml_run(coco, tmp_path):
+    """
+    A LazyConfig's dataloader.train (Detectron2's get_detection_dataset_dicts and DatasetMapper)
+    is loaded and checked as a YAML config's training data, the errors naming the lazy nodes:
+    a class outside model.num_classes, a box without area (dropped with
+    dataloader.train.dataset.degenerate_boxes=drop, as configs/lazy/'s COCO config sets it),
+    an image file that cannot be read (by the evaluation's loader too), and a key the data set
+    node does not take.
+    """
+    from focal_det2.lazy import check_run_values, lazy_test, lazy_train_loader
+
+    name, json_file, image_dir = coco(
+        {1: GOOD, 2: [_box(4, 4, 10, 10, category=2)], 3: [_box(8, 8, 16, 16), _box(30, 30, 0, 10)]}
+    )
+    assert _lazy(name, tmp_path).dataloader.train.dataset.degenerate_boxes == "drop"
+    with logged(logging.getLogger("focal_det2.data.checks")) as records:
+        loader = lazy_train_loader(_lazy(name, tmp_path))
+    assert [r.getMessage() for r in records] == [
+        f"data set '{name}' (json {json_file}): dropped 1 boxes with width or height <= 0 or NaN "
+        "(dataloader.train.dataset.degenerate_boxes=drop)."
+    ]
+    assert {r["image_id"]: len(r["annotations"]) for r in loader.dataset} == {1: 1, 2: 1, 3: 1}
+    assert [len(d["instances"]) for d in next(iter(loader))] == [1, 1]  # (mapped, 2 a batch)
+    unset = _lazy(name, tmp_path)
+    del unset.dataloader.train.dataset.degenerate_boxes  # "error", as in a YAML config
+    for cfg in (_lazy(name, tmp_path, "dataloader.train.dataset.degenerate_boxes=error"), unset):
+        with pytest.raises(ValueError, match=re.escape("has width 0 and height 10; both must be "
+                           "> 0 (or set dataloader.train.dataset.degenerate_boxes=drop).")):  # fmt: skip
+            lazy_train_loader(cfg)
+    skip = _lazy(name, tmp_path, "dataloader.train.dataset.degenerate_boxes=skip")
+    with pytest.raises(ValueError, match=r"^dataloader.train.dataset.degenerate_boxes='skip'; "
+                       r"allowed: \['error', 'drop'\].$"):  # fmt: skip
+        check_run_values(skip, eval_only=False)
+    with pytest.raises(ValueError, match=re.escape("class 1 (category_id 2 in the json) is "
+                       "outside the model's classes 0..0 (model.num_classes=1;")):  # fmt: skip
+        lazy_train_loader(_lazy(name, tmp_path, "model.num_classes=1"))
+    other, _, _ = coco({1: GOOD}, categories=(1, 3))  # (class1, class3): other thing_classes
+    with pytest.raises(ValueError, match="different metadata 'thing_classes'"):
+        lazy_train_loader(_lazy(name, tmp_path, f"dataloader.train.dataset.names=[{name},{other}]"))
+    with pytest.raises(TypeError, match=r"^dataloader.train.dataset has colour, not an argument"):
+        lazy_train_loader(_lazy(name, tmp_path, "+dataloader.train.dataset.colour=1"))
+    (image_dir / "001.png").write_bytes(b"this is not a png")
+    unreadable = re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read the image file")
+    with pytest.raises(ValueError, match=unreadable):
+        next(iter(lazy_train_loader(_lazy(name, tmp_path))))
+    with pytest.raises(ValueError, match=unreadable):  # the evaluation's loader too
+        lazy_test(_lazy(name, tmp_path, f"dataloader.test.dataset.names={name}"), model=None)

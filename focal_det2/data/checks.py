@@ -66,12 +66,15 @@ def has_area(bbox, mode) -> bool:
     return width > 0 and height > 0
 
 
-def check_degenerate_boxes_option(value: str):
-    """Raise if ``value`` is not an allowed DATALOADER.DEGENERATE_BOXES."""
+def check_degenerate_boxes_option(value: str, key: str = "DATALOADER.DEGENERATE_BOXES"):
+    """Raise, naming ``key``, if ``value`` is not an allowed DATALOADER.DEGENERATE_BOXES."""
     if value not in DEGENERATE_BOXES:
-        raise ValueError(
-            f"DATALOADER.DEGENERATE_BOXES={value!r}; allowed: {list(DEGENERATE_BOXES)}."
-        )
+        raise ValueError(f"{key}={value!r}; allowed: {list(DEGENERATE_BOXES)}.")
+
+
+def _setting(key: str, value: str) -> str:
+    """How a config sets ``key`` to ``value``: ``KEY value`` for yacs (upper case), else ``key=value``."""
+    return f"{key} {value}" if key.isupper() else f"{key}={value}"
 
 
 def check_dataset_dicts(
@@ -81,6 +84,7 @@ def check_dataset_dicts(
     num_classes: int,
     degenerate_boxes: str = "error",
     num_classes_key: str = "MODEL.RETINANET.NUM_CLASSES",
+    degenerate_key: str = "DATALOADER.DEGENERATE_BOXES",
 ):
     """
     Raise for the first bad record of a data set in Detectron2's standard
@@ -95,8 +99,9 @@ def check_dataset_dicts(
         num_classes (int): K; contiguous category ids must be in [0, K).
         degenerate_boxes (str): "error" or "drop" (DATALOADER.DEGENERATE_BOXES).
         num_classes_key (str): the config key of ``num_classes``, for the messages.
+        degenerate_key (str): the config key of ``degenerate_boxes``, for the messages.
     """
-    check_degenerate_boxes_option(degenerate_boxes)
+    check_degenerate_boxes_option(degenerate_boxes, degenerate_key)
     dropped = 0
     meta = MetadataCatalog.get(dataset_name)
     to_json_id = {v: k for k, v in meta.get("thing_dataset_id_to_contiguous_id", {}).items()}
@@ -124,7 +129,7 @@ def check_dataset_dicts(
                 raise ValueError(
                     f"{_source(dataset_name)}: {_image(record)}, annotation {index}: bbox {list(ann['bbox'])} "
                     f"({BoxMode(ann['bbox_mode']).name}) has width {width} and height {height}; "
-                    "both must be > 0 (or set DATALOADER.DEGENERATE_BOXES drop)."
+                    f"both must be > 0 (or set {_setting(degenerate_key, 'drop')})."
                 )
         if degenerate_boxes == "drop" and "annotations" in record:
             kept = [a for a in record["annotations"] if has_area(a["bbox"], a["bbox_mode"])]
@@ -133,7 +138,7 @@ def check_dataset_dicts(
     if dropped:
         logger.warning(
             f"{_source(dataset_name)}: dropped {dropped} boxes with width or height <= 0 or NaN "
-            "(DATALOADER.DEGENERATE_BOXES drop)."
+            f"({_setting(degenerate_key, 'drop')})."
         )
 
 
@@ -162,6 +167,7 @@ def load_checked_dataset_dicts(
     num_classes_key: str = "MODEL.RETINANET.NUM_CLASSES",
     min_keypoints: int = 0,
     proposal_file: Optional[str] = None,
+    degenerate_key: str = "DATALOADER.DEGENERATE_BOXES",
 ):
     """
     ``get_detection_dataset_dicts`` of ``dataset_name`` as Detectron2's train
@@ -182,6 +188,7 @@ def load_checked_dataset_dicts(
             MODEL.KEYPOINT_ON, else 0.
         proposal_file (str or None): this data set's DATASETS.PROPOSAL_FILES_TRAIN with
             MODEL.LOAD_PROPOSALS, else None.
+        degenerate_key (str): the config key of ``degenerate_boxes``, for the messages.
 
     Returns:
         list[dict]: the records.
@@ -205,13 +212,14 @@ def load_checked_dataset_dicts(
         num_classes=num_classes,
         degenerate_boxes=degenerate_boxes,
         num_classes_key=num_classes_key,
+        degenerate_key=degenerate_key,
     )
     if filter_empty and degenerate_boxes == "drop" and "annotations" in dataset_dicts[0]:
         dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
         if not dataset_dicts:
             raise ValueError(
                 f"{_source(dataset_name)}: no image is left with a box once the boxes without "
-                "area are dropped (DATALOADER.DEGENERATE_BOXES drop)."
+                f"area are dropped ({_setting(degenerate_key, 'drop')})."
             )
     return dataset_dicts
 
