@@ -480,14 +480,15 @@ def _class_weights(cfg, model, trainer, checkpointer) -> Optional[CountClassWeig
     With ``model.focal_loss.class_weighting`` other than ``none``: the loss's class weights as
     ``trainer.class_weights``, checkpointed under :data:`.class_balance.CHECKPOINT_KEY` (read
     back on ``--resume``), and the hook that counts ``dataloader.train.dataset.names`` before
-    the first iteration where the checkpoint held none; None (no hook) otherwise.
+    the first iteration where the checkpoint held none (the records the train loader holds,
+    not loaded again); None (no hook) otherwise.
     """
     loss = getattr(model, "focal_loss", None)  # None for a model of Detectron2's own
     if getattr(loss, "class_weighting", "none") == "none":
         return None
     trainer.class_weights = ClassWeights(loss, _dataset_names(cfg, "train"), keys=LAZY_WEIGHT_KEYS)
     checkpointer.add_checkpointable(CHECKPOINT_KEY, trainer.class_weights)
-    return CountClassWeights()
+    return CountClassWeights(trainer.data_loader.dataset)  # (None: loaded by the count)
 
 
 def lazy_train_loader(cfg) -> ResumableTrainLoader:
@@ -509,8 +510,9 @@ def lazy_train_loader(cfg) -> ResumableTrainLoader:
         given["mapper"] = _checked_mapper(node.mapper)
     restarts = _order_restarts(node, given.get("dataset"))
     if restarts:
+        records = given.get("dataset")
         return ResumableTrainLoader(
-            None,
+            records if isinstance(records, list) else None,
             lambda sampler: _call(node, **given),
             batch_size=1,
             workers=0,

@@ -530,14 +530,20 @@ def test_lazy_class_weights_are_counted_checkpointed_and_read_back_on_resume(tmp
     model.focal_loss.class_weighting: the weights are counted from dataloader.train's data
     sets before the first iteration (training without them is an error), saved in the
     checkpoint, and read back on --resume (not counted again), where another cb_beta than the
-    one they were counted with is named by its node.
+    one they were counted with is named by its node. The count reads the records the train
+    loader loaded (the data set is loaded once).
     """
+    from detectron2.data import DatasetCatalog
+
     from focal_det2 import class_balance
     from focal_det2.class_balance import count_instances, effective_number_weights
 
     weighting = "model.focal_loss.class_weighting=effective_number"
-    with logged(class_balance.logger, logging.INFO) as records:
+    loads, get = [], DatasetCatalog.get
+    with logged(class_balance.logger, logging.INFO) as records, pytest.MonkeyPatch.context() as m:
+        m.setattr(DatasetCatalog, "get", lambda name: loads.append(name) or get(name))
         lazy_train(load(*digits_opts(tmp_path, weighting, "model.focal_loss.cb_beta=0.9")))
+    assert loads.count("digits_train_tiny") == 1
     assert [r.getMessage().startswith("Class weights, effective number (beta 0.9) of ['digits_"
                                       "train_tiny']") for r in records] == [True]  # fmt: skip
     counts = count_instances(["digits_train_tiny"], 10)
