@@ -1042,6 +1042,21 @@ def test_ablate_prints_the_checkpoint_period_its_runs_take(tmp_path, capsys):
     assert commands and all(c.endswith(" SOLVER.CHECKPOINT_PERIOD 20") for c in commands)
 
 
+def test_ablate_list_says_what_its_cost_is_for(capsys):
+    """--list shows the preset's measured cost, which is for its own runs; a plan of other rows
+    or iterations is told its share of them (not a scaled estimate)."""
+    ablate = load_tool("ablate")
+    ablate.main(["--preset", "tiny", "--list"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"preset tiny: 2 runs of 2 iterations; {ablate.PRESETS['tiny'].cost}"
+    )
+    ablate.main(["--preset", "tiny", "--list", "--rows", "ce_a0.75", "SOLVER.MAX_ITER", "3"])
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "  (that cost is for the preset's own 2 runs of 2 iterations; this plan trains 0.75x "
+        "their iterations)"
+    )
+
+
 def test_ablate_tiny_preset_trains_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
     ablate = load_tool("ablate")
     out = tmp_path / "ablation"
@@ -1740,7 +1755,7 @@ def test_ablate_rows_that_cannot_run_are_named_with_the_reason(tmp_path, capsys)
         ["--preset", "imbalance", "--rows", "ohem*", "--list", "--output-dir", str(tmp_path)]
     )
     out = capsys.readouterr().out
-    assert "Rows left out" not in out and "preset imbalance: 8 runs;" in out
+    assert "Rows left out" not in out and "preset imbalance: 8 runs of 600 iterations;" in out
 
 
 def test_ablate_imbalance_table_by_canvas(tmp_path):
@@ -1941,7 +1956,7 @@ def test_ablate_seeds_option_selects_a_subset(capsys):
         ablate.select_seeds("2", ablate.PRESETS["longtail"])
     ablate.main(["--preset", "longtail", "--seeds", "1", "--list", "--rows", "fl_ls0.1,ce_a0.75"])
     out = capsys.readouterr().out
-    assert "preset longtail: 2 runs;" in out
+    assert "preset longtail: 2 runs of 1000 iterations;" in out
     assert "fl_ls0.1 seed 1:" in out and "seed 0:" not in out
 
 
@@ -1978,7 +1993,7 @@ def test_ablate_canvases_option_selects_a_subset(capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "preset imbalance: 8 runs;" in out
+    assert "preset imbalance: 8 runs of 600 iterations;" in out
     assert (
         "s256/ce_a0.75 seed 0:" in out and "s512/fl_g2_a0.25 seed 1:" in out and "s768/" not in out
     )

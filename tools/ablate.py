@@ -540,6 +540,24 @@ def plan(
     return runs
 
 
+def _cost_line(preset: Preset, count: int, iters: int) -> str:
+    """
+    ``--list``'s line on the cost of ``count`` runs of ``iters`` iterations: the preset's
+    measured cost, which is for its own runs and iterations; where the plan differs
+    (``--rows``, ``--seeds``, ``--canvases``, ``SOLVER.MAX_ITER``), the share of the
+    preset's training iterations the plan trains.
+    """
+    own = len(preset.expand(select_rows(None, preset))) * len(preset.seeds)
+    line = f"{count} runs of {iters} iterations; {preset.cost}"
+    if (count, iters) == (own, preset.iters):
+        return line
+    share = count * iters / (own * preset.iters)
+    return (
+        f"{line}\n  (that cost is for the preset's own {own} runs of {preset.iters} iterations; "
+        f"this plan trains {share:.2g}x their iterations)"
+    )
+
+
 def budget_override(opts: Sequence) -> Tuple[List, Optional[int]]:
     """
     ``opts`` without a ``SOLVER.MAX_ITER`` pair, and its value (None without one): the
@@ -1418,7 +1436,7 @@ def main(argv=None):
     if left_out:
         print("\n".join(_left_out_lines(left_out)) + "\n", flush=True)
     if args.list:
-        print(f"preset {args.preset}: {len(runs)} runs; {preset.cost}")
+        print(f"preset {args.preset}: {_cost_line(PRESETS[args.preset], len(runs), preset.iters)}")
         for run in runs:
             print(f"{run.row.name} seed {run.seed}:\n  {run_command(run, args.checkpoint_period)}")
         return
