@@ -1,9 +1,9 @@
 """
 Checkpoints of a run: which file a run loads (:func:`checkpoint_to_load`), the
-checks that it exists, is not empty and fits the model before the run writes
-anything (:func:`check_checkpoint_fits`, :func:`load_fitting`, where Detectron2
-warns and goes on with tensors at their initialisation), where ``--eval-only``
-writes, the output folder a new run refuses, and the plain attributes a
+checks that it exists (a URL is fetched, :func:`fetch_url`), is not empty and
+fits the model before the run writes anything (:func:`check_checkpoint_fits`,
+:func:`load_fitting`, where Detectron2 warns and goes on with tensors at their
+initialisation), where ``--eval-only`` writes, the output folder a new run refuses, and the plain attributes a
 checkpoint keeps beside the model (:class:`AttributeState`). The yacs
 (:mod:`.engine`) and LazyConfig (:mod:`.lazy`) runs share them; :class:`RunKeys`
 names the config keys their errors name.
@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import PathManager
 
 from .class_balance import CHECKPOINT_KEY, ClassWeights
 
@@ -31,6 +32,7 @@ __all__ = [
     "check_output_dir_free",
     "checkpoint_to_load",
     "evaluation_output_dir",
+    "fetch_url",
     "focal_loss_of",
     "load_fitting",
     "load_for_evaluation",
@@ -174,6 +176,30 @@ def check_output_dir_free(output_dir: str, keys: RunKeys = YACS_KEYS):
         )
 
 
+def fetch_url(checkpoint: str, keys: RunKeys = YACS_KEYS):
+    """
+    Download a checkpoint at a URL (the configs' ImageNet weights) into iopath's cache,
+    where Detectron2's checkpointer then reads it, so that a URL that cannot be fetched (no
+    network) stops the run before it writes anything, naming the key and what to pass
+    instead. A local path is left alone.
+    """
+    if "://" not in checkpoint:
+        return
+    try:
+        PathManager.get_local_path(checkpoint)
+    except OSError as e:  # urllib's URLError, a refused socket
+        raise OSError(f"{checkpoint} cannot be fetched ({e}). {_offline(checkpoint, keys)}") from e
+
+
+def _offline(url: str, keys: RunKeys) -> str:
+    """What to pass instead of ``url`` when it cannot be fetched."""
+    return (
+        f"{url} is a URL ({keys.weights}): without network, download it elsewhere "
+        f"and pass the file ({keys.weights}{keys.sep}<file>), or "
+        f'{keys.weights}{keys.sep}"" to start from random weights.'
+    )
+
+
 @contextlib.contextmanager
 def naming_checkpoint(path: str, keys: RunKeys = YACS_KEYS):
     """
@@ -187,11 +213,7 @@ def naming_checkpoint(path: str, keys: RunKeys = YACS_KEYS):
         if hasattr(e, "add_note"):  # Python >= 3.11
             e.add_note(f"while loading the checkpoint {path}")
             if "://" in path and isinstance(e, OSError):  # urllib's URLError, a refused socket
-                e.add_note(
-                    f"{path} is a URL ({keys.weights}): without network, download it elsewhere "
-                    f"and pass the file ({keys.weights}{keys.sep}<file>), or "
-                    f'{keys.weights}{keys.sep}"" to start from random weights.'
-                )
+                e.add_note(_offline(path, keys))
         raise
 
 

@@ -39,6 +39,7 @@ from .checkpoint import (
     check_output_dir_free,
     checkpoint_to_load,
     evaluation_output_dir,
+    fetch_url,
     focal_loss_of,
     naming_checkpoint,
 )
@@ -607,6 +608,7 @@ def setup_cfg(args):
         check_checkpoint_fits(meta_model, checkpoint, EVALUATING if eval_only else RESUMING)
     if not eval_only and not resume:
         check_output_dir_free(cfg.OUTPUT_DIR)
+    fetch_url(checkpoint)  # last: a download
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="focal_det2")

@@ -51,6 +51,7 @@ from .checkpoint import (
     check_output_dir_free,
     checkpoint_to_load,
     evaluation_output_dir,
+    fetch_url,
     load_fitting,
     naming_checkpoint,
 )
@@ -192,6 +193,7 @@ def setup_lazy_cfg(args):
         check_checkpoint_fits(meta_model, checkpoint, consequence, LAZY_KEYS)
     if not args.eval_only and not args.resume:
         check_output_dir_free(out, LAZY_KEYS)
+    fetch_url(checkpoint, LAZY_KEYS)  # last: a download
     rescaled = _rescaled_schedule(cfg, out) if resumes_run and not args.eval_only else None
     default_setup(cfg, args)  # (writes the new config.yaml over the run's)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="focal_det2")

@@ -889,18 +889,37 @@ def test_a_url_in_model_weights_is_loaded_as_given(tmp_path, url, resume):
 def test_weights_at_a_url_that_cannot_be_fetched_say_what_to_pass_instead(tmp_path):
     """
     The COCO configs start from Detectron2's ImageNet weights at a URL: without network,
-    urllib's error names neither the key nor what to do. (A refused local port stands for
-    a machine without network.)
+    urllib's error names neither the key nor what to do. train_net.py's setup (YAML and
+    LazyConfig) downloads it before anything is written; a trainer used on its own names it
+    as it loads. (A refused local port stands for a machine without network.)
     """
+    from focal_det2.engine import setup_cfg
+    from focal_det2.lazy import setup_lazy_cfg
+
     url = "http://127.0.0.1:9/R-50.pth"
+    advice = (
+        f"{url} is a URL (MODEL.WEIGHTS): without network, download it elsewhere and pass the "
+        'file (MODEL.WEIGHTS <file>), or MODEL.WEIGHTS "" to start from random weights.'
+    )
     trainer = FocalTrainer(digits_cfg(output_dir=tmp_path, opts=["MODEL.WEIGHTS", url]))
     with pytest.raises(OSError) as error:
         trainer.resume_or_load(resume=False)
-    assert error.value.__notes__ == [
-        f"while loading the checkpoint {url}",
-        f"{url} is a URL (MODEL.WEIGHTS): without network, download it elsewhere and pass the "
-        'file (MODEL.WEIGHTS <file>), or MODEL.WEIGHTS "" to start from random weights.',
-    ]
+    assert error.value.__notes__ == [f"while loading the checkpoint {url}", advice]
+    # train_net.py fetches it before writing anything
+    fresh, config = tmp_path / "fresh", tmp_path / "config.yaml"
+    config.write_text(digits_cfg(output_dir=fresh).dump())
+    with pytest.raises(OSError) as error:
+        setup_cfg(_args("--config-file", config, "MODEL.WEIGHTS", url))
+    assert str(error.value) == f"{url} cannot be fetched ({error.value.__cause__}). {advice}"
+    assert not fresh.exists()
+    # a LazyConfig run too
+    from test_lazy import args
+
+    with pytest.raises(OSError) as error:
+        setup_lazy_cfg(args(fresh, f"train.init_checkpoint={url}"))
+    assert str(error.value).endswith(advice.replace("MODEL.WEIGHTS ", "train.init_checkpoint=")
+                                     .replace("MODEL.WEIGHTS", "train.init_checkpoint"))  # fmt: skip
+    assert not fresh.exists()
 
 
 @pytest.mark.parametrize("content", ["", "\n"])
