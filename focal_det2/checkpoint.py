@@ -181,9 +181,9 @@ def fetch_url(checkpoint: str, keys: RunKeys = YACS_KEYS):
     Download a checkpoint at a URL (the configs' ImageNet weights) into iopath's cache,
     where Detectron2's checkpointer then reads it, so that a URL that cannot be fetched (no
     network) stops the run before it writes anything, naming the key and what to pass
-    instead. A local path is left alone.
+    instead. A local path, "" or None (no checkpoint) is left alone.
     """
-    if "://" not in checkpoint:
+    if "://" not in (checkpoint or ""):
         return
     try:
         PathManager.get_local_path(checkpoint)

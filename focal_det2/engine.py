@@ -21,7 +21,6 @@ from detectron2.data import (
     build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, HookBase, default_setup
 from detectron2.engine import defaults as d2_defaults
@@ -46,10 +45,7 @@ from .checkpoint import (
 from .checks import check_cfg, check_run_inputs
 from .class_balance import CHECKPOINT_KEY, ClassWeights, CountClassWeights
 from .config import load_config
-from .data.checks import (
-    CheckedDatasetMapper,
-    load_checked_dataset_dicts,
-)
+from .data.checks import CheckedDatasetMapper, load_checked_datasets
 from .registry import lookup
 from .schedules import build_gamma_schedule, unfinished_warning
 
@@ -416,30 +412,17 @@ class FocalTrainer(DefaultTrainer):
             ResumableTrainLoader: the data is loaded and checked now, the
             loader itself is built when first iterated.
         """
-        names = cfg.DATASETS.TRAIN
-        proposal_files = cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else ()
-        if proposal_files and len(proposal_files) != len(names):
-            raise ValueError(
-                f"DATASETS.PROPOSAL_FILES_TRAIN has {len(proposal_files)} files for the "
-                f"{len(names)} data sets of DATASETS.TRAIN (MODEL.LOAD_PROPOSALS True): one each."
-            )
-        shared = dict(  # the same for every data set
-            _num_classes(cfg),
+        dataset = load_checked_datasets(
+            cfg.DATASETS.TRAIN,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            proposals_key="DATASETS.PROPOSAL_FILES_TRAIN (MODEL.LOAD_PROPOSALS True)",
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             degenerate_boxes=cfg.DATALOADER.DEGENERATE_BOXES,
             min_keypoints=(
                 cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
             ),
+            **_num_classes(cfg),
         )
-        dataset = [
-            record
-            for i, name in enumerate(names)
-            for record in load_checked_dataset_dicts(
-                name, proposal_file=proposal_files[i] if proposal_files else None, **shared
-            )
-        ]
-        if len(names) > 1:
-            check_metadata_consistency("thing_classes", names)
         mapper = CheckedDatasetMapper(cfg, is_train=True)
         kind = cfg.DATALOADER.SAMPLER_TRAIN
         return ResumableTrainLoader(

@@ -26,13 +26,12 @@ import difflib
 import logging
 import os
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine.defaults import default_writers
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -67,7 +66,7 @@ from .config import check_finite
 from .data.checks import (
     CheckedDatasetMapper,
     check_degenerate_boxes_option,
-    load_checked_dataset_dicts,
+    load_checked_datasets,
 )
 from .engine import (
     ResumableTrainLoader,
@@ -100,16 +99,15 @@ LAZY_KEYS = RunKeys(
     "train.init_checkpoint", "train.output_dir", "model.focal_loss", "model.num_classes", "=", ""
 )
 
-# dataloader.train.dataset's key for DATALOADER.DEGENERATE_BOXES (see _train_records), and
-# the arguments that node takes: get_detection_dataset_dicts's and it.
-DEGENERATE_KEY = "dataloader.train.dataset.degenerate_boxes"
+# The key of DATALOADER.DEGENERATE_BOXES (see _train_records): outside dataloader.train, whose
+# nodes Detectron2 instantiates; and the arguments of get_detection_dataset_dicts it reads.
+DEGENERATE_KEY = "dataloader.degenerate_boxes"
 DATASET_ARGUMENTS = (
     "names",
     "filter_empty",
     "min_keypoints",
     "proposal_files",
     "check_consistency",
-    "degenerate_boxes",
 )
 
 # The config node that sets what the constructors' errors name by its yacs key.
@@ -257,8 +255,10 @@ def check_run_values(cfg, eval_only: bool):
     Detectron2's loop counts with (``max_iter``, ``checkpointer.period`` and ``log_period``
     integers >= 1, ``eval_period`` >= 0, 0 for the end only); a ``train.device`` torch does
     not know, or CUDA where there is none; and ``train.amp.enabled`` off CUDA (Detectron2's
-    AMPTrainer needs it); to train, a ``dataloader.train.dataset.degenerate_boxes`` other than
-    "error" or "drop".
+    AMPTrainer needs it); a ``train.seed`` that is not an integer (Detectron2's ``default_setup``
+    compares it with 0 after writing); an empty list of data set names; to train, a
+    ``dataloader.degenerate_boxes`` other than "error" or "drop", or set where focal_det2 does
+    not load the records (:func:`_train_records`), which would leave it unread.
     """
     device = str(cfg.train.device)
     try:
@@ -268,6 +268,9 @@ def check_run_values(cfg, eval_only: bool):
             f"train.device={device} is not a torch device; e.g. cpu, cuda, cuda:1."
         ) from None
     check_cuda_device(device, "train.device", LAZY_KEYS.sep)
+    seed = OmegaConf.select(cfg, "train.seed", default=-1)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"train.seed={seed!r} must be an integer (< 0: a random seed).")
     loaders = ["test"] if "evaluator" in cfg.dataloader else []
     if not eval_only:
         loaders.insert(0, "train")
@@ -282,12 +285,15 @@ def check_run_values(cfg, eval_only: bool):
         _check_count(cfg, "train.eval_period", 0)
     for loader in loaders:
         names = _dataset_names(cfg, loader)
+        if names == []:
+            raise ValueError(
+                f"dataloader.{loader}.dataset.names is empty: name a registered data set."
+            )
         if names is not None:
             check_registered(names, f"dataloader.{loader}.dataset.names")
             check_dataset_files(names, f"dataloader.{loader}.dataset.names")
     if not eval_only:
-        degenerate = OmegaConf.select(cfg, DEGENERATE_KEY, default="error")
-        check_degenerate_boxes_option(degenerate, DEGENERATE_KEY)
+        _check_data_loading(cfg)
     weighting = OmegaConf.select(cfg, "model.focal_loss.class_weighting", default="none")
     if not eval_only and weighting != "none" and _dataset_names(cfg, "train") is None:
         raise ValueError(
@@ -295,6 +301,28 @@ def check_run_values(cfg, eval_only: bool):
             "dataloader.train.dataset.names, which this config lacks (its dataloader.train "
             "takes its data another way); set model.focal_loss.class_weighting=none, or load "
             "the data with Detectron2's get_detection_dataset_dicts(names=...)."
+        )
+
+
+def _check_data_loading(cfg):
+    """
+    Raise, naming it, for a key :func:`_train_records` would not read: a key of
+    ``dataloader.train.dataset`` where it loads the records, ``dataloader.degenerate_boxes``
+    where it does not, and a ``dataloader.degenerate_boxes`` other than "error" or "drop".
+    """
+    loads = _checked_classes(cfg) is not None
+    if loads:
+        _dataset_args(cfg.dataloader.train.dataset)
+    degenerate = OmegaConf.select(cfg, DEGENERATE_KEY, default=None)
+    if degenerate is None:
+        return
+    check_degenerate_boxes_option(degenerate, DEGENERATE_KEY)
+    if not loads:
+        raise ValueError(
+            f"{DEGENERATE_KEY}={degenerate} is read where focal_det2 loads the training data: "
+            "where dataloader.train.dataset is Detectron2's get_detection_dataset_dicts and "
+            "model.num_classes (model.roi_heads.num_classes for Detectron2's R-CNNs) is an "
+            "integer, which this config's are not. Delete the key."
         )
 
 
@@ -522,7 +550,6 @@ def lazy_train_loader(cfg) -> ResumableTrainLoader:
             restarts=f"{restarts}: the resumed run restarts its data order; Detectron2's "
             "build_detection_train_loader of a list of records without a sampler continues it.",
         )
-    seed = OmegaConf.select(cfg, "train.seed", default=-1)
     return ResumableTrainLoader(
         given["dataset"],
         lambda sampler: _call(node, sampler=sampler, **given),
@@ -531,8 +558,14 @@ def lazy_train_loader(cfg) -> ResumableTrainLoader:
         grouping="dataloader.train.aspect_ratio_grouping"
         if node.get("aspect_ratio_grouping", True)
         else "",
-        seed=seed if seed >= 0 else None,
+        seed=_seed(cfg),
     )
+
+
+def _seed(cfg) -> Optional[int]:
+    """``train.seed``, the data order's seed; None where it is unset or < 0 (a random seed)."""
+    seed = OmegaConf.select(cfg, "train.seed", default=-1)
+    return seed if seed >= 0 else None
 
 
 def _order_restarts(node, dataset) -> str:
@@ -560,54 +593,63 @@ def _train_records(cfg):
     or ``model.roi_heads.num_classes`` for Detectron2's R-CNNs), each data set is loaded and
     checked as the YAML trainer loads it (:func:`.data.checks.load_checked_dataset_dicts`:
     classes outside the model's, missing image files, and boxes without area, refused or
-    dropped by the node's ``degenerate_boxes``, "error" or "drop", a key focal_det2 adds);
+    dropped by ``dataloader.degenerate_boxes``, "error" or "drop", a key focal_det2 adds);
     otherwise the node instantiated.
     """
     node = cfg.dataloader.train.dataset
-    num_classes, num_classes_key = _model_classes(cfg)
-    if _target(node) is not get_detection_dataset_dicts or num_classes is None:
+    classes = _checked_classes(cfg)
+    if classes is None:
         return instantiate(node)
-    args = {key: value for key, value in node.items() if key != "_target_"}
-    unknown = sorted(set(args) - set(DATASET_ARGUMENTS))
-    if unknown:
-        raise TypeError(
-            f"dataloader.train.dataset has {', '.join(unknown)}, not an argument of "
-            f"get_detection_dataset_dicts or focal_det2's; they are {', '.join(DATASET_ARGUMENTS)}."
-        )
-    names = _dataset_names(cfg, "train")
-    proposal_files = args.get("proposal_files") or None
-    if proposal_files and len(proposal_files) != len(names):
-        raise ValueError(
-            f"dataloader.train.dataset.proposal_files has {len(proposal_files)} files for the "
-            f"{len(names)} data sets of dataloader.train.dataset.names: one each."
-        )
-    shared = dict(
+    num_classes, num_classes_key = classes
+    args = _dataset_args(node)
+    return load_checked_datasets(
+        _dataset_names(cfg, "train"),
+        proposal_files=args.get("proposal_files") or None,
+        check_consistency=args.get("check_consistency", True),
+        names_key="dataloader.train.dataset.names",
+        proposals_key="dataloader.train.dataset.proposal_files",
         num_classes=num_classes,
         num_classes_key=num_classes_key,
         filter_empty=args.get("filter_empty", True),
         min_keypoints=args.get("min_keypoints", 0),
-        degenerate_boxes=args.get("degenerate_boxes", "error"),
+        degenerate_boxes=OmegaConf.select(cfg, DEGENERATE_KEY, default="error"),
         degenerate_key=DEGENERATE_KEY,
     )
-    records = [
-        record
-        for i, name in enumerate(names)
-        for record in load_checked_dataset_dicts(
-            name, proposal_file=proposal_files[i] if proposal_files else None, **shared
+
+
+def _dataset_args(node) -> dict:
+    """
+    The arguments of the ``get_detection_dataset_dicts`` node ``dataloader.train.dataset``
+    that :func:`_train_records` reads; a ``TypeError`` naming any other.
+    """
+    args = {key: value for key, value in node.items() if key != "_target_"}
+    unknown = sorted(set(args) - set(DATASET_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"dataloader.train.dataset has {', '.join(unknown)}: focal_det2 loads and checks the "
+            "data itself and reads only these arguments of get_detection_dataset_dicts: "
+            f"{', '.join(DATASET_ARGUMENTS)}."
         )
-    ]
-    if len(names) > 1 and args.get("check_consistency", True):
-        check_metadata_consistency("thing_classes", names)
-    return records
+    return args
 
 
-def _model_classes(cfg):
-    """``(K, key)``: the model's number of classes and its node; ``(None, None)`` if unknown."""
+def _checked_classes(cfg) -> Optional[Tuple[int, str]]:
+    """
+    ``(K, key)``, the model's number of classes and its node, where :func:`_train_records`
+    loads and checks the records: ``dataloader.train.dataset`` is Detectron2's
+    ``get_detection_dataset_dicts`` and ``model.num_classes`` (``model.roi_heads.num_classes``
+    for Detectron2's R-CNNs) an integer; None otherwise.
+    """
+    if (
+        _target(OmegaConf.select(cfg, "dataloader.train.dataset"))
+        is not get_detection_dataset_dicts
+    ):
+        return None
     for key in ("model.num_classes", "model.roi_heads.num_classes"):
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value, key
-    return None, None
+    return None
 
 
 def _checked_mapper(node):
@@ -637,7 +679,7 @@ def _continue(cfg, loader: ResumableTrainLoader, model, start_iter: int):
     ``model.sync_normalizer``).
     """
     loader.start_iter = start_iter
-    if OmegaConf.select(cfg, "train.seed", default=-1) < 0 and not loader.restarts:
+    if _seed(cfg) is None and not loader.restarts:
         logger.warning(
             "train.seed is not set (or < 0): the resumed run draws a new data order; "
             "set +train.seed=N for an exact resume."

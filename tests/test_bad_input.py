@@ -267,7 +267,13 @@ def test_the_loader_keeps_images_with_enough_keypoints_and_loads_proposals(coco,
         [[2, 2, 9, 9], [0, 0, 8, 8]]
     ] * 2
     both = (*load[:3], (str(proposals), str(proposals)))
-    with pytest.raises(ValueError, match="PROPOSAL_FILES_TRAIN has 2 files for the 1 data sets"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "DATASETS.PROPOSAL_FILES_TRAIN (MODEL.LOAD_PROPOSALS True) has 2 files for the 1 data sets "
+            "of DATASETS.TRAIN: one each."
+        ),
+    ):
         FocalTrainer.build_train_loader(_cfg(name, tmp_path, *both))
 
 
@@ -1206,7 +1212,7 @@ def test_a_lazy_run_loads_and_checks_its_training_data_as_a_yaml_run(coco, tmp_p
     A LazyConfig's dataloader.train (Detectron2's get_detection_dataset_dicts and DatasetMapper)
     is loaded and checked as a YAML config's training data, the errors naming the lazy nodes:
     a class outside model.num_classes, a box without area (dropped with
-    dataloader.train.dataset.degenerate_boxes=drop, as configs/lazy/'s COCO config sets it),
+    dataloader.degenerate_boxes=drop, as configs/lazy/'s COCO config sets it),
     an image file that cannot be read (by the evaluation's loader too), and a key the data set
     node does not take.
     """
@@ -1215,23 +1221,23 @@ def test_a_lazy_run_loads_and_checks_its_training_data_as_a_yaml_run(coco, tmp_p
     name, json_file, image_dir = coco(
         {1: GOOD, 2: [_box(4, 4, 10, 10, category=2)], 3: [_box(8, 8, 16, 16), _box(30, 30, 0, 10)]}
     )
-    assert _lazy(name, tmp_path).dataloader.train.dataset.degenerate_boxes == "drop"
+    assert _lazy(name, tmp_path).dataloader.degenerate_boxes == "drop"
     with logged(logging.getLogger("focal_det2.data.checks")) as records:
         loader = lazy_train_loader(_lazy(name, tmp_path))
     assert [r.getMessage() for r in records] == [
         f"data set '{name}' (json {json_file}): dropped 1 boxes with width or height <= 0 or NaN "
-        "(dataloader.train.dataset.degenerate_boxes=drop)."
+        "(dataloader.degenerate_boxes=drop)."
     ]
     assert {r["image_id"]: len(r["annotations"]) for r in loader.dataset} == {1: 1, 2: 1, 3: 1}
     assert [len(d["instances"]) for d in next(iter(loader))] == [1, 1]  # (mapped, 2 a batch)
     unset = _lazy(name, tmp_path)
-    del unset.dataloader.train.dataset.degenerate_boxes  # "error", as in a YAML config
-    for cfg in (_lazy(name, tmp_path, "dataloader.train.dataset.degenerate_boxes=error"), unset):
+    del unset.dataloader.degenerate_boxes  # "error", as in a YAML config
+    for cfg in (_lazy(name, tmp_path, "dataloader.degenerate_boxes=error"), unset):
         with pytest.raises(ValueError, match=re.escape("has width 0 and height 10; both must be "
-                           "> 0 (or set dataloader.train.dataset.degenerate_boxes=drop).")):  # fmt: skip
+                           "> 0 (or set dataloader.degenerate_boxes=drop).")):  # fmt: skip
             lazy_train_loader(cfg)
-    skip = _lazy(name, tmp_path, "dataloader.train.dataset.degenerate_boxes=skip")
-    with pytest.raises(ValueError, match=r"^dataloader.train.dataset.degenerate_boxes='skip'; "
+    skip = _lazy(name, tmp_path, "dataloader.degenerate_boxes=skip")
+    with pytest.raises(ValueError, match=r"^dataloader.degenerate_boxes='skip'; "
                        r"allowed: \['error', 'drop'\].$"):  # fmt: skip
         check_run_values(skip, eval_only=False)
     with pytest.raises(ValueError, match=re.escape("class 1 (category_id 2 in the json) is "
@@ -1240,7 +1246,10 @@ def test_a_lazy_run_loads_and_checks_its_training_data_as_a_yaml_run(coco, tmp_p
     other, _, _ = coco({1: GOOD}, categories=(1, 3))  # (class1, class3): other thing_classes
     with pytest.raises(ValueError, match="different metadata 'thing_classes'"):
         lazy_train_loader(_lazy(name, tmp_path, f"dataloader.train.dataset.names=[{name},{other}]"))
-    with pytest.raises(TypeError, match=r"^dataloader.train.dataset has colour, not an argument"):
+    with pytest.raises(
+        TypeError,
+        match=r"^dataloader.train.dataset has colour: focal_det2 loads and checks the data itself and reads only these arguments of get_detection_dataset_dicts: names, filter_empty",
+    ):
         lazy_train_loader(_lazy(name, tmp_path, "+dataloader.train.dataset.colour=1"))
     (image_dir / "001.png").write_bytes(b"this is not a png")
     unreadable = re.escape(f"image id 1 ({image_dir / '001.png'}): cannot read the image file")

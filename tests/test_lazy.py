@@ -96,7 +96,7 @@ def run_two_machines(*args):
 def test_lazy_config_is_detectron2s_lazy_retinanet_with_the_same_weights():
     cfg = load()
     retinanet = get_config("COCO-Detection/retinanet_R_50_FPN_1x.py")
-    assert cfg.dataloader.train.dataset.pop("degenerate_boxes") == "drop"  # focal_det2's key
+    assert cfg.dataloader.pop("degenerate_boxes") == "drop"  # focal_det2's key
     assert {k: cfg[k] for k in ("dataloader", "optimizer", "lr_multiplier", "train")} == {
         k: retinanet[k] for k in ("dataloader", "optimizer", "lr_multiplier", "train")
     }
@@ -465,6 +465,16 @@ def test_a_word_that_is_not_an_override_is_named_with_how_to_write_it(tmp_path, 
         ("train.amp.enabled=True", ValueError,
          "train.amp.enabled=True needs CUDA (Detectron2's AMPTrainer) and train.device=cpu: set "
          "train.amp.enabled=False."),
+        # the sampler's "TrainingSampler(size=) expects a positive int" at the first batch
+        ("dataloader.train.dataset.names=[]", ValueError,
+         "dataloader.train.dataset.names is empty: name a registered data set."),
+        # unread by focal_det2's checked loading of the records, or not "error" or "drop"
+        ("+dataloader.train.dataset.colour=1", TypeError, "dataloader.train.dataset has colour: "
+         "focal_det2 loads and checks the data itself and reads only these arguments of "
+         "get_detection_dataset_dicts: names, filter_empty, min_keypoints, proposal_files, "
+         "check_consistency."),
+        ("dataloader.degenerate_boxes=skip", ValueError,
+         "dataloader.degenerate_boxes='skip'; allowed: ['error', 'drop']."),
     ],
 )  # fmt: skip
 def test_run_values_that_fail_after_writing_are_refused_before(tmp_path, override, error, expected):
@@ -687,7 +697,6 @@ def test_lazy_train_loader_is_the_seeded_stream_and_continues_it(workers):
     resumed.start_iter = 3
     assert _image_ids(resumed, 4) == whole[3:]
     node = cfg.dataloader.train
-    del node.dataset.degenerate_boxes  # focal_det2's key (the digits have no such box)
     dataset = instantiate(node.dataset)
     node.sampler = TrainingSampler(len(dataset), seed=3)
     assert _image_ids(instantiate(node), 7) == whole
@@ -735,3 +744,51 @@ def test_a_lazy_resume_says_what_keeps_it_from_being_exact(tmp_path, monkeypatch
         assert ["model.sync_normalizer is off" in r.getMessage() for r in records] == (
             [] if synced else [True]
         )
+
+
+@pytest.mark.parametrize("seed", ["'0'", "0.5", "null", "True"])
+def test_a_train_seed_that_is_not_an_integer_is_refused_before_writing(tmp_path, seed):
+    """Detectron2's default_setup compares train.seed with 0 after writing config.yaml and
+    log.txt; a seed of another type is named first."""
+    opts = [o for o in digits_opts(tmp_path / "run") if not o.startswith("+train.seed")]
+    run = argparse.Namespace(
+        config_file=str(CONFIG), opts=[*opts, f"+train.seed={seed}"], resume=False,
+        eval_only=False, num_gpus=1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^train\.seed=.* must be an integer \(< 0: a random"):
+        setup_lazy_cfg(run)
+    assert not (tmp_path / "run").exists()
+
+
+def test_degenerate_boxes_where_focal_det2_does_not_load_the_data_is_refused_naming_it():
+    """dataloader.degenerate_boxes is read only for Detectron2's
+    get_detection_dataset_dicts and a model whose classes are known; elsewhere it would reach
+    the node's _target_ as an unexpected argument, after writing."""
+    from focal_det2.lazy import check_run_values
+
+    cfg = load(*digits_opts("unused"))
+    del cfg.model.num_classes
+    where = r"^dataloader.degenerate_boxes=drop is read where focal_det2 loads the training data"
+    with pytest.raises(ValueError, match=where):
+        check_run_values(cfg, eval_only=False)
+    cfg = load(*digits_opts("unused"))
+    cfg.dataloader.train.dataset._target_ = "detectron2.data.DatasetCatalog.get"
+    with pytest.raises(ValueError, match=where):
+        check_run_values(cfg, eval_only=False)
+
+
+def test_data_sets_without_class_names_train_together_as_in_detectron2():
+    """get_detection_dataset_dicts skips the thing_classes check where a data set has none."""
+    import copy
+
+    from detectron2.data import DatasetCatalog
+
+    from focal_det2.lazy import lazy_train_loader
+
+    records = DatasetCatalog.get("digits_train_tiny")
+    names = ["test_lazy_unnamed_a", "test_lazy_unnamed_b"]
+    for name in names:
+        if name not in DatasetCatalog:
+            DatasetCatalog.register(name, lambda: copy.deepcopy(records))
+    cfg = load(*digits_opts("unused", f"dataloader.train.dataset.names=[{','.join(names)}]"))
+    assert len(lazy_train_loader(cfg).dataset) == 2 * len(records)

@@ -600,16 +600,16 @@ def test_resume_checks_the_training_data_once(runs, tmp_path, monkeypatch):
     Guards the old behaviour: DefaultTrainer built the train loader (loading and
     checking every record) and ``--resume`` built it again at the start iteration.
     """
-    import focal_det2.engine as engine
+    from focal_det2.data import checks
 
     _, _, _, parts = runs
     run = tmp_path / "run"
     shutil.copytree(parts, run)
     (run / "last_checkpoint").write_text(f"model_{STOP_AFTER - 1:07d}.pth")  # the interrupted run's
     calls = []
-    load = engine.load_checked_dataset_dicts
+    load = checks.load_checked_dataset_dicts
     monkeypatch.setattr(
-        engine, "load_checked_dataset_dicts", lambda *a, **k: calls.append(a) or load(*a, **k)
+        checks, "load_checked_dataset_dicts", lambda *a, **k: calls.append(a) or load(*a, **k)
     )
     trainer = FocalTrainer(_cfg(run))
     trainer.resume_or_load(resume=True)

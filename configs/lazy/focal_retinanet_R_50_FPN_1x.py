@@ -12,5 +12,6 @@ lr_multiplier = _retinanet.lr_multiplier
 train = _retinanet.train
 
 model.backbone.bottom_up.freeze_at = 2  # as in Detectron2's file, which sets it on its own model
-# train2017 has two boxes of height 0: dropped, with a log line (focal_det2's checked data loading)
-dataloader.train.dataset.degenerate_boxes = "drop"
+# train2017 has two boxes of height 0: dropped, with a log line (focal_det2's checked data
+# loading; a key of ours, outside the nodes Detectron2 instantiates)
+dataloader.degenerate_boxes = "drop"

@@ -22,18 +22,21 @@ ignores crowd boxes in training.
 
 import json
 import logging
-from typing import Optional
+from typing import List, Optional
 
 from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.build import filter_images_with_only_crowd_annotations
+from detectron2.data.detection_utils import check_metadata_consistency
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 
 __all__ = [
     "has_area",
     "load_checked_dataset_dicts",
+    "load_checked_datasets",
     "check_dataset_dicts",
     "check_degenerate_boxes_option",
+    "check_same_classes",
     "CheckedDatasetMapper",
 ]
 
@@ -222,6 +225,52 @@ def load_checked_dataset_dicts(
                 f"area are dropped ({_setting(degenerate_key, 'drop')})."
             )
     return dataset_dicts
+
+
+def load_checked_datasets(
+    names: List[str],
+    *,
+    proposal_files: Optional[List[str]] = None,
+    check_consistency: bool = True,
+    names_key: str = "DATASETS.TRAIN",
+    proposals_key: str = "DATASETS.PROPOSAL_FILES_TRAIN",
+    **checks,
+) -> List[dict]:
+    """
+    The records of the data sets ``names``, one after the other, each loaded and checked by
+    :func:`load_checked_dataset_dicts` (``checks``: its other arguments) with its own
+    proposal file where ``proposal_files`` are given (one a data set); with
+    ``check_consistency``, their ``thing_classes`` must be the same
+    (:func:`check_same_classes`). ``names_key`` and ``proposals_key`` name the config keys
+    of ``names`` and ``proposal_files`` in the messages.
+    """
+    if proposal_files and len(proposal_files) != len(names):
+        raise ValueError(
+            f"{proposals_key} has {len(proposal_files)} files for the {len(names)} data sets "
+            f"of {names_key}: one each."
+        )
+    records = [
+        record
+        for i, name in enumerate(names)
+        for record in load_checked_dataset_dicts(
+            name, proposal_file=proposal_files[i] if proposal_files else None, **checks
+        )
+    ]
+    if check_consistency:
+        check_same_classes(names)
+    return records
+
+
+def check_same_classes(names):
+    """
+    Raise, as Detectron2's ``get_detection_dataset_dicts`` does, if the data sets ``names``
+    (list[str]) have different ``thing_classes``; nothing where one has none (Detectron2
+    skips the check then).
+    """
+    try:
+        check_metadata_consistency("thing_classes", names)
+    except AttributeError:  # a data set registered without class names
+        pass
 
 
 class CheckedDatasetMapper(DatasetMapper):
