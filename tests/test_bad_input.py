@@ -698,6 +698,40 @@ def test_eval_only_writes_into_its_own_folder_and_resume_still_works(tmp_path, l
     assert cfg.OUTPUT_DIR == str(run) and "MAX_ITER: 4" in (run / "config.yaml").read_text()
 
 
+def test_eval_folder_of_a_relative_output_dirs_own_checkpoint_has_no_prefix(tmp_path, monkeypatch):
+    """
+    OUTPUT_DIR and MODEL.WEIGHTS given relative to the working directory (``output``,
+    ``output/model_final.pth``) are this run's own checkpoint: ``eval/model_final``, not
+    ``eval/output-model_final``. Guards the mutant that compares the checkpoint's real folder
+    with OUTPUT_DIR as written (without ``realpath``).
+    """
+    from focal_det2.checkpoint import evaluation_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    own = os.path.join("output", "model_final.pth")
+    assert evaluation_output_dir(own, "output", resume=False) == os.path.join(
+        "output", "eval", "model_final"
+    )
+    other = os.path.join("other_run", "model_0000009.pth")
+    assert evaluation_output_dir(other, "output", resume=False) == os.path.join(
+        "output", "eval", "other_run-model_0000009"
+    )
+
+
+def test_eval_folder_of_a_url_checkpoint_is_its_name(tmp_path):
+    """
+    A checkpoint at a URL has no local folder to name: ``eval/<checkpoint name>``. Guards the
+    mutant that drops the URL check (the URL's last path segment, taken as a local folder
+    relative to the working directory, would prefix the name).
+    """
+    from focal_det2.checkpoint import evaluation_output_dir
+
+    url = "https://example.com/detectron2/models/model_final_5bd44e.pkl"
+    assert evaluation_output_dir(url, str(tmp_path), resume=False) == str(
+        tmp_path / "eval" / "model_final_5bd44e"
+    )
+
+
 @pytest.mark.parametrize("mode", ["--eval-only", "--resume"])
 def test_a_checkpoint_of_another_loss_is_refused_before_writing(tmp_path, loggers, mode):
     """

@@ -78,6 +78,18 @@ def test_anchor_losses_are_alpha_balanced_ce_summed_over_classes(class_alpha):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_anchor_losses_of_logits_that_need_a_gradient_have_none():
+    """
+    The ranking is taken with no gradient (no graph over the (N, K) logits is built for it),
+    and its values are those of detached logits. Guards the mutant that drops
+    ``anchor_losses``' ``torch.no_grad()``.
+    """
+    logits, labels = random_problem()
+    got = anchor_losses(logits.clone().requires_grad_(), labels, 0.25, None)
+    assert not got.requires_grad and got.grad_fn is None
+    torch.testing.assert_close(got, written_out_losses(logits, labels, 0.25), rtol=1e-12, atol=0)
+
+
 def test_an_easier_anchor_is_never_kept_over_a_harder_one():
     logits, labels = random_problem(n=60, seed=1)
     kept = ohem(batch=10).select(logits, labels, boxes=None, num_images=1) >= 0
