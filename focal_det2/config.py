@@ -20,6 +20,7 @@ __all__ = [
     "check_finite",
     "check_retinanet_keys_unused",
     "flat_keys",
+    "is_lazy_config",
     "load_config",
 ]
 
@@ -192,13 +193,30 @@ def _a(type_name: str) -> str:
     return ("an " if type_name[0] in "aeiou" else "a ") + type_name
 
 
+def is_lazy_config(path: str) -> bool:
+    """
+    True for a LazyConfig file: Python (``.py``), or the YAML a lazy run saves
+    as its ``config.yaml`` (a top-level ``model`` or ``train`` node, lower
+    case); False for a yacs config (upper-case ``MODEL``, ``_BASE_``, ...).
+    """
+    if path.endswith(".py"):
+        return True
+    try:
+        with open(path) as f:  # the top-level keys (a saved config holds Python object tags)
+            top = {m.group(1) for m in map(re.compile(r"([A-Za-z_]\w*):").match, f) if m}
+    except (OSError, UnicodeDecodeError):
+        return False  # the yacs loader names the file and the problem
+    return bool({"model", "train"} & top)  # (a yacs key is upper case)
+
+
 def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = False):
     """
     Detectron2's config with the ``MODEL.FOCAL`` node, merged with a YAML file
     and command-line overrides, not frozen: what train_net.py and the tools load.
 
     Args:
-        config_file (str): a YAML config (``_BASE_`` allowed).
+        config_file (str): a YAML config (``_BASE_`` allowed); a LazyConfig is refused,
+            naming train_net.py, which takes both.
         opts (sequence): key, value pairs, e.g. ``["MODEL.WEIGHTS", "model_final.pth"]``.
         need_weights (bool): raise if MODEL.WEIGHTS is empty (tools that run a trained model).
     """
@@ -208,6 +226,12 @@ def load_config(config_file: str, opts: Sequence = (), *, need_weights: bool = F
             if config_file
             else "no config file: pass --config-file FILE, e.g. "
             "configs/digits/sigmoid_focal_R18_FPN_1x.yaml (or a LazyConfig .py)"
+        )
+    if is_lazy_config(config_file):
+        raise ValueError(
+            f"--config-file {config_file} is a LazyConfig (Python, or the config.yaml a LazyConfig "
+            "run saved); this takes a YAML (yacs) config, as Detectron2's own tools do. "
+            "train_net.py trains and evaluates both."
         )
     cfg = get_cfg()
     add_focal_config(cfg)

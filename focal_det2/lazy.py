@@ -62,7 +62,7 @@ from .checks import (
     check_registered,
 )
 from .class_balance import CHECKPOINT_KEY, LAZY_WEIGHT_KEYS, ClassWeights, CountClassWeights
-from .config import check_finite
+from .config import check_finite, is_lazy_config
 from .data.checks import (
     CheckedDatasetMapper,
     check_degenerate_boxes_option,
@@ -130,22 +130,6 @@ LAZY_NAMES = {
     "MODEL.RETINANET.NUM_CLASSES": "model.num_classes",
     "MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "model.box_reg_loss_type",
 }
-
-
-def is_lazy_config(path: str) -> bool:
-    """
-    True for a LazyConfig file: Python (``.py``), or the YAML a lazy run saves
-    as its ``config.yaml`` (a top-level ``model`` or ``train`` node, lower
-    case); False for a yacs config (upper-case ``MODEL``, ``_BASE_``, ...).
-    """
-    if path.endswith(".py"):
-        return True
-    try:
-        with open(path) as f:  # the top-level keys (a saved config holds Python object tags)
-            top = {m.group(1) for m in map(re.compile(r"([A-Za-z_]\w*):").match, f) if m}
-    except (OSError, UnicodeDecodeError):
-        return False  # the yacs loader names the file and the problem
-    return bool({"model", "train"} & top)  # (a yacs key is upper case)
 
 
 def setup_lazy_cfg(args):

@@ -571,3 +571,16 @@ def test_a_model_of_ones_own_may_read_the_focal_node():
         check_cfg(cfg)
     finally:
         META_ARCH_REGISTRY._obj_map.pop("OwnDetector")
+
+
+def test_a_lazy_config_is_refused_naming_train_net(tmp_path):
+    """The tools that load a YAML config (export, demo, plot_loss_cdf, ablate) met a LazyConfig
+    with yaml's parser error; a lazy run's saved config.yaml with yacs's unknown key ``model``."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("model:\n  num_classes: 10\ntrain:\n  max_iter: 2\n")
+    for path in (str(REPO / "configs" / "lazy" / "focal_retinanet_R_50_FPN_1x.py"), str(saved)):
+        with pytest.raises(ValueError, match=re.escape(f"--config-file {path} is a LazyConfig")
+                           + r".* takes a YAML \(yacs\) config, .* train_net.py trains and "
+                           r"evaluates both\.$"):  # fmt: skip
+            load_config(path)
+    load_config(DIGITS_CONFIG)  # a YAML config loads
