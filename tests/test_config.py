@@ -574,7 +574,7 @@ def test_a_model_of_ones_own_may_read_the_focal_node():
 
 
 def test_a_lazy_config_is_refused_naming_train_net(tmp_path):
-    """The tools that load a YAML config (export, demo, plot_loss_cdf, ablate) met a LazyConfig
+    """The tools that load a YAML config (export, demo, plot_loss_cdf) met a LazyConfig
     with yaml's parser error; a lazy run's saved config.yaml with yacs's unknown key ``model``."""
     saved = tmp_path / "config.yaml"
     saved.write_text("model:\n  num_classes: 10\ntrain:\n  max_iter: 2\n")
