@@ -3,8 +3,9 @@ Checkpoints of a run: which file a run loads (:func:`checkpoint_to_load`), the
 checks that it exists (a URL is fetched, :func:`fetch_url`), is not empty and
 fits the model before the run writes anything (:func:`check_checkpoint_fits`,
 :func:`load_fitting`, where Detectron2 warns and goes on with tensors at their
-initialisation), where ``--eval-only`` writes, the output folder a new run refuses, and the plain attributes a
-checkpoint keeps beside the model (:class:`AttributeState`). The yacs
+initialisation), where ``--eval-only`` writes, the output folder a new run
+refuses, and the plain attributes a checkpoint keeps beside the model
+(:class:`AttributeState`). The yacs
 (:mod:`.engine`) and LazyConfig (:mod:`.lazy`) runs share them; :class:`RunKeys`
 names the config keys their errors name.
 """

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, load_script, logged, metrics_records
 from detectron2.config import LazyConfig, instantiate
 from detectron2.model_zoo import get_config
+from test_resume import _image_ids
 from test_train_net import run_train_net, train_net_command
 
 import focal_det2  # noqa: F401  (registers the digits data sets)
@@ -673,11 +674,6 @@ def test_lazy_resume_continues_the_run_exactly(tmp_path):
     assert got["loss_normalizer"] == expected["loss_normalizer"]
     assert metrics_records(parts) == metrics_records(whole)
     assert [r["iteration"] for r in metrics_records(parts)] == [0, 1, 2, 3, 4]
-
-
-def _image_ids(loader, count):
-    batches = iter(loader)
-    return [[d["image_id"] for d in next(batches)] for _ in range(count)]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
